@@ -1,0 +1,1 @@
+"""adasr losses. Each module registers its classes in BasicSR's LOSS_REGISTRY on import."""

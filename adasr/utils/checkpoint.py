@@ -1,0 +1,96 @@
+"""Checkpoint loading with ``weights_only=True`` and errors that name the offending keys."""
+import os
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+PARAM_KEYS = ('params_ema', 'params', 'state_dict', 'model')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not match the network."""
+
+
+def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str, torch.Tensor]:
+    """Read a state dict from ``path`` with ``torch.load(weights_only=True)`` on the CPU.
+
+    Accepts BasicSR files (``{'params': ..., 'params_ema': ...}``) and bare state dicts (the AdaFormer authors'
+    ``model_x4.pt`` layout). ``param_key`` picks the entry; when it is missing, ``params_ema`` falls back to
+    ``params`` and vice versa, and a bare state dict is used as it is. A ``module.`` prefix (DataParallel) is
+    removed.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or has none of the expected entries.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True: {e}') from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, not a state dict')
+    state = _pick_entry(obj, param_key, path)
+    out = OrderedDict()
+    for k, v in state.items():
+        out[k[7:] if k.startswith('module.') else k] = v
+    return out
+
+
+def _pick_entry(obj: Mapping, param_key: Optional[str], path: str) -> Mapping:
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj  # a bare state dict
+    order: List[str] = []
+    if param_key:
+        order.append(param_key)
+        if param_key == 'params_ema':
+            order.append('params')
+        elif param_key == 'params':
+            order.append('params_ema')
+    order += [k for k in PARAM_KEYS if k not in order]
+    for key in order:
+        if key in obj and isinstance(obj[key], Mapping):
+            return obj[key]
+    raise CheckpointError(f'checkpoint {path} has no entry {param_key!r}; its top-level keys are {sorted(obj)}')
+
+
+def _summarise(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def check_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True,
+                     source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """Compare ``state`` with ``net.state_dict()``.
+
+    With ``strict`` any missing key, unexpected key or shape mismatch raises a :class:`CheckpointError` that names
+    them. Without it, entries whose shapes differ are dropped (BasicSR's ``strict_load_g: false`` behaviour, used to
+    fine-tune x3/x4 from x2) and the rest is returned.
+    """
+    own = net.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    mismatched = {k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)}
+    if strict and (missing or unexpected or mismatched):
+        lines = [f'{source} does not match {net.__class__.__name__}:']
+        if missing:
+            lines.append(f'  missing keys ({len(missing)}): {_summarise(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys ({len(unexpected)}): {_summarise(unexpected)}')
+        if mismatched:
+            detail = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in sorted(mismatched)[:12]]
+            lines.append(f'  shape mismatches ({len(mismatched)}; checkpoint vs network): ' + ', '.join(detail))
+        lines.append('  (check network_g against the checkpoint, or set strict_load_g: false to fine-tune)')
+        raise CheckpointError('\n'.join(lines))
+    return OrderedDict((k, v) for k, v in state.items() if k not in mismatched)
+
+
+def load_weights(net: nn.Module, path: str, param_key: Optional[str] = 'params', strict: bool = True) -> nn.Module:
+    """Load ``path`` into ``net`` (see :func:`load_checkpoint` and :func:`check_state_dict`). Returns ``net``."""
+    state = load_checkpoint(path, param_key)
+    state = check_state_dict(net, state, strict=strict, source=f'checkpoint {path}')
+    net.load_state_dict(state, strict=strict)
+    return net
