@@ -1,0 +1,153 @@
+"""Measurement helpers shared by the benchmark scripts: stable CPU timing, latency statistics, and peak memory
+measured in a fresh process so that one configuration's allocations do not hide another's.
+
+CPU timing is only stable with glibc's malloc told to keep memory: by default PyTorch spends a large share of its
+time in page faults returning and re-faulting big buffers (we measured SwinIR-light x4 on 256x256 at 3.8 s with the
+settings below and 6.6-8.5 s without). :func:`ensure_malloc_env` re-executes the calling script with them set.
+"""
+import multiprocessing as mp
+import os
+import queue as queue_module
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+MALLOC_ENV = {
+    'MALLOC_MMAP_THRESHOLD_': '4294967296',
+    'MALLOC_TRIM_THRESHOLD_': '17179869184',
+    'MALLOC_TOP_PAD_': '1073741824',
+}
+
+
+def ensure_malloc_env(disable: bool = False) -> Dict[str, str]:
+    """Re-exec the current script once with :data:`MALLOC_ENV` set (glibc reads it at start-up only).
+
+    Returns the settings in force, for the report. Pass ``disable=True`` (e.g. from a ``--no-malloc-env`` flag) to
+    measure with the defaults.
+    """
+    if disable:
+        return {}
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return dict(MALLOC_ENV)
+    env = dict(os.environ, **MALLOC_ENV)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    return dict(MALLOC_ENV)  # not reached
+
+
+@dataclass
+class Timing:
+    """Wall-clock latencies of repeated calls, in seconds."""
+
+    times: List[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float:
+        """Half the distance between the fastest and the slowest run, relative to the median."""
+        return (max(self.times) - min(self.times)) / 2 / self.median if self.times else float('nan')
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {'median_s': self.median, 'min_s': min(self.times), 'max_s': max(self.times), 'runs': len(self.times)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Optional[torch.device] = None) -> Timing:
+    """Call ``fn`` ``warmup`` times, then time ``repeats`` calls (synchronising CUDA around each)."""
+    device = torch.device(device or 'cpu')
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = Timing()
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.times.append(time.perf_counter() - t)
+    return out
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _child(target: Callable[..., Dict[str, Any]], kwargs: Dict[str, Any], queue) -> None:
+    try:
+        result = target(**kwargs)
+        queue.put(('ok', result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put(('error', traceback.format_exc()))
+
+
+def run_isolated(target: Callable[..., Dict[str, Any]], timeout: Optional[float] = None, **kwargs) -> Dict[str, Any]:
+    """Run ``target(**kwargs)`` in a fresh spawned process and return its dict.
+
+    ``target`` must be a module-level function. Inside it, measure memory as ``rss_peak_bytes()`` minus the RSS taken
+    just before the workload (``current_rss_bytes()``), so the interpreter and torch import are not counted. Raises
+    ``RuntimeError`` with the child's traceback on failure.
+    """
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, kwargs, queue))
+    proc.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            status, payload = queue.get(timeout=0.5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():  # died without reporting (killed, out of memory, unpicklable target)
+                raise RuntimeError(f'{getattr(target, "__name__", target)} ended without a result '
+                                   f'(exit code {proc.exitcode})') from None
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f'{getattr(target, "__name__", target)} timed out after {timeout} s') from None
+    proc.join()
+    if status != 'ok':
+        raise RuntimeError(f'{target.__name__} failed in its subprocess:\n{payload}')
+    return payload
+
+
+def peak_cuda_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device)
+
+
+def environment_summary() -> Dict[str, Any]:
+    """What a benchmark table must say about where it was measured."""
+    info = {
+        'torch': torch.__version__,
+        'threads': torch.get_num_threads(),
+        'cpu_count': os.cpu_count(),
+        'malloc_env': {k: os.environ.get(k) for k in MALLOC_ENV if os.environ.get(k)},
+        'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        load = os.getloadavg()
+        info['loadavg_1m'] = round(load[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+__all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',
+           'run_isolated', 'peak_cuda_bytes', 'environment_summary', 'asdict']
