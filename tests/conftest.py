@@ -45,3 +45,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'gpu' in item.keywords:
             item.add_marker(skip)
+
+
+def make_pairs(root: str, names=('astronaut', 'coffee'), size: int = 48, scale: int = 4, split: str = 'train'):
+    """Write tiny HR crops of the bundled demo photos and their MATLAB-bicubic LR to ``root/{HR,LR}``."""
+    import cv2
+
+    from adasr.utils.matlab_resize import imresize_uint8
+
+    os.makedirs(osp.join(root, 'HR'), exist_ok=True)
+    os.makedirs(osp.join(root, 'LR'), exist_ok=True)
+    for i, name in enumerate(names):
+        img = cv2.imread(osp.join(REPO, 'datasets', 'demo', split, 'HR', f'{name}.png'), cv2.IMREAD_COLOR)
+        top = 40 + 16 * i
+        hr = np.ascontiguousarray(img[top:top + size, 60:60 + size])
+        cv2.imwrite(osp.join(root, 'HR', f'{name}.png'), hr)
+        cv2.imwrite(osp.join(root, 'LR', f'{name}.png'), imresize_uint8(hr, 1 / scale))
+    return osp.join(root, 'HR'), osp.join(root, 'LR')
+
+
+@pytest.fixture
+def tiny_pairs(tmp_path):
+    """(HR folder, LR folder) with two 48x48 / 12x12 real-photo pairs at x4."""
+    return make_pairs(str(tmp_path / 'pairs'))

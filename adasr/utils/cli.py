@@ -71,11 +71,17 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from basicsr import test as basicsr_test
     from basicsr import train as basicsr_train
 
+    from adasr.data.paired_dataset import DatasetError
+    from adasr.utils.checkpoint import CheckpointError
+
     _preflight(argv, is_train=(kind == 'train'))
     root = os.getcwd()
-    with _argv(argv):
-        if kind == 'train':
-            basicsr_train.load_resume_state = load_resume_state
-            basicsr_train.train_pipeline(root)
-        else:
-            basicsr_test.test_pipeline(root)
+    try:
+        with _argv(argv):
+            if kind == 'train':
+                basicsr_train.load_resume_state = load_resume_state
+                basicsr_train.train_pipeline(root)
+            else:
+                basicsr_test.test_pipeline(root)
+    except (CheckpointError, DatasetError) as e:  # user errors: the message names the file or keys
+        raise SystemExit(f'error: {e}') from None

@@ -1,0 +1,67 @@
+"""Checkpoints: weights_only loading, BasicSR and bare layouts, and mismatches reported by key name."""
+import pytest
+import torch
+from torch import nn
+
+from adasr.utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_weights
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 1))
+
+
+def test_layouts_and_fallbacks(tmp_path):
+    net = _net()
+    sd = net.state_dict()
+    (tmp_path / 'bare.pth').write_bytes(b'')
+    torch.save(sd, tmp_path / 'bare.pth')
+    torch.save({'params': sd}, tmp_path / 'params.pth')
+    torch.save({'params_ema': sd, 'params': {k: v + 1 for k, v in sd.items()}}, tmp_path / 'both.pth')
+    torch.save({'params': {'module.' + k: v for k, v in sd.items()}}, tmp_path / 'ddp.pth')
+    for name in ('bare', 'params', 'ddp'):
+        got = load_checkpoint(str(tmp_path / f'{name}.pth'), 'params_ema')
+        assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    ema = load_checkpoint(str(tmp_path / 'both.pth'), 'params_ema')
+    plain = load_checkpoint(str(tmp_path / 'both.pth'), 'params')
+    assert torch.equal(ema['0.bias'], sd['0.bias']) and torch.equal(plain['0.bias'], sd['0.bias'] + 1)
+
+
+class _NotAllowed:
+    pass
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    torch.save({'params': _net().state_dict(), 'extra': _NotAllowed()}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match='weights_only=True'):
+        load_checkpoint(str(tmp_path / 'evil.pth'))
+
+
+def test_missing_file_and_wrong_entries(tmp_path):
+    with pytest.raises(CheckpointError, match='not found'):
+        load_checkpoint(str(tmp_path / 'nope.pth'))
+    torch.save({'optimizer': {'lr': 1.0}, 'epoch': 3}, tmp_path / 'state.pth')
+    with pytest.raises(CheckpointError, match="top-level keys are \\['epoch', 'optimizer'\\]"):
+        load_checkpoint(str(tmp_path / 'state.pth'))
+
+
+def test_mismatch_names_keys_and_shapes(tmp_path):
+    net = _net()
+    sd = net.state_dict()
+    sd['2.weight'] = sd.pop('1.weight')
+    sd['0.bias'] = torch.zeros(5)
+    with pytest.raises(CheckpointError) as err:
+        check_state_dict(net, sd, strict=True, source='ckpt.pth')
+    msg = str(err.value)
+    assert 'missing keys (1): 1.weight' in msg
+    assert 'unexpected keys (1): 2.weight' in msg
+    assert '0.bias (5,) vs (4,)' in msg
+    kept = check_state_dict(net, sd, strict=False)
+    assert '0.bias' not in kept and '0.weight' in kept
+
+
+def test_load_weights_roundtrip(tmp_path):
+    a, b = _net(), _net()
+    torch.save({'params': a.state_dict()}, tmp_path / 'a.pth')
+    load_weights(b, str(tmp_path / 'a.pth'))
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)

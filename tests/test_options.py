@@ -1,0 +1,134 @@
+"""Every option file parses, passes the pre-flight checks and builds its network with its real hyperparameters;
+bad option files fail with a message that names the key or the path."""
+import glob
+import os.path as osp
+
+import pytest
+import torch
+import yaml
+from basicsr.archs import build_network
+
+from adasr.utils.options import OptionsError, check_options, load_yaml
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+OPTION_FILES = sorted(glob.glob(osp.join(REPO, 'options', '**', '*.yml'), recursive=True))
+
+
+def build_with_real_hyperparameters(net_opt):
+    """Construct on the meta device (allocates nothing); archs whose constructors compute with tensor values
+    (basicsr's SwinIR calls ``.item()``) are built on the CPU instead."""
+    try:
+        with torch.device('meta'):
+            return build_network(dict(net_opt))
+    except (RuntimeError, NotImplementedError) as e:
+        if 'meta' not in str(e):
+            raise
+    return build_network(dict(net_opt))
+
+
+def _is_train(path: str) -> bool:
+    return osp.basename(path).startswith('train_')
+
+
+def test_option_files_found():
+    names = {osp.relpath(p, REPO) for p in OPTION_FILES}
+    for expected in ('options/test/test_Bicubic_x4.yml', 'options/train/train_SwinIR_light_x4.yml',
+                     'options/test/test_SwinIR_x4.yml', 'options/demo/train_SwinIR_light_x4_demo.yml'):
+        assert expected in names
+
+
+@pytest.mark.parametrize('path', OPTION_FILES, ids=lambda p: osp.relpath(p, REPO))
+def test_option_file_checks_and_builds(path):
+    opt = load_yaml(path)
+    check_options(opt, is_train=_is_train(path), check_paths=False)
+    net = build_with_real_hyperparameters(opt['network_g'])
+    assert sum(p.numel() for p in net.parameters()) >= 0
+    scale = opt.get('scale')
+    net_scale = opt['network_g'].get('upscale')
+    assert scale == net_scale, f'{path}: scale {scale} but network_g.upscale {net_scale}'
+    for ds in opt['datasets'].values():
+        assert ds['type'] in ('PairedSRDataset', 'PairedImageDataset')
+    if 'val' in opt and opt['val'].get('metrics'):
+        for metric in opt['val']['metrics'].values():
+            assert metric.get('test_y_channel') is True
+            assert metric.get('crop_border') == scale
+
+
+def _write(tmp_path, opt, name='opt.yml'):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(opt))
+    return str(p)
+
+
+@pytest.fixture
+def base_test_opt(tiny_pairs):
+    hr, lr = tiny_pairs
+    return {
+        'name': 'tiny', 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0,
+        'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                                'io_backend': {'type': 'disk'}}},
+        'network_g': {'type': 'Bicubic', 'upscale': 4},
+        'path': {'pretrain_network_g': None},
+        'val': {'save_img': False, 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4,
+                                                        'test_y_channel': True}}},
+    }
+
+
+def test_valid_options_pass(base_test_opt):
+    check_options(base_test_opt, is_train=False)
+
+
+@pytest.mark.parametrize('mutate, words', [
+    (lambda o: o['network_g'].update(upscal=4), ["'upscal'", 'network_g', "did you mean 'upscale'"]),
+    (lambda o: o.update(netwrk_g={}), ["'netwrk_g'", "did you mean 'network_g'"]),
+    (lambda o: o['network_g'].update(type='Bicubik'), ["'Bicubik'", "did you mean 'Bicubic'"]),
+    (lambda o: o.update(model_type='SRModell'), ["'SRModell'", 'model_type']),
+    (lambda o: o['datasets']['test_1'].update(dataroot_gt='/no/such/dir'), ['/no/such/dir', 'dataroot_gt']),
+    (lambda o: o['datasets']['test_1'].update(io_backend={'type': 'lmdb'}), ['not a BasicSR LMDB']),
+    (lambda o: o['datasets']['test_1'].update(gt_sise=96), ["'gt_sise'", "did you mean 'gt_size'"]),
+    (lambda o: o['path'].update(pretrain_network_g='/no/such/model.pth'), ['/no/such/model.pth']),
+    (lambda o: o['val'].update(save_imgs=True), ["'save_imgs'", "did you mean 'save_img'"]),
+    (lambda o: o.update(num_gpu=8), ['num_gpu: 8']),
+])
+def test_bad_options_name_the_problem(base_test_opt, mutate, words):
+    if 'num_gpu: 8' in words and torch.cuda.device_count() >= 8:
+        pytest.skip('this machine has 8 GPUs')
+    mutate(base_test_opt)
+    with pytest.raises(OptionsError) as err:
+        check_options(base_test_opt, is_train=False)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_swinir_kwargs_typo_is_caught_although_swinir_takes_kwargs():
+    # basicsr's SwinIR has **kwargs and would silently ignore the typo
+    opt = load_yaml(osp.join(REPO, 'options', 'test', 'test_SwinIR_light_x4.yml'))
+    opt['network_g']['embed_dimm'] = 60
+    with pytest.raises(OptionsError, match="embed_dimm.*did you mean 'embed_dim'"):
+        check_options(opt, is_train=False, check_paths=False)
+
+
+def test_training_option_checks(base_test_opt, tiny_pairs):
+    hr, lr = tiny_pairs
+    opt = dict(base_test_opt)
+    opt['datasets'] = {'train': {'name': 't', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                                 'io_backend': {'type': 'disk'}, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
+                                 'batch_size_per_gpu': 2, 'num_worker_per_gpu': 0}}
+    opt['network_g'] = {'type': 'SwinIR', 'upscale': 4, 'embed_dim': 12, 'depths': [1], 'num_heads': [2],
+                        'window_size': 4, 'upsampler': 'pixelshuffledirect'}
+    opt['train'] = {'optim_g': {'type': 'AdamW', 'lr': 1e-3}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [9],
+                    'gamma': 0.5}, 'total_iter': 2, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}}
+    opt['logger'] = {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False}
+    check_options(opt, is_train=True)
+    opt['train']['pixel_opt']['loss_wieght'] = 2
+    with pytest.raises(OptionsError, match="loss_wieght.*did you mean 'loss_weight'"):
+        check_options(opt, is_train=True)
+
+
+def test_unreadable_or_missing_yaml(tmp_path):
+    with pytest.raises(OptionsError, match='option file not found'):
+        load_yaml(str(tmp_path / 'missing.yml'))
+    bad = tmp_path / 'bad.yml'
+    bad.write_text('name: [unclosed\n')
+    with pytest.raises(OptionsError, match='bad.yml is not valid YAML'):
+        load_yaml(str(bad))
