@@ -1,8 +1,16 @@
 """Dataset preparation helpers used by ``scripts/data_preparation`` (argparse CLIs) and the tests."""
+import math
 import os
 import os.path as osp
 import shutil
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from adasr.utils.matlab_resize import imresize_uint8
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
@@ -61,3 +69,475 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
     os.makedirs(osp.dirname(osp.abspath(lmdb_path)), exist_ok=True)
     make_lmdb_from_imgs(folder, lmdb_path, paths, keys, compress_level=compress_level, map_size=map_size)
     return len(paths), lmdb_path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image I/O shared by the preparation steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an 8-bit image as it is stored: (H, W) for grayscale, (H, W, 3) BGR for colour.
+
+    An alpha channel is dropped (SR data sets are opaque). Raises ``ValueError`` naming the file when it cannot be
+    decoded or is not 8-bit.
+    """
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f'cannot read image {path}')
+    if img.dtype != np.uint8:
+        raise ValueError(f'{path} is {img.dtype}; only 8-bit images are supported')
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    return img
+
+
+def write_image(path: str, img: np.ndarray, compress_level: int = 3) -> None:
+    """Write a PNG atomically (a temporary file renamed into place), so an interrupted run never leaves a
+    truncated image that a resumed run would take as done."""
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    root, ext = osp.splitext(path)
+    tmp = f'{root}.partial{ext}'
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level] if ext.lower() == '.png' else []
+    if not cv2.imwrite(tmp, img, params):
+        raise OSError(f'cannot write {path}')
+    os.replace(tmp, path)
+
+
+def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right so that height and width are multiples of ``scale`` (BasicSR's ``mod_crop``)."""
+    h, w = img.shape[:2]
+    return img[:h - h % scale, :w - w % scale]
+
+
+LARGE_IMAGE_PIXELS = 16_000_000
+
+
+def bicubic_resize(img: np.ndarray, scale: float) -> np.ndarray:
+    """MATLAB ``imresize(img, scale, 'bicubic')`` of a uint8 (H, W) or (H, W, C) image, rounded to uint8.
+
+    Equal to :func:`adasr.utils.matlab_resize.imresize_uint8`; channels of very large images (8K) are resized one
+    at a time to need about a third of the memory.
+    """
+    if img.ndim == 2 or img.shape[0] * img.shape[1] <= LARGE_IMAGE_PIXELS:
+        return imresize_uint8(img, scale)
+    return np.ascontiguousarray(np.stack([imresize_uint8(np.ascontiguousarray(img[:, :, c]), scale)
+                                          for c in range(img.shape[2])], axis=2))
+
+
+def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
+    """The classic bicubic LR of an HR image: mod-crop to ``scale``, then MATLAB bicubic by ``1/scale``
+    (how DIV2K's and the benchmark sets' LR images were made)."""
+    return bicubic_resize(mod_crop(hr, scale), 1 / scale)
+
+
+def _run_jobs(fn: Callable, jobs: Sequence, n_workers: int, desc: str, progress: bool) -> List:
+    """``[fn(job) for job in jobs]`` with a progress bar, in ``n_workers`` processes when more than one."""
+    bar = tqdm(total=len(jobs), desc=desc, unit='img', disable=not progress)
+    results = []
+    try:
+        if n_workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                results.append(fn(job))
+                bar.update(1)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                for res in pool.map(fn, jobs, chunksize=1):
+                    results.append(res)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+@dataclass
+class StepReport:
+    """What a preparation step did: images processed and skipped (already done), files written."""
+
+    processed: int = 0
+    skipped: int = 0
+    written: int = 0
+
+    def add(self, done: bool, written: int) -> None:
+        if done:
+            self.processed += 1
+        else:
+            self.skipped += 1
+        self.written += written
+
+    def __str__(self) -> str:
+        return f'{self.processed} images processed, {self.skipped} already done, {self.written} files written'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bicubic LR images (DIV2K / Flickr2K when only the HR images are at hand)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def lr_name(name: str, scale: int, suffix_template: str = '') -> str:
+    """LR file name for the HR file ``name``: ``suffix_template`` (e.g. ``'x{scale}'``, DIV2K's ``0001x4.png``) is
+    appended to the stem; the extension becomes ``.png``."""
+    stem = osp.splitext(osp.basename(name))[0]
+    return stem + suffix_template.format(scale=scale) + '.png'
+
+
+def _lr_job(job) -> int:
+    src, outputs = job
+    todo = [(s, p) for s, p in outputs if not osp.isfile(p)]
+    if not todo:
+        return -1
+    hr = read_image(src)
+    for s, p in todo:
+        write_image(p, bicubic_lr(hr, s), compress_level=3)
+    return len(todo)
+
+
+def generate_bicubic_lr(hr_folder: str, out_folders: Mapping[int, str], suffix_template: str = '',
+                        n_workers: int = 1, progress: bool = True) -> StepReport:
+    """MATLAB-bicubic LR images of every image in ``hr_folder`` for each ``scale -> output folder``.
+
+    HR images whose sides are not multiples of the scale are mod-cropped first. Existing outputs are kept, so an
+    interrupted run resumes where it stopped.
+    """
+    names = list_images(hr_folder)
+    if not names:
+        raise ValueError(f'no images in {hr_folder}')
+    for s in out_folders:
+        if not isinstance(s, int) or s < 2:
+            raise ValueError(f'scales must be integers >= 2, got {s!r}')
+    jobs = [(osp.join(hr_folder, n), [(s, osp.join(d, lr_name(n, s, suffix_template)))
+                                      for s, d in sorted(out_folders.items())]) for n in names]
+    report = StepReport()
+    for res in _run_jobs(_lr_job, jobs, n_workers, 'bicubic LR', progress):
+        report.add(res >= 0, max(res, 0))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sub-images for training (BasicSR's extract_subimages, paired)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def subimage_positions(length: int, crop_size: int, step: int, thresh_size: int = 0) -> List[int]:
+    """Start offsets of the crops along one side, BasicSR's rule: ``0, step, 2*step, ...`` while the crop fits,
+    plus one crop flush with the end when more than ``thresh_size`` pixels would otherwise be left over.
+
+    A side shorter than ``crop_size`` gives no crop.
+    """
+    if crop_size <= 0 or step <= 0 or thresh_size < 0:
+        raise ValueError(f'crop_size and step must be positive and thresh_size >= 0, got {crop_size}, {step}, '
+                         f'{thresh_size}')
+    if length < crop_size:
+        return []
+    pos = list(range(0, length - crop_size + 1, step))
+    if length - (pos[-1] + crop_size) > thresh_size:
+        pos.append(length - crop_size)
+    return pos
+
+
+def subimage_name(stem: str, index: int) -> str:
+    """``0001`` and 1 give ``0001_s001.png`` (BasicSR's naming; the index counts row-major from 1)."""
+    return f'{stem}_s{index:03d}.png'
+
+
+def _lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+def _find_lr(folder: str, stem: str, scale: int, alt_stem: Optional[str] = None) -> str:
+    stems = [stem] if not alt_stem or alt_stem == stem else [alt_stem, stem]
+    for cand in [c for st in stems for c in (st, f'{st}x{scale}', f'{st}X{scale}')]:
+        for ext in ('.png', '.PNG', '.bmp', '.jpg', '.tif'):
+            p = osp.join(folder, cand + ext)
+            if osp.isfile(p):
+                return p
+    raise FileNotFoundError(f'no LR image for {stem} (x{scale}) in {folder}: expected {stem}.png or '
+                            f'{stem}x{scale}.png')
+
+
+def _subimage_job(job) -> int:
+    (hr_path, stem, hr_out, lr_jobs, crop_size, step, thresh_size, compress_level) = job
+    # the expected outputs are known only after reading the size; a done-marker keeps re-runs cheap
+    marker = osp.join(hr_out, '.done', stem)
+    if osp.isfile(marker):
+        return -1
+    hr = read_image(hr_path)
+    scales = [s for s, _, _ in lr_jobs]
+    grid = _lcm(scales) if scales else 1
+    h, w = hr.shape[:2]
+    hg, wg = h - h % grid, w - w % grid  # crop positions on the HR cut to a multiple of every scale
+    ys = subimage_positions(hg, crop_size, step, thresh_size)
+    xs = subimage_positions(wg, crop_size, step, thresh_size)
+    lrs = []
+    for s, lr_folder, lr_out in lr_jobs:
+        lr_path = _find_lr(lr_folder, stem, s, osp.splitext(osp.basename(hr_path))[0])
+        lr = read_image(lr_path)
+        lh, lw = lr.shape[:2]
+        if not (h // s <= lh <= -(-h // s) and w // s <= lw <= -(-w // s)):
+            raise ValueError(f'{lr_path} is {lw}x{lh} but its HR {hr_path} is {w}x{h}: not an x{s} pair')
+        lrs.append((s, lr, lr_out))
+    written = 0
+    index = 0
+    for y in ys:
+        for x in xs:
+            index += 1
+            name = subimage_name(stem, index)
+            write_image(osp.join(hr_out, name), np.ascontiguousarray(hr[y:y + crop_size, x:x + crop_size]),
+                        compress_level)
+            written += 1
+            for s, lr, lr_out in lrs:
+                c = crop_size // s
+                write_image(osp.join(lr_out, name),
+                            np.ascontiguousarray(lr[y // s:y // s + c, x // s:x // s + c]), compress_level)
+                written += 1
+    os.makedirs(osp.dirname(marker), exist_ok=True)
+    with open(marker, 'w') as f:
+        f.write(f'{index}\n')
+    return written
+
+
+def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tuple[str, str]]] = None,
+                      crop_size: int = 480, step: int = 240, thresh_size: int = 0, strip_suffix: str = '',
+                      compress_level: int = 3, n_workers: int = 1, progress: bool = True) -> StepReport:
+    """Cut every HR image into ``crop_size`` squares every ``step`` pixels, and the matching LR crops.
+
+    BasicSR's standard for DIV2K/DF2K is 480 px crops with step 240 and ``thresh_size`` 0 (the last crop of a row or
+    column is moved flush with the border), the LR crops being ``480/s`` with step ``240/s``. Here the LR crops are
+    cut at exactly ``1/s`` of the HR positions, so every LR sub-image is the x``s`` partner of the HR sub-image of
+    the same name, for every scale at once. Where the HR sides are multiples of every scale (DIV2K, Flickr2K) this is
+    exactly what BasicSR's ``extract_subimages.py`` writes; otherwise positions are computed on the HR cut to a
+    multiple of all scales so that the pairs stay aligned.
+
+    Args:
+        hr_folder: HR images.
+        hr_out: output folder of HR sub-images (``<stem>_s001.png``, ...).
+        lr: ``{scale: (LR folder, output folder)}``; LR files are found as ``<stem>.png`` or ``<stem>x<s>.png``.
+        crop_size, step, thresh_size: on the HR, in pixels; ``crop_size`` and ``step`` must be multiples of every
+            scale.
+        strip_suffix: removed from HR stems (e.g. ``_HR``) before naming.
+        compress_level: PNG compression level of the sub-images (BasicSR uses 3).
+        n_workers: processes.
+
+    Each finished image leaves a marker under ``<hr_out>/.done/``; a re-run skips those images (resumable).
+    """
+    lr = dict(lr or {})
+    for s in lr:
+        if not isinstance(s, int) or s < 1 or crop_size % s or step % s:
+            raise ValueError(f'crop_size {crop_size} and step {step} must be multiples of every scale, got x{s}')
+    names = list_images(hr_folder)
+    if not names:
+        raise ValueError(f'no images in {hr_folder}')
+    stems = lmdb_keys(names, strip_suffix or None)
+    jobs = [(osp.join(hr_folder, n), stem, hr_out, [(s, f, o) for s, (f, o) in sorted(lr.items())], crop_size,
+             step, thresh_size, compress_level) for n, stem in zip(names, stems)]
+    report = StepReport()
+    for res in _run_jobs(_subimage_job, jobs, n_workers, 'sub-images', progress):
+        report.add(res >= 0, max(res, 0))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmark sets (Set5, Set14, B100, Urban100, Manga109): GTmod{s} / LRbicx{s}
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _benchmark_job(job) -> int:
+    src, stem, outputs, lr_src = job
+    todo = [(s, gt, lq) for s, gt, lq in outputs if not (osp.isfile(gt) and osp.isfile(lq))]
+    if not todo:
+        return -1
+    hr = read_image(src)
+    for s, gt_path, lq_path in todo:
+        gt = mod_crop(hr, s)
+        if lr_src and lr_src.get(s):
+            lq = read_image(_find_lr(lr_src[s], stem, s, osp.splitext(osp.basename(src))[0]))
+            if lq.shape[:2] != (gt.shape[0] // s, gt.shape[1] // s):
+                raise ValueError(f'the given LR of {src} at x{s} is {lq.shape[1]}x{lq.shape[0]}, expected '
+                                 f'{gt.shape[1] // s}x{gt.shape[0] // s} (the HR mod-cropped to {s}, divided by {s})')
+        else:
+            lq = bicubic_resize(gt, 1 / s)
+        write_image(gt_path, gt, compress_level=3)
+        write_image(lq_path, lq, compress_level=3)
+    return 2 * len(todo)
+
+
+def prepare_benchmark_set(hr_folders: Mapping[int, str], out_root: str, lr_folders: Optional[Mapping[int, str]] = None,
+                          strip_suffix: str = '', n_workers: int = 1, progress: bool = True) -> StepReport:
+    """Write ``<out_root>/GTmod{s}/<name>.png`` (the HR cropped to a multiple of ``s``) and
+    ``<out_root>/LRbicx{s}/<name>.png`` (its MATLAB-bicubic x1/s) for each ``scale -> HR folder``.
+
+    Usually every scale reads the same HR folder (the original images); distributions that ship an HR folder per
+    scale (already cropped) map each scale to its own. ``lr_folders`` (optional, per scale) copies given LR images
+    (e.g. the MATLAB-made files of a distribution) instead of computing them, after checking their size. Grayscale
+    images stay grayscale. Existing outputs are kept (resumable).
+    """
+    jobs: Dict[str, Tuple[str, str, list, dict]] = {}
+    for s, folder in sorted(hr_folders.items()):
+        if not isinstance(s, int) or s < 2:
+            raise ValueError(f'scales must be integers >= 2, got {s!r}')
+        names = list_images(folder)
+        if not names:
+            raise ValueError(f'no images in {folder}')
+        for n, stem in zip(names, lmdb_keys(names, strip_suffix or None)):
+            key = (osp.join(folder, n), stem)
+            job = jobs.setdefault(key, (key[0], stem, [], dict(lr_folders or {})))
+            job[2].append((s, osp.join(out_root, f'GTmod{s}', stem + '.png'),
+                           osp.join(out_root, f'LRbicx{s}', stem + '.png')))
+    report = StepReport()
+    for res in _run_jobs(_benchmark_job, list(jobs.values()), n_workers, osp.basename(out_root), progress):
+        report.add(res >= 0, max(res, 0))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Test2K / Test4K / Test8K from DIV8K (the ClassSR protocol, see docs/datasets.md)
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: set name -> (first DIV8K index, last DIV8K index, HR downscaling factor)
+DIV8K_TEST_SETS: Dict[str, Tuple[int, int, float]] = {
+    'Test2K': (1201, 1300, 1 / 4),
+    'Test4K': (1301, 1400, 1 / 2),
+    'Test8K': (1401, 1500, 1.0),
+}
+
+
+def div8k_test_pair(img: np.ndarray, hr_factor: float, scale: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+    """(HR, LR) of one DIV8K image: HR = MATLAB bicubic by ``hr_factor`` (none for 1) rounded to uint8, cropped
+    to a multiple of ``scale``; LR = MATLAB bicubic x1/``scale`` of that HR."""
+    hr = img if hr_factor == 1 else bicubic_resize(img, hr_factor)
+    hr = mod_crop(hr, scale)
+    return hr, bicubic_resize(hr, 1 / scale)
+
+
+def _div8k_job(job) -> int:
+    src, hr_path, lr_path, factor, scale = job
+    if osp.isfile(hr_path) and osp.isfile(lr_path):
+        return -1
+    hr, lr = div8k_test_pair(read_image(src), factor, scale)
+    write_image(hr_path, hr, compress_level=3)
+    write_image(lr_path, lr, compress_level=3)
+    return 2
+
+
+def find_div8k_image(folder: str, index: int) -> Optional[str]:
+    for ext in ('.png', '.PNG', '.jpg', '.bmp', '.tif'):
+        p = osp.join(folder, f'{index:04d}{ext}')
+        if osp.isfile(p):
+            return p
+    return None
+
+
+def build_div8k_test_sets(div8k_folder: str, out_root: str, sets: Sequence[str] = tuple(DIV8K_TEST_SETS),
+                          scale: int = 4, allow_missing: bool = False, n_workers: int = 1,
+                          progress: bool = True) -> Dict[str, StepReport]:
+    """Write ``<out_root>/<Set>/HR/X4/<index>.png`` and ``<out_root>/<Set>/LR/X4/<index>.png`` for Test2K (DIV8K
+    1201-1300, HR = x1/4), Test4K (1301-1400, x1/2) and Test8K (1401-1500, the original), LR = x1/4 of the HR.
+
+    ``div8k_folder`` holds DIV8K's ``1201.png`` ... ``1500.png`` (other images are ignored). A missing image is an
+    error naming it unless ``allow_missing``. Finished pairs are skipped on a re-run (resumable).
+    """
+    out = {}
+    for name in sets:
+        if name not in DIV8K_TEST_SETS:
+            raise ValueError(f'unknown set {name!r}; choose from {list(DIV8K_TEST_SETS)}')
+        first, last, factor = DIV8K_TEST_SETS[name]
+        jobs, missing = [], []
+        for idx in range(first, last + 1):
+            src = find_div8k_image(div8k_folder, idx)
+            if src is None:
+                missing.append(f'{idx:04d}.png')
+                continue
+            jobs.append((src, osp.join(out_root, name, 'HR', f'X{scale}', f'{idx:04d}.png'),
+                         osp.join(out_root, name, 'LR', f'X{scale}', f'{idx:04d}.png'), factor, scale))
+        if missing and not allow_missing:
+            raise FileNotFoundError(f'{name} needs DIV8K images {first:04d}-{last:04d} in {div8k_folder}; missing '
+                                    f'{len(missing)}: {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
+        report = StepReport()
+        for res in _run_jobs(_div8k_job, jobs, n_workers, name, progress):
+            report.add(res >= 0, max(res, 0))
+        out[name] = report
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DIV2K / DF2K for training: LR (if missing) -> sub-images -> LMDBs, with the folder names the option files use
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Training sets, paths relative to the data root (``datasets/``). ``sources``: (HR folder, LR folder per scale) as
+#: downloaded; LR folders that are missing or incomplete are generated (MATLAB bicubic, DIV2K file names).
+TRAINING_SETS = {
+    'DIV2K': {
+        'sources': [('DIV2K/DIV2K_train_HR', 'DIV2K/DIV2K_train_LR_bicubic/X{scale}')],
+        'hr_sub': 'DIV2K/DIV2K_train_HR_sub',
+        'lr_sub': 'DIV2K/DIV2K_train_LR_bicubic/X{scale}_sub',
+        'hr_lmdb': 'DIV2K/DIV2K_train_HR_sub.lmdb',
+        'lr_lmdb': 'DIV2K/DIV2K_train_LR_bicubic_X{scale}_sub.lmdb',
+    },
+    'DF2K': {
+        'sources': [('DIV2K/DIV2K_train_HR', 'DIV2K/DIV2K_train_LR_bicubic/X{scale}'),
+                    ('Flickr2K/Flickr2K_HR', 'Flickr2K/Flickr2K_LR_bicubic/X{scale}')],
+        'hr_sub': 'DF2K/DF2K_HR_sub',
+        'lr_sub': 'DF2K/DF2K_LR_bicubic/X{scale}_sub',
+        'hr_lmdb': 'DF2K/DF2K_HR_sub.lmdb',
+        'lr_lmdb': 'DF2K/DF2K_LR_bicubic_X{scale}_sub.lmdb',
+    },
+}
+
+
+def prepare_training_set(name: str, root: str, scales: Sequence[int] = (2, 3, 4), crop_size: int = 480,
+                         step: int = 240, thresh_size: int = 0, make_lmdb: bool = True, remove_sub: bool = False,
+                         n_workers: int = 1, progress: bool = True, log: Callable[[str], None] = print) -> Dict:
+    """DIV2K or DF2K from the downloaded folders under ``root`` to the sub-image LMDBs the train option files read.
+
+    Steps (each resumable): 1. MATLAB-bicubic LR for every scale whose LR folder is missing or incomplete (names
+    ``0001x4.png`` as in the DIV2K download); 2. paired sub-images (:func:`extract_subimages`, 480/240 by default);
+    3. one LMDB per folder (keys ``0001_s001``), skipped when it already exists. ``remove_sub`` deletes the sub-image
+    folders once their LMDBs exist. Returns the output paths.
+    """
+    if name not in TRAINING_SETS:
+        raise ValueError(f'unknown training set {name!r}; choose from {list(TRAINING_SETS)}')
+    spec = TRAINING_SETS[name]
+    scales = sorted(set(int(s) for s in scales))
+    hr_sub = osp.join(root, spec['hr_sub'])
+    lr_sub = {s: osp.join(root, spec['lr_sub'].format(scale=s)) for s in scales}
+    for hr_rel, lr_rel in spec['sources']:
+        hr_dir = osp.join(root, hr_rel)
+        if not osp.isdir(hr_dir):
+            raise FileNotFoundError(f'{name} needs {hr_dir} (see docs/datasets.md for the download)')
+        n_hr = len(list_images(hr_dir))
+        missing = {s: osp.join(root, lr_rel.format(scale=s)) for s in scales
+                   if not osp.isdir(osp.join(root, lr_rel.format(scale=s)))
+                   or len(list_images(osp.join(root, lr_rel.format(scale=s)))) < n_hr}
+        if missing:
+            log(f'[{name}] generating bicubic LR x{sorted(missing)} for {hr_dir}')
+            log(f'[{name}]   {generate_bicubic_lr(hr_dir, missing, "x{scale}", n_workers, progress)}')
+        log(f'[{name}] sub-images of {hr_dir} -> {hr_sub}')
+        report = extract_subimages(hr_dir, hr_sub, {s: (osp.join(root, lr_rel.format(scale=s)), lr_sub[s])
+                                                    for s in scales},
+                                   crop_size=crop_size, step=step, thresh_size=thresh_size, n_workers=n_workers,
+                                   progress=progress)
+        log(f'[{name}]   {report}')
+    out = {'hr_sub': hr_sub, 'lr_sub': lr_sub}
+    if make_lmdb:
+        lmdbs = [(hr_sub, osp.join(root, spec['hr_lmdb']))] + [
+            (lr_sub[s], osp.join(root, spec['lr_lmdb'].format(scale=s))) for s in scales]
+        for folder, path in lmdbs:
+            if osp.isfile(osp.join(path, 'meta_info.txt')):
+                log(f'[{name}] {path} exists, kept')
+            else:
+                if osp.exists(path):  # an interrupted earlier run: no meta_info.txt, start this LMDB again
+                    shutil.rmtree(path)
+                n, _ = folder_to_lmdb(folder, path)
+                log(f'[{name}] {path}: {n} images')
+            if remove_sub:
+                shutil.rmtree(folder)
+        out['hr_lmdb'] = lmdbs[0][1]
+        out['lr_lmdb'] = {s: p for s, (_, p) in zip(scales, lmdbs[1:])}
+    return out
