@@ -150,7 +150,8 @@ def test_mean_follows_device_and_dtype():
 
 
 @pytest.mark.parametrize('opt, message', [
-    ({'type': 'HAT', 'embed_dim': 12, 'depths': [1], 'num_heads': [5]}, 'embed_dim 12 must be divisible by every num_heads entry'),
+    ({'type': 'HAT', 'embed_dim': 12, 'depths': [1], 'num_heads': [5]},
+     'embed_dim 12 must be divisible by every num_heads entry'),
     ({'type': 'HAT', 'depths': [6, 6], 'num_heads': [6]}, r'depths \(2 stages\) and num_heads \(1\)'),
     ({'type': 'HAT', 'upsampler': 'pixelshuffledirect'}, "upsampler='pixelshuffledirect' is not supported"),
     ({'type': 'HAT', 'upscale': 5}, 'upscale=5 is not supported'),

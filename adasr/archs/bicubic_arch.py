@@ -28,5 +28,15 @@ class Bicubic(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return imresize(x, self.upscale, antialiasing=True)
 
+    def flops(self, h: int, w: int, channels: int = 3) -> float:
+        """Multiply-accumulates for one h x w LR image: every output sample of each separable pass (rows, then
+        columns) takes one MAC per kernel tap that :func:`imresize` applies."""
+        from adasr.utils.matlab_resize import _weights_indices
+
+        s = self.upscale
+        taps_h = _weights_indices(h, h * s, float(s), True)[0].shape[1]
+        taps_w = _weights_indices(w, w * s, float(s), True)[0].shape[1]
+        return float(channels * (h * s * w * taps_h + h * s * w * s * taps_w))
+
     def extra_repr(self) -> str:
         return f'upscale={self.upscale}'

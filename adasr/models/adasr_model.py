@@ -45,11 +45,20 @@ class AdaSRModel(SRModel):
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on a whole LR batch, padding and cropping if the arch needs it."""
-        bare = self.get_bare_model(net)
-        if getattr(bare, 'pads_input', False):
-            return net(lq)
-        multiple = int(self.opt['network_g'].get('window_size', 1) or 1)
-        scale = self.opt.get('scale', 1)
-        h, w = lq.shape[-2:]
-        padded, _, _ = pad_to_multiple(lq, multiple, mode='reflect')
-        return net(padded)[..., :h * scale, :w * scale]
+        return padded_forward(net, lq, window_size=int(self.opt['network_g'].get('window_size', 1) or 1),
+                              scale=self.opt.get('scale', 1), bare=self.get_bare_model(net))
+
+
+def padded_forward(net: nn.Module, lq: torch.Tensor, window_size: int, scale: int,
+                   bare: nn.Module = None) -> torch.Tensor:
+    """``net(lq)`` for archs that pad inside ``forward`` (``pads_input = True``); otherwise reflect-pad the LR to a
+    multiple of ``window_size`` (as BasicSR's ``SwinIRModel``), run, and crop to ``scale`` times the LR size.
+
+    ``bare`` is the unwrapped network (DataParallel/DDP) when ``net`` is wrapped. Used by :class:`AdaSRModel` and the
+    benchmark, so both run every arch the same way.
+    """
+    if getattr(bare if bare is not None else net, 'pads_input', False):
+        return net(lq)
+    h, w = lq.shape[-2:]
+    padded, _, _ = pad_to_multiple(lq, window_size, mode='reflect')
+    return net(padded)[..., :h * scale, :w * scale]

@@ -1,0 +1,481 @@
+"""The side-by-side benchmark behind ``scripts/benchmark.py``: rows are option files, each measured in a fresh
+process (parameters, MACs, latency, peak memory, PSNR/SSIM on Y, halting sparsity), written as Markdown, CSV, JSON
+and a latency-vs-PSNR plot.
+
+Adding a row is one line in :data:`DEFAULT_ROWS` (or ``--opt LABEL=path.yml`` on the command line): the option
+file's ``network_g`` builds the network and its ``path.pretrain_network_g`` (if the file exists) gives the weights.
+"""
+import csv
+import datetime
+import inspect
+import json
+import math
+import os
+import os.path as osp
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+#: label -> option file (relative to the repository root). Rows whose file is absent are reported as skipped.
+DEFAULT_ROWS: Dict[str, str] = {
+    'Bicubic': 'options/test/test_Bicubic_x4.yml',
+    'SwinIR-light': 'options/test/test_SwinIR_light_x4.yml',
+    'HAT-S': 'options/test/test_HAT-S_x4.yml',
+    'ATD-light': 'options/test/test_ATD_light_x4.yml',
+    'AdaFormer': 'options/test/test_AdaFormer_x4.yml',
+    'PFT-light': 'options/test/test_PFT_light_x4.yml',
+}
+
+
+class BenchmarkError(ValueError):
+    """A row, data set or setting that cannot be benchmarked as given."""
+
+
+@dataclass
+class RowSpec:
+    """One model of the table."""
+
+    label: str
+    source: str  # the option file
+    network_g: Dict[str, Any]
+    scale: int
+    checkpoint: Optional[str] = None  # None: random init (or parameter-free)
+    param_key: str = 'params'
+    strict: bool = True
+    note: str = ''
+
+
+@dataclass
+class DataSpec:
+    """One test set: LR/HR pairs matched by file stem."""
+
+    name: str
+    hr_dir: str
+    lr_dir: str
+    pairs: List[Tuple[str, str]] = field(default_factory=list)  # (lr path, hr path)
+
+
+# ----------------------------------------------------------------------------------------------------- resolution
+
+
+def resolve_row(label: str, option_file: str, weights: Optional[str] = None) -> RowSpec:
+    """Read ``option_file`` into a :class:`RowSpec`. ``weights`` overrides ``path.pretrain_network_g``."""
+    from adasr.utils.options import check_network_opt, load_yaml
+
+    opt = load_yaml(option_file)
+    if 'network_g' not in opt:
+        raise BenchmarkError(f'{option_file} has no network_g')
+    net_opt = dict(opt['network_g'])
+    check_network_opt(net_opt)
+    scale = int(opt.get('scale') or net_opt.get('upscale') or 1)
+    path = dict(opt.get('path') or {})
+    ckpt = weights if weights is not None else path.get('pretrain_network_g')
+    note = ''
+    if weights is not None and not osp.isfile(weights):
+        raise BenchmarkError(f'weights for {label} not found: {weights}')
+    if ckpt and not osp.isfile(ckpt):
+        note = f'checkpoint {ckpt} not found: random init'
+        ckpt = None
+    return RowSpec(label=label, source=option_file, network_g=net_opt, scale=scale, checkpoint=ckpt,
+                   param_key=path.get('param_key_g') or 'params', strict=bool(path.get('strict_load_g', True)),
+                   note=note)
+
+
+def find_dataset(path: str, scale: int, name: Optional[str] = None) -> DataSpec:
+    """A test set folder in one of the layouts adasr writes: ``GTmod{s}``/``LRbicx{s}`` (benchmark sets),
+    ``HR``/``LR_bicubic/X{s}`` (the demo photos) or ``HR/X{s}``/``LR/X{s}`` (Test2K/4K/8K)."""
+    layouts = [(f'GTmod{scale}', f'LRbicx{scale}'), ('HR', osp.join('LR_bicubic', f'X{scale}')),
+               (osp.join('HR', f'X{scale}'), osp.join('LR', f'X{scale}'))]
+    for hr_rel, lr_rel in layouts:
+        hr_dir, lr_dir = osp.join(path, hr_rel), osp.join(path, lr_rel)
+        if osp.isdir(lr_dir) and osp.isdir(hr_dir):
+            spec = DataSpec(name=name or dataset_name(path), hr_dir=hr_dir, lr_dir=lr_dir)
+            spec.pairs = match_pairs(hr_dir, lr_dir, scale)
+            return spec
+    raise BenchmarkError(f'{path} has no x{scale} test pairs: expected GTmod{scale}+LRbicx{scale}, '
+                         f'HR+LR_bicubic/X{scale} or HR/X{scale}+LR/X{scale}')
+
+
+def dataset_name(path: str) -> str:
+    """``datasets/benchmark/Set5`` -> ``Set5``; generic leaf names keep their parent: ``datasets/demo/val`` ->
+    ``demo_val``."""
+    parts = osp.normpath(osp.abspath(path)).split(os.sep)
+    if parts[-1].lower() in ('val', 'train', 'test', 'hr', 'lr') and len(parts) > 1:
+        return f'{parts[-2]}_{parts[-1]}'
+    return parts[-1]
+
+
+def match_pairs(hr_dir: str, lr_dir: str, scale: int) -> List[Tuple[str, str]]:
+    """(LR, HR) paths matched by stem; LR stems may carry DIV2K's ``x{scale}`` suffix."""
+    from adasr.data.prepare import list_images
+
+    hr = {osp.splitext(n)[0]: osp.join(hr_dir, n) for n in list_images(hr_dir)}
+    pairs = []
+    for n in list_images(lr_dir):
+        stem = osp.splitext(n)[0]
+        key = stem if stem in hr else stem[:-len(f'x{scale}')] if stem.endswith(f'x{scale}') else stem
+        if key not in hr:
+            raise BenchmarkError(f'no HR image for {osp.join(lr_dir, n)} in {hr_dir}')
+        pairs.append((osp.join(lr_dir, n), hr[key]))
+    if not pairs:
+        raise BenchmarkError(f'no images in {lr_dir}')
+    return pairs
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """'320x180' -> (h=180, w=320): width x height, as image sizes are written."""
+    try:
+        w, h = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise BenchmarkError(f"size must be WIDTHxHEIGHT (e.g. 320x180), got {text!r}") from None
+    if w < 1 or h < 1:
+        raise BenchmarkError(f'size must be positive, got {text!r}')
+    return h, w
+
+
+# ----------------------------------------------------------------------------------------------------- measuring
+
+
+def build_net(spec: Dict[str, Any], device):
+    """The row's network on ``device`` in eval mode, with its weights (strict by default) if it has any."""
+    import torch
+    from basicsr.archs import build_network
+
+    from adasr.utils.checkpoint import load_weights
+
+    net = build_network(dict(spec['network_g']))
+    if spec.get('checkpoint'):
+        load_weights(net, spec['checkpoint'], param_key=spec.get('param_key', 'params'),
+                     strict=spec.get('strict', True))
+    net = net.to(torch.device(device)).eval()
+    return net
+
+
+def read_rgb(path: str):
+    """(1, 3, H, W) float tensor in [0, 1], RGB, from any 8-bit image (grayscale is repeated, as in BasicSR)."""
+    import cv2
+    import torch
+
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise BenchmarkError(f'cannot read image {path}')
+    return torch.from_numpy(img[:, :, ::-1].copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def latency_input(lr_path: str, h: int, w: int):
+    """An h x w crop of a real LR image (centre), mirrored if the image is smaller: halting models see content."""
+    import numpy as np
+    import torch
+
+    x = read_rgb(lr_path)[0].permute(1, 2, 0).numpy()
+    ih, iw = x.shape[:2]
+    if ih < h or iw < w:
+        x = np.pad(x, ((0, max(0, h - ih)), (0, max(0, w - iw)), (0, 0)), mode='symmetric')
+        ih, iw = x.shape[:2]
+    top, left = (ih - h) // 2, (iw - w) // 2
+    x = np.ascontiguousarray(x[top:top + h, left:left + w])
+    return torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0)
+
+
+def count_macs(net, x) -> Tuple[float, str, Dict[str, int]]:
+    """Multiply-accumulates of ``net(x)``: the arch's analytic ``flops(h, w)`` when it has one (call it after a
+    forward on ``x`` so that adaptive archs count the work of that input), otherwise fvcore's count (one MAC per
+    multiply-add of conv/linear/matmul/einsum; element-wise ops, softmax and activations are not counted).
+
+    Returns (MACs, method, ops fvcore did not count with their call counts).
+    """
+    import torch
+
+    fn = getattr(net, 'flops', None)
+    if callable(fn):
+        params = inspect.signature(fn).parameters
+        if 'h' in params and 'w' in params:
+            return float(fn(x.shape[-2], x.shape[-1])), 'analytic', {}
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.no_grad():
+        fca = FlopCountAnalysis(net, x)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        total = float(fca.total())
+        return total, 'fvcore', dict(fca.unsupported_ops())
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_images: Optional[int] = None) -> Dict:
+    """PSNR/SSIM on Y (border = scale), as ``adasr/test.py`` computes them, plus per-image halting sparsity."""
+    import torch
+    from basicsr.metrics import calculate_psnr, calculate_ssim
+    from basicsr.utils import tensor2img
+
+    from adasr.models.adasr_model import padded_forward
+
+    psnrs, ssims, sparsity = [], [], []
+    for lr_path, hr_path in data.pairs[:max_images]:
+        lq = read_rgb(lr_path).to(device)
+        gt = read_rgb(hr_path)
+        gt = gt[..., :lq.shape[-2] * scale, :lq.shape[-1] * scale]  # as BasicSR's paired dataset crops
+        with torch.no_grad():
+            sr = padded_forward(net, lq, window_size, scale)
+        sr_img, gt_img = tensor2img(sr.cpu()), tensor2img(gt)
+        psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+        ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+        halting = getattr(net, 'last_halting', None)
+        if halting is not None and getattr(halting, 'sparsity', None):
+            sparsity.append({k: list(v) for k, v in halting.sparsity.items()})
+    out = {'psnr': sum(psnrs) / len(psnrs), 'ssim': sum(ssims) / len(ssims), 'images': len(psnrs)}
+    if sparsity:
+        out['sparsity'] = {k: [sum(s[k][i] for s in sparsity) / len(sparsity) for i in range(len(sparsity[0][k]))]
+                           for k in sparsity[0]}
+    return out
+
+
+def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tuple[int, int], repeats: int,
+                warmup: int, device: str, threads: Optional[int], max_images: Optional[int]) -> Dict[str, Any]:
+    """Everything the table says about one row. Module-level so that it runs in a fresh process
+    (:func:`adasr.utils.profiling.run_isolated`): the peak memory is then that row's alone."""
+    import torch
+
+    import adasr  # noqa: F401  (registration in the fresh process)
+    from adasr.utils.profiling import current_rss_bytes, rss_peak_bytes, time_fn
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    net = build_net(spec, dev)
+    h, w = size
+    x = latency_input(datasets[0]['pairs'][0][0], h, w).to(dev)
+    window = int(spec['network_g'].get('window_size', 1) or 1)
+    scale = int(spec['scale'])
+
+    def run():
+        from adasr.models.adasr_model import padded_forward
+
+        with torch.no_grad():
+            return padded_forward(net, x, window, scale)
+
+    # memory: what the forward passes add on top of the built model and its input
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = current_rss_bytes()
+    timing = time_fn(run, repeats=repeats, warmup=warmup, device=dev)
+    if dev.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        peak = rss_peak_bytes() - base
+    result: Dict[str, Any] = {
+        'params': sum(p.numel() for p in net.parameters()),
+        'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': max(int(peak), 0),
+        'memory_kind': 'CUDA max_memory_allocated' if dev.type == 'cuda' else 'RSS peak increase',
+    }
+    halting = getattr(net, 'last_halting', None)
+    if halting is not None and getattr(halting, 'sparsity', None):
+        result['latency_input_sparsity'] = {k: list(v) for k, v in halting.sparsity.items()}
+    macs, method, unsupported = count_macs(net, x)  # after the timed runs: adaptive archs count that input
+    result.update(macs=macs, macs_method=method, uncounted_ops=unsupported)
+    result['quality'] = {}
+    for d in datasets:
+        data = DataSpec(name=d['name'], hr_dir=d['hr_dir'], lr_dir=d['lr_dir'], pairs=[tuple(p) for p in d['pairs']])
+        result['quality'][d['name']] = evaluate(net, data, scale, window, dev, max_images)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------- reporting
+
+
+def weights_label(row: RowSpec, params: Optional[int]) -> str:
+    if params == 0:
+        return 'none needed'
+    if row.checkpoint:
+        return osp.basename(row.checkpoint)
+    return 'untrained (random init)'
+
+
+def display_name(row: RowSpec, params: Optional[int]) -> str:
+    return row.label if (row.checkpoint or params == 0) else f'{row.label} (untrained)'
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def table_rows(rows: List[RowSpec], results: Dict[str, Dict], data_names: List[str]) -> Tuple[List[str], List[List]]:
+    """Header and cells shared by the Markdown and CSV outputs."""
+    header = ['model', 'weights', 'params', 'MACs (G)', 'MACs method', 'latency median (s)', 'spread (+-%)',
+              'peak memory (MB)']
+    for n in data_names:
+        header += [f'PSNR-Y {n}', f'SSIM-Y {n}']
+    header.append('mean halted (global / window)')
+    cells = []
+    for row in rows:
+        res = results.get(row.label)
+        if res is None or 'error' in res:
+            cells.append([row.label, (res or {}).get('error', 'skipped')] + [None] * (len(header) - 2))
+            continue
+        quality = [v for n in data_names for v in (res['quality'][n]['psnr'], res['quality'][n]['ssim'])]
+        cells.append([display_name(row, res['params']), weights_label(row, res['params']), res['params'],
+                      res['macs'] / 1e9, res['macs_method'], res['latency']['median_s'], 100 * res['spread'],
+                      res['peak_bytes'] / 2 ** 20] + quality + [halting_summary(res)])
+    return header, cells
+
+
+def halting_summary(res: Dict) -> Optional[str]:
+    """Mean halted share over the layers of the first data set, e.g. '31% / 12%' (None for dense models)."""
+    for q in res.get('quality', {}).values():
+        sp = q.get('sparsity')
+        if sp and 'global_consumed' in sp and 'local_consumed' in sp:
+            g, loc = sp['global_consumed'], sp['local_consumed']
+            return f'{100 * sum(g) / len(g):.0f}% / {100 * sum(loc) / len(loc):.0f}%'
+    return None
+
+
+def to_markdown(header: List[str], cells: List[List]) -> str:
+    fmts = {'params': lambda v: f'{v / 1e6:.3f}M' if v else '0',
+            'MACs (G)': lambda v: f'{v:.2f}' if v >= 1 else f'{v:.3g}',
+            'latency median (s)': lambda v: f'{v:.3f}', 'spread (+-%)': lambda v: f'{v:.1f}',
+            'peak memory (MB)': lambda v: f'{v:.0f}'}
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for row in cells:
+        out = []
+        for h, v in zip(header, row):
+            if v is None:
+                out.append('-')
+            elif h in fmts and isinstance(v, (int, float)):
+                out.append(fmts[h](v))
+            elif h.startswith('PSNR'):
+                out.append(f'{v:.2f}')
+            elif h.startswith('SSIM'):
+                out.append(f'{v:.4f}')
+            else:
+                out.append(str(v))
+        lines.append('| ' + ' | '.join(out) + ' |')
+    return '\n'.join(lines)
+
+
+def sparsity_markdown(rows: List[RowSpec], results: Dict[str, Dict]) -> str:
+    """Per-layer halted shares of every adaptive row, per data set (the keys the arch reports)."""
+    parts = []
+    for row in rows:
+        res = results.get(row.label) or {}
+        for data_name, q in (res.get('quality') or {}).items():
+            sp = q.get('sparsity')
+            if not sp:
+                continue
+            keys = [k for k in sp if k.endswith('_consumed')] or list(sp)
+            n = max(len(sp[k]) for k in keys)
+            parts.append(f'\n**{display_name(row, res.get("params"))}, {data_name}** '
+                         f'(halted share per block, mean over {q["images"]} images)\n')
+            parts.append('| ' + ' | '.join(['measure'] + [f'block {i}' for i in range(n)]) + ' |')
+            parts.append('|' + '---|' * (n + 1))
+            for k in keys:
+                parts.append('| ' + ' | '.join([k] + [f'{100 * v:.1f}%' for v in sp[k]]) + ' |')
+    return '\n'.join(parts)
+
+
+def write_csv(path: str, header: List[str], cells: List[List]) -> None:
+    with open(path, 'w', newline='') as f:
+        wr = csv.writer(f)
+        wr.writerow(header)
+        for row in cells:
+            wr.writerow(['' if v is None else v for v in row])
+
+
+def plot(path: str, header: List[str], cells: List[List], data_name: str, size_label: str, device: str) -> None:
+    """Latency (log x) against PSNR-Y on ``data_name``; untrained rows hollow."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    i_lat, i_psnr = header.index('latency median (s)'), header.index(f'PSNR-Y {data_name}')
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for row in cells:
+        lat, psnr = row[i_lat], row[i_psnr]
+        if lat is None or psnr is None:
+            continue
+        untrained = 'untrained' in str(row[1])
+        ax.scatter([lat], [psnr], s=60, facecolors='none' if untrained else 'C0', edgecolors='C0')
+        ax.annotate(str(row[0]), (lat, psnr), textcoords='offset points', xytext=(5, 4), fontsize=8)
+    ax.set_xscale('log')
+    ax.set_xlabel(f'latency per {size_label} LR input on {device} (s, log scale)')
+    ax.set_ylabel(f'PSNR-Y on {data_name} (dB)')
+    ax.set_title('latency vs PSNR (hollow: untrained, random weights)', fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def git_commit(repo: str) -> Optional[str]:
+    try:
+        out = subprocess.run(['git', '-C', repo, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def settings_markdown(settings: Dict[str, Any]) -> str:
+    env = settings['environment']
+    lines = [
+        f"- command: `{settings['command']}`",
+        f"- date: {settings['date']}; adasr commit {settings.get('commit') or 'unknown'}",
+        f"- device: {settings['device']}" + (f" ({env.get('cuda')})" if env.get('cuda') else '')
+        + f"; torch {env['torch']}; {env['threads']} threads of {env['cpu_count']} CPUs"
+        + (f"; 1-min load average at start {env['loadavg_1m']}" if 'loadavg_1m' in env else ''),
+        f"- glibc malloc settings: {env['malloc_env'] or 'defaults (--no-malloc-env)'}",
+        f"- latency and MACs: one {settings['size_label']} LR input (the centre of the first image of "
+        f"{settings['data'][0]}), {settings['warmup']} warm-up + {settings['repeats']} timed runs, median and "
+        f"spread = (max - min) / 2 / median; each row in a fresh process",
+        f"- peak memory: {settings['memory_kind']} during those runs, over the built model and its input",
+        '- MACs: multiply-accumulates (1 MAC = 1 multiply + 1 add); "analytic" = the arch\'s own count of the work '
+        'it does on that input; "fvcore" = fvcore\'s count of conv/linear/matmul/einsum/norm ops (softmax, '
+        'activations and element-wise ops are not counted)',
+        f"- PSNR/SSIM: Y channel, {settings['scale']} px border, whole images (padded to each arch's window), "
+        f"as `adasr/test.py` computes them; data: {', '.join(settings['data'])}",
+    ]
+    return '\n'.join(lines)
+
+
+def save_outputs(out_dir: str, rows: List[RowSpec], results: Dict[str, Dict], data_names: List[str],
+                 settings: Dict[str, Any]) -> Dict[str, str]:
+    """Write benchmark.md / .csv / .json / .png under ``out_dir``; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    header, cells = table_rows(rows, results, data_names)
+    md = to_markdown(header, cells)
+    sp = sparsity_markdown(rows, results)
+    notes = [f'- {r.label}: {r.note}' for r in rows if r.note]
+    uncounted = sorted({op for r in results.values() for op in (r.get('uncounted_ops') or {})})
+    paths = {k: osp.join(out_dir, f'benchmark.{k}') for k in ('md', 'csv', 'json', 'png')}
+    with open(paths['md'], 'w') as f:
+        f.write(f"# Benchmark, x{settings['scale']}, {settings['device']}\n\n{md}\n\n{settings_markdown(settings)}\n")
+        if uncounted:
+            f.write(f"- ops fvcore did not count: {', '.join(uncounted)}\n")
+        if notes:
+            f.write('\n' + '\n'.join(notes) + '\n')
+        if sp:
+            f.write('\n## Halting sparsity\n' + sp + '\n')
+    write_csv(paths['csv'], header, cells)
+    with open(paths['json'], 'w') as f:
+        json.dump({'settings': settings, 'rows': [asdict(r) for r in rows], 'results': results}, f, indent=1,
+                  default=str)
+    plot(paths['png'], header, cells, data_names[0], settings['size_label'], settings['device'])
+    return paths
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+
+
+__all__ = ['DEFAULT_ROWS', 'BenchmarkError', 'RowSpec', 'DataSpec', 'resolve_row', 'find_dataset', 'match_pairs',
+           'parse_size', 'build_net', 'latency_input', 'count_macs', 'evaluate', 'measure_row', 'table_rows',
+           'to_markdown', 'sparsity_markdown', 'save_outputs', 'settings_markdown', 'git_commit', 'now']
