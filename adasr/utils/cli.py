@@ -67,7 +67,7 @@ def load_resume_state(opt: dict) -> Optional[dict]:
 def run(kind: str, argv: Optional[List[str]] = None) -> None:
     """Run BasicSR's train or test pipeline with adasr registered and outputs under the current directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    import adasr  # noqa: F401  (shim + registration, before basicsr)
+    # adasr/__init__ has already run (this module is inside the package): shim applied, everything registered
     from basicsr import test as basicsr_test
     from basicsr import train as basicsr_train
 
