@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     for row in rows:
         print(f'[{row.label}] measuring ...', flush=True)
         spec = {'network_g': row.network_g, 'scale': row.scale, 'checkpoint': row.checkpoint,
-                'param_key': row.param_key, 'strict': row.strict}
+                'param_key': row.param_key, 'strict': row.strict, 'eps_h': row.eps_h}
         try:
             results[row.label] = run_isolated(measure_row, timeout=args.timeout, spec=spec, datasets=data_arg,
                                               size=(h, w), repeats=args.repeats, warmup=args.warmup,

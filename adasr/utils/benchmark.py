@@ -43,6 +43,7 @@ class RowSpec:
     param_key: str = 'params'
     strict: bool = True
     note: str = ''
+    eps_h: Optional[float] = None  # the option file's val.eps_h (AdaFormer's test-time halting threshold)
 
 
 @dataclass
@@ -76,9 +77,10 @@ def resolve_row(label: str, option_file: str, weights: Optional[str] = None) -> 
     if ckpt and not osp.isfile(ckpt):
         note = f'checkpoint {ckpt} not found: random init'
         ckpt = None
+    eps_h = (opt.get('val') or {}).get('eps_h')
     return RowSpec(label=label, source=option_file, network_g=net_opt, scale=scale, checkpoint=ckpt,
                    param_key=path.get('param_key_g') or 'params', strict=bool(path.get('strict_load_g', True)),
-                   note=note)
+                   note=note, eps_h=eps_h)
 
 
 def find_dataset(path: str, scale: int, name: Optional[str] = None) -> DataSpec:
@@ -147,6 +149,10 @@ def build_net(spec: Dict[str, Any], device):
     if spec.get('checkpoint'):
         load_weights(net, spec['checkpoint'], param_key=spec.get('param_key', 'params'),
                      strict=spec.get('strict', True))
+    if spec.get('eps_h') is not None:
+        if not hasattr(net, 'eps_h'):
+            raise BenchmarkError(f"val.eps_h is set but {type(net).__name__} has no eps_h")
+        net.eps_h = spec['eps_h']
     net = net.to(torch.device(device)).eval()
     return net
 
@@ -177,10 +183,11 @@ def latency_input(lr_path: str, h: int, w: int):
     return torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0)
 
 
-def count_macs(net, x) -> Tuple[float, str, Dict[str, int]]:
-    """Multiply-accumulates of ``net(x)``: the arch's analytic ``flops(h, w)`` when it has one (call it after a
-    forward on ``x`` so that adaptive archs count the work of that input), otherwise fvcore's count (one MAC per
-    multiply-add of conv/linear/matmul/einsum; element-wise ops, softmax and activations are not counted).
+def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, int]]:
+    """Multiply-accumulates of one forward on ``x`` as the harness runs it (padded to ``window_size`` for archs
+    that do not pad themselves): the arch's analytic ``flops(h, w)`` when it has one (call it after a forward on
+    ``x`` so that adaptive archs count the work of that input), otherwise fvcore's count (one MAC per multiply-add
+    of conv/linear/matmul/einsum, norms per element; element-wise ops, softmax and activations are not counted).
 
     Returns (MACs, method, ops fvcore did not count with their call counts).
     """
@@ -193,8 +200,18 @@ def count_macs(net, x) -> Tuple[float, str, Dict[str, int]]:
             return float(fn(x.shape[-2], x.shape[-1])), 'analytic', {}
     from fvcore.nn import FlopCountAnalysis
 
+    from adasr.models.adasr_model import padded_forward
+
+    class Harness(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, lq):
+            return padded_forward(self.net, lq, window_size, scale)
+
     with torch.no_grad():
-        fca = FlopCountAnalysis(net, x)
+        fca = FlopCountAnalysis(Harness(), x)
         fca.unsupported_ops_warnings(False)
         fca.uncalled_modules_warnings(False)
         total = float(fca.total())
@@ -280,7 +297,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     halting = getattr(net, 'last_halting', None)
     if halting is not None and getattr(halting, 'sparsity', None):
         result['latency_input_sparsity'] = {k: list(v) for k, v in halting.sparsity.items()}
-    macs, method, unsupported = count_macs(net, x)  # after the timed runs: adaptive archs count that input
+    macs, method, unsupported = count_macs(net, x, window, scale)  # after the timed runs: adaptive archs count it
     result.update(macs=macs, macs_method=method, uncounted_ops=unsupported)
     result['quality'] = {}
     for d in datasets:
@@ -322,10 +339,16 @@ def table_rows(rows: List[RowSpec], results: Dict[str, Dict], data_names: List[s
             cells.append([row.label, (res or {}).get('error', 'skipped')] + [None] * (len(header) - 2))
             continue
         quality = [v for n in data_names for v in (res['quality'][n]['psnr'], res['quality'][n]['ssim'])]
+        method = res['macs_method'] + ('*' if custom_ops(res) else '')
         cells.append([display_name(row, res['params']), weights_label(row, res['params']), res['params'],
-                      res['macs'] / 1e9, res['macs_method'], res['latency']['median_s'], 100 * res['spread'],
+                      res['macs'] / 1e9, method, res['latency']['median_s'], 100 * res['spread'],
                       res['peak_bytes'] / 2 ** 20] + quality + [halting_summary(res)])
     return header, cells
+
+
+def custom_ops(res: Dict) -> List[str]:
+    """Custom autograd functions fvcore could not look into: their multiply-adds are missing from the count."""
+    return sorted(op for op in (res.get('uncounted_ops') or {}) if op.startswith('prim::PythonOp'))
 
 
 def halting_summary(res: Dict) -> Optional[str]:
@@ -404,7 +427,8 @@ def plot(path: str, header: List[str], cells: List[List], data_name: str, size_l
             continue
         untrained = 'untrained' in str(row[1])
         ax.scatter([lat], [psnr], s=60, facecolors='none' if untrained else 'C0', edgecolors='C0')
-        ax.annotate(str(row[0]), (lat, psnr), textcoords='offset points', xytext=(5, 4), fontsize=8)
+        label = str(row[0]).replace(' (untrained)', '')
+        ax.annotate(label, (lat, psnr), textcoords='offset points', xytext=(5, 4), fontsize=8)
     ax.set_xscale('log')
     ax.set_xlabel(f'latency per {size_label} LR input on {device} (s, log scale)')
     ax.set_ylabel(f'PSNR-Y on {data_name} (dB)')
@@ -454,7 +478,11 @@ def save_outputs(out_dir: str, rows: List[RowSpec], results: Dict[str, Dict], da
     md = to_markdown(header, cells)
     sp = sparsity_markdown(rows, results)
     notes = [f'- {r.label}: {r.note}' for r in rows if r.note]
-    uncounted = sorted({op for r in results.values() for op in (r.get('uncounted_ops') or {})})
+    notes += [f"- {r.label}: fvcore* = custom ops {', '.join(custom_ops(results[r.label]))} were not counted (their "
+              'multiply-adds are missing: the count is a lower bound)' for r in rows
+              if r.label in results and custom_ops(results[r.label])]
+    uncounted = sorted({op for r in results.values() for op in (r.get('uncounted_ops') or {})
+                        if not op.startswith('prim::PythonOp')})
     paths = {k: osp.join(out_dir, f'benchmark.{k}') for k in ('md', 'csv', 'json', 'png')}
     with open(paths['md'], 'w') as f:
         f.write(f"# Benchmark, x{settings['scale']}, {settings['device']}\n\n{md}\n\n{settings_markdown(settings)}\n")
