@@ -25,7 +25,7 @@ def load_fixture(path: str) -> Dict:
     return fixture
 
 
-def run_fixture(fixture: Dict, atol: float = ATOL, mae: float = MAE) -> Dict:
+def run_fixture(fixture: Dict, atol: float = ATOL, mae: float = MAE, device: str = 'cpu') -> Dict:
     """Build, load strictly, run; return max/mean abs error, the output and whether both bounds hold."""
     from adasr.archs.pft_arch import PFT
     from adasr.utils.checkpoint import check_state_dict
@@ -33,10 +33,10 @@ def run_fixture(fixture: Dict, atol: float = ATOL, mae: float = MAE) -> Dict:
     net = PFT(**fixture['config'])
     check_state_dict(net, fixture['state_dict'], strict=True, source='fixture state_dict')
     net.load_state_dict(fixture['state_dict'], strict=True)
-    net.eval()
+    net.eval().to(device)
     t = time.perf_counter()
     with torch.no_grad():
-        out = net(fixture['input'].float())
+        out = net(fixture['input'].float().to(device)).cpu()
     seconds = time.perf_counter() - t
     ref = fixture['output'].float()
     if out.shape != ref.shape:
@@ -53,10 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument('fixture', help='path to a *_oracle.pt file')
     parser.add_argument('--atol', type=float, default=ATOL, help=f'maximum absolute error (default {ATOL})')
     parser.add_argument('--mae', type=float, default=MAE, help=f'maximum mean absolute error (default {MAE})')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda (the sparse backend follows ADASR_SPARSE_BACKEND)')
     args = parser.parse_args(argv)
     import adasr  # noqa: F401  (registers PFT, applies the basicsr shim)
 
-    res = run_fixture(load_fixture(args.fixture), args.atol, args.mae)
+    res = run_fixture(load_fixture(args.fixture), args.atol, args.mae, args.device)
     print(f'{args.fixture}: max abs err {res["max_abs_err"]:.3e} (atol {args.atol:g}), mean abs err '
           f'{res["mean_abs_err"]:.3e} (limit {args.mae:g}), forward {res["seconds"]:.1f} s: '
           f'{"PASS" if res["passed"] else "FAIL"}')
