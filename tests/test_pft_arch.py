@@ -265,3 +265,16 @@ def test_cuda_triton_matches_torch_backend(dtype):
     with ops.backend('triton'), torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
         net(x).float().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_finetune_from_x2_checkpoint_drops_only_the_head(tmp_path):
+    from adasr.utils.checkpoint import load_weights
+    x2 = PFT(**dict(fixtures.GUARDS['light_x4'], upscale=2))
+    path = tmp_path / 'x2.pth'
+    torch.save({'params_ema': x2.state_dict()}, path)
+    x3 = PFT(**dict(fixtures.GUARDS['light_x4'], upscale=3))
+    with pytest.raises(CheckpointError, match='upsample.0.weight'):
+        load_weights(x3, str(path), 'params_ema', strict=True)
+    load_weights(x3, str(path), 'params_ema', strict=False)
+    torch.testing.assert_close(x3.conv_first.weight, x2.conv_first.weight)
+    assert x3.upsample[0].weight.shape[0] == 27
