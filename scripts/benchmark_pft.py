@@ -21,8 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adasr.utils.profiling import (current_rss_bytes, ensure_malloc_env, environment_summary,  # noqa: E402
-                                   rss_peak_bytes, run_isolated, time_fn)
+from adasr.utils.profiling import (  # noqa: E402
+    current_rss_bytes,
+    ensure_malloc_env,
+    environment_summary,
+    rss_peak_bytes,
+    run_isolated,
+    time_fn,
+)
 
 KS = (1024, 512, 256, 128, 64, 32, 16)
 LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, embed_dim=52, depths=[2, 4, 6, 6, 6], num_heads=4,

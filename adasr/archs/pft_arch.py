@@ -20,11 +20,17 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from adasr.archs.layers import (PixelShuffleDirect, PixelShuffleUpsample, check_choice, pad_to_multiple,
-                                relative_position_index, window_partition, window_reverse)
+from adasr.archs.layers import (
+    PixelShuffleDirect,
+    PixelShuffleUpsample,
+    check_choice,
+    pad_to_multiple,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 from adasr.ops import sparse_av, sparse_qk
 from adasr.ops.sparse_attention import chunk_count, memory_budget_bytes
 

@@ -15,8 +15,14 @@ from typing import Iterator, Optional
 
 import torch
 
-from adasr.ops.sparse_attention import (chunk_count, dense_sparse_av, dense_sparse_qk, memory_budget_bytes,
-                                        torch_sparse_av, torch_sparse_qk)
+from adasr.ops.sparse_attention import (
+    chunk_count,
+    dense_sparse_av,
+    dense_sparse_qk,
+    memory_budget_bytes,
+    torch_sparse_av,
+    torch_sparse_qk,
+)
 
 BACKENDS = ('auto', 'torch', 'triton')
 _backend: Optional[str] = None  # None: read the environment variable
