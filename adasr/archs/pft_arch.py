@@ -71,7 +71,7 @@ class _DenseRecipe:
 
 
 class _SparseMap:
-    """Top-k weights (B_, h, n, K) and their in-window key indices."""
+    """Top-k weights (B_, h, n, K) and their in-window key indices (stored as int16 / int32)."""
 
     kind = 'sparse'
 
@@ -179,11 +179,12 @@ class PFAttention(nn.Module):
         per_window = 4 * h * n * keys * 5 + (4 * h * n * n * 2 if prev is not None and prev.kind == 'dense' else 0)
         step = chunk_count(nb, per_window)
 
+        index_dtype = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
         outs, vals, idxs = [], [], []
         for s in range(0, nb, step):
             sl = slice(s, min(nb, s + step))
             if sparse_in:
-                index = prev.index[sl]
+                index = prev.index[sl].long()
                 scores = sparse_qk(q[sl], k[sl], index).float()
                 scores = scores + torch.gather(bias.float().expand(index.shape[0], h, n, n), -1, index)
                 a = torch.softmax(scores, -1)
@@ -200,7 +201,7 @@ class PFAttention(nn.Module):
                 out = torch.matmul(a.to(v.dtype), v[sl])
             else:
                 out = sparse_av(a, v[sl], index)
-                idxs.append(index)
+                idxs.append(index.to(index_dtype))  # int16 for windows up to 181x181: 1/4 of int64
             outs.append(out.to(v.dtype))
             if not recompute:
                 vals.append(a)
