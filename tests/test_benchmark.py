@@ -256,3 +256,26 @@ def test_custom_ops_are_flagged_and_eps_h_is_applied(tmp_path):
     assert spec.eps_h == 0.2
     with pytest.raises(BenchmarkError, match='val.eps_h is set but HAT has no eps_h'):
         build_net({'network_g': TINY_HAT, 'eps_h': 0.2}, 'cpu')
+
+
+@pytest.mark.parametrize('n, kk, d', [(40, 2, 3), (40, 30, 3)])
+def test_pft_sparse_attention_products_are_counted(n, kk, d):
+    """PFT's custom sparse products are traced as prim::PythonOp: the benchmark counts the work of the kernel the op
+    picks on this device: n*K*d for the gather form, n*m*d for the dense BLAS form (large K on a CPU)."""
+    from adasr.ops import sparse_av, sparse_qk
+    from adasr.ops.sparse_attention import pick_method
+
+    class SparseAttention(nn.Module):
+        pads_input = True
+
+        def forward(self, x):  # x: (B, n, d); every query attends to its first K keys
+            index = torch.arange(kk).expand(x.shape[0], x.shape[1], kk).contiguous()
+            attn = sparse_qk(x, x, index).softmax(-1)
+            return sparse_av(attn, x, index)
+
+    macs, method, uncounted = count_macs(SparseAttention(), torch.rand(2, n, d))
+    assert method == 'fvcore' and not any(op.startswith('prim::PythonOp') for op in uncounted)
+    cpu = torch.device('cpu')
+    expected = sum(2 * n * (kk if pick_method(op, n, kk, d, cpu) == 'gather' else n) * d for op in ('qk', 'av'))
+    assert macs == expected
+    assert (kk == 2) == (expected == 2 * 2 * n * kk * d)  # small K: gather for both; large K: dense for the scores

@@ -14,7 +14,7 @@ import os
 import os.path as osp
 import subprocess
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 #: label -> option file (relative to the repository root). Rows whose file is absent are reported as skipped.
 DEFAULT_ROWS: Dict[str, str] = {
@@ -183,11 +183,37 @@ def latency_input(lr_path: str, h: int, w: int):
     return torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0)
 
 
+def sparse_op_handles(device) -> Dict[str, Callable]:
+    """fvcore handles for PFT's custom sparse products (traced as ``prim::PythonOp.SparseQK`` / ``SparseAV``),
+    counting the work the kernel :func:`adasr.ops.sparse_attention.pick_method` chooses on ``device`` does:
+    ``gather`` = n*K*d multiply-adds (K kept keys of m), ``dense`` = n*m*d (BLAS over all keys, then a gather or
+    scatter; the CPU picks it once K*d is a sizeable share of m)."""
+    import torch
+    from fvcore.nn.jit_handles import get_shape
+
+    from adasr.ops.sparse_attention import pick_method
+
+    dev = torch.device(device)
+
+    def handle(op: str):
+        def count(inputs, outputs) -> int:
+            first, keys, index = (get_shape(v) for v in inputs[:3])  # q or attn, k or v, index
+            n, kk = index[-2], index[-1]
+            m, d = keys[-2], keys[-1]
+            groups = math.prod(index[:-2])
+            method = pick_method(op, m, kk, d, dev)
+            return int(groups * n * (kk if method == 'gather' else m) * d)
+        return count
+
+    return {'prim::PythonOp.SparseQK': handle('qk'), 'prim::PythonOp.SparseAV': handle('av')}
+
+
 def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, int]]:
     """Multiply-accumulates of one forward on ``x`` as the harness runs it (padded to ``window_size`` for archs
     that do not pad themselves): the arch's analytic ``flops(h, w)`` when it has one (call it after a forward on
     ``x`` so that adaptive archs count the work of that input), otherwise fvcore's count (one MAC per multiply-add
-    of conv/linear/matmul/einsum, norms per element; element-wise ops, softmax and activations are not counted).
+    of conv/linear/matmul/einsum, norms per element, and PFT's sparse attention products as
+    :func:`sparse_op_handles` counts them; element-wise ops, softmax and activations are not counted).
 
     Returns (MACs, method, ops fvcore did not count with their call counts).
     """
@@ -211,7 +237,7 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
             return padded_forward(self.net, lq, window_size, scale)
 
     with torch.no_grad():
-        fca = FlopCountAnalysis(Harness(), x)
+        fca = FlopCountAnalysis(Harness(), x).set_op_handle(**sparse_op_handles(x.device))
         fca.unsupported_ops_warnings(False)
         fca.uncalled_modules_warnings(False)
         total = float(fca.total())
@@ -462,8 +488,9 @@ def settings_markdown(settings: Dict[str, Any]) -> str:
         f"spread = (max - min) / 2 / median; each row in a fresh process",
         f"- peak memory: {settings['memory_kind']} during those runs, over the built model and its input",
         '- MACs: multiply-accumulates (1 MAC = 1 multiply + 1 add); "analytic" = the arch\'s own count of the work '
-        'it does on that input; "fvcore" = fvcore\'s count of conv/linear/matmul/einsum/norm ops (softmax, '
-        'activations and element-wise ops are not counted)',
+        'it does on that input; "fvcore" = fvcore\'s count of conv/linear/matmul/einsum/norm ops, with PFT\'s sparse '
+        'products counted as the kernel picked on this device computes them (gather: n*K*d, dense: n*m*d); softmax, '
+        'activations and element-wise ops are not counted',
         f"- PSNR/SSIM: Y channel, {settings['scale']} px border, whole images (padded to each arch's window), "
         f"as `adasr/test.py` computes them; data: {', '.join(settings['data'])}",
     ]
