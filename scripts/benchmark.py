@@ -133,8 +133,11 @@ def main(argv=None) -> None:
                                               size=(h, w), repeats=args.repeats, warmup=args.warmup,
                                               device=args.device, threads=args.threads, max_images=args.max_images)
         except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            if 'exit code -9' in first:
+                first += ' - killed, most likely out of memory (try a smaller --size)'
             print(f'[{row.label}] failed: {e}', file=sys.stderr)
-            results[row.label] = {'error': f'failed: {str(e).splitlines()[0]}'}
+            results[row.label] = {'error': f'failed: {first}'}
     if args.threads:
         env['threads'] = args.threads
     settings = {
