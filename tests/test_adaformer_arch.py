@@ -8,8 +8,14 @@ import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
 
-from adasr.archs.adaformer_arch import (AdaFormer, AdaFormerAttention, chunk_padding_positions, halting_sparsity,
-                                        load_authors_weights, region_order)
+from adasr.archs.adaformer_arch import (
+    AdaFormer,
+    AdaFormerAttention,
+    chunk_padding_positions,
+    halting_sparsity,
+    load_authors_weights,
+    region_order,
+)
 from adasr.utils.checkpoint import CheckpointError
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -23,8 +23,15 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from adasr.archs.layers import (Mlp, PixelShuffleDirect, pad_to_multiple, relative_position_index, window_partition,
-                                window_reverse)
+from adasr.archs.layers import (
+    Mlp,
+    PixelShuffleDirect,
+    check_choice,
+    pad_to_multiple,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
@@ -592,9 +599,7 @@ class AdaFormer(nn.Module):
 
         Returns the total, or with ``breakdown=True`` a dict of parts (and ``'total'``).
         """
-        check_choice = ('actual', 'authors')
-        if convention not in check_choice:
-            raise ValueError(f'convention={convention!r} is not supported; choose one of {list(check_choice)}')
+        check_choice('convention', convention, ('actual', 'authors'))
         s = self.window_size
         hp, wp = math.ceil(h / s) * s, math.ceil(w / s) * s
         n = hp * wp
