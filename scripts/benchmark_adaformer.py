@@ -10,8 +10,9 @@ a sparsity level) the paper-configuration network runs in eval mode twice, each 
   the training computation; whole-image global attention, so its masks can differ slightly).
 
 The row with a bias of -20 has no halting at all (every token attends in every block): the cost of the plain
-transformer. Timing: median of ``--repeats`` calls after ``--warmup`` calls; memory: peak RSS (CPU) or peak CUDA
-allocation above the level before the first call. Prints a Markdown table; ``--csv`` also writes the rows.
+transformer. Timing: median wall time of ``--repeats`` calls after ``--warmup`` calls, and the median process CPU
+time of the same calls (all threads; steadier than wall time on a shared machine); memory: peak RSS (CPU) or peak
+CUDA allocation above the level before the first call. Prints a Markdown table; ``--csv`` also writes the rows.
 
 Example (the docs' table):
     python scripts/benchmark_adaformer.py --size 270 480 --repeats 3 --csv benchmark_adaformer.csv
@@ -38,6 +39,8 @@ def parse_setting(text: str) -> Dict[str, float]:
 def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup: int, device: str,
             weights: Optional[str], seed: int, threads: Optional[int]) -> Dict[str, Any]:
     """One configuration, run inside a fresh process (see adasr.utils.profiling.run_isolated)."""
+    import time
+
     import torch
 
     import adasr  # noqa: F401
@@ -71,10 +74,19 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
         base = torch.cuda.memory_allocated(dev)
     else:
         base = current_rss_bytes()
-    timing = time_fn(call, repeats=repeats, warmup=warmup, device=dev)
+    cpu_times = []
+
+    def timed_call():
+        start = time.process_time()
+        call()
+        cpu_times.append(time.process_time() - start)
+
+    timing = time_fn(timed_call, repeats=repeats, warmup=warmup, device=dev)
     peak = (peak_cuda_bytes(dev) if dev.type == 'cuda' else rss_peak_bytes()) - base
+    cpu_times = sorted(cpu_times[warmup:])
     info = net.last_halting
-    return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times, 'peak_mb': peak / 2 ** 20,
+    return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times,
+            'cpu_median_s': cpu_times[len(cpu_times) // 2], 'peak_mb': peak / 2 ** 20,
             'gmacs': net.flops(*size) / 1e9, 'gmacs_authors': net.flops(*size, convention='authors') / 1e9,
             'global_consumed': info.sparsity['global_consumed'], 'local_consumed': info.sparsity['local_consumed'],
             'split': info.eval_global_split}
@@ -119,23 +131,26 @@ def main(argv=None) -> None:
                          'times': ' '.join(f'{t:.3f}' for t in r['times'])})
             print(f'  {label:12s} {mode:6s} {r["median_s"]:.3f} s', file=sys.stderr, flush=True)
         rows[-2]['speedup_vs_dense'] = result['dense']['median_s'] / result['sparse']['median_s']
-        rows[-1]['speedup_vs_dense'] = 1.0
+        rows[-2]['cpu_speedup_vs_dense'] = result['dense']['cpu_median_s'] / result['sparse']['cpu_median_s']
+        rows[-1]['speedup_vs_dense'] = rows[-1]['cpu_speedup_vs_dense'] = 1.0
 
     env = environment_summary()
     print(f'AdaFormer x4, input 1x3x{args.size[0]}x{args.size[1]}, {args.device}, '
           f'{"seeded random weights" if not args.weights else args.weights}; '
-          f'torch {env["torch"]}, {env["threads"]} threads, {env["cpu_count"]} CPUs, '
+          f'torch {env["torch"]}, {args.threads or env["threads"]} threads, {env["cpu_count"]} CPUs, '
           f'load {env.get("loadavg_1m", "?")}, malloc env {"on" if env["malloc_env"] else "off"}; '
           f'median of {args.repeats} after {args.warmup} warm-up\n')
-    print('| setting | mode | median s (spread) | dense / sparse | peak MB | GMACs (authors\' count) '
-          '| global halted per block | local halted per block |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| setting | mode | wall s, median (spread) | CPU s | dense / sparse (wall, CPU) | peak MB '
+          '| GMACs (authors\' count) | global halted per block | local halted per block |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for r in rows:
-        print(f'| {r["setting"]} | {r["mode"]} | {r["median_s"]:.3f} (±{100 * r["spread"]:.0f}%) | '
-              f'{r["speedup_vs_dense"]:.2f} | {r["peak_mb"]:.0f} | {r["gmacs"]:.1f} ({r["gmacs_authors"]:.1f}) | '
+        print(f'| {r["setting"]} | {r["mode"]} | {r["median_s"]:.2f} (±{100 * r["spread"]:.0f}%) | '
+              f'{r["cpu_median_s"]:.2f} | {r["speedup_vs_dense"]:.2f}, {r["cpu_speedup_vs_dense"]:.2f} | '
+              f'{r["peak_mb"]:.0f} | {r["gmacs"]:.1f} ({r["gmacs_authors"]:.1f}) | '
               f'{_fmt(r["global_consumed"])} | {_fmt(r["local_consumed"])} |')
     if args.csv:
-        keys = ['setting', 'mode', 'median_s', 'spread', 'times', 'speedup_vs_dense', 'peak_mb', 'gmacs',
+        keys = ['setting', 'mode', 'median_s', 'spread', 'times', 'cpu_median_s', 'speedup_vs_dense',
+                'cpu_speedup_vs_dense', 'peak_mb', 'gmacs',
                 'gmacs_authors', 'split', 'global_consumed', 'local_consumed']
         with open(args.csv, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=keys)
