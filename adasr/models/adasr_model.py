@@ -5,8 +5,8 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
-from adasr.archs.layers import pad_to_multiple
 from adasr.utils.checkpoint import check_state_dict, load_checkpoint
+from adasr.utils.tile import padded_forward, tiled_forward, window_multiple
 
 
 @MODEL_REGISTRY.register()
@@ -16,8 +16,11 @@ class AdaSRModel(SRModel):
     * every ``torch.optim`` optimizer by name (``optim_g: {type: AdamW, ...}``; basicsr 1.4.2 knows only Adam);
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
-      pads inside ``forward`` (``pads_input = True``), so SwinIR, HAT and our archs share one harness.
+      pads inside ``forward`` (``pads_input = True``), so SwinIR, HAT and our archs share one harness;
+    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.utils.tile`).
     """
+
+    val_option_keys = {'tile', 'tile_pad'}
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_cls = getattr(torch.optim, optim_type, None)
@@ -44,12 +47,14 @@ class AdaSRModel(SRModel):
             net.train()
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
-        """Run ``net`` on a whole LR batch, padding and cropping if the arch needs it."""
+        """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
+        is set (``val.tile_pad`` LR pixels of blended context, default 32)."""
         bare = self.get_bare_model(net)
-        if getattr(bare, 'pads_input', False):
-            return net(lq)
-        multiple = int(self.opt['network_g'].get('window_size', 1) or 1)
+        multiple = int(self.opt['network_g'].get('window_size') or window_multiple(bare))
         scale = self.opt.get('scale', 1)
-        h, w = lq.shape[-2:]
-        padded, _, _ = pad_to_multiple(lq, multiple, mode='reflect')
-        return net(padded)[..., :h * scale, :w * scale]
+        fn = padded_forward(net, scale, multiple, mode='reflect')
+        val = self.opt.get('val') or {}
+        tile = int(val.get('tile') or 0)
+        if not tile:
+            return fn(lq)
+        return tiled_forward(fn, lq, scale, tile, int(val.get('tile_pad', 32)), multiple, out_dtype=lq.dtype)
