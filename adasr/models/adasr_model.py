@@ -6,6 +6,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from adasr.utils.checkpoint import check_state_dict, load_checkpoint
+from adasr.utils.halting import HaltingCollector, has_halting
 from adasr.utils.tile import padded_forward, tiled_forward, window_multiple
 
 
@@ -54,7 +55,14 @@ class AdaSRModel(SRModel):
         scale = self.opt.get('scale', 1)
         fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
-        tile = int(val.get('tile') or 0)
+        tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)
+        for key, value in (('tile', tile), ('tile_pad', tile_pad)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
         if not tile:
             return fn(lq)
-        return tiled_forward(fn, lq, scale, tile, int(val.get('tile_pad', 32)), multiple, out_dtype=lq.dtype)
+        collector = HaltingCollector(bare, *lq.shape[-2:]) if has_halting(bare) else None
+        out = tiled_forward(fn, lq, scale, tile, tile_pad, multiple, out_dtype=lq.dtype, on_tile=collector)
+        if collector is not None:  # AdaFormer: the halting record of the whole image, not of the last tile
+            bare.last_halting = collector.to_info()
+        return out

@@ -26,47 +26,64 @@ def has_halting(net: nn.Module) -> bool:
 
 
 class HaltingCollector:
-    """Collects ``net.last_halting`` tile by tile into (layers, H, W) maps of the unpadded LR image (batch item 0).
+    """Collects ``net.last_halting`` tile by tile into whole-image maps of the unpadded LR image.
 
-    Usage: ``tiled_forward(fn, x, ..., on_tile=HaltingCollector(net, h, w))``, then :meth:`maps`.
+    Usage: ``tiled_forward(fn, x, ..., on_tile=HaltingCollector(net, h, w))``, then :meth:`maps` (batch item 0, as
+    numpy arrays for the pictures) or :meth:`to_info` (a whole-image ``HaltingInfo`` for the whole batch, which
+    :class:`~adasr.models.adasr_model.AdaSRModel` puts back on the network after a tiled test).
     """
+
+    KEYS = ('logits', 'confidence', 'global_keep', 'local_keep')
 
     def __init__(self, net: nn.Module, h: int, w: int):
         if not has_halting(net):
             raise ValueError(f'{type(net).__name__} keeps no halting record (only AdaFormer does)')
         self.net = net.module if hasattr(net, 'module') else net
         self.h, self.w = h, w
-        self.confidence: Optional[torch.Tensor] = None
-        self.global_keep: Optional[torch.Tensor] = None
-        self.local_keep: Optional[torch.Tensor] = None
+        self.canvas: Dict[str, torch.Tensor] = {}
+        self.last_info = None
         self.splits: List[int] = []
 
     def __call__(self, tile: Tile, _output: torch.Tensor) -> None:
         info = self.net.last_halting
         if info is None:
             raise RuntimeError('the network recorded no halting information for this tile')
-        if self.confidence is None:
-            n = len(info.confidence)
-            self.confidence = torch.zeros(n, self.h, self.w)
-            self.global_keep = torch.zeros(n, self.h, self.w)
-            self.local_keep = torch.zeros(n, self.h, self.w)
         (cy, cx), (ry, rx) = tile.core_in_window, tile.core
-        for dst, src in ((self.confidence, info.confidence), (self.global_keep, info.global_keep),
-                         (self.local_keep, info.local_keep)):
-            dst[:, ry, rx] = torch.stack([m[0, 0, cy, cx].float().cpu() for m in src])
+        for key in self.KEYS:
+            maps = getattr(info, key)  # per layer (B, 1, hp, wp)
+            if key not in self.canvas:
+                self.canvas[key] = torch.zeros(len(maps), maps[0].shape[0], self.h, self.w)
+            self.canvas[key][:, :, ry, rx] = torch.stack([m[:, 0, cy, cx].float().cpu() for m in maps])
+        self.last_info = info
         if info.eval_global_split is not None:
             self.splits.append(int(info.eval_global_split))
 
-    def maps(self) -> Dict[str, np.ndarray]:
-        if self.confidence is None:
+    def maps(self, item: int = 0) -> Dict[str, np.ndarray]:
+        """(layers, H, W) float arrays of batch item ``item``: confidence, global_keep, local_keep."""
+        if not self.canvas:
             raise RuntimeError('no tile was collected')
-        return {'confidence': self.confidence.numpy(), 'global_keep': self.global_keep.numpy(),
-                'local_keep': self.local_keep.numpy()}
+        return {k: self.canvas[k][:, item].numpy() for k in ('confidence', 'global_keep', 'local_keep')}
 
-    def summary(self) -> Dict[str, object]:
+    def to_info(self):
+        """The record of the whole tiled forward, in the network's own ``HaltingInfo`` type: maps (B, 1, H, W) of
+        the unpadded image (``padded_size == input_size``), the largest eval global split used by a tile, and the
+        sparsity recomputed on the stitched masks."""
+        import dataclasses
+
+        from adasr.archs.adaformer_arch import halting_sparsity
+
+        if self.last_info is None:
+            raise RuntimeError('no tile was collected')
+        lists = {k: [m[:, None] for m in self.canvas[k]] for k in self.KEYS}
+        return dataclasses.replace(
+            self.last_info, **lists, input_size=(self.h, self.w), padded_size=(self.h, self.w),
+            eval_global_split=max(self.splits) if self.splits else None,
+            sparsity=halting_sparsity(lists['global_keep'], lists['local_keep'], (self.h, self.w)))
+
+    def summary(self, item: int = 0) -> Dict[str, object]:
         """Per layer: mean confidence and halted shares over the unpadded image (global tokens, local pixels in
         halted windows), plus the eval global splits the tiles used."""
-        m = self.maps()
+        m = self.maps(item)
         return {
             'layers': int(m['confidence'].shape[0]),
             'mean_confidence': [float(c.mean()) for c in m['confidence']],
@@ -108,7 +125,7 @@ def sparsity_figure(summary: Dict[str, object], title: str = '') -> bytes:
 
     n = summary['layers']
     x = np.arange(n)
-    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    fig = Figure(figsize=(6.4, 3.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(x - 0.2, summary['global_halted'], 0.4, label='global: tokens halted', color='#d62728')
@@ -118,7 +135,7 @@ def sparsity_figure(summary: Dict[str, object], title: str = '') -> bytes:
     ax.set_xlabel('layer l (mask made after block l, used by block l+1)')
     ax.set_ylabel('share')
     ax.set_ylim(0, 1.05)
-    ax.legend(loc='upper left', fontsize=8)
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -127,10 +144,46 @@ def sparsity_figure(summary: Dict[str, object], title: str = '') -> bytes:
     return buf.getvalue()
 
 
+def overview_figure(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str = '', max_side: int = 160) -> bytes:
+    """PNG bytes of one figure in the layout of the paper's Fig. 6: a row per layer, columns confidence / global
+    halting / local halting overlays (images shrunk by pixel striding so that the long side is <= ``max_side``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    step = max(1, int(np.ceil(max(rgb.shape[:2]) / max_side)))
+    rgb = rgb[::step, ::step]
+    maps = {k: v[:, ::step, ::step] for k, v in maps.items()}
+    n = maps['confidence'].shape[0]
+    h, w = rgb.shape[:2]
+    cell = 1.6
+    fig = Figure(figsize=(3 * cell * w / max(h, w) + 0.6, n * cell * h / max(h, w) + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    columns = (('confidence', lambda l: overlay_confidence(rgb, maps['confidence'][l])),
+               ('global halted (red)', lambda l: overlay_mask(rgb, maps['global_keep'][l])),
+               ('local halted (blue)', lambda l: overlay_mask(rgb, maps['local_keep'][l], color=(0.1, 0.35, 1.0))))
+    for layer in range(n):
+        for j, (name, make) in enumerate(columns):
+            ax = fig.add_subplot(n, 3, layer * 3 + j + 1)
+            ax.imshow(make(layer), interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f'layer {layer}', fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight() if title else 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    return buf.getvalue()
+
+
 def save_halting_pictures(folder: str, rgb: np.ndarray, collector: HaltingCollector, title: str = '',
                           zoom: int = 1) -> List[str]:
     """Write ``layer{l}_confidence.png``, ``layer{l}_global.png``, ``layer{l}_local.png`` (overlays on the LR input),
-    ``sparsity.png`` and ``halting.json`` into ``folder`` (atomically). ``zoom`` enlarges the overlays by pixel
+    ``sparsity.png`` (halted share per layer), ``overview.png`` (all layers in one figure, as the paper's Fig. 6) and
+    ``halting.json`` (the numbers) into ``folder`` (atomically). ``zoom`` enlarges the overlays by pixel
     repetition. Returns the paths written.
     """
     maps = collector.maps()
@@ -154,5 +207,6 @@ def save_halting_pictures(folder: str, rgb: np.ndarray, collector: HaltingCollec
         for kind, pic in pictures.items():
             put(f'layer{layer}_{kind}.png', encode(np.ascontiguousarray(pic[..., ::-1]), 'png'))
     put('sparsity.png', sparsity_figure(summary, title))
+    put('overview.png', overview_figure(rgb if zoom == 1 else rgb[::zoom, ::zoom], collector.maps(), title))
     put('halting.json', (json.dumps(summary, indent=2) + '\n').encode())
     return written
