@@ -1,0 +1,174 @@
+"""Benchmark PFT's sparse attention and the full PFT-light x4 network; prints Markdown tables.
+
+    python scripts/benchmark_pft.py                    # CPU (and the same on CUDA when a GPU is visible)
+    python scripts/benchmark_pft.py --device cpu --repeats 3 --size 256
+
+1. Attention stage of one layer for a realistic batch of windows (PFT-light x4 on a 256x256 LR input: 64 windows
+   of 32x32 tokens x 4 heads, head dim 13; ``--heads 6 --head-dim 40`` for the classical model): scores at K keys,
+   softmax, aggregation. "sparse" = adasr.ops at K keys (chunked by the memory budget); "dense" = the plain
+   full-window attention over all 1024 keys (q k^T, softmax, A v) for the whole batch at once, which is what a
+   dense window transformer (or PFT's first layers) does. Latency is the median of ``--repeats`` runs; peak memory
+   is measured in a fresh process for each row (CPU: peak RSS growth; CUDA: max_memory_allocated growth).
+2. Full PFT-light x4 (released config, random weights) on a ``--size`` x ``--size`` input, inference.
+
+On the CPU the script re-executes itself with glibc malloc settings (adasr.utils.profiling.ensure_malloc_env).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adasr.utils.profiling import (  # noqa: E402
+    current_rss_bytes,
+    ensure_malloc_env,
+    environment_summary,
+    rss_peak_bytes,
+    run_isolated,
+    time_fn,
+)
+
+KS = (1024, 512, 256, 128, 64, 32, 16)
+LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, embed_dim=52, depths=[2, 4, 6, 6, 6], num_heads=4,
+                num_topk=[1024] * 2 + [256] * 4 + [128] * 6 + [64] * 6 + [32] * 6, window_size=32,
+                convffn_kernel_size=7, img_range=1., mlp_ratio=1, upsampler='pixelshuffledirect',
+                resi_connection='1conv')
+
+
+def _mem_start(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return current_rss_bytes()
+
+
+def _mem_peak(device, start):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    return rss_peak_bytes() - start
+
+
+def attention_case(mode: str, k: int, windows: int, heads: int, head_dim: int, device: str, backend: str,
+                   repeats: int, dtype: str = 'float32'):
+    import adasr  # noqa: F401
+    from adasr import ops
+
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    n = 1024
+    shape = (windows, heads, n, head_dim)
+    q, kk, v = (torch.randn(shape, device=dev, dtype=dt) for _ in range(3))
+    q = q * head_dim ** -0.5
+    index = None
+    if mode == 'sparse':  # k distinct keys per query, spread over the window, without an n x n temporary
+        offset = torch.randint(0, n, (windows, heads, n, 1), device=dev)
+        index = (torch.arange(k, device=dev) * (n // k) + offset) % n
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+    def dense():
+        a = torch.softmax((q @ kk.transpose(-2, -1)).float(), -1)
+        return a.to(dt) @ v
+
+    def sparse():
+        with ops.backend(backend):
+            a = torch.softmax(ops.sparse_qk(q, kk, index).float(), -1)
+            return ops.sparse_av(a, v, index)
+
+    fn = dense if mode == 'dense' else sparse
+    with torch.no_grad():
+        start = _mem_start(dev)
+        fn()
+        peak = _mem_peak(dev, start)
+        timing = time_fn(fn, repeats=repeats, warmup=1, device=dev)
+    return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak}
+
+
+def network_case(size: int, device: str, backend: str, repeats: int, dtype: str = 'float32'):
+    import adasr  # noqa: F401
+    from adasr import ops
+    from adasr.archs.pft_arch import PFT
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    net = PFT(**LIGHT_X4).eval().to(dev)
+    x = torch.rand(1, 3, size, size, device=dev)
+    autocast = dtype != 'float32'
+
+    def run():
+        with ops.backend(backend), torch.no_grad(), torch.autocast(dev.type, dtype=getattr(torch, dtype),
+                                                                   enabled=autocast):
+            return net(x)
+
+    start = _mem_start(dev)
+    out = run()
+    peak = _mem_peak(dev, start)
+    assert out.shape == (1, 3, 4 * size, 4 * size) and torch.isfinite(out).all()
+    timing = time_fn(run, repeats=repeats, warmup=0 if dev.type == 'cpu' else 1, device=dev)
+    return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak, 'runs': repeats}
+
+
+def _mb(x):
+    return f'{x / 2**20:.0f}'
+
+
+def attention_table(device, backend, args):
+    rows = []
+    dense = run_isolated(attention_case, mode='dense', k=1024, windows=args.windows, heads=args.heads,
+                         head_dim=args.head_dim, device=device, backend=backend, repeats=args.repeats,
+                         dtype=args.dtype)
+    print(f'\n### Attention stage, {device} ({backend} backend, {args.dtype}): {args.windows} windows x {args.heads} '
+          f'heads x 1024 tokens, head dim {args.head_dim}\n')
+    print('| k | sparse ms | sparse peak MB | dense ms (all 1024 keys) | dense peak MB | dense / sparse time |')
+    print('|---:|---:|---:|---:|---:|---:|')
+    for k in KS:
+        sp = run_isolated(attention_case, mode='sparse', k=k, windows=args.windows, heads=args.heads,
+                          head_dim=args.head_dim, device=device, backend=backend, repeats=args.repeats,
+                          dtype=args.dtype)
+        rows.append((k, sp))
+        print(f'| {k} | {sp["median_s"] * 1e3:.1f} | {_mb(sp["peak_bytes"])} | {dense["median_s"] * 1e3:.1f} | '
+              f'{_mb(dense["peak_bytes"])} | {dense["median_s"] / sp["median_s"]:.2f}x |', flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', choices=['all', 'cpu', 'cuda'], default='all')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--size', type=int, default=256, help='LR side of the full-network case')
+    parser.add_argument('--windows', type=int, default=64)
+    parser.add_argument('--heads', type=int, default=4)
+    parser.add_argument('--head-dim', type=int, default=13)
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    parser.add_argument('--skip-network', action='store_true')
+    parser.add_argument('--no-malloc-env', action='store_true')
+    args = parser.parse_args()
+    ensure_malloc_env(disable=args.no_malloc_env)
+    devices = ['cpu', 'cuda'] if args.device == 'all' else [args.device]
+    if 'cuda' in devices and not torch.cuda.is_available():
+        devices.remove('cuda')
+    print('Environment:', environment_summary())
+    for device in devices:
+        backends = ['torch'] if device == 'cpu' else ['triton', 'torch']
+        for backend in backends:
+            attention_table(device, backend, args)
+        if args.skip_network:
+            continue
+        print(f'\n### Full PFT-light x4, {args.size}x{args.size} input, {device}\n')
+        print('| backend | dtype | median s | peak MB |')
+        print('|---|---|---:|---:|')
+        for backend in backends:
+            dtypes = ['float32'] if device == 'cpu' else ['float32', 'bfloat16', 'float16']
+            for dtype in dtypes:
+                res = run_isolated(network_case, size=args.size, device=device, backend=backend,
+                                   repeats=1 if device == 'cpu' else args.repeats, dtype=dtype)
+                print(f'| {backend} | {dtype} | {res["median_s"]:.2f} | {_mb(res["peak_bytes"])} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,196 @@
+"""adasr.ops: sparse scores / aggregation at given key indices against their dense definitions."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from adasr import ops
+from adasr.ops import sparse_attention as sa
+
+
+def _case(g=3, n=20, m=24, d=7, k=5, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(g, n, d, generator=gen, dtype=dtype)
+    kk = torch.randn(g, m, d, generator=gen, dtype=dtype)
+    v = torch.randn(g, m, d, generator=gen, dtype=dtype)
+    idx = torch.rand(g, n, m, generator=gen).topk(k, -1).indices
+    a = torch.rand(g, n, k, generator=gen, dtype=dtype)
+    return q, kk, v, a, idx
+
+
+def _grads(fn, *tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weight).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize('method', ['gather', 'dense'])
+def test_sparse_qk_matches_dense_masked_autograd(method):
+    q, k, _, _, idx = _case()
+    out, (gq, gk) = _grads(lambda a, b: sa.torch_sparse_qk(a, b, idx, method), q, k)
+    ref, (rq, rk) = _grads(lambda a, b: ops.dense_sparse_qk(a, b, idx), q, k)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gq, rq, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gk, rk, rtol=1e-12, atol=1e-12)
+    # keys never selected get exactly zero gradient; selected ones do not
+    chosen = torch.zeros(k.shape[:2], dtype=torch.bool).scatter_(1, idx.flatten(1), True)
+    assert (gk[~chosen] == 0).all() and (gk[chosen].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize('method', ['gather', 'dense'])
+def test_sparse_av_matches_dense_masked_autograd(method):
+    _, _, v, a, idx = _case()
+    out, (ga, gv) = _grads(lambda x, y: sa.torch_sparse_av(x, y, idx, method), a, v)
+    ref, (ra, rv) = _grads(lambda x, y: ops.dense_sparse_av(x, y, idx), a, v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, ra, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, rv, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_ops_by_definition():
+    """Element-wise definition, written as loops, on a tiny case."""
+    q, k, v, a, idx = _case(g=2, n=4, m=6, d=3, k=2)
+    qk = ops.sparse_qk(q, k, idx)
+    av = ops.sparse_av(a, v, idx)
+    for g in range(2):
+        for i in range(4):
+            for t in range(2):
+                assert torch.isclose(qk[g, i, t], (q[g, i] * k[g, idx[g, i, t]]).sum())
+            want = sum(a[g, i, t] * v[g, idx[g, i, t]] for t in range(2))
+            torch.testing.assert_close(av[g, i], want)
+
+
+@pytest.mark.parametrize('method', ['gather', 'dense'])
+def test_gradcheck_float64(method):
+    q, k, v, a, idx = _case(g=2, n=5, m=6, d=3, k=3)
+    args = [t.requires_grad_() for t in (q, k)]
+    assert torch.autograd.gradcheck(lambda x, y: sa.torch_sparse_qk(x, y, idx, method), args)
+    args = [t.requires_grad_() for t in (a, v)]
+    assert torch.autograd.gradcheck(lambda x, y: sa.torch_sparse_av(x, y, idx, method), args)
+
+
+def test_duplicate_indices_add_up():
+    v = torch.arange(12.).view(1, 4, 3)
+    idx = torch.tensor([[[1, 1], [0, 3]]])
+    a = torch.tensor([[[0.5, 0.25], [1., 2.]]])
+    out, (ga, gv) = _grads(lambda x, y: ops.sparse_av(x, y, idx), a, v)
+    torch.testing.assert_close(out[0, 0], 0.75 * v[0, 1])
+    ref, (ra, rv) = _grads(lambda x, y: ops.dense_sparse_av(x, y, idx), a, v)
+    torch.testing.assert_close(gv, rv)
+
+
+def test_chunked_equals_unchunked(monkeypatch):
+    q, k, v, a, idx = _case(g=7, n=16, m=16, d=4, k=6, dtype=torch.float32)
+    whole = [ops.sparse_qk(q, k, idx), ops.sparse_av(a, v, idx)]
+    _, g_whole = _grads(lambda x, y: ops.sparse_qk(x, y, idx), q, k)
+    monkeypatch.setenv('ADASR_ATTN_MEMORY_MB', '0.001')  # ~1 KB: one batch entry per chunk
+    assert sa.chunk_count(7, 4 * 16 * 16) == 1
+    chunked = [ops.sparse_qk(q, k, idx), ops.sparse_av(a, v, idx)]
+    _, g_chunked = _grads(lambda x, y: ops.sparse_qk(x, y, idx), q, k)
+    for x, y in zip(whole + g_whole, chunked + g_chunked):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_leading_dims_and_int32_index():
+    q, k, v, a, idx = _case(g=6, dtype=torch.float32)
+    q4, k4, v4, a4 = (t.view(2, 3, *t.shape[1:]) for t in (q, k, v, a))
+    i4 = idx.view(2, 3, *idx.shape[1:]).int()
+    torch.testing.assert_close(ops.sparse_qk(q4, k4, i4).view_as(ops.sparse_qk(q, k, idx)), ops.sparse_qk(q, k, idx))
+    torch.testing.assert_close(ops.sparse_av(a4, v4, i4).view(6, 20, 7), ops.sparse_av(a, v, idx))
+
+
+def test_bad_arguments_raise_clear_errors():
+    q, k, v, a, idx = _case()
+    with pytest.raises(TypeError, match='integer'):
+        ops.sparse_qk(q, k, idx.double())
+    with pytest.raises(ValueError, match='index shape'):
+        ops.sparse_qk(q, k, idx[:, :3])
+    with pytest.raises(ValueError, match='not a sparse attention backend'):
+        ops.set_backend('cuda')
+    with pytest.raises(ValueError, match='ADASR_MEMORY|ADASR_ATTN_MEMORY_MB'):
+        os.environ['ADASR_ATTN_MEMORY_MB'] = 'lots'
+        try:
+            sa.memory_budget_bytes()
+        finally:
+            del os.environ['ADASR_ATTN_MEMORY_MB']
+
+
+def test_backend_switch(monkeypatch):
+    assert ops.resolve_backend(torch.device('cpu')) == 'torch'  # auto on CPU tensors
+    monkeypatch.setenv('ADASR_SPARSE_BACKEND', 'torch')
+    assert ops.get_backend() == 'torch'
+    monkeypatch.setenv('ADASR_SPARSE_BACKEND', 'bogus')
+    with pytest.raises(ValueError, match='ADASR_SPARSE_BACKEND'):
+        ops.get_backend()
+    monkeypatch.delenv('ADASR_SPARSE_BACKEND')
+    with ops.backend('torch'):
+        assert ops.get_backend() == 'torch'
+    assert ops.get_backend() == 'auto'
+    if os.environ.get('TRITON_INTERPRET') != '1':
+        with ops.backend('triton'):
+            with pytest.raises(RuntimeError, match='CUDA tensors|cannot be imported'):
+                ops.sparse_qk(*_case(dtype=torch.float32)[:2], _case()[4])
+
+
+def test_import_does_not_load_triton_kernels():
+    code = 'import adasr, sys; assert "adasr.ops.triton_sparse" not in sys.modules'
+    subprocess.run([sys.executable, '-c', code], check=True, env=dict(os.environ))
+
+
+TRITON_SCRIPT = textwrap.dedent('''
+    import torch
+    from adasr import ops
+    from adasr.ops import triton_sparse
+    gen = torch.Generator().manual_seed(0)
+    g, n, m, d, k = 3, 20, 24, 13, 7
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)):
+        q, kk, v = (torch.randn(g, r, d, generator=gen) for r in (n, m, m))
+        a = torch.rand(g, n, k, generator=gen)
+        idx = torch.rand(g, n, m, generator=gen).topk(k, -1).indices
+        low = [t.to(dtype).detach().requires_grad_() for t in (q, kk, v, a)]
+        ref = [t.to(dtype).double().detach().requires_grad_() for t in (q, kk, v, a)]
+        w1 = torch.randn(g, n, k, generator=gen)
+        w2 = torch.randn(g, n, d, generator=gen)
+        with ops.backend('triton'):
+            o1, o2 = ops.sparse_qk(low[0], low[1], idx), ops.sparse_av(low[3], low[2], idx)
+        assert o1.dtype == dtype and o2.dtype == dtype
+        ((o1.float() * w1).sum() + (o2.float() * w2).sum()).backward()
+        r1, r2 = ops.dense_sparse_qk(ref[0], ref[1], idx), ops.dense_sparse_av(ref[3], ref[2], idx)
+        ((r1 * w1.double()).sum() + (r2 * w2.double()).sum()).backward()
+        for x, y in [(o1, r1), (o2, r2)] + [(p.grad, r.grad) for p, r in zip(low, ref)]:
+            err = (x.double() - y).abs().max().item() / (y.abs().max().item() + 1e-12)
+            assert err < tol, (dtype, err)
+    print('TRITON-INTERPRETER-OK')
+''')
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_interpreter():
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    res = subprocess.run([sys.executable, '-c', TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert 'TRITON-INTERPRETER-OK' in res.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_on_cuda_matches_torch(dtype):
+    pytest.importorskip('triton')
+    q, k, v, a, idx = (t.cuda() for t in _case(g=8, n=1024, m=1024, d=40, k=64, dtype=torch.float32))
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    low = [t.to(dtype) for t in (q, k, v, a)]
+    with ops.backend('triton'):
+        o_qk, g_qk = _grads(lambda x, y: ops.sparse_qk(x, y, idx), low[0], low[1])
+        o_av, g_av = _grads(lambda x, y: ops.sparse_av(x, y, idx), low[3], low[2])
+    with ops.backend('torch'):
+        r_qk, h_qk = _grads(lambda x, y: ops.sparse_qk(x, y, idx), *(t.double() for t in low[:2]))
+        r_av, h_av = _grads(lambda x, y: ops.sparse_av(x, y, idx), low[3].double(), low[2].double())
+    for x, y in zip([o_qk, o_av] + g_qk + g_av, [r_qk, r_av] + h_qk + h_av):
+        assert x.dtype == dtype
+        assert (x.double() - y).abs().max() <= tol * (y.abs().max() + 1)
