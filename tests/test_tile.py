@@ -174,7 +174,10 @@ def test_choose_tile_rule():
     assert choose_tile(1080, 1920, 12 * kib, 2 * 1024 ** 3, 32, 8, fixed_bytes=1024 ** 3) == (
         (int(math.sqrt(1024 ** 3 / (12 * kib))) - 64) // 8 * 8)
     # never below min_window (AdaFormer keeps windows >= 272 px), the multiple, or the pad
-    assert choose_tile(1080, 1920, 12 * kib, 10 * kib, 32, 8, min_window=272) == 240
+    tile = choose_tile(1080, 1920, 12 * kib, 10 * kib, 32, 8, min_window=272)
+    windows = [s.win_end - s.win_start for n in (1080, 1920) for s in tile_spans(n, tile, 32, 8)]
+    assert min(windows) >= 272 and tile == 272  # 240 would leave 248 px edge windows on the 1080 side
+    assert choose_tile(200, 300, 12 * kib, 10 * kib, 32, 8, min_window=272) == 200  # smaller image: whole side
     assert choose_tile(1080, 1920, 12 * kib, 10 * kib, 5, 32) == 32
 
 

@@ -129,9 +129,12 @@ def read_image(path: str) -> LoadedImage:
 
 
 def quantize(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float [0, 1] -> uint8 / uint16, clamped and rounded."""
+    """float [0, 1] -> uint8 / uint16, clamped and rounded half to even (one float temporary, for 8K outputs)."""
     peak = 255.0 if dtype == 'uint8' else 65535.0
-    return np.clip(np.rint(np.clip(x, 0, 1) * peak), 0, peak).astype(np.uint8 if dtype == 'uint8' else np.uint16)
+    y = np.clip(x, 0, 1).astype(np.float32, copy=False)
+    y *= peak
+    np.rint(y, out=y)
+    return y.astype(np.uint8 if dtype == 'uint8' else np.uint16)
 
 
 def to_stored(img: LoadedImage, dtype: str) -> np.ndarray:

@@ -262,6 +262,9 @@ def _swinir_bytes(net: nn.Module) -> float:
 MEMORY_MODEL = {
     'Bicubic': {'bytes_per_pixel': lambda net: 100.0 * net.upscale ** 2, 'min_window': 0},  # x4: 1.1-1.5 KiB/px
     'SwinIR': {'bytes_per_pixel': _swinir_bytes, 'min_window': 0},
+    # PFT-light x4 (embed 52, window 32): 27.8 KiB/px at 256 px, 35.4 KiB/px at 384 px (the top-k state grows with
+    # the windows, and dense maps are recomputed above ADASR_ATTN_MEMORY_MB); scaled by embed_dim for PFT classical
+    'PFT': {'bytes_per_pixel': lambda net: 40 * 1024.0 * max(1.0, getattr(net, 'embed_dim', 52) / 52), 'min_window': 0},
 }
 
 
@@ -313,8 +316,8 @@ def choose_tile(h: int, w: int, bytes_per_pixel: float, budget: float, tile_pad:
 
     Rule: a window of side ``s`` costs ``bytes_per_pixel * s**2``; the largest window that fits in
     ``budget - fixed_bytes`` (the output canvas) is used, minus ``2 * tile_pad`` of context, rounded down to
-    ``multiple``; never smaller than what keeps windows of ``min_window`` px (where the image allows) nor than
-    ``multiple`` and ``tile_pad``.
+    ``multiple``; never smaller than ``multiple`` and ``tile_pad``, and grown until every window, edge windows
+    included, is at least ``min_window`` px wide and high (where the image is that big).
     """
     if bytes_per_pixel <= 0:
         raise ValueError(f'bytes_per_pixel must be positive, got {bytes_per_pixel}')
@@ -324,8 +327,15 @@ def choose_tile(h: int, w: int, bytes_per_pixel: float, budget: float, tile_pad:
     pad = _round_up(tile_pad, multiple)
     side = int(math.sqrt(usable / bytes_per_pixel))
     core = (side - 2 * pad) // multiple * multiple
-    floor = max(multiple, tile_pad, _round_up(max(min_window - pad, 0), multiple))
-    return max(core, floor)
+    core = max(core, multiple, tile_pad)
+    if min_window:  # grow the tile until every window (edge ones included) is at least min_window where possible
+        def smallest_window(t: int) -> bool:
+            return all(s.win_end - s.win_start >= min(min_window, length)
+                       for length in (h, w) for s in tile_spans(length, t, tile_pad, multiple))
+
+        while core < max(h, w) and not smallest_window(core):
+            core += multiple
+    return core
 
 
 def auto_tile_size(net: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], h: int, w: int, scale: int, *,
