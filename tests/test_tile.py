@@ -177,7 +177,7 @@ def test_choose_tile_rule():
     tile = choose_tile(1080, 1920, 12 * kib, 10 * kib, 32, 8, min_window=272)
     windows = [s.win_end - s.win_start for n in (1080, 1920) for s in tile_spans(n, tile, 32, 8)]
     assert min(windows) >= 272 and tile == 272  # 240 would leave 248 px edge windows on the 1080 side
-    assert choose_tile(200, 300, 12 * kib, 10 * kib, 32, 8, min_window=272) == 200  # smaller image: whole side
+    assert choose_tile(200, 300, 12 * kib, 10 * kib, 32, 8, min_window=272) == 0  # no tiling keeps 272 px here
     assert choose_tile(1080, 1920, 12 * kib, 10 * kib, 5, 32) == 32
 
 

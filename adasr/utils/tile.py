@@ -335,7 +335,7 @@ def choose_tile(h: int, w: int, bytes_per_pixel: float, budget: float, tile_pad:
 
         while core < max(h, w) and not smallest_window(core):
             core += multiple
-    return core
+    return 0 if core >= max(h, w) else core
 
 
 def auto_tile_size(net: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], h: int, w: int, scale: int, *,
