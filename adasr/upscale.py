@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument('--save-halting', action='store_true',
                      help='AdaFormer only: write per-layer confidence and halting-mask overlays and a sparsity '
                           'figure to <output>/halting/<name>/')
+    out.add_argument('--eps-h', type=float, default=None,
+                     help='AdaFormer only: halting threshold for this run (larger halts more: faster, lower PSNR). '
+                          'Default: the network\'s')
     out.add_argument('--halting-zoom', type=int, default=1, help='enlarge the halting overlays by this factor')
     out.add_argument('-q', '--quiet', action='store_true', help='no progress bars or per-image lines')
     return p
@@ -390,11 +393,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import adasr  # noqa: F401  (shim + registration)
 
         up = build_model(args)
-        if args.save_halting:
+        if args.save_halting or args.eps_h is not None:
             from adasr.utils.halting import has_halting
 
-            if not has_halting(up.net):
-                raise UsageError(f'--save-halting needs an AdaFormer model; {type(up.net).__name__} does not halt')
+            if not has_halting(up.net) or not hasattr(up.net, 'eps_h'):
+                flag = '--save-halting' if args.save_halting else '--eps-h'
+                raise UsageError(f'{flag} needs an AdaFormer model; {type(up.net).__name__} does not halt')
+            if args.eps_h is not None:
+                try:
+                    up.net.eps_h = args.eps_h
+                except ValueError as e:
+                    raise UsageError(f'--eps-h: {e}') from None
+                up.description += f', eps_h {args.eps_h}'
     except UsageError as e:
         print(f'adasr-upscale: error: {e}', file=sys.stderr)
         return 2

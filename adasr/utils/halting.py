@@ -10,7 +10,7 @@ authors' indexing; the last layer's masks are made but used by no block).
 import io
 import json
 import os.path as osp
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ class HaltingCollector:
             'mean_confidence': [float(c.mean()) for c in m['confidence']],
             'global_halted': [float(1 - g.mean()) for g in m['global_keep']],
             'local_halted': [float(1 - g.mean()) for g in m['local_keep']],
+            'confidence_scale_max': confidence_scale(m['confidence']),
             'eval_global_splits': sorted(set(self.splits)),
             'indexing': 'layer l: confidence on the output of block l; its masks decide what block l+1 skips',
         }
@@ -144,6 +145,12 @@ def sparsity_figure(summary: Dict[str, object], title: str = '') -> bytes:
     return buf.getvalue()
 
 
+def confidence_scale(conf: np.ndarray) -> float:
+    """The top of the colour scale of the confidence pictures: the largest confidence over all layers (so that
+    layers compare, and a weakly confident network still shows where it is most confident)."""
+    return max(float(np.max(conf)), 1e-6)
+
+
 def overview_figure(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str = '', max_side: int = 160) -> bytes:
     """PNG bytes of one figure in the layout of the paper's Fig. 6: a row per layer, columns confidence / global
     halting / local halting overlays (images shrunk by pixel striding so that the long side is <= ``max_side``)."""
@@ -158,9 +165,10 @@ def overview_figure(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str = '
     cell = 1.6
     fig = Figure(figsize=(3 * cell * w / max(h, w) + 0.6, n * cell * h / max(h, w) + 0.6), dpi=100)
     FigureCanvasAgg(fig)
-    columns = (('confidence', lambda l: overlay_confidence(rgb, maps['confidence'][l])),
-               ('global halted (red)', lambda l: overlay_mask(rgb, maps['global_keep'][l])),
-               ('local halted (blue)', lambda l: overlay_mask(rgb, maps['local_keep'][l], color=(0.1, 0.35, 1.0))))
+    vmax = confidence_scale(maps['confidence'])
+    columns = ((f'confidence (0 to {vmax:.2f})', lambda i: overlay_confidence(rgb, maps['confidence'][i] / vmax)),
+               ('global halted (red)', lambda i: overlay_mask(rgb, maps['global_keep'][i])),
+               ('local halted (blue)', lambda i: overlay_mask(rgb, maps['local_keep'][i], color=(0.1, 0.35, 1.0))))
     for layer in range(n):
         for j, (name, make) in enumerate(columns):
             ax = fig.add_subplot(n, 3, layer * 3 + j + 1)
@@ -198,9 +206,10 @@ def save_halting_pictures(folder: str, rgb: np.ndarray, collector: HaltingCollec
         atomic_write_bytes(path, data)
         written.append(path)
 
+    vmax = confidence_scale(maps['confidence'])
     for layer in range(summary['layers']):
         pictures = {
-            'confidence': overlay_confidence(rgb, maps['confidence'][layer]),
+            'confidence': overlay_confidence(rgb, maps['confidence'][layer] / vmax),
             'global': overlay_mask(rgb, maps['global_keep'][layer]),
             'local': overlay_mask(rgb, maps['local_keep'][layer], color=(0.1, 0.35, 1.0)),
         }

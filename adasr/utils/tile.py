@@ -250,6 +250,12 @@ CUDA_AVAILABLE_SHARE = 0.8  # of torch.cuda.mem_get_info's free memory
 UNKNOWN_BYTES_PER_PIXEL = 64 * 1024  # archs not in MEMORY_MODEL (conservative: small tiles, never too big)
 
 
+def _width(net: nn.Module, first_conv: str, default: int) -> int:
+    conv = getattr(net, first_conv, None)
+    conv = conv[0] if isinstance(conv, nn.Sequential) and len(conv) else conv
+    return int(getattr(conv, 'out_channels', default))
+
+
 def _swinir_bytes(net: nn.Module) -> float:
     # basicsr's SwinIR x4, window 8: light (embed 60) measured 8.0 KiB/px, classical (embed 180) 14.7-22.9 KiB/px
     return 150.0 * getattr(net, 'embed_dim', 60)
@@ -264,6 +270,10 @@ MEMORY_MODEL = {
     'SwinIR': {'bytes_per_pixel': _swinir_bytes, 'min_window': 0},
     # PFT-light x4 (embed 52, window 32): 27.8 KiB/px at 256 px, 35.4 KiB/px at 384 px (the top-k state grows with
     # the windows, and dense maps are recomputed above ADASR_ATTN_MEMORY_MB); scaled by embed_dim for PFT classical
+    # AdaFormer x4 (paper config): 5.4 KiB/px at 256 px, 5.8 KiB/px at 384 px (random weights, 50-80 % halted after
+    # block 0); 8 KiB/px leaves room for inputs where few tokens halt. min_window 272: eval global split 8 in tiles
+    'AdaFormer': {'bytes_per_pixel': lambda net: 8 * 1024.0 * max(1.0, _width(net, 'head', 64) / 64),
+                  'min_window': 272},
     'PFT': {'bytes_per_pixel': lambda net: 40 * 1024.0 * max(1.0, getattr(net, 'embed_dim', 52) / 52), 'min_window': 0},
 }
 
