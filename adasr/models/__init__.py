@@ -1,2 +1,2 @@
 """adasr model classes. Each module registers its classes in BasicSR's MODEL_REGISTRY on import."""
-from adasr.models import adasr_model  # noqa: F401
+from adasr.models import adaformer_model, adasr_model  # noqa: F401

@@ -1,0 +1,690 @@
+"""AdaFormer: adaptive token halting for efficient image super-resolution.
+
+Paper: "Transformer-based Image Super-Resolution with Adaptive Token Halting" / AdaFormer, AAAI 2024.
+Authors' code: github.com/xiaotongtt/AdaFormer (commit 9a7602d), read for facts only; this file is written from
+``ADAFORMER_SPEC.md`` (the project's description of their computation) and keeps their parameter names so that
+their checkpoints load with ``strict=True``.
+
+What differs from the authors' code (their batch-1 results on their supported inputs are unchanged):
+
+* BasicSR range convention outside (input and output in 0..1), their 0..255 range inside (``img_range``).
+* Any batch size at eval, with per-sample masks (theirs crashes for B > 1).
+* Any input size: the eval global split is at least 1 (theirs crashes for a padded short side <= 32), reflect
+  padding falls back to a periodic mirror when the pad is not smaller than the side, and the eval chunk padding
+  repeats the kept-token list cyclically when fewer tokens remain than the padding needs (theirs crashes).
+* Eval computes the attention only for kept windows and tokens, vectorised over windows and chunks.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+from torch.nn import functional as F
+
+from adasr.archs.layers import (
+    Mlp,
+    PixelShuffleDirect,
+    check_choice,
+    pad_to_multiple,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
+
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+_POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Halting record
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HaltingInfo:
+    """The halting decisions of one forward pass (``AdaFormer.last_halting``), all detached, at the padded size.
+
+    Index ``l`` of every list is the *mask index*: the map computed from the output of block ``l``
+    (``l = 0 .. depths-1``). Mask ``l`` is consumed by block ``l + 1``; block 0 always runs with all tokens, and
+    the last mask is computed (and used by the loss) but consumed by no block. This is the authors' indexing.
+
+    Attributes:
+        logits: per mask index, the estimator output before the sigmoid, (B, 1, Hp, Wp).
+        confidence: ``sigmoid(logits)``, (B, 1, Hp, Wp).
+        global_keep: 1 where the token still takes part in the global branch of the next block, else 0
+            (float 0/1, (B, 1, Hp, Wp)). The paper's halting mask M is ``1 - global_keep``.
+        local_keep: 1 where the token's 8x8 window still runs window attention in the next block, repeated over
+            the window's pixels (float 0/1, (B, 1, Hp, Wp)).
+        input_size: unpadded LR size (H, W); crop maps with ``[..., :H, :W]`` to align them with the image.
+        padded_size: (Hp, Wp), the size the maps have.
+        mode: ``'sparse'`` (eval, gathered attention) or ``'dense'`` (training, or eval with ``sparse_eval=False``:
+            attention on every token, masked).
+        eval_global_split: the split of the sparse-eval global branch (kept tokens cut into split**2 chunks);
+            ``None`` for the dense mode (global attention over the whole image).
+        sparsity: per-layer halted fractions, batch means (see :func:`halting_sparsity`).
+    """
+
+    logits: List[torch.Tensor]
+    confidence: List[torch.Tensor]
+    global_keep: List[torch.Tensor]
+    local_keep: List[torch.Tensor]
+    input_size: Tuple[int, int]
+    padded_size: Tuple[int, int]
+    mode: str
+    eval_global_split: Optional[int]
+    sparsity: Dict[str, List[float]] = field(default_factory=dict)
+
+    def crop(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Crop padded maps (e.g. ``self.confidence``) to the unpadded LR size."""
+        h, w = self.input_size
+        return [m[..., :h, :w] for m in maps]
+
+    def attention_depth(self, branch: Literal['global', 'local'] = 'global') -> torch.Tensor:
+        """Number of blocks in which each token took part in the branch's attention, (B, 1, Hp, Wp) float.
+
+        Block 0 always counts; block ``l + 1`` counts where mask ``l`` keeps the token.
+        """
+        masks = self.global_keep if branch == 'global' else self.local_keep
+        return 1 + torch.stack(masks[:-1], 0).sum(0) if len(masks) > 1 else torch.ones_like(masks[0])
+
+
+def halting_sparsity(global_keep: Sequence[torch.Tensor], local_keep: Sequence[torch.Tensor],
+                     input_size: Tuple[int, int]) -> Dict[str, List[float]]:
+    """Halted fractions per layer, averaged over the batch.
+
+    Keys:
+        ``global_by_mask`` / ``local_by_mask``: ``1 - mean(keep mask l)`` over the padded map, indexed by mask (the
+            authors' Fig. 4 indexing: entry ``l`` is the mask made after block ``l``; the last one is unused).
+        ``global_consumed`` / ``local_consumed``: indexed by block: the share of tokens (windows) whose attention block
+            ``l`` skipped (0 for block 0, then ``*_by_mask[l - 1]``). This is the work actually removed.
+        ``global_authors`` / ``local_authors``: the authors' test-loop formula, indexed by mask: the global share
+            divides the kept count by the *unpadded* H*W (it can be negative when the input is padded); the local
+            share equals ``local_by_mask``.
+    """
+    h, w = input_size
+    out: Dict[str, List[float]] = {k: [] for k in (
+        'global_by_mask', 'local_by_mask', 'global_consumed', 'local_consumed', 'global_authors', 'local_authors')}
+    for g, loc in zip(global_keep, local_keep):
+        g = g.double()
+        out['global_by_mask'].append(1.0 - g.mean().item())
+        out['local_by_mask'].append(1.0 - loc.double().mean().item())
+        out['global_authors'].append(1.0 - (g.sum() / (g.shape[0] * h * w)).item())
+    out['local_authors'] = list(out['local_by_mask'])
+    out['global_consumed'] = [0.0] + out['global_by_mask'][:-1]
+    out['local_consumed'] = [0.0] + out['local_by_mask'][:-1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """EDSR residual block: conv3x3, ReLU, conv3x3, times ``res_scale``, plus the input. Names ``body.{0,2}``."""
+
+    def __init__(self, n_feats: int, res_scale: float):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(n_feats, n_feats, 3, 1, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(n_feats, n_feats, 3, 1, 1))
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)  # a fresh tensor that no backward needs: in-place is safe, also in training
+        if self.res_scale != 1:
+            out.mul_(self.res_scale)
+        return out.add_(x)
+
+
+def _mean_shift(n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int) -> nn.Conv2d:
+    """The EDSR MeanShift as a trainable 1x1 conv (identity weight, bias ``sign * img_range * mean``).
+
+    The authors' MeanShift parameters are trainable in practice (``requires_grad=False`` is set on the module
+    object, which freezes nothing), so a trained checkpoint may hold drifted values: keep it a real conv.
+    """
+    conv = nn.Conv2d(n_colors, n_colors, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(n_colors).view(n_colors, n_colors, 1, 1))
+        conv.bias.copy_(sign * img_range * torch.tensor(rgb_mean, dtype=torch.float32))
+    return conv
+
+
+def region_order(hp: int, wp: int, split: int, device: torch.device) -> torch.Tensor:
+    """Token indices (raster numbering of an Hp x Wp map) listed region by region.
+
+    The map is cut into ``split x split`` rectangles of (Hp/split) x (Wp/split), ordered row-major over the grid;
+    tokens are raster-ordered inside a region.
+    """
+    rh, rw = hp // split, wp // split
+    idx = torch.arange(hp * wp, device=device).view(split, rh, split, rw)
+    return idx.permute(0, 2, 1, 3).reshape(-1)
+
+
+def chunk_padding_positions(num_kept: int, groups: int, device: torch.device) -> torch.Tensor:
+    """Positions into the kept-token list that form the padded list cut into ``groups`` equal chunks.
+
+    The list is padded to a multiple of ``groups`` by appending its last ``pad`` entries in order
+    (positions ``L - pad .. L - 1``), as the authors do. When fewer than ``pad`` tokens are kept (their code fails),
+    the positions wrap around the list: ``(L - pad + j) mod L``, i.e. the list repeated cyclically.
+    """
+    pad = (-num_kept) % groups
+    base = torch.arange(num_kept, device=device)
+    if pad == 0:
+        return base
+    extra = torch.remainder(torch.arange(num_kept - pad, num_kept, device=device), num_kept)
+    return torch.cat([base, extra])
+
+
+class AdaFormerAttention(nn.Module):
+    """The TSAB token mixer (the authors' ``LightViTAttention``): window attention (local) plus prototype
+    attention (global), each applied only to tokens that have not halted.
+
+    Names follow the authors' checkpoint. ``proj``, ``norm2`` and ``norm3`` are defined there but never used;
+    they are kept so that checkpoints load strictly.
+
+    ``forward`` returns ``local + global`` (B, N, C): halted tokens contribute their input ``u`` to each branch.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_prototypes: int, window_size: int):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.num_prototypes = num_prototypes
+        self.window_size = window_size
+
+        self.prototype = nn.Parameter(torch.zeros(1, num_prototypes, dim))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(window_size).flatten())
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv_local = nn.Linear(dim, dim * 3)
+        self.kv_global = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)  # unused by the authors' forward
+        self.norm1 = nn.LayerNorm(dim)  # applied to the prototypes
+        self.norm2 = nn.LayerNorm(dim)  # unused
+        self.norm3 = nn.LayerNorm(dim)  # unused
+        nn.init.trunc_normal_(self.prototype, std=0.02)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    # -- shared pieces -------------------------------------------------------------------------------------------
+
+    def _heads(self, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:
+        """(..., n, parts*C) with channels ordered [part][head][head_dim] -> ``parts`` tensors (..., heads, n, hd)."""
+        *lead, n, _ = x.shape
+        x = x.view(*lead, n, parts, self.num_heads, self.head_dim)
+        x = x.permute(*range(len(lead)), len(lead) + 1, len(lead) + 2, len(lead), len(lead) + 3)
+        return x.unbind(len(lead))
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        """(..., heads, n, hd) -> (..., n, heads*hd)."""
+        x = x.transpose(-3, -2)
+        return x.reshape(*x.shape[:-2], -1)
+
+    def _position_bias(self) -> torch.Tensor:
+        n = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
+        return bias.permute(2, 0, 1)  # heads, n, n
+
+    def _prototype_queries(self) -> torch.Tensor:
+        """Queries of the prototypes: the shared ``qkv`` applied to LN(prototype), q part; (heads, M, hd)."""
+        p = F.linear(self.norm1(self.prototype[0]), self.qkv.weight[:self.dim], self.qkv.bias[:self.dim])
+        return p.view(self.num_prototypes, self.num_heads, self.head_dim).transpose(0, 1)
+
+    def window_attention(self, xw: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention inside windows with the relative-position bias; (n, S*S, C) -> same."""
+        q, k, v = self._heads(self.qkv_local(xw), 3)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + self._position_bias()
+        return self._merge(attn.softmax(-1) @ v)
+
+    def _broadcast(self, q: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
+        """Tokens attend over the aggregated prototypes. q (..., h, n, hd), agg (..., M, C) -> (..., n, C)."""
+        kp, vp = self._heads(self.kv_global(agg), 2)
+        attn = (q * self.scale) @ kp.transpose(-2, -1)
+        return self._merge(attn.softmax(-1) @ vp)
+
+    # -- dense (training) path -------------------------------------------------------------------------------------
+
+    def local_dense(self, u: torch.Tensor, hw: Tuple[int, int], keep_win: Optional[torch.Tensor]) -> torch.Tensor:
+        b, n, c = u.shape
+        xw = window_partition(u.view(b, hw[0], hw[1], c), self.window_size)  # b*nW, S*S, c
+        if keep_win is None:
+            out = self.window_attention(xw)
+        else:
+            m = keep_win.to(u.dtype).view(-1, 1, 1)
+            out = self.window_attention(xw * m)  # halted windows' inputs are zeroed (then blended away)
+            out = out * m + xw * (1 - m)
+        return window_reverse(out, self.window_size, hw[0], hw[1]).view(b, n, c)
+
+    def global_dense(self, u: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """Prototype attention over the whole image; halted tokens are removed from the aggregation by the authors'
+        masked softmax (logits times mask, softmax over all keys, times mask, +eps/M over the sum + eps)."""
+        q, k, v = self._heads(self.qkv(u), 3)  # b, h, n, hd
+        logits = (self._prototype_queries() * self.scale) @ k.transpose(-2, -1)  # b, h, M, n
+        if keep is None:
+            agg = logits.softmax(-1) @ v
+        else:
+            m = keep.to(u.dtype)[:, None, None, :]
+            logits = logits * m
+            e = (logits - logits.amax(-1, keepdim=True)).exp() * m
+            attn = (e + _POLICY_EPS / self.num_prototypes) / (e.sum(-1, keepdim=True) + _POLICY_EPS)
+            agg = (attn * m) @ v
+        out = self._broadcast(q, self._merge(agg))
+        if keep is not None:
+            m = keep.to(u.dtype)[..., None]
+            out = out * m + u * (1 - m)
+        return out
+
+    # -- sparse (eval) path ------------------------------------------------------------------------------------------
+
+    def global_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep: Optional[torch.Tensor],
+                      split: int) -> torch.Tensor:
+        """The authors' eval global branch, per sample: kept tokens listed region by region (split x split
+        regions), padded to a multiple of split**2 and cut into split**2 consecutive chunks; each chunk aggregates
+        its own prototypes and broadcasts them back to its tokens. Only kept tokens are projected.
+
+        Returns ``u`` itself when no token of any sample is kept, else a new tensor (halted tokens = ``u``)."""
+        b, n, c = u.shape
+        if keep is not None and not bool(keep.any()):
+            return u
+        groups = split * split
+        order = region_order(hw[0], hw[1], split, u.device)
+        qp = self._prototype_queries() * self.scale  # h, M, hd
+        out = u.clone()
+        for i in range(b):
+            idx = order if keep is None else order[keep[i][order]]
+            num = idx.numel()
+            if num == 0:
+                continue
+            whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
+            x = u[i] if whole else u[i].index_select(0, idx)
+            qkv = self.qkv(x)
+            pos = chunk_padding_positions(num, groups, u.device)
+            if pos.numel() != num:
+                qkv = qkv.index_select(0, pos)
+            q, k, v = self._heads(qkv.view(groups, -1, 3 * c), 3)  # groups, h, chunk, hd
+            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # groups, M, c
+            y = self._broadcast(q, agg).reshape(-1, c)[:num]
+            if whole:
+                out[i] = y
+            else:
+                out[i].index_copy_(0, idx, y)
+        return out
+
+    def forward_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor],
+                       keep_win: Optional[torch.Tensor], split: int) -> torch.Tensor:
+        """local + global with attention computed only for kept windows and tokens. The result is assembled in
+        one tensor: ``global + u`` (halted windows give ``u``), then kept windows are overwritten with
+        ``window_attention + global`` (the same sums, in the same order, as adding the two branch outputs)."""
+        b, n, c = u.shape
+        s = self.window_size
+        g = self.global_sparse(u, hw, keep_tok, split)
+        if keep_win is None or bool(keep_win.all()):
+            local = self.window_attention(window_partition(u.view(b, hw[0], hw[1], c), s))
+            return window_reverse(local, s, hw[0], hw[1]).view(b, n, c).add_(g)
+        out = g + u
+        ids = keep_win.nonzero().squeeze(1)
+        if ids.numel():
+            nwy, nwx = hw[0] // s, hw[1] // s
+            bi, rest = ids.div(nwy * nwx, rounding_mode='floor'), ids.remainder(nwy * nwx)
+            wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
+
+            def windows(t):  # b, nwy, nwx, s, s, c view
+                return t.view(b, nwy, s, nwx, s, c).permute(0, 1, 3, 2, 4, 5)
+
+            xw = windows(u)[bi, wy, wx].reshape(-1, s * s, c)
+            local = self.window_attention(xw).view(-1, s, s, c)
+            windows(out)[bi, wy, wx] = local + windows(g)[bi, wy, wx]
+        return out
+
+    def forward(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor] = None,
+                keep_win: Optional[torch.Tensor] = None, split: Optional[int] = None) -> torch.Tensor:
+        """u: LN1 of the tokens (B, Hp*Wp, C), raster order. keep_tok: (B, N) bool; keep_win: (B*nW,) bool
+        (window order of :func:`window_partition`); ``None`` means all kept. ``split=None``: dense masked path
+        (training); an int: sparse path with that eval global split. Returns local + global, (B, N, C)."""
+        if split is None:
+            return self.local_dense(u, hw, keep_win) + self.global_dense(u, keep_tok)
+        return self.forward_sparse(u, hw, keep_tok, keep_win, split)
+
+
+class TSAB(nn.Module):
+    """Token-selective attention block, pre-norm: ``x + attn(LN1 x)`` then ``x + MLP(LN2 x)``.
+
+    The MLP, both LayerNorms and the residuals run on every token, halted or not. ``project_out`` exists in the
+    authors' checkpoints but is never used.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_prototypes: int, window_size: int, mlp_ratio: float):
+        super().__init__()
+        self.attn = AdaFormerAttention(dim, num_heads, num_prototypes, window_size)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.project_out = nn.Conv2d(dim, dim, 1)  # unused
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok=None, keep_win=None, split=None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), hw, keep_tok, keep_win, split)
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+            x = x + a
+            return x + self.mlp(self.norm2(x))
+        x = x.add_(a)  # no autograd: update the token stream in place (it is this block's own tensor)
+        return x.add_(self.mlp(self.norm2(x)))
+
+
+class AdaM(nn.Module):
+    """The adaptive module (the authors' ``PSPL``): embed, TSAB blocks with halting bookkeeping between them,
+    unembed, plus the module residual. ``var`` is the confidence estimator shared by all blocks."""
+
+    def __init__(self, n_feats: int, embed_dim: int, depths: int, num_heads: int, num_prototypes: int,
+                 window_size: int, mlp_ratio: float, estimator_hidden: int):
+        super().__init__()
+        self.window_size = window_size
+        self.embed = nn.Conv2d(n_feats, embed_dim, 1)
+        self.blocks = nn.ModuleList(
+            TSAB(embed_dim, num_heads, num_prototypes, window_size, mlp_ratio) for _ in range(depths))
+        self.var = nn.Sequential(nn.Conv2d(embed_dim, estimator_hidden, 3, 1, 1), nn.Tanh(),
+                                 nn.Conv2d(estimator_hidden, 1, 3, 1, 1))
+        self.unembed = nn.Conv2d(embed_dim, n_feats, 1)
+
+    def forward(self, fe: torch.Tensor, eps_h: float, split: Optional[int]):
+        """fe (B, n_feats, Hp, Wp). Returns (output, logits, global keep maps, window keep maps (B, 1, Hp/S, Wp/S)),
+        maps as bool, logits live (they carry the estimator's graph in training)."""
+        b, _, hp, wp = fe.shape
+        t = self.embed(fe)
+        c = t.shape[1]
+        t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
+        score = fe.new_zeros(b, 1, hp, wp)
+        threshold = 1 - eps_h
+        keep_tok = keep_win = None
+        logits, g_maps, w_maps = [], [], []
+        for blk in self.blocks:
+            t = blk(t, (hp, wp), keep_tok, keep_win, split)
+            feat = t.transpose(1, 2).reshape(b, c, hp, wp)  # contiguous NCHW, as the authors' estimator sees it
+            logit = self.var(feat.detach() if self.training else feat)
+            score = score + torch.sigmoid(logit.detach())
+            g = score < threshold
+            w = F.avg_pool2d(score, self.window_size) < threshold
+            keep_tok, keep_win = g.view(b, -1), w.reshape(-1)
+            logits.append(logit)
+            g_maps.append(g)
+            w_maps.append(w)
+        out = fe + self.unembed(t.transpose(1, 2).reshape(b, c, hp, wp))
+        return out, logits, g_maps, w_maps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@ARCH_REGISTRY.register()
+class AdaFormer(nn.Module):
+    """AdaFormer (AAAI-24) super-resolution network; ``AdaFormer()`` is the paper's x4 model (1,602,721 parameters).
+
+    Input (B, in_chans, H, W) in 0..1, any size and batch (padded inside by reflection to a multiple of
+    ``window_size``, cropped back). Internally the authors' 0..255 range (``img_range``). To feed the authors'
+    0..255 tensors: ``sr255 = net(x255 / 255) * 255``.
+
+    Returns:
+        eval mode: the SR tensor (B, in_chans, upscale*H, upscale*W), not clamped.
+        train mode: ``(sr, logits)`` with ``logits`` the list of ``depths`` estimator outputs (before the sigmoid),
+        cropped to (B, 1, H, W), carrying gradient to the estimator only (it runs on detached features);
+        :class:`~adasr.losses.uncertainty_loss.UncertaintyLoss` takes them.
+
+    After every forward, ``net.last_halting`` (a :class:`HaltingInfo`, detached) holds the per-layer logits,
+    confidence, global and local keep masks at the padded size, the unpadded size, and the sparsity of that call.
+    :meth:`flops` counts the multiply-accumulates of that call.
+
+    Args:
+        upscale (int): upscaling factor. Default: 4.
+        in_chans (int): image channels. Default: 3.
+        n_feats (int): channels of the convolutional encoder/decoder. Default: 64.
+        embed_dim (int): token channels in AdaM. Default: 64.
+        n_resblocks (int): EDSR residual blocks in all, half before AdaM (encoder), half after (decoder). Default: 16.
+        depths (int): number of TSAB blocks in AdaM (the authors' ``pspl_depths``). Default: 6.
+        num_heads (int): attention heads. Default: 4.
+        num_prototypes (int): global prototypes per block (``query_num``). Default: 16.
+        window_size (int): local window side, also the padding multiple. Default: 8.
+        mlp_ratio (float): MLP hidden width / embed_dim. Default: 2.
+        eps_h (float): halting threshold: a token halts once its accumulated confidence reaches ``1 - eps_h``.
+            Larger is faster. Can be changed after construction (``net.eps_h = 0.2``). Default: 0.05.
+        img_range (float): the pixel range the network works in (255 for the authors' weights). Default: 255.
+        rgb_mean (sequence of float): mean subtracted (times img_range) before the head. Default: DIV2K mean.
+        res_scale (float): residual scaling in the ResBlocks. Default: 1.
+        estimator_hidden (int, optional): hidden channels of the confidence estimator. Default: embed_dim // 2.
+        eval_global_split ('auto' or int): sparse-eval global branch: ``'auto'`` follows the authors (kept tokens
+            cut into split**2 chunks, split = min(2**round(log2(min(Hp, Wp) / 48)), 8), at least 1); an int fixes
+            the split; ``1`` is whole-image global attention, as in training and the paper's Eq. 13.
+            Default: 'auto'.
+        sparse_eval (bool): eval computes attention for kept windows/tokens only. ``False`` computes every token
+            and masks (the training computation, whole-image global), for comparisons. Default: True.
+    """
+
+    pads_input = True
+
+    def __init__(self, *, upscale: int = 4, in_chans: int = 3, n_feats: int = 64, embed_dim: int = 64,
+                 n_resblocks: int = 16, depths: int = 6, num_heads: int = 4, num_prototypes: int = 16,
+                 window_size: int = 8, mlp_ratio: float = 2.0, eps_h: float = 0.05, img_range: float = 255.0,
+                 rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, res_scale: float = 1.0,
+                 estimator_hidden: Optional[int] = None, eval_global_split: Union[Literal['auto'], int] = 'auto',
+                 sparse_eval: bool = True):
+        super().__init__()
+        for name, value, low in (('upscale', upscale, 1), ('in_chans', in_chans, 1), ('n_feats', n_feats, 1),
+                                 ('embed_dim', embed_dim, 1), ('n_resblocks', n_resblocks, 0), ('depths', depths, 1),
+                                 ('num_heads', num_heads, 1), ('num_prototypes', num_prototypes, 1),
+                                 ('window_size', window_size, 1)):
+            _check_int(name, value, low)
+        if n_resblocks % 2:
+            raise ValueError(f'n_resblocks must be even (half encoder, half decoder), got {n_resblocks}')
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim={embed_dim} must be divisible by num_heads={num_heads}')
+        estimator_hidden = embed_dim // 2 if estimator_hidden is None else estimator_hidden
+        _check_int('estimator_hidden', estimator_hidden, 1)
+        for name, value in (('mlp_ratio', mlp_ratio), ('img_range', img_range), ('res_scale', res_scale)):
+            if not _is_real(value) or value <= 0:
+                raise ValueError(f'{name} must be a positive number, got {value!r}')
+        rgb_mean = tuple(rgb_mean) if isinstance(rgb_mean, (list, tuple)) else rgb_mean
+        if not isinstance(rgb_mean, tuple) or len(rgb_mean) != in_chans or not all(_is_real(v) for v in rgb_mean):
+            raise ValueError(f'rgb_mean must be a list of {in_chans} numbers, got {rgb_mean!r}')
+        if not isinstance(sparse_eval, bool):
+            raise ValueError(f'sparse_eval must be true or false, got {sparse_eval!r}')
+
+        self.upscale = upscale
+        self.window_size = window_size
+        self.img_range = float(img_range)
+        self.eps_h = eps_h  # validated by the property setter
+        self.eval_global_split = eval_global_split
+        self.sparse_eval = sparse_eval
+        self.last_halting: Optional[HaltingInfo] = None
+
+        # registration order = the authors' (their state-dict order)
+        self.sub_mean = _mean_shift(in_chans, rgb_mean, self.img_range, -1)
+        self.add_mean = _mean_shift(in_chans, rgb_mean, self.img_range, 1)
+        self.head = nn.Sequential(nn.Conv2d(in_chans, n_feats, 3, 1, 1))
+        self.shollow_feature_extraction = nn.Sequential(  # sic: the authors' spelling, kept for their checkpoints
+            *[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
+        self.body = AdaM(n_feats, embed_dim, depths, num_heads, num_prototypes, window_size, mlp_ratio,
+                         estimator_hidden)
+        self.deep_feature_extraction = nn.Sequential(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
+        self.tail = PixelShuffleDirect(n_feats, in_chans, upscale)
+
+    # -- run-time switches -----------------------------------------------------------------------------------------
+
+    @property
+    def eps_h(self) -> float:
+        return self._eps_h
+
+    @eps_h.setter
+    def eps_h(self, value: float) -> None:
+        if not _is_real(value) or math.isnan(value):
+            raise ValueError(f'eps_h must be a number, got {value!r}')
+        self._eps_h = float(value)
+
+    @property
+    def eval_global_split(self) -> Union[str, int]:
+        return self._eval_global_split
+
+    @eval_global_split.setter
+    def eval_global_split(self, value: Union[str, int]) -> None:
+        if value != 'auto':
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or self.window_size % value:
+                raise ValueError(f"eval_global_split must be 'auto' or a positive divisor of window_size="
+                                 f'{self.window_size} (1 = whole-image global attention), got {value!r}')
+        self._eval_global_split = value
+
+    def global_split(self, hp: int, wp: int) -> int:
+        """The eval global split for a padded size: the authors' rule, at least 1, and a divisor of window_size
+        (so that the regions tile the padded map)."""
+        if self._eval_global_split != 'auto':
+            return self._eval_global_split
+        split = min(2.0 ** round(math.log2(min(hp, wp) / 48)), 8)
+        split = max(int(split), 1)
+        while self.window_size % split:
+            split //= 2
+        return split
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f'AdaFormer expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}')
+        h, w = x.shape[-2:]
+        x, _, _ = pad_to_multiple(x, self.window_size, mode='reflect')
+        hp, wp = x.shape[-2:]
+        dense = self.training or not self.sparse_eval
+        split = None if dense else self.global_split(hp, wp)
+
+        # Convolutions stay NCHW-contiguous: channels_last is ~20% faster on CPU but its 3x3 convs are ~2x less
+        # accurate in float32 and move SR 3x further from the authors' outputs (their convs are reproduced bit for
+        # bit in NCHW).
+        f0 = self.head(self.sub_mean(x * self.img_range))
+        fe = self.shollow_feature_extraction(f0)
+        fa, logits, g_maps, w_maps = self.body(fe, self._eps_h, split)
+        fd = self.deep_feature_extraction(fa)
+        sr = self.add_mean(self.tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
+        sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
+
+        self.last_halting = self._record(logits, g_maps, w_maps, (h, w), (hp, wp), split)
+        if self.training:
+            return sr, [lg[..., :h, :w] for lg in logits]
+        return sr
+
+    def _record(self, logits, g_maps, w_maps, size, padded, split) -> HaltingInfo:
+        s = self.window_size
+        logits = [lg.detach() for lg in logits]
+        g_keep = [g.float() for g in g_maps]
+        l_keep = [w.float().repeat_interleave(s, 2).repeat_interleave(s, 3) for w in w_maps]
+        return HaltingInfo(logits=logits, confidence=[torch.sigmoid(lg) for lg in logits], global_keep=g_keep,
+                           local_keep=l_keep, input_size=size, padded_size=padded,
+                           mode='dense' if split is None else 'sparse', eval_global_split=split,
+                           sparsity=halting_sparsity(g_keep, l_keep, size))
+
+    # -- cost ------------------------------------------------------------------------------------------------------
+
+    def flops(self, h: int, w: int, convention: Literal['actual', 'authors'] = 'actual',
+              breakdown: bool = False) -> Union[float, Dict[str, float]]:
+        """Multiply-accumulates for one LR image of h x w.
+
+        Uses the keep masks of the last forward when it ran on that size (averaged over its batch), otherwise
+        counts the dense model (nothing halted). ``'actual'`` counts the work this implementation does: every
+        conv (mean shifts, head, ResBlocks, embed/unembed, estimator, tail), LayerNorms (1 per element), MLPs, the
+        q/k/v projections of kept windows and tokens, window attention of kept windows, and the chunked global
+        aggregation/broadcast of kept tokens (dense-mode forwards: whole-image global on every token, as computed).
+        ``'authors'`` applies their counter's documented conventions to the same terms: no estimator, local and
+        global q/k/v counted on all tokens, ``kv_global`` counted as Hp*Wp*C*2C, and block ``l`` charged with the
+        mask made after block ``l`` (an underestimate). Softmax, GELU and additions are not counted.
+
+        Returns the total, or with ``breakdown=True`` a dict of parts (and ``'total'``).
+        """
+        check_choice('convention', convention, ('actual', 'authors'))
+        s = self.window_size
+        hp, wp = math.ceil(h / s) * s, math.ceil(w / s) * s
+        n = hp * wp
+        body = self.body
+        c_feat = body.embed.in_channels
+        d = body.embed.out_channels
+        attn0 = body.blocks[0].attn
+        m = attn0.num_prototypes
+        hidden = body.blocks[0].mlp.fc1.out_features
+        in_ch = self.head[0].in_channels
+        n_res = len(self.shollow_feature_extraction) + len(self.deep_feature_extraction)
+        est_hidden = body.var[0].out_channels
+        depth = len(body.blocks)
+
+        info = self.last_halting
+        use_masks = info is not None and info.padded_size == (hp, wp)
+        if use_masks:
+            g_kept = [float(g.mean()) for g in info.global_keep]
+            w_kept = [float(x.mean()) for x in info.local_keep]
+            dense_mode = info.mode == 'dense'
+            split = info.eval_global_split
+        else:
+            g_kept = [1.0] * depth
+            w_kept = [1.0] * depth
+            dense_mode = not self.sparse_eval
+            split = None if dense_mode else self.global_split(hp, wp)
+
+        parts: Dict[str, float] = {}
+        parts['mean_shift'] = float(n * in_ch * in_ch + n * self.upscale ** 2 * in_ch * in_ch)
+        parts['head'] = float(n * in_ch * c_feat * 9)
+        parts['resblocks'] = float(n_res * 2 * n * c_feat * c_feat * 9)
+        parts['embed_unembed'] = float(2 * n * c_feat * d)
+        parts['tail'] = float(n * c_feat * in_ch * self.upscale ** 2 * 9)
+        parts['estimator'] = 0.0 if convention == 'authors' else float(
+            depth * n * (d * est_hidden * 9 + est_hidden * 9))
+        norm_mlp = local_qkv = local_attn = global_qkv = global_attn = 0.0
+        for blk in range(depth):
+            if convention == 'authors':
+                gk, wk = g_kept[blk], w_kept[blk]  # their off-by-one: the mask made after this block
+            else:
+                gk, wk = (1.0, 1.0) if blk == 0 else (g_kept[blk - 1], w_kept[blk - 1])
+            if dense_mode:
+                gk_work = wk_work = 1.0  # the dense path computes every token and masks afterwards
+            else:
+                gk_work, wk_work = gk, wk
+            norm_mlp += 2 * n * d + 2 * n * d * hidden
+            local_qkv += n * (1.0 if convention == 'authors' else wk_work) * d * 3 * d
+            local_attn += n * wk_work * 2 * s * s * d
+            kept = n * gk_work
+            if convention == 'authors':
+                global_qkv += n * d * 3 * d + m * d * 3 * d
+                global_attn += kept * 2 * m * d + n * d * 2 * d
+            else:
+                chunks = 1 if split is None else split * split
+                padded = 0.0 if kept == 0 else math.ceil(kept / chunks) * chunks
+                global_qkv += kept * d * 3 * d + m * d * d
+                global_attn += padded * 2 * m * d + (chunks if kept else 0) * m * d * 2 * d
+        parts.update(norm_mlp=norm_mlp, local_qkv=local_qkv, local_attention=local_attn, global_qkv=global_qkv,
+                     global_attention=global_attn)
+        total = sum(parts.values())
+        if breakdown:
+            return dict(parts, total=total)
+        return total
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
+
+
+def load_authors_weights(net: AdaFormer, path: str, strict: bool = True) -> AdaFormer:
+    """Load a checkpoint saved by the authors' EDSR-style trainer (``model_x4.pt``: a bare state dict of the network,
+    possibly with a ``module.`` or ``model.`` prefix) or a BasicSR file (``params``/``params_ema``) into ``net``,
+    read with ``weights_only=True``. Mismatches raise a :class:`~adasr.utils.checkpoint.CheckpointError` naming
+    the keys."""
+    from adasr.utils.checkpoint import check_state_dict, load_checkpoint
+
+    state = load_checkpoint(path, 'params')
+    own = set(net.state_dict())
+    if not (set(state) & own) and all(k.startswith('model.') for k in state):
+        state = {k[len('model.'):]: v for k, v in state.items()}
+    state = check_state_dict(net, state, strict=strict, source=f'checkpoint {path}')
+    net.load_state_dict(state, strict=strict)
+    return net
