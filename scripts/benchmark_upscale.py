@@ -104,16 +104,25 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     def to_img(y):
         return np.rint(y[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1] * 255).astype(np.uint8)
 
-    rows = []
+    from adasr.utils.halting import HaltingCollector, has_halting
+
+    rows, masks = [], {}
     with torch.no_grad():
-        t = time.perf_counter()
-        whole = fn(x)
-        rows.append({'tile': 0, 'tile_pad': 0, 'seconds': time.perf_counter() - t})
-        outs = {0: whole}
-        for tile in tiles:
+        outs = {}
+        for tile in [0] + list(tiles):
+            collector = HaltingCollector(net, *x.shape[-2:]) if has_halting(net) else None
             t = time.perf_counter()
-            outs[tile] = tiled_forward(fn, x, scale, tile, tile_pad, multiple)
-            rows.append({'tile': tile, 'tile_pad': tile_pad, 'seconds': time.perf_counter() - t})
+            outs[tile] = tiled_forward(fn, x, scale, tile, tile_pad if tile else 0, multiple, on_tile=collector)
+            row = {'tile': tile, 'tile_pad': tile_pad if tile else 0, 'seconds': time.perf_counter() - t}
+            if collector is not None:
+                masks[tile] = collector.maps()
+                row['eval_global_splits'] = sorted(set(collector.splits))
+                row['global_halted'] = [round(float(1 - g.mean()), 4) for g in masks[tile]['global_keep']]
+                if tile:
+                    for key in ('global_keep', 'local_keep'):
+                        row[f'{key}_flipped'] = float((masks[tile][key] != masks[0][key]).mean())
+            rows.append(row)
+        whole = outs[0]
     whole_img = to_img(whole)
     psnr_whole = calculate_psnr(whole_img, hr, scale, test_y_channel=True)
     for row in rows:
