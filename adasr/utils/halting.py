@@ -157,6 +157,7 @@ def overview_figure(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str = '
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    vmax = confidence_scale(maps['confidence'])
     step = max(1, int(np.ceil(max(rgb.shape[:2]) / max_side)))
     rgb = rgb[::step, ::step]
     maps = {k: v[:, ::step, ::step] for k, v in maps.items()}
@@ -165,7 +166,6 @@ def overview_figure(rgb: np.ndarray, maps: Dict[str, np.ndarray], title: str = '
     cell = 1.6
     fig = Figure(figsize=(3 * cell * w / max(h, w) + 0.6, n * cell * h / max(h, w) + 0.6), dpi=100)
     FigureCanvasAgg(fig)
-    vmax = confidence_scale(maps['confidence'])
     columns = ((f'confidence (0 to {vmax:.2f})', lambda i: overlay_confidence(rgb, maps['confidence'][i] / vmax)),
                ('global halted (red)', lambda i: overlay_mask(rgb, maps['global_keep'][i])),
                ('local halted (blue)', lambda i: overlay_mask(rgb, maps['local_keep'][i], color=(0.1, 0.35, 1.0))))
