@@ -131,6 +131,7 @@ def _psnr(a, b):
     return 10 * math.log10(1 / ((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean().item())
 
 
+@pytest.mark.slow
 def test_swinir_tiled_close_to_whole_and_closer_with_more_pad(repo_root):
     net = SwinIR(**TINY_SWINIR).eval()
     import cv2
@@ -225,11 +226,21 @@ def test_adasr_model_val_tile_matches_whole_image(tmp_path):
     assert _psnr(outs[0], outs[1]) > 70
 
 
-def test_val_tile_keys_pass_the_option_checker():
-    from adasr.utils.options import check_options
+@pytest.mark.parametrize('model_type,net', [('AdaSRModel', {'type': 'Bicubic', 'upscale': 4}),
+                                             ('AdaFormerModel', {'type': 'AdaFormer', 'upscale': 4})])
+def test_val_tile_keys_pass_the_option_checker(model_type, net):
+    """Also for subclasses that declare their own val keys (AdaFormerModel: eps_h, save_halting)."""
+    from basicsr.utils.registry import MODEL_REGISTRY
 
-    opt = {'name': 'x', 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0,
+    from adasr.utils.options import OptionsError, check_options
+
+    if model_type not in MODEL_REGISTRY:
+        pytest.skip(f'{model_type} is not registered')
+    opt = {'name': 'x', 'model_type': model_type, 'scale': 4, 'num_gpu': 0,
            'datasets': {'test_1': {'name': 't', 'type': 'PairedSRDataset', 'dataroot_gt': 'a', 'dataroot_lq': 'b',
                                    'io_backend': {'type': 'disk'}}},
-           'network_g': {'type': 'Bicubic', 'upscale': 4}, 'val': {'save_img': False, 'tile': 128, 'tile_pad': 16}}
+           'network_g': net, 'val': {'save_img': False, 'tile': 128, 'tile_pad': 16}}
     check_options(opt, is_train=False, check_paths=False)
+    opt['val']['tiles'] = 3
+    with pytest.raises(OptionsError, match="unknown key 'tiles' in val.*did you mean 'tile'"):
+        check_options(opt, is_train=False, check_paths=False)
