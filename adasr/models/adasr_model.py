@@ -5,8 +5,9 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
-from adasr.archs.layers import pad_to_multiple
 from adasr.utils.checkpoint import check_state_dict, load_checkpoint
+from adasr.utils.halting import HaltingCollector, has_halting
+from adasr.utils.tile import padded_forward, tiled_forward, window_multiple
 
 
 @MODEL_REGISTRY.register()
@@ -16,8 +17,11 @@ class AdaSRModel(SRModel):
     * every ``torch.optim`` optimizer by name (``optim_g: {type: AdamW, ...}``; basicsr 1.4.2 knows only Adam);
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
-      pads inside ``forward`` (``pads_input = True``), so SwinIR, HAT and our archs share one harness.
+      pads inside ``forward`` (``pads_input = True``), so SwinIR, HAT and our archs share one harness;
+    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.utils.tile`).
     """
+
+    val_option_keys = {'tile', 'tile_pad'}
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_cls = getattr(torch.optim, optim_type, None)
@@ -44,21 +48,21 @@ class AdaSRModel(SRModel):
             net.train()
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
-        """Run ``net`` on a whole LR batch, padding and cropping if the arch needs it."""
-        return padded_forward(net, lq, window_size=int(self.opt['network_g'].get('window_size', 1) or 1),
-                              scale=self.opt.get('scale', 1), bare=self.get_bare_model(net))
-
-
-def padded_forward(net: nn.Module, lq: torch.Tensor, window_size: int, scale: int,
-                   bare: nn.Module = None) -> torch.Tensor:
-    """``net(lq)`` for archs that pad inside ``forward`` (``pads_input = True``); otherwise reflect-pad the LR to a
-    multiple of ``window_size`` (as BasicSR's ``SwinIRModel``), run, and crop to ``scale`` times the LR size.
-
-    ``bare`` is the unwrapped network (DataParallel/DDP) when ``net`` is wrapped. Used by :class:`AdaSRModel` and the
-    benchmark, so both run every arch the same way.
-    """
-    if getattr(bare if bare is not None else net, 'pads_input', False):
-        return net(lq)
-    h, w = lq.shape[-2:]
-    padded, _, _ = pad_to_multiple(lq, window_size, mode='reflect')
-    return net(padded)[..., :h * scale, :w * scale]
+        """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
+        is set (``val.tile_pad`` LR pixels of blended context, default 32)."""
+        bare = self.get_bare_model(net)
+        multiple = int(self.opt['network_g'].get('window_size') or window_multiple(bare))
+        scale = self.opt.get('scale', 1)
+        fn = padded_forward(net, scale, multiple, mode='reflect')
+        val = self.opt.get('val') or {}
+        tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)
+        for key, value in (('tile', tile), ('tile_pad', tile_pad)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
+        if not tile:
+            return fn(lq)
+        collector = HaltingCollector(bare, *lq.shape[-2:]) if has_halting(bare) else None
+        out = tiled_forward(fn, lq, scale, tile, tile_pad, multiple, out_dtype=lq.dtype, on_tile=collector)
+        if collector is not None:  # AdaFormer: the halting record of the whole image, not of the last tile
+            bare.last_halting = collector.to_info()
+        return out

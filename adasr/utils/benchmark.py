@@ -205,7 +205,7 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from adasr.models.adasr_model import padded_forward
+    from adasr.utils.tile import padded_forward
 
     fn = getattr(net, 'flops', None)
     if callable(fn):
@@ -220,7 +220,7 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
         ops_ctx = contextlib.nullcontext()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), ops_ctx, counter:
-        padded_forward(net, x, window_size, scale)
+        padded_forward(net, scale, window_size)(x)
     per_op = {str(op): flops / 2 for op, flops in counter.get_flop_counts().get('Global', {}).items()}
     return counter.get_total_flops() / 2, 'torch', per_op
 
@@ -238,7 +238,7 @@ def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_imag
     from basicsr.metrics import calculate_psnr, calculate_ssim
     from basicsr.utils import tensor2img
 
-    from adasr.models.adasr_model import padded_forward
+    from adasr.utils.tile import padded_forward
 
     psnrs, ssims, sparsity = [], [], []
     for lr_path, hr_path in data.pairs[:max_images]:
@@ -246,7 +246,7 @@ def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_imag
         gt = read_rgb(hr_path)
         gt = gt[..., :lq.shape[-2] * scale, :lq.shape[-1] * scale]  # as BasicSR's paired dataset crops
         with torch.no_grad():
-            sr = padded_forward(net, lq, window_size, scale)
+            sr = padded_forward(net, scale, window_size)(lq)
         sr_img, gt_img = tensor2img(sr.cpu()), tensor2img(gt)
         psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
         ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
@@ -279,10 +279,10 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     scale = int(spec['scale'])
 
     def run():
-        from adasr.models.adasr_model import padded_forward
+        from adasr.utils.tile import padded_forward
 
         with torch.no_grad():
-            return padded_forward(net, x, window, scale)
+            return padded_forward(net, scale, window)(x)
 
     # memory: what the forward passes add on top of the built model and its input
     if dev.type == 'cuda':

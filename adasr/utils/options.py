@@ -114,6 +114,15 @@ def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None
                 raise OptionsError(f'{section}: missing {key}')
 
 
+def _declared_keys(model_cls, attr: str) -> set:
+    """Extra option keys a model class declares, together with those of its base classes (a subclass that declares
+    its own set keeps its parents' keys)."""
+    keys = set()
+    for cls in model_cls.__mro__:
+        keys |= set(vars(cls).get(attr, ()))
+    return keys
+
+
 def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> None:
     """Validate a parsed option dict; raise :class:`OptionsError` naming the first problem found.
 
@@ -152,7 +161,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
 
     val = opt.get('val')
     if val is not None:
-        _check_keys('val', val, VAL_KEYS | set(getattr(model_cls, 'val_option_keys', ())))
+        _check_keys('val', val, VAL_KEYS | _declared_keys(model_cls, 'val_option_keys'))
         for name, m in (val.get('metrics') or {}).items():
             _registered(METRIC_REGISTRY, m.get('type'), f'val.metrics.{name}')
             _check_keys(f'val.metrics.{name}', m, METRIC_KEYS)
@@ -167,7 +176,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
             raise OptionsError('a training option file needs a "train" section')
         loss_keys = {k for k in train if k.endswith('_opt')}
         _check_keys('train', {k: v for k, v in train.items() if k not in loss_keys},
-                    TRAIN_KEYS | set(getattr(model_cls, 'train_option_keys', ())))
+                    TRAIN_KEYS | _declared_keys(model_cls, 'train_option_keys'))
         for key in sorted(loss_keys):
             if train[key] is not None:
                 check_loss_opt(train[key], f'train.{key}')

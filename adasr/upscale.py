@@ -1,0 +1,423 @@
+"""Upscale images or folders with any adasr model: ``adasr-upscale -i INPUT -o OUTPUT --opt X.yml`` (or
+``python inference/upscale.py ...`` from a clone).
+
+The model comes from an option file (``--opt``: its ``network_g``, and ``path.pretrain_network_g`` /
+``param_key_g`` unless ``--weights`` is given) or from an arch name with its default hyperparameters
+(``--arch NAME --scale S --weights W``; ``--arch Bicubic --scale 4`` needs no weights). Big images run tile by
+tile (``--tile``, ``--tile_pad``; chosen from the free memory when ``--tile`` is not given), so any size fits.
+Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit. Files that cannot be read are
+reported and skipped; outputs are written atomically, and existing outputs are skipped unless ``--overwrite``, so
+an interrupted folder run resumes where it stopped. Exit status: 0 when every image was written or skipped, 1
+when any failed, 2 for bad arguments. See docs/upscale.md.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+HALF_DTYPES = ('fp16', 'bf16')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='adasr-upscale', description='Upscale an image or a folder of images with an adasr model.',
+        epilog='Examples:\n'
+               '  adasr-upscale -i photo.png -o out --arch Bicubic --scale 4\n'
+               '  adasr-upscale -i photos/ -o out --opt options/test/test_SwinIR_light_x4.yml --weights w.pth\n'
+               '  adasr-upscale -i big.png -o out --opt X.yml --tile 256 --save-halting',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-i', '--input', required=True, help='an image file or a folder of images (not recursive)')
+    p.add_argument('-o', '--output', default='results/upscale', help='output folder. Default: results/upscale')
+    model = p.add_argument_group('model (one of --opt or --arch)')
+    model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
+    model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
+    model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
+    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True')
+    model.add_argument('--param-key', default=None,
+                       help='checkpoint entry: params_ema (default, falls back to params) or params')
+    model.add_argument('--random-weights', action='store_true',
+                       help='run with untrained weights (for memory and speed tests only)')
+    run = p.add_argument_group('inference')
+    run.add_argument('-t', '--tile', type=int, default=None,
+                     help='tile core side in LR pixels; 0 = whole image; default: chosen from the free memory')
+    run.add_argument('--tile_pad', '--tile-pad', type=int, default=32,
+                     help='context around each tile, LR pixels, cross-faded over the seams. Default: 32')
+    run.add_argument('--max-memory', type=float, default=None,
+                     help='GiB the automatic tile size may plan for. Default: 4 on the CPU, 80%% of free on CUDA')
+    run.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
+    run.add_argument('--fp32', action='store_true', help='full precision on CUDA (always full precision on the CPU)')
+    run.add_argument('--half', choices=HALF_DTYPES, default=None,
+                     help='half type on CUDA. Default: the arch\'s preferred_half attribute, else fp16')
+    out = p.add_argument_group('output')
+    out.add_argument('--ext', default='auto',
+                     help='output format: auto (the input\'s if writable, else png), png, jpg, webp, tif, bmp')
+    out.add_argument('--suffix', default='out', help='output name: <name>_<suffix>.<ext>; empty for <name>.<ext>')
+    out.add_argument('--alpha', choices=('bicubic', 'model'), default='bicubic',
+                     help='how the alpha channel is upscaled: MATLAB bicubic (default) or the model')
+    out.add_argument('--overwrite', action='store_true', help='replace existing outputs (default: skip them)')
+    out.add_argument('--save-halting', action='store_true',
+                     help='AdaFormer only: write per-layer confidence and halting-mask overlays and a sparsity '
+                          'figure to <output>/halting/<name>/')
+    out.add_argument('--eps-h', type=float, default=None,
+                     help='AdaFormer only: halting threshold for this run (larger halts more: faster, lower PSNR). '
+                          'Default: the network\'s')
+    out.add_argument('--halting-zoom', type=int, default=1, help='enlarge the halting overlays by this factor')
+    out.add_argument('-q', '--quiet', action='store_true', help='no progress bars or per-image lines')
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """Bad arguments or a model that cannot be built or loaded (reported without a traceback, exit status 2)."""
+
+
+@dataclass
+class Upscaler:
+    """A ready network and how to run it."""
+
+    net: object
+    scale: int
+    multiple: int
+    device: object
+    dtype: object
+    in_channels: int
+    description: str
+
+    def forward_fn(self):
+        import torch
+
+        from adasr.utils.tile import padded_forward
+
+        inner = padded_forward(self.net, self.scale, self.multiple, mode='reflect')
+
+        def fn(x):
+            with torch.no_grad():
+                return inner(x.to(self.device, self.dtype, non_blocking=True))
+
+        return fn
+
+
+def _constructor_scale_key(cls) -> Optional[str]:
+    from adasr.utils.options import constructor_keys
+
+    keys = constructor_keys(cls)
+    for key in ('upscale', 'scale', 'upscaling_factor'):
+        if key in keys:
+            return key
+    return None
+
+
+def build_model(args) -> Upscaler:
+    import torch
+    from basicsr.archs import build_network
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    from adasr.utils.checkpoint import CheckpointError, load_weights
+    from adasr.utils.options import OptionsError, check_network_opt, load_yaml
+    from adasr.utils.tile import window_multiple
+
+    if bool(args.opt) == bool(args.arch):
+        raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name)')
+    weights, param_key = args.weights, args.param_key
+    if args.opt:
+        try:
+            opt = load_yaml(args.opt)
+            net_opt = dict(opt.get('network_g') or {})
+            check_network_opt(net_opt, 'network_g')
+        except OptionsError as e:
+            raise UsageError(f'{args.opt}: {e}') from None
+        scale = opt.get('scale') or net_opt.get('upscale')
+        if args.scale is not None and scale is not None and args.scale != scale:
+            raise UsageError(f'--scale {args.scale} but {args.opt} is a x{scale} model')
+        scale = scale or args.scale
+        if weights is None and not args.random_weights:
+            path_opt = opt.get('path') or {}
+            weights = path_opt.get('pretrain_network_g')
+            param_key = param_key or path_opt.get('param_key_g')
+        name = f'{net_opt["type"]} from {args.opt}'
+        try:
+            net = build_network(net_opt)
+        except Exception as e:  # noqa: BLE001 - reported with the option file's name
+            raise UsageError(f'{args.opt}: cannot build network_g: {e}') from None
+        multiple = int(net_opt.get('window_size') or window_multiple(net))
+    else:
+        if args.arch not in ARCH_REGISTRY:
+            import difflib
+
+            close = difflib.get_close_matches(args.arch, list(ARCH_REGISTRY.keys()), n=1)
+            raise UsageError(f"--arch '{args.arch}' is not a registered arch"
+                             + (f" (did you mean '{close[0]}'?)" if close else ''))
+        if args.scale is None:
+            raise UsageError('--arch needs --scale')
+        cls = ARCH_REGISTRY.get(args.arch)
+        key = _constructor_scale_key(cls)
+        kwargs = {key: args.scale} if key else {}
+        try:
+            net = cls(**kwargs)
+        except Exception as e:  # noqa: BLE001 - any constructor failure is a usage problem here
+            raise UsageError(f'cannot build {args.arch} with {kwargs} and its defaults: {e}; use --opt') from None
+        scale, name = args.scale, args.arch
+        multiple = window_multiple(net)
+    if not isinstance(scale, int) or scale < 1:
+        raise UsageError(f'the model has no valid scale ({scale!r}); give --scale')
+
+    has_params = any(True for _ in net.parameters())
+    if weights:
+        try:
+            load_weights(net, weights, param_key or 'params_ema', strict=True)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        name += f', weights {weights}'
+    elif has_params and not args.random_weights:
+        raise UsageError(f'{name} has learnable parameters: give --weights (or --random-weights for a test run)')
+    elif has_params:
+        name += ', random weights'
+
+    device = _pick_device(args.device)
+    dtype = torch.float32
+    if device.type == 'cuda' and not args.fp32:
+        pref = args.half or getattr(net, 'preferred_half', 'fp16')
+        dtype = torch.bfloat16 if pref == 'bf16' else torch.float16
+    net.eval()
+    net.to(device=device, dtype=dtype)
+    in_channels = _in_channels(net)
+    return Upscaler(net, scale, multiple, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}')
+
+
+def _pick_device(name: str):
+    import torch
+
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f'--device {name}: {e}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError('--device cuda but CUDA is not available')
+    return device
+
+
+def _in_channels(net) -> int:
+    from torch import nn
+
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def list_inputs(path: str) -> List[str]:
+    from adasr.utils.image_io import is_image_file
+
+    if osp.isdir(path):
+        return sorted(osp.join(path, f) for f in os.listdir(path)
+                      if is_image_file(f) and osp.isfile(osp.join(path, f)) and not f.startswith('.'))
+    if osp.exists(path):
+        return [path]
+    raise UsageError(f'input not found: {path}')
+
+
+def output_ext(input_path: str, ext: str) -> str:
+    from adasr.utils.image_io import WRITABLE
+
+    if ext != 'auto':
+        ext = ext.lower().lstrip('.')
+        if ext not in WRITABLE:
+            raise UsageError(f'--ext {ext} is not supported; choose one of auto, {", ".join(sorted(WRITABLE))}')
+        return ext
+    in_ext = osp.splitext(input_path)[1].lower().lstrip('.')
+    return in_ext if in_ext in WRITABLE else 'png'
+
+
+def output_path(input_path: str, out_dir: str, ext: str, suffix: str) -> str:
+    stem = osp.splitext(osp.basename(input_path))[0]
+    return osp.join(out_dir, f'{stem}_{suffix}.{ext}' if suffix else f'{stem}.{ext}')
+
+
+@dataclass
+class Report:
+    written: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failed: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def _to_tensor(arr):
+    import numpy as np
+    import torch
+
+    if arr.ndim == 2:
+        return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
+
+
+def _run_model(up: Upscaler, x, args, *, desc: str, on_tile=None, tile: Optional[int] = None):
+    """(1, C, H, W) float32 CPU -> (1, C', sH, sW) float32 CPU, tiled."""
+    import torch
+
+    from adasr.utils.tile import auto_tile_size, tiled_forward
+
+    fn = up.forward_fn()
+    h, w = x.shape[-2:]
+    why = None
+    if tile is None:
+        max_mem = None if args.max_memory is None else args.max_memory * 1024 ** 3
+        tile, why = auto_tile_size(up.net, fn, h, w, up.scale, in_channels=up.in_channels, device=up.device,
+                                   dtype=up.dtype, tile_pad=args.tile_pad, multiple=up.multiple, max_memory=max_mem)
+    y = tiled_forward(fn, x, up.scale, tile, args.tile_pad, up.multiple, out_device=torch.device('cpu'),
+                      progress=not args.quiet, desc=desc, on_tile=on_tile)
+    return y, tile, why
+
+
+def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
+    """Upscale a :class:`~adasr.utils.image_io.LoadedImage`; returns (LoadedImage, tile used, tile explanation)."""
+    import numpy as np
+    import torch
+
+    from adasr.utils.image_io import LoadedImage
+    from adasr.utils.matlab_resize import imresize
+
+    color = img.color
+    if img.is_gray and up.in_channels == 3:
+        color = np.repeat(color[..., None], 3, axis=2)
+    elif not img.is_gray and up.in_channels == 1:
+        raise ValueError(f'the model takes 1 channel but {name} is a colour image')
+    x = _to_tensor(color)
+    y, tile, why = _run_model(up, x, args, desc=name, on_tile=on_tile, tile=args.tile)
+    y = y[0].clamp_(0, 1)
+    if img.is_gray and y.shape[0] == 3:  # back to one channel (BT.601 luma, as OpenCV's BGR2GRAY)
+        y = y[0] * 0.299 + y[1] * 0.587 + y[2] * 0.114
+        out_color = y.numpy()
+    elif y.shape[0] == 1:
+        out_color = y[0].numpy()
+    else:
+        out_color = y.permute(1, 2, 0).numpy()
+    alpha = None
+    if img.alpha is not None:
+        a = torch.from_numpy(img.alpha)[None, None]
+        if args.alpha == 'model':
+            a3 = a.expand(1, up.in_channels, *a.shape[-2:]).contiguous()
+            alpha = _run_model(up, a3, args, desc=name + ' (alpha)', tile=tile)[0][0].mean(0)
+        else:
+            alpha = imresize(a.double(), up.scale)[0, 0].float()
+        alpha = alpha.clamp_(0, 1).numpy()
+    return LoadedImage(np.ascontiguousarray(out_color), alpha, img.dtype), tile, why
+
+
+def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
+    from tqdm import tqdm
+
+    from adasr.utils.halting import HaltingCollector, save_halting_pictures
+    from adasr.utils.image_io import WRITABLE, ImageReadError, read_image, to_stored, write_image
+
+    report = Report()
+    os.makedirs(args.output, exist_ok=True)
+    bar = tqdm(paths, desc='images', unit='img', disable=args.quiet or len(paths) < 2, dynamic_ncols=True)
+    for path in bar:
+        name = osp.basename(path)
+        ext = output_ext(path, args.ext)
+        dst = output_path(path, args.output, ext, args.suffix)
+        if osp.abspath(dst) == osp.abspath(path):
+            report.failed.append((path, 'the output would replace the input (use another -o or --suffix)'))
+            continue
+        if osp.exists(dst) and not args.overwrite:
+            report.skipped.append(dst)
+            log(f'skip {name}: {dst} exists')
+            continue
+        start = time.perf_counter()
+        try:
+            img = read_image(path)
+            collector = HaltingCollector(up.net, *img.size) if args.save_halting else None
+            out, tile, why = upscale_image(up, img, args, name, on_tile=collector)
+            dtype = out.dtype
+            if dtype == 'uint16' and not WRITABLE[ext]['uint16']:
+                dtype = 'uint8'
+                report.notes.append(f'{name}: .{ext} cannot hold 16 bits; written as 8-bit')
+            if out.alpha is not None and not WRITABLE[ext]['alpha']:
+                out.alpha = None
+                report.notes.append(f'{name}: .{ext} cannot hold alpha; alpha dropped')
+            write_image(dst, to_stored(out, dtype))
+            if collector is not None:
+                folder = osp.join(args.output, 'halting', osp.splitext(name)[0])
+                save_halting_pictures(folder, img.color, collector, title=name, zoom=args.halting_zoom)
+        except ImageReadError as e:
+            report.failed.append((path, str(e)))
+            log(f'FAILED {name}: {e}', error=True)
+            continue
+        except (RuntimeError, ValueError, OSError) as e:  # model or write failure for this image only
+            report.failed.append((path, f'{type(e).__name__}: {e}'))
+            log(f'FAILED {name}: {type(e).__name__}: {e}', error=True)
+            continue
+        report.written.append(dst)
+        h, w = img.size
+        kind = ('gray' if img.is_gray else 'RGB') + ('+alpha' if img.alpha is not None else '') + f' {img.dtype}'
+        log(f'{name} ({w}x{h} {kind}) -> {dst} ({time.perf_counter() - start:.1f} s, '
+            + (why or (f'tile {tile}, pad {args.tile_pad}' if tile else 'whole image')) + ')')
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns (and, as a console script, exits with) the status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, value, low in (('--tile', args.tile, 0), ('--tile_pad', args.tile_pad, 0),
+                             ('--halting-zoom', args.halting_zoom, 1)):
+        if value is not None and value < low:
+            parser.error(f'{name} must be >= {low}, got {value}')
+    if args.max_memory is not None and args.max_memory <= 0:
+        parser.error('--max-memory must be positive (GiB)')
+
+    def log(msg: str, error: bool = False) -> None:
+        if error or not args.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr if error else sys.stdout)
+
+    try:
+        paths = list_inputs(args.input)
+        if args.ext != 'auto':
+            output_ext('x.png', args.ext)  # validate early
+        import adasr  # noqa: F401  (shim + registration)
+
+        up = build_model(args)
+        if args.save_halting or args.eps_h is not None:
+            from adasr.utils.halting import has_halting
+
+            if not has_halting(up.net) or not hasattr(up.net, 'eps_h'):
+                flag = '--save-halting' if args.save_halting else '--eps-h'
+                raise UsageError(f'{flag} needs an AdaFormer model; {type(up.net).__name__} does not halt')
+            if args.eps_h is not None:
+                try:
+                    up.net.eps_h = args.eps_h
+                except ValueError as e:
+                    raise UsageError(f'--eps-h: {e}') from None
+                up.description += f', eps_h {args.eps_h}'
+    except UsageError as e:
+        print(f'adasr-upscale: error: {e}', file=sys.stderr)
+        return 2
+    log(f'model: {up.description}; {len(paths)} image(s) -> {args.output}')
+    report = process(paths, up, args, log)
+    print(f'done: {len(report.written)} written, {len(report.skipped)} skipped (output exists), '
+          f'{len(report.failed)} failed' + (f' -> {args.output}' if report.written else ''))
+    for note in report.notes:
+        print(f'note: {note}')
+    for path, reason in report.failed:
+        print(f'failed: {path}: {reason}', file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

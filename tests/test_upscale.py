@@ -1,0 +1,304 @@
+"""The adasr-upscale CLI on tiny real images: odd image types, unreadable files, resume, atomic writes, tiling,
+and the model sources (--arch, --opt, --weights)."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from basicsr.archs.swinir_arch import SwinIR
+
+from adasr.upscale import main
+from adasr.utils import image_io
+from adasr.utils.image_io import atomic_write_bytes, read_image
+from adasr.utils.matlab_resize import imresize
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PHOTO = osp.join(REPO, 'datasets', 'demo', 'val', 'HR', 'chelsea.png')
+TINY_SWINIR = dict(upscale=2, in_chans=3, img_size=16, window_size=8, img_range=1.0, depths=[1], embed_dim=12,
+                   num_heads=[2], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
+
+
+def photo(h, w, top=60, left=80):
+    return np.ascontiguousarray(cv2.imread(PHOTO)[top:top + h, left:left + w])
+
+
+def bicubic_u8(img_u8, scale):
+    """What the CLI must write for --arch Bicubic: MATLAB bicubic on float32 [0, 1], clamped and rounded."""
+    x = torch.from_numpy(img_u8.astype(np.float32) / 255)
+    x = x.permute(2, 0, 1)[None] if x.dim() == 3 else x[None, None]
+    y = imresize(x, scale)[0].clamp(0, 1)
+    y = (y * 255).round().to(torch.uint8)
+    return (y.permute(1, 2, 0) if y.shape[0] > 1 else y[0]).numpy()
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """A folder with a gray PNG, an RGBA PNG, a 16-bit PNG, a tiny odd-size JPEG-free PNG, a palette GIF, a
+    broken PNG, an empty file, and a text file (not an image, ignored)."""
+    d = tmp_path / 'in'
+    d.mkdir()
+    rgb = photo(20, 24)
+    cv2.imwrite(str(d / 'gray.png'), cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY))
+    alpha = np.tile(np.linspace(0, 255, 24, dtype=np.float64), (20, 1)).round().astype(np.uint8)
+    cv2.imwrite(str(d / 'rgba.png'), np.dstack([rgb, alpha]))
+    cv2.imwrite(str(d / 'deep16.png'), (rgb.astype(np.uint16) * 257 + np.arange(24, dtype=np.uint16)[None, :, None]))
+    cv2.imwrite(str(d / 'tiny_3x5.png'), photo(3, 5))
+    from PIL import Image
+
+    Image.fromarray(rgb[..., ::-1]).convert('P').save(d / 'palette.gif')
+    (d / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 4)
+    (d / 'empty.jpg').write_bytes(b'')
+    (d / 'notes.txt').write_text('not an image')
+    return d
+
+
+def test_folder_of_odd_images(odd_folder, tmp_path, capsys):
+    out = tmp_path / 'out'
+    status = main(['-i', str(odd_folder), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q'])
+    captured = capsys.readouterr()
+    assert status == 1  # some inputs failed
+    assert sorted(os.listdir(out)) == ['deep16_out.png', 'gray_out.png', 'palette_out.png', 'rgba_out.png',
+                                       'tiny_3x5_out.png']
+    # failures are named with a reason, the others were still written, and a summary is printed
+    assert 'broken.png' in captured.err and 'cannot decode' in captured.err
+    assert 'empty.jpg: empty file' in captured.err
+    assert 'notes.txt' not in captured.err + captured.out
+    assert 'done: 5 written, 0 skipped (output exists), 2 failed' in captured.out
+
+    gray = cv2.imread(str(out / 'gray_out.png'), cv2.IMREAD_UNCHANGED)
+    src_gray = cv2.imread(str(odd_folder / 'gray.png'), cv2.IMREAD_UNCHANGED)
+    assert gray.shape == (40, 48) and gray.dtype == np.uint8  # grayscale stays grayscale
+    assert np.abs(gray.astype(int) - bicubic_u8(src_gray, 2).astype(int)).max() <= 1
+
+    rgba = cv2.imread(str(out / 'rgba_out.png'), cv2.IMREAD_UNCHANGED)
+    src = cv2.imread(str(odd_folder / 'rgba.png'), cv2.IMREAD_UNCHANGED)
+    assert rgba.shape == (40, 48, 4)
+    assert np.array_equal(rgba[..., :3], bicubic_u8(src[..., :3], 2))  # colour through the model
+    assert np.array_equal(rgba[..., 3], bicubic_u8(src[..., 3], 2))  # alpha upscaled separately (bicubic)
+
+    deep = cv2.imread(str(out / 'deep16_out.png'), cv2.IMREAD_UNCHANGED)
+    src16 = cv2.imread(str(odd_folder / 'deep16.png'), cv2.IMREAD_UNCHANGED)
+    assert deep.dtype == np.uint16 and deep.shape == (40, 48, 3)
+    ref = imresize(torch.from_numpy(src16.astype(np.float64) / 65535).permute(2, 0, 1), 2).clamp(0, 1)
+    ref = (ref * 65535).round().permute(1, 2, 0).numpy()
+    assert np.abs(deep.astype(np.float64) - ref).max() <= 1  # no 8-bit round trip on the way
+    assert np.any(deep % 257 != 0)
+
+    tiny = cv2.imread(str(out / 'tiny_3x5_out.png'))
+    assert tiny.shape == (6, 10, 3)
+    assert np.array_equal(tiny, bicubic_u8(photo(3, 5), 2))
+    assert cv2.imread(str(out / 'palette_out.png')).shape == (40, 48, 3)
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+
+
+def test_arch_bicubic_equals_imresize_whole_and_tiled(tmp_path):
+    img = photo(50, 70)
+    cv2.imwrite(str(tmp_path / 'a.png'), img)
+    for tile, name in ((['--tile', '0'], 'whole'), (['--tile', '16', '--tile_pad', '4'], 'tiled')):
+        assert main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / name), '--arch', 'Bicubic',
+                     '--scale', '4', '-q', *tile]) == 0
+    expect = bicubic_u8(img, 4)
+    whole = cv2.imread(str(tmp_path / 'whole' / 'a_out.png'))
+    tiled = cv2.imread(str(tmp_path / 'tiled' / 'a_out.png'))
+    assert np.array_equal(whole, expect)
+    assert np.abs(tiled.astype(int) - expect.astype(int)).max() <= 1
+    assert (tiled != expect).mean() < 1e-3
+
+
+def test_resume_skips_existing_outputs_and_overwrite_replaces(tmp_path, capsys):
+    src = tmp_path / 'in'
+    src.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(src / f'im{i}.png'), photo(8, 9, top=10 * i))
+    out = tmp_path / 'out'
+    out.mkdir()
+    # an earlier, interrupted run wrote im0 only
+    assert main(['-i', str(src / 'im0.png'), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q']) == 0
+    first = out / 'im0_out.png'
+    os.utime(first, (1_000_000_000, 1_000_000_000))
+    capsys.readouterr()
+    assert main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2']) == 0
+    text = capsys.readouterr().out
+    assert 'done: 2 written, 1 skipped (output exists), 0 failed' in text
+    assert f'skip im0.png: {first} exists' in text
+    assert os.stat(first).st_mtime == 1_000_000_000  # untouched
+    assert sorted(os.listdir(out)) == ['im0_out.png', 'im1_out.png', 'im2_out.png']
+    assert main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '--overwrite', '-q']) == 0
+    assert os.stat(first).st_mtime > 1_000_000_000
+    assert 'done: 3 written, 0 skipped' in capsys.readouterr().out
+
+
+def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path, monkeypatch):
+    dst = tmp_path / 'x.png'
+    dst.write_bytes(b'old')
+
+    def broken_fsync(fd):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(image_io.os, 'fsync', broken_fsync)
+    with pytest.raises(OSError, match='No space'):
+        atomic_write_bytes(str(dst), b'new content that never lands')
+    assert dst.read_bytes() == b'old'
+    assert os.listdir(tmp_path) == ['x.png']
+    monkeypatch.undo()
+    atomic_write_bytes(str(dst), b'new')
+    assert dst.read_bytes() == b'new' and os.listdir(tmp_path) == ['x.png']
+    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~image_io._umask()  # as open() would create it, not 0600
+
+
+def test_interrupted_run_loses_nothing(tmp_path, monkeypatch, capsys):
+    """A failure while writing one image (disk full, Ctrl-C) leaves no partial file; earlier outputs stay."""
+    src = tmp_path / 'in'
+    src.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(src / f'im{i}.png'), photo(8, 8, top=8 * i))
+    out = tmp_path / 'out'
+    calls = {'n': 0}
+    real_replace = os.replace
+
+    def flaky_replace(a, b):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(image_io.os, 'replace', flaky_replace)
+    with pytest.raises(KeyboardInterrupt):
+        main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q'])
+    assert os.listdir(out) == ['im0_out.png']  # no truncated im1, no temporary file
+    assert cv2.imread(str(out / 'im0_out.png')).shape == (16, 16, 3)
+    monkeypatch.undo()
+    assert main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q']) == 0
+    assert 'done: 2 written, 1 skipped' in capsys.readouterr().out
+
+
+def test_opt_and_weights_with_tiling(tmp_path):
+    torch.manual_seed(0)
+    net = SwinIR(**TINY_SWINIR)
+    torch.save({'params_ema': net.state_dict()}, tmp_path / 'w.pth')
+    opt = {'name': 'tiny', 'model_type': 'AdaSRModel', 'scale': 2, 'network_g': {'type': 'SwinIR', **TINY_SWINIR},
+           'path': {'pretrain_network_g': str(tmp_path / 'w.pth'), 'param_key_g': 'params_ema'}}
+    (tmp_path / 'opt.yml').write_text(yaml.safe_dump(opt))
+    img = photo(30, 37)
+    cv2.imwrite(str(tmp_path / 'a.png'), img)
+    for name, extra in (('whole', ['--tile', '0']), ('tiled', ['--tile', '16', '--tile_pad', '16'])):
+        assert main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / name), '--opt', str(tmp_path / 'opt.yml'),
+                     '-q', '--ext', 'png', *extra]) == 0
+    x = torch.from_numpy(img[..., ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+    with torch.no_grad():
+        from adasr.utils.tile import padded_forward
+
+        ref = padded_forward(net.eval(), 2, 8)(x)[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1]
+    ref = np.rint(ref * 255)
+    whole = cv2.imread(str(tmp_path / 'whole' / 'a_out.png')).astype(np.float64)
+    tiled = cv2.imread(str(tmp_path / 'tiled' / 'a_out.png')).astype(np.float64)
+    assert whole.shape == (60, 74, 3)
+    assert np.abs(whole - ref).max() <= 1
+    assert np.abs(tiled - whole).max() <= 1
+
+
+@pytest.fixture
+def registered_test_net():
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    class AdaSRTestNet(torch.nn.Module):
+        def __init__(self, *, upscale: int = 4):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3 * upscale ** 2, 3, 1, 1)
+            self.shuffle = torch.nn.PixelShuffle(upscale)
+
+        def forward(self, x):
+            return self.shuffle(self.conv(x))
+
+    ARCH_REGISTRY._do_register('AdaSRTestNet', AdaSRTestNet)
+    yield AdaSRTestNet
+    del ARCH_REGISTRY._obj_map['AdaSRTestNet']
+
+
+def test_arch_with_default_hyperparameters_and_weights(registered_test_net, tmp_path):
+    net = registered_test_net(upscale=3)
+    torch.save({'params': net.state_dict()}, tmp_path / 'w.pth')
+    img = photo(9, 11)
+    cv2.imwrite(str(tmp_path / 'a.png'), img)
+    assert main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--arch', 'AdaSRTestNet', '--scale', '3',
+                 '--weights', str(tmp_path / 'w.pth'), '-q']) == 0  # params_ema asked, params found
+    x = torch.from_numpy(img[..., ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+    with torch.no_grad():
+        ref = net(x)[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1]
+    out = cv2.imread(str(tmp_path / 'o' / 'a_out.png')).astype(np.float64)
+    assert out.shape == (27, 33, 3) and np.abs(out - np.rint(ref * 255)).max() <= 1
+
+
+def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, registered_test_net):
+    cv2.imwrite(str(tmp_path / 'a.png'), photo(8, 8))
+    a = str(tmp_path / 'a.png')
+    cases = [
+        (['--arch', 'Bicubc', '--scale', '4'], "did you mean 'Bicubic'"),
+        (['--arch', 'Bicubic'], '--arch needs --scale'),
+        (['--arch', 'Bicubic', '--scale', '4', '--opt', 'x.yml'], 'exactly one of --opt'),
+        (['--arch', 'SwinIR', '--scale', '2'], 'cannot build SwinIR'),  # its defaults do not build; use --opt
+        (['--arch', 'AdaSRTestNet', '--scale', '2'], 'give --weights'),
+        (['--arch', 'Bicubic', '--scale', '4', '--ext', 'xyz'], '--ext xyz is not supported'),
+        (['--arch', 'Bicubic', '--scale', '4', '--save-halting'], '--save-halting needs an AdaFormer model'),
+    ]
+    for extra, message in cases:
+        assert main(['-i', a, '-o', str(tmp_path / 'o'), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(['-i', str(tmp_path / 'missing'), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic',
+                 '--scale', '2']) == 2
+    assert 'input not found' in capsys.readouterr().err
+    # a checkpoint that does not match is reported by key
+    torch.save({'params': {'conv_first.weight': torch.zeros(1)}}, tmp_path / 'bad.pth')
+    opt = {'scale': 2, 'network_g': {'type': 'SwinIR', **TINY_SWINIR}}
+    (tmp_path / 'opt.yml').write_text(yaml.safe_dump(opt))
+    assert main(['-i', a, '-o', str(tmp_path / 'o'), '--opt', str(tmp_path / 'opt.yml'),
+                 '--weights', str(tmp_path / 'bad.pth')]) == 2
+    err = capsys.readouterr().err
+    assert 'missing keys' in err and 'conv_first.weight (1,) vs (12, 3, 3, 3)' in err
+    assert not osp.exists(tmp_path / 'o' / 'a_out.png')
+
+
+def test_read_image_types(tmp_path):
+    from PIL import Image
+
+    rgb = photo(6, 7)[..., ::-1]
+    Image.fromarray(rgb).convert('LA').save(tmp_path / 'la.png')
+    img = read_image(str(tmp_path / 'la.png'))
+    assert img.is_gray and img.alpha is not None and img.dtype == 'uint8'
+    Image.fromarray((np.arange(42, dtype=np.uint16).reshape(6, 7) * 1500)).save(tmp_path / 'g16.png')
+    img = read_image(str(tmp_path / 'g16.png'))
+    assert img.is_gray and img.dtype == 'uint16' and img.color[5, 6] == pytest.approx(41 * 1500 / 65535)
+    Image.fromarray(rgb).save(tmp_path / 'c.tif')
+    img = read_image(str(tmp_path / 'c.tif'))
+    assert np.allclose(img.color * 255, rgb)  # RGB order
+    with pytest.raises(image_io.ImageReadError, match='cannot read file'):
+        read_image(str(tmp_path / 'nothing.png'))
+
+
+def test_jpg_output_of_rgba_and_16_bit_is_noted(tmp_path, capsys):
+    rgb = photo(8, 8)
+    cv2.imwrite(str(tmp_path / 'a.png'), np.dstack([rgb, np.full((8, 8), 200, np.uint8)]))
+    cv2.imwrite(str(tmp_path / 'b.png'), rgb.astype(np.uint16) * 257)
+    assert main(['-i', str(tmp_path), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic', '--scale', '2',
+                 '--ext', 'jpg', '-q']) == 0
+    out = capsys.readouterr().out
+    assert 'a.png: .jpg cannot hold alpha; alpha dropped' in out
+    assert 'b.png: .jpg cannot hold 16 bits; written as 8-bit' in out
+    assert cv2.imread(str(tmp_path / 'o' / 'a_out.jpg'), cv2.IMREAD_UNCHANGED).shape == (16, 16, 3)
+
+
+@pytest.mark.slow
+def test_wrapper_script_runs_from_a_clone(tmp_path):
+    cv2.imwrite(str(tmp_path / 'a.png'), photo(8, 10))
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'inference', 'upscale.py'), '-i', str(tmp_path / 'a.png'),
+                           '-o', str(tmp_path / 'o'), '--arch', 'Bicubic', '--scale', '3'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cv2.imread(str(tmp_path / 'o' / 'a_out.png')).shape == (24, 30, 3)
+    assert 'done: 1 written' in proc.stdout
