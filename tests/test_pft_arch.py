@@ -331,3 +331,14 @@ def test_finetune_from_x2_checkpoint_drops_only_the_head(tmp_path):
     load_weights(x3, str(path), 'params_ema', strict=False)
     torch.testing.assert_close(x3.conv_first.weight, x2.conv_first.weight)
     assert x3.upsample[0].weight.shape[0] == 27
+
+
+def test_inference_mode_matches_no_grad():
+    """Blocks run on worker threads write into tensors made by the caller: inference tensors under inference_mode."""
+    net = fixtures.build(fixtures.GUARDS['classical_x2'], 0)
+    x = torch.rand(1, 3, 19, 29)
+    with torch.no_grad():
+        ref = net(x)
+    with torch.inference_mode():
+        out = net(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

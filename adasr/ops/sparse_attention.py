@@ -348,10 +348,12 @@ def _worker_pool(threads: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _run_items(fn: Callable, items: Sequence) -> None:
+def _run_items(fn: Callable, items: Sequence, inference: bool) -> None:
     _local.in_worker = True
     try:
-        with torch.no_grad():  # grad mode is thread-local (on by default in a new thread); blocks never record
+        # grad and inference modes are thread-local: blocks never record autograd, and write into the caller's
+        # tensors, which are inference tensors when the caller is in inference mode
+        with torch.inference_mode(inference), torch.no_grad():
             for item in items:
                 fn(item)
     finally:
@@ -378,10 +380,11 @@ def parallel_blocks(fn: Callable, items: Sequence) -> None:
     pool = _worker_pool(threads)
     per_task = max(1, len(items) // (4 * threads))  # a few tasks per thread: balance with little overhead
     tasks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
+    inference = torch.is_inference_mode_enabled()
     if threads > 1:
         torch.set_num_threads(1)  # MKL's thread count is process-wide: keep the workers' BLAS calls single-threaded
     try:
-        for future in [pool.submit(_run_items, fn, task) for task in tasks]:
+        for future in [pool.submit(_run_items, fn, task, inference) for task in tasks]:
             future.result()
     finally:
         if threads > 1:
