@@ -542,5 +542,5 @@ def dense_sparse_av(attn, v, index):
 
 
 __all__ = ['torch_sparse_qk', 'torch_sparse_av', 'dense_sparse_qk', 'dense_sparse_av', 'memory_budget_bytes',
-           'default_memory_budget_bytes', 'chunk_count', 'pick_method', 'topk', 'topk_positions', 'parallel_blocks', 'cache_bytes',
-           'block_bytes', 'CACHE_BLOCK_BYTES']
+           'default_memory_budget_bytes', 'chunk_count', 'pick_method', 'topk', 'topk_positions', 'parallel_blocks',
+           'cache_bytes', 'block_bytes', 'CACHE_BLOCK_BYTES']
