@@ -286,8 +286,9 @@ class PFAttention(nn.Module):
 
     Without autograd the attention runs block by block (a few windows x a few hundred query rows, sized to stay in
     cache, :func:`adasr.ops.sparse_attention.block_bytes`): scores, softmax, focusing, top-k and aggregation of a
-    block are done before the next block starts, in place, into preallocated outputs and states. With autograd it
-    runs over chunks of whole windows sized from the memory budget.
+    block are done together, in place, into preallocated outputs and states; on the CPU the blocks run on
+    :func:`adasr.ops.sparse_attention.parallel_blocks` worker threads (``ADASR_ATTN_THREADS=0``: sequentially). With
+    autograd it runs over chunks of whole windows sized from the memory budget, out of place.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, per_head_bias: bool):
