@@ -284,12 +284,9 @@ def test_parallel_blocks_runs_every_item_and_raises(monkeypatch):
     assert seen == [3, 1, 2]  # sequential, in order, in this thread
 
 
-def test_default_memory_budget_comes_from_available_memory(monkeypatch):
+def test_memory_budget_default_and_override(monkeypatch):
     monkeypatch.delenv('ADASR_ATTN_MEMORY_MB', raising=False)
-    monkeypatch.setattr(sa, '_default_budget', None)
-    budget = sa.memory_budget_bytes()
-    assert 256 * 2**20 <= budget <= 4096 * 2**20
-    assert sa.memory_budget_bytes() == budget  # computed once per process
+    assert sa.memory_budget_bytes() == 256 * 2**20
     monkeypatch.setenv('ADASR_ATTN_MEMORY_MB', '2')
     assert sa.memory_budget_bytes() == 2 * 2**20
     assert sa.cache_bytes() <= 2 * 2**20 and sa.block_bytes() <= 2 * 2**20
