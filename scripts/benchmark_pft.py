@@ -9,7 +9,9 @@
    full-window attention over all 1024 keys (q k^T, softmax, A v) for the whole batch at once, which is what a
    dense window transformer (or PFT's first layers) does. Latency is the median of ``--repeats`` runs; peak memory
    is measured in a fresh process for each row (CPU: peak RSS growth; CUDA: max_memory_allocated growth).
-2. Full PFT-light x4 (released config, random weights) on a ``--size`` x ``--size`` input, inference.
+2. Full PFT-light x4 (released config, random weights) on a ``--size`` x ``--size`` input, inference, next to
+   basicsr's SwinIR-light x4 (options/train/train_SwinIR_light_x4.yml) on the same input in the same run: median of
+   ``--net-repeats`` runs after one warm-up run, peak RSS growth of the first run (fresh process per network).
 
 On the CPU the script re-executes itself with glibc malloc settings (adasr.utils.profiling.ensure_malloc_env).
 """
@@ -35,6 +37,9 @@ LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, embed_dim=52, depths=[2, 4, 
                 num_topk=[1024] * 2 + [256] * 4 + [128] * 6 + [64] * 6 + [32] * 6, window_size=32,
                 convffn_kernel_size=7, img_range=1., mlp_ratio=1, upsampler='pixelshuffledirect',
                 resi_connection='1conv')
+SWINIR_LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6],
+                       embed_dim=60, num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect',
+                       resi_connection='1conv')
 
 
 def _mem_start(device):
@@ -89,14 +94,18 @@ def attention_case(mode: str, k: int, windows: int, heads: int, head_dim: int, d
     return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak}
 
 
-def network_case(size: int, device: str, backend: str, repeats: int, dtype: str = 'float32'):
+def network_case(size: int, device: str, backend: str, repeats: int, dtype: str = 'float32', arch: str = 'PFT'):
     import adasr  # noqa: F401
     from adasr import ops
-    from adasr.archs.pft_arch import PFT
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = PFT(**LIGHT_X4).eval().to(dev)
+    if arch == 'PFT':
+        from adasr.archs.pft_arch import PFT
+        net = PFT(**LIGHT_X4).eval().to(dev)
+    else:
+        from basicsr.archs.swinir_arch import SwinIR
+        net = SwinIR(**SWINIR_LIGHT_X4).eval().to(dev)
     x = torch.rand(1, 3, size, size, device=dev)
     autocast = dtype != 'float32'
 
@@ -109,7 +118,7 @@ def network_case(size: int, device: str, backend: str, repeats: int, dtype: str 
     out = run()
     peak = _mem_peak(dev, start)
     assert out.shape == (1, 3, 4 * size, 4 * size) and torch.isfinite(out).all()
-    timing = time_fn(run, repeats=repeats, warmup=0 if dev.type == 'cpu' else 1, device=dev)
+    timing = time_fn(run, repeats=repeats, warmup=0, device=dev)  # the measured-memory run above was the warm-up
     return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak, 'runs': repeats}
 
 
@@ -146,6 +155,8 @@ def main():
     parser.add_argument('--head-dim', type=int, default=13)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     parser.add_argument('--skip-network', action='store_true')
+    parser.add_argument('--skip-attention', action='store_true')
+    parser.add_argument('--net-repeats', type=int, default=2, help='timed full-network runs after the warm-up')
     parser.add_argument('--no-malloc-env', action='store_true')
     args = parser.parse_args()
     ensure_malloc_env(disable=args.no_malloc_env)
@@ -153,21 +164,29 @@ def main():
     if 'cuda' in devices and not torch.cuda.is_available():
         devices.remove('cuda')
     print('Environment:', environment_summary())
+    print(f'load average before the run: {os.getloadavg()}')
     for device in devices:
         backends = ['torch'] if device == 'cpu' else ['triton', 'torch']
-        for backend in backends:
-            attention_table(device, backend, args)
+        if not args.skip_attention:
+            for backend in backends:
+                attention_table(device, backend, args)
         if args.skip_network:
             continue
-        print(f'\n### Full PFT-light x4, {args.size}x{args.size} input, {device}\n')
-        print('| backend | dtype | median s | peak MB |')
-        print('|---|---|---:|---:|')
+        print(f'\n### Full network, x4, {args.size}x{args.size} input, {device}\n')
+        print('| network | backend | dtype | median s | peak MB | / SwinIR-light time |')
+        print('|---|---|---|---:|---:|---:|')
+        swin = run_isolated(network_case, size=args.size, device=device, backend='torch', repeats=args.net_repeats,
+                            arch='SwinIR')
+        print(f'| SwinIR-light (basicsr) | - | float32 | {swin["median_s"]:.2f} | {_mb(swin["peak_bytes"])} | 1.00x |',
+              flush=True)
         for backend in backends:
             dtypes = ['float32'] if device == 'cpu' else ['float32', 'bfloat16', 'float16']
             for dtype in dtypes:
                 res = run_isolated(network_case, size=args.size, device=device, backend=backend,
-                                   repeats=1 if device == 'cpu' else args.repeats, dtype=dtype)
-                print(f'| {backend} | {dtype} | {res["median_s"]:.2f} | {_mb(res["peak_bytes"])} |', flush=True)
+                                   repeats=args.net_repeats, dtype=dtype)
+                print(f'| PFT-light | {backend} | {dtype} | {res["median_s"]:.2f} | {_mb(res["peak_bytes"])} | '
+                      f'{res["median_s"] / swin["median_s"]:.2f}x |', flush=True)
+        print(f'\nload average after the run: {os.getloadavg()}')
 
 
 if __name__ == '__main__':

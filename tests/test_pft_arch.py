@@ -128,6 +128,59 @@ def test_chunking_and_recomputed_maps_change_nothing(monkeypatch):
     torch.testing.assert_close(small, out, rtol=0, atol=1e-6)
 
 
+def _input_and_param_grads(net, x):
+    leaf = x.clone().requires_grad_()
+    net.zero_grad(set_to_none=True)
+    out = net(leaf)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.detach(), leaf.grad] + [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize('name', ['light_x4', 'classical_x2'])
+def test_autograd_path_matches_dense_masked_formulation(name, monkeypatch):
+    """With autograd (chunks of whole windows, no in-place / out= kernels): outputs and every gradient equal the dense
+    masked formulation's. ws 8, k 16 and 8: the scores take the dense (k*d > n) and the sampled (k*d <= n) forms."""
+    net = fixtures.build(fixtures.GUARDS[name], 0)
+    x = torch.rand(1, 3, 19, 29)
+    with torch.no_grad():
+        fast = net(x)
+    got = _input_and_param_grads(net, x)
+    monkeypatch.setattr(pft_arch.PFAttention, 'forward', _reference_attention)
+    ref = _input_and_param_grads(net, x)
+    torch.testing.assert_close(got[0], fast, rtol=0, atol=1e-5)
+    for a, b in zip(got, ref):  # float32 sums in another order: within 1e-4 of each gradient's scale
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8
+
+
+def test_blocks_threads_and_small_budgets_change_nothing(monkeypatch):
+    """Inference: row blocks (tiny ADASR_ATTN_BLOCK_KB), sequential blocks (ADASR_ATTN_THREADS=0) and dense maps
+    recomputed under a small ADASR_ATTN_MEMORY_MB give the default result."""
+    net = fixtures.build(fixtures.GUARDS['classical_x2'], 0)
+    x = torch.rand(2, 3, 19, 29)
+    with torch.no_grad():
+        out = net(x)
+        results = {}
+        for env in ({'ADASR_ATTN_THREADS': '0'}, {'ADASR_ATTN_BLOCK_KB': '8'},
+                    {'ADASR_ATTN_MEMORY_MB': '0.05', 'ADASR_ATTN_BLOCK_KB': '8'}):
+            with monkeypatch.context() as m:
+                for key, value in env.items():
+                    m.setenv(key, value)
+                results[str(env)] = net(x)
+    for env, res in results.items():
+        torch.testing.assert_close(res, out, rtol=0, atol=1e-6, msg=env)
+
+
+def test_shift_mask_is_added_to_mixed_windows_only():
+    mask = pft_arch._ShiftMask(pft_arch._shift_labels(24, 32, 8, 'cpu'))
+    mixed = [w for w in range(mask.n_win) if mask.labels[w].unique().numel() > 1]
+    assert [w for w, kind in enumerate(mask.kind) if kind] == mixed
+    s = torch.zeros(mask.n_win, 1, 64, 64)
+    mask.add_to(s, slice(0, mask.n_win), slice(0, 64))
+    lab = mask.labels
+    expect = (lab[:, :, None] != lab[:, None, :]).float() * pft_arch.MASK_VALUE
+    torch.testing.assert_close(s[:, 0], expect, rtol=0, atol=0)
+
+
 # ---- structure ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', sorted(RELEASED))
@@ -278,3 +331,14 @@ def test_finetune_from_x2_checkpoint_drops_only_the_head(tmp_path):
     load_weights(x3, str(path), 'params_ema', strict=False)
     torch.testing.assert_close(x3.conv_first.weight, x2.conv_first.weight)
     assert x3.upsample[0].weight.shape[0] == 27
+
+
+def test_inference_mode_matches_no_grad():
+    """Blocks run on worker threads write into tensors made by the caller: inference tensors under inference_mode."""
+    net = fixtures.build(fixtures.GUARDS['classical_x2'], 0)
+    x = torch.rand(1, 3, 19, 29)
+    with torch.no_grad():
+        ref = net(x)
+    with torch.inference_mode():
+        out = net(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -194,3 +194,99 @@ def test_triton_on_cuda_matches_torch(dtype):
     for x, y in zip([o_qk, o_av] + g_qk + g_av, [r_qk, r_av] + h_qk + h_av):
         assert x.dtype == dtype
         assert (x.double() - y).abs().max() <= tol * (y.abs().max() + 1)
+
+
+# ---- the CPU formulations picked for speed (sampled scores, embedding-bag aggregation, blocked dense, top-k) -----
+
+@pytest.mark.parametrize('method', ['sampled', 'dense'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_qk_cpu_methods_match_definition_with_and_without_autograd(method, dtype, monkeypatch):
+    q, k, _, _, idx = _case(g=4, n=40, m=24, d=7, k=6, dtype=dtype)
+    monkeypatch.setattr(sa, 'CACHE_BLOCK_BYTES', 8 * 24 * 4)  # dense: blocks of a few query rows
+    tol = dict(rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    ref, ref_grads = _grads(lambda x, y: sa.dense_sparse_qk(x, y, idx), q, k)
+    with torch.no_grad():  # the inference path: no autograd node, blocked / out= kernels
+        torch.testing.assert_close(sa.torch_sparse_qk(q, k, idx, method), ref, **tol)
+    out, grads = _grads(lambda x, y: sa.torch_sparse_qk(x, y, idx, method), q, k)
+    torch.testing.assert_close(out, ref, **tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_av_embedding_bag_matches_definition_with_and_without_autograd(dtype):
+    _, _, v, a, idx = _case(g=4, n=40, m=24, d=7, k=6, dtype=dtype)
+    idx[:, :, 1] = idx[:, :, 0]  # duplicate keys add up
+    tol = dict(rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    ref, ref_grads = _grads(lambda x, y: sa.dense_sparse_av(x, y, idx), a, v)
+    with torch.no_grad():
+        torch.testing.assert_close(sa.torch_sparse_av(a, v, idx, 'ebag'), ref, **tol)
+        torch.testing.assert_close(sa.torch_sparse_av(a, v, idx.to(torch.int16), 'ebag'), ref, **tol)
+    out, grads = _grads(lambda x, y: sa.torch_sparse_av(x, y, idx, 'ebag'), a, v)
+    torch.testing.assert_close(out, ref, **tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol)
+
+
+def test_gradcheck_float64_cpu_methods():
+    q, k, v, a, idx = _case(g=2, n=6, m=8, d=3, k=3)
+    args = (q.requires_grad_(), k.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, y: sa.torch_sparse_qk(x, y, idx, 'sampled'), args)
+    args = (a.requires_grad_(), v.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, y: sa.torch_sparse_av(x, y, idx, 'ebag'), args)
+
+
+def test_cpu_method_choice_and_wrong_op():
+    cpu = torch.device('cpu')
+    assert sa.pick_method('qk', 1024, 16, 13, cpu) == 'sampled'
+    assert sa.pick_method('qk', 1024, 256, 13, cpu) == 'dense'
+    assert sa.pick_method('qk', 1024, 16, 13, cpu, torch.bfloat16) == 'dense'  # no half-precision sampled kernel
+    assert sa.pick_method('av', 1024, 256, 13, cpu) == 'ebag'
+    q, k, v, a, idx = _case(dtype=torch.float32)
+    with pytest.raises(ValueError, match='aggregation'):
+        sa.torch_sparse_qk(q, k, idx, 'ebag')
+    with pytest.raises(ValueError, match='scores'):
+        sa.torch_sparse_av(a, v, idx, 'sampled')
+
+
+def test_topk_matches_torch_topk_and_is_differentiable():
+    x = torch.randn(3, 5, 40)
+    pos = sa.topk_positions(x, 9)
+    assert pos.shape == (3, 5, 9) and pos.dtype == torch.int64
+    torch.testing.assert_close(torch.gather(x, -1, pos).sort(-1, descending=True).values, x.topk(9, -1).values,
+                               rtol=0, atol=0)
+    xt = x[:, :, ::2]  # a non-contiguous view
+    torch.testing.assert_close(torch.gather(xt, -1, sa.topk_positions(xt, 4)).sort(-1).values,
+                               xt.topk(4, -1).values.sort(-1).values, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_()
+    values, pos = sa.topk(leaf, 9)
+    values.sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(x).scatter_(-1, pos, 1.))
+    with pytest.raises(ValueError, match='k=40'):
+        sa.topk_positions(x, 40)
+
+
+def test_parallel_blocks_runs_every_item_and_raises(monkeypatch):
+    threads = torch.get_num_threads()
+    seen = []
+    sa.parallel_blocks(seen.append, list(range(50)))
+    assert sorted(seen) == list(range(50))
+    grad_modes = []
+    leaf = torch.ones(3, requires_grad=True)
+    sa.parallel_blocks(lambda i: grad_modes.append((leaf * 2).requires_grad), [0, 1, 2])
+    assert grad_modes == [False] * 3  # blocks never record autograd, whatever the worker thread's default
+    with pytest.raises(ZeroDivisionError):
+        sa.parallel_blocks(lambda i: 1 / 0, [1, 2])
+    assert torch.get_num_threads() == threads
+    monkeypatch.setenv('ADASR_ATTN_THREADS', '0')
+    seen.clear()
+    sa.parallel_blocks(seen.append, [3, 1, 2])
+    assert seen == [3, 1, 2]  # sequential, in order, in this thread
+
+
+def test_memory_budget_default_and_override(monkeypatch):
+    monkeypatch.delenv('ADASR_ATTN_MEMORY_MB', raising=False)
+    assert sa.memory_budget_bytes() == 256 * 2**20
+    monkeypatch.setenv('ADASR_ATTN_MEMORY_MB', '2')
+    assert sa.memory_budget_bytes() == 2 * 2**20
+    assert sa.cache_bytes() <= 2 * 2**20 and sa.block_bytes() <= 2 * 2**20

@@ -29,10 +29,19 @@ from adasr.archs.layers import (
     pad_to_multiple,
     relative_position_index,
     window_partition,
-    window_reverse,
 )
-from adasr.ops import sparse_av, sparse_qk
-from adasr.ops.sparse_attention import chunk_count, memory_budget_bytes
+from adasr.ops import resolve_backend, sparse_av, sparse_qk
+from adasr.ops.sparse_attention import (
+    _av_ebag,
+    _qk_sampled,
+    block_bytes,
+    cache_bytes,
+    chunk_count,
+    memory_budget_bytes,
+    parallel_blocks,
+    pick_method,
+)
+from adasr.ops.sparse_attention import topk_positions as sparse_topk_positions
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
@@ -41,51 +50,183 @@ RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 # ---- PFA state passed from layer to layer --------------------------------------------------------------------
 
+class _ShiftMask:
+    """Region labels (nW, n) of the shifted layers (indexable like the label tensor) and their -100 masks.
+
+    Only windows on the last window row / column hold more than one region; their masks take at most three distinct
+    patterns, built once per forward and added to the scores of those windows only (elsewhere the mask is zero).
+    """
+
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+        self.n_win = labels.shape[0]
+        mixed = (labels.amin(1) != labels.amax(1)).tolist()
+        patterns: List[torch.Tensor] = []
+        self.kind: List[int] = []  # per window: 0 = one region, else 1 + its pattern
+        for w, is_mixed in enumerate(mixed):
+            if not is_mixed:
+                self.kind.append(0)
+                continue
+            for p, lab in enumerate(patterns):
+                if torch.equal(lab, labels[w]):
+                    self.kind.append(p + 1)
+                    break
+            else:
+                patterns.append(labels[w])
+                self.kind.append(len(patterns))
+        self._patterns = patterns
+        self._masks: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self):
+        return self.labels.shape
+
+    def __getitem__(self, item):
+        return self.labels[item]
+
+    def masks(self) -> torch.Tensor:
+        """(1 + patterns, n, n) float32: 0 where query and key share a region, -100 elsewhere; [0] is all zeros."""
+        if self._masks is None:
+            n = self.labels.shape[1]
+            lab = torch.stack(self._patterns) if self._patterns else self.labels[:0]
+            masks = (lab[:, :, None] != lab[:, None, :]).float().mul_(MASK_VALUE)
+            self._masks = torch.cat([torch.zeros(1, n, n, device=masks.device), masks])
+        return self._masks
+
+    def add_to(self, s: torch.Tensor, ws: slice, rs: slice) -> torch.Tensor:
+        """s (cw, h, r, n) scores of windows ws, query rows rs: add the mask of each window."""
+        kinds = [self.kind[w % self.n_win] for w in range(ws.start, ws.stop)]
+        if not any(kinds):
+            return s
+        masks = self.masks()
+        if len(kinds) == 1:
+            return s.add_(masks[kinds[0], rs])
+        return s.add_(masks[torch.tensor(kinds, device=masks.device)][:, None, rs])
+
+
+class _Blocked:
+    """A (B_, h, n, X) tensor stored as (B_, n_blocks, h, rows, X): the block of windows ``ws`` and query rows
+    ``rs`` (a whole block of :meth:`PFAttention._blocks`) is a contiguous tensor, written and read in place."""
+
+    def __init__(self, nb: int, h: int, n: int, x: int, rows: int, dtype, device):
+        self.rows, self.shape = rows, (nb, h, n, x)
+        self.data = torch.empty(nb, -(-n // rows), h, rows, x, dtype=dtype, device=device)
+
+    def block(self, ws: slice, rs: slice) -> torch.Tensor:
+        if rs.start % self.rows:
+            raise RuntimeError(f'row block {rs} does not start on a multiple of {self.rows}')  # internal error
+        blk = self.data[ws, rs.start // self.rows]
+        return blk if rs.stop - rs.start == self.rows else blk[:, :, :rs.stop - rs.start]
+
+
+def _block(t, ws: slice, rs: slice) -> torch.Tensor:
+    """Windows ws, query rows rs of a (B_, h, n, X) tensor or :class:`_Blocked`: (cw, h, r, X)."""
+    return t.block(ws, rs) if isinstance(t, _Blocked) else t[ws, :, rs]
+
+
 class _DenseMap:
     """A dense (B_, h, n, n) attention map kept for the next layer of the same shift parity."""
 
     kind = 'dense'
 
-    def __init__(self, maps: torch.Tensor):
+    def __init__(self, maps):
         self.maps = maps
 
-    def probs(self, sl: slice) -> torch.Tensor:
-        return self.maps[sl]
+    def probs(self, ws: slice, rs: slice) -> torch.Tensor:
+        return _block(self.maps, ws, rs)
 
 
 class _DenseRecipe:
-    """A dense map that is recomputed per chunk of windows from the layer's q, k and bias (and the map before it)
-    instead of being stored: q and k cost 2*n*d per window and head, the map n*n."""
+    """A dense map that is recomputed per block (windows x query rows) from the layer's q, k and bias (and the map
+    before it) instead of being stored: q and k cost 2*n*d per window and head, the map n*n. Inference only."""
 
     kind = 'dense'
 
-    def __init__(self, attn: 'PFAttention', q, k, bias, labels, prev: Optional['_DenseRecipe'], training: bool):
-        self.attn, self.q, self.k, self.bias, self.labels, self.prev = attn, q, k, bias, labels, prev
-        self.training = training
+    def __init__(self, q, k, bias, mask: Optional[_ShiftMask], prev, training: bool):
+        self.q, self.k, self.bias, self.mask, self.prev, self.training = q, k, bias, mask, prev, training
 
-    def probs(self, sl: slice) -> torch.Tensor:
-        a = self.attn.dense_probs(self.q[sl], self.k[sl], self.bias, self.labels, sl)
+    def probs(self, ws: slice, rs: slice) -> torch.Tensor:
+        a = _softmax(_dense_scores(self.q, self.k, self.bias, self.mask, ws, rs), inplace=True)
         if self.prev is not None:
-            a = _transfer(a, self.prev.probs(sl), self.training)
+            a = _transfer(a, self.prev.probs(ws, rs), self.training, inplace=True)
         return a
 
 
 class _SparseMap:
-    """Top-k weights (B_, h, n, K) and their in-window key indices (stored as int16 / int32)."""
+    """Top-k weights (B_, h, n, K) and their in-window key indices (int16 / int32), as tensors or :class:`_Blocked`."""
 
     kind = 'sparse'
 
-    def __init__(self, values: torch.Tensor, index: torch.Tensor):
+    def __init__(self, values, index):
         self.values, self.index = values, index
 
+    @property
+    def keys(self) -> int:
+        return self.index.shape[-1]
 
-def _transfer(a: torch.Tensor, prev: torch.Tensor, training: bool) -> torch.Tensor:
+
+def _dense_scores(q, k, bias, mask: Optional[_ShiftMask], ws: slice, rs: slice,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q k^T + bias (+ shift mask) in float32 for windows ``ws`` and query rows ``rs``: (cw, h, r, n), written into
+    ``out`` when given."""
+    if out is not None and q.dtype == torch.float32 and k.dtype == torch.float32 and out.is_contiguous():
+        s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1), out=out)
+    else:
+        s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1))
+        if s.dtype != torch.float32:
+            s = s.float()
+        if out is not None:
+            s = out.copy_(s)
+    s = s.add_(bias[:, rs])
+    if mask is not None:
+        s = mask.add_to(s, ws, rs)
+    return s
+
+
+def _softmax(s: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if inplace:  # same kernel, result written over the scores (bitwise equal, test_pft_ops)
+        return torch.ops.aten._softmax.out(s, -1, False, out=s)
+    return torch.softmax(s, -1)
+
+
+def _transfer(a: torch.Tensor, prev: torch.Tensor, training: bool, inplace: bool = False) -> torch.Tensor:
     """Progressive focusing: multiply by the previous map of the same parity and renormalise (spec section 2.4)."""
+    if inplace:
+        a = a.mul_(prev)
+        if training:
+            den = a.sum(-1, keepdim=True).add_(EPS)
+            return a.add_(EPS).div_(den)
+        a = a.add_(EPS)
+        return a.div_(a.sum(-1, keepdim=True).add_(EPS))
     prod = a * prev
     if training:
         return (prod + EPS) / (prod.sum(-1, keepdim=True) + EPS)
     prod = prod + EPS
     return prod / (prod.sum(-1, keepdim=True) + EPS)
+
+
+class _Frame:
+    """Per-forward geometry shared by every layer: the token order of the windows (unshifted and shifted, as row
+    permutations of the (B*H*W, C) token matrix) and the shift mask."""
+
+    def __init__(self, b: int, hh: int, ww: int, ws: int, device):
+        self.hw, self.window_size = (hh, ww), ws
+        self.mask = _ShiftMask(_shift_labels(hh, ww, ws, device))
+        self._orders = {}
+        self._b, self._device = b, device
+
+    def order(self, shift: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(perm, inverse): windows[j] = tokens[perm[j]] for ``window_partition(roll(tokens, -shift))``."""
+        if shift not in self._orders:
+            hh, ww = self.hw
+            idx = torch.arange(self._b * hh * ww, device=self._device).view(self._b, hh, ww, 1)
+            if shift:
+                idx = torch.roll(idx, shifts=(-shift, -shift), dims=(1, 2))
+            perm = window_partition(idx, self.window_size).reshape(-1)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel(), device=perm.device)
+            self._orders[shift] = (perm, inv)
+        return self._orders[shift]
 
 
 def _shift_labels(hp: int, wp: int, ws: int, device) -> torch.Tensor:
@@ -112,9 +253,14 @@ class DepthwiseConvGELU(nn.Module):
             nn.Conv2d(channels, channels, kernel_size, 1, (kernel_size - 1) // 2, groups=channels), nn.GELU())
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        b, n, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, *hw)  # b, c, h, w
-        return self.depthwise_conv(x).flatten(2).transpose(1, 2)  # b, n, c
+        return _conv_tokens(self.depthwise_conv, x, hw)
+
+
+def _conv_tokens(conv: nn.Module, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """Apply a conv to a token map (B, H*W, C) read as a channels-last image (no transposed copies); -> (B, H*W, C')."""
+    b, n, c = x.shape
+    y = conv(x.view(b, *hw, c).permute(0, 3, 1, 2))  # b, c, h, w with channels-last strides
+    return y.permute(0, 2, 3, 1).reshape(b, n, y.shape[1])
 
 
 class ConvFFN(nn.Module):
@@ -137,6 +283,12 @@ class PFAttention(nn.Module):
     """Window attention with progressive focusing: owns the relative-position-bias table and ``proj``.
 
     The table has one column per head when ``per_head_bias`` (upstream: ``dim > 100``), else one shared column.
+
+    Without autograd the attention runs block by block (a few windows x a few hundred query rows, sized to stay in
+    cache, :func:`adasr.ops.sparse_attention.block_bytes`): scores, softmax, focusing, top-k and aggregation of a
+    block are done together, in place, into preallocated outputs and states; on the CPU the blocks run on
+    :func:`adasr.ops.sparse_attention.parallel_blocks` worker threads (``ADASR_ATTN_THREADS=0``: sequentially). With
+    autograd it runs over chunks of whole windows sized from the memory budget, out of place.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, per_head_bias: bool):
@@ -149,72 +301,152 @@ class PFAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def bias(self, rpi: torch.Tensor) -> torch.Tensor:
-        """(h or 1, n, n) relative-position bias."""
-        n = rpi.shape[0]
-        return self.relative_position_bias_table[rpi.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+        """(h or 1, n, n) relative-position bias (contiguous)."""
+        return self.relative_position_bias_table.t()[:, rpi]
 
     @staticmethod
-    def dense_probs(q, k, bias, labels: Optional[torch.Tensor], sl: slice) -> torch.Tensor:
-        """softmax(q k^T + bias (+ shift mask)) in float32 for windows ``sl`` (q, k: (c, h, n, d))."""
-        s = torch.matmul(q, k.transpose(-2, -1)).float() + bias.float()
-        if labels is not None:
-            n_win = labels.shape[0]
-            win = torch.arange(sl.start, sl.start + q.shape[0], device=labels.device) % n_win
-            lab = labels[win]  # c, n
-            mask = (lab[:, :, None] != lab[:, None, :]).to(s.dtype) * MASK_VALUE
-            s = s + mask.unsqueeze(1)
-        return torch.softmax(s, -1)
+    def _blocks(nb: int, h: int, n: int, keys: int, sparse_in: bool, dense_prev: bool, grad: bool):
+        """(windows, rows) per block.
+
+        With autograd: whole windows, as many as the memory budget allows. Without: about block_bytes() of
+        float32 per block: whole windows for layers with sparse input (rows of K' entries; their states are plain
+        (B_, h, n, K) tensors sliced by window), else rows of n entries in row blocks that depend on (nb, h, n) only,
+        so that a dense map is kept, or recomputed, on exactly the blocks it was first computed on.
+        """
+        if grad:
+            per_window = 4 * h * n * keys * 5 + (4 * h * n * n * 2 if dense_prev else 0)
+            return chunk_count(nb, per_window), n
+        target = block_bytes()
+        per_row = 4 * h * (keys if sparse_in else n)
+        if sparse_in or per_row * n <= target:
+            return max(1, min(nb, target // (per_row * n))), n
+        return 1, max(1, target // per_row)
+
+    def _sparse_scores(self, q, k, bias, idx, ws: slice, rs: slice, grad: bool) -> torch.Tensor:
+        """Scores + bias at the kept keys ``idx`` (cw, h, r, K') of windows ws and query rows rs, float32."""
+        cw, h, r, keys = idx.shape
+        n, d = q.shape[-2:]
+        method = None
+        if q.device.type == 'cpu' and resolve_backend(q.device) == 'torch':
+            method = pick_method('qk', n, keys, d, q.device, q.dtype)
+        if method == 'dense':  # BLAS over all keys of a few rows at a time (in cache), then one gather of score + bias
+            if grad:
+                return torch.gather(_dense_scores(q, k, bias, None, ws, rs), -1, idx.long())
+            out = torch.empty(cw, h, r, keys, device=q.device)
+            step = max(1, cache_bytes() // (4 * cw * h * n))
+            for r0 in range(0, r, step):
+                sub = slice(r0, min(r, r0 + step))
+                s = _dense_scores(q, k, bias, None, ws, slice(rs.start + r0, rs.start + sub.stop))
+                torch.gather(s, -1, idx[:, :, sub].long(), out=out[:, :, sub])
+            return out
+        bias_g = torch.gather(bias[:, rs].expand(cw, h, r, n), -1, idx.long())
+        if method == 'sampled' and not grad:  # one dot product per kept entry, the bias added in the same pass
+            out = _qk_sampled(q[ws, :, rs].reshape(cw * h, r, d), k[ws].reshape(cw * h, n, d),
+                              idx.reshape(cw * h, r, keys), base=bias_g.reshape(cw * h, r, keys))
+            return out.view(cw, h, r, keys)
+        return sparse_qk(q[ws, :, rs], k[ws], idx).float() + bias_g
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpi: torch.Tensor, prev,
                 topk: int, labels: Optional[torch.Tensor]):
         """q (pre-scaled), k, v: (B_, h, n, d). Returns (out (B_, h, n, d), state for the next same-parity layer)."""
         nb, h, n, d = q.shape
-        bias = self.bias(rpi)
+        grad = torch.is_grad_enabled()
+        fast = not grad  # in place, into preallocated outputs and states
+        bias = self.bias(rpi).float()
+        mask = labels if labels is None or isinstance(labels, _ShiftMask) else _ShiftMask(labels)
         sparse_in = prev is not None and prev.kind == 'sparse'
-        keys = prev.index.shape[-1] if sparse_in else n
+        dense_prev = prev is not None and prev.kind == 'dense'
+        keys = prev.keys if sparse_in else n
         do_topk = topk < n and topk != keys  # k == K' would only permute the kept set
-        keep_dense = topk >= n
-        recompute = (keep_dense and not torch.is_grad_enabled()
-                     and nb * h * n * n * 4 > memory_budget_bytes())
-        per_window = 4 * h * n * keys * 5 + (4 * h * n * n * 2 if prev is not None and prev.kind == 'dense' else 0)
-        step = chunk_count(nb, per_window)
-
+        kout = topk if do_topk else keys
+        keep_dense = topk >= n  # (validation: a sparse parity never returns to dense)
+        store = keep_dense and (grad or nb * h * n * n * 4 <= memory_budget_bytes())
         index_dtype = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
-        outs, vals, idxs = [], [], []
-        for s in range(0, nb, step):
-            sl = slice(s, min(nb, s + step))
-            if sparse_in:
-                index = prev.index[sl].long()
-                scores = sparse_qk(q[sl], k[sl], index).float()
-                scores = scores + torch.gather(bias.float().expand(index.shape[0], h, n, n), -1, index)
-                a = torch.softmax(scores, -1)
-                a = _transfer(a, prev.values[sl], self.training)
-            else:
-                index = None
-                a = self.dense_probs(q[sl], k[sl], bias, labels, sl)
-                if prev is not None:
-                    a = _transfer(a, prev.probs(sl), self.training)
-            if do_topk:
-                a, pos = torch.topk(a, topk, dim=-1, largest=True, sorted=False)
-                index = pos if index is None else torch.gather(index, -1, pos)
-            if index is None:
-                out = torch.matmul(a.to(v.dtype), v[sl])
-            else:
-                out = sparse_av(a, v[sl], index)
-                idxs.append(index.to(index_dtype))  # int16 for windows up to 181x181: 1/4 of int64
-            outs.append(out.to(v.dtype))
-            if not recompute:
-                vals.append(a)
+        wstep, rstep = self._blocks(nb, h, n, keys, sparse_in, dense_prev, grad)
 
-        out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-        if keep_dense and not sparse_in:
-            if recompute:
-                state = _DenseRecipe(self, q, k, bias, labels, prev if prev is not None else None, self.training)
+        def block_probs(ws: slice, rs: slice):
+            """Attention weights of one block after focusing and top-k, and their key indices (None: dense)."""
+            if sparse_in:
+                idx = _block(prev.index, ws, rs)
+                a = _softmax(self._sparse_scores(q, k, bias, idx, ws, rs, grad), fast)
+                if fast and not do_topk:  # focus straight into the kept values (prod = prev * a, as a * prev)
+                    a = _transfer(_block(vals, ws, rs), a, self.training, inplace=True)
+                else:
+                    a = _transfer(a, _block(prev.values, ws, rs), self.training, fast)
             else:
-                state = _DenseMap(torch.cat(vals, 0) if len(vals) > 1 else vals[0])
+                idx = None
+                a = _dense_scores(q, k, bias, mask, ws, rs, out=maps.block(ws, rs) if fast and store else None)
+                a = _softmax(a, fast)
+                if prev is not None:
+                    a = _transfer(a, prev.probs(ws, rs), self.training, fast)
+            if do_topk:
+                pos = sparse_topk_positions(a, topk)
+                if fast:  # gather the kept values and indices straight into the state
+                    kept = vals[ws, :, rs]
+                    a = torch.gather(a, -1, pos, out=kept) if kept.is_contiguous() else kept.copy_(a.gather(-1, pos))
+                else:
+                    a = torch.gather(a, -1, pos)
+                idx = pos if idx is None else torch.gather(idx, -1, pos)  # in the stored (int16) dtype
+                if fast:
+                    idxs[ws, :, rs] = idx
+            return a, idx
+
+        direct_av = fast and v.device.type == 'cpu' and resolve_backend(v.device) == 'torch'
+
+        def aggregate(a, idx, ws: slice):
+            if idx is None:
+                return torch.matmul(a.to(v.dtype), v[ws])
+            if direct_av:  # the CPU kernel without the checks of the public op (shapes are right by construction)
+                cw, _, r, kk = idx.shape
+                o = _av_ebag(a.reshape(cw * h, r, kk), v[ws].reshape(cw * h, n, d).float(), idx.reshape(cw * h, r, kk))
+                return o.view(cw, h, r, d)
+            return sparse_av(a, v[ws], idx)
+
+        blocks = [(slice(w0, min(nb, w0 + wstep)), slice(r0, min(n, r0 + rstep)))
+                  for w0 in range(0, nb, wstep) for r0 in range(0, n, rstep)]
+        if fast:
+            out_buf = torch.empty(nb, n, h, d, dtype=v.dtype, device=v.device)
+            out = out_buf.permute(0, 2, 1, 3)  # (nb, h, n, d) view; the layer merges heads without a copy
+            maps = _Blocked(nb, h, n, n, rstep, torch.float32, q.device) if store else None
+            if not keep_dense:
+                if sparse_in and not do_topk:  # same keys: update the inherited values in place, share the index
+                    vals, idxs = prev.values, prev.index
+                else:
+                    vals = torch.empty(nb, h, n, kout, device=q.device)
+                    idxs = torch.empty(nb, h, n, kout, dtype=index_dtype, device=q.device)
+            if mask is not None and any(mask.kind):
+                mask.masks()  # build once, before the blocks run in parallel
+
+            def run_block(block):
+                ws, rs = block
+                a, idx = block_probs(ws, rs)
+                out[ws, :, rs] = aggregate(a, idx, ws)
+
+            if q.device.type == 'cpu':
+                parallel_blocks(run_block, blocks)
+            else:
+                for block in blocks:
+                    run_block(block)
         else:
+            outs, val_list, idx_list = [], [], []
+            for ws, rs in blocks:  # whole windows (rs covers every row)
+                a, idx = block_probs(ws, rs)
+                outs.append(aggregate(a, idx, ws).to(v.dtype))
+                if not keep_dense or store:
+                    val_list.append(a)
+                if not keep_dense:
+                    idx_list.append(idx.to(index_dtype))
             cat = (lambda x: torch.cat(x, 0) if len(x) > 1 else x[0])  # noqa: E731
-            state = _SparseMap(cat(vals), cat(idxs))
+            out = cat(outs)
+            if keep_dense:
+                maps = cat(val_list)
+            else:
+                vals, idxs = cat(val_list), cat(idx_list)
+
+        if keep_dense:
+            state = _DenseMap(maps) if store else _DenseRecipe(q, k, bias, mask, prev, self.training)
+        else:
+            state = _SparseMap(vals, idxs)
         return out, state
 
 
@@ -239,28 +471,26 @@ class PFTLayer(nn.Module):
     def slot(self) -> int:
         return 1 if self.shift_size else 0
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int], prev, rpi: torch.Tensor, labels: torch.Tensor):
+    def forward(self, x: torch.Tensor, frame: _Frame, prev, rpi: torch.Tensor):
         """x (B, H*W, C) -> (x, PFA state of this layer)."""
         b, n_tok, c = x.shape
-        hh, ww = hw
-        ws, heads = self.window_size, self.num_heads
+        heads = self.num_heads
         d = c // heads
+        n = self.window_size ** 2
+        perm, inv = frame.order(self.shift_size)
         qkv = self.wqkv(self.norm1(x))  # b, n_tok, 3c
-        lepe = self.v_LePE(qkv[..., 2 * c:], hw)  # b, n_tok, c
-        qkvp = torch.cat([qkv, lepe], -1).view(b, hh, ww, 4 * c)
-        if self.shift_size:
-            qkvp = torch.roll(qkvp, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        win = window_partition(qkvp, ws)  # b*nW, n, 4c
-        q, k, v, lp = win.view(win.shape[0], ws * ws, 4, heads, d).permute(2, 0, 3, 1, 4)  # b*nW, h, n, d
-        out, state = self.attn_win(q * self.scale, k, v, rpi, prev, self.topk,
-                                   labels if self.shift_size else None)
-        out = (out + lp).transpose(1, 2).reshape(win.shape[0], ws * ws, c)
-        out = self.attn_win.proj(out)
-        out = window_reverse(out, ws, hh, ww)  # b, h, w, c
-        if self.shift_size:
-            out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        x = x + out.reshape(b, n_tok, c)
-        x = x + self.convffn(self.norm2(x), hw)
+        lepe = self.v_LePE(qkv[..., 2 * c:], frame.hw)  # b, n_tok, c
+        # (shifted) window order in one row gather each: windows[j] = tokens[perm[j]]
+        qkv_w = qkv.reshape(b * n_tok, 3 * c).index_select(0, perm)
+        lepe_w = lepe.reshape(b * n_tok, c).index_select(0, perm)
+        nb = qkv_w.shape[0] // n
+        q, k, v = qkv_w.view(nb, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # b*nW, h, n, d
+        q = q.mul_(self.scale) if not torch.is_grad_enabled() else q * self.scale
+        out, state = self.attn_win(q, k, v, rpi, prev, self.topk, frame.mask if self.shift_size else None)
+        out = (out.transpose(1, 2) + lepe_w.view(nb, n, heads, d)).reshape(nb * n, c)  # + LePE; channel h*d + e
+        out = self.attn_win.proj(out).index_select(0, inv)  # back to token order (and un-shifted)
+        x = x + out.view(b, n_tok, c)
+        x = x + self.convffn(self.norm2(x), frame.hw)
         return x, state
 
 
@@ -289,17 +519,15 @@ class PFTB(nn.Module):
         self.conv = _body_conv(dim, resi_connection)
         self.use_checkpoint = use_checkpoint
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int], states: list, rpi, labels) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame: _Frame, states: list, rpi) -> torch.Tensor:
         y = x
         for layer in self.residual_group.layers:
             slot = layer.slot
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                y, states[slot] = checkpoint(layer, y, hw, states[slot], rpi, labels, use_reentrant=False)
+                y, states[slot] = checkpoint(layer, y, frame, states[slot], rpi, use_reentrant=False)
             else:
-                y, states[slot] = layer(y, hw, states[slot], rpi, labels)
-        b, n, c = y.shape
-        y = self.conv(y.transpose(1, 2).reshape(b, c, *hw)).flatten(2).transpose(1, 2)
-        return y + x
+                y, states[slot] = layer(y, frame, states[slot], rpi)
+        return _conv_tokens(self.conv, y, frame.hw) + x
 
 
 class _PatchEmbedNorm(nn.Module):
@@ -477,11 +705,11 @@ class PFT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape
         tokens = self.patch_embed.norm(x.flatten(2).transpose(1, 2))  # b, h*w, c
-        labels = _shift_labels(hh, ww, self.window_size, x.device)
+        frame = _Frame(b, hh, ww, self.window_size, x.device)
         rpi = self.relative_position_index_SA
         states = [None, None]  # PFA state per shift parity, carried across residual groups
         for blk in self.layers:
-            tokens = blk(tokens, (hh, ww), states, rpi, labels)
+            tokens = blk(tokens, frame, states, rpi)
         tokens = self.norm(tokens)
         return tokens.transpose(1, 2).reshape(b, c, hh, ww)
 

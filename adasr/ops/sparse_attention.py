@@ -8,29 +8,60 @@ gradients: the gradient with respect to the gathered operand is a scatter-add (t
 updates there, see docs/pft.md). Each is the other's backward, plus one "transposed scatter"
 ``scatter_outer(w, x, index)``: ``out[g, j] = sum_{i, t: index[g, i, t] = j} w[g, i, t] * x[g, i]``.
 
-Two exact PyTorch implementations are kept, and one is picked per call from the shapes:
+Exact PyTorch implementations, one picked per call from the shapes, device and dtype (:func:`pick_method`):
 
-* ``gather``: gather the K rows of k / v per query, then a batched multiply. Work and memory ~ n*K*d.
-* ``dense``: the full (n, m) product with BLAS, then gather (scores) or a scatter into an (n, m) map and a product
-  (aggregation). Work ~ n*m*d, memory ~ n*m, but at BLAS speed: faster on the CPU for large K.
+* scores: ``sampled`` (the CSR sampled dense-dense product, ``torch.sparse.sampled_addmm``: one d-long dot product
+  per kept entry, work ~ n*K*d) for small K; ``dense`` (BLAS product of a block of queries with all keys, kept in
+  cache, then a gather of the K entries per row: work ~ n*m*d at BLAS speed + n*K) when K*d is large relative to m;
+  ``gather`` (gather K key rows per query, then a batched product) kept for other devices.
+* aggregation: ``ebag`` (``embedding_bag`` in sum mode with per-sample weights: a weighted sum of K value rows per
+  query, FBGEMM-vectorised on the CPU, work ~ n*K*d, no n x m map) on the CPU; ``dense`` (scatter into an n x m map,
+  then BLAS) and ``gather`` kept for other devices.
+* top-k selection (:func:`topk`): ``numpy.argpartition`` on the CPU (x86-simd-sort on AVX-512 / AVX2, about 3x
+  faster than ``torch.topk`` there), ``torch.topk`` elsewhere.
 
-Neither ever holds more than ``chunk`` batch entries at once (the chunk is chosen from a memory budget, see
-:func:`adasr.ops.memory_budget_bytes`), so an (n, m) map never exists for the whole batch.
+Work is done in blocks of rows sized to stay in cache (:data:`CACHE_BLOCK_BYTES`), never more than the memory
+budget (:func:`memory_budget_bytes`) at once, so an (n, m) map never exists for the whole batch.
 """
 import os
-from typing import Callable, Literal, Optional
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Literal, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-Method = Literal['auto', 'gather', 'dense']
+Method = Literal['auto', 'gather', 'dense', 'sampled', 'ebag']
 
+# Default working-memory budget of one attention step. A larger budget lets PFT keep its dense maps instead of
+# recomputing them, which measured no faster on the CPU (8.72 s vs 8.67 s for PFT-light x4 at 256x256) but doubled the
+# peak memory (2986 MB vs 1500 MB), so the default stays small; ADASR_ATTN_MEMORY_MB raises it.
 _DEFAULT_BUDGET_MB = 256
+
+#: Scores use the sampled (one dot product per entry) form while K * d <= SAMPLED_LIMIT * m (``ADASR_SAMPLED_LIMIT``).
+SAMPLED_LIMIT = float(os.environ.get('ADASR_SAMPLED_LIMIT', '1.0'))
+
+#: Working set of one block of the CPU paths (an r x m score block, r rows at a time): about the L2 cache.
+CACHE_BLOCK_BYTES = 1 << 20
+
+#: Bytes of float32 work per block of the block-parallel CPU attention (``ADASR_ATTN_BLOCK_KB`` to tune).
+ATTN_BLOCK_BYTES = 4 << 20
+
+
+def default_memory_budget_bytes() -> int:
+    """The default working-memory budget: 256 MB (see ``_DEFAULT_BUDGET_MB``)."""
+    return _DEFAULT_BUDGET_MB * 2**20
 
 
 def memory_budget_bytes() -> int:
-    """Working-memory budget for one chunk of a sparse or dense attention step (env ``ADASR_ATTN_MEMORY_MB``)."""
-    raw = os.environ.get('ADASR_ATTN_MEMORY_MB', str(_DEFAULT_BUDGET_MB))
+    """Working-memory budget of one attention step: ``ADASR_ATTN_MEMORY_MB`` if set, else
+    :func:`default_memory_budget_bytes`. Dense attention maps that would exceed it are recomputed, not kept."""
+    raw = os.environ.get('ADASR_ATTN_MEMORY_MB')
+    if raw is None or raw == '':
+        return default_memory_budget_bytes()
     try:
         mb = float(raw)
     except ValueError:
@@ -46,52 +77,151 @@ def chunk_count(total: int, bytes_per_item: int, budget: Optional[int] = None) -
     return max(1, min(total, budget // max(1, bytes_per_item)))
 
 
-def pick_method(op: str, m: int, k: int, d: int, device: torch.device) -> str:
-    """``dense`` or ``gather`` for one sparse product over k of m keys with head dim d (``op``: ``qk`` or ``av``).
+def block_bytes() -> int:
+    """Bytes of one attention block: :data:`ATTN_BLOCK_BYTES` (``ADASR_ATTN_BLOCK_KB`` to tune), at most the memory
+    budget."""
+    raw = os.environ.get('ADASR_ATTN_BLOCK_KB')
+    target = ATTN_BLOCK_BYTES if not raw else int(float(raw) * 1024)
+    return max(1, min(target, memory_budget_bytes()))
 
-    On the CPU the BLAS product over all m keys wins once k*d is a sizeable share of m (measured on 2 cores for
-    m = 1024, d = 13 and 40: the gather path is faster up to k*d ~ 0.7 m for scores and ~ 1.3 m for aggregation;
-    both paths are exact). Elsewhere (CUDA without Triton) the dense path is used from k >= m/8.
+
+def cache_bytes() -> int:
+    """Bytes of one cache-resident sub-block (:data:`CACHE_BLOCK_BYTES`), at most the memory budget."""
+    return max(1, min(CACHE_BLOCK_BYTES, memory_budget_bytes()))
+
+
+def _sampled_ok(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float64)
+
+
+def pick_method(op: str, m: int, k: int, d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The exact formulation for one sparse product over k of m keys with head dim d (``op``: ``qk`` or ``av``).
+
+    CPU (measured on 2 cores, m = 1024, d = 13 and 40): scores use ``sampled`` up to k*d ~ 2 m and the cache-blocked
+    ``dense`` product + gather above; aggregation always uses ``ebag``. Elsewhere (CUDA without Triton) ``gather``
+    for k < m/8, else ``dense``.
     """
     if device.type == 'cpu':
-        limit = 0.7 * m if op == 'qk' else 1.3 * m
-        return 'gather' if k * d <= limit else 'dense'
+        if op == 'av':
+            return 'ebag'
+        return 'sampled' if k * d <= SAMPLED_LIMIT * m and _sampled_ok(dtype) else 'dense'
     return 'gather' if 8 * k < m else 'dense'
 
 
-def _chunked(fn: Callable, n_out_rows: int, g: int, per_item: int, *tensors):
-    step = chunk_count(g, per_item)
-    if step >= g:
-        return fn(*tensors)
-    return torch.cat([fn(*(t[s:s + step] for t in tensors)) for s in range(0, g, step)], 0)
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _long(index: torch.Tensor) -> torch.Tensor:
+    return index if index.dtype == torch.int64 else index.long()
 
 
 def _flat_index(index: torch.Tensor, m: int) -> torch.Tensor:
-    """(G, n, K) per-batch row indices -> flat rows of a (G*m, d) matrix."""
-    offs = torch.arange(index.shape[0], device=index.device, dtype=torch.long).mul_(m)
-    return (index.long() + offs[:, None, None]).reshape(-1)
+    """(G, n, K) per-batch row indices -> flat rows of a (G*m, d) matrix (int32 when it fits, else int64)."""
+    g = index.shape[0]
+    dtype = torch.int32 if g * m < 2**31 and index.dtype != torch.int64 else torch.int64
+    offs = torch.arange(g, device=index.device, dtype=dtype).mul_(m).view(g, 1, 1)
+    return torch.add(index, offs) if index.dtype != torch.int64 else index + offs.long()
+
+
+def _row_blocks(g: int, n: int, m: int, elem: int):
+    """Yield (group slice, row slice) blocks so that one (groups, rows, m) block holds about cache_bytes()."""
+    target = cache_bytes()
+    per_group = n * m * elem
+    if per_group <= target:
+        step = max(1, target // per_group)
+        for g0 in range(0, g, step):
+            yield slice(g0, min(g, g0 + step)), slice(0, n)
+    else:
+        rows = max(1, target // (m * elem))
+        for g0 in range(g):
+            for r0 in range(0, n, rows):
+                yield slice(g0, g0 + 1), slice(r0, min(n, r0 + rows))
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast gives matmuls on ``device`` here, or None when autocast is off."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device.type == 'cpu' and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device.type == 'cuda' and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (G, m, d), index (G, n, K) -> (G, n, K, d)."""
     g, m, d = x.shape
-    return x.reshape(g * m, d).index_select(0, _flat_index(index, m)).view(*index.shape, d)
+    return x.reshape(g * m, d).index_select(0, _long(_flat_index(index, m)).reshape(-1)).view(*index.shape, d)
 
 
 def _scatter_map(w: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
     """w (G, n, K) at index -> dense (G, n, m) map (duplicates add up)."""
     out = torch.zeros(*w.shape[:-1], m, dtype=w.dtype, device=w.device)
-    return out.scatter_add_(-1, index.long(), w)
+    return out.scatter_add_(-1, _long(index), w)
 
 
-# ---- the three primitives, each in its two forms (no autograd here) --------------------------------------------
+_csr_warned = False
+
+
+def _quiet_csr(crow, col, values, size):
+    global _csr_warned
+    if _csr_warned:
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # "sparse CSR support is in beta" (torch warns once per process)
+        out = torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+    _csr_warned = True
+    return out
+
+
+# ---- the three primitives in their forms (no autograd here) -------------------------------------------------------
 
 def _qk_gather(q, k, index):
     return torch.einsum('gnkd,gnd->gnk', _gather_rows(k, index), q)
 
 
 def _qk_dense(q, k, index):
-    return torch.gather(torch.matmul(q, k.transpose(-2, -1)), -1, index.long())
+    """Cache-blocked: for each block of query rows, the BLAS product with all keys, then the gather of K entries."""
+    g, n, _ = q.shape
+    m, kk = k.shape[1], index.shape[-1]
+    cast = _autocast_dtype(q.device)  # autocast is thread-local and blocks may run on other threads: cast here
+    if cast is not None:
+        q, k = q.to(cast), k.to(cast)
+    kt = k.transpose(-2, -1)
+    if _needs_grad(q, k):  # differentiable path (out= ops do not record autograd)
+        return torch.gather(torch.matmul(q, kt), -1, _long(index))
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    out = torch.empty(g, n, kk, dtype=dtype, device=q.device)
+
+    def block(b):
+        gs, rs = b
+        torch.gather(torch.matmul(q[gs, rs], kt[gs]), -1, _long(index[gs, rs]), out=out[gs, rs])
+
+    blocks = list(_row_blocks(g, n, m, dtype.itemsize))
+    if q.device.type == 'cpu':
+        parallel_blocks(block, blocks)
+    else:
+        for b in blocks:
+            block(b)
+    return out
+
+
+def _qk_sampled(q, k, index, base: Optional[torch.Tensor] = None):
+    """CSR sampled dense-dense product (one dot product per kept entry); adds ``base`` (G, n, K) when given."""
+    g, n, d = q.shape
+    m, kk = k.shape[1], index.shape[-1]
+    itype = torch.int32 if n * kk < 2**31 and m < 2**31 else torch.int64
+    crow = torch.arange(0, n * kk + 1, kk, dtype=itype, device=q.device).expand(g, n + 1).contiguous()
+    col = index.to(itype).reshape(g, n * kk)
+    if base is None:
+        values, beta = torch.zeros(g, n * kk, dtype=q.dtype, device=q.device), 0.
+    else:
+        values, beta = base.to(q.dtype).reshape(g, n * kk).contiguous(), 1.
+    csr = _quiet_csr(crow, col, values, (g, n, m))
+    res = torch.sparse.sampled_addmm(csr, q.contiguous(), k.contiguous().transpose(-2, -1), beta=beta)
+    return res.values().view(g, n, kk)
 
 
 def _av_gather(a, v, index):
@@ -102,12 +232,22 @@ def _av_dense(a, v, index):
     return torch.matmul(_scatter_map(a, index, v.shape[-2]), v)
 
 
+def _av_ebag(a, v, index):
+    """Weighted sum of K value rows per query (``embedding_bag``, sum mode, per-sample weights)."""
+    g, n, kk = a.shape
+    m, d = v.shape[-2:]
+    flat = _flat_index(index, m).reshape(g * n, kk)
+    out = F.embedding_bag(flat, v.reshape(g * m, d), per_sample_weights=a.reshape(g * n, kk).to(v.dtype),
+                          mode='sum')
+    return out.view(g, n, d)
+
+
 def _outer_gather(w, x, index, m):
     g, n, kk = w.shape
     d = x.shape[-1]
     contrib = (w.unsqueeze(-1) * x.unsqueeze(-2)).reshape(g * n * kk, d)
     out = torch.zeros(g * m, d, dtype=x.dtype, device=x.device)
-    return out.index_add_(0, _flat_index(index, m), contrib).view(g, m, d)
+    return out.index_add_(0, _long(_flat_index(index, m)).reshape(-1), contrib).view(g, m, d)
 
 
 def _outer_dense(w, x, index, m):
@@ -115,35 +255,174 @@ def _outer_dense(w, x, index, m):
 
 
 def _per_item_bytes(n, m, k, d, elem, method):
-    return elem * (n * k * d + n * k if method == 'gather' else n * m + n * max(k, d))
+    if method in ('gather',):
+        return elem * (n * k * d + n * k)
+    if method in ('sampled', 'ebag'):
+        return elem * 3 * n * k + elem * n * d
+    return elem * (n * m + n * max(k, d))
+
+
+def _chunked(fn, g: int, per_item: int, *tensors):
+    step = chunk_count(g, per_item)
+    if step >= g:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[s:s + step] for t in tensors)) for s in range(0, g, step)], 0)
+
+
+def _resolve(method: str, op: str, m: int, kk: int, d: int, x: torch.Tensor) -> str:
+    if method == 'auto':
+        return pick_method(op, m, kk, d, x.device, x.dtype)
+    if method == 'sampled' and not _sampled_ok(x.dtype):
+        return 'dense'  # torch.sparse.sampled_addmm has no half / bfloat16 kernels on the CPU
+    return method
 
 
 def qk_forward(q, k, index, method: Method = 'auto'):
     g, n, d = q.shape
     m, kk = k.shape[-2], index.shape[-1]
-    method = pick_method('qk', m, kk, d, q.device) if method == 'auto' else method
-    fn = _qk_gather if method == 'gather' else _qk_dense
-    return _chunked(fn, n, g, _per_item_bytes(n, m, kk, d, q.element_size(), method), q, k, index)
+    method = _resolve(method, 'qk', m, kk, d, q)
+    if method == 'ebag':
+        raise ValueError("method 'ebag' is an aggregation (sparse_av) method")
+    fn = {'gather': _qk_gather, 'dense': _qk_dense, 'sampled': _qk_sampled}[method]
+    return _chunked(fn, g, _per_item_bytes(n, m, kk, d, q.element_size(), method), q, k, index)
 
 
 def av_forward(a, v, index, method: Method = 'auto'):
     g, n, kk = a.shape
     m, d = v.shape[-2:]
-    method = pick_method('av', m, kk, d, v.device) if method == 'auto' else method
-    fn = _av_gather if method == 'gather' else _av_dense
-    return _chunked(fn, n, g, _per_item_bytes(n, m, kk, d, v.element_size(), method), a, v, index)
+    method = _resolve(method, 'av', m, kk, d, v)
+    if method == 'sampled':
+        raise ValueError("method 'sampled' is a scores (sparse_qk) method")
+    fn = {'gather': _av_gather, 'dense': _av_dense, 'ebag': _av_ebag}[method]
+    return _chunked(fn, g, _per_item_bytes(n, m, kk, d, v.element_size(), method), a, v, index)
 
 
 def scatter_outer(w, x, index, m: int, method: Method = 'auto'):
     """``out[g, j] = sum_{i,t: index[g,i,t]=j} w[g,i,t] * x[g,i]`` -> (G, m, d)."""
     g, n, kk = w.shape
     d = x.shape[-1]
-    method = pick_method('av', m, kk, d, x.device) if method == 'auto' else method
+    if method in ('auto', 'sampled', 'ebag'):
+        method = 'gather' if kk * d <= 1.3 * m else 'dense'
     if method == 'gather':
         fn = lambda w_, x_, i_: _outer_gather(w_, x_, i_, m)  # noqa: E731
     else:
         fn = lambda w_, x_, i_: _outer_dense(w_, x_, i_, m)  # noqa: E731
-    return _chunked(fn, m, g, _per_item_bytes(n, m, kk, d, x.element_size(), method), w, x, index)
+    return _chunked(fn, g, _per_item_bytes(n, m, kk, d, x.element_size(), method), w, x, index)
+
+
+# ---- top-k -------------------------------------------------------------------------------------------------------
+
+# ---- block-parallel execution ------------------------------------------------------------------------------------
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_key: Tuple[int, int] = (0, 0)  # (process id, threads): a forked child or a new thread count gets a new pool
+_local = threading.local()
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # this thread's torch operations stay single-threaded
+    # Flush denormals (|x| < 1.2e-38) to zero on this thread only: x86 CPUs take 10-100x longer on them, and the
+    # -100 shift mask makes every masked softmax entry one (exp(-100) ~ 4e-44). In results of order 1e-7 or larger
+    # they are invisible; after focusing every kept weight is >= 1e-20 anyway.
+    torch.set_flush_denormal(True)
+
+
+def _worker_pool(threads: int) -> ThreadPoolExecutor:
+    global _pool, _pool_key
+    key = (os.getpid(), threads)
+    if _pool is None or _pool_key != key:
+        _pool, _pool_key = ThreadPoolExecutor(threads, thread_name_prefix='adasr-attn', initializer=_init_worker), key
+    return _pool
+
+
+def _run_items(fn: Callable, items: Sequence, inference: bool) -> None:
+    _local.in_worker = True
+    try:
+        # grad and inference modes are thread-local: blocks never record autograd, and write into the caller's
+        # tensors, which are inference tensors when the caller is in inference mode
+        with torch.inference_mode(inference), torch.no_grad():
+            for item in items:
+                fn(item)
+    finally:
+        _local.in_worker = False
+
+
+def parallel_blocks(fn: Callable, items: Sequence) -> None:
+    """Call ``fn(item)`` for every item (independent blocks writing disjoint outputs) on a pool of
+    ``torch.get_num_threads()`` worker threads, each running single-threaded torch / numpy operations with
+    denormals flushed to zero (see :func:`_init_worker`).
+
+    Many small operations each parallelised by OpenMP spend their time forking and joining (and stall when the
+    machine is busy); blocks run whole on separate threads do not. While the blocks run, PyTorch's intra-op thread
+    count is 1 (restored afterwards). Without autograd only. Nested calls run sequentially in the calling worker;
+    ``ADASR_ATTN_THREADS=0`` runs everything sequentially in the calling thread (denormals as the caller has them).
+    """
+    threads = torch.get_num_threads()
+    if not items:
+        return
+    if getattr(_local, 'in_worker', False) or os.environ.get('ADASR_ATTN_THREADS') == '0':
+        for item in items:
+            fn(item)
+        return
+    pool = _worker_pool(threads)
+    per_task = max(1, len(items) // (4 * threads))  # a few tasks per thread: balance with little overhead
+    tasks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
+    inference = torch.is_inference_mode_enabled()
+    if threads > 1:
+        torch.set_num_threads(1)  # MKL's thread count is process-wide: keep the workers' BLAS calls single-threaded
+    try:
+        for future in [pool.submit(_run_items, fn, task, inference) for task in tasks]:
+            future.result()
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+# ---- top-k -------------------------------------------------------------------------------------------------------
+
+_POOL_MIN_ELEMENTS = 1 << 18  # below this a split over threads costs more than it saves
+
+
+def _argpartition_top(x: np.ndarray, k: int) -> np.ndarray:
+    return np.argpartition(x, x.shape[-1] - k, axis=-1)[:, x.shape[-1] - k:]
+
+
+def _numpy_topk_positions(a2: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest entries of each row of a contiguous (rows, K) float32 CPU tensor (any order)."""
+    x = a2.numpy()
+    threads = torch.get_num_threads()
+    rows = x.shape[0]
+    if threads > 1 and x.size >= _POOL_MIN_ELEMENTS and rows >= 2 * threads and not getattr(_local, 'in_worker', 0):
+        step = -(-rows // threads)
+        parts = list(_worker_pool(threads).map(lambda s: _argpartition_top(x[s:s + step], k), range(0, rows, step)))
+        return torch.from_numpy(np.concatenate(parts, 0))
+    return torch.from_numpy(np.ascontiguousarray(_argpartition_top(x, k)))
+
+
+def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (int64) of the k largest entries of each row of ``a`` (..., K), in no particular order.
+
+    On the CPU in float32 they come from ``numpy.argpartition`` (vectorised introselect, x86-simd-sort on AVX-512 /
+    AVX2, about 3x faster than ``torch.topk`` there), split over ``torch.get_num_threads()`` threads; elsewhere from
+    ``torch.topk``. Ties at the k-th value may be broken differently from ``torch.topk`` (both are arbitrary there).
+    NaN counts as the largest (as in torch.topk).
+    """
+    kk = a.shape[-1]
+    if not 0 < k < kk:
+        raise ValueError(f'topk: k={k} must be in [1, {kk - 1}] for rows of length {kk}')
+    if a.device.type != 'cpu' or a.dtype != torch.float32 or os.environ.get('ADASR_TORCH_TOPK') == '1':
+        return torch.topk(a.detach(), k, dim=-1, largest=True, sorted=False).indices
+    flat = a.detach().reshape(-1, kk)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return _numpy_topk_positions(flat, k).view(*a.shape[:-1], k)
+
+
+def topk(a: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(a, k, -1, largest=True, sorted=False)`` through :func:`topk_positions`: (values, positions),
+    differentiable in ``a`` (the values are gathered at the positions)."""
+    pos = topk_positions(a, k)
+    return torch.gather(a, -1, pos), pos
 
 
 # ---- autograd --------------------------------------------------------------------------------------------------
@@ -162,8 +441,9 @@ class SparseQK(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, index = ctx.saved_tensors
         grad = grad.to(q.dtype)
-        gq = av_forward(grad, k, index, ctx.method) if ctx.needs_input_grad[0] else None
-        gk = scatter_outer(grad, q, index, k.shape[-2], ctx.method) if ctx.needs_input_grad[1] else None
+        method = ctx.method if ctx.method in ('gather', 'dense') else 'auto'
+        gq = av_forward(grad, k, index, method) if ctx.needs_input_grad[0] else None
+        gk = scatter_outer(grad, q, index, k.shape[-2], method) if ctx.needs_input_grad[1] else None
         return gq, gk, None, None
 
 
@@ -181,8 +461,9 @@ class SparseAV(torch.autograd.Function):
     def backward(ctx, grad):
         a, v, index = ctx.saved_tensors
         grad = grad.to(v.dtype)
-        ga = qk_forward(grad, v, index, ctx.method) if ctx.needs_input_grad[0] else None
-        gv = scatter_outer(a, grad, index, v.shape[-2], ctx.method) if ctx.needs_input_grad[1] else None
+        method = ctx.method if ctx.method in ('gather', 'dense') else 'auto'
+        ga = qk_forward(grad, v, index, method) if ctx.needs_input_grad[0] else None
+        gv = scatter_outer(a, grad, index, v.shape[-2], method) if ctx.needs_input_grad[1] else None
         return ga, gv, None, None
 
 
@@ -202,13 +483,21 @@ def _check(index: torch.Tensor, lead, n: int, m: int, op: str) -> None:
         raise ValueError(f'{op}: no keys to index')
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def torch_sparse_qk(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, method: Method = 'auto') -> torch.Tensor:
     """PyTorch :func:`adasr.ops.sparse_qk`. q (..., n, d), k (..., m, d), index (..., n, K) -> (..., n, K)."""
     lead = q.shape[:-2]
     _check(index, lead, q.shape[-2], k.shape[-2], 'sparse_qk')
     q3, k3, i3 = _flatten3(q, 'q'), _flatten3(k, 'k'), _flatten3(index, 'index')
     dtype = torch.promote_types(q.dtype, k.dtype)
-    out = SparseQK.apply(q3.to(dtype), k3.to(dtype), i3, method)
+    q3, k3 = q3.to(dtype), k3.to(dtype)
+    if _needs_grad(q3, k3):
+        out = SparseQK.apply(q3, k3, i3, method)
+    else:  # no autograd node, nothing saved
+        out = qk_forward(q3, k3, i3, method)
     return out.view(*lead, *out.shape[-2:])
 
 
@@ -220,7 +509,11 @@ def torch_sparse_av(attn: torch.Tensor, v: torch.Tensor, index: torch.Tensor, me
         raise ValueError(f'sparse_av: attn {tuple(attn.shape)} and index {tuple(index.shape)} differ')
     a3, v3, i3 = _flatten3(attn, 'attn'), _flatten3(v, 'v'), _flatten3(index, 'index')
     dtype = torch.promote_types(attn.dtype, v.dtype)
-    out = SparseAV.apply(a3.to(dtype), v3.to(dtype), i3, method)
+    a3, v3 = a3.to(dtype), v3.to(dtype)
+    if _needs_grad(a3, v3):
+        out = SparseAV.apply(a3, v3, i3, method)
+    else:
+        out = av_forward(a3, v3, i3, method)
     return out.view(*lead, *out.shape[-2:])
 
 
@@ -236,4 +529,5 @@ def dense_sparse_av(attn, v, index):
 
 
 __all__ = ['torch_sparse_qk', 'torch_sparse_av', 'dense_sparse_qk', 'dense_sparse_av', 'memory_budget_bytes',
-           'chunk_count', 'pick_method']
+           'default_memory_budget_bytes', 'chunk_count', 'pick_method', 'topk', 'topk_positions', 'parallel_blocks',
+           'cache_bytes', 'block_bytes', 'CACHE_BLOCK_BYTES']
