@@ -261,7 +261,8 @@ def test_outputs_and_eps_h(tmp_path):
 @pytest.mark.parametrize('n, kk, d', [(40, 2, 3), (40, 30, 3)])
 def test_pft_sparse_attention_products_are_counted(n, kk, d):
     """PFT's custom sparse products are counted inside the op, so they are charged for the kernel it picks on this
-    device: n*K*d for the gather form, n*m*d for the dense BLAS form (large K on a CPU)."""
+    device: n*K*d for the gather, sampled-product and embedding-bag forms, n*m*d for the dense BLAS form (large K
+    on a CPU)."""
     from adasr.ops import sparse_av, sparse_qk
     from adasr.ops.sparse_attention import pick_method
 
@@ -276,6 +277,6 @@ def test_pft_sparse_attention_products_are_counted(n, kk, d):
     macs, method, _ = count_macs(SparseAttention(), torch.rand(2, n, d))
     assert method == 'torch'
     cpu = torch.device('cpu')
-    expected = sum(2 * n * (kk if pick_method(op, n, kk, d, cpu) == 'gather' else n) * d for op in ('qk', 'av'))
+    expected = sum(2 * n * (n if pick_method(op, n, kk, d, cpu) == 'dense' else kk) * d for op in ('qk', 'av'))
     assert macs == expected
-    assert (kk == 2) == (expected == 2 * 2 * n * kk * d)  # small K: gather for both; large K: dense for the scores
+    assert (kk == 2) == (expected == 2 * 2 * n * kk * d)  # small K: sparse forms for both; large K: dense scores

@@ -5,6 +5,7 @@ and a latency-vs-PSNR plot.
 Adding a row is one line in :data:`DEFAULT_ROWS` (or ``--opt LABEL=path.yml`` on the command line): the option
 file's ``network_g`` builds the network and its ``path.pretrain_network_g`` (if the file exists) gives the weights.
 """
+import contextlib
 import csv
 import datetime
 import inspect
@@ -183,6 +184,41 @@ def latency_input(lr_path: str, h: int, w: int):
     return torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0)
 
 
+def _sparse_flop_formulas() -> Dict:
+    """FlopCounterMode formulas (2 flops per multiply-add) for the sparse products of PFT's CPU path:
+    ``sparse_sampled_addmm`` (one d-long dot product per stored entry) and embedding-bag sums with per-sample weights
+    (one weighted d-long row per index)."""
+    import torch
+
+    aten = torch.ops.aten
+
+    def sampled_addmm(inp, mat1, mat2, *args, out_val=None, **kwargs):
+        return 2 * inp.values().numel() * mat1.shape[-1]
+
+    def embedding_bag(weight, indices, *args, out_val=None, **kwargs):
+        return 2 * indices.numel() * weight.shape[-1]
+
+    formulas = {aten.sparse_sampled_addmm: sampled_addmm, aten._embedding_bag: embedding_bag,
+                aten._embedding_bag_forward_only: embedding_bag}
+    for fn in formulas.values():
+        fn._get_raw = True  # FlopCounterMode passes the tensors themselves (nnz is not in a shape)
+    return formulas
+
+
+@contextlib.contextmanager
+def _sequential_attention():
+    """Run adasr's blocked attention in the calling thread (``ADASR_ATTN_THREADS=0``) for the duration."""
+    old = os.environ.get('ADASR_ATTN_THREADS')
+    os.environ['ADASR_ATTN_THREADS'] = '0'
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ['ADASR_ATTN_THREADS']
+        else:
+            os.environ['ADASR_ATTN_THREADS'] = old
+
+
 def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, float]]:
     """Multiply-accumulates of one forward on ``x`` as the harness runs it (padded to ``window_size`` for archs
     that do not pad themselves).
@@ -191,8 +227,10 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
     archs count the work of that input); otherwise PyTorch's ``FlopCounterMode`` ("torch"), which sees every aten
     matrix product that runs (convolution, mm/addmm, bmm/baddbmm - einsum and matmul end up there - and fused
     attention) and counts 2 flops per multiply-add: halved here. It runs inside the ops, so PFT's sparse products are
-    charged for the kernel actually chosen (gather: n*K*d, or the dense BLAS form: n*m*d); they are counted with
-    adasr's PyTorch backend (Triton kernels are invisible to the counter). Not counted: normalisation, softmax,
+    charged for the kernel actually chosen (n*K*d for the gather, sampled-product and embedding-bag forms, or n*m*d
+    for the dense BLAS form); they are counted with adasr's PyTorch backend (Triton kernels are invisible to the
+    counter), with its block pool off (the counter sees only the calling thread), and with formulas for the two
+    products the stock counter does not know (:func:`_sparse_flop_formulas`). Not counted: normalisation, softmax,
     activations, element-wise arithmetic, gathers and sorts.
 
     fvcore's ``FlopCountAnalysis`` gives the same products (plus ~1% for LayerNorm) but keeps every intermediate
@@ -200,8 +238,6 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
 
     Returns (MACs, method, MACs per counted op).
     """
-    import contextlib
-
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -218,8 +254,8 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
         ops_ctx = sparse_backend('torch')
     except ImportError:  # a checkout without adasr.ops
         ops_ctx = contextlib.nullcontext()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), ops_ctx, counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_sparse_flop_formulas())
+    with torch.no_grad(), ops_ctx, _sequential_attention(), counter:
         padded_forward(net, scale, window_size)(x)
     per_op = {str(op): flops / 2 for op, flops in counter.get_flop_counts().get('Global', {}).items()}
     return counter.get_total_flops() / 2, 'torch', per_op
