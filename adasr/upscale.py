@@ -354,8 +354,9 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
                 folder = osp.join(args.output, 'halting', osp.splitext(name)[0])
                 save_halting_pictures(folder, img.color, collector, title=name, zoom=args.halting_zoom)
         except ImageReadError as e:
-            report.failed.append((path, str(e)))
-            log(f'FAILED {name}: {e}', error=True)
+            reason = str(e).removeprefix(f'{path}: ')  # the summary names the path itself
+            report.failed.append((path, reason))
+            log(f'FAILED {name}: {reason}', error=True)
             continue
         except (RuntimeError, ValueError, OSError) as e:  # model or write failure for this image only
             report.failed.append((path, f'{type(e).__name__}: {e}'))

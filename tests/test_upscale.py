@@ -67,6 +67,8 @@ def test_folder_of_odd_images(odd_folder, tmp_path, capsys):
     # failures are named with a reason, the others were still written, and a summary is printed
     assert 'broken.png' in captured.err and 'cannot decode' in captured.err
     assert 'empty.jpg: empty file' in captured.err
+    broken_line = next(line for line in captured.err.splitlines() if line.startswith('failed:') and 'broken' in line)
+    assert broken_line.count('broken.png') == 1  # the path is named once
     assert 'notes.txt' not in captured.err + captured.out
     assert 'done: 5 written, 0 skipped (output exists), 2 failed' in captured.out
 
