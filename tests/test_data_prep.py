@@ -243,6 +243,31 @@ def test_lmdb_keys_strip_suffix_and_reject_duplicates():
         lmdb_keys(['a/0001x4.png', 'b/0001.png'], 'x4')
 
 
+def test_interrupted_lmdb_leaves_no_lmdb_behind(tmp_path, monkeypatch):
+    """An LMDB is built under a temporary name and renamed when complete: a run killed while writing leaves no
+    path that a resumed run (or --skip-existing) would take as finished."""
+    import basicsr.utils.lmdb_util as lmdb_util
+
+    src = tmp_path / 'imgs'
+    src.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(src / f'{i}.png'), np.full((8, 8, 3), 40 * i, np.uint8))
+
+    def killed(folder, lmdb_path, *args, **kwargs):
+        os.makedirs(lmdb_path)
+        open(osp.join(lmdb_path, 'meta_info.txt'), 'w').close()  # basicsr opens it before writing the images
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmdb_util, 'make_lmdb_from_imgs', killed)
+    with pytest.raises(KeyboardInterrupt):
+        folder_to_lmdb(str(src), str(tmp_path / 'out.lmdb'))
+    assert not (tmp_path / 'out.lmdb').exists()
+    monkeypatch.undo()
+    n, path = folder_to_lmdb(str(src), str(tmp_path / 'out.lmdb'))  # the next run starts afresh and completes
+    assert n == 3 and (tmp_path / 'out.lmdb' / 'data.mdb').is_file()
+    assert not (tmp_path / 'out.partial.lmdb').exists()
+
+
 def test_div2k_pipeline_makes_matching_lmdbs_and_resumes(tmp_path):
     root = tmp_path / 'datasets'
     hr_dir = root / 'DIV2K' / 'DIV2K_train_HR'

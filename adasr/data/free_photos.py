@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from adasr.data.prepare import bicubic_resize, write_image
+from adasr.utils.image_io import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -200,10 +201,7 @@ def assemble(pkg_dir: str, out_dir: str, catalogue: Sequence[Photo] = CATALOGUE,
             continue
         dst = osp.join(out_dir, 'train', 'HR', name)
         if not osp.isfile(dst):
-            os.makedirs(osp.dirname(dst), exist_ok=True)
-            with open(dst + '.partial', 'wb') as f:
-                f.write(data)
-            os.replace(dst + '.partial', dst)
+            atomic_write_bytes(dst, data)
         rows.append(['train', name, photo.package, version, photo.path + (' [largest JPEG]' if photo.embedded else ''),
                      w, h, photo.licence, _sha256(dst)])
         counts['train'] += 1

@@ -3,6 +3,7 @@ import math
 import os
 import os.path as osp
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -39,9 +40,9 @@ def lmdb_keys(paths: List[str], strip_suffix: Optional[str] = None) -> List[str]
         if strip_suffix and key.endswith(strip_suffix):
             key = key[:-len(strip_suffix)]
         keys.append(key)
-    dup = {k for k in keys if keys.count(k) > 1}
+    dup = sorted(k for k, n in Counter(keys).items() if n > 1)
     if dup:
-        raise ValueError(f'duplicate LMDB keys (file names must be unique): {sorted(dup)[:5]}')
+        raise ValueError(f'duplicate LMDB keys (file names must be unique): {dup[:5]}')
     return keys
 
 
@@ -59,15 +60,21 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
     paths = list_images(folder)
     if not paths:
         raise ValueError(f'no images in {folder}')
-    if osp.exists(lmdb_path):
-        if not overwrite:
-            raise FileExistsError(f'{lmdb_path} exists; pass --overwrite to replace it')
-        shutil.rmtree(lmdb_path)
+    if osp.exists(lmdb_path) and not overwrite:
+        raise FileExistsError(f'{lmdb_path} exists; pass --overwrite to replace it')
     keys = lmdb_keys(paths, strip_suffix)
     total = sum(osp.getsize(osp.join(folder, p)) for p in paths)
     map_size = max(10 * total, 1 << 26)  # PNG level 1 re-encoding can be several times larger than the source
+    # built under a temporary name and renamed when complete, so an existing LMDB path always means a finished one
+    # (basicsr writes meta_info.txt before the images, so its presence proves nothing)
+    partial = lmdb_path[:-len('.lmdb')] + '.partial.lmdb'
+    if osp.exists(partial):
+        shutil.rmtree(partial)
     os.makedirs(osp.dirname(osp.abspath(lmdb_path)), exist_ok=True)
-    make_lmdb_from_imgs(folder, lmdb_path, paths, keys, compress_level=compress_level, map_size=map_size)
+    make_lmdb_from_imgs(folder, partial, paths, keys, compress_level=compress_level, map_size=map_size)
+    if osp.exists(lmdb_path):
+        shutil.rmtree(lmdb_path)
+    os.replace(partial, lmdb_path)
     return len(paths), lmdb_path
 
 
@@ -95,15 +102,16 @@ def read_image(path: str) -> np.ndarray:
 
 
 def write_image(path: str, img: np.ndarray, compress_level: int = 3) -> None:
-    """Write a PNG atomically (a temporary file renamed into place), so an interrupted run never leaves a
-    truncated image that a resumed run would take as done."""
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    root, ext = osp.splitext(path)
-    tmp = f'{root}.partial{ext}'
-    params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level] if ext.lower() == '.png' else []
-    if not cv2.imwrite(tmp, img, params):
-        raise OSError(f'cannot write {path}')
-    os.replace(tmp, path)
+    """Write an image atomically (:func:`adasr.utils.image_io.atomic_write_bytes`), so an interrupted run never
+    leaves a truncated image that a resumed run would take as done."""
+    from adasr.utils.image_io import atomic_write_bytes
+
+    ext = osp.splitext(path)[1].lower()
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level] if ext == '.png' else []
+    ok, buf = cv2.imencode(ext, img, params)
+    if not ok:
+        raise OSError(f'cannot encode {path}')
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
@@ -133,25 +141,29 @@ def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     return bicubic_resize(mod_crop(hr, scale), 1 / scale)
 
 
-def _run_jobs(fn: Callable, jobs: Sequence, n_workers: int, desc: str, progress: bool) -> List:
-    """``[fn(job) for job in jobs]`` with a progress bar, in ``n_workers`` processes when more than one."""
+def _run_jobs(fn: Callable, jobs: Sequence, n_workers: int, desc: str, progress: bool) -> 'StepReport':
+    """Run ``fn(job)`` for every job with a progress bar, in ``n_workers`` processes when more than one. ``fn``
+    returns the number of files it wrote, or -1 when the job was already done; the counts make the report."""
     bar = tqdm(total=len(jobs), desc=desc, unit='img', disable=not progress)
-    results = []
+    report = StepReport()
+
+    def add(res: int) -> None:
+        report.add(res >= 0, max(res, 0))
+        bar.update(1)
+
     try:
         if n_workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                results.append(fn(job))
-                bar.update(1)
+                add(fn(job))
         else:
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(max_workers=n_workers) as pool:
                 for res in pool.map(fn, jobs, chunksize=1):
-                    results.append(res)
-                    bar.update(1)
+                    add(res)
     finally:
         bar.close()
-    return results
+    return report
 
 
 @dataclass
@@ -211,10 +223,7 @@ def generate_bicubic_lr(hr_folder: str, out_folders: Mapping[int, str], suffix_t
             raise ValueError(f'scales must be integers >= 2, got {s!r}')
     jobs = [(osp.join(hr_folder, n), [(s, osp.join(d, lr_name(n, s, suffix_template)))
                                       for s, d in sorted(out_folders.items())]) for n in names]
-    report = StepReport()
-    for res in _run_jobs(_lr_job, jobs, n_workers, 'bicubic LR', progress):
-        report.add(res >= 0, max(res, 0))
-    return report
+    return _run_jobs(_lr_job, jobs, n_workers, 'bicubic LR', progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,13 +253,6 @@ def subimage_name(stem: str, index: int) -> str:
     return f'{stem}_s{index:03d}.png'
 
 
-def _lcm(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out = out * v // math.gcd(out, v)
-    return out
-
-
 def _find_lr(folder: str, stem: str, scale: int, alt_stem: Optional[str] = None) -> str:
     stems = [stem] if not alt_stem or alt_stem == stem else [alt_stem, stem]
     for cand in [c for st in stems for c in (st, f'{st}x{scale}', f'{st}X{scale}')]:
@@ -270,7 +272,7 @@ def _subimage_job(job) -> int:
         return -1
     hr = read_image(hr_path)
     scales = [s for s, _, _ in lr_jobs]
-    grid = _lcm(scales) if scales else 1
+    grid = math.lcm(*scales)
     h, w = hr.shape[:2]
     hg, wg = h - h % grid, w - w % grid  # crop positions on the HR cut to a multiple of every scale
     ys = subimage_positions(hg, crop_size, step, thresh_size)
@@ -337,10 +339,7 @@ def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tup
     stems = lmdb_keys(names, strip_suffix or None)
     jobs = [(osp.join(hr_folder, n), stem, hr_out, [(s, f, o) for s, (f, o) in sorted(lr.items())], crop_size,
              step, thresh_size, compress_level) for n, stem in zip(names, stems)]
-    report = StepReport()
-    for res in _run_jobs(_subimage_job, jobs, n_workers, 'sub-images', progress):
-        report.add(res >= 0, max(res, 0))
-    return report
+    return _run_jobs(_subimage_job, jobs, n_workers, 'sub-images', progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,10 +389,7 @@ def prepare_benchmark_set(hr_folders: Mapping[int, str], out_root: str, lr_folde
             job = jobs.setdefault(key, (key[0], stem, [], dict(lr_folders or {})))
             job[2].append((s, osp.join(out_root, f'GTmod{s}', stem + '.png'),
                            osp.join(out_root, f'LRbicx{s}', stem + '.png')))
-    report = StepReport()
-    for res in _run_jobs(_benchmark_job, list(jobs.values()), n_workers, osp.basename(out_root), progress):
-        report.add(res >= 0, max(res, 0))
-    return report
+    return _run_jobs(_benchmark_job, list(jobs.values()), n_workers, osp.basename(out_root), progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,9 +455,7 @@ def build_div8k_test_sets(div8k_folder: str, out_root: str, sets: Sequence[str] 
         if missing and not allow_missing:
             raise FileNotFoundError(f'{name} needs DIV8K images {first:04d}-{last:04d} in {div8k_folder}; missing '
                                     f'{len(missing)}: {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
-        report = StepReport()
-        for res in _run_jobs(_div8k_job, jobs, n_workers, name, progress):
-            report.add(res >= 0, max(res, 0))
+        report = _run_jobs(_div8k_job, jobs, n_workers, name, progress)
         out[name] = report
     return out
 
@@ -507,36 +501,34 @@ def prepare_training_set(name: str, root: str, scales: Sequence[int] = (2, 3, 4)
     scales = sorted(set(int(s) for s in scales))
     hr_sub = osp.join(root, spec['hr_sub'])
     lr_sub = {s: osp.join(root, spec['lr_sub'].format(scale=s)) for s in scales}
-    for hr_rel, lr_rel in spec['sources']:
+    lmdbs = [(hr_sub, osp.join(root, spec['hr_lmdb']))] + [
+        (lr_sub[s], osp.join(root, spec['lr_lmdb'].format(scale=s))) for s in scales]
+    # with remove_sub, finished LMDBs are all that is wanted: a re-run does not cut (and delete) the sub-images again
+    done = make_lmdb and remove_sub and all(osp.exists(path) for _, path in lmdbs)
+    for hr_rel, lr_rel in ([] if done else spec['sources']):
         hr_dir = osp.join(root, hr_rel)
         if not osp.isdir(hr_dir):
             raise FileNotFoundError(f'{name} needs {hr_dir} (see docs/datasets.md for the download)')
         n_hr = len(list_images(hr_dir))
-        missing = {s: osp.join(root, lr_rel.format(scale=s)) for s in scales
-                   if not osp.isdir(osp.join(root, lr_rel.format(scale=s)))
-                   or len(list_images(osp.join(root, lr_rel.format(scale=s)))) < n_hr}
+        lr_src = {s: osp.join(root, lr_rel.format(scale=s)) for s in scales}
+        missing = {s: d for s, d in lr_src.items() if not osp.isdir(d) or len(list_images(d)) < n_hr}
         if missing:
             log(f'[{name}] generating bicubic LR x{sorted(missing)} for {hr_dir}')
             log(f'[{name}]   {generate_bicubic_lr(hr_dir, missing, "x{scale}", n_workers, progress)}')
         log(f'[{name}] sub-images of {hr_dir} -> {hr_sub}')
-        report = extract_subimages(hr_dir, hr_sub, {s: (osp.join(root, lr_rel.format(scale=s)), lr_sub[s])
-                                                    for s in scales},
+        report = extract_subimages(hr_dir, hr_sub, {s: (lr_src[s], lr_sub[s]) for s in scales},
                                    crop_size=crop_size, step=step, thresh_size=thresh_size, n_workers=n_workers,
                                    progress=progress)
         log(f'[{name}]   {report}')
     out = {'hr_sub': hr_sub, 'lr_sub': lr_sub}
     if make_lmdb:
-        lmdbs = [(hr_sub, osp.join(root, spec['hr_lmdb']))] + [
-            (lr_sub[s], osp.join(root, spec['lr_lmdb'].format(scale=s))) for s in scales]
         for folder, path in lmdbs:
-            if osp.isfile(osp.join(path, 'meta_info.txt')):
+            if osp.exists(path):  # folder_to_lmdb renames an LMDB into place only when it is complete
                 log(f'[{name}] {path} exists, kept')
             else:
-                if osp.exists(path):  # an interrupted earlier run: no meta_info.txt, start this LMDB again
-                    shutil.rmtree(path)
                 n, _ = folder_to_lmdb(folder, path)
                 log(f'[{name}] {path}: {n} images')
-            if remove_sub:
+            if remove_sub and osp.isdir(folder):
                 shutil.rmtree(folder)
         out['hr_lmdb'] = lmdbs[0][1]
         out['lr_lmdb'] = {s: p for s, (_, p) in zip(scales, lmdbs[1:])}

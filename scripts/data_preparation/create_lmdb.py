@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     from adasr.data.prepare import folder_to_lmdb
 
     for src, dst in zip(args.input, args.output):
-        if args.skip_existing and osp.isfile(osp.join(dst, 'meta_info.txt')):
+        if args.skip_existing and osp.exists(dst):  # an existing LMDB is a complete one (built, then renamed)
             print(f'{dst} exists, skipped')
             continue
         try:
