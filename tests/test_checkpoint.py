@@ -65,3 +65,17 @@ def test_load_weights_roundtrip(tmp_path):
     load_weights(b, str(tmp_path / 'a.pth'))
     x = torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_load_weights_strips_the_authors_model_prefix_only_when_nothing_matches(tmp_path):
+    """The AdaFormer authors' trainer saves ``model.<name>``: every loader (training, upscale, benchmark) reads it."""
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    torch.save({f'model.{k}': v for k, v in a.state_dict().items()}, tmp_path / 'authors.pt')
+    load_weights(b, str(tmp_path / 'authors.pt'))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    # a network whose own names begin with "model." keeps the keys as they are
+    wrapped, other = nn.Module(), nn.Module()
+    wrapped.model, other.model = nn.Linear(3, 2), nn.Linear(3, 2)
+    torch.save(wrapped.state_dict(), tmp_path / 'wrapped.pt')
+    load_weights(other, str(tmp_path / 'wrapped.pt'))
+    assert torch.equal(wrapped.model.weight, other.model.weight)

@@ -679,12 +679,7 @@ def load_authors_weights(net: AdaFormer, path: str, strict: bool = True) -> AdaF
     possibly with a ``module.`` or ``model.`` prefix) or a BasicSR file (``params``/``params_ema``) into ``net``,
     read with ``weights_only=True``. Mismatches raise a :class:`~adasr.utils.checkpoint.CheckpointError` naming
     the keys."""
-    from adasr.utils.checkpoint import check_state_dict, load_checkpoint
+    from adasr.utils.checkpoint import load_weights
 
-    state = load_checkpoint(path, 'params')
-    own = set(net.state_dict())
-    if not (set(state) & own) and all(k.startswith('model.') for k in state):
-        state = {k[len('model.'):]: v for k, v in state.items()}
-    state = check_state_dict(net, state, strict=strict, source=f'checkpoint {path}')
-    net.load_state_dict(state, strict=strict)
+    load_weights(net, path, 'params', strict)
     return net

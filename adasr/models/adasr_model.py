@@ -5,7 +5,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
-from adasr.utils.checkpoint import check_state_dict, load_checkpoint
+from adasr.utils.checkpoint import load_weights
 from adasr.utils.halting import HaltingCollector, has_halting
 from adasr.utils.tile import padded_forward, tiled_forward, window_multiple
 
@@ -32,9 +32,7 @@ class AdaSRModel(SRModel):
     def load_network(self, net, load_path, strict=True, param_key='params'):
         logger = get_root_logger()
         net = self.get_bare_model(net)
-        state = load_checkpoint(load_path, param_key)
-        state = check_state_dict(net, state, strict=strict, source=f'checkpoint {load_path}')
-        incompatible = net.load_state_dict(state, strict=strict)
+        incompatible = load_weights(net, load_path, param_key, strict)
         logger.info(f'Loaded {net.__class__.__name__} from {load_path} [{param_key}]'
                     + ('' if strict else f'; not loaded: {sorted(incompatible.missing_keys)}'))
 

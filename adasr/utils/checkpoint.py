@@ -88,9 +88,18 @@ def check_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], strict: 
     return OrderedDict((k, v) for k, v in state.items() if k not in mismatched)
 
 
-def load_weights(net: nn.Module, path: str, param_key: Optional[str] = 'params', strict: bool = True) -> nn.Module:
-    """Load ``path`` into ``net`` (see :func:`load_checkpoint` and :func:`check_state_dict`). Returns ``net``."""
-    state = load_checkpoint(path, param_key)
+def match_prefix(net: nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Remove a ``model.`` prefix (the AdaFormer authors' EDSR-style trainer saves ``model.<name>``) when no key of
+    ``state`` matches the network and every key has it; otherwise return ``state`` unchanged. Needs the network,
+    so that an arch whose own names begin with ``model.`` is left alone."""
+    if state and not (set(state) & set(net.state_dict())) and all(k.startswith('model.') for k in state):
+        return OrderedDict((k[len('model.'):], v) for k, v in state.items())
+    return state
+
+
+def load_weights(net: nn.Module, path: str, param_key: Optional[str] = 'params', strict: bool = True):
+    """Load ``path`` into ``net`` (see :func:`load_checkpoint`, :func:`match_prefix` and :func:`check_state_dict`).
+    Returns what ``net.load_state_dict`` returns (the keys not loaded, when not ``strict``)."""
+    state = match_prefix(net, load_checkpoint(path, param_key))
     state = check_state_dict(net, state, strict=strict, source=f'checkpoint {path}')
-    net.load_state_dict(state, strict=strict)
-    return net
+    return net.load_state_dict(state, strict=strict)
