@@ -146,7 +146,7 @@ def build_model(args) -> Upscaler:
             net = build_network(net_opt)
         except Exception as e:  # noqa: BLE001 - reported with the option file's name
             raise UsageError(f'{args.opt}: cannot build network_g: {e}') from None
-        multiple = int(net_opt.get('window_size') or window_multiple(net))
+        multiple = window_multiple(net, net_opt=net_opt)
     else:
         if args.arch not in ARCH_REGISTRY:
             import difflib

@@ -44,7 +44,7 @@ def _build(spec: str, weights=None):
         opt = load_yaml(spec)
         net = build_network(dict(opt['network_g']))
         scale = opt['scale']
-        multiple = int(opt['network_g'].get('window_size') or window_multiple(net))
+        multiple = window_multiple(net, net_opt=opt['network_g'])
     if weights:
         load_weights(net, weights, 'params_ema')
     return net.eval(), scale, multiple

@@ -244,3 +244,7 @@ def test_val_tile_keys_pass_the_option_checker(model_type, net):
     opt['val']['tiles'] = 3
     with pytest.raises(OptionsError, match="unknown key 'tiles' in val.*did you mean 'tile'"):
         check_options(opt, is_train=False, check_paths=False)
+    del opt['val']['tiles']
+    opt['val']['tile_pad'] = -8
+    with pytest.raises(OptionsError, match=r'val.tile_pad must be a non-negative integer'):
+        check_options(opt, is_train=False, check_paths=False)  # before any training or testing starts

@@ -49,14 +49,11 @@ class AdaSRModel(SRModel):
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
         is set (``val.tile_pad`` LR pixels of blended context, default 32)."""
         bare = self.get_bare_model(net)
-        multiple = int(self.opt['network_g'].get('window_size') or window_multiple(bare))
+        multiple = window_multiple(bare, net_opt=self.opt['network_g'])
         scale = self.opt.get('scale', 1)
         fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
-        tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)
-        for key, value in (('tile', tile), ('tile_pad', tile_pad)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
+        tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.utils.options
         if not tile:
             return fn(lq)
         collector = HaltingCollector(bare, *lq.shape[-2:]) if has_halting(bare) else None

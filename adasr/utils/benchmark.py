@@ -304,6 +304,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
 
     import adasr  # noqa: F401  (registration in the fresh process)
     from adasr.utils.profiling import current_rss_bytes, rss_peak_bytes, time_fn
+    from adasr.utils.tile import padded_forward, window_multiple
 
     if threads:
         torch.set_num_threads(threads)
@@ -311,14 +312,14 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     net = build_net(spec, dev)
     h, w = size
     x = latency_input(datasets[0]['pairs'][0][0], h, w).to(dev)
-    window = int(spec['network_g'].get('window_size', 1) or 1)
+    window = window_multiple(net, net_opt=spec['network_g'])  # as the test pipeline pads
     scale = int(spec['scale'])
 
-    def run():
-        from adasr.utils.tile import padded_forward
+    forward = padded_forward(net, scale, window)
 
+    def run():
         with torch.no_grad():
-            return padded_forward(net, scale, window)(x)
+            return forward(x)
 
     # memory: what the forward passes add on top of the built model and its input
     if dev.type == 'cuda':

@@ -162,6 +162,10 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
     val = opt.get('val')
     if val is not None:
         _check_keys('val', val, VAL_KEYS | _declared_keys(model_cls, 'val_option_keys'))
+        for key in ('tile', 'tile_pad'):  # AdaSRModel's tiled testing, in LR pixels; checked before training starts
+            value = val.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise OptionsError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
         for name, m in (val.get('metrics') or {}).items():
             _registered(METRIC_REGISTRY, m.get('type'), f'val.metrics.{name}')
             _check_keys(f'val.metrics.{name}', m, METRIC_KEYS)

@@ -24,7 +24,7 @@ Memory: only one tile's activations at a time plus the output canvas (``C * sH *
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -224,9 +224,12 @@ def padded_forward(net: nn.Module, scale: int, multiple: int = 1,
     return fn
 
 
-def window_multiple(net: nn.Module, default: int = 1) -> int:
-    """The alignment a network wants for tiles: its ``window_size``, else the largest ``window_size`` of its
-    submodules (basicsr's SwinIR keeps it only in its blocks), else ``default``."""
+def window_multiple(net: nn.Module, default: int = 1, net_opt: Optional[Mapping] = None) -> int:
+    """The alignment a network wants for padding and tiles: ``net_opt['window_size']`` when its option file gives
+    one (BasicSR's ``SwinIRModel`` pads to it), else the network's ``window_size``, else the largest ``window_size``
+    of its submodules (basicsr's SwinIR keeps it only in its blocks), else ``default``."""
+    if net_opt and net_opt.get('window_size'):
+        return int(net_opt['window_size'])
     bare = net.module if hasattr(net, 'module') else net
 
     def size(m) -> int:
