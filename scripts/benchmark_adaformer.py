@@ -45,7 +45,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
 
     import adasr  # noqa: F401
     from adasr.archs.adaformer_arch import AdaFormer, load_authors_weights
-    from adasr.utils.profiling import current_rss_bytes, peak_cuda_bytes, rss_peak_bytes, time_fn
+    from adasr.utils.profiling import Timing, memory_growth, memory_mark, time_fn
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,11 +69,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
         with torch.no_grad():
             return net(x)
 
-    if dev.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        base = current_rss_bytes()
+    mark = memory_mark(dev)
     cpu_times = []
 
     def timed_call():
@@ -82,11 +78,10 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
         cpu_times.append(time.process_time() - start)
 
     timing = time_fn(timed_call, repeats=repeats, warmup=warmup, device=dev)
-    peak = (peak_cuda_bytes(dev) if dev.type == 'cuda' else rss_peak_bytes()) - base
-    cpu_times = sorted(cpu_times[warmup:])
+    peak = memory_growth(dev, mark)
     info = net.last_halting
     return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times,
-            'cpu_median_s': cpu_times[len(cpu_times) // 2], 'peak_mb': peak / 2 ** 20,
+            'cpu_median_s': Timing(cpu_times[warmup:]).median, 'peak_mb': peak / 2 ** 20,
             'gmacs': net.flops(*size) / 1e9, 'gmacs_authors': net.flops(*size, convention='authors') / 1e9,
             'global_consumed': info.sparsity['global_consumed'], 'local_consumed': info.sparsity['local_consumed'],
             'split': info.eval_global_split}

@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adasr.utils.profiling import (  # noqa: E402
-    current_rss_bytes,
     ensure_malloc_env,
     environment_summary,
-    rss_peak_bytes,
+    memory_growth,
+    memory_mark,
     run_isolated,
     time_fn,
 )
@@ -40,21 +40,6 @@ LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, embed_dim=52, depths=[2, 4, 
 SWINIR_LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6],
                        embed_dim=60, num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect',
                        resi_connection='1conv')
-
-
-def _mem_start(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return current_rss_bytes()
-
-
-def _mem_peak(device, start):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    return rss_peak_bytes() - start
 
 
 def attention_case(mode: str, k: int, windows: int, heads: int, head_dim: int, device: str, backend: str,
@@ -87,9 +72,9 @@ def attention_case(mode: str, k: int, windows: int, heads: int, head_dim: int, d
 
     fn = dense if mode == 'dense' else sparse
     with torch.no_grad():
-        start = _mem_start(dev)
+        start = memory_mark(dev)
         fn()
-        peak = _mem_peak(dev, start)
+        peak = memory_growth(dev, start)
         timing = time_fn(fn, repeats=repeats, warmup=1, device=dev)
     return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak}
 
@@ -114,9 +99,9 @@ def network_case(size: int, device: str, backend: str, repeats: int, dtype: str 
                                                                    enabled=autocast):
             return net(x)
 
-    start = _mem_start(dev)
+    start = memory_mark(dev)
     out = run()
-    peak = _mem_peak(dev, start)
+    peak = memory_growth(dev, start)
     assert out.shape == (1, 3, 4 * size, 4 * size) and torch.isfinite(out).all()
     timing = time_fn(run, repeats=repeats, warmup=0, device=dev)  # the measured-memory run above was the warm-up
     return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak, 'runs': repeats}

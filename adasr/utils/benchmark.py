@@ -303,7 +303,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     import torch
 
     import adasr  # noqa: F401  (registration in the fresh process)
-    from adasr.utils.profiling import current_rss_bytes, rss_peak_bytes, time_fn
+    from adasr.utils.profiling import memory_growth, memory_mark, time_fn
     from adasr.utils.tile import padded_forward, window_multiple
 
     if threads:
@@ -322,20 +322,12 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
             return forward(x)
 
     # memory: what the forward passes add on top of the built model and its input
-    if dev.type == 'cuda':
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        base = current_rss_bytes()
+    mark = memory_mark(dev)
     timing = time_fn(run, repeats=repeats, warmup=warmup, device=dev)
-    if dev.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(dev) - base
-    else:
-        peak = rss_peak_bytes() - base
+    peak = memory_growth(dev, mark)
     result: Dict[str, Any] = {
         'params': sum(p.numel() for p in net.parameters()),
-        'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': max(int(peak), 0),
+        'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': int(peak),
         'memory_kind': 'CUDA max_memory_allocated' if dev.type == 'cuda' else 'RSS peak increase',
     }
     halting = getattr(net, 'last_halting', None)

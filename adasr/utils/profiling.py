@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -128,8 +128,23 @@ def run_isolated(target: Callable[..., Dict[str, Any]], timeout: Optional[float]
     return payload
 
 
-def peak_cuda_bytes(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device)
+def memory_mark(device: torch.device) -> int:
+    """Start of a peak-memory measurement: on CUDA, synchronise, reset the peak statistics and return the bytes
+    allocated; on the CPU, return the current RSS. Pass the result to :func:`memory_growth`."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return current_rss_bytes()
+
+
+def memory_growth(device: torch.device, mark: int) -> int:
+    """Peak memory since :func:`memory_mark` above what was in use then: ``torch.cuda.max_memory_allocated`` on
+    CUDA, the process's peak RSS on the CPU (measure in a fresh process: the RSS peak never goes down)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        return max(torch.cuda.max_memory_allocated(device) - mark, 0)
+    return max(rss_peak_bytes() - mark, 0)
 
 
 def environment_summary() -> Dict[str, Any]:
@@ -150,4 +165,4 @@ def environment_summary() -> Dict[str, Any]:
 
 
 __all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',
-           'run_isolated', 'peak_cuda_bytes', 'environment_summary', 'asdict']
+           'run_isolated', 'memory_mark', 'memory_growth', 'environment_summary']
