@@ -482,13 +482,13 @@ class PFTLayer(nn.Module):
         lepe = self.v_LePE(qkv[..., 2 * c:], frame.hw)  # b, n_tok, c
         # (shifted) window order in one row gather each: windows[j] = tokens[perm[j]]
         qkv_w = qkv.reshape(b * n_tok, 3 * c).index_select(0, perm)
-        lepe_w = lepe.reshape(b * n_tok, c).index_select(0, perm)
         nb = qkv_w.shape[0] // n
         q, k, v = qkv_w.view(nb, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # b*nW, h, n, d
         q = q.mul_(self.scale) if not torch.is_grad_enabled() else q * self.scale
         out, state = self.attn_win(q, k, v, rpi, prev, self.topk, frame.mask if self.shift_size else None)
-        out = (out.transpose(1, 2) + lepe_w.view(nb, n, heads, d)).reshape(nb * n, c)  # + LePE; channel h*d + e
-        out = self.attn_win.proj(out).index_select(0, inv)  # back to token order (and un-shifted)
+        # back to token order (and un-shifted) in one row gather, + LePE there (channel h*d + e), then the projection
+        out = out.transpose(1, 2).reshape(nb * n, c).index_select(0, inv).add_(lepe.reshape(b * n_tok, c))
+        out = self.attn_win.proj(out)
         x = x + out.view(b, n_tok, c)
         x = x + self.convffn(self.norm2(x), frame.hw)
         return x, state

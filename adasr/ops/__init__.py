@@ -75,14 +75,13 @@ def triton_available() -> bool:
 def resolve_backend(device: torch.device) -> str:
     """``'torch'`` or ``'triton'`` for tensors on ``device``; raises if Triton is forced where it cannot run."""
     name = get_backend()
-    interpret = os.environ.get('TRITON_INTERPRET') == '1'
     if name == 'torch':
         return 'torch'
     if name == 'auto':
         return 'triton' if device.type == 'cuda' and triton_available() else 'torch'
     if not triton_available():
         raise RuntimeError('sparse attention backend "triton" was requested but triton cannot be imported')
-    if device.type != 'cuda' and not interpret:
+    if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
         raise RuntimeError(f'sparse attention backend "triton" needs CUDA tensors (got {device.type}); set '
                            'TRITON_INTERPRET=1 before importing triton to run the kernels in its CPU interpreter')
     return 'triton'

@@ -51,17 +51,12 @@ CACHE_BLOCK_BYTES = 1 << 20
 ATTN_BLOCK_BYTES = 4 << 20
 
 
-def default_memory_budget_bytes() -> int:
-    """The default working-memory budget: 256 MB (see ``_DEFAULT_BUDGET_MB``)."""
-    return _DEFAULT_BUDGET_MB * 2**20
-
-
 def memory_budget_bytes() -> int:
     """Working-memory budget of one attention step: ``ADASR_ATTN_MEMORY_MB`` if set, else
-    :func:`default_memory_budget_bytes`. Dense attention maps that would exceed it are recomputed, not kept."""
+    256 MB (``_DEFAULT_BUDGET_MB``). Dense attention maps that would exceed it are recomputed, not kept."""
     raw = os.environ.get('ADASR_ATTN_MEMORY_MB')
     if raw is None or raw == '':
-        return default_memory_budget_bytes()
+        return _DEFAULT_BUDGET_MB * 2**20
     try:
         mb = float(raw)
     except ValueError:
@@ -162,18 +157,8 @@ def _scatter_map(w: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
     return out.scatter_add_(-1, _long(index), w)
 
 
-_csr_warned = False
-
-
-def _quiet_csr(crow, col, values, size):
-    global _csr_warned
-    if _csr_warned:
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # "sparse CSR support is in beta" (torch warns once per process)
-        out = torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
-    _csr_warned = True
-    return out
+# torch warns once per process that sparse CSR support is in beta; the CSR tensors here are internal to one product
+warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta', category=UserWarning)
 
 
 # ---- the three primitives in their forms (no autograd here) -------------------------------------------------------
@@ -190,8 +175,6 @@ def _qk_dense(q, k, index):
     if cast is not None:
         q, k = q.to(cast), k.to(cast)
     kt = k.transpose(-2, -1)
-    if _needs_grad(q, k):  # differentiable path (out= ops do not record autograd)
-        return torch.gather(torch.matmul(q, kt), -1, _long(index))
     dtype = torch.promote_types(q.dtype, k.dtype)
     out = torch.empty(g, n, kk, dtype=dtype, device=q.device)
 
@@ -219,7 +202,7 @@ def _qk_sampled(q, k, index, base: Optional[torch.Tensor] = None):
         values, beta = torch.zeros(g, n * kk, dtype=q.dtype, device=q.device), 0.
     else:
         values, beta = base.to(q.dtype).reshape(g, n * kk).contiguous(), 1.
-    csr = _quiet_csr(crow, col, values, (g, n, m))
+    csr = torch.sparse_csr_tensor(crow, col, values, size=(g, n, m), check_invariants=False)
     res = torch.sparse.sampled_addmm(csr, q.contiguous(), k.contiguous().transpose(-2, -1), beta=beta)
     return res.values().view(g, n, kk)
 
@@ -301,7 +284,7 @@ def scatter_outer(w, x, index, m: int, method: Method = 'auto'):
     """``out[g, j] = sum_{i,t: index[g,i,t]=j} w[g,i,t] * x[g,i]`` -> (G, m, d)."""
     g, n, kk = w.shape
     d = x.shape[-1]
-    if method in ('auto', 'sampled', 'ebag'):
+    if method == 'auto':  # (the backward passes reduce the forward's method to gather / dense / auto)
         method = 'gather' if kk * d <= 1.3 * m else 'dense'
     if method == 'gather':
         fn = lambda w_, x_, i_: _outer_gather(w_, x_, i_, m)  # noqa: E731
@@ -309,8 +292,6 @@ def scatter_outer(w, x, index, m: int, method: Method = 'auto'):
         fn = lambda w_, x_, i_: _outer_dense(w_, x_, i_, m)  # noqa: E731
     return _chunked(fn, g, _per_item_bytes(n, m, kk, d, x.element_size(), method), w, x, index)
 
-
-# ---- top-k -------------------------------------------------------------------------------------------------------
 
 # ---- block-parallel execution ------------------------------------------------------------------------------------
 
@@ -473,12 +454,15 @@ def _flatten3(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
-def _check(index: torch.Tensor, lead, n: int, m: int, op: str) -> None:
+def _check(index: torch.Tensor, lead, n: int, m: int, op: str, attn: Optional[torch.Tensor] = None) -> None:
+    """Index checks shared by both backends; ``attn`` (sparse_av) must have the index's shape."""
     if index.dtype not in (torch.int64, torch.int32, torch.int16):
         raise TypeError(f'{op}: index must be an integer tensor (int64/int32/int16), got {index.dtype}')
     if tuple(index.shape[:-1]) != tuple(lead) + (n,):
         raise ValueError(f'{op}: index shape {tuple(index.shape)} does not match (..., n={n}, K) with leading '
                          f'dims {tuple(lead)}')
+    if attn is not None and index.shape != attn.shape:
+        raise ValueError(f'{op}: attn {tuple(attn.shape)} and index {tuple(index.shape)} differ')
     if m == 0:
         raise ValueError(f'{op}: no keys to index')
 
@@ -504,9 +488,7 @@ def torch_sparse_qk(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, metho
 def torch_sparse_av(attn: torch.Tensor, v: torch.Tensor, index: torch.Tensor, method: Method = 'auto') -> torch.Tensor:
     """PyTorch :func:`adasr.ops.sparse_av`. attn (..., n, K), v (..., m, d), index (..., n, K) -> (..., n, d)."""
     lead = attn.shape[:-2]
-    _check(index, lead, attn.shape[-2], v.shape[-2], 'sparse_av')
-    if index.shape != attn.shape:
-        raise ValueError(f'sparse_av: attn {tuple(attn.shape)} and index {tuple(index.shape)} differ')
+    _check(index, lead, attn.shape[-2], v.shape[-2], 'sparse_av', attn)
     a3, v3, i3 = _flatten3(attn, 'attn'), _flatten3(v, 'v'), _flatten3(index, 'index')
     dtype = torch.promote_types(attn.dtype, v.dtype)
     a3, v3 = a3.to(dtype), v3.to(dtype)
@@ -529,5 +511,5 @@ def dense_sparse_av(attn, v, index):
 
 
 __all__ = ['torch_sparse_qk', 'torch_sparse_av', 'dense_sparse_qk', 'dense_sparse_av', 'memory_budget_bytes',
-           'default_memory_budget_bytes', 'chunk_count', 'pick_method', 'topk', 'topk_positions', 'parallel_blocks',
+           'chunk_count', 'pick_method', 'topk', 'topk_positions', 'parallel_blocks',
            'cache_bytes', 'block_bytes', 'CACHE_BLOCK_BYTES']

@@ -94,13 +94,9 @@ def _blocks(d: int):
     return 16, 16, bd
 
 
-def _c(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def qk(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a (G, n, d), b (G, m, d), idx (G, n, K) -> (G, n, K)."""
-    a, b, idx = _c(a), _c(b), _c(idx)
+    a, b, idx = a.contiguous(), b.contiguous(), idx.contiguous()
     g, n, d = a.shape
     kk = idx.shape[-1]
     out = torch.empty(g, n, kk, dtype=out_dtype, device=a.device)
@@ -114,7 +110,7 @@ def qk(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dty
 
 def av(w: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """w (G, n, K), b (G, m, d), idx (G, n, K) -> (G, n, d)."""
-    w, b, idx = _c(w), _c(b), _c(idx)
+    w, b, idx = w.contiguous(), b.contiguous(), idx.contiguous()
     g, n, kk = w.shape
     d = b.shape[-1]
     out = torch.empty(g, n, d, dtype=out_dtype, device=b.device)
@@ -128,7 +124,7 @@ def av(w: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dty
 
 def scatter_outer(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, m: int, out_dtype: torch.dtype) -> torch.Tensor:
     """out[g, idx[g,i,t]] += w[g,i,t] * x[g,i]: w (G, n, K), x (G, n, d) -> (G, m, d)."""
-    w, x, idx = _c(w), _c(x), _c(idx)
+    w, x, idx = w.contiguous(), x.contiguous(), idx.contiguous()
     g, n, kk = w.shape
     d = x.shape[-1]
     out = torch.zeros(g, m, d, dtype=torch.float32, device=x.device)
@@ -191,7 +187,7 @@ def sparse_av(attn: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch
     _check(attn, 'attn')
     _check(v, 'v')
     lead = attn.shape[:-2]
-    check_index(index, lead, attn.shape[-2], v.shape[-2], 'sparse_av')
+    check_index(index, lead, attn.shape[-2], v.shape[-2], 'sparse_av', attn)
     out = TritonSparseAV.apply(attn.reshape(-1, *attn.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
                                index.reshape(-1, *index.shape[-2:]))
     return out.view(*lead, *out.shape[-2:])
