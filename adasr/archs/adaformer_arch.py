@@ -24,16 +24,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from adasr.archs.layers import (
+    DIV2K_RGB_MEAN,
     Mlp,
     PixelShuffleDirect,
     check_choice,
+    check_int,
+    check_positive,
+    is_real,
     pad_to_multiple,
     relative_position_index,
     window_partition,
     window_reverse,
 )
 
-DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
 
 
@@ -476,18 +479,17 @@ class AdaFormer(nn.Module):
                                  ('embed_dim', embed_dim, 1), ('n_resblocks', n_resblocks, 0), ('depths', depths, 1),
                                  ('num_heads', num_heads, 1), ('num_prototypes', num_prototypes, 1),
                                  ('window_size', window_size, 1)):
-            _check_int(name, value, low)
+            check_int(name, value, low)
         if n_resblocks % 2:
             raise ValueError(f'n_resblocks must be even (half encoder, half decoder), got {n_resblocks}')
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim={embed_dim} must be divisible by num_heads={num_heads}')
         estimator_hidden = embed_dim // 2 if estimator_hidden is None else estimator_hidden
-        _check_int('estimator_hidden', estimator_hidden, 1)
+        check_int('estimator_hidden', estimator_hidden, 1)
         for name, value in (('mlp_ratio', mlp_ratio), ('img_range', img_range), ('res_scale', res_scale)):
-            if not _is_real(value) or value <= 0:
-                raise ValueError(f'{name} must be a positive number, got {value!r}')
+            check_positive(name, value)
         rgb_mean = tuple(rgb_mean) if isinstance(rgb_mean, (list, tuple)) else rgb_mean
-        if not isinstance(rgb_mean, tuple) or len(rgb_mean) != in_chans or not all(_is_real(v) for v in rgb_mean):
+        if not isinstance(rgb_mean, tuple) or len(rgb_mean) != in_chans or not all(is_real(v) for v in rgb_mean):
             raise ValueError(f'rgb_mean must be a list of {in_chans} numbers, got {rgb_mean!r}')
         if not isinstance(sparse_eval, bool):
             raise ValueError(f'sparse_eval must be true or false, got {sparse_eval!r}')
@@ -519,7 +521,7 @@ class AdaFormer(nn.Module):
 
     @eps_h.setter
     def eps_h(self, value: float) -> None:
-        if not _is_real(value) or math.isnan(value):
+        if not is_real(value) or math.isnan(value):
             raise ValueError(f'eps_h must be a number, got {value!r}')
         self._eps_h = float(value)
 
@@ -663,15 +665,6 @@ class AdaFormer(nn.Module):
         if breakdown:
             return dict(parts, total=total)
         return total
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
 
 
 def load_authors_weights(net: AdaFormer, path: str, strict: bool = True) -> AdaFormer:

@@ -24,21 +24,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from spandrel.architectures.ATD import ATD as _SpandrelATD
 from spandrel.architectures.HAT import HAT as _SpandrelHAT
 
-from adasr.archs.layers import check_choice, pad_to_multiple
-
-_RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean used by both (and by SwinIR)
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
-    return value
-
-
-def _positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f'{name} must be a positive number, got {value!r}')
-    return float(value)
+from adasr.archs.layers import DIV2K_RGB_MEAN, check_choice, check_int, check_positive, pad_to_multiple
 
 
 def _stages(depths, num_heads, embed_dim: int) -> None:
@@ -46,7 +32,7 @@ def _stages(depths, num_heads, embed_dim: int) -> None:
         if not isinstance(seq, (list, tuple)) or not seq:
             raise ValueError(f'{name} must be a non-empty list, got {seq!r}')
         for v in seq:
-            _positive_int(f'{name} entries', v)
+            check_int(f'{name} entries', v)
     if len(depths) != len(num_heads):
         raise ValueError(f'depths ({len(depths)} stages) and num_heads ({len(num_heads)}) must have the same length')
     for h in num_heads:
@@ -55,13 +41,13 @@ def _stages(depths, num_heads, embed_dim: int) -> None:
 
 
 def _upscale(value, allowed=(2, 3, 4, 8)) -> int:
-    _positive_int('upscale', value)
+    check_int('upscale', value)
     check_choice('upscale', value, allowed)
     return value
 
 
 def _mean_as_buffer(net: torch.nn.Module, in_chans: int) -> None:
-    mean = torch.tensor(_RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
+    mean = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
     del net.mean
     net.register_buffer('mean', mean, persistent=False)
 
@@ -104,10 +90,10 @@ class HAT(_SpandrelHAT):
         _upscale(upscale)
         for name, v in (('in_chans', in_chans), ('img_size', img_size), ('window_size', window_size),
                         ('embed_dim', embed_dim), ('patch_size', patch_size)):
-            _positive_int(name, v)
+            check_int(name, v)
         for name, v in (('compress_ratio', compress_ratio), ('squeeze_factor', squeeze_factor),
                         ('img_range', img_range), ('mlp_ratio', mlp_ratio)):
-            _positive_number(name, v)
+            check_positive(name, v)
         _stages(depths, num_heads, embed_dim)
         if not 0 <= overlap_ratio < 1:
             raise ValueError(f'overlap_ratio must be in [0, 1), got {overlap_ratio!r}')
@@ -170,9 +156,9 @@ class ATD(_SpandrelATD):
                         ('window_size', window_size), ('category_size', category_size), ('num_tokens', num_tokens),
                         ('reducted_dim', reducted_dim), ('convffn_kernel_size', convffn_kernel_size),
                         ('patch_size', patch_size)):
-            _positive_int(name, v)
+            check_int(name, v)
         for name, v in (('img_range', img_range), ('mlp_ratio', mlp_ratio)):
-            _positive_number(name, v)
+            check_positive(name, v)
         _stages(depths, num_heads, embed_dim)
         if window_size % 2:
             raise ValueError(f'window_size must be even (the shift is window_size/2), got {window_size}')

@@ -3,6 +3,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from adasr.archs.layers import check_int
 from adasr.utils.matlab_resize import imresize
 
 
@@ -21,9 +22,7 @@ class Bicubic(nn.Module):
 
     def __init__(self, *, upscale: int = 4):
         super().__init__()
-        if not isinstance(upscale, int) or isinstance(upscale, bool) or upscale < 1:
-            raise ValueError(f'upscale must be a positive integer, got {upscale!r}')
-        self.upscale = upscale
+        self.upscale = check_int('upscale', upscale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return imresize(x, self.upscale, antialiasing=True)

@@ -23,9 +23,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from adasr.archs.layers import (
+    DIV2K_RGB_MEAN,
     PixelShuffleDirect,
     PixelShuffleUpsample,
     check_choice,
+    check_int,
     pad_to_multiple,
     relative_position_index,
     window_partition,
@@ -45,7 +47,6 @@ from adasr.ops.sparse_attention import topk_positions as sparse_topk_positions
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
-RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 
 # ---- PFA state passed from layer to layer --------------------------------------------------------------------
@@ -538,12 +539,6 @@ class _PatchEmbedNorm(nn.Module):
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
-    return value
-
-
 @ARCH_REGISTRY.register()
 class PFT(nn.Module):
     """PFT / PFT-light super-resolution network (``network_g: {type: PFT, ...}``).
@@ -596,7 +591,7 @@ class PFT(nn.Module):
         self.use_checkpoint = use_checkpoint
 
         self.register_buffer('relative_position_index_SA', relative_position_index(window_size), persistent=True)
-        mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, in_chans, 1, 1)
+        mean = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, in_chans, 1, 1)
         self.register_buffer('mean', mean, persistent=False)
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
@@ -652,10 +647,10 @@ class PFT(nn.Module):
             raise ValueError(f'patch_size must be 1 (PFT embeds single pixels), got {patch_size!r}')
         if not (isinstance(img_size, int) or (isinstance(img_size, (list, tuple)) and len(img_size) == 2)):
             raise ValueError(f'img_size must be an integer or a pair, got {img_size!r}')
-        _positive_int('in_chans', in_chans)
-        _positive_int('embed_dim', embed_dim)
-        _positive_int('upscale', upscale)
-        window_size = _positive_int('window_size', window_size, 2)
+        check_int('in_chans', in_chans)
+        check_int('embed_dim', embed_dim)
+        check_int('upscale', upscale)
+        window_size = check_int('window_size', window_size, 2)
         if window_size % 2:
             raise ValueError(f'window_size must be even (the shift is window_size/2), got {window_size}')
         if not isinstance(convffn_kernel_size, int) or convffn_kernel_size < 1 or convffn_kernel_size % 2 == 0:
@@ -675,7 +670,7 @@ class PFT(nn.Module):
                 raise ValueError(f'num_heads must be one integer (every PFT layer has the same heads); got '
                                  f'{num_heads!r}')
             num_heads = num_heads[0]
-        _positive_int('num_heads', num_heads)
+        check_int('num_heads', num_heads)
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim={embed_dim} is not divisible by num_heads={num_heads}')
         if resi_connection == '3conv' and embed_dim % 4:

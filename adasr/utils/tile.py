@@ -29,7 +29,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from adasr.archs.layers import pad_to_multiple
+from adasr.archs.layers import check_int, pad_to_multiple
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,7 @@ def tile_spans(length: int, tile: int, tile_pad: int, multiple: int = 1) -> List
     """
     for name, value, low in (('length', length, 1), ('tile', tile, 0), ('tile_pad', tile_pad, 0),
                              ('multiple', multiple, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
+        check_int(name, value, low)
     if tile == 0 or tile >= length:
         return [Span(0, length, 0, length)]
     tile = max(tile, multiple)
