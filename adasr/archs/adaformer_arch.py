@@ -109,11 +109,14 @@ def halting_sparsity(global_keep: Sequence[torch.Tensor], local_keep: Sequence[t
     h, w = input_size
     out: Dict[str, List[float]] = {k: [] for k in (
         'global_by_mask', 'local_by_mask', 'global_consumed', 'local_consumed', 'global_authors', 'local_authors')}
-    for g, loc in zip(global_keep, local_keep):
-        g = g.double()
-        out['global_by_mask'].append(1.0 - g.mean().item())
-        out['local_by_mask'].append(1.0 - loc.double().mean().item())
-        out['global_authors'].append(1.0 - (g.sum() / (g.shape[0] * h * w)).item())
+    if global_keep:  # one device-to-host transfer for all layers (no sync per value)
+        n_unpadded = global_keep[0].shape[0] * h * w
+        kept = torch.stack([torch.stack([g.double().mean(), loc.double().mean(), g.double().sum() / n_unpadded])
+                            for g, loc in zip(global_keep, local_keep)]).tolist()
+        for g_mean, loc_mean, g_authors in kept:
+            out['global_by_mask'].append(1.0 - g_mean)
+            out['local_by_mask'].append(1.0 - loc_mean)
+            out['global_authors'].append(1.0 - g_authors)
     out['local_authors'] = list(out['local_by_mask'])
     out['global_consumed'] = [0.0] + out['global_by_mask'][:-1]
     out['local_consumed'] = [0.0] + out['local_by_mask'][:-1]
@@ -240,7 +243,7 @@ class AdaFormerAttention(nn.Module):
     def window_attention(self, xw: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention inside windows with the relative-position bias; (n, S*S, C) -> same."""
         q, k, v = self._heads(self.qkv_local(xw), 3)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + self._position_bias()
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(self._position_bias())  # (the product's grad needs q, k)
         return self._merge(attn.softmax(-1) @ v)
 
     def _broadcast(self, q: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The model class for AdaFormer: the uncertainty loss on the confidence logits, halting statistics in validation,
 a test-time ``eps_h`` override, and optional confidence / halting-mask images."""
+import math
 import os.path as osp
 from collections import OrderedDict
 from typing import Dict, List, Optional
@@ -10,6 +11,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger, imwrite
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from adasr.archs.layers import is_real
 from adasr.models.adasr_model import AdaSRModel
 
 
@@ -43,7 +45,7 @@ class AdaFormerModel(AdaSRModel):
             raise ValueError(f'AdaFormerModel needs an AdaFormer network, got {bare.__class__.__name__}; '
                              'use model_type: AdaSRModel for other archs')
         eps_h = (self.opt.get('val') or {}).get('eps_h')
-        if eps_h is not None and (not isinstance(eps_h, (int, float)) or isinstance(eps_h, bool)):
+        if eps_h is not None and (not is_real(eps_h) or math.isnan(eps_h)):  # as the network's eps_h setter
             raise ValueError(f'val.eps_h must be a number, got {eps_h!r}')
         self.halting_results: Dict[str, Dict[str, List[float]]] = {}
         self._val_state: Optional[dict] = None

@@ -53,7 +53,7 @@ class HaltingCollector:
             maps = getattr(info, key)  # per layer (B, 1, hp, wp)
             if key not in self.canvas:
                 self.canvas[key] = torch.zeros(len(maps), maps[0].shape[0], self.h, self.w)
-            self.canvas[key][:, :, ry, rx] = torch.stack([m[:, 0, cy, cx].float().cpu() for m in maps])
+            self.canvas[key][:, :, ry, rx] = torch.stack([m[:, 0, cy, cx] for m in maps]).float().cpu()  # one copy
         self.last_info = info
         if info.eval_global_split is not None:
             self.splits.append(int(info.eval_global_split))
