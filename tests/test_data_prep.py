@@ -145,12 +145,13 @@ def test_generate_bicubic_lr_equals_imresize_uint8_and_resumes(tmp_path):
 
 
 def test_bicubic_resize_large_image_path_equals_imresize_uint8(monkeypatch):
-    import adasr.data.prepare as prepare
+    import adasr.utils.matlab_resize as matlab_resize
 
     img = photo(40, 44)
-    monkeypatch.setattr(prepare, 'LARGE_IMAGE_PIXELS', 100)  # force the channel-by-channel path
-    np.testing.assert_array_equal(bicubic_resize(img, 0.25), imresize_uint8(img, 0.25))
-    np.testing.assert_array_equal(bicubic_resize(img, 0.5), imresize_uint8(img, 0.5))
+    whole = {s: imresize_uint8(img, s) for s in (0.25, 0.5)}  # all channels at once
+    monkeypatch.setattr(matlab_resize, 'LARGE_IMAGE_PIXELS', 100)  # force the channel-by-channel path
+    np.testing.assert_array_equal(bicubic_resize(img, 0.25), whole[0.25])
+    np.testing.assert_array_equal(bicubic_resize(img, 0.5), whole[0.5])
 
 
 # ------------------------------------------------------------------------------------------------ benchmark sets

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from adasr.data.prepare import bicubic_resize, write_image
+from adasr.data.prepare import div8k_test_pair, write_image
 from adasr.utils.image_io import atomic_write_bytes
 
 
@@ -188,15 +188,18 @@ def assemble(pkg_dir: str, out_dir: str, catalogue: Sequence[Photo] = CATALOGUE,
             stem = osp.splitext(name)[0] + '.png'
             top, left = (h - ch) // 2, (w - cw) // 2
             hr4k = np.ascontiguousarray(img[top:top + ch, left:left + cw])
-            hr2k = bicubic_resize(hr4k, 0.5)
-            for set_name, hr, how in (('Test4K', hr4k, 'centre crop'), ('Test2K', hr2k, 'centre crop, x1/2')):
+            for set_name, factor, how in (('Test4K', 1, 'centre crop'), ('Test2K', 0.5, 'centre crop, x1/2')):
                 hr_path = osp.join(out_dir, set_name, 'HR', 'X4', stem)
                 lr_path = osp.join(out_dir, set_name, 'LR', 'X4', stem)
-                if not (osp.isfile(hr_path) and osp.isfile(lr_path)):
+                if osp.isfile(hr_path) and osp.isfile(lr_path):  # a resumed run: nothing to recompute
+                    hr_h, hr_w = cv2.imread(hr_path, cv2.IMREAD_UNCHANGED).shape[:2]
+                else:
+                    hr, lr = div8k_test_pair(hr4k, factor)  # the Test2K/4K/8K protocol: HR, then its x1/4 LR
                     write_image(hr_path, hr)
-                    write_image(lr_path, bicubic_resize(hr, 0.25))
-                rows.append([set_name, stem, photo.package, version, f'{photo.path} [{how}]', hr.shape[1],
-                             hr.shape[0], photo.licence, _sha256(hr_path)])
+                    write_image(lr_path, lr)
+                    hr_h, hr_w = hr.shape[:2]
+                rows.append([set_name, stem, photo.package, version, f'{photo.path} [{how}]', hr_w, hr_h,
+                             photo.licence, _sha256(hr_path)])
                 counts[set_name] += 1
             continue
         dst = osp.join(out_dir, 'train', 'HR', name)

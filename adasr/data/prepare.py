@@ -120,19 +120,10 @@ def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
     return img[:h - h % scale, :w - w % scale]
 
 
-LARGE_IMAGE_PIXELS = 16_000_000
-
-
 def bicubic_resize(img: np.ndarray, scale: float) -> np.ndarray:
-    """MATLAB ``imresize(img, scale, 'bicubic')`` of a uint8 (H, W) or (H, W, C) image, rounded to uint8.
-
-    Equal to :func:`adasr.utils.matlab_resize.imresize_uint8`; channels of very large images (8K) are resized one
-    at a time to need about a third of the memory.
-    """
-    if img.ndim == 2 or img.shape[0] * img.shape[1] <= LARGE_IMAGE_PIXELS:
-        return imresize_uint8(img, scale)
-    return np.ascontiguousarray(np.stack([imresize_uint8(np.ascontiguousarray(img[:, :, c]), scale)
-                                          for c in range(img.shape[2])], axis=2))
+    """MATLAB ``imresize(img, scale, 'bicubic')`` of a uint8 (H, W) or (H, W, C) image, rounded to uint8: an alias of
+    :func:`adasr.utils.matlab_resize.imresize_uint8` (which also bounds the memory of very large images)."""
+    return imresize_uint8(img, scale)
 
 
 def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:

@@ -59,15 +59,23 @@ def _resize_dim(x: torch.Tensor, dim: int, in_len: int, out_len: int, scale: flo
     return out
 
 
+#: Colour images with more pixels than this are resized one channel at a time (a third of the float64 memory).
+LARGE_IMAGE_PIXELS = 16_000_000
+
+
 def imresize_uint8(img, scale: float):
     """MATLAB ``imresize(img, scale, 'bicubic')`` on a uint8 (H, W) or (H, W, C) numpy image, rounded to uint8.
 
-    This is how the classic benchmark LR images (and DIV2K's bicubic LR) were made.
+    This is how the classic benchmark LR images (and DIV2K's bicubic LR) were made. Channels of very large images
+    (above :data:`LARGE_IMAGE_PIXELS`, e.g. 8K) are resized one at a time: same result, about a third of the memory.
     """
     import numpy as np
 
     if img.dtype != np.uint8:
         raise TypeError(f'expected a uint8 image, got {img.dtype}')
+    if img.ndim == 3 and img.shape[2] > 1 and img.shape[0] * img.shape[1] > LARGE_IMAGE_PIXELS:
+        return np.ascontiguousarray(np.stack([imresize_uint8(np.ascontiguousarray(img[:, :, c]), scale)
+                                              for c in range(img.shape[2])], axis=2))
     x = torch.from_numpy(np.ascontiguousarray(img)).double()
     x = x.permute(2, 0, 1) if x.dim() == 3 else x
     y = imresize(x, scale).clamp_(0, 255).round_().to(torch.uint8)
