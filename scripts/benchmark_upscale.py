@@ -26,28 +26,22 @@ if __name__ == '__main__':
     sys.path[0] = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def _build(spec: str, weights=None):
-    import torch  # noqa: F401
-    from basicsr.archs import build_network
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    import adasr  # noqa: F401
-    from adasr.utils.checkpoint import load_weights
-    from adasr.utils.options import load_yaml
-    from adasr.utils.tile import window_multiple
-
+def _model_flags(spec: str) -> list:
+    """``arch:NAME:SCALE`` or an option file -> the model flags of ``adasr-upscale``."""
     if spec.startswith('arch:'):
         _, name, scale = spec.split(':')
-        net = ARCH_REGISTRY.get(name)(upscale=int(scale))
-        scale, multiple = int(scale), window_multiple(net)
-    else:
-        opt = load_yaml(spec)
-        net = build_network(dict(opt['network_g']))
-        scale = opt['scale']
-        multiple = window_multiple(net, net_opt=opt['network_g'])
-    if weights:
-        load_weights(net, weights, 'params_ema')
-    return net.eval(), scale, multiple
+        return ['--arch', name, '--scale', scale]
+    return ['--opt', spec]
+
+
+def _build(spec: str, weights=None):
+    """(net, scale, multiple) on the CPU in fp32, built exactly as ``adasr-upscale`` builds it."""
+    import adasr  # noqa: F401
+    from adasr.upscale import build_model, build_parser
+
+    flags = _model_flags(spec) + (['--weights', weights] if weights else ['--random-weights'])
+    up = build_model(build_parser().parse_args(['-i', '.', *flags, '--device', 'cpu']))
+    return up.net, up.scale, up.multiple
 
 
 def _calibrate_one(spec: str, side: int, threads: int):
@@ -91,6 +85,7 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     import numpy as np
     import torch
     from basicsr.metrics import calculate_psnr
+    from basicsr.utils import tensor2img
 
     from adasr.utils.tile import padded_forward, tiled_forward
 
@@ -101,8 +96,8 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     hr = cv2.imread(hr_path)
     x = torch.from_numpy(lr.astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
 
-    def to_img(y):
-        return np.rint(y[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1] * 255).astype(np.uint8)
+    def to_img(y):  # as the test pipeline saves images (clone: tensor2img clamps in place)
+        return tensor2img(y.clone())
 
     from adasr.utils.halting import HaltingCollector, has_halting
 
@@ -206,9 +201,7 @@ def main(argv=None):
         results['rows'] = rows
     elif args.cmd == 'memory':
         spec = args.opt
-        model = ['--arch', spec.split(':')[1], '--scale', spec.split(':')[2]] if spec.startswith('arch:') else \
-            ['--opt', spec]
-        argv_cli = ['-i', args.input, '-o', args.out, *model, '--overwrite', *args.extra]
+        argv_cli = ['-i', args.input, '-o', args.out, *_model_flags(spec), '--overwrite', *args.extra]
         r = run_isolated(_run_cli, argv=argv_cli, threads=args.threads)
         r['argv'] = argv_cli
         r['loadavg_after'] = os.getloadavg()[0]
