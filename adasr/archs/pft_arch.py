@@ -429,20 +429,21 @@ class PFAttention(nn.Module):
                 for block in blocks:
                     run_block(block)
         else:
+            same_keys = sparse_in and not do_topk  # the inherited index is shared, as in the fast path
             outs, val_list, idx_list = [], [], []
             for ws, rs in blocks:  # whole windows (rs covers every row)
                 a, idx = block_probs(ws, rs)
                 outs.append(aggregate(a, idx, ws).to(v.dtype))
                 if not keep_dense or store:
                     val_list.append(a)
-                if not keep_dense:
+                if not keep_dense and not same_keys:
                     idx_list.append(idx.to(index_dtype))
             cat = (lambda x: torch.cat(x, 0) if len(x) > 1 else x[0])  # noqa: E731
             out = cat(outs)
             if keep_dense:
                 maps = cat(val_list)
             else:
-                vals, idxs = cat(val_list), cat(idx_list)
+                vals, idxs = cat(val_list), (prev.index if same_keys else cat(idx_list))
 
         if keep_dense:
             state = _DenseMap(maps) if store else _DenseRecipe(q, k, bias, mask, prev, self.training)
