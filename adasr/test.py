@@ -10,7 +10,7 @@ if __name__ == '__main__':  # run as a file: import the package, not the modules
 
 
 def main(argv=None) -> None:
-    from adasr.utils.cli import run
+    from adasr.cli.entry import run
 
     run('test', argv)
 

@@ -10,7 +10,7 @@ if __name__ == '__main__':  # run as a file: import the package from this clone
 
 
 def main(argv=None) -> int:
-    from adasr.upscale import main as upscale_main
+    from adasr.cli.upscale import main as upscale_main
 
     return upscale_main(argv)
 

@@ -38,10 +38,10 @@ def _pairs(items, what):
 
 def main(argv=None) -> None:
     if argv is None:  # run as a script: re-exec once with the glibc malloc settings that make CPU timing stable
-        from adasr.utils.profiling import ensure_malloc_env
+        from benchmarks.profiling import ensure_malloc_env
 
         ensure_malloc_env(disable='--no-malloc-env' in sys.argv[1:])
-    from adasr.utils.benchmark import DEFAULT_ROWS
+    from benchmarks.harness import DEFAULT_ROWS
 
     parser = argparse.ArgumentParser(description='Side-by-side SR benchmark.',
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     import torch
 
     import adasr  # noqa: F401
-    from adasr.utils.benchmark import (
+    from adasr.cli.options import OptionsError
+    from benchmarks.harness import (
         BenchmarkError,
         find_dataset,
         git_commit,
@@ -80,8 +81,7 @@ def main(argv=None) -> None:
         table_rows,
         to_markdown,
     )
-    from adasr.utils.options import OptionsError
-    from adasr.utils.profiling import environment_summary, run_isolated
+    from benchmarks.profiling import environment_summary, run_isolated
 
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda but torch sees no CUDA device')

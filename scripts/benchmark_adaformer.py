@@ -38,14 +38,14 @@ def parse_setting(text: str) -> Dict[str, float]:
 
 def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup: int, device: str,
             weights: Optional[str], seed: int, threads: Optional[int]) -> Dict[str, Any]:
-    """One configuration, run inside a fresh process (see adasr.utils.profiling.run_isolated)."""
+    """One configuration, run inside a fresh process (see benchmarks.profiling.run_isolated)."""
     import time
 
     import torch
 
     import adasr  # noqa: F401
     from adasr.archs.adaformer_arch import AdaFormer, load_authors_weights
-    from adasr.utils.profiling import Timing, memory_growth, memory_mark, time_fn
+    from benchmarks.profiling import Timing, memory_growth, memory_mark, time_fn
 
     if threads:
         torch.set_num_threads(threads)
@@ -107,10 +107,10 @@ def main(argv=None) -> None:
     parser.add_argument('--no-malloc-env', action='store_true', help='measure with glibc malloc defaults')
     args = parser.parse_args(argv)
 
-    from adasr.utils.profiling import ensure_malloc_env
+    from benchmarks.profiling import ensure_malloc_env
 
     ensure_malloc_env(disable=args.no_malloc_env or args.device != 'cpu')
-    from adasr.utils.profiling import environment_summary, run_isolated
+    from benchmarks.profiling import environment_summary, run_isolated
 
     settings = args.settings or [parse_setting(s) for s in DEFAULT_SETTINGS]
     rows = []

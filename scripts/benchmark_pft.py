@@ -13,7 +13,7 @@
    basicsr's SwinIR-light x4 (options/train/train_SwinIR_light_x4.yml) on the same input in the same run: median of
    ``--net-repeats`` runs after one warm-up run, peak RSS growth of the first run (fresh process per network).
 
-On the CPU the script re-executes itself with glibc malloc settings (adasr.utils.profiling.ensure_malloc_env).
+On the CPU the script re-executes itself with glibc malloc settings (benchmarks.profiling.ensure_malloc_env).
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adasr.utils.profiling import (  # noqa: E402
+from benchmarks.profiling import (  # noqa: E402
     ensure_malloc_env,
     environment_summary,
     memory_growth,

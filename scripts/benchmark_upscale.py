@@ -1,6 +1,6 @@
 """Measurements behind docs/upscale.md: the per-pixel memory model, the 8K-output memory runs, and the tiling check.
 
-Each measurement runs in a fresh process (``adasr.utils.profiling.run_isolated``) with the glibc malloc settings of
+Each measurement runs in a fresh process (``benchmarks.profiling.run_isolated``) with the glibc malloc settings of
 ``ensure_malloc_env``. Commands:
 
   python scripts/benchmark_upscale.py inputs --photo PHOTO [--pair-photo PHOTO2] [--out datasets/upscale_bench]
@@ -37,7 +37,7 @@ def _model_flags(spec: str) -> list:
 def _build(spec: str, weights=None):
     """(net, scale, multiple) on the CPU in fp32, built exactly as ``adasr-upscale`` builds it."""
     import adasr  # noqa: F401
-    from adasr.upscale import build_model, build_parser
+    from adasr.cli.upscale import build_model, build_parser
 
     flags = _model_flags(spec) + (['--weights', weights] if weights else ['--random-weights'])
     up = build_model(build_parser().parse_args(['-i', '.', *flags, '--device', 'cpu']))
@@ -47,8 +47,8 @@ def _build(spec: str, weights=None):
 def _calibrate_one(spec: str, side: int, threads: int):
     import torch
 
-    from adasr.utils.profiling import current_rss_bytes, rss_peak_bytes
-    from adasr.utils.tile import padded_forward
+    from adasr.inference.tile import padded_forward
+    from benchmarks.profiling import current_rss_bytes, rss_peak_bytes
 
     torch.set_num_threads(threads)
     net, scale, multiple = _build(spec)
@@ -67,11 +67,11 @@ def _calibrate_one(spec: str, side: int, threads: int):
 def _run_cli(argv, threads: int):
     import torch
 
-    from adasr.utils.profiling import current_rss_bytes, rss_peak_bytes
+    from benchmarks.profiling import current_rss_bytes, rss_peak_bytes
 
     torch.set_num_threads(threads)
     import adasr  # noqa: F401
-    from adasr.upscale import main
+    from adasr.cli.upscale import main
 
     base = current_rss_bytes()
     t = time.perf_counter()
@@ -87,7 +87,7 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     from basicsr.metrics import calculate_psnr
     from basicsr.utils import tensor2img
 
-    from adasr.utils.tile import padded_forward, tiled_forward
+    from adasr.inference.tile import padded_forward, tiled_forward
 
     torch.set_num_threads(threads)
     net, scale, multiple = _build(spec, weights)
@@ -99,7 +99,7 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     def to_img(y):  # as the test pipeline saves images (clone: tensor2img clamps in place)
         return tensor2img(y.clone())
 
-    from adasr.utils.halting import HaltingCollector, has_halting
+    from adasr.inference.halting import HaltingCollector, has_halting
 
     rows, masks = [], {}
     with torch.no_grad():
@@ -158,7 +158,7 @@ def main(argv=None):
         s.add_argument('--json', help='also write the results here')
     args = p.parse_args(argv)
 
-    from adasr.utils.profiling import ensure_malloc_env, environment_summary, run_isolated
+    from benchmarks.profiling import ensure_malloc_env, environment_summary, run_isolated
 
     ensure_malloc_env()
     env = environment_summary()

@@ -38,7 +38,7 @@ def run_scale(scale: int, sets, root: str, work: str) -> dict:
     import yaml
 
     sys.path.insert(0, REPO)
-    from adasr.utils.options import load_yaml
+    from adasr.cli.options import load_yaml
 
     opt = load_yaml(osp.join(REPO, 'options', 'test', f'test_Bicubic_x{scale}.yml'))
     opt = copy.deepcopy(dict(opt))

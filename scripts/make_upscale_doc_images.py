@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument('--prefix', default='halting_demo')
     args = p.parse_args(argv)
 
-    from adasr.upscale import main as upscale
+    from adasr.cli.upscale import main as upscale
 
     work = tempfile.mkdtemp(prefix='adasr_doc_')
     try:

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
 
     import adasr  # noqa: F401
     from adasr.archs.adaformer_arch import AdaFormer
-    from adasr.utils.adaformer_oracle import compare_with_oracle, format_table, load_oracle, oracle_inputs, summary
-    from adasr.utils.options import load_yaml
+    from adasr.cli.options import load_yaml
+    from benchmarks.adaformer_oracle import compare_with_oracle, format_table, load_oracle, oracle_inputs, summary
 
     network_g = dict(load_yaml(args.opt)['network_g'])
     if network_g.pop('type') != 'AdaFormer':

@@ -17,21 +17,13 @@ from adasr.archs.adaformer_arch import (
     region_order,
 )
 from adasr.utils.checkpoint import CheckpointError
+from tests.helpers import adaformer_fixtures as FIX
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DATA = osp.join(REPO, 'tests', 'data')
 UNUSED = ('attn.proj.', 'attn.norm2.', 'attn.norm3.', 'project_out.')
 
 
-def _fixture_script():
-    spec = importlib.util.spec_from_file_location('make_adaformer_fixtures',
-                                                  osp.join(REPO, 'scripts', 'make_adaformer_fixtures.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FIX = _fixture_script()
 
 
 @pytest.fixture(scope='module')
@@ -140,8 +132,8 @@ def _oracle_checks(reference_dir):
     if not osp.isfile(path):
         pytest.skip(f'{path} not found')
     if path not in _ORACLE:
-        from adasr.utils.adaformer_oracle import compare_with_oracle, load_oracle
-        from adasr.utils.options import load_yaml
+        from adasr.cli.options import load_yaml
+        from benchmarks.adaformer_oracle import compare_with_oracle, load_oracle
 
         network_g = dict(load_yaml(osp.join(REPO, 'options', 'test', 'test_AdaFormer_x4.yml'))['network_g'])
         network_g.pop('type')
@@ -153,7 +145,7 @@ def _oracle_checks(reference_dir):
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_oracle_equivalence(reference_dir, input_key, mode):
     """The authors' code, run unchanged: masks exactly, SR within 1e-3 (0..255), logits, sparsity, intermediates."""
-    from adasr.utils.adaformer_oracle import format_table
+    from benchmarks.adaformer_oracle import format_table
 
     checks = [c for c in _oracle_checks(reference_dir) if c.input_key == input_key and c.mode == mode]
     quantities = {c.quantity for c in checks}
@@ -172,7 +164,7 @@ def test_verify_script_runs(reference_dir, capsys):
         pytest.skip(f'{path} not found')
     spec = importlib.util.spec_from_file_location('verify', osp.join(REPO, 'scripts', 'verify_adaformer_oracle.py'))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # the script's CLI itself is under test
     assert module.main([path, '--opt', osp.join(REPO, 'options/test/test_AdaFormer_x4.yml'), '--modes', 'eval']) == 0
     out = capsys.readouterr().out
     assert 'PASS' in out and 'FAIL' not in out

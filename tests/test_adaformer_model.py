@@ -149,7 +149,7 @@ def test_rejects_other_archs(tmp_path):
 
 def test_train_then_test_through_the_pipelines(tmp_path, monkeypatch, caplog):
     """A few iterations on tiny crops through adasr-train, then adasr-test with halting images."""
-    from adasr.utils.cli import run
+    from adasr.cli.entry import run
 
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger='basicsr')  # BasicSR writes its log file only for a process's first run

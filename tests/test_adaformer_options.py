@@ -8,7 +8,7 @@ import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 
-from adasr.utils.options import check_options, load_yaml
+from adasr.cli.options import check_options, load_yaml
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FILES = sorted(glob.glob(osp.join(REPO, 'options', '*', '*AdaFormer*.yml')))

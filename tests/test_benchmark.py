@@ -17,7 +17,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils.matlab_functions import imresize as basicsr_imresize
 from torch import nn
 
-from adasr.utils.benchmark import (
+from benchmarks.harness import (
     BenchmarkError,
     count_macs,
     evaluate,
@@ -30,7 +30,7 @@ from adasr.utils.benchmark import (
     table_rows,
     to_markdown,
 )
-from adasr.utils.profiling import MALLOC_ENV
+from benchmarks.profiling import MALLOC_ENV
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO_VAL = osp.join(REPO, 'datasets', 'demo', 'val')
@@ -152,7 +152,7 @@ def test_halting_sparsity_is_averaged_and_reported():
     data = find_dataset(DEMO_VAL, 4)
     res = evaluate(_Halting(), data, scale=4, window_size=1, device='cpu')
     assert res['sparsity']['global_consumed'] == pytest.approx([0.0, 0.15])  # images: 0.1 and 0.2
-    from adasr.utils.benchmark import RowSpec, halting_summary
+    from benchmarks.harness import RowSpec, halting_summary
 
     row = RowSpec(label='Ada', source='x.yml', network_g={}, scale=4)
     results = {'Ada': {'params': 0, 'quality': {'demo_val': res}}}
@@ -184,7 +184,7 @@ def test_measure_row_in_process():
 
 
 def resolve_row_stub():
-    from adasr.utils.benchmark import RowSpec
+    from benchmarks.harness import RowSpec
 
     return RowSpec(label='tiny', source='x.yml', network_g=TINY_HAT, scale=4)
 
@@ -233,7 +233,7 @@ def test_script_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_outputs_and_eps_h(tmp_path):
-    from adasr.utils.benchmark import RowSpec, build_net, save_outputs
+    from benchmarks.harness import RowSpec, build_net, save_outputs
 
     row = RowSpec(label='Ada', source='x.yml', network_g={}, scale=4, checkpoint='w.pth', note='a note')
     res = {'params': 10, 'macs': 2e9, 'macs_method': 'analytic', 'latency': {'median_s': 1.0}, 'spread': 0.01,

@@ -75,6 +75,6 @@ def test_assemble_train_tests_and_manifest(tmp_path):
     assert rows[0]['version'] == '1.0' and rows[0]['licence'] == 'CC0-1.0' and len(rows[0]['sha256']) == 64
     assert any('absent.jpg' in line for line in logs)
     # the benchmark reads the test sets as they are
-    from adasr.utils.benchmark import find_dataset
+    from benchmarks.harness import find_dataset
 
     assert len(find_dataset(str(tmp_path / 'out' / 'Test2K'), 4).pairs) == 1

@@ -8,7 +8,7 @@ import torch
 import yaml
 from basicsr.archs import build_network
 
-from adasr.utils.options import OptionsError, check_options, load_yaml
+from adasr.cli.options import OptionsError, check_options, load_yaml
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 OPTION_FILES = sorted(glob.glob(osp.join(REPO, 'options', '**', '*.yml'), recursive=True))

@@ -1,5 +1,4 @@
 """PFT: equivalence with the authors' code, refactor guards, an independent dense formulation, and structure."""
-import importlib.util
 import json
 import os.path as osp
 
@@ -11,20 +10,13 @@ from adasr.archs import pft_arch
 from adasr.archs.layers import symmetric_pad
 from adasr.archs.pft_arch import PFT
 from adasr.utils.checkpoint import CheckpointError, check_state_dict
+from benchmarks import pft_oracle as verify
+from tests.helpers import pft_fixtures as fixtures
 
 DATA = osp.join(osp.dirname(__file__), 'data')
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, osp.join(REPO, 'scripts', f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-verify = _load_script('verify_pft_oracle')
-fixtures = _load_script('make_pft_fixtures')
 
 LIGHT = dict(upscale=4, in_chans=3, img_size=64, embed_dim=52, depths=[2, 4, 6, 6, 6], num_heads=4,
              num_topk=[1024] * 2 + [256] * 4 + [128] * 6 + [64] * 6 + [32] * 6, window_size=32,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from adasr.utils.options import check_options, load_yaml
+from adasr.cli.options import check_options, load_yaml
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FILES = sorted(glob.glob(osp.join(REPO, 'options', '**', '*PFT*.yml'), recursive=True))

@@ -1,6 +1,6 @@
-"""Tiled inference (adasr.utils.tile): the tiles cover the image, the blend weights sum to 1, tiled equals whole-image
-inference exactly for local models and within tolerance for a transformer, the automatic tile size follows the
-memory rule, and AdaSRModel tiles when ``val.tile`` is set."""
+"""Tiled inference (adasr.inference.tile): the tiles cover the image, the blend weights sum to 1, tiled equals
+whole-image inference exactly for local models and within tolerance for a transformer, the automatic tile size
+follows the memory rule, and AdaSRModel tiles when ``val.tile`` is set."""
 import math
 import os.path as osp
 
@@ -11,8 +11,7 @@ from basicsr.archs.swinir_arch import SwinIR
 from torch import nn
 
 from adasr.archs.bicubic_arch import Bicubic
-from adasr.utils import tile as tile_mod
-from adasr.utils.tile import (
+from adasr.inference.tile import (
     Span,
     auto_tile_size,
     blend_weights,
@@ -24,6 +23,7 @@ from adasr.utils.tile import (
     tiled_forward,
     window_multiple,
 )
+from adasr.inference import tile as tile_mod
 
 TINY_SWINIR = dict(upscale=4, in_chans=3, img_size=16, window_size=8, img_range=1.0, depths=[2, 2], embed_dim=24,
                    num_heads=[2, 2], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
@@ -232,7 +232,7 @@ def test_val_tile_keys_pass_the_option_checker(model_type, net):
     """Also for subclasses that declare their own val keys (AdaFormerModel: eps_h, save_halting)."""
     from basicsr.utils.registry import MODEL_REGISTRY
 
-    from adasr.utils.options import OptionsError, check_options
+    from adasr.cli.options import OptionsError, check_options
 
     if model_type not in MODEL_REGISTRY:
         pytest.skip(f'{model_type} is not registered')

@@ -12,7 +12,7 @@ import torch
 import yaml
 from basicsr.archs.swinir_arch import SwinIR
 
-from adasr.upscale import main
+from adasr.cli.upscale import main
 from adasr.utils import image_io
 from adasr.utils.image_io import atomic_write_bytes, read_image
 from adasr.utils.matlab_resize import imresize
@@ -193,7 +193,7 @@ def test_opt_and_weights_with_tiling(tmp_path):
                      '-q', '--ext', 'png', *extra]) == 0
     x = torch.from_numpy(img[..., ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
     with torch.no_grad():
-        from adasr.utils.tile import padded_forward
+        from adasr.inference.tile import padded_forward
 
         ref = padded_forward(net.eval(), 2, 8)(x)[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1]
     ref = np.rint(ref * 255)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from adasr.upscale import main
-from adasr.utils.halting import HaltingCollector
-from adasr.utils.tile import tiled_forward
+from adasr.cli.upscale import main
+from adasr.inference.halting import HaltingCollector
+from adasr.inference.tile import tiled_forward
 
 AdaFormer = pytest.importorskip('adasr.archs.adaformer_arch', reason='AdaFormer is not merged yet').AdaFormer
 

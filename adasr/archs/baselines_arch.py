@@ -24,7 +24,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from spandrel.architectures.ATD import ATD as _SpandrelATD
 from spandrel.architectures.HAT import HAT as _SpandrelHAT
 
-from adasr.archs.layers import DIV2K_RGB_MEAN, check_choice, check_int, check_positive, pad_to_multiple
+from adasr.archs.layers import DIV2K_RGB_MEAN, pad_to_multiple
+from adasr.utils.checks import check_choice, check_int, check_positive
 
 
 def _stages(depths, num_heads, embed_dim: int) -> None:

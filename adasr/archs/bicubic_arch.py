@@ -3,8 +3,8 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from adasr.archs.layers import check_int
-from adasr.utils.matlab_resize import imresize
+from adasr.utils.checks import check_int
+from adasr.utils.matlab_resize import imresize, kernel_taps
 
 
 @ARCH_REGISTRY.register()
@@ -30,11 +30,8 @@ class Bicubic(nn.Module):
     def flops(self, h: int, w: int, channels: int = 3) -> float:
         """Multiply-accumulates for one h x w LR image: every output sample of each separable pass (rows, then
         columns) takes one MAC per kernel tap that :func:`imresize` applies."""
-        from adasr.utils.matlab_resize import _weights_indices
-
         s = self.upscale
-        taps_h = _weights_indices(h, h * s, float(s), True)[0].shape[1]
-        taps_w = _weights_indices(w, w * s, float(s), True)[0].shape[1]
+        taps_h, taps_w = kernel_taps(h, s), kernel_taps(w, s)
         return float(channels * (h * s * w * taps_h + h * s * w * s * taps_w))
 
     def extra_repr(self) -> str:

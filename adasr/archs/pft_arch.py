@@ -26,8 +26,6 @@ from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
     PixelShuffleDirect,
     PixelShuffleUpsample,
-    check_choice,
-    check_int,
     pad_to_multiple,
     relative_position_index,
     window_partition,
@@ -44,6 +42,7 @@ from adasr.ops.sparse_attention import (
     pick_method,
 )
 from adasr.ops.sparse_attention import topk_positions as sparse_topk_positions
+from adasr.utils.checks import check_choice, check_int
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)

@@ -11,8 +11,8 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger, imwrite
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from adasr.archs.layers import is_real
 from adasr.models.adasr_model import AdaSRModel
+from adasr.utils.checks import is_real
 
 
 @MODEL_REGISTRY.register()

@@ -5,9 +5,9 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
+from adasr.inference.halting import HaltingCollector, has_halting
+from adasr.inference.tile import padded_forward, tiled_forward, window_multiple
 from adasr.utils.checkpoint import load_weights
-from adasr.utils.halting import HaltingCollector, has_halting
-from adasr.utils.tile import padded_forward, tiled_forward, window_multiple
 
 
 @MODEL_REGISTRY.register()
@@ -18,7 +18,7 @@ class AdaSRModel(SRModel):
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
       pads inside ``forward`` (``pads_input = True``), so SwinIR, HAT and our archs share one harness;
-    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.utils.tile`).
+    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`).
     """
 
     val_option_keys = {'tile', 'tile_pad'}
@@ -53,7 +53,7 @@ class AdaSRModel(SRModel):
         scale = self.opt.get('scale', 1)
         fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
-        tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.utils.options
+        tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.cli.options
         if not tile:
             return fn(lq)
         collector = HaltingCollector(bare, *lq.shape[-2:]) if has_halting(bare) else None

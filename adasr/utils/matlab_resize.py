@@ -16,8 +16,9 @@ from basicsr.utils.matlab_functions import calculate_weights_indices
 
 
 @lru_cache(maxsize=64)
-def _weights_indices(in_len: int, out_len: int, scale: float, antialiasing: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out_len, taps) float32 weights and int64 source indices already folded into [0, in_len)."""
+def weights_indices(in_len: int, out_len: int, scale: float, antialiasing: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MATLAB bicubic resampling along one axis of ``in_len`` samples to ``out_len``: (out_len, taps) float32
+    weights and int64 source indices already folded into [0, in_len). ``taps`` is the kernel support."""
     weights, indices, sym_start, _ = calculate_weights_indices(in_len, out_len, scale, 'cubic', 4, antialiasing)
     # BasicSR's indices are 0-based positions in the axis padded by ``sym_start`` mirrored samples at the start;
     # map them back to the original axis, mirroring with the edge sample repeated (MATLAB's 'symmetric').
@@ -47,7 +48,7 @@ def imresize(x: torch.Tensor, scale: float, antialiasing: bool = True) -> torch.
 
 
 def _resize_dim(x: torch.Tensor, dim: int, in_len: int, out_len: int, scale: float, aa: bool) -> torch.Tensor:
-    weights, src = _weights_indices(in_len, out_len, float(scale), bool(aa))
+    weights, src = weights_indices(in_len, out_len, float(scale), bool(aa))
     weights = weights.to(device=x.device, dtype=x.dtype)
     src = src.to(x.device)
     shape = [1] * x.dim()
@@ -81,3 +82,8 @@ def imresize_uint8(img, scale: float):
     y = imresize(x, scale).clamp_(0, 255).round_().to(torch.uint8)
     y = y.permute(1, 2, 0) if y.dim() == 3 else y
     return y.numpy()
+
+
+def kernel_taps(in_len: int, scale: float, antialiasing: bool = True) -> int:
+    """Kernel taps per output sample when an axis of ``in_len`` samples is resized by ``scale``."""
+    return int(weights_indices(in_len, math.ceil(in_len * scale), float(scale), antialiasing)[0].shape[1])

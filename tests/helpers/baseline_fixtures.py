@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write ``tests/data/baselines_tiny.pt``: seeded refactor guards for the HAT and ATD baselines.
 
 For a tiny configuration of each, the weights are filled from a seeded generator (independent of the init code),
@@ -7,13 +6,11 @@ weights from the seed and compares. ATD's ``category_size`` covers every token o
 does not depend on how the unstable sort in its category attention orders equal keys (which is
 platform-dependent). Run from the repository root:
 
-    python scripts/make_baseline_fixtures.py
+    python scripts/make_test_fixtures.py baselines
 """
 import os.path as osp
-import sys
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 TINY = {
     'HAT': {'type': 'HAT', 'upscale': 4, 'embed_dim': 12, 'depths': [2], 'num_heads': [2], 'window_size': 4,
@@ -48,7 +45,7 @@ def demo_input():
     return torch.from_numpy(crop).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     import torch
 
     import adasr  # noqa: F401

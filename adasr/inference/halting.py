@@ -1,7 +1,7 @@
 """Pictures of where AdaFormer halts (the paper's Fig. 6) and a per-layer sparsity summary, for any image size.
 
 AdaFormer keeps the halting record of its last forward in ``net.last_halting`` (confidence and keep masks at the
-padded size of that call). :class:`HaltingCollector` is given to :func:`adasr.utils.tile.tiled_forward` as
+padded size of that call). :class:`HaltingCollector` is given to :func:`adasr.inference.tile.tiled_forward` as
 ``on_tile``: after every tile it copies the tile's maps, core region only, into whole-image LR canvases, so tiled
 and whole-image runs give maps of the same layout. Layer ``l`` below is the *mask index* of ``HaltingInfo``: the
 confidence is measured on the output of block ``l``, and its keep masks decide what block ``l + 1`` skips (the
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from adasr.inference.tile import Tile
 from adasr.utils.image_io import atomic_write_bytes, encode
-from adasr.utils.tile import Tile
 
 
 def has_halting(net: nn.Module) -> bool:
@@ -70,7 +70,7 @@ class HaltingCollector:
         sparsity recomputed on the stitched masks."""
         import dataclasses
 
-        from adasr.archs.adaformer_arch import halting_sparsity
+        from adasr.archs.halting import halting_sparsity
 
         if self.last_info is None:
             raise RuntimeError('no tile was collected')

@@ -29,7 +29,8 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from adasr.archs.layers import check_int, pad_to_multiple
+from adasr.archs.layers import pad_to_multiple
+from adasr.utils.checks import check_int
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def _argv(argv: List[str]):
 
 
 def _preflight(argv: List[str], is_train: bool) -> None:
-    from adasr.utils.options import OptionsError, check_options, load_yaml
+    from adasr.cli.options import OptionsError, check_options, load_yaml
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('-opt', required=True)

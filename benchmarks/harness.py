@@ -62,7 +62,7 @@ class DataSpec:
 
 def resolve_row(label: str, option_file: str, weights: Optional[str] = None) -> RowSpec:
     """Read ``option_file`` into a :class:`RowSpec`. ``weights`` overrides ``path.pretrain_network_g``."""
-    from adasr.utils.options import check_network_opt, load_yaml
+    from adasr.cli.options import check_network_opt, load_yaml
 
     opt = load_yaml(option_file)
     if 'network_g' not in opt:
@@ -241,7 +241,7 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from adasr.utils.tile import padded_forward
+    from adasr.inference.tile import padded_forward
 
     fn = getattr(net, 'flops', None)
     if callable(fn):
@@ -274,7 +274,7 @@ def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_imag
     from basicsr.metrics import calculate_psnr, calculate_ssim
     from basicsr.utils import tensor2img
 
-    from adasr.utils.tile import padded_forward
+    from adasr.inference.tile import padded_forward
 
     psnrs, ssims, sparsity = [], [], []
     for lr_path, hr_path in data.pairs[:max_images]:
@@ -299,12 +299,12 @@ def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_imag
 def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tuple[int, int], repeats: int,
                 warmup: int, device: str, threads: Optional[int], max_images: Optional[int]) -> Dict[str, Any]:
     """Everything the table says about one row. Module-level so that it runs in a fresh process
-    (:func:`adasr.utils.profiling.run_isolated`): the peak memory is then that row's alone."""
+    (:func:`benchmarks.profiling.run_isolated`): the peak memory is then that row's alone."""
     import torch
 
     import adasr  # noqa: F401  (registration in the fresh process)
-    from adasr.utils.profiling import memory_growth, memory_mark, time_fn
-    from adasr.utils.tile import padded_forward, window_multiple
+    from adasr.inference.tile import padded_forward, window_multiple
+    from benchmarks.profiling import memory_growth, memory_mark, time_fn
 
     if threads:
         torch.set_num_threads(threads)

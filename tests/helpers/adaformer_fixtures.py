@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Regenerate the committed AdaFormer test fixtures under tests/data/.
 
 * ``adaformer_guard.pt``: a refactor guard. The paper-configuration network with weights regenerated from a seed
@@ -15,13 +14,10 @@
   masks are stored whole.
 
 Usage:
-    python scripts/make_adaformer_fixtures.py [--out tests/data/adaformer_guard.pt]
+    python scripts/make_test_fixtures.py adaformer [--out tests/data/adaformer_guard.pt]
 """
 import argparse
 import os.path as osp
-import sys
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 GUARD_CASES = {
     'single': {'shape': (1, 3, 37, 45), 'seed': 1, 'modes': ('eval', 'train'), 'net': {}},
@@ -76,7 +72,7 @@ def main(argv=None) -> None:
 
     import adasr  # noqa: F401
 
-    fixture = {'about': 'made by scripts/make_adaformer_fixtures.py; see its docstring', 'cases': {}}
+    fixture = {'about': 'made by tests/helpers/adaformer_fixtures.py; see its docstring', 'cases': {}}
     for name, case in GUARD_CASES.items():
         net = guard_network(case.get('estimator_gain', 1.0), **case['net'])
         x = guard_input(case['shape'], case['seed'])

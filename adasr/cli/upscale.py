@@ -93,7 +93,7 @@ class Upscaler:
     def forward_fn(self):
         import torch
 
-        from adasr.utils.tile import padded_forward
+        from adasr.inference.tile import padded_forward
 
         inner = padded_forward(self.net, self.scale, self.multiple, mode='reflect')
 
@@ -105,7 +105,7 @@ class Upscaler:
 
 
 def _constructor_scale_key(cls) -> Optional[str]:
-    from adasr.utils.options import constructor_keys
+    from adasr.cli.options import constructor_keys
 
     keys = constructor_keys(cls)
     for key in ('upscale', 'scale', 'upscaling_factor'):
@@ -119,9 +119,9 @@ def build_model(args) -> Upscaler:
     from basicsr.archs import build_network
     from basicsr.utils.registry import ARCH_REGISTRY
 
+    from adasr.cli.options import OptionsError, check_network_opt, load_yaml
+    from adasr.inference.tile import window_multiple
     from adasr.utils.checkpoint import CheckpointError, load_weights
-    from adasr.utils.options import OptionsError, check_network_opt, load_yaml
-    from adasr.utils.tile import window_multiple
 
     if bool(args.opt) == bool(args.arch):
         raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name)')
@@ -268,7 +268,7 @@ def _run_model(up: Upscaler, x, args, *, desc: str, on_tile=None, tile: Optional
     """(1, C, H, W) float32 CPU -> (1, C', sH, sW) float32 CPU, tiled."""
     import torch
 
-    from adasr.utils.tile import auto_tile_size, tiled_forward
+    from adasr.inference.tile import auto_tile_size, tiled_forward
 
     fn = up.forward_fn()
     h, w = x.shape[-2:]
@@ -320,7 +320,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
 def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
     from tqdm import tqdm
 
-    from adasr.utils.halting import HaltingCollector, save_halting_pictures
+    from adasr.inference.halting import HaltingCollector, save_halting_pictures
     from adasr.utils.image_io import WRITABLE, ImageReadError, read_image, to_stored, write_image
 
     report = Report()
@@ -395,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         up = build_model(args)
         if args.save_halting or args.eps_h is not None:
-            from adasr.utils.halting import has_halting
+            from adasr.inference.halting import has_halting
 
             if not has_halting(up.net) or not hasattr(up.net, 'eps_h'):
                 flag = '--save-halting' if args.save_halting else '--eps-h'

@@ -1,6 +1,6 @@
 """Write the small seeded refactor-guard fixtures of PFT under tests/data/ (run from the repository root).
 
-    python scripts/make_pft_fixtures.py [--out tests/data]
+    python scripts/make_test_fixtures.py pft [--out tests/data]
 
 Each fixture ``pft_guard_<name>.pt`` holds ``{config, seed, input, output, notes}``: the network is rebuilt in the
 test from ``config`` and ``seed`` (weights are not stored), so each file is a few kilobytes. The outputs are made by
@@ -10,11 +10,8 @@ against an independent dense masked formulation of progressive focused attention
 """
 import argparse
 import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ws = 8 (64 tokens a window; the smallest shift region is 4x4 = 16 tokens, so k <= 16 after the dense phase, as
 # the released ws = 32 schedules keep k <= 256): dense, dense + transfer + top-16, then sparse scoring.
@@ -47,13 +44,13 @@ def make(name: str, seed: int = 0) -> dict:
     with torch.no_grad():
         out = net(x)
     return {'config': config, 'seed': seed, 'input': x, 'output': out,
-            'notes': f'adasr PFT refactor guard "{name}", made by scripts/make_pft_fixtures.py'}
+            'notes': f'adasr PFT refactor guard "{name}", made by tests/helpers/pft_fixtures.py'}
 
 
-def main():
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='tests/data')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import adasr  # noqa: F401
     torch.set_num_threads(1)  # one summation order for the committed numbers
     os.makedirs(args.out, exist_ok=True)

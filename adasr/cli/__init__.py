@@ -1,0 +1,1 @@
+"""Entry points and the BasicSR glue: option checking, adasr-train/-test, adasr-upscale."""

@@ -1,0 +1,1 @@
+"""Benchmark, profiling and oracle tooling (outside the runtime package; used by scripts/ and tests/)."""

@@ -1,0 +1,1 @@
+"""adasr test suite."""

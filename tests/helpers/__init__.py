@@ -1,0 +1,2 @@
+"""What the tests build: seeded refactor-guard networks and inputs, fixture writers (``scripts/make_test_fixtures.py``
+runs them)."""
