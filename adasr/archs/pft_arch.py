@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
     PixelShuffleDirect,
@@ -540,7 +541,7 @@ class _PatchEmbedNorm(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class PFT(nn.Module):
+class PFT(Exportable, nn.Module):
     """PFT / PFT-light super-resolution network (``network_g: {type: PFT, ...}``).
 
     Args (the keys of the released ``network_g`` blocks; defaults as upstream):
@@ -723,6 +724,13 @@ class PFT(nn.Module):
             x = self.upsample(x)
         x = x / self.img_range + mean
         return x[..., :h * self.upscale, :w * self.upscale]
+
+    def export_module(self) -> nn.Module:
+        """The eval forward with static control flow for ONNX export (:class:`~adasr.archs.pft_export.PFTExport`:
+        dense scores, TopK and GatherElements; same outputs)."""
+        from adasr.archs.pft_export import PFTExport
+
+        return PFTExport(self)
 
     def extra_repr(self) -> str:
         return (f'upscale={self.upscale}, window_size={self.window_size}, num_heads={self.num_heads}, '
