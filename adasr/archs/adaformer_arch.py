@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.halting import HaltingInfo, halting_sparsity
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
@@ -341,7 +342,7 @@ class AdaM(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class AdaFormer(nn.Module):
+class AdaFormer(Exportable, nn.Module):
     """AdaFormer (AAAI-24) super-resolution network; ``AdaFormer()`` is the paper's x4 model (1,602,721 parameters).
 
     Input (B, in_chans, H, W) in 0..1, any size and batch (padded inside by reflection to a multiple of
@@ -500,6 +501,14 @@ class AdaFormer(nn.Module):
                            local_keep=l_keep, input_size=size, padded_size=padded,
                            mode='dense' if split is None else 'sparse', eval_global_split=split,
                            sparsity=halting_sparsity(g_keep, l_keep, size))
+
+    def export_module(self) -> nn.Module:
+        """The eval forward with static control flow for ONNX export
+        (:class:`~adasr.archs.adaformer_export.AdaFormerExport`: masked dense computation of the same halting,
+        windows and global chunks; same outputs)."""
+        from adasr.archs.adaformer_export import AdaFormerExport
+
+        return AdaFormerExport(self)
 
     # -- cost ------------------------------------------------------------------------------------------------------
 
