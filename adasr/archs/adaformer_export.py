@@ -82,34 +82,45 @@ class AdaFormerExport(nn.Module):
             keep = torch.ones(b, n, dtype=torch.bool, device=u.device)
         q, k, v = attn._heads(attn.qkv(u), 3)  # b, h, n, hd
         logits = (attn._prototype_queries() * attn.scale) @ k.transpose(-2, -1)  # b, h, M, n
+        heads, protos, hd = logits.shape[1], logits.shape[2], v.shape[-1]
+        slots = self.max_split ** 2 + 1  # the chunks, and a last slot that collects the halted tokens
         groups = split * split
         rank = self._ranks(keep, hw[0], hw[1], split)
         num = keep.long().sum(1, keepdim=True)  # b, 1
         per_chunk = ((num + groups - 1) // groups).clamp(min=1)
-        chunk = torch.where(keep, rank // per_chunk, -1)  # b, n: the chunk each kept token belongs to
-        weight_extra = None
+        chunk = torch.where(keep, rank // per_chunk, slots - 1)  # b, n
+        token = torch.arange(n, device=u.device).expand(b, n)
         extras = self.max_split ** 2 - 1
         if extras:  # padding entries: position num + i repeats the kept token of rank (num - pad + i) mod num
             i = torch.arange(extras, device=u.device)[None]
             pad = (groups - num % groups) % groups
-            valid = i < pad  # b, E
-            extra_chunk = (num + i) // per_chunk
-            source = (num - pad + i) % num.clamp(min=1)
-            repeats = ((rank[:, None, :] == source[:, :, None]) & keep[:, None, :]).to(u.dtype)  # b, E, n
-            weight_extra = (valid, extra_chunk, repeats)
-        out = u
-        for j in range(self.max_split ** 2):
-            member = chunk == j  # b, n
-            weight = member.to(u.dtype)
-            if weight_extra is not None:
-                valid, extra_chunk, repeats = weight_extra
-                weight = weight + ((valid & (extra_chunk == j)).to(u.dtype)[:, None, :] @ repeats).squeeze(1)
-            present = (weight > 0)[:, None, None, :]  # b, 1, 1, n
-            masked = torch.where(present, logits, float('-inf'))
-            e = torch.where(present, (masked - masked.amax(-1, keepdim=True)).exp(), 0.0) * weight[:, None, None, :]
-            agg = attn._merge((e @ v) / e.sum(-1, keepdim=True))  # b, M, c (NaN for an empty chunk: never used)
-            out = torch.where(member[..., None], attn._broadcast(q, agg), out)
-        return out
+            extra_chunk = torch.where(i < pad, (num + i) // per_chunk, slots - 1)
+            by_rank = torch.zeros(b, n + 1, dtype=torch.long, device=u.device).scatter(
+                1, torch.where(keep, rank, n), token)  # the token of every rank (halted ones to a last column)
+            source = by_rank.gather(1, (num - pad + i) % num.clamp(min=1))  # b, E
+            members = torch.cat([token, source], 1)  # b, T: every key entry of the padded lists
+            member_chunk = torch.cat([chunk, extra_chunk], 1)
+            logits = logits.gather(-1, members[:, None, None].expand(b, heads, protos, -1))
+            v = v.gather(2, members[:, None, :, None].expand(b, heads, -1, hd))
+        else:
+            member_chunk = chunk
+        # per-chunk softmax of the prototype queries over the chunk's entries, then the weighted sum of v
+        index = member_chunk[:, None, None].expand_as(logits)  # b, h, M, T
+        top = torch.full((b, heads, protos, slots), float('-inf'), device=u.device)
+        top = top.scatter_reduce(-1, index, logits, 'amax')
+        e = (logits - top.gather(-1, index)).exp()
+        den = torch.zeros(b, heads, protos, slots, device=u.device).scatter_add(-1, index, e)
+        weighted = (e[..., None] * v[:, :, None]).transpose(-2, -3)  # b, h, T, M, hd
+        numer = torch.zeros(b, heads, slots, protos, hd, device=u.device).scatter_add(
+            2, member_chunk[:, None, :, None, None].expand_as(weighted), weighted)
+        agg = numer / den.transpose(-1, -2)[..., None]  # b, h, slots, M, hd (NaN for an empty chunk: never read)
+        agg = agg.permute(0, 2, 3, 1, 4).reshape(b, slots, protos, c)
+        kp, vp = attn._heads(attn.kv_global(agg), 2)  # b, slots, h, M, hd
+        pick = chunk[:, :, None, None, None].expand(b, n, heads, protos, hd)
+        kp, vp = kp.gather(1, pick), vp.gather(1, pick)  # b, n, h, M, hd: the prototypes of each token's chunk
+        q = (q * attn.scale).permute(0, 2, 1, 3)[..., None, :]  # b, n, h, 1, hd
+        y = ((q @ kp.transpose(-2, -1)).softmax(-1) @ vp).reshape(b, n, c)
+        return torch.where(keep[..., None], y, u)
 
     def _attention(self, attn, u: torch.Tensor, hw: Tuple[int, int], keep_tok, keep_win,
                    split: torch.Tensor) -> torch.Tensor:

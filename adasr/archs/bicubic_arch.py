@@ -3,12 +3,26 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from adasr.archs.exportable import Exportable
 from adasr.utils.checks import check_int
-from adasr.utils.matlab_resize import imresize, kernel_taps
+from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kernel_taps
+
+
+class _BicubicExport(nn.Module):
+    """Graph-export form of :class:`Bicubic` (the same weights; source indices computed in the graph)."""
+
+    pads_input = True
+
+    def __init__(self, upscale: int):
+        super().__init__()
+        self.upscale = upscale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return imresize_upscale_traceable(x, self.upscale)
 
 
 @ARCH_REGISTRY.register()
-class Bicubic(nn.Module):
+class Bicubic(Exportable, nn.Module):
     """MATLAB ``imresize(lr, upscale, 'bicubic')`` as a network (``network_g: {type: Bicubic, upscale: 4}``).
 
     Args:
@@ -26,6 +40,10 @@ class Bicubic(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return imresize(x, self.upscale, antialiasing=True)
+
+    def export_module(self) -> nn.Module:
+        """For ONNX export: the same resize with its indices computed in the graph (any input size)."""
+        return _BicubicExport(self.upscale)
 
     def flops(self, h: int, w: int, channels: int = 3) -> float:
         """Multiply-accumulates for one h x w LR image: every output sample of each separable pass (rows, then
