@@ -89,7 +89,7 @@ def _translations() -> Dict[Callable, Callable]:
 
 
 def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
-                size: Optional[Sequence[int]] = None, net_opt: Optional[dict] = None,
+                size: Optional[Sequence[int]] = None, multiple: Optional[int] = None,
                 opset: int = OPSET) -> ExportResult:
     """Export ``net`` (eval mode, float32, CPU) to the ONNX file ``path`` (written atomically).
 
@@ -99,7 +99,9 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
         scale: the network's upscaling factor (for the crop after harness padding).
         in_channels: image channels of the input.
         size: ``(H, W)`` for a graph of that fixed input size (batch 1); None for dynamic batch, height and width.
-        net_opt: the option file's ``network_g`` (sets the padding multiple of networks that do not pad themselves).
+        multiple: what the harness pads the input of a network that does not pad itself to (None:
+            :func:`adasr.inference.tile.window_multiple`; give the option file's ``network_g.window_size`` for
+            basicsr's SwinIR, as ``adasr-upscale`` does).
         opset: ONNX opset.
 
     Returns:
@@ -109,7 +111,7 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
         ExportError: when ``torch.export`` or the ONNX translation fails (with the exporter's reason).
     """
     net = net.eval().float().cpu()
-    traced = _Traced(net, scale, window_multiple(net, net_opt=net_opt)).eval()
+    traced = _Traced(net, scale, window_multiple(net) if multiple is None else multiple).eval()
     dynamic = size is None
     h, w = (37, 45) if dynamic else (int(size[0]), int(size[1]))  # sizes that need padding for every window
     example = torch.rand(1, in_channels, h, w)
