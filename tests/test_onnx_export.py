@@ -63,7 +63,7 @@ def test_adaformer_halting_and_global_split(tmp_path):
 @pytest.mark.slow
 def test_pft_progressive_topk(tmp_path):
     """Dense layers, then top-k layers that inherit and shrink their parity's key set (64 -> 32 -> 16)."""
-    opt = dict(type='PFT', upscale=2, embed_dim=16, depths=[2, 4], num_heads=2, window_size=8,
+    opt = dict(type='PFT', upscale=2, embed_dim=16, depths=[6], num_heads=2, window_size=8,
                convffn_kernel_size=3, mlp_ratio=1, upsampler='pixelshuffledirect', num_topk=[64, 64, 32, 32, 16, 16])
     export_and_compare(tmp_path, opt, [(29, 35), (40, 24)])
 

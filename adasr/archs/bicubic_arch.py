@@ -5,7 +5,7 @@ from torch import nn
 
 from adasr.archs.exportable import Exportable
 from adasr.utils.checks import check_int
-from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kernel_taps
+from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kernel_taps, upscale_phases
 
 
 class _BicubicExport(nn.Module):
@@ -15,10 +15,12 @@ class _BicubicExport(nn.Module):
 
     def __init__(self, upscale: int):
         super().__init__()
-        self.upscale = upscale
+        weights, offsets = upscale_phases(upscale)
+        self.register_buffer('weights', weights, persistent=False)
+        self.register_buffer('offsets', offsets, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return imresize_upscale_traceable(x, self.upscale)
+        return imresize_upscale_traceable(x, self.weights, self.offsets)
 
 
 @ARCH_REGISTRY.register()

@@ -101,15 +101,15 @@ def upscale_phases(scale: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return weights[:scale], src[:scale].long() - sym_start
 
 
-def imresize_upscale_traceable(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """:func:`imresize` for an integer ``scale >= 1`` without Python code on the input size (for graph export with
-    dynamic sizes): the per-phase weights of :func:`upscale_phases`, indices computed in the graph."""
-    weights, offsets = upscale_phases(scale)
+def imresize_upscale_traceable(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`imresize` for an integer upscale, given its :func:`upscale_phases`, without Python code on the input
+    size (for graph export with dynamic sizes): the source indices are computed with tensor operations."""
+    scale = weights.shape[0]
     for dim in (-2, -1):
         n = x.shape[dim]
         i = torch.arange(n * scale, device=x.device)
         phase = i % scale
-        src = _fold((i // scale)[:, None] + offsets.to(x.device)[phase], n)
+        src = _fold((i // scale)[:, None] + offsets[phase], n)
         x = _apply_taps(x, dim, weights[phase], src)
     return x
 
