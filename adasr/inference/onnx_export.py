@@ -14,6 +14,7 @@ Two torchlib gaps are filled here for every arch: ``aten.sort.stable`` (ATD sort
 full-length ``TopK`` (ONNX breaks ties by the lower index, i.e. a stable sort, as PyTorch's CPU sort), and
 ``aten.remainder.Scalar`` accepts a symbolic divisor (the padding index arithmetic at dynamic sizes).
 """
+import contextlib
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from adasr.archs.exportable import export_module
 from adasr.inference.tile import padded_forward, window_multiple
@@ -168,10 +170,24 @@ class Comparison:
     psnr: float  # dB between the two outputs (inf when equal)
 
 
-def compare(net_fn: Callable[[torch.Tensor], torch.Tensor], runner: OnnxRunner, x: torch.Tensor) -> Comparison:
+class StableSort(TorchFunctionMode):
+    """Within this mode ``torch.sort`` / ``torch.argsort`` break ties by index (``stable=True``), as the exported
+    ``TopK`` does. PyTorch's default ``stable=False`` leaves the order of equal keys to the implementation (ATD sorts
+    its tokens by category, with many ties)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort):
+            kwargs['stable'] = True
+        return func(*args, **kwargs)
+
+
+def compare(net_fn: Callable[[torch.Tensor], torch.Tensor], runner: OnnxRunner, x: torch.Tensor,
+            stable_sort: bool = True) -> Comparison:
     """Run ``net_fn`` (the PyTorch forward, e.g. :func:`adasr.inference.tile.padded_forward`) and ``runner`` on
-    ``x`` (B, C, H, W) in 0..1 and compare the outputs clipped to 0..1."""
-    with torch.no_grad():
+    ``x`` (B, C, H, W) in 0..1 and compare the outputs clipped to 0..1. With ``stable_sort`` PyTorch runs under
+    :class:`StableSort`, so both break sorting ties the same way."""
+    with torch.no_grad(), (StableSort() if stable_sort else contextlib.nullcontext()):
         ref = net_fn(x).clamp(0, 1).numpy()
     out = np.clip(runner(x.numpy()), 0, 1)
     if out.shape != ref.shape:
