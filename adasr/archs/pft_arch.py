@@ -717,13 +717,16 @@ class PFT(Exportable, nn.Module):
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x)) + x
-        if self.upsampler == 'pixelshuffle':
-            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        else:
-            x = self.upsample(x)
+        x = self.upsample_features(self.conv_after_body(self.forward_features(x)) + x)
         x = x / self.img_range + mean
         return x[..., :h * self.upscale, :w * self.upscale]
+
+    def upsample_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction head: body features (B, C, H, W) -> (B, in_chans, scale*H, scale*W), before the
+        range and mean are undone."""
+        if self.upsampler == 'pixelshuffle':
+            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        return self.upsample(x)
 
     def export_module(self) -> nn.Module:
         """The eval forward with static control flow for ONNX export (:class:`~adasr.archs.pft_export.PFTExport`:

@@ -120,10 +120,6 @@ class PFTExport(nn.Module):
             conv = group.conv(y.transpose(1, 2).reshape(b, c, hp, wp))
             tokens = conv.flatten(2).transpose(1, 2) + tokens
         feat = net.norm(tokens).transpose(1, 2).reshape(b, c, hp, wp)
-        x = net.conv_after_body(feat) + x
-        if net.upsampler == 'pixelshuffle':
-            x = net.conv_last(net.upsample(net.conv_before_upsample(x)))
-        else:
-            x = net.upsample(x)
+        x = net.upsample_features(net.conv_after_body(feat) + x)
         x = x / net.img_range + mean
         return x[..., :h * net.upscale, :w * net.upscale]

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adasr.cli.upscale import add_model_args
+
     p = argparse.ArgumentParser(
         prog='adasr-export', description='Export an adasr model to ONNX and check it with onnxruntime.',
         epilog='Examples:\n'
@@ -23,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                '  adasr-export --arch Bicubic --scale 4 -o bicubic_x4.onnx --check-image photo.png',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
-    model = p.add_argument_group('model (one of --opt or --arch)')
-    model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
-    model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
-    model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
-    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True')
-    model.add_argument('--param-key', default=None,
-                       help='checkpoint entry: params_ema (default, falls back to params) or params')
-    model.add_argument('--random-weights', action='store_true', help='export untrained weights (for tests)')
+    add_model_args(p)
     graph = p.add_argument_group('graph')
     graph.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                        help='fixed input height and width (default: dynamic height and width)')
@@ -80,9 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from adasr.inference.tile import padded_forward
 
     try:
-        up = build_model(SimpleNamespace(opt=args.opt, arch=args.arch, scale=args.scale, weights=args.weights,
-                                         param_key=args.param_key, random_weights=args.random_weights,
-                                         device='cpu', fp32=True, half=None))
+        up = build_model(SimpleNamespace(**vars(args), device='cpu', fp32=True, half=None))
         x = None if args.no_check else _check_input(args, up.in_channels)
         result = export_onnx(up.net, args.output, up.scale, in_channels=up.in_channels, size=args.size,
                              multiple=up.multiple, opset=args.opset or OPSET)
