@@ -55,10 +55,12 @@ def _measure(spec: str, photo: str, out_dir: str, threads: int, repeat: int, siz
         t_torch = timed(lambda: fn(x))
     t_ort = timed(lambda: runner(x.numpy()))
     cmp = compare(fn, runner, x)
+    default_sort = compare(fn, runner, x, stable_sort=False)  # PyTorch's own (unstable) sort order
     return dict(model=name, input=f'{x.shape[2]}x{x.shape[3]}', dynamic=result.dynamic, opset=result.opset,
                 export_s=round(result.seconds, 1), mib=round(result.bytes / 2 ** 20, 2),
                 params=sum(p.numel() for p in net.parameters()), torch_s=round(t_torch, 3), ort_s=round(t_ort, 3),
-                max_abs=cmp.max_abs, psnr=round(cmp.psnr, 1), load=round(os.getloadavg()[0], 1))
+                max_abs=cmp.max_abs, psnr=round(cmp.psnr, 1), max_abs_default_sort=default_sort.max_abs,
+                psnr_default_sort=round(default_sort.psnr, 1), load=round(os.getloadavg()[0], 1))
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from adasr.archs.exportable import export_module
+from adasr.archs.exportable import export_module, mirror_pad_to_multiple
 from adasr.inference.tile import padded_forward, window_multiple
 from adasr.utils.image_io import atomic_write_bytes
 
@@ -51,16 +51,21 @@ class ExportResult:
 
 
 class _Traced(nn.Module):
-    """The module that is traced: the export form of ``net`` behind the harness's padding (for networks that do not
-    pad themselves), so that the graph's output equals ``adasr.inference.tile.padded_forward``'s."""
+    """The module that is traced: the export form of ``net``, behind the harness's reflect padding and crop for
+    networks that do not pad themselves (the values of :func:`adasr.inference.tile.padded_forward`, as index gathers
+    valid for every input size)."""
 
     def __init__(self, net: nn.Module, scale: int, multiple: int):
         super().__init__()
         self.body = export_module(net)
-        self.fn = padded_forward(self.body, scale, multiple, mode='reflect')
+        self.scale = scale
+        self.multiple = 1 if padded_forward(net, scale, multiple) is net else multiple  # 1: it pads itself
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+        if self.multiple == 1:
+            return self.body(x)
+        h, w = x.shape[-2:]
+        return self.body(mirror_pad_to_multiple(x, self.multiple, 'reflect'))[..., :h * self.scale, :w * self.scale]
 
 
 def _sort_stable(self, dim: int = -1, descending: bool = False, stable: Optional[bool] = None):
