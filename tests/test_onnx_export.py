@@ -8,6 +8,8 @@ import pytest
 import torch
 from basicsr.archs import build_network
 
+from adasr.archs.bicubic_arch import Bicubic
+from adasr.cli.export import main
 from adasr.inference.onnx_export import OnnxRunner, compare, export_onnx
 from adasr.inference.tile import padded_forward
 from adasr.utils.image_io import read_image
@@ -69,8 +71,21 @@ def test_pft_progressive_topk(tmp_path):
 
 
 @pytest.mark.slow
-def test_bicubic(tmp_path):
-    export_and_compare(tmp_path, dict(type='Bicubic', upscale=3), [(29, 35), (7, 5)])
+def test_cli_bicubic(tmp_path, capsys):
+    """adasr-export end to end: dynamic graph, checked on a crop of the photo; then the same file at another size."""
+    path = str(tmp_path / 'bicubic_x3.onnx')
+    assert main(['--arch', 'Bicubic', '--scale', '3', '-o', path, '--check-image', PHOTO, '--check-size', '29', '35',
+                 '--threads', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'dynamic height and width' in out and ': ok' in out, out
+    cmp = compare(Bicubic(upscale=3), OnnxRunner(path, threads=1), photo_crop(7, 5))
+    assert cmp.max_abs <= TOLERANCE, cmp
+
+
+def test_cli_refuses_untrained_network_without_random_weights(tmp_path, capsys):
+    assert main(['--arch', 'PFT', '--scale', '2', '-o', str(tmp_path / 'x.onnx')]) == 2
+    assert '--random-weights' in capsys.readouterr().err
+    assert not (tmp_path / 'x.onnx').exists()
 
 
 @pytest.mark.slow

@@ -110,14 +110,13 @@ class AdaFormerExport(nn.Module):
         top = top.scatter_reduce(-1, index, logits, 'amax')
         e = (logits - top.gather(-1, index)).exp()
         den = torch.zeros(b, heads, protos, slots, device=u.device).scatter_add(-1, index, e)
-        weighted = (e[..., None] * v[:, :, None]).transpose(-2, -3)  # b, h, T, M, hd
-        numer = torch.zeros(b, heads, slots, protos, hd, device=u.device).scatter_add(
-            2, member_chunk[:, None, :, None, None].expand_as(weighted), weighted)
-        agg = numer / den.transpose(-1, -2)[..., None]  # b, h, slots, M, hd (NaN for an empty chunk: never read)
-        agg = agg.permute(0, 2, 3, 1, 4).reshape(b, slots, protos, c)
-        kp, vp = attn._heads(attn.kv_global(agg), 2)  # b, slots, h, M, hd
-        pick = chunk[:, :, None, None, None].expand(b, n, heads, protos, hd)
-        kp, vp = kp.gather(1, pick), vp.gather(1, pick)  # b, n, h, M, hd: the prototypes of each token's chunk
+        weighted = (e[..., None] * v[:, :, None]).permute(0, 3, 2, 1, 4)  # b, T, M, h, hd
+        rows = torch.arange(b, device=u.device)[:, None]
+        numer = torch.zeros(b, slots, protos, heads, hd, device=u.device).index_put_(
+            (rows, member_chunk), weighted, accumulate=True)  # whole-row sums (ONNX ScatterND, reduction add)
+        agg = numer.reshape(b, slots, protos, c) / den.permute(0, 3, 2, 1).repeat_interleave(hd, -1)
+        kp, vp = attn._heads(attn.kv_global(agg), 2)  # b, slots, h, M, hd (NaN for an empty chunk: never read)
+        kp, vp = kp[rows, chunk], vp[rows, chunk]  # b, n, h, M, hd: the prototypes of each token's chunk (GatherND)
         q = (q * attn.scale).permute(0, 2, 1, 3)[..., None, :]  # b, n, h, 1, hd
         y = ((q @ kp.transpose(-2, -1)).softmax(-1) @ vp).reshape(b, n, c)
         return torch.where(keep[..., None], y, u)
