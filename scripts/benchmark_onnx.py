@@ -7,7 +7,8 @@ Each model (an option file, or ``arch:NAME:SCALE``) is measured in a fresh proce
 ``adasr-upscale`` build it (``--weights``, else random weights), exported with dynamic height and width (``--size``
 for a fixed size), then PyTorch (``padded_forward``, ``torch.no_grad``) and onnxruntime (CPU provider) upscale the
 whole photo with the same thread count: the median of ``--repeat`` runs after one warm-up run each, and the
-difference between the two outputs (clipped to 0..1). One JSON line per model is printed, then a Markdown table.
+difference between the two outputs (clipped to 0..1), with PyTorch sorting stably as the graph does and with its
+default sort (``*_default_sort``; differs for ATD only). One JSON line per model is printed, then a Markdown table.
 """
 import argparse
 import json
