@@ -1,18 +1,18 @@
 """ONNX export of adasr's networks, an onnxruntime runner, and the comparison of the two.
 
 The exporter is PyTorch's maintained one, ``torch.onnx.export(..., dynamo=True)``: ``torch.export`` captures the
-graph and onnxscript's torchlib translates it, at opset :data:`OPSET` (torchlib's own opset; onnxruntime and
-TensorRT 8.6+ read it). The TorchScript exporter (``dynamo=False``) is deprecated and not used.
+graph and onnxscript's torchlib translates it, at opset :data:`OPSET` (torchlib's own opset, no version conversion).
+The TorchScript exporter (``dynamo=False``) is deprecated and not used.
 
-What is traced is the network's declared export form (:func:`adasr.archs.exportable.export_module`: AdaFormer and
-PFT compute their data-dependent eval paths with static control flow there), wrapped with the padding the harness
-applies to networks that do not pad their input themselves. With ``size=None`` the graph takes any batch, height
-and width (``torch.export.Dim.DYNAMIC``); networks whose Python code fixes sizes while tracing (basicsr's SwinIR)
-need a fixed ``size``, and the error says so.
+What is traced is the network's declared export form (:func:`adasr.archs.exportable.export_module`: AdaFormer, PFT
+and Bicubic compute their eval forward with static control flow there), behind the harness's padding for networks
+that do not pad their input themselves. With ``size=None`` the graph takes any height and width at batch 1
+(``torch.export.Dim.DYNAMIC``); a network whose Python code fixes sizes while tracing needs a fixed ``size``, and the
+error says so. The batch stays 1: with a dynamic batch, basicsr's SwinIR exports a graph that runs but is wrong.
 
 Two torchlib gaps are filled here for every arch: ``aten.sort.stable`` (ATD sorts its token categories) becomes a
-full-length ``TopK`` (ONNX breaks ties by the lower index, i.e. a stable sort, as PyTorch's CPU sort), and
-``aten.remainder.Scalar`` accepts a symbolic divisor (the padding index arithmetic at dynamic sizes).
+full-length ``TopK`` (ONNX breaks ties by the lower index, i.e. a stable sort), and ``aten.remainder.Scalar``
+accepts a symbolic divisor (the padding index arithmetic at dynamic sizes).
 """
 import contextlib
 import math
