@@ -71,10 +71,12 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from basicsr import test as basicsr_test
     from basicsr import train as basicsr_train
 
+    from adasr.compat import apply_basicsr_dist_shim
     from adasr.data.paired_dataset import DatasetError
     from adasr.utils.checkpoint import CheckpointError
 
     _preflight(argv, is_train=(kind == 'train'))
+    apply_basicsr_dist_shim()  # --launcher pytorch: gloo on CPUs, NCCL on GPUs
     root = os.getcwd()
     try:
         with _argv(argv):

@@ -11,14 +11,16 @@ an interrupted folder run resumes where it stopped. Exit status: 0 when every im
 when any failed, 2 for bad arguments. See docs/upscale.md.
 """
 import argparse
+import datetime
 import os
 import os.path as osp
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence, Tuple
 
 HALF_DTYPES = ('fp16', 'bf16')
+DIST_TIMEOUT = datetime.timedelta(days=7)  # under torchrun: how long the summary waits for the slowest share
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +256,11 @@ class Report:
     failed: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
+    @classmethod
+    def merged(cls, reports: Sequence['Report']) -> 'Report':
+        """One report listing the entries of all, in order."""
+        return cls(*(sum((getattr(r, f.name) for r in reports), []) for f in fields(cls)))
+
 
 def _to_tensor(arr):
     import numpy as np
@@ -371,7 +378,12 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns (and, as a console script, exits with) the status."""
+    """Run the CLI; returns (and, as a console script, exits with) the status.
+
+    Under ``torchrun`` each process upscales every ``WORLD_SIZE``-th input from its ``RANK`` (on its own GPU,
+    ``LOCAL_RANK``, where there are GPUs), and process 0 prints one summary for all; every process returns the
+    status of the whole run.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, value, low in (('--tile', args.tile, 0), ('--tile_pad', args.tile_pad, 0),
@@ -380,6 +392,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f'{name} must be >= {low}, got {value}')
     if args.max_memory is not None and args.max_memory <= 0:
         parser.error('--max-memory must be positive (GiB)')
+    from adasr.utils import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _upscale(args, rank=0, world_size=1)
+    # the summary waits for the slowest share; torchrun stops every process when one fails
+    rank, world_size = distributed.init_from_env(timeout=DIST_TIMEOUT)
+    try:
+        return _upscale(args, rank, world_size)
+    finally:
+        distributed.destroy()
+
+
+def _upscale(args, rank: int, world_size: int) -> int:
+    """Upscale this process's share of the inputs; process 0 prints the summary of all shares."""
+    from adasr.utils.distributed import gather_to_all, shard
 
     def log(msg: str, error: bool = False) -> None:
         if error or not args.quiet:
@@ -407,16 +434,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise UsageError(f'--eps-h: {e}') from None
                 up.description += f', eps_h {args.eps_h}'
     except UsageError as e:
-        print(f'adasr-upscale: error: {e}', file=sys.stderr)
+        print(f'adasr-upscale: error: {e}', file=sys.stderr)  # every process: the problem may be one node's
         return 2
-    log(f'model: {up.description}; {len(paths)} image(s) -> {args.output}')
-    report = process(paths, up, args, log)
-    print(f'done: {len(report.written)} written, {len(report.skipped)} skipped (output exists), '
-          f'{len(report.failed)} failed' + (f' -> {args.output}' if report.written else ''))
-    for note in report.notes:
-        print(f'note: {note}')
-    for path, reason in report.failed:
-        print(f'failed: {path}: {reason}', file=sys.stderr)
+    if rank == 0:
+        log(f'model: {up.description}; {len(paths)} image(s) -> {args.output}'
+            + (f', shared by {world_size} processes' if world_size > 1 else ''))
+    reports = gather_to_all(process(shard(paths, rank, world_size), up, args, log))
+    report = Report.merged(reports)
+    if rank == 0:
+        print(f'done: {len(report.written)} written, {len(report.skipped)} skipped (output exists), '
+              f'{len(report.failed)} failed' + (f' -> {args.output}' if report.written else ''))
+        for note in report.notes:
+            print(f'note: {note}')
+        for path, reason in report.failed:
+            print(f'failed: {path}: {reason}', file=sys.stderr)
     return 1 if report.failed else 0
 
 
