@@ -1,0 +1,112 @@
+"""Distributed runs with torchrun on the CPU (gloo, loopback): training equals one process with the summed batch
+and resumes, and adasr-upscale shares a folder between processes with the same outputs as one process."""
+import glob
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import make_pairs
+from tests.test_pipeline import TINY_SWINIR, write_yaml
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TRAIN = osp.join(REPO, 'adasr', 'train.py')
+NAMES = ('astronaut', 'coffee', 'face', 'rocket')
+
+
+def run(args, cwd, nproc=None):
+    """``python ARGS``, or ``torchrun --standalone --nproc-per-node NPROC ARGS`` (a free loopback port)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1',
+               GLOO_SOCKET_IFNAME='lo')
+    launcher = [] if nproc is None else ['-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}']
+    proc = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_opt(name, hr, lr, batch, total_iter):
+    """Deterministic data: crops are the whole 48x48 image, no flips or rotations, and a batch of 4 over all the
+    processes is the whole dataset of 4, so every iteration sees the same 4 pairs whatever the process count."""
+    return {
+        'name': name, 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {
+            'train': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                      'io_backend': {'type': 'disk'}, 'gt_size': 48, 'use_hflip': False, 'use_rot': False,
+                      'num_worker_per_gpu': 0, 'batch_size_per_gpu': batch, 'dataset_enlarge_ratio': 1},
+            'val': {'name': 'tiny_val', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                    'io_backend': {'type': 'disk'}}},
+        'network_g': dict(TINY_SWINIR, drop_path_rate=0.0),  # no random layers: the processes' seeds differ
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'ema_decay': 0.9, 'optim_g': {'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 0.0},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [3], 'gamma': 0.5}, 'total_iter': total_iter,
+                  'warmup_iter': -1, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}},
+        'val': {'val_freq': 100, 'save_img': False,
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False, 'wandb': None},
+    }
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_twice_the_batch_and_resume(tmp_path):
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES)
+    # one process, batch 4, 4 iterations
+    run([TRAIN, '-opt', write_yaml(tmp_path / 'one.yml', train_opt('one', hr, lr, 4, 4))], tmp_path)
+    # two processes, batch 2 each: 2 iterations, then --auto_resume to 4
+    two = write_yaml(tmp_path / 'two.yml', train_opt('two', hr, lr, 2, 2))
+    run([TRAIN, '-opt', two, '--launcher', 'pytorch'], tmp_path, nproc=2)
+    out = run([TRAIN, '-opt', two, '--launcher', 'pytorch', '--auto_resume', '--force_yml', 'train:total_iter=4'],
+              tmp_path, nproc=2)
+    exp = tmp_path / 'experiments'
+    assert 'Resuming training from epoch: 1, iter: 2.' in out.stderr
+
+    one_2, one_4, two_4 = (torch.load(exp / name / 'models' / f'net_g_{i}.pth', weights_only=True)
+                           for name, i in (('one', 2), ('one', 4), ('two', 4)))
+    moved = max_difference(one_4['params'], one_2['params'])
+    for key in ('params', 'params_ema'):
+        diff = max_difference(one_4[key], two_4[key])
+        print(f'{key}: max |1 process - 2 processes| after 4 iterations = {diff:.3g} (training moved them {moved:.3g})')
+        assert diff < 1e-5 and moved > 5e-4
+
+    # process 0 alone wrote: one log per run, the checkpoints, no archived copy of the experiment folder
+    assert sorted(os.listdir(exp)) == ['one', 'two']
+    assert len(glob.glob(str(exp / 'two' / 'train_two_*.log'))) == 2
+    assert sorted(os.listdir(exp / 'two' / 'models')) == ['net_g_2.pth', 'net_g_4.pth', 'net_g_latest.pth']
+    assert sorted(os.listdir(exp / 'two' / 'training_states')) == ['2.state', '4.state']
+
+
+@pytest.mark.slow
+def test_upscale_under_torchrun_shares_the_folder_and_matches_one_process(tmp_path):
+    _, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES)
+    args = ['-m', 'adasr.cli.upscale', '-i', lr, '--arch', 'Bicubic', '--scale', '4', '-q']
+    single = run([*args, '-o', str(tmp_path / 'one')], tmp_path)
+    shared = run([*args, '-o', str(tmp_path / 'two')], tmp_path, nproc=2)
+    summary = 'done: 4 written, 0 skipped (output exists), 0 failed'
+    assert summary in single.stdout
+    assert shared.stdout.count(summary) == 1  # process 0 prints the summary of both shares (2 images each)
+    names = sorted(os.listdir(tmp_path / 'one'))
+    assert names == [f'{n}_out.png' for n in NAMES] == sorted(os.listdir(tmp_path / 'two'))
+    for name in names:
+        assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes()
+
+
+def test_yaml_testing_refuses_several_processes(tmp_path, monkeypatch):
+    from adasr.cli.entry import run as entry_run
+
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES[:1])
+    opt = {'name': 'shared', 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0,
+           'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                                   'io_backend': {'type': 'disk'}}},
+           'network_g': {'type': 'Bicubic', 'upscale': 4}, 'path': {}, 'val': {'save_img': True}}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('WORLD_SIZE', '2')  # as torchrun --nproc-per-node 2 sets it
+    with pytest.raises(SystemExit, match='does not share a test set between processes'):
+        entry_run('test', ['-opt', write_yaml(tmp_path / 'test.yml', opt), '--launcher', 'pytorch'])
+    assert not (tmp_path / 'results').exists()  # refused before any work
