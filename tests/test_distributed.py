@@ -3,6 +3,7 @@ and resumes, and adasr-upscale shares a folder between processes with the same o
 import glob
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
@@ -17,12 +18,14 @@ TRAIN = osp.join(REPO, 'adasr', 'train.py')
 NAMES = ('astronaut', 'coffee', 'face', 'rocket')
 
 
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1',
+           GLOO_SOCKET_IFNAME='lo')  # gloo on the loopback interface
+
+
 def run(args, cwd, nproc=None):
     """``python ARGS``, or ``torchrun --standalone --nproc-per-node NPROC ARGS`` (a free loopback port)."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1',
-               GLOO_SOCKET_IFNAME='lo')
     launcher = [] if nproc is None else ['-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}']
-    proc = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -48,6 +51,12 @@ def train_opt(name, hr, lr, batch, total_iter):
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False, 'wandb': None},
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def max_difference(a, b):
@@ -110,3 +119,52 @@ def test_yaml_testing_refuses_several_processes(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='does not share a test set between processes'):
         entry_run('test', ['-opt', write_yaml(tmp_path / 'test.yml', opt), '--launcher', 'pytorch'])
     assert not (tmp_path / 'results').exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_two_machines_without_a_shared_experiments_folder_refuse_to_resume(tmp_path):
+    """Two "machines" (two torchrun agents, each in its own folder) meet by the c10d rendezvous of the README's
+    multi-node command; only the first folder holds a checkpoint, so --auto_resume would start the processes from
+    different iterations: both stop with a message before any work."""
+    from basicsr.archs import build_network
+
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES)
+    opt_path = write_yaml(tmp_path / 'two.yml', train_opt('two', hr, lr, 2, 4))
+    exp = tmp_path / 'a' / 'experiments' / 'two'
+    os.makedirs(exp / 'models')
+    os.makedirs(exp / 'training_states')
+    weights = build_network(train_opt('two', hr, lr, 2, 4)['network_g']).state_dict()
+    torch.save({'params': weights, 'params_ema': weights}, exp / 'models' / 'net_g_2.pth')
+    torch.save({'epoch': 1, 'iter': 2, 'optimizers': [], 'schedulers': []}, exp / 'training_states' / '2.state')
+    os.makedirs(tmp_path / 'b')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc-per-node=1', '--rdzv-id=t',
+               '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}',
+               TRAIN, '-opt', opt_path, '--launcher', 'pytorch', '--auto_resume']
+    machines = [subprocess.Popen(command, cwd=tmp_path / m, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for m in 'ab']
+    outputs = [m.communicate(timeout=600) for m in machines]
+    for machine, (_, err) in zip(machines, outputs):
+        assert machine.returncode != 0
+        assert 'error: the processes found different training states to resume from' in err, err[-3000:]
+        assert 'iteration 2' in err and ': none' in err
+    assert not (tmp_path / 'b' / 'experiments').exists()
+    assert sorted(os.listdir(tmp_path / 'a' / 'experiments')) == ['two']  # nothing archived or started
+    assert not glob.glob(str(exp / '*.log'))
+
+
+@pytest.mark.parametrize('images, ratio, batch', [(4, 1, 2), (5, 2, 1), (6, 4, 3)])
+def test_enlarged_sampler_gives_n_processes_the_samples_of_one_process_batch(images, ratio, batch):
+    """Why the equality above holds beyond the whole-dataset batch: with images x ratio a multiple of the process
+    count, BasicSR's sampler deals the one-process permutation out in turn, so in every iteration of every epoch
+    the 2 processes' batches of B together are the one process's batch of 2B."""
+    from basicsr.data.data_sampler import EnlargedSampler
+
+    dataset = list(range(images))
+    for epoch in range(3):
+        samplers = [EnlargedSampler(dataset, world, rank, ratio) for world, rank in ((1, 0), (2, 0), (2, 1))]
+        for s in samplers:
+            s.set_epoch(epoch)
+        one, rank0, rank1 = (list(s) for s in samplers)
+        for i in range(len(one) // (2 * batch)):
+            union = rank0[i * batch:(i + 1) * batch] + rank1[i * batch:(i + 1) * batch]
+            assert sorted(union) == sorted(one[i * 2 * batch:(i + 1) * 2 * batch])

@@ -77,6 +77,20 @@ def load_resume_state(opt: dict) -> Optional[dict]:
     return state
 
 
+def _agreed_resume_state(opt: dict) -> Optional[dict]:
+    """:func:`load_resume_state`, checked to be the same iteration in every process of a distributed run (each
+    reads ``experiments/`` itself: on several machines it must be a shared folder)."""
+    from adasr.utils.distributed import gather_to_all
+
+    state = load_resume_state(opt)
+    iters = gather_to_all(None if state is None else state['iter'])
+    if len(set(iters)) > 1:
+        found = ', '.join(f'process {r}: {"none" if i is None else f"iteration {i}"}' for r, i in enumerate(iters))
+        raise SystemExit(f'error: the processes found different training states to resume from ({found}); '
+                         f'experiments/{opt["name"]} must be one folder that every machine shares')
+    return state
+
+
 def run(kind: str, argv: Optional[List[str]] = None) -> None:
     """Run BasicSR's train or test pipeline with adasr registered and outputs under the current directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -96,7 +110,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     try:
         with _argv(argv):
             if kind == 'train':
-                basicsr_train.load_resume_state = load_resume_state
+                basicsr_train.load_resume_state = _agreed_resume_state
                 basicsr_train.train_pipeline(root)
             else:
                 basicsr_test.test_pipeline(root)

@@ -8,7 +8,8 @@ tile (``--tile``, ``--tile_pad``; chosen from the free memory when ``--tile`` is
 Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit. Files that cannot be read are
 reported and skipped; outputs are written atomically, and existing outputs are skipped unless ``--overwrite``, so
 an interrupted folder run resumes where it stopped. Exit status: 0 when every image was written or skipped, 1
-when any failed, 2 for bad arguments. See docs/upscale.md.
+when any failed, 2 for bad arguments. Under ``torchrun`` the inputs are shared between the processes, with one
+summary. See docs/upscale.md.
 """
 import argparse
 import datetime
