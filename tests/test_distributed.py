@@ -92,13 +92,15 @@ def test_two_processes_equal_one_with_twice_the_batch_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_upscale_under_torchrun_shares_the_folder_and_matches_one_process(tmp_path):
+def test_upscale_under_torchrun_shares_the_folder_and_matches_one_process(tmp_path, capsys):
+    from adasr.cli.upscale import main
+
     _, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES)
-    args = ['-m', 'adasr.cli.upscale', '-i', lr, '--arch', 'Bicubic', '--scale', '4', '-q']
-    single = run([*args, '-o', str(tmp_path / 'one')], tmp_path)
-    shared = run([*args, '-o', str(tmp_path / 'two')], tmp_path, nproc=2)
+    args = ['-i', lr, '--arch', 'Bicubic', '--scale', '4', '-q']
+    assert main([*args, '-o', str(tmp_path / 'one')]) == 0  # one process (this one)
+    shared = run(['-m', 'adasr.cli.upscale', *args, '-o', str(tmp_path / 'two')], tmp_path, nproc=2)
     summary = 'done: 4 written, 0 skipped (output exists), 0 failed'
-    assert summary in single.stdout
+    assert summary in capsys.readouterr().out
     assert shared.stdout.count(summary) == 1  # process 0 prints the summary of both shares (2 images each)
     names = sorted(os.listdir(tmp_path / 'one'))
     assert names == [f'{n}_out.png' for n in NAMES] == sorted(os.listdir(tmp_path / 'two'))
