@@ -32,10 +32,12 @@ def apply_basicsr_dist_shim() -> None:
 
     BasicSR hard-codes the NCCL backend and ``torch.cuda.set_device(RANK % device_count)`` in
     ``basicsr.utils.dist_util._init_dist_pytorch`` (a division by zero without CUDA), and wraps networks in
-    ``DistributedDataParallel(device_ids=[torch.cuda.current_device()])`` (no CUDA, no device). Two replacements:
-    the process group comes from :func:`adasr.utils.distributed.init_from_env` (``cpu:gloo,cuda:nccl`` with CUDA,
-    gloo without; the GPU is ``LOCAL_RANK``), and a network on the CPU is wrapped without ``device_ids``. The
-    GPU path of ``model_to_device`` and everything else (samplers, rank-0-only saving and logging) stay BasicSR's.
+    ``DistributedDataParallel(device_ids=[torch.cuda.current_device()])`` (no CUDA, no device; and DDP refuses a
+    network without trainable parameters, such as ``Bicubic``). Replacements: the process group comes from
+    :func:`adasr.utils.distributed.init_from_env` (``cpu:gloo,cuda:nccl`` with CUDA, gloo without; the GPU is
+    ``LOCAL_RANK``), a network on the CPU is wrapped without ``device_ids``, and one without trainable parameters
+    is not wrapped. The GPU path of ``model_to_device`` and everything else (samplers, rank-0-only saving and
+    logging) stay BasicSR's.
     Safe to call more than once.
     """
     from basicsr.models.base_model import BaseModel
@@ -53,6 +55,8 @@ def apply_basicsr_dist_shim() -> None:
         init_from_env(**kwargs)
 
     def model_to_device(self, net):
+        if self.opt['dist'] and not any(p.requires_grad for p in net.parameters()):
+            return net.to(self.device)  # nothing to synchronise (Bicubic), and DDP refuses such a module
         if self.opt['dist'] and self.device.type == 'cpu':
             return DistributedDataParallel(net.to(self.device),
                                            find_unused_parameters=self.opt.get('find_unused_parameters', False))

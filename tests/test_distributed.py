@@ -3,6 +3,7 @@ and resumes, and adasr-upscale shares a folder between processes with the same o
 import glob
 import os
 import os.path as osp
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tests.test_pipeline import TINY_SWINIR, write_yaml
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TRAIN = osp.join(REPO, 'adasr', 'train.py')
+TEST = osp.join(REPO, 'adasr', 'test.py')
 NAMES = ('astronaut', 'coffee', 'face', 'rocket')
 
 
@@ -84,6 +86,13 @@ def test_two_processes_equal_one_with_twice_the_batch_and_resume(tmp_path):
         print(f'{key}: max |1 process - 2 processes| after 4 iterations = {diff:.3g} (training moved them {moved:.3g})')
         assert diff < 1e-5 and moved > 5e-4
 
+    # the final validation, shared by the 2 processes, logs the PSNR of one process on the same weights
+    def final_psnr(name):
+        log = open(sorted(glob.glob(str(exp / name / f'train_{name}_*.log')))[-1]).read()
+        return float(re.findall(r'# psnr: ([0-9.]+)', log)[-1])
+
+    assert final_psnr('two') == pytest.approx(final_psnr('one'), abs=1e-3)
+
     # process 0 alone wrote: one log per run, the checkpoints, no archived copy of the experiment folder
     assert sorted(os.listdir(exp)) == ['one', 'two']
     assert len(glob.glob(str(exp / 'two' / 'train_two_*.log'))) == 2
@@ -108,19 +117,41 @@ def test_upscale_under_torchrun_shares_the_folder_and_matches_one_process(tmp_pa
         assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes()
 
 
-def test_yaml_testing_refuses_several_processes(tmp_path, monkeypatch):
-    from adasr.cli.entry import run as entry_run
+@pytest.mark.slow
+def test_yaml_testing_under_torchrun_shares_the_set_and_matches_one_process(tmp_path):
+    """AdaFormer (metrics and halting statistics) tested by one process and by 2 processes with torchrun: the same
+    images byte for byte, and the same logged means over the 4 images (each process validated 2)."""
+    from basicsr.archs import build_network
 
-    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES[:1])
-    opt = {'name': 'shared', 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0,
-           'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
-                                   'io_backend': {'type': 'disk'}}},
-           'network_g': {'type': 'Bicubic', 'upscale': 4}, 'path': {}, 'val': {'save_img': True}}
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv('WORLD_SIZE', '2')  # as torchrun --nproc-per-node 2 sets it
-    with pytest.raises(SystemExit, match='does not share a test set between processes'):
-        entry_run('test', ['-opt', write_yaml(tmp_path / 'test.yml', opt), '--launcher', 'pytorch'])
-    assert not (tmp_path / 'results').exists()  # refused before any work
+    from tests.test_adaformer_model import TINY_NET
+
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES)
+    torch.manual_seed(0)
+    torch.save({'params': build_network(dict(TINY_NET)).state_dict()}, tmp_path / 'w.pth')
+
+    def test_opt(name):
+        return {'name': name, 'model_type': 'AdaFormerModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+                'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr,
+                                        'dataroot_lq': lr, 'io_backend': {'type': 'disk'}}},
+                'network_g': dict(TINY_NET), 'path': {'pretrain_network_g': str(tmp_path / 'w.pth'),
+                                                      'param_key_g': 'params', 'strict_load_g': True},
+                'val': {'save_img': True, 'suffix': 'sr', 'save_halting': True, 'metrics': {
+                    'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}}}
+
+    for name, nproc in (('one', None), ('two', 2)):
+        run([TEST, '-opt', write_yaml(tmp_path / f'{name}.yml', test_opt(name))]
+            + ([] if nproc is None else ['--launcher', 'pytorch']), tmp_path, nproc=nproc)
+
+    def logged_means(name):
+        log = open(glob.glob(str(tmp_path / 'results' / name / f'test_{name}_*.log'))[0]).read()
+        return re.findall(r'# psnr: [0-9.]+|# global: .*|# local: .*', log)
+
+    assert len(logged_means('one')) == 3 and logged_means('one') == logged_means('two')
+    one, two = (tmp_path / 'results' / name / 'visualization' / 'tiny' for name in ('one', 'two'))
+    names = sorted(os.listdir(one))
+    assert len(names) == 16 and names == sorted(os.listdir(two))  # per image: SR, confidence, halting, depth
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
 
 
 @pytest.mark.slow

@@ -32,19 +32,6 @@ def _preflight(argv: List[str], is_train: bool) -> None:
         raise SystemExit(f'error: {e}') from None
 
 
-def _refuse_shared_test(argv: List[str]) -> None:
-    """YAML testing runs as one process: BasicSR 1.4.2's ``SRModel.dist_validation`` validates every image on
-    process 0 while the others exit, so more processes would only hold devices idle."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument('--launcher', default='none')
-    known, _ = parser.parse_known_args(argv)
-    world_size = int(os.environ.get('WORLD_SIZE', os.environ.get('SLURM_NTASKS', '1')))
-    if known.launcher != 'none' and world_size > 1:
-        raise SystemExit(f'error: adasr-test does not share a test set between processes ({world_size} started): '
-                         'BasicSR validates on process 0 only. Run it as one process (no --launcher), or upscale a '
-                         'folder with several processes: torchrun --nproc-per-node N -m adasr.cli.upscale ...')
-
-
 def load_resume_state(opt: dict) -> Optional[dict]:
     """Replacement for ``basicsr.train.load_resume_state``.
 
@@ -103,8 +90,6 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from adasr.utils.checkpoint import CheckpointError
 
     _preflight(argv, is_train=(kind == 'train'))
-    if kind == 'test':
-        _refuse_shared_test(argv)
     apply_basicsr_dist_shim()  # --launcher pytorch: gloo on CPUs, NCCL on GPUs
     root = os.getcwd()
     try:

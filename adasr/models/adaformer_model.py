@@ -129,7 +129,17 @@ class AdaFormerModel(AdaSRModel):
             self.halting_results[dataset_name] = results
             self._log_halting(dataset_name, results, current_iter, tb_logger)
 
+    def _publish_share_means(self, merged, dataset_name, current_iter, tb_logger):
+        super()._publish_share_means(merged, dataset_name, current_iter, tb_logger)
+        if 'halting' in merged:
+            self.halting_results[dataset_name] = merged['halting']
+            self._log_halting(dataset_name, merged['halting'], current_iter, tb_logger)
+
     def _log_halting(self, dataset_name, results, current_iter, tb_logger):
+        if self._share_means is not None:  # validating a share under torchrun: combined by dist_validation
+            self._share_means['halting'] = results
+            return
+
         def fmt(values):
             return '[' + ', '.join(f'{v:.3f}' for v in values) + ']'
 

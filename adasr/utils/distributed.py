@@ -67,3 +67,9 @@ def destroy() -> None:
     """Leave the process group (no-op outside one)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process of the group (no-op outside one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
