@@ -120,12 +120,12 @@ def test_upscale_under_torchrun_shares_the_folder_and_matches_one_process(tmp_pa
 @pytest.mark.slow
 def test_yaml_testing_under_torchrun_shares_the_set_and_matches_one_process(tmp_path):
     """AdaFormer (metrics and halting statistics) tested by one process and by 2 processes with torchrun: the same
-    images byte for byte, and the same logged means over the 4 images (each process validated 2)."""
+    images byte for byte, and the same logged means over the 3 images (the processes validated 2 and 1)."""
     from basicsr.archs import build_network
 
     from tests.test_adaformer_model import TINY_NET
 
-    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES)
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=NAMES[:3])
     torch.manual_seed(0)
     torch.save({'params': build_network(dict(TINY_NET)).state_dict()}, tmp_path / 'w.pth')
 
@@ -149,7 +149,7 @@ def test_yaml_testing_under_torchrun_shares_the_set_and_matches_one_process(tmp_
     assert len(logged_means('one')) == 3 and logged_means('one') == logged_means('two')
     one, two = (tmp_path / 'results' / name / 'visualization' / 'tiny' for name in ('one', 'two'))
     names = sorted(os.listdir(one))
-    assert len(names) == 16 and names == sorted(os.listdir(two))  # per image: SR, confidence, halting, depth
+    assert len(names) == 12 and names == sorted(os.listdir(two))  # per image: SR, confidence, halting, depth
     for name in names:
         assert (one / name).read_bytes() == (two / name).read_bytes()
 
@@ -201,3 +201,14 @@ def test_enlarged_sampler_gives_n_processes_the_samples_of_one_process_batch(ima
         for i in range(len(one) // (2 * batch)):
             union = rank0[i * batch:(i + 1) * batch] + rank1[i * batch:(i + 1) * batch]
             assert sorted(union) == sorted(one[i * 2 * batch:(i + 1) * 2 * batch])
+
+
+def test_share_means_are_weighted_by_image_count():
+    """3 images over 3 processes as 2 + 1 + 0: the means are over images, not over processes."""
+    from adasr.models.adasr_model import _weighted_means
+
+    shares = [(2, {'metrics': {'psnr': 30.0}, 'halting': {'local': [0.5, 0.0]}}),
+              (1, {'metrics': {'psnr': 33.0}, 'halting': {'local': [0.2, 0.3]}}),
+              (0, {})]
+    assert _weighted_means(shares) == {'halting': {'local': [pytest.approx(0.4), pytest.approx(0.1)]},
+                                       'metrics': {'psnr': pytest.approx(31.0)}}

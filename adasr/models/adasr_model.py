@@ -43,7 +43,8 @@ class AdaSRModel(SRModel):
                     + ('' if strict else f'; not loaded: {sorted(incompatible.missing_keys)}'))
 
     def test(self):
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        # the bare network: under torchrun, processes validate different images (DDP's forward would synchronise)
+        net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         was_training = net.training
         net.eval()
         with torch.no_grad():
