@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
     run.add_argument('--fp32', action='store_true', help='full precision on CUDA (always full precision on the CPU)')
     run.add_argument('--half', choices=HALF_DTYPES, default=None,
-                     help='half type on CUDA. Default: the arch\'s preferred_half attribute, else fp16')
+                     help='half type on CUDA. Default: the half type the arch declares, else fp16')
     out = p.add_argument_group('output')
     out.add_argument('--ext', default='auto',
                      help='output format: auto (the input\'s if writable, else png), png, jpg, webp, tif, bmp')
@@ -119,8 +119,8 @@ def build_model(args) -> Upscaler:
     from basicsr.archs import build_network
     from basicsr.utils.registry import ARCH_REGISTRY
 
+    from adasr.archs.interface import arch_traits
     from adasr.cli.options import OptionsError, check_network_opt, load_yaml
-    from adasr.inference.tile import window_multiple
     from adasr.utils.checkpoint import CheckpointError, load_weights
 
     if bool(args.opt) == bool(args.arch):
@@ -146,7 +146,7 @@ def build_model(args) -> Upscaler:
             net = build_network(net_opt)
         except Exception as e:  # noqa: BLE001 - reported with the option file's name
             raise UsageError(f'{args.opt}: cannot build network_g: {e}') from None
-        multiple = window_multiple(net, net_opt=net_opt)
+        traits = arch_traits(net, net_opt=net_opt)
     else:
         if args.arch not in ARCH_REGISTRY:
             import difflib
@@ -164,7 +164,7 @@ def build_model(args) -> Upscaler:
         except Exception as e:  # noqa: BLE001 - any constructor failure is a usage problem here
             raise UsageError(f'cannot build {args.arch} with {kwargs} and its defaults: {e}; use --opt') from None
         scale, name = args.scale, args.arch
-        multiple = window_multiple(net)
+        traits = arch_traits(net)
     if not isinstance(scale, int) or scale < 1:
         raise UsageError(f'the model has no valid scale ({scale!r}); give --scale')
 
@@ -183,12 +183,12 @@ def build_model(args) -> Upscaler:
     device = _pick_device(args.device)
     dtype = torch.float32
     if device.type == 'cuda' and not args.fp32:
-        pref = args.half or getattr(net, 'preferred_half', 'fp16')
-        dtype = torch.bfloat16 if pref == 'bf16' else torch.float16
+        preferred = 'bf16' if traits.preferred_half == torch.bfloat16 else 'fp16'
+        dtype = torch.bfloat16 if (args.half or preferred) == 'bf16' else torch.float16
     net.eval()
     net.to(device=device, dtype=dtype)
     in_channels = _in_channels(net)
-    return Upscaler(net, scale, multiple, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}')
+    return Upscaler(net, scale, traits.window, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}')
 
 
 def _pick_device(name: str):
@@ -268,7 +268,8 @@ def _run_model(up: Upscaler, x, args, *, desc: str, on_tile=None, tile: Optional
     """(1, C, H, W) float32 CPU -> (1, C', sH, sW) float32 CPU, tiled."""
     import torch
 
-    from adasr.inference.tile import auto_tile_size, tiled_forward
+    from adasr.inference.memory import auto_tile_size
+    from adasr.inference.tile import tiled_forward
 
     fn = up.forward_fn()
     h, w = x.shape[-2:]
@@ -395,14 +396,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         up = build_model(args)
         if args.save_halting or args.eps_h is not None:
-            from adasr.inference.halting import has_halting
+            from adasr.archs.interface import is_adaptive, set_halting_threshold
 
-            if not has_halting(up.net) or not hasattr(up.net, 'eps_h'):
+            if not is_adaptive(up.net):
                 flag = '--save-halting' if args.save_halting else '--eps-h'
-                raise UsageError(f'{flag} needs an AdaFormer model; {type(up.net).__name__} does not halt')
+                raise UsageError(f'{flag} needs an AdaFormer model (an adaptive arch); '
+                                 f'{type(up.net).__name__} does not halt')
             if args.eps_h is not None:
                 try:
-                    up.net.eps_h = args.eps_h
+                    set_halting_threshold(up.net, args.eps_h)
                 except ValueError as e:
                     raise UsageError(f'--eps-h: {e}') from None
                 up.description += f', eps_h {args.eps_h}'

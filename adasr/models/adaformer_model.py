@@ -11,6 +11,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger, imwrite
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from adasr.archs.interface import halting_record, halting_threshold, is_adaptive, set_halting_threshold
 from adasr.models.adasr_model import AdaSRModel
 from adasr.utils.checks import is_real
 
@@ -41,9 +42,9 @@ class AdaFormerModel(AdaSRModel):
     def __init__(self, opt):
         super().__init__(opt)
         bare = self.get_bare_model(self.net_g)
-        if not hasattr(bare, 'last_halting') or not hasattr(bare, 'eps_h'):
-            raise ValueError(f'AdaFormerModel needs an AdaFormer network, got {bare.__class__.__name__}; '
-                             'use model_type: AdaSRModel for other archs')
+        if not is_adaptive(bare):
+            raise ValueError(f'AdaFormerModel needs an AdaFormer network (an adaptive arch), got '
+                             f'{bare.__class__.__name__}; use model_type: AdaSRModel for other archs')
         eps_h = (self.opt.get('val') or {}).get('eps_h')
         if eps_h is not None and (not is_real(eps_h) or math.isnan(eps_h)):  # as the network's eps_h setter
             raise ValueError(f'val.eps_h must be a number, got {eps_h!r}')
@@ -81,7 +82,7 @@ class AdaFormerModel(AdaSRModel):
             l_unc = self.cri_uncertainty(logits, self.output, self.gt)
             l_total += l_unc
             loss_dict['l_unc'] = l_unc
-        halting = self.get_bare_model(self.net_g).last_halting
+        halting = halting_record(self.net_g)
         loss_dict['halted'] = self.output.new_tensor(float(np.mean(halting.sparsity['global_consumed'])))
 
         l_total.backward()
@@ -100,14 +101,14 @@ class AdaFormerModel(AdaSRModel):
     def test(self):
         net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         val_opt = self.opt.get('val') or {}
-        trained_eps = net.eps_h
+        trained_eps = halting_threshold(net)
         if val_opt.get('eps_h') is not None:
-            net.eps_h = val_opt['eps_h']
+            set_halting_threshold(net, val_opt['eps_h'])
         try:
             super().test()
         finally:
-            net.eps_h = trained_eps
-        halting = net.last_halting
+            set_halting_threshold(net, trained_eps)
+        halting = halting_record(net)
         if self._val_state is not None and halting is not None:
             state = self._val_state
             for key in ('global_consumed', 'local_consumed', 'global_by_mask', 'local_by_mask'):

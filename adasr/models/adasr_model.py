@@ -5,8 +5,9 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
-from adasr.inference.halting import HaltingCollector, has_halting
-from adasr.inference.tile import padded_forward, tiled_forward, window_multiple
+from adasr.archs.interface import arch_traits, set_halting_record, unwrap
+from adasr.inference.halting import HaltingCollector
+from adasr.inference.tile import padded_forward, tiled_forward
 from adasr.utils.checkpoint import load_weights
 
 
@@ -17,7 +18,7 @@ class AdaSRModel(SRModel):
     * every ``torch.optim`` optimizer by name (``optim_g: {type: AdamW, ...}``; basicsr 1.4.2 knows only Adam);
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
-      pads inside ``forward`` (``pads_input = True``), so SwinIR, HAT and our archs share one harness;
+      pads inside ``forward`` (``arch_traits(net).pads_input``), so SwinIR, HAT and our archs share one harness;
     * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`).
     """
 
@@ -28,6 +29,9 @@ class AdaSRModel(SRModel):
         if not (isinstance(optim_cls, type) and issubclass(optim_cls, torch.optim.Optimizer)):
             raise NotImplementedError(f'optimizer {optim_type!r} is not in torch.optim')
         return optim_cls(params, lr, **kwargs)
+
+    def get_bare_model(self, net):
+        return unwrap(net)
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         logger = get_root_logger()
@@ -48,16 +52,16 @@ class AdaSRModel(SRModel):
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
         is set (``val.tile_pad`` LR pixels of blended context, default 32)."""
-        bare = self.get_bare_model(net)
-        multiple = window_multiple(bare, net_opt=self.opt['network_g'])
+        traits = arch_traits(net, net_opt=self.opt['network_g'])
+        multiple = traits.window
         scale = self.opt.get('scale', 1)
         fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
         tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.cli.options
         if not tile:
             return fn(lq)
-        collector = HaltingCollector(bare, *lq.shape[-2:]) if has_halting(bare) else None
+        collector = HaltingCollector(net, *lq.shape[-2:]) if traits.adaptive else None
         out = tiled_forward(fn, lq, scale, tile, tile_pad, multiple, out_dtype=lq.dtype, on_tile=collector)
-        if collector is not None:  # AdaFormer: the halting record of the whole image, not of the last tile
-            bare.last_halting = collector.to_info()
+        if collector is not None:  # adaptive archs: the halting record of the whole image, not of the last tile
+            set_halting_record(unwrap(net), collector.to_info())
         return out
