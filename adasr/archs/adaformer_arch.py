@@ -435,9 +435,8 @@ class AdaFormer(SRArch, nn.Module):
     # -- the declared interface (adasr.archs.interface) ---------------------------------------------------------
 
     def arch_traits(self) -> ArchTraits:
-        # x4 paper config: 5.4 KiB per LR pixel at 256 px, 5.8 KiB at 384 px (random weights, 50-80 % halted after
-        # block 0); 8 KiB leaves room for inputs where few tokens halt. A 272 px window keeps the eval global split
-        # at 8, as on big whole images (docs/upscale.md).
+        # memory: calibrated in docs/upscale.md, with room for inputs where few tokens halt; a 272 px window keeps
+        # the eval global split at 8, as on big whole images
         return ArchTraits(pads_input=True, window=self.window_size,
                           bytes_per_pixel=8 * 1024.0 * max(1.0, self.head[0].out_channels / 64),
                           memory_source='AdaFormer: 8 KiB x n_feats/64 per LR pixel (calibrated)', min_window=272,

@@ -697,8 +697,7 @@ class PFT(SRArch, nn.Module):
         return depths, num_heads, num_topk
 
     def arch_traits(self) -> ArchTraits:
-        # PFT-light x4 (embed 52, window 32) measured 27.8 KiB per LR pixel at 256 px and 35.4 KiB at 384 px (the
-        # top-k state grows with the windows); scaled by embed_dim for the classical PFT (docs/upscale.md)
+        # memory calibrated on PFT-light x4 (docs/upscale.md), scaled by embed_dim for the classical PFT
         return ArchTraits(pads_input=True, window=self.window_size,
                           bytes_per_pixel=40 * 1024.0 * max(1.0, self.embed_dim / 52),
                           memory_source='PFT: 40 KiB x embed_dim/52 per LR pixel (calibrated on PFT-light)')
