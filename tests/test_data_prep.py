@@ -326,3 +326,21 @@ def test_benchmark_script_with_scale_placeholder(tmp_path, capsys):
     assert read_image(str(tmp_path / 'bm' / 'S' / 'LRbicx4' / 'img_001.png')).shape == (7, 6, 3)
     folder_to_lmdb(str(tmp_path / 'bm' / 'S' / 'GTmod2'), str(tmp_path / 'gt.lmdb'))
     assert open(tmp_path / 'gt.lmdb' / 'meta_info.txt').read().startswith('img_001.png (30,26,3)')
+
+
+def test_check_bicubic_refuses_half_resolution_hr(tmp_path):
+    """SelfExSR's Urban100 x2/HR is half resolution: prepared from it, GTmod2 is half the size of GTmod4, and the
+    end-to-end bicubic check stops with a message naming the file instead of reporting a wrong PSNR."""
+    import cv2
+
+    spec = importlib.util.spec_from_file_location('check_bicubic', osp.join(REPO, 'scripts', 'check_bicubic.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    img = cv2.imread(osp.join(REPO, 'datasets', 'demo', 'val', 'HR', 'chelsea.png'))[:96, :120]
+    for scale, hr in ((2, img[:48, :60]), (4, img)):
+        os.makedirs(tmp_path / 'Urban100' / f'GTmod{scale}')
+        cv2.imwrite(str(tmp_path / 'Urban100' / f'GTmod{scale}' / 'img_001.png'), hr)
+    with pytest.raises(SystemExit, match=r'GTmod2/img_001.png is 60x48 but the x4 ground truth is 120x96'):
+        mod.check_same_hr(str(tmp_path), 'Urban100', [2, 4])
+    cv2.imwrite(str(tmp_path / 'Urban100' / 'GTmod2' / 'img_001.png'), img)  # same HR for both scales: accepted
+    mod.check_same_hr(str(tmp_path), 'Urban100', [2, 4])
