@@ -142,7 +142,10 @@ def load_resume_state(opt: dict) -> Optional[dict]:
             if path is not None:
                 opt['path']['resume_state'] = path
     elif opt['path'].get('resume_state'):
-        state = _read_state(opt['path']['resume_state'], device)
+        try:
+            state = _read_state(opt['path']['resume_state'], device)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise ResumeError(f"path.resume_state {opt['path']['resume_state']} cannot be read: {e}") from e
     if state is None:
         return None
     check_resume(opt, state['iter'])

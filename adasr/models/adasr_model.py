@@ -103,9 +103,8 @@ class AdaSRModel(SRModel):
         if self.nonfinite_run >= self.max_nonfinite_steps:
             message = (
                 f'training diverged: the loss was not finite for {self.nonfinite_run} steps in a row (iter '
-                f'{current_iter}; {terms}); these steps did not change the weights. Lower train.optim_g.lr or check the '
-                'data, then resume from the last checkpoint with --auto_resume (train.max_nonfinite_steps sets the '
-                'limit)')
+                f'{current_iter}; {terms}); these steps did not change the weights. Lower train.optim_g.lr or check '
+                'the data (train.max_nonfinite_steps sets the limit)')
             get_root_logger().error(message)
             raise TrainingDivergedError(message)
         get_root_logger().warning(f'iter {current_iter}: the loss is not finite ({terms}); step skipped '
