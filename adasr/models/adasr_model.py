@@ -24,7 +24,7 @@ class TrainingDivergedError(RuntimeError):
 
 @MODEL_REGISTRY.register()
 class AdaSRModel(SRModel):
-    """BasicSR's ``SRModel`` (training loop, EMA, validation, saving: all unchanged) plus:
+    """BasicSR's ``SRModel`` (training loop, EMA, validation: unchanged) plus:
 
     * every ``torch.optim`` optimizer by name (``optim_g: {type: AdamW, ...}``; basicsr 1.4.2 knows only Adam);
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
