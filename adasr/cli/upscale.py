@@ -129,6 +129,9 @@ def build_model(args) -> Upscaler:
     if args.opt:
         try:
             opt = load_yaml(args.opt)
+        except OptionsError as e:  # the message names the file (and the line)
+            raise UsageError(str(e)) from None
+        try:
             net_opt = dict(opt.get('network_g') or {})
             check_network_opt(net_opt, 'network_g')
         except OptionsError as e:

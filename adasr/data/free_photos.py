@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from adasr.data.prepare import div8k_test_pair, write_image
-from adasr.utils.image_io import atomic_write_bytes
+from adasr.utils.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)

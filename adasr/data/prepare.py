@@ -102,9 +102,9 @@ def read_image(path: str) -> np.ndarray:
 
 
 def write_image(path: str, img: np.ndarray, compress_level: int = 3) -> None:
-    """Write an image atomically (:func:`adasr.utils.image_io.atomic_write_bytes`), so an interrupted run never
+    """Write an image atomically (:func:`adasr.utils.files.atomic_write_bytes`), so an interrupted run never
     leaves a truncated image that a resumed run would take as done."""
-    from adasr.utils.image_io import atomic_write_bytes
+    from adasr.utils.files import atomic_write_bytes
 
     ext = osp.splitext(path)[1].lower()
     params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level] if ext == '.png' else []

@@ -4,14 +4,14 @@ Images are decoded with OpenCV (``IMREAD_UNCHANGED``, so 16-bit and alpha surviv
 what OpenCV cannot decode. Writes are atomic: the encoded bytes go to a temporary file in the destination folder,
 which is then renamed over the destination, so an interrupted run never leaves a truncated image behind.
 """
-import os
 import os.path as osp
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import cv2
 import numpy as np
+
+from adasr.utils.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm', '.pnm')
 # what each writable format can hold
@@ -159,33 +159,8 @@ def encode(arr: np.ndarray, ext: str, jpeg_quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (atomic on POSIX)."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_image(path: str, arr: np.ndarray, jpeg_quality: int = 95) -> None:
-    """Encode a uint8/uint16 gray, BGR or BGRA array by the extension of ``path`` and write it atomically."""
+    """Encode a uint8/uint16 gray, BGR or BGRA array by the extension of ``path`` and write it atomically
+    (:func:`adasr.utils.files.atomic_write_bytes`)."""
     ext = osp.splitext(path)[1].lower().lstrip('.')
     atomic_write_bytes(path, encode(arr, ext, jpeg_quality))
