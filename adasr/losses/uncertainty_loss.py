@@ -9,6 +9,14 @@ HR size, and
 with |hr - sr| averaged over the colour channels. The per-pixel optimum is ``C = 1 / (|err| * pixel_scale)``
 (clipped at 1), so ``pixel_scale`` sets which pixels become confident: 255 (default) measures the error on the
 authors' 0..255 scale, where pixels with an error below one grey level saturate at C = 1 and halt early.
+
+Numerics. The loss is computed in float32 whatever the input type (in fp16 the 1e-8 rounds to 0 and a confidence
+that underflows gives ``-log(0) = inf``; bf16 rounds the log term coarsely). Its value is the formula above. Its
+gradient is that of ``-log(C_up)`` without the 1e-8, computed in the log domain (``log C = -softplus(-logit)``,
+bilinear upsampling as a log-sum-exp of the same taps): where ``C_up`` is well above 1e-8 this is the formula's own
+gradient (they differ by the factor ``1 + 1e-8 / C_up``), and where the confidence has saturated towards 0 (logits
+below about -18, where the 1e-8 floor makes the formula flat) it keeps the slope of ``softplus`` (about -1 per unit
+of logit), so a pixel whose estimator has saturated can still recover.
 """
 from typing import Literal, Sequence, Union
 
@@ -19,6 +27,33 @@ from torch.nn import functional as F
 
 _REDUCTIONS = ('none', 'mean', 'sum')
 _LOG_EPS = 1e-8
+_LOGIT_BOUND = 1e4  # logits are clamped to +-this for the gradient path only (an infinite logit has no slope)
+
+
+def _bilinear_taps(n_in: int, n_out: int, align_corners: bool, device: torch.device, dtype: torch.dtype):
+    """For each of ``n_out`` output positions: the two source indices and their weights of PyTorch's bilinear
+    upsampling (``upsample_bilinear2d``) from ``n_in`` positions."""
+    dst = torch.arange(n_out, dtype=torch.float64)
+    if align_corners:
+        src = dst * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(dst)
+    else:
+        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w1 = src - i0
+    return i0.to(device), i1.to(device), (1 - w1).to(device, dtype), w1.to(device, dtype)
+
+
+def log_upsample_bilinear(log_x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """``log(F.interpolate(exp(log_x), size, mode='bilinear'))`` computed in the log domain: no underflow however
+    small ``exp(log_x)`` is. ``log_x``: (B, C, h, w), finite."""
+    for dim, n_out in ((2, size[0]), (3, size[1])):
+        i0, i1, w0, w1 = _bilinear_taps(log_x.shape[dim], n_out, align_corners, log_x.device, log_x.dtype)
+        shape = [1, 1, 1, 1]
+        shape[dim] = n_out
+        log_x = torch.logaddexp(log_x.index_select(dim, i0) + w0.log().view(shape),
+                                log_x.index_select(dim, i1) + w1.log().view(shape))
+    return log_x
 
 
 @LOSS_REGISTRY.register()
@@ -75,17 +110,26 @@ class UncertaintyLoss(nn.Module):
             raise ValueError('UncertaintyLoss needs at least one logit map')
         if sr.shape != hr.shape:
             raise ValueError(f'sr {tuple(sr.shape)} and hr {tuple(hr.shape)} must have the same shape')
-        size = hr.shape[-2:]
-        err = (hr - (sr.detach() if self.detach_sr else sr)).abs().mean(1, keepdim=True) * self.pixel_scale
-        total = None
         for i, logit in enumerate(logits):
             if logit.dim() != 4 or logit.shape[1] != 1 or logit.shape[0] != hr.shape[0]:
                 raise ValueError(f'logits[{i}] must be (B, 1, h, w) with B={hr.shape[0]}, got {tuple(logit.shape)}')
-            if size[0] % logit.shape[-2] or size[1] % logit.shape[-1]:
+            if hr.shape[-2] % logit.shape[-2] or hr.shape[-1] % logit.shape[-1]:
                 raise ValueError(f'logits[{i}] size {tuple(logit.shape[-2:])} does not divide the HR size '
-                                 f'{tuple(size)}; crop the logits to the LR size first')
+                                 f'{tuple(hr.shape[-2:])}; crop the logits to the LR size first')
+        with torch.autocast(hr.device.type, enabled=False):  # float32 throughout (see the module docstring)
+            return self._loss([logit.float() for logit in logits], sr.float(), hr.float())
+
+    def _loss(self, logits: Sequence[torch.Tensor], sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        size = hr.shape[-2:]
+        err = (hr - (sr.detach() if self.detach_sr else sr)).abs().mean(1, keepdim=True) * self.pixel_scale
+        total = None
+        for logit in logits:
             conf = F.interpolate(torch.sigmoid(logit), size=size, mode='bilinear', align_corners=self.align_corners)
-            term = conf * err - torch.log(conf + _LOG_EPS)
+            # value: -log(C_up + 1e-8); gradient: that of -log(C_up), from the log domain (no underflow)
+            surrogate = -log_upsample_bilinear(F.logsigmoid(logit.clamp(-_LOGIT_BOUND, _LOGIT_BOUND)), size,
+                                               self.align_corners)
+            log_term = (-torch.log(conf + _LOG_EPS)).detach() + (surrogate - surrogate.detach())
+            term = conf * err + log_term
             total = term if total is None else total + term
         if self.layer_reduction == 'mean':
             total = total / len(logits)

@@ -1,4 +1,6 @@
 """The SR model class every adasr option file uses: BasicSR's SRModel with the few things it lacks."""
+from typing import Optional, Tuple
+
 import torch
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
@@ -6,9 +8,20 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from adasr.archs.interface import arch_traits, set_halting_record, unwrap
+from adasr.data.paired_dataset import DatasetError
 from adasr.inference.halting import HaltingCollector
 from adasr.inference.tile import padded_forward, tiled_forward
 from adasr.utils.checkpoint import load_weights
+from adasr.utils.checks import check_finite
+
+#: smallest image side each BasicSR metric can measure once ``crop_border`` pixels are cut from every side
+#: (SSIM filters with an 11x11 Gaussian window and keeps only the valid part)
+METRIC_MIN_SIDE = {'calculate_psnr': 1, 'calculate_ssim': 11}
+
+
+def _first(value):
+    """The first path of a collated batch (a list of one), or the value itself."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
 @MODEL_REGISTRY.register()
@@ -19,10 +32,22 @@ class AdaSRModel(SRModel):
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
       pads inside ``forward`` (``arch_traits(net).pads_input``), so SwinIR, HAT and our archs share one harness;
-    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`).
+    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`);
+    * validation refuses, before running the network, a ground truth too small for a metric (SSIM needs 11 pixels
+      per side after ``crop_border``; BasicSR would report ``ssim: nan`` or fail inside OpenCV), and refuses a
+      network output with NaN or infinite values (BasicSR would write a black image and average NaN): both are
+      errors naming the image.
     """
 
     val_option_keys = {'tile', 'tile_pad'}
+    _lq_path: Optional[str] = None
+    _gt: Optional[Tuple[str, int, int]] = None  # (path, height, width) of the ground truth fed with the image
+
+    def feed_data(self, data):
+        super().feed_data(data)
+        self._lq_path = _first(data.get('lq_path'))
+        gt = data.get('gt')
+        self._gt = None if gt is None else (_first(data.get('gt_path')) or self._lq_path, *gt.shape[-2:])
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_cls = getattr(torch.optim, optim_type, None)
@@ -41,6 +66,7 @@ class AdaSRModel(SRModel):
                     + ('' if strict else f'; not loaded: {sorted(incompatible.missing_keys)}'))
 
     def test(self):
+        self.check_metric_sizes()
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
         was_training = net.training
         net.eval()
@@ -48,6 +74,22 @@ class AdaSRModel(SRModel):
             self.output = self.inference(net, self.lq)
         if was_training:
             net.train()
+        check_finite(f'the network output for {self._lq_path or "the test batch"}', self.output)
+
+    def check_metric_sizes(self) -> None:
+        """Raise a :class:`DatasetError` naming the ground truth when it is too small for a ``val.metrics`` metric
+        (see :data:`METRIC_MIN_SIDE`)."""
+        if self._gt is None:
+            return
+        path, h, w = self._gt
+        metrics = (self.opt.get('val') or {}).get('metrics') or {}
+        for name, metric in metrics.items():
+            crop = metric.get('crop_border', 0)
+            need = METRIC_MIN_SIDE.get(metric.get('type'), 1) + 2 * crop
+            if min(h, w) < need:
+                raise DatasetError(f'{path}: the ground truth is {w}x{h}, too small for the metric {name!r} '
+                                   f'({metric.get("type")}, crop_border {crop}), which needs at least {need} pixels '
+                                   'per side; remove the image from the validation set or lower crop_border')
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``

@@ -16,13 +16,15 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+import cv2
+import numpy as np
+
+from adasr.utils.checks import count_nonfinite
+
 try:
     import fcntl
 except ImportError:  # Windows: an open file cannot be deleted there, which protects live temporary files instead
     fcntl = None
-
-import cv2
-import numpy as np
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm', '.pnm')
 # what each writable format can hold
@@ -164,10 +166,9 @@ def decode_image(path: str) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)) or min(arr.shape[:2]) < 1:
         raise ImageReadError(f'{path}: unsupported image layout {arr.shape}')
-    if arr.dtype.kind == 'f':
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            raise ImageReadError(f'{path}: {bad} sample(s) are NaN or infinite')
+    bad, _ = count_nonfinite(arr)
+    if bad:
+        raise ImageReadError(f'{path}: {bad} sample(s) are NaN or infinite')
     orientation = exif_orientation(path)
     return np.ascontiguousarray(_ORIENT[orientation](arr)) if orientation != 1 else arr
 
