@@ -209,7 +209,8 @@ def test_nan_tiff_is_refused_and_the_run_continues(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / 'o')) == ['good_out.png']
     with pytest.raises(ValueError, match='float.tif: 2 sample'):  # every reader refuses it
         decode_image(str(src / 'float.tif'))
-    from benchmarks.harness import BenchmarkError, read_rgb as harness_read_rgb
+    from benchmarks.harness import BenchmarkError
+    from benchmarks.harness import read_rgb as harness_read_rgb
 
     with pytest.raises(BenchmarkError, match='NaN or infinite'):
         harness_read_rgb(str(src / 'float.tif'))
@@ -228,7 +229,8 @@ def test_non_finite_network_output_writes_nothing(tmp_path, capsys):
     # before: an all-black a_out.png, exit 0
     assert upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--opt', str(tmp_path / 'opt.yml'),
                          '--weights', str(tmp_path / 'w.pth'), '-q']) == 1
-    assert 'NonFiniteError: the model output for a.png: 768 of 768 values are NaN or infinite' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'NonFiniteError: the model output for a.png: 768 of 768 values are NaN or infinite' in err
     assert os.listdir(tmp_path / 'o') == []
 
 
