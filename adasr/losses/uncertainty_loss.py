@@ -12,12 +12,13 @@ authors' 0..255 scale, where pixels with an error below one grey level saturate 
 
 Numerics. The loss is computed in float32 whatever the input type (in fp16 the 1e-8 rounds to 0 and a confidence
 that underflows gives ``-log(0) = inf``; bf16 rounds the log term coarsely). Its value is the formula above. Its
-gradient is that of ``-log(C_up)`` without the 1e-8, computed in the log domain (``log C = -softplus(-logit)``,
-bilinear upsampling as a log-sum-exp of the same taps): where ``C_up`` is well above 1e-8 this is the formula's own
+gradient is that of ``-log(C_up)`` without the 1e-8: where ``C_up`` is well above 1e-8 this is the formula's own
 gradient (they differ by the factor ``1 + 1e-8 / C_up``), and where the confidence has saturated towards 0 (logits
-below about -18, where the 1e-8 floor makes the formula flat) it keeps the slope of ``softplus`` (about -1 per unit
-of logit), so a pixel whose estimator has saturated can still recover.
+below about -18, where the 1e-8 floor makes the formula flat) it keeps the slope of ``-log(sigmoid(logit)) =
+softplus(-logit)``, about -1 per unit of logit, so a pixel whose estimator has saturated can still recover. Logits
+below -80 are evaluated at -80 with their gradient passed through, which keeps ``1 / C`` finite in float32.
 """
+import math
 from typing import Literal, Sequence, Union
 
 import torch
@@ -27,33 +28,16 @@ from torch.nn import functional as F
 
 _REDUCTIONS = ('none', 'mean', 'sum')
 _LOG_EPS = 1e-8
-_LOGIT_BOUND = 1e4  # logits are clamped to +-this for the gradient path only (an infinite logit has no slope)
+# logits below this are evaluated at it (sigmoid(-80) = 1.8e-35, so 1 / C stays far from float32's overflow) with
+# their gradient passed through unchanged; the value moves by less than float32 can show next to the 1e-8
+_LOGIT_FLOOR = -80.0
 
 
-def _bilinear_taps(n_in: int, n_out: int, align_corners: bool, device: torch.device, dtype: torch.dtype):
-    """For each of ``n_out`` output positions: the two source indices and their weights of PyTorch's bilinear
-    upsampling (``upsample_bilinear2d``) from ``n_in`` positions."""
-    dst = torch.arange(n_out, dtype=torch.float64)
-    if align_corners:
-        src = dst * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(dst)
-    else:
-        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = src - i0
-    return i0.to(device), i1.to(device), (1 - w1).to(device, dtype), w1.to(device, dtype)
-
-
-def log_upsample_bilinear(log_x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """``log(F.interpolate(exp(log_x), size, mode='bilinear'))`` computed in the log domain: no underflow however
-    small ``exp(log_x)`` is. ``log_x``: (B, C, h, w), finite."""
-    for dim, n_out in ((2, size[0]), (3, size[1])):
-        i0, i1, w0, w1 = _bilinear_taps(log_x.shape[dim], n_out, align_corners, log_x.device, log_x.dtype)
-        shape = [1, 1, 1, 1]
-        shape[dim] = n_out
-        log_x = torch.logaddexp(log_x.index_select(dim, i0) + w0.log().view(shape),
-                                log_x.index_select(dim, i1) + w1.log().view(shape))
-    return log_x
+def _floor_straight_through(logit: torch.Tensor) -> torch.Tensor:
+    """``logit`` clamped below at :data:`_LOGIT_FLOOR` (infinities to finite numbers first) with the identity as its
+    gradient (0 for an infinite logit, which has no slope)."""
+    x = torch.nan_to_num(logit, nan=math.nan, posinf=-_LOGIT_FLOOR, neginf=2 * _LOGIT_FLOOR)  # NaN stays NaN
+    return x - (x - x.clamp(min=_LOGIT_FLOOR)).detach()
 
 
 @LOSS_REGISTRY.register()
@@ -124,11 +108,11 @@ class UncertaintyLoss(nn.Module):
         err = (hr - (sr.detach() if self.detach_sr else sr)).abs().mean(1, keepdim=True) * self.pixel_scale
         total = None
         for logit in logits:
-            conf = F.interpolate(torch.sigmoid(logit), size=size, mode='bilinear', align_corners=self.align_corners)
-            # value: -log(C_up + 1e-8); gradient: that of -log(C_up), from the log domain (no underflow)
-            surrogate = -log_upsample_bilinear(F.logsigmoid(logit.clamp(-_LOGIT_BOUND, _LOGIT_BOUND)), size,
-                                               self.align_corners)
-            log_term = (-torch.log(conf + _LOG_EPS)).detach() + (surrogate - surrogate.detach())
+            conf = F.interpolate(torch.sigmoid(_floor_straight_through(logit)), size=size, mode='bilinear',
+                                 align_corners=self.align_corners)
+            log_conf = torch.log(conf)
+            # the value of -log(C_up + 1e-8), the gradient of -log(C_up)
+            log_term = (-torch.log(conf + _LOG_EPS)).detach() - (log_conf - log_conf.detach())
             term = conf * err + log_term
             total = term if total is None else total + term
         if self.layer_reduction == 'mean':
