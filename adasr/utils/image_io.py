@@ -124,16 +124,28 @@ _ORIENT = {
 }
 
 
+def _orientable(head: bytes) -> bool:
+    """Whether the file starts as a JPEG, PNG or WebP: the formats whose EXIF orientation OpenCV applies with
+    ``IMREAD_COLOR`` but not with ``IMREAD_UNCHANGED`` (TIFF orientation tags are applied by libtiff in both)."""
+    is_webp = head[:4] == b'RIFF' and head[8:12] == b'WEBP'
+    return head[:2] == b'\xff\xd8' or head[:8] == b'\x89PNG\r\n\x1a\n' or is_webp
+
+
 def exif_orientation(path: str) -> int:
     """The EXIF orientation tag (1..8) of ``path``, 1 when there is none.
 
     Only the EXIF block Pillow meets while parsing the header is read (JPEG APP1, PNG ``eXIf``, WebP ``EXIF``); no
-    pixels are decoded. TIFF orientation tags are not such a block (libtiff applies them while decoding).
+    pixels are decoded.
     """
+    import warnings
+
     from PIL import Image as PILImage
 
     try:
-        with PILImage.open(path) as im:
+        with warnings.catch_warnings():  # the header of a very large image is still only a header
+            warnings.simplefilter('ignore', PILImage.DecompressionBombWarning)
+            im = PILImage.open(path)
+        with im:
             raw = im.info.get('exif')
             if not raw:
                 return 1
@@ -169,7 +181,7 @@ def decode_image(path: str) -> np.ndarray:
     bad, _ = count_nonfinite(arr)
     if bad:
         raise ImageReadError(f'{path}: {bad} sample(s) are NaN or infinite')
-    orientation = exif_orientation(path)
+    orientation = exif_orientation(path) if _orientable(data[:12].tobytes()) else 1
     return np.ascontiguousarray(_ORIENT[orientation](arr)) if orientation != 1 else arr
 
 
