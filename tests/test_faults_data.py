@@ -2,6 +2,7 @@
 NaN/inf in images and network outputs, validation images too small for the metrics. Each case is made with the
 project's own tools (LMDBs by ``folder_to_lmdb``, images from the demo photos) and checked for a clear error that
 names the file, or for the correct output."""
+import glob
 import math
 import os
 import os.path as osp
@@ -82,7 +83,7 @@ def test_meta_info_key_missing_from_lmdb_is_named(lmdbs):
         lines = open(meta).read().splitlines() + ['ghost.png (48,48,3) 1']
         with open(meta, 'w') as f:
             f.write('\n'.join(lines) + '\n')
-    # before: a KeyError-like failure when the sampler first reaches 'ghost', iterations into training
+    # before: 'cannot read image ghost' only when the sampler first reaches it, iterations into training
     with pytest.raises(DatasetError, match=rf'1 key\(s\) of {hr}/meta_info.txt are not in {hr}/data.mdb: ghost'):
         PairedSRDataset(_lmdb_opt(hr, lr))
 
@@ -285,3 +286,52 @@ def test_image_io_round_trip_of_exif_free_files_is_unchanged(tmp_path):
     cv2.imwrite(str(tmp_path / 'a.png'), rgba16)
     np.testing.assert_array_equal(decode_image(str(tmp_path / 'a.png')), rgba16)
     assert read_image(str(tmp_path / 'a.png')).dtype == 'uint16'
+
+
+# ----------------------------------------------------------------------------------------- through the entry points
+
+
+def _run_entry(script: str, opt: dict, cwd) -> subprocess.CompletedProcess:
+    (cwd / 'opt.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, osp.join(REPO, 'adasr', script), '-opt', 'opt.yml'], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_training_on_a_truncated_lmdb_stops_with_a_message_not_sigbus(lmdbs, tmp_path):
+    hr, lr = lmdbs
+    data = osp.join(lr, 'data.mdb')
+    os.truncate(data, osp.getsize(data) // 2)
+    dataset = {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+               'io_backend': {'type': 'lmdb'}, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
+               'use_shuffle': True, 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1,
+               'prefetch_mode': None}
+    opt = {'name': 'truncated', 'model_type': 'AdaSRModel', 'scale': 2, 'num_gpu': 0, 'manual_seed': 0,
+           'datasets': {'train': dict(dataset, scale=2)}, 'network_g': dict(NET),
+           'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+           'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'total_iter': 2, 'warmup_iter': -1,
+                     'scheduler': {'type': 'MultiStepLR', 'milestones': [10], 'gamma': 0.5},
+                     'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}},
+           'logger': {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False, 'wandb': None}}
+    proc = _run_entry('train.py', opt, tmp_path)
+    assert proc.returncode == 1, proc  # before: -7 (SIGBUS), no message
+    assert f'dataroot_lq: {data} is truncated' in proc.stderr
+    assert not glob.glob(str(tmp_path / 'experiments' / 'truncated' / 'models' / '*.pth'))
+
+
+@pytest.mark.slow
+def test_yaml_test_on_an_image_too_small_for_ssim_names_it(tmp_path):
+    from tests.conftest import make_pairs
+
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), names=('astronaut',), size=16)
+    opt = {'name': 'tiny_ssim', 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+           'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                                   'io_backend': {'type': 'disk'}}},
+           'network_g': {'type': 'Bicubic', 'upscale': 4}, 'path': {'pretrain_network_g': None},
+           'val': {'save_img': True, 'metrics': {'ssim': {'type': 'calculate_ssim', 'crop_border': 4}}}}
+    proc = _run_entry('test.py', opt, tmp_path)
+    # before: exit 0 with 'ssim: nan' in the log
+    assert proc.returncode == 1, proc
+    assert f"{hr}/astronaut.png: the ground truth is 16x16, too small for the metric 'ssim'" in proc.stderr
+    assert not glob.glob(str(tmp_path / 'results' / 'tiny_ssim' / 'visualization' / 'tiny' / '*.png'))
