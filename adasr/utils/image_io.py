@@ -314,10 +314,12 @@ def remove_orphan_temporaries(folder: str, min_age: float = 60.0) -> int:
         try:
             if now - os.stat(tmp).st_mtime < min_age:
                 continue
-            with open(tmp, 'rb') as f:
-                if fcntl is not None:
+            if fcntl is None:
+                os.unlink(tmp)  # fails while the writer has it open
+            else:
+                with open(tmp, 'rb') as f:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a writer holds it
-                os.unlink(tmp)
+                    os.unlink(tmp)
             removed += 1
         except OSError:
             continue
