@@ -159,14 +159,18 @@ def build_net(spec: Dict[str, Any], device):
 
 
 def read_rgb(path: str):
-    """(1, 3, H, W) float tensor in [0, 1], RGB, from any 8-bit image (grayscale is repeated, as in BasicSR)."""
-    import cv2
+    """(1, 3, H, W) float tensor in [0, 1], RGB (:func:`adasr.utils.image_io.read_rgb`: grayscale repeated and EXIF
+    orientation applied, as in BasicSR)."""
     import torch
 
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise BenchmarkError(f'cannot read image {path}')
-    return torch.from_numpy(img[:, :, ::-1].copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    from adasr.utils.image_io import ImageReadError
+    from adasr.utils.image_io import read_rgb as read_rgb_array
+
+    try:
+        img = read_rgb_array(path)
+    except ImageReadError as e:
+        raise BenchmarkError(str(e)) from None
+    return torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
 
 
 def latency_input(lr_path: str, h: int, w: int):

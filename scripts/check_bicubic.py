@@ -68,13 +68,13 @@ def check_same_hr(root: str, name: str, scales) -> None:
     """All scales of a set must come from the same HR images: ``GTmod{s}`` sizes may differ only by the crop to a
     multiple of ``s`` (< s pixels). SelfExSR's Urban100 ``x2/HR`` is half resolution (bicubic then scores 26.66
     instead of the published 26.88): prepared from it, GTmod2 is half the size of GTmod4 and this stops the check."""
-    import cv2
+    from adasr.utils.image_io import decode_image
 
     sizes = {}
     for s in scales:
         folder = osp.join(root, name, f'GTmod{s}')
         files = sorted(f for f in os.listdir(folder) if not f.startswith('.'))
-        sizes[s] = {f: cv2.imread(osp.join(folder, f), cv2.IMREAD_UNCHANGED).shape[:2] for f in files[:3]}
+        sizes[s] = {f: decode_image(osp.join(folder, f)).shape[:2] for f in files[:3]}
     ref_scale = max(scales)
     for s in scales:
         for f, (h, w) in sizes[s].items():

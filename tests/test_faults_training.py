@@ -16,7 +16,7 @@ import torch
 
 from adasr.cli.entry import ResumeError, load_resume_state
 from adasr.cli.entry import run as entry_run
-from adasr.utils.checkpoint import check_finite
+from adasr.utils.checkpoint import check_finite_state
 from tests.test_pipeline import REPO, TINY_SWINIR, TRAIN, run, write_yaml
 
 NAME = 'faults'
@@ -66,7 +66,7 @@ def _final_files_read(exp):
             saved = torch.load(path, weights_only=True)
             assert set(saved) == {'params', 'params_ema'}
             for key, state in saved.items():
-                check_finite(state, f'{path} [{key}]')
+                check_finite_state(state, f'{path} [{key}]')
             nets.add(_iteration(name))
     for name in _listdir(osp.join(exp, 'training_states')):
         if name.endswith('.state') and not name.startswith('.'):

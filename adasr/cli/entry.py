@@ -127,7 +127,7 @@ def load_resume_state(opt: dict) -> Optional[dict]:
     """
     from basicsr.utils import check_resume
 
-    from adasr.utils.files import remove_temp_files
+    from adasr.utils.files import remove_orphan_temporaries
 
     device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] else torch.device('cpu')
     state = None
@@ -135,7 +135,7 @@ def load_resume_state(opt: dict) -> Optional[dict]:
         exp = osp.join(opt['root_path'], 'experiments', opt['name'])
         state_dir, models_dir = osp.join(exp, 'training_states'), osp.join(exp, 'models')
         if opt.get('rank', 0) == 0:
-            for path in remove_temp_files(state_dir) + remove_temp_files(models_dir):
+            for path in remove_orphan_temporaries(state_dir, 0) + remove_orphan_temporaries(models_dir, 0):
                 _warn(f'--auto_resume: removed {path}, left by an interrupted write')
         if osp.isdir(state_dir):
             path, state = _usable_state(state_dir, models_dir, device)

@@ -49,7 +49,6 @@ class AdaFormerModel(AdaSRModel):
             raise ValueError(f'val.eps_h must be a number, got {eps_h!r}')
         self.halting_results: Dict[str, Dict[str, List[float]]] = {}
         self._val_state: Optional[dict] = None
-        self._lq_path: Optional[str] = None
 
     # -- training ----------------------------------------------------------------------------------------------------
 
@@ -73,11 +72,6 @@ class AdaFormerModel(AdaSRModel):
         return l_total, loss_dict
 
     # -- testing -----------------------------------------------------------------------------------------------------
-
-    def feed_data(self, data):
-        super().feed_data(data)
-        paths = data.get('lq_path')
-        self._lq_path = paths[0] if isinstance(paths, (list, tuple)) and paths else paths
 
     def test(self):
         net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)

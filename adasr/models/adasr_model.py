@@ -1,7 +1,7 @@
 """The SR model class every adasr option file uses: BasicSR's SRModel with the few things it lacks."""
 import os.path as osp
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from basicsr.models.sr_model import SRModel
@@ -11,11 +11,22 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from adasr.archs.interface import arch_traits, set_halting_record, unwrap
+from adasr.data.paired_dataset import DatasetError
 from adasr.inference.halting import HaltingCollector
 from adasr.inference.tile import padded_forward, tiled_forward
-from adasr.utils.checkpoint import check_finite, load_weights, save_checkpoint
+from adasr.utils.checkpoint import check_finite_state, load_weights, save_checkpoint
+from adasr.utils.checks import check_finite
 
 MAX_NONFINITE_STEPS = 10  # default of train.max_nonfinite_steps
+
+#: smallest image side each BasicSR metric can measure once ``crop_border`` pixels are cut from every side
+#: (SSIM filters with an 11x11 Gaussian window and keeps only the valid part)
+METRIC_MIN_SIDE = {'calculate_psnr': 1, 'calculate_ssim': 11}
+
+
+def _first(value):
+    """The first path of a collated batch (a list of one), or the value itself."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
 class TrainingDivergedError(RuntimeError):
@@ -35,11 +46,23 @@ class AdaSRModel(SRModel):
       and ``train.max_nonfinite_steps`` (default 10) such steps in a row stop the run with
       :class:`TrainingDivergedError`; weights with NaN or inf are never saved;
     * checkpoints (``net_g_*.pth``, ``*.state``) written atomically, and a failed write stops the run with an error
-      naming the file (BasicSR logs "Just ignore it" and goes on).
+      naming the file (BasicSR logs "Just ignore it" and goes on);
+    * validation refuses, before running the network, a ground truth too small for a metric (SSIM needs 11 pixels
+      per side after ``crop_border``; BasicSR would report ``ssim: nan`` or fail inside OpenCV), and refuses a
+      network output with NaN or infinite values (BasicSR would write a black image and average NaN): both are
+      errors naming the image.
     """
 
     val_option_keys = {'tile', 'tile_pad'}
     train_option_keys = {'max_nonfinite_steps'}
+    _lq_path: Optional[str] = None
+    _gt: Optional[Tuple[str, int, int]] = None  # (path, height, width) of the ground truth fed with the image
+
+    def feed_data(self, data):
+        super().feed_data(data)
+        self._lq_path = _first(data.get('lq_path'))
+        gt = data.get('gt')
+        self._gt = None if gt is None else (_first(data.get('gt_path')) or self._lq_path, *gt.shape[-2:])
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_cls = getattr(torch.optim, optim_type, None)
@@ -129,7 +152,7 @@ class AdaSRModel(SRModel):
         for net_, key in zip(nets, keys):
             state = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu())
                                 for k, v in self.get_bare_model(net_).state_dict().items())
-            check_finite(state, f'refusing to save {path}: {key}')
+            check_finite_state(state, f'refusing to save {path}: {key}')
             save_dict[key] = state
         save_checkpoint(save_dict, path)
 
@@ -153,6 +176,7 @@ class AdaSRModel(SRModel):
                     + ('' if strict else f'; not loaded: {sorted(incompatible.missing_keys)}'))
 
     def test(self):
+        self.check_metric_sizes()
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
         was_training = net.training
         net.eval()
@@ -160,6 +184,22 @@ class AdaSRModel(SRModel):
             self.output = self.inference(net, self.lq)
         if was_training:
             net.train()
+        check_finite(f'the network output for {self._lq_path or "the test batch"}', self.output)
+
+    def check_metric_sizes(self) -> None:
+        """Raise a :class:`DatasetError` naming the ground truth when it is too small for a ``val.metrics`` metric
+        (see :data:`METRIC_MIN_SIDE`)."""
+        if self._gt is None:
+            return
+        path, h, w = self._gt
+        metrics = (self.opt.get('val') or {}).get('metrics') or {}
+        for name, metric in metrics.items():
+            crop = metric.get('crop_border', 0)
+            need = METRIC_MIN_SIDE.get(metric.get('type'), 1) + 2 * crop
+            if min(h, w) < need:
+                raise DatasetError(f'{path}: the ground truth is {w}x{h}, too small for the metric {name!r} '
+                                   f'({metric.get("type")}, crop_border {crop}), which needs at least {need} pixels '
+                                   'per side; remove the image from the validation set or lower crop_border')
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``

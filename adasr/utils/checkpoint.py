@@ -36,7 +36,7 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, not a state dict')
     state = _pick_entry(obj, param_key, path)
-    check_finite(state, f'checkpoint {path}')
+    check_finite_state(state, f'checkpoint {path}')
     out = OrderedDict()
     for k, v in state.items():
         out[k[7:] if k.startswith('module.') else k] = v
@@ -49,7 +49,7 @@ def nonfinite_keys(state: Mapping[str, Any]) -> List[str]:
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def check_finite(state: Mapping[str, Any], source: str) -> None:
+def check_finite_state(state: Mapping[str, Any], source: str) -> None:
     """Raise a :class:`CheckpointError` naming the tensors of ``state`` that hold NaN or inf."""
     bad = nonfinite_keys(state)
     if bad:

@@ -3,15 +3,28 @@
 The data goes to a temporary file in the destination folder (``.<name>.<random>.tmp``), is flushed and fsynced, and
 is then renamed over the destination with ``os.replace`` (atomic on POSIX and on Windows within one volume). A write
 that fails (a full disk, a file-size limit, an exception in the writer) removes the temporary file and re-raises; a
-process killed mid-write leaves only the temporary file, which :func:`remove_temp_files` deletes later.
+process killed mid-write leaves only the temporary file, which :func:`remove_orphan_temporaries` deletes later. The
+temporary file is locked (``flock``) while it is written, so the cleanup can tell a live writer's file from the
+leftover of a killed one, and runs writing into the same folder at the same time stay safe.
 """
+import glob
 import os
 import os.path as osp
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, List
 
-TEMP_SUFFIX = '.tmp'
+try:
+    import fcntl
+except ImportError:  # Windows: an open file cannot be deleted there, which protects live temporary files instead
+    fcntl = None
+
+TEMP_SUFFIX = '.tmp'  # the temporary files of atomic writes: .<name>.<random>.tmp
+
+
+class OutputFolderError(OSError):
+    """An output folder cannot be created or written to."""
 
 
 def _umask() -> int:
@@ -52,6 +65,8 @@ def atomic_write(path: str) -> Iterator[BinaryIO]:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, 'wb') as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -71,21 +86,43 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def remove_temp_files(folder: str) -> List[str]:
-    """Delete the temporary files :func:`atomic_write` left in ``folder`` when a process was killed mid-write.
+def remove_orphan_temporaries(folder: str, min_age: float = 60.0) -> List[str]:
+    """Delete the temporary files (``.<name>.*.tmp``) that interrupted :func:`atomic_write` calls left in ``folder``;
+    returns the paths removed (a missing folder is not an error).
 
-    Only call this on a folder no other process is writing to (a training run's own ``models/`` and
-    ``training_states/``). Returns the paths removed; a missing folder is not an error.
+    A file is removed only when no process holds its lock (its writer is gone) and it was last modified more than
+    ``min_age`` seconds ago (which covers the instants before the lock is taken and between closing and renaming).
+    Where files cannot be locked (Windows) a file still open cannot be deleted either.
     """
     removed = []
-    if not osp.isdir(folder):
-        return removed
-    for name in sorted(os.listdir(folder)):
-        path = osp.join(folder, name)
-        if name.startswith('.') and name.endswith(TEMP_SUFFIX) and osp.isfile(path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
+    now = time.time()
+    for tmp in sorted(glob.glob(osp.join(glob.escape(folder), '.*' + TEMP_SUFFIX))):
+        try:
+            if now - os.stat(tmp).st_mtime < min_age:
                 continue
-            removed.append(path)
+            if fcntl is None:
+                os.unlink(tmp)  # fails while the writer has it open
+            else:
+                with open(tmp, 'rb') as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a writer holds it
+                    os.unlink(tmp)
+        except OSError:
+            continue
+        removed.append(tmp)
     return removed
+
+
+def prepare_output_folder(folder: str) -> List[str]:
+    """Create ``folder`` if needed, check that files can be written in it, and remove the temporary files of
+    interrupted writes (:func:`remove_orphan_temporaries`); returns the paths removed.
+
+    Raises:
+        OutputFolderError: the folder cannot be created or written to (the message names it and says why).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputFolderError(f'output folder {folder} cannot be used: {e.strerror or e}') from e
+    return remove_orphan_temporaries(folder)
