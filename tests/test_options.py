@@ -213,3 +213,18 @@ def test_force_yml_values_are_parsed_as_data(tmp_path):
     for bad in ('train:total_iter', '=3', 'a=!!python/object/apply:os.system ["true"]'):
         with pytest.raises(OptionsError, match='--force_yml'):
             parse_overrides([bad])
+
+
+def test_one_safe_loader_reads_every_option_file():
+    """adasr, its scripts and benchmarks read YAML only through adasr.cli.options (OptionLoader): no other
+    ``yaml.load``, no BasicSR ``ordered_yaml()`` (an unsafe loader), no ``unsafe_load`` / ``full_load``."""
+    import re
+
+    unsafe = re.compile(r'yaml\.(unsafe_load|full_load)\(|Loader=(?!OptionLoader)|ordered_yaml\(\)\[0\]'
+                        r'|yaml\.load\((?!.*Loader=OptionLoader)')
+    found = []
+    for folder in ('adasr', 'scripts', 'benchmarks'):
+        for path in glob.glob(osp.join(REPO, folder, '**', '*.py'), recursive=True):
+            with open(path, encoding='utf-8') as f:
+                found += [f'{osp.relpath(path, REPO)}:{i}' for i, line in enumerate(f, 1) if unsafe.search(line)]
+    assert not found, found

@@ -101,7 +101,8 @@ def _usable_state(state_dir: str, models_dir: str, device: torch.device):
         path = osp.join(state_dir, f'{it}.state')
         try:
             state = _read_state(path, device)
-            load_checkpoint(osp.join(models_dir, f'net_g_{it}.pth'), param_key=None)
+            for key in ('params', 'params_ema'):  # what BasicSR loads into net_g and net_g_ema on resume
+                load_checkpoint(osp.join(models_dir, f'net_g_{it}.pth'), param_key=key)
         except Exception as e:  # noqa: BLE001 - a truncated file raises many kinds of errors
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             _warn(f'--auto_resume: skipping {path}: {reason}')
