@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adasr.archs.halting import HaltingInfo, halting_sparsity
+from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
     Mlp,
@@ -341,7 +342,7 @@ class AdaM(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class AdaFormer(nn.Module):
+class AdaFormer(SRArch, nn.Module):
     """AdaFormer (AAAI-24) super-resolution network; ``AdaFormer()`` is the paper's x4 model (1,602,721 parameters).
 
     Input (B, in_chans, H, W) in 0..1, any size and batch (padded inside by reflection to a multiple of
@@ -356,6 +357,8 @@ class AdaFormer(nn.Module):
 
     After every forward, ``net.last_halting`` (a :class:`HaltingInfo`, detached) holds the per-layer logits,
     confidence, global and local keep masks at the padded size, the unpadded size, and the sparsity of that call.
+    The record is built when first read: a forward only keeps references to the (detached) maps it made anyway, so
+    training pays no device-to-host sync and no full-resolution mask for it.
     :meth:`flops` counts the multiply-accumulates of that call.
 
     Args:
@@ -382,8 +385,6 @@ class AdaFormer(nn.Module):
         sparse_eval (bool): eval computes attention for kept windows/tokens only. ``False`` computes every token
             and masks (the training computation, whole-image global), for comparisons. Default: True.
     """
-
-    pads_input = True
 
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, n_feats: int = 64, embed_dim: int = 64,
                  n_resblocks: int = 16, depths: int = 6, num_heads: int = 4, num_prototypes: int = 16,
@@ -417,7 +418,8 @@ class AdaFormer(nn.Module):
         self.eps_h = eps_h  # validated by the property setter
         self.eval_global_split = eval_global_split
         self.sparse_eval = sparse_eval
-        self.last_halting: Optional[HaltingInfo] = None
+        self._halting_raw: Optional[tuple] = None  # what the last forward made; HaltingInfo built when first read
+        self._halting: Optional[HaltingInfo] = None
 
         # registration order = the authors' (their state-dict order)
         self.sub_mean = _mean_shift(in_chans, rgb_mean, self.img_range, -1)
@@ -429,6 +431,40 @@ class AdaFormer(nn.Module):
                          estimator_hidden)
         self.deep_feature_extraction = nn.Sequential(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
         self.tail = PixelShuffleDirect(n_feats, in_chans, upscale)
+
+    # -- the declared interface (adasr.archs.interface) ---------------------------------------------------------
+
+    def arch_traits(self) -> ArchTraits:
+        # memory: calibrated in docs/upscale.md, with room for inputs where few tokens halt; a 272 px window keeps
+        # the eval global split at 8, as on big whole images
+        return ArchTraits(pads_input=True, window=self.window_size,
+                          bytes_per_pixel=8 * 1024.0 * max(1.0, self.head[0].out_channels / 64),
+                          memory_source='AdaFormer: 8 KiB x n_feats/64 per LR pixel (calibrated)', min_window=272,
+                          adaptive=True)
+
+    def halting_record(self) -> Optional[HaltingInfo]:
+        return self.last_halting
+
+    def set_halting_record(self, info: Optional[HaltingInfo]) -> None:
+        self.last_halting = info
+
+    def get_halting_threshold(self) -> float:
+        return self.eps_h
+
+    def set_halting_threshold(self, value: float) -> None:
+        self.eps_h = value
+
+    @property
+    def last_halting(self) -> Optional[HaltingInfo]:
+        """The :class:`HaltingInfo` of the last forward (None before the first), built on first access."""
+        if self._halting is None and self._halting_raw is not None:
+            self._halting = self._record(*self._halting_raw)
+            self._halting_raw = None
+        return self._halting
+
+    @last_halting.setter
+    def last_halting(self, info: Optional[HaltingInfo]) -> None:
+        self._halting, self._halting_raw = info, None
 
     # -- run-time switches -----------------------------------------------------------------------------------------
 
@@ -486,7 +522,8 @@ class AdaFormer(nn.Module):
         sr = self.add_mean(self.tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
 
-        self.last_halting = self._record(logits, g_maps, w_maps, (h, w), (hp, wp), split)
+        self._halting, self._halting_raw = None, ([lg.detach() for lg in logits], g_maps, w_maps, (h, w), (hp, wp),
+                                                  split)
         if self.training:
             return sr, [lg[..., :h, :w] for lg in logits]
         return sr

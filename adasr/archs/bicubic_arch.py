@@ -3,12 +3,13 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from adasr.archs.interface import ArchTraits, SRArch
 from adasr.utils.checks import check_int
 from adasr.utils.matlab_resize import imresize, kernel_taps
 
 
 @ARCH_REGISTRY.register()
-class Bicubic(nn.Module):
+class Bicubic(SRArch, nn.Module):
     """MATLAB ``imresize(lr, upscale, 'bicubic')`` as a network (``network_g: {type: Bicubic, upscale: 4}``).
 
     Args:
@@ -18,11 +19,15 @@ class Bicubic(nn.Module):
     clamps and rounds, as MATLAB does for uint8 images). It has no parameters, so it is for testing only.
     """
 
-    pads_input = True  # works at any input size; the model class must not pad for it
 
     def __init__(self, *, upscale: int = 4):
         super().__init__()
         self.upscale = check_int('upscale', upscale)
+
+    def arch_traits(self) -> ArchTraits:
+        # any input size (no padding wanted); memory calibrated in docs/upscale.md
+        return ArchTraits(pads_input=True, bytes_per_pixel=100.0 * self.upscale ** 2,
+                          memory_source='Bicubic: 100 B x scale**2 per LR pixel (calibrated)')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return imresize(x, self.upscale, antialiasing=True)

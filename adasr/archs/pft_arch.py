@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
     PixelShuffleDirect,
@@ -540,7 +541,7 @@ class _PatchEmbedNorm(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class PFT(nn.Module):
+class PFT(SRArch, nn.Module):
     """PFT / PFT-light super-resolution network (``network_g: {type: PFT, ...}``).
 
     Args (the keys of the released ``network_g`` blocks; defaults as upstream):
@@ -570,8 +571,6 @@ class PFT(nn.Module):
     Input (B, in_chans, H, W) of any size (padded inside by symmetric mirroring to a multiple of window_size);
     output (B, in_chans, H*upscale, W*upscale).
     """
-
-    pads_input = True
 
     def __init__(self, *, img_size: Union[int, Sequence[int]] = 64, patch_size: int = 1, in_chans: int = 3,
                  embed_dim: int = 90, depths: Sequence[int] = (6, 6, 6, 6), num_heads: Union[int, Sequence[int]] = 6,
@@ -696,6 +695,12 @@ class PFT(nn.Module):
                 kept[slot] = min(k, n)
                 gid += 1
         return depths, num_heads, num_topk
+
+    def arch_traits(self) -> ArchTraits:
+        # memory calibrated on PFT-light x4 (docs/upscale.md), scaled by embed_dim for the classical PFT
+        return ArchTraits(pads_input=True, window=self.window_size,
+                          bytes_per_pixel=40 * 1024.0 * max(1.0, self.embed_dim / 52),
+                          memory_source='PFT: 40 KiB x embed_dim/52 per LR pixel (calibrated on PFT-light)')
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape

@@ -5,11 +5,13 @@ The model comes from an option file (``--opt``: its ``network_g``, and ``path.pr
 ``param_key_g`` unless ``--weights`` is given) or from an arch name with its default hyperparameters
 (``--arch NAME --scale S --weights W``; ``--arch Bicubic --scale 4`` needs no weights). Big images run tile by
 tile (``--tile``, ``--tile_pad``; chosen from the free memory when ``--tile`` is not given), so any size fits.
-Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit. Files that cannot be read are
-reported and skipped; outputs are written atomically, and existing outputs are skipped unless ``--overwrite``, so
-an interrupted folder run resumes where it stopped. Exit status: 0 when every image was written or skipped, 1
-when any failed, 2 for bad arguments. Under ``torchrun`` the inputs are shared between the processes, with one
-summary. See docs/upscale.md.
+Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit, EXIF orientation is applied (as
+BasicSR's readers do). Files that cannot be read or hold NaN/infinite samples, and outputs that are not finite, are
+reported and skipped (nothing is written for them); the output folder is checked before the model is built, and
+temporary files left by an interrupted run are removed; outputs are written atomically, and existing outputs are
+skipped unless ``--overwrite``, so an interrupted folder run resumes where it stopped. Exit status: 0 when every
+image was written or skipped, 1 when any failed, 2 for bad arguments. Under ``torchrun`` the inputs are shared
+between the processes, with one summary. See docs/upscale.md.
 """
 import argparse
 import datetime
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
     run.add_argument('--fp32', action='store_true', help='full precision on CUDA (always full precision on the CPU)')
     run.add_argument('--half', choices=HALF_DTYPES, default=None,
-                     help='half type on CUDA. Default: the arch\'s preferred_half attribute, else fp16')
+                     help='half type on CUDA. Default: the half type the arch declares, else fp16')
     out = p.add_argument_group('output')
     out.add_argument('--ext', default='auto',
                      help='output format: auto (the input\'s if writable, else png), png, jpg, webp, tif, bmp')
@@ -122,8 +124,8 @@ def build_model(args) -> Upscaler:
     from basicsr.archs import build_network
     from basicsr.utils.registry import ARCH_REGISTRY
 
+    from adasr.archs.interface import arch_traits
     from adasr.cli.options import OptionsError, check_network_opt, load_yaml
-    from adasr.inference.tile import window_multiple
     from adasr.utils.checkpoint import CheckpointError, load_weights
 
     if bool(args.opt) == bool(args.arch):
@@ -132,6 +134,9 @@ def build_model(args) -> Upscaler:
     if args.opt:
         try:
             opt = load_yaml(args.opt)
+        except OptionsError as e:  # the message names the file (and the line)
+            raise UsageError(str(e)) from None
+        try:
             net_opt = dict(opt.get('network_g') or {})
             check_network_opt(net_opt, 'network_g')
         except OptionsError as e:
@@ -149,7 +154,7 @@ def build_model(args) -> Upscaler:
             net = build_network(net_opt)
         except Exception as e:  # noqa: BLE001 - reported with the option file's name
             raise UsageError(f'{args.opt}: cannot build network_g: {e}') from None
-        multiple = window_multiple(net, net_opt=net_opt)
+        traits = arch_traits(net, net_opt=net_opt)
     else:
         if args.arch not in ARCH_REGISTRY:
             import difflib
@@ -167,7 +172,7 @@ def build_model(args) -> Upscaler:
         except Exception as e:  # noqa: BLE001 - any constructor failure is a usage problem here
             raise UsageError(f'cannot build {args.arch} with {kwargs} and its defaults: {e}; use --opt') from None
         scale, name = args.scale, args.arch
-        multiple = window_multiple(net)
+        traits = arch_traits(net)
     if not isinstance(scale, int) or scale < 1:
         raise UsageError(f'the model has no valid scale ({scale!r}); give --scale')
 
@@ -186,12 +191,12 @@ def build_model(args) -> Upscaler:
     device = _pick_device(args.device)
     dtype = torch.float32
     if device.type == 'cuda' and not args.fp32:
-        pref = args.half or getattr(net, 'preferred_half', 'fp16')
-        dtype = torch.bfloat16 if pref == 'bf16' else torch.float16
+        preferred = 'bf16' if traits.preferred_half == torch.bfloat16 else 'fp16'
+        dtype = torch.bfloat16 if (args.half or preferred) == 'bf16' else torch.float16
     net.eval()
     net.to(device=device, dtype=dtype)
     in_channels = _in_channels(net)
-    return Upscaler(net, scale, multiple, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}')
+    return Upscaler(net, scale, traits.window, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}')
 
 
 def _pick_device(name: str):
@@ -276,7 +281,8 @@ def _run_model(up: Upscaler, x, args, *, desc: str, on_tile=None, tile: Optional
     """(1, C, H, W) float32 CPU -> (1, C', sH, sW) float32 CPU, tiled."""
     import torch
 
-    from adasr.inference.tile import auto_tile_size, tiled_forward
+    from adasr.inference.memory import auto_tile_size
+    from adasr.inference.tile import tiled_forward
 
     fn = up.forward_fn()
     h, w = x.shape[-2:]
@@ -295,6 +301,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
     import numpy as np
     import torch
 
+    from adasr.utils.checks import check_finite
     from adasr.utils.image_io import LoadedImage
     from adasr.utils.matlab_resize import imresize
 
@@ -305,6 +312,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
         raise ValueError(f'the model takes 1 channel but {name} is a colour image')
     x = _to_tensor(color)
     y, tile, why = _run_model(up, x, args, desc=name, on_tile=on_tile, tile=args.tile)
+    check_finite(f'the model output for {name}', y)
     y = y[0].clamp_(0, 1)
     if img.is_gray and y.shape[0] == 3:  # back to one channel (BT.601 luma, as OpenCV's BGR2GRAY)
         y = y[0] * 0.299 + y[1] * 0.587 + y[2] * 0.114
@@ -319,6 +327,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
         if args.alpha == 'model':
             a3 = a.expand(1, up.in_channels, *a.shape[-2:]).contiguous()
             alpha = _run_model(up, a3, args, desc=name + ' (alpha)', tile=tile)[0][0].mean(0)
+            check_finite(f'the model output for the alpha channel of {name}', alpha)
         else:
             alpha = imresize(a.double(), up.scale)[0, 0].float()
         alpha = alpha.clamp_(0, 1).numpy()
@@ -332,7 +341,6 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
     from adasr.utils.image_io import WRITABLE, ImageReadError, read_image, to_stored, write_image
 
     report = Report()
-    os.makedirs(args.output, exist_ok=True)
     bar = tqdm(paths, desc='images', unit='img', disable=args.quiet or len(paths) < 2, dynamic_ncols=True)
     for path in bar:
         name = osp.basename(path)
@@ -415,22 +423,31 @@ def _upscale(args, rank: int, world_size: int) -> int:
 
             tqdm.write(msg, file=sys.stderr if error else sys.stdout)
 
+    from adasr.utils.files import OutputFolderError, prepare_output_folder
+
     try:
         paths = list_inputs(args.input)
         if args.ext != 'auto':
             output_ext('x.png', args.ext)  # validate early
+        try:  # before the model is built: a folder that cannot hold the outputs stops the run at once
+            orphans = prepare_output_folder(args.output)
+        except OutputFolderError as e:
+            raise UsageError(str(e)) from None
+        if orphans:
+            log(f'removed {len(orphans)} temporary file(s) left by an interrupted run in {args.output}')
         import adasr  # noqa: F401  (shim + registration)
 
         up = build_model(args)
         if args.save_halting or args.eps_h is not None:
-            from adasr.inference.halting import has_halting
+            from adasr.archs.interface import is_adaptive, set_halting_threshold
 
-            if not has_halting(up.net) or not hasattr(up.net, 'eps_h'):
+            if not is_adaptive(up.net):
                 flag = '--save-halting' if args.save_halting else '--eps-h'
-                raise UsageError(f'{flag} needs an AdaFormer model; {type(up.net).__name__} does not halt')
+                raise UsageError(f'{flag} needs an AdaFormer model (an adaptive arch); '
+                                 f'{type(up.net).__name__} does not halt')
             if args.eps_h is not None:
                 try:
-                    up.net.eps_h = args.eps_h
+                    set_halting_threshold(up.net, args.eps_h)
                 except ValueError as e:
                     raise UsageError(f'--eps-h: {e}') from None
                 up.description += f', eps_h {args.eps_h}'
