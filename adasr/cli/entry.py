@@ -167,6 +167,45 @@ def _agreed_resume_state(opt: dict) -> Optional[dict]:
     return state
 
 
+def apply_basicsr_dist_shim() -> None:
+    """Let BasicSR 1.4.2's ``--launcher pytorch`` run on CPUs (gloo) as well as GPUs (NCCL).
+
+    BasicSR hard-codes the NCCL backend and ``torch.cuda.set_device(RANK % device_count)`` in
+    ``basicsr.utils.dist_util._init_dist_pytorch`` (a division by zero without CUDA), and wraps networks in
+    ``DistributedDataParallel(device_ids=[torch.cuda.current_device()])`` (no CUDA, no device; and DDP refuses a
+    network without trainable parameters, such as ``Bicubic``). Replacements: the process group comes from
+    :func:`adasr.utils.distributed.init_from_env` (``cpu:gloo,cuda:nccl`` with CUDA, gloo without; the GPU is
+    ``LOCAL_RANK``), a network on the CPU is wrapped without ``device_ids``, and one without trainable parameters
+    is not wrapped. The GPU path of ``model_to_device`` and everything else (samplers, rank-0-only saving and
+    logging) stay BasicSR's; so does the slurm launcher (GPUs only). Safe to call more than once.
+    """
+    from basicsr.models.base_model import BaseModel
+    from basicsr.utils import dist_util
+    from torch.nn.parallel import DistributedDataParallel
+
+    from adasr.utils.distributed import init_from_env
+
+    if getattr(BaseModel.model_to_device, '_adasr_shim', False):
+        return
+    basicsr_model_to_device = BaseModel.model_to_device
+
+    def init_dist_pytorch(backend: str = 'nccl', **kwargs) -> None:
+        del backend  # BasicSR always passes 'nccl'; the backend follows the hardware instead
+        init_from_env(**kwargs)
+
+    def model_to_device(self, net):
+        if self.opt['dist'] and not any(p.requires_grad for p in net.parameters()):
+            return net.to(self.device)  # nothing to synchronise (Bicubic), and DDP refuses such a module
+        if self.opt['dist'] and self.device.type == 'cpu':
+            return DistributedDataParallel(net.to(self.device),
+                                           find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        return basicsr_model_to_device(self, net)
+
+    model_to_device._adasr_shim = True
+    dist_util._init_dist_pytorch = init_dist_pytorch
+    BaseModel.model_to_device = model_to_device
+
+
 def run(kind: str, argv: Optional[List[str]] = None) -> None:
     """Run BasicSR's train or test pipeline with adasr registered and outputs under the current directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -175,7 +214,6 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from basicsr import train as basicsr_train
 
     from adasr.cli.options import OptionsError, parse_overrides
-    from adasr.compat import apply_basicsr_dist_shim
     from adasr.data.paired_dataset import DatasetError
     from adasr.models.adasr_model import TrainingDivergedError
     from adasr.utils.checkpoint import CheckpointError
