@@ -209,18 +209,14 @@ def _sparse_flop_formulas() -> Dict:
     return formulas
 
 
-@contextlib.contextmanager
-def _sequential_attention():
-    """Run adasr's blocked attention in the calling thread (``ADASR_ATTN_THREADS=0``) for the duration."""
-    old = os.environ.get('ADASR_ATTN_THREADS')
-    os.environ['ADASR_ATTN_THREADS'] = '0'
+def _sequential_attention() -> contextlib.AbstractContextManager:
+    """Run adasr's tiled attention in the calling thread (``adasr.ops.config`` option ``threads=0``), where the
+    FLOP counter sees every operation, for the duration."""
     try:
-        yield
-    finally:
-        if old is None:
-            del os.environ['ADASR_ATTN_THREADS']
-        else:
-            os.environ['ADASR_ATTN_THREADS'] = old
+        from adasr.ops import config
+    except ImportError:  # a checkout without adasr.ops
+        return contextlib.nullcontext()
+    return config.options(threads=0)
 
 
 def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, float]]:

@@ -77,6 +77,22 @@ def test_empty_lmdb_is_refused_at_construction(lmdbs):
         PairedSRDataset(_lmdb_opt(hr, lr))
 
 
+def test_corrupted_lmdb_key_tree_is_named(lmdbs):
+    hr, lr = lmdbs
+    import lmdb
+
+    data = osp.join(hr, 'data.mdb')
+    size = osp.getsize(data)
+    with lmdb.open(hr, readonly=True, lock=False) as env:
+        psize = env.stat()['psize']
+    with open(data, 'r+b') as f:  # every page after the two meta pages overwritten: the key tree is garbage
+        f.seek(2 * psize)
+        f.write(b'\xff' * (size - 2 * psize))
+    # before: lmdb.CorruptedError (MDB_CORRUPTED) at the first sample, after training started
+    with pytest.raises(DatasetError, match=rf'dataroot_gt: {data} is corrupted \(.*MDB_CORRUPTED'):
+        PairedSRDataset(_lmdb_opt(hr, lr))
+
+
 def test_meta_info_key_missing_from_lmdb_is_named(lmdbs):
     hr, lr = lmdbs
     for folder in (hr, lr):  # BasicSR requires the two meta_info files to list the same keys

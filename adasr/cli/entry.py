@@ -217,6 +217,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from adasr.data.paired_dataset import DatasetError
     from adasr.models.adasr_model import TrainingDivergedError
     from adasr.utils.checkpoint import CheckpointError
+    from adasr.utils.checks import NonFiniteError
 
     argv, force_yml = _split_force_yml(argv)
     try:
@@ -233,5 +234,5 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
                 basicsr_train.train_pipeline(root)
             else:
                 basicsr_test.test_pipeline(root)
-    except (CheckpointError, DatasetError, ResumeError, TrainingDivergedError) as e:  # the message names the cause
+    except (CheckpointError, DatasetError, NonFiniteError, ResumeError, TrainingDivergedError) as e:  # names the cause
         raise SystemExit(f'error: {e}') from None

@@ -28,8 +28,9 @@ def check_lmdb(path: str, keys: Iterable[str], what: str) -> None:
     """Check a BasicSR LMDB before any sample is read, opening it read-only without a lock file.
 
     ``data.mdb`` must not be empty, must be as long as its own header says (LMDB maps the file into memory: a
-    truncated one kills the process with SIGBUS, with no message, when a missing page is touched), and must hold
-    every key of ``keys`` (from ``meta_info.txt``), confirmed with one pass over the keys that reads no image.
+    truncated one kills the process with SIGBUS, with no message, when a missing page is touched), must have an
+    intact key tree, and must hold every key of ``keys`` (from ``meta_info.txt``), confirmed with one pass over the
+    keys that reads no image.
 
     Raises:
         DatasetError: naming the file and what is wrong.
@@ -51,6 +52,8 @@ def check_lmdb(path: str, keys: Iterable[str], what: str) -> None:
             raise DatasetError(f'{what}: {data} is truncated: {size} bytes, but its header needs {needed}; {remake}')
         with env.begin() as txn:
             present = set(txn.cursor().iternext(keys=True, values=False))
+    except lmdb.Error as e:
+        raise DatasetError(f'{what}: {data} is corrupted ({e}); {remake}') from e
     finally:
         env.close()
     missing = [k for k in keys if k.encode() not in present]
