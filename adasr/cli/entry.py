@@ -27,12 +27,15 @@ def _argv(argv: List[str]):
         sys.argv = saved
 
 
-def _split_force_yml(argv: List[str]):
-    """Take ``--force_yml a:b=v ...`` out of ``argv`` (BasicSR would ``exec`` it); return (rest, entries)."""
+def _split_adasr_args(argv: List[str], kind: str):
+    """Take ``--force_yml a:b=v ...`` (BasicSR would ``exec`` it) and, for testing, adasr's ``--sets NAME ...`` out
+    of ``argv``; return (rest, force_yml entries, set names or None)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('--force_yml', nargs='+', action='extend', default=[])
+    if kind == 'test':
+        parser.add_argument('--sets', nargs='+', default=None)
     known, rest = parser.parse_known_args(argv)
-    return rest, known.force_yml
+    return rest, known.force_yml, getattr(known, 'sets', None)
 
 
 def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
@@ -213,17 +216,19 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from basicsr import test as basicsr_test
     from basicsr import train as basicsr_train
 
-    from adasr.cli.options import OptionsError, parse_overrides
+    from adasr.cli.options import OptionsError, parse_overrides, select_test_sets
     from adasr.data.paired_dataset import DatasetError
     from adasr.models.adasr_model import TrainingDivergedError
     from adasr.utils.checkpoint import CheckpointError
     from adasr.utils.checks import NonFiniteError
 
-    argv, force_yml = _split_force_yml(argv)
+    argv, force_yml, sets = _split_adasr_args(argv, kind)
     try:
         overrides = parse_overrides(force_yml)
     except OptionsError as e:
         raise SystemExit(f'error: {e}') from None
+    if sets:  # checked against the option file's dataset names before anything runs
+        overrides.append(select_test_sets(sets))
     _preflight(argv, is_train=(kind == 'train'), overrides=overrides)
     apply_basicsr_dist_shim()  # --launcher pytorch: gloo on CPUs, NCCL on GPUs
     root = os.getcwd()

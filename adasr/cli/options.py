@@ -12,7 +12,7 @@ import difflib
 import inspect
 import os.path as osp
 from collections import OrderedDict
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
@@ -280,7 +280,7 @@ def _ordered_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Ordered
 
 OptionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ordered_mapping)
 
-Override = Tuple[List[str], Any]
+Override = Union[Tuple[List[str], Any], Callable[[dict], dict]]  # (keys, value), or an edit of the whole file
 
 
 def parse_overrides(entries: Sequence[str]) -> List[Override]:
@@ -307,9 +307,41 @@ def parse_overrides(entries: Sequence[str]) -> List[Override]:
     return overrides
 
 
+def select_test_sets(names: Sequence[str]) -> Callable[[dict], dict]:
+    """An override (for :func:`apply_overrides`) that keeps only the ``datasets`` entries whose ``name`` is in
+    ``names`` (``adasr-test --sets Set5 Urban100``), so a test option file listing every benchmark set runs on the
+    sets a user has.
+
+    Raises (when applied):
+        OptionsError: a name matches no dataset of the file (the message lists the names it has).
+    """
+    wanted = list(dict.fromkeys(names))
+
+    def select(opt: dict) -> dict:
+        datasets = opt.get('datasets')
+        if not isinstance(datasets, Mapping):
+            raise OptionsError('--sets: the option file has no datasets section')
+        have = {key: (ds or {}).get('name', key) for key, ds in datasets.items()}
+        missing = [n for n in wanted if n not in have.values()]
+        if missing:
+            raise OptionsError(f'--sets: no dataset named {", ".join(missing)} in the option file (it has: '
+                               f'{", ".join(str(v) for v in have.values())})')
+        for key, name in have.items():
+            if name not in wanted:
+                del datasets[key]
+        return opt
+
+    return select
+
+
 def apply_overrides(opt: dict, overrides: Sequence[Override]) -> dict:
-    """Set each ``(keys, value)`` of :func:`parse_overrides` in ``opt`` (the sections must exist) and return it."""
-    for keys, value in overrides:
+    """Apply each override of :func:`parse_overrides` or :func:`select_test_sets` to ``opt`` in order: a
+    ``(keys, value)`` pair sets one option (its sections must exist), a callable edits the whole mapping."""
+    for override in overrides:
+        if callable(override):
+            opt = override(opt)
+            continue
+        keys, value = override
         node = opt
         for i, key in enumerate(keys[:-1]):
             node = node.get(key) if isinstance(node, Mapping) else None
