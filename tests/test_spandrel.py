@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from basicsr.archs import build_network
-from spandrel import MAIN_REGISTRY, ArchRegistry, ModelLoader, ModelTiling
+from spandrel import MAIN_REGISTRY, ArchRegistry, ModelLoader, ModelTiling, UnsupportedDtypeError
 from spandrel.architectures.DAT import DAT
 from spandrel.architectures.SAFMN import SAFMN
 from spandrel.architectures.SPAN import SPAN
@@ -93,6 +93,25 @@ def test_released_pft_configs_round_trip(name):
     assert descriptor.size_requirements.none and descriptor.tiling == ModelTiling.SUPPORTED
     assert descriptor.supports_half and descriptor.supports_bfloat16
     assert_same_network(descriptor, net, cfg)
+
+
+@pytest.mark.parametrize('cls, cfg', [(PFT, PFT_SMALL), (AdaFormer, ADAFORMER_SMALL)], ids=['pft', 'adaformer'])
+def test_half_types_run(cls, cfg):
+    """The half types the descriptors declare run on the CPU, finite and near fp32 (bf16: 8 mantissa bits)."""
+    net = cls(**cfg).eval()
+    descriptor = MAIN_REGISTRY.load(net.state_dict())
+    x = photo(12, 12, channels=cfg['in_chans'])
+    with torch.no_grad():
+        reference = net(x).clamp(0, 1)
+        for dtype in (torch.bfloat16, torch.float16):
+            supported = descriptor.supports_bfloat16 if dtype == torch.bfloat16 else descriptor.supports_half
+            if not supported:
+                with pytest.raises(UnsupportedDtypeError):
+                    descriptor.to(dtype)
+                continue
+            out = descriptor.to(dtype)(x.to(dtype)).float()  # spandrel's call
+            descriptor.to(torch.float32)
+            assert torch.isfinite(out).all() and (out - reference).abs().max() < 0.05, dtype
 
 
 def test_released_num_topk_rule_gives_the_released_schedules():
