@@ -243,7 +243,7 @@ def test_spandrel_network_errors_name_the_file(tmp_path, spandrel_files):
         build_network({'type': 'Spandrel', 'path': str(tmp_path / 'unknown.pth')})
     with pytest.raises(CheckpointError, match='not found'):
         build_network({'type': 'Spandrel', 'path': str(tmp_path / 'missing.pth')})
-    with pytest.raises(ValueError, match='x2 SPAN model, but scale 4'):
+    with pytest.raises(CheckpointError, match='x2 SPAN model, but scale 4'):
         build_network({'type': 'Spandrel', 'path': spandrel_files['SPAN'], 'scale': 4})
 
 
@@ -350,3 +350,16 @@ def test_upscale_weights_alone_errors(tmp_path, capsys, spandrel_files):
                            ([], 'give --opt (an option file), --arch (an arch name) or --weights')):
         assert upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_upscale_with_a_spandrel_option_file(tmp_path, spandrel_files):
+    """SAFMN needs its input padded to a multiple of 8: the harness pads as spandrel does, on an odd photo crop."""
+    opt = {'name': 'safmn', 'model_type': 'AdaSRModel', 'scale': 2,
+           'network_g': {'type': 'Spandrel', 'path': spandrel_files['SAFMN'], 'scale': 2}}
+    (tmp_path / 'o.yml').write_text(yaml.safe_dump(opt))
+    x = _save_photo(tmp_path / 'a.png', 13, 17)
+    assert upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--opt', str(tmp_path / 'o.yml'),
+                         '--tile', '0', '-q']) == 0
+    ref = ModelLoader().load_from_file(spandrel_files['SAFMN'])(x)[0].permute(1, 2, 0).numpy()[..., ::-1]
+    out = cv2.imread(str(tmp_path / 'o' / 'a_out.png')).astype(np.float64)
+    assert out.shape == (26, 34, 3) and np.abs(out - np.rint(ref * 255)).max() <= 1

@@ -12,8 +12,9 @@ ask this module, never a class name and never an attribute found by probing:
 * :func:`unwrap` - the network inside DataParallel / DistributedDataParallel.
 
 adasr's own archs subclass :class:`SRArch` and declare their traits in :meth:`SRArch.arch_traits`. Networks adasr
-does not own (basicsr's SwinIR, any spandrel model) get theirs through :func:`register_traits`, next to where adasr
-registers them; anything else gets :data:`UNKNOWN` traits with the window found in its modules (the one place where
+does not own get theirs through :func:`register_traits` next to where adasr registers them (basicsr's SwinIR), or
+run inside :class:`adasr.archs.spandrel_support.Spandrel`, which declares them from the spandrel descriptor (any
+spandrel model); anything else gets :data:`UNKNOWN` traits with the window found in its modules (the one place where
 attributes are probed).
 """
 from dataclasses import dataclass, replace

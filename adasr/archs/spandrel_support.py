@@ -302,7 +302,8 @@ class Spandrel(SRArch, nn.Module):
 
     Args:
         path (str): the checkpoint (.pth, .pt, .ckpt or .safetensors).
-        scale (int, optional): the expected scale; an error if the checkpoint's differs. Default: not checked.
+        scale (int, optional): the expected scale; a :class:`CheckpointError` if the checkpoint's differs.
+            Default: not checked.
         param_key (str): BasicSR checkpoint entry (falls back to the other of params_ema/params). Default:
             'params_ema'.
     """
@@ -313,8 +314,8 @@ class Spandrel(SRArch, nn.Module):
             raise ValueError(f'path must be a checkpoint file, got {path!r}')
         descriptor = load_descriptor(osp.expanduser(path), param_key)
         if scale is not None and scale != descriptor.scale:
-            raise ValueError(f'{path} holds a x{descriptor.scale} {descriptor.architecture.name} model, '
-                             f'but scale {scale} was given')
+            raise CheckpointError(f'{path} holds a x{descriptor.scale} {descriptor.architecture.name} model, '
+                                  f'but scale {scale} was given')
         self.descriptor = descriptor
         self.model = descriptor.model
         self.path = path
@@ -363,9 +364,8 @@ class Spandrel(SRArch, nn.Module):
         own = self._own()
         if own is not None:
             return own(x)
-        with torch.inference_mode():
-            y = self.descriptor(x)
-        return y.clone()  # a normal tensor (inference tensors cannot be changed in place outside inference mode)
+        # spandrel's call runs under inference_mode; a clone is a normal tensor (callers may change it in place)
+        return self.descriptor(x).clone()
 
     # -- the declared interface ----------------------------------------------------------------------------------
 
@@ -373,7 +373,8 @@ class Spandrel(SRArch, nn.Module):
         """Own networks: their traits. Others: from the descriptor. The wrapper pads as required, so callers do not
         pad; tiles are aligned to the required multiple and to the model's ``window_size`` hyperparameter (where
         spandrel records one), so that windows inside a tile are the whole image's; the smallest useful tile is the
-        required minimum; memory per pixel is not calibrated (the default estimate)."""
+        required minimum; memory per pixel is not calibrated (the default estimate). Both are ``pretrained``: the
+        weights came with the checkpoint."""
         own = self._own()
         if own is not None:
             return replace(arch_traits(own), pretrained=True)
