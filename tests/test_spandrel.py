@@ -280,14 +280,26 @@ def test_option_files_with_a_spandrel_network_are_checked(tmp_path, spandrel_fil
         check_options(opt, is_train=False)
 
 
-@pytest.mark.slow
-def test_adasr_test_and_benchmark_rows_from_a_spandrel_checkpoint(tmp_path, spandrel_files):
+def _span_test_setup(tmp_path, spandrel_files):
+    """Two 38x38 / 19x19 (odd) x2 photo pairs and a test option file with the SPAN checkpoint as network_g (and, as
+    accepted too, the same file as path.pretrain_network_g)."""
     from tests.conftest import make_pairs
 
-    hr, lr = make_pairs(str(tmp_path / 'pairs'), size=38, scale=2)  # LR 19x19: odd
-    # the network loads its own weights; a pretrain path with the same file is accepted too
+    hr, lr = make_pairs(str(tmp_path / 'pairs'), size=38, scale=2)
     _write_test_yaml(tmp_path / 'o.yml', hr, lr, spandrel_files['SPAN'], extra_path=spandrel_files['SPAN'])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    return hr, lr, env
+
+
+def _y_psnr(sr_bgr, hr_path) -> float:
+    from basicsr.metrics import calculate_psnr
+
+    return calculate_psnr(sr_bgr, cv2.imread(hr_path), crop_border=2, test_y_channel=True)
+
+
+@pytest.mark.slow
+def test_adasr_test_with_a_spandrel_checkpoint(tmp_path, spandrel_files):
+    hr, lr, env = _span_test_setup(tmp_path, spandrel_files)
     proc = subprocess.run([sys.executable, osp.join(REPO, 'adasr', 'test.py'), '-opt', str(tmp_path / 'o.yml')],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -299,6 +311,13 @@ def test_adasr_test_and_benchmark_rows_from_a_spandrel_checkpoint(tmp_path, span
         x = torch.from_numpy(np.ascontiguousarray(lq)).permute(2, 0, 1)[None]
         ref = descriptor(x)[0].permute(1, 2, 0).numpy()[..., ::-1] * 255
         assert saved.shape == (38, 38, 3) and np.abs(saved - np.rint(ref)).max() <= 1
+
+
+@pytest.mark.slow
+def test_benchmark_row_from_a_spandrel_checkpoint(tmp_path, spandrel_files):
+    import csv
+
+    hr, lr, env = _span_test_setup(tmp_path, spandrel_files)
     data = tmp_path / 'bench_data'  # the benchmark's HR + LR_bicubic/X2 layout
     shutil.copytree(hr, data / 'HR')
     shutil.copytree(lr, data / 'LR_bicubic' / 'X2')
@@ -308,7 +327,15 @@ def test_adasr_test_and_benchmark_rows_from_a_spandrel_checkpoint(tmp_path, span
                            '--repeats', '1', '--warmup', '0', '--threads', '1', '--out', str(out),
                            '--no-malloc-env'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert '| SPAN |' in proc.stdout
+    with open(out / 'benchmark.csv') as f:
+        (row,) = list(csv.DictReader(f))
+    descriptor = ModelLoader().load_from_file(spandrel_files['SPAN'])
+    psnrs = []
+    for name in ('astronaut', 'coffee'):  # spandrel's own call, scored as the test pipeline scores
+        lq = cv2.imread(osp.join(lr, f'{name}.png'))[..., ::-1].astype(np.float32) / 255
+        sr = descriptor(torch.from_numpy(np.ascontiguousarray(lq)).permute(2, 0, 1)[None])
+        psnrs.append(_y_psnr(np.rint(sr[0].permute(1, 2, 0).numpy()[..., ::-1] * 255), osp.join(hr, f'{name}.png')))
+    assert row['model'] == 'SPAN' and float(row['PSNR-Y tiny']) == pytest.approx(np.mean(psnrs), abs=1e-3)
 
 
 def _save_photo(path, h, w):
