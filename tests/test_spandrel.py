@@ -247,6 +247,19 @@ def test_spandrel_network_errors_name_the_file(tmp_path, spandrel_files):
         build_network({'type': 'Spandrel', 'path': spandrel_files['SPAN'], 'scale': 4})
 
 
+def test_spandrel_network_picks_the_entry(tmp_path):
+    torch.manual_seed(0)
+    a, b = SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2), SPAN(num_in_ch=3, num_out_ch=3,
+                                                                                  feature_channels=8, upscale=2)
+    torch.save({'params': a.state_dict(), 'params_ema': b.state_dict()}, tmp_path / 'basicsr.pth')
+    torch.save({'model_state_dict': a.state_dict(), 'epoch': 7}, tmp_path / 'other.pth')  # unwrapped by spandrel
+    key = 'conv_1.sk.weight'
+    for path, param_key, expect in (('basicsr.pth', 'params_ema', b), ('basicsr.pth', 'params', a),
+                                    ('other.pth', 'params_ema', a)):
+        net = build_network({'type': 'Spandrel', 'path': str(tmp_path / path), 'param_key': param_key})
+        assert torch.equal(net.state_dict()[key], expect.state_dict()[key]), (path, param_key)
+
+
 def test_own_archs_through_spandrel_keep_their_interface(tmp_path):
     cfg = dict(ADAFORMER_SMALL, in_chans=3, rgb_mean=[0.4488, 0.4371, 0.4040])
     torch.save({'params': AdaFormer(**cfg).state_dict()}, tmp_path / 'ada.pth')

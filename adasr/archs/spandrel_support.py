@@ -46,7 +46,7 @@ from adasr.archs.halting import HaltingInfo
 from adasr.archs.interface import ArchTraits, SRArch, arch_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN
 from adasr.archs.pft_arch import PFT
-from adasr.utils.checkpoint import CheckpointError, load_checkpoint
+from adasr.utils.checkpoint import CheckpointError, read_checkpoint
 
 #: PFT's heads when the state dict cannot tell (embed_dim <= 100: one bias column shared by all heads): PFT-light's.
 PFT_LIGHT_HEADS = 4
@@ -256,8 +256,9 @@ register()
 def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescriptor:
     """Detect and load the model in ``path`` with spandrel's registry (adasr's additions included).
 
-    ``.pth``/``.pt``/``.ckpt`` files are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`:
-    ``param_key`` picks BasicSR's entry, falling back to the other one); ``.safetensors`` with spandrel's loader.
+    ``.pth``/``.pt``/``.ckpt`` files are read with ``torch.load(weights_only=True)`` (:func:`read_checkpoint`),
+    ``.safetensors`` with spandrel's loader. ``param_key`` picks that entry when the file has it; otherwise spandrel
+    unwraps the file as it does (``params_ema``, ``params``, ``state_dict``, ``model``, ... and a ``module.`` prefix).
 
     Raises:
         CheckpointError: unreadable file, an architecture spandrel does not know, or not an image-to-image model.
@@ -267,7 +268,9 @@ def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescr
             raise CheckpointError(f'checkpoint not found: {path}')
         state = ModelLoader().load_state_dict_from_file(path)
     else:
-        state = load_checkpoint(path, param_key)
+        state = read_checkpoint(path)
+        if isinstance(state.get(param_key), Mapping):
+            state = state[param_key]
     try:
         descriptor = MAIN_REGISTRY.load(state)
     except UnsupportedModelError:
@@ -304,8 +307,8 @@ class Spandrel(SRArch, nn.Module):
         path (str): the checkpoint (.pth, .pt, .ckpt or .safetensors).
         scale (int, optional): the expected scale; a :class:`CheckpointError` if the checkpoint's differs.
             Default: not checked.
-        param_key (str): BasicSR checkpoint entry (falls back to the other of params_ema/params). Default:
-            'params_ema'.
+        param_key (str): the checkpoint entry to use when the file has it (else spandrel's unwrapping: params_ema,
+            params, state_dict, ...). Default: 'params_ema'.
     """
 
     def __init__(self, *, path: str, scale: Optional[int] = None, param_key: str = 'params_ema'):
