@@ -114,6 +114,17 @@ def test_half_types_run(cls, cfg):
             assert torch.isfinite(out).all() and (out - reference).abs().max() < 0.05, dtype
 
 
+@pytest.mark.parametrize('cls, cfg', [(PFT, PFT_SMALL), (AdaFormer, ADAFORMER_SMALL)], ids=['pft', 'adaformer'])
+def test_no_size_requirements_is_true(cls, cfg):
+    """Declared: no size requirement (they pad themselves): any size down to 1x1 runs through spandrel's call."""
+    descriptor = MAIN_REGISTRY.load(cls(**cfg).state_dict())
+    assert descriptor.size_requirements.none
+    s = cfg['upscale']
+    for h, w in ((1, 1), (2, 3), (1, 9)):
+        out = descriptor(torch.rand(1, cfg['in_chans'], h, w))
+        assert out.shape == (1, cfg['in_chans'], h * s, w * s) and torch.isfinite(out).all()
+
+
 def test_released_num_topk_rule_gives_the_released_schedules():
     for name in PFT_RELEASES:
         cfg = released(name)
