@@ -414,3 +414,36 @@ def test_upscale_with_a_spandrel_option_file(tmp_path, spandrel_files):
     ref = ModelLoader().load_from_file(spandrel_files['SAFMN'])(x)[0].permute(1, 2, 0).numpy()[..., ::-1]
     out = cv2.imread(str(tmp_path / 'o' / 'a_out.png')).astype(np.float64)
     assert out.shape == (26, 34, 3) and np.abs(out - np.rint(ref * 255)).max() <= 1
+
+
+def test_a_network_that_tiles_itself_is_never_tiled():
+    """``tiling: internal`` (spandrel's ModelTiling.INTERNAL): adasr-upscale and AdaSRModel run the whole image even
+    when a tile is asked for; ``discouraged`` tiles as asked and says so."""
+    from types import SimpleNamespace
+
+    from adasr.archs.interface import ArchTraits, SRArch
+    from adasr.cli.upscale import Upscaler, _run_model, build_parser
+    from adasr.models.adasr_model import AdaSRModel
+
+    class Net(SRArch, torch.nn.Module):
+        def __init__(self, tiling):
+            super().__init__()
+            self.tiling, self.calls = tiling, []
+
+        def arch_traits(self):
+            return ArchTraits(pads_input=True, tiling=self.tiling)
+
+        def forward(self, x):
+            self.calls.append(tuple(x.shape[-2:]))
+            return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+
+    x = photo(20, 20)
+    args = build_parser().parse_args(['-i', 'x', '-q'])
+    for tiling, calls, note in (('internal', 1, 'tiles internally'), ('discouraged', 9, 'discouraged')):
+        net = Net(tiling)
+        up = Upscaler(net, 2, 1, torch.device('cpu'), torch.float32, 3, 'test', tiling)
+        y, tile, why = _run_model(up, x, args, desc='x', tile=8)
+        assert len(net.calls) == calls and note in why and y.shape == (1, 3, 40, 40)
+    net = Net('internal')
+    model = SimpleNamespace(opt={'scale': 2, 'network_g': {}, 'val': {'tile': 8, 'tile_pad': 4}})
+    assert AdaSRModel.inference(model, net, x).shape == (1, 3, 40, 40) and net.calls == [(20, 20)]
