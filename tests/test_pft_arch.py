@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adasr import ops
-from adasr.archs import pft_arch
+from adasr.archs import pft_arch, pft_engine
 from adasr.archs.layers import symmetric_pad
 from adasr.archs.pft_arch import PFT
 from adasr.utils.checkpoint import CheckpointError, check_state_dict
@@ -88,10 +88,10 @@ def _reference_attention(self, q, k, v, rpi, prev, topk, labels):
     if prev is not None:
         prod = a * prev.maps
         if keep is not None:
-            prod = prod + pft_arch.EPS * keep
+            prod = prod + pft_engine.EPS * keep
         else:
-            prod = prod + pft_arch.EPS
-        a = prod / (prod.sum(-1, keepdim=True) + pft_arch.EPS)
+            prod = prod + pft_engine.EPS
+        a = prod / (prod.sum(-1, keepdim=True) + pft_engine.EPS)
     if topk < n:
         pos = a.masked_fill(~keep, -1.) .topk(topk, -1).indices if keep is not None else a.topk(topk, -1).indices
         keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, pos, True)
@@ -163,13 +163,13 @@ def test_blocks_threads_and_small_budgets_change_nothing(monkeypatch):
 
 
 def test_shift_mask_is_added_to_mixed_windows_only():
-    mask = pft_arch._ShiftMask(pft_arch._shift_labels(24, 32, 8, 'cpu'))
+    mask = pft_engine.ShiftMask(pft_engine.shift_labels(24, 32, 8, 'cpu'))
     mixed = [w for w in range(mask.n_win) if mask.labels[w].unique().numel() > 1]
     assert [w for w, kind in enumerate(mask.kind) if kind] == mixed
     s = torch.zeros(mask.n_win, 1, 64, 64)
     mask.add_to(s, slice(0, mask.n_win), slice(0, 64))
     lab = mask.labels
-    expect = (lab[:, :, None] != lab[:, None, :]).float() * pft_arch.MASK_VALUE
+    expect = (lab[:, :, None] != lab[:, None, :]).float() * pft_engine.MASK_VALUE
     torch.testing.assert_close(s[:, 0], expect, rtol=0, atol=0)
 
 

@@ -435,9 +435,8 @@ class AdaFormer(SRArch, nn.Module):
     # -- the declared interface (adasr.archs.interface) ---------------------------------------------------------
 
     def arch_traits(self) -> ArchTraits:
-        # x4 paper config: 5.4 KiB per LR pixel at 256 px, 5.8 KiB at 384 px (random weights, 50-80 % halted after
-        # block 0); 8 KiB leaves room for inputs where few tokens halt. A 272 px window keeps the eval global split
-        # at 8, as on big whole images (docs/upscale.md). Half: bf16 only (it works in the 0..255 range, where
+        # memory: calibrated in docs/upscale.md, with room for inputs where few tokens halt; a 272 px window keeps
+        # the eval global split at 8, as on big whole images. Half: bf16 only (it works in the 0..255 range, where
         # fp16's range is not verified with trained weights); tiles differ slightly from the whole image (global
         # branch and halting see the tile), hence 'discouraged' (docs/spandrel.md).
         return ArchTraits(pads_input=True, window=self.window_size,

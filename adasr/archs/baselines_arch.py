@@ -192,7 +192,7 @@ class ATD(SRArch, _SpandrelATD):
 
 def _swinir_traits(net: SwinIR) -> ArchTraits:
     """basicsr's SwinIR does not pad itself (its ``SwinIRModel`` pads the input to the window); the window lives in
-    its blocks. Memory: light (embed 60) measured 8.0 KiB per LR pixel, classical (embed 180) 14.7-22.9 KiB."""
+    its blocks. Memory per pixel calibrated in docs/upscale.md."""
     window = net.layers[0].residual_group.blocks[0].window_size if len(net.layers) else 1
     return ArchTraits(window=int(window), bytes_per_pixel=150.0 * net.embed_dim,
                       memory_source='SwinIR: 150 B x embed_dim per LR pixel (calibrated)')

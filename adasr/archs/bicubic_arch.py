@@ -25,7 +25,7 @@ class Bicubic(SRArch, nn.Module):
         self.upscale = check_int('upscale', upscale)
 
     def arch_traits(self) -> ArchTraits:
-        # any input size (no padding wanted); x4 measured 1.1-1.5 KiB per LR pixel (docs/upscale.md)
+        # any input size (no padding wanted); memory calibrated in docs/upscale.md
         return ArchTraits(pads_input=True, bytes_per_pixel=100.0 * self.upscale ** 2,
                           memory_source='Bicubic: 100 B x scale**2 per LR pixel (calibrated)')
 

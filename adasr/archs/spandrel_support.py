@@ -46,7 +46,7 @@ from adasr.archs.halting import HaltingInfo
 from adasr.archs.interface import ArchTraits, SRArch, arch_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN
 from adasr.archs.pft_arch import PFT
-from adasr.utils.checkpoint import CheckpointError, read_checkpoint
+from adasr.utils.checkpoint import CheckpointError, check_finite_state, read_checkpoint
 
 #: PFT's heads when the state dict cannot tell (embed_dim <= 100: one bias column shared by all heads): PFT-light's.
 PFT_LIGHT_HEADS = 4
@@ -261,7 +261,8 @@ def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescr
     unwraps the file as it does (``params_ema``, ``params``, ``state_dict``, ``model``, ... and a ``module.`` prefix).
 
     Raises:
-        CheckpointError: unreadable file, an architecture spandrel does not know, or not an image-to-image model.
+        CheckpointError: unreadable file, an architecture spandrel does not know, NaN/inf in the weights, or not an
+            image-to-image model.
     """
     if osp.splitext(path)[1].lower() == '.safetensors':
         if not osp.isfile(path):
@@ -278,6 +279,7 @@ def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescr
                               'no architecture in this checkpoint') from None
     except (KeyError, ValueError, RuntimeError, AssertionError) as e:
         raise CheckpointError(f'{path}: spandrel detected an architecture but could not load it: {e}') from e
+    check_finite_state(descriptor.model.state_dict(), f'checkpoint {path}')
     if not isinstance(descriptor, ImageModelDescriptor):
         raise CheckpointError(f'{path}: {descriptor.architecture.name} is a {descriptor.purpose} model (image + '
                               'mask); only image-to-image models run in adasr')

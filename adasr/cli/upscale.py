@@ -7,10 +7,12 @@ The model comes from an option file (``--opt``: its ``network_g``, and ``path.pr
 alone (``--weights W``: any architecture spandrel recognises, PFT and AdaFormer included; the detected architecture
 and hyperparameters are printed). Big images run tile by
 tile (``--tile``, ``--tile_pad``; chosen from the free memory when ``--tile`` is not given), so any size fits.
-Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit. Files that cannot be read are
-reported and skipped; outputs are written atomically, and existing outputs are skipped unless ``--overwrite``, so
-an interrupted folder run resumes where it stopped. Exit status: 0 when every image was written or skipped, 1
-when any failed, 2 for bad arguments. See docs/upscale.md.
+Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit, EXIF orientation is applied (as
+BasicSR's readers do). Files that cannot be read or hold NaN/infinite samples, and outputs that are not finite, are
+reported and skipped (nothing is written for them); the output folder is checked before the model is built, and
+temporary files left by an interrupted run are removed; outputs are written atomically, and existing outputs are
+skipped unless ``--overwrite``, so an interrupted folder run resumes where it stopped. Exit status: 0 when every
+image was written or skipped, 1 when any failed, 2 for bad arguments. See docs/upscale.md.
 """
 import argparse
 import os
@@ -141,6 +143,9 @@ def build_model(args) -> Upscaler:
     elif args.opt:
         try:
             opt = load_yaml(args.opt)
+        except OptionsError as e:  # the message names the file (and the line)
+            raise UsageError(str(e)) from None
+        try:
             net_opt = dict(opt.get('network_g') or {})
             check_network_opt(net_opt, 'network_g')
         except OptionsError as e:
@@ -323,6 +328,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
     import numpy as np
     import torch
 
+    from adasr.utils.checks import check_finite
     from adasr.utils.image_io import LoadedImage
     from adasr.utils.matlab_resize import imresize
 
@@ -333,6 +339,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
         raise ValueError(f'the model takes 1 channel but {name} is a colour image')
     x = _to_tensor(color)
     y, tile, why = _run_model(up, x, args, desc=name, on_tile=on_tile, tile=args.tile)
+    check_finite(f'the model output for {name}', y)
     y = y[0].clamp_(0, 1)
     if img.is_gray and y.shape[0] == 3:  # back to one channel (BT.601 luma, as OpenCV's BGR2GRAY)
         y = y[0] * 0.299 + y[1] * 0.587 + y[2] * 0.114
@@ -347,6 +354,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
         if args.alpha == 'model':
             a3 = a.expand(1, up.in_channels, *a.shape[-2:]).contiguous()
             alpha = _run_model(up, a3, args, desc=name + ' (alpha)', tile=tile)[0][0].mean(0)
+            check_finite(f'the model output for the alpha channel of {name}', alpha)
         else:
             alpha = imresize(a.double(), up.scale)[0, 0].float()
         alpha = alpha.clamp_(0, 1).numpy()
@@ -360,7 +368,6 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
     from adasr.utils.image_io import WRITABLE, ImageReadError, read_image, to_stored, write_image
 
     report = Report()
-    os.makedirs(args.output, exist_ok=True)
     bar = tqdm(paths, desc='images', unit='img', disable=args.quiet or len(paths) < 2, dynamic_ncols=True)
     for path in bar:
         name = osp.basename(path)
@@ -423,10 +430,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             tqdm.write(msg, file=sys.stderr if error else sys.stdout)
 
+    from adasr.utils.files import OutputFolderError, prepare_output_folder
+
     try:
         paths = list_inputs(args.input)
         if args.ext != 'auto':
             output_ext('x.png', args.ext)  # validate early
+        try:  # before the model is built: a folder that cannot hold the outputs stops the run at once
+            orphans = prepare_output_folder(args.output)
+        except OutputFolderError as e:
+            raise UsageError(str(e)) from None
+        if orphans:
+            log(f'removed {len(orphans)} temporary file(s) left by an interrupted run in {args.output}')
         import adasr  # noqa: F401  (shim + registration)
 
         up = build_model(args)
