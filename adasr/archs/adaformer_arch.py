@@ -436,11 +436,14 @@ class AdaFormer(SRArch, nn.Module):
 
     def arch_traits(self) -> ArchTraits:
         # memory: calibrated in docs/upscale.md, with room for inputs where few tokens halt; a 272 px window keeps
-        # the eval global split at 8, as on big whole images
+        # the eval global split at 8, as on big whole images. Half: bf16 only (it works in the 0..255 range, where
+        # fp16's range is not verified with trained weights); tiles differ slightly from the whole image (global
+        # branch and halting see the tile), hence 'discouraged' (docs/spandrel.md).
         return ArchTraits(pads_input=True, window=self.window_size,
                           bytes_per_pixel=8 * 1024.0 * max(1.0, self.head[0].out_channels / 64),
                           memory_source='AdaFormer: 8 KiB x n_feats/64 per LR pixel (calibrated)', min_window=272,
-                          adaptive=True)
+                          preferred_half=torch.bfloat16, half_dtypes=(torch.bfloat16,), adaptive=True,
+                          tiling='discouraged')
 
     def halting_record(self) -> Optional[HaltingInfo]:
         return self.last_halting

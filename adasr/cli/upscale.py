@@ -2,8 +2,10 @@
 ``python inference/upscale.py ...`` from a clone).
 
 The model comes from an option file (``--opt``: its ``network_g``, and ``path.pretrain_network_g`` /
-``param_key_g`` unless ``--weights`` is given) or from an arch name with its default hyperparameters
-(``--arch NAME --scale S --weights W``; ``--arch Bicubic --scale 4`` needs no weights). Big images run tile by
+``param_key_g`` unless ``--weights`` is given), from an arch name with its default hyperparameters
+(``--arch NAME --scale S --weights W``; ``--arch Bicubic --scale 4`` needs no weights), or from the checkpoint
+alone (``--weights W``: any architecture spandrel recognises, PFT and AdaFormer included; the detected architecture
+and hyperparameters are printed). Big images run tile by
 tile (``--tile``, ``--tile_pad``; chosen from the free memory when ``--tile`` is not given), so any size fits.
 Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit, EXIF orientation is applied (as
 BasicSR's readers do). Files that cannot be read or hold NaN/infinite samples, and outputs that are not finite, are
@@ -32,15 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='Examples:\n'
                '  adasr-upscale -i photo.png -o out --arch Bicubic --scale 4\n'
                '  adasr-upscale -i photos/ -o out --opt options/test/test_SwinIR_light_x4.yml --weights w.pth\n'
+               '  adasr-upscale -i photo.png -o out --weights any_spandrel_model.pth\n'
                '  adasr-upscale -i big.png -o out --opt X.yml --tile 256 --save-halting',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-i', '--input', required=True, help='an image file or a folder of images (not recursive)')
     p.add_argument('-o', '--output', default='results/upscale', help='output folder. Default: results/upscale')
-    model = p.add_argument_group('model (one of --opt or --arch)')
+    model = p.add_argument_group('model (--opt, --arch, or only --weights)')
     model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
     model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
     model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
-    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True')
+    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True. Alone (no --opt '
+                       'or --arch): any checkpoint spandrel recognises, architecture detected')
     model.add_argument('--param-key', default=None,
                        help='checkpoint entry: params_ema (default, falls back to params) or params')
     model.add_argument('--random-weights', action='store_true',
@@ -94,6 +98,7 @@ class Upscaler:
     dtype: object
     in_channels: int
     description: str
+    tiling: str = 'supported'
 
     def forward_fn(self):
         import torch
@@ -128,10 +133,17 @@ def build_model(args) -> Upscaler:
     from adasr.cli.options import OptionsError, check_network_opt, load_yaml
     from adasr.utils.checkpoint import CheckpointError, load_weights
 
-    if bool(args.opt) == bool(args.arch):
-        raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name)')
+    if args.opt and args.arch:
+        raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name), or only --weights')
     weights, param_key = args.weights, args.param_key
-    if args.opt:
+    if not args.opt and not args.arch:
+        if not weights:
+            raise UsageError('give --opt (an option file), --arch (an arch name) or --weights (a checkpoint whose '
+                             'architecture spandrel detects)')
+        net, name = _detected_model(weights, param_key, args.scale)
+        scale, weights = net.scale, None  # loaded with the detection
+        traits = arch_traits(net)
+    elif args.opt:
         try:
             opt = load_yaml(args.opt)
         except OptionsError as e:  # the message names the file (and the line)
@@ -176,7 +188,7 @@ def build_model(args) -> Upscaler:
     if not isinstance(scale, int) or scale < 1:
         raise UsageError(f'the model has no valid scale ({scale!r}); give --scale')
 
-    has_params = any(True for _ in net.parameters())
+    has_params = any(True for _ in net.parameters()) and not traits.pretrained
     if weights:
         try:
             load_weights(net, weights, param_key or 'params_ema', strict=True)
@@ -193,10 +205,28 @@ def build_model(args) -> Upscaler:
     if device.type == 'cuda' and not args.fp32:
         preferred = 'bf16' if traits.preferred_half == torch.bfloat16 else 'fp16'
         dtype = torch.bfloat16 if (args.half or preferred) == 'bf16' else torch.float16
+        if dtype not in traits.half_dtypes:
+            if args.half:
+                raise UsageError(f'--half {args.half}: this model does not run in it (half types: '
+                                 f'{", ".join(str(t) for t in traits.half_dtypes) or "none"}); use --fp32')
+            dtype = traits.half_dtypes[0] if traits.half_dtypes else torch.float32
     net.eval()
     net.to(device=device, dtype=dtype)
     in_channels = _in_channels(net)
-    return Upscaler(net, scale, traits.window, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}')
+    return Upscaler(net, scale, traits.window, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}',
+                    traits.tiling)
+
+
+def _detected_model(weights: str, param_key: Optional[str], scale: Optional[int]):
+    """The network of a checkpoint whose architecture spandrel detects, and its description."""
+    from adasr.archs.spandrel_support import Spandrel
+    from adasr.utils.checkpoint import CheckpointError
+
+    try:
+        net = Spandrel(path=weights, scale=scale, param_key=param_key or 'params_ema')
+    except (CheckpointError, ValueError) as e:
+        raise UsageError(f'--weights {weights}: {e}') from None
+    return net, f'detected by spandrel in {weights}: {net.describe()}'
 
 
 def _pick_device(name: str):
@@ -287,10 +317,15 @@ def _run_model(up: Upscaler, x, args, *, desc: str, on_tile=None, tile: Optional
     fn = up.forward_fn()
     h, w = x.shape[-2:]
     why = None
-    if tile is None:
+    if up.tiling == 'internal':  # the model tiles itself (spandrel's ModelTiling.INTERNAL): never tile it
+        tile, why = 0, 'whole image: the model tiles internally'
+    elif tile is None:
         max_mem = None if args.max_memory is None else args.max_memory * 1024 ** 3
         tile, why = auto_tile_size(up.net, fn, h, w, up.scale, in_channels=up.in_channels, device=up.device,
                                    dtype=up.dtype, tile_pad=args.tile_pad, multiple=up.multiple, max_memory=max_mem)
+    if tile and up.tiling == 'discouraged':
+        why = (why or f'tile {tile}, pad {args.tile_pad}') + '; tiling is discouraged for this arch (output ' \
+            'differs slightly from the whole image)'
     y = tiled_forward(fn, x, up.scale, tile, args.tile_pad, up.multiple, out_device=torch.device('cpu'),
                       progress=not args.quiet, desc=desc, on_tile=on_tile)
     return y, tile, why

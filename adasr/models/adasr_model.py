@@ -208,14 +208,14 @@ class AdaSRModel(SRModel):
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
-        is set (``val.tile_pad`` LR pixels of blended context, default 32)."""
+        is set (``val.tile_pad`` LR pixels of blended context, default 32) and the arch does not tile itself."""
         traits = arch_traits(net, net_opt=self.opt['network_g'])
         multiple = traits.window
         scale = self.opt.get('scale', 1)
         fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
         tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.cli.options
-        if not tile:
+        if not tile or traits.tiling == 'internal':
             return fn(lq)
         collector = HaltingCollector(net, *lq.shape[-2:]) if traits.adaptive else None
         out = tiled_forward(fn, lq, scale, tile, tile_pad, multiple, out_dtype=lq.dtype, on_tile=collector)

@@ -27,6 +27,20 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
     Raises:
         CheckpointError: the file is missing, unreadable, has none of the expected entries, or holds NaN/inf.
     """
+    state = _pick_entry(read_checkpoint(path), param_key, path)
+    check_finite_state(state, f'checkpoint {path}')
+    out = OrderedDict()
+    for k, v in state.items():
+        out[k[7:] if k.startswith('module.') else k] = v
+    return out
+
+
+def read_checkpoint(path: str) -> Mapping:
+    """The mapping stored in ``path``, read with ``torch.load(weights_only=True)`` on the CPU, as it is.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or does not hold a mapping.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     try:
@@ -35,12 +49,7 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
         raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True: {e}') from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, not a state dict')
-    state = _pick_entry(obj, param_key, path)
-    check_finite_state(state, f'checkpoint {path}')
-    out = OrderedDict()
-    for k, v in state.items():
-        out[k[7:] if k.startswith('module.') else k] = v
-    return out
+    return obj
 
 
 def nonfinite_keys(state: Mapping[str, Any]) -> List[str]:
