@@ -7,7 +7,8 @@
    of 32x32 tokens x 4 heads, head dim 13; ``--heads 6 --head-dim 40`` for the classical model): scores at K keys,
    softmax, aggregation. "sparse" = adasr.ops at K keys (chunked by the memory budget); "dense" = the plain
    full-window attention over all 1024 keys (q k^T, softmax, A v) for the whole batch at once, which is what a
-   dense window transformer (or PFT's first layers) does. Latency is the median of ``--repeats`` runs; peak memory
+   dense window transformer does; "fused" = ``scaled_dot_product_attention`` over all keys (what PFT's dense layers
+   run). Latency is the median of ``--repeats`` runs; peak memory
    is measured in a fresh process for each row (CPU: peak RSS growth; CUDA: max_memory_allocated growth).
 2. Full PFT-light x4 (released config, random weights) on a ``--size`` x ``--size`` input, inference, next to
    basicsr's SwinIR-light x4 (options/train/train_SwinIR_light_x4.yml) on the same input in the same run: median of
@@ -75,12 +76,15 @@ def attention_case(mode: str, k: int, windows: int, heads: int, head_dim: int, d
         a = torch.softmax((q @ kk.transpose(-2, -1)).float(), -1)
         return a.to(dt) @ v
 
+    def fused():  # what PFT's dense layers run
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, v, scale=1.0)
+
     def sparse():
         with ops.backend(backend):
             a = torch.softmax(ops.sparse_qk(q, kk, index).float(), -1)
             return ops.sparse_av(a, v, index)
 
-    fn = dense if mode == 'dense' else sparse
+    fn = {'dense': dense, 'fused': fused, 'sparse': sparse}[mode]
     with torch.no_grad():
         start = memory_mark(dev)
         fn()
@@ -179,8 +183,8 @@ class StageTimer:
 ENGINE_STAGES = {
     'dense_scores': 'dense attention products (q k^T + bias, A v)',
     'dense_attention': 'dense attention products (q k^T + bias, A v)',
-    'dense_values': 'dense attention products (q k^T + bias, A v)',
     'softmax': 'softmax',
+    'kept_softmax': 'softmax',
     'focus': 'focusing',
     'topk_positions': 'top-k',
     'sparse_qk': 'sparse products (scores, aggregation)',
@@ -199,6 +203,8 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
     for name, stage in ENGINE_STAGES.items():
         if hasattr(pft_engine, name):
             setattr(pft_engine, name, timer.wrap(getattr(pft_engine, name), stage))
+    if hasattr(pft_engine, 'DenseScores'):  # the score product of the first top-k layers
+        pft_engine.DenseScores.logits = timer.wrap(pft_engine.DenseScores.logits, ENGINE_STAGES['dense_scores'])
     timer.hook(pft.conv_first, 'convolutions (first, body, upsampler)')
     timer.hook(pft.conv_after_body, 'convolutions (first, body, upsampler)')
     timer.hook(pft.upsample, 'convolutions (first, body, upsampler)')
@@ -263,15 +269,20 @@ def attention_table(device, backend, args):
                          dtype=args.dtype)
     print(f'\n### Attention stage, {device} ({backend} backend, {args.dtype}): {args.windows} windows x {args.heads} '
           f'heads x 1024 tokens, head dim {args.head_dim}\n')
-    print('| k | sparse ms | sparse peak MB | dense ms (all 1024 keys) | dense peak MB | dense / sparse time |')
-    print('|---:|---:|---:|---:|---:|---:|')
+    fused = run_isolated(attention_case, mode='fused', k=1024, windows=args.windows, heads=args.heads,
+                         head_dim=args.head_dim, device=device, backend=backend, repeats=args.repeats,
+                         dtype=args.dtype)
+    print('| k | sparse ms | sparse peak MB | dense ms (all 1024 keys) | dense peak MB | dense / sparse time | '
+          'fused dense ms (SDPA) | fused / sparse time |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
     for k in KS:
         sp = run_isolated(attention_case, mode='sparse', k=k, windows=args.windows, heads=args.heads,
                           head_dim=args.head_dim, device=device, backend=backend, repeats=args.repeats,
                           dtype=args.dtype)
         rows.append((k, sp))
         print(f'| {k} | {sp["median_s"] * 1e3:.1f} | {_mb(sp["peak_bytes"])} | {dense["median_s"] * 1e3:.1f} | '
-              f'{_mb(dense["peak_bytes"])} | {dense["median_s"] / sp["median_s"]:.2f}x |', flush=True)
+              f'{_mb(dense["peak_bytes"])} | {dense["median_s"] / sp["median_s"]:.2f}x | '
+              f'{fused["median_s"] * 1e3:.1f} | {fused["median_s"] / sp["median_s"]:.2f}x |', flush=True)
     return rows
 
 

@@ -13,10 +13,11 @@ arithmetic of one tile (:func:`dense_scores`, :func:`softmax`, :func:`focus`), t
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
 from adasr.ops import parallel_for, sparse_av, sparse_qk, topk_positions
-from adasr.ops.config import memory_budget_bytes, tile_bytes
+from adasr.ops.config import tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
@@ -82,15 +83,15 @@ class ShiftMask:
             self._masks = torch.cat([torch.zeros(1, n, n, device=masks.device), masks])
         return self._masks
 
-    def add_to(self, s: torch.Tensor, ws: slice, rs: slice) -> torch.Tensor:
-        """s (cw, h, r, n) scores of windows ws, query rows rs: add the mask of each window."""
+    def add_to(self, s: torch.Tensor, ws: slice, rs: slice, times: int = 1) -> torch.Tensor:
+        """s (cw, h, r, n) scores of windows ws, query rows rs: add the mask of each window (``times`` times)."""
         kinds = [self.kind[w % self.n_win] for w in range(ws.start, ws.stop)]
         if not any(kinds):
             return s
         masks = self.masks()
         if len(kinds) == 1:
-            return s.add_(masks[kinds[0], rs])
-        return s.add_(masks[torch.tensor(kinds, device=masks.device)][:, None, rs])
+            return s.add_(masks[kinds[0], rs], alpha=times)
+        return s.add_(masks[torch.tensor(kinds, device=masks.device)][:, None, rs], alpha=times)
 
 
 # ---- the arithmetic of one tile ------------------------------------------------------------------------------------
@@ -138,52 +139,57 @@ def focus(a: torch.Tensor, prev: torch.Tensor, training: bool, inplace: bool = F
 
 # ---- layer states (what a layer passes to the next layer of its shift parity) --------------------------------------
 
-class TiledMaps:
-    """A (B_, h, n, X) tensor stored as (B_, row tiles, h, rows, X), so that the tile of windows ``ws`` and query rows
-    ``rs`` (a tile of :func:`tile_plan`) is one contiguous tensor, written and read in place."""
-
-    def __init__(self, nb: int, h: int, n: int, x: int, rows: int, dtype, device):
-        self.rows, self.shape = rows, (nb, h, n, x)
-        self.data = torch.empty(nb, -(-n // rows), h, rows, x, dtype=dtype, device=device)
-
-    def tile(self, ws: slice, rs: slice) -> torch.Tensor:
-        if rs.start % self.rows:
-            raise RuntimeError(f'row tile {rs} does not start on a multiple of {self.rows}')  # internal error
-        t = self.data[ws, rs.start // self.rows]
-        return t if rs.stop - rs.start == self.rows else t[:, :, :rs.stop - rs.start]
-
-
-def tile_of(t, ws: slice, rs: slice) -> torch.Tensor:
-    """Windows ws, query rows rs of a (B_, h, n, X) tensor or :class:`TiledMaps`: (cw, h, r, X)."""
-    return t.tile(ws, rs) if isinstance(t, TiledMaps) else t[ws, :, rs]
-
-
 class DenseMap:
-    """A dense (B_, h, n, n) attention map (tensor or :class:`TiledMaps`) kept for the next layer of its parity."""
+    """A dense (B_, h, n, n) attention map (probabilities), as the autograd formulation keeps it."""
 
     kind = 'dense'
 
-    def __init__(self, maps):
+    def __init__(self, maps: torch.Tensor):
         self.maps = maps
 
     def probs(self, ws: slice, rs: slice) -> torch.Tensor:
-        return tile_of(self.maps, ws, rs)
+        return self.maps[ws, :, rs]
 
 
-class RecomputedDenseMap:
-    """A dense map recomputed per tile from the layer's q, k and bias (and the map before it) instead of being
-    stored: q and k cost 2*n*d per window and head, the map n*n. Inference only."""
+class DenseScores:
+    """The map of a dense layer kept as the scores that make it: ``softmax(q k^T + bias + masks * shift mask)``.
+
+    Focusing a dense map by the dense map before it multiplies their softmaxes, which is the softmax of the sum of
+    their scores (up to PFA's EPS, far below float32 resolution of the kept weights), so a chain of dense layers is one
+    score product with the layers' q and k concatenated along the head dim and their biases (and masks) added.
+    q and k cost 2 * n * D numbers per window and head, the map n * n.
+    """
 
     kind = 'dense'
 
-    def __init__(self, q, k, bias, mask: Optional[ShiftMask], prev, training: bool):
-        self.q, self.k, self.bias, self.mask, self.prev, self.training = q, k, bias, mask, prev, training
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, mask: Optional[ShiftMask], masks: int):
+        self.q, self.k, self.bias, self.mask, self.masks = q, k, bias, mask, masks
+
+    def then(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, mask: Optional[ShiftMask]) -> 'DenseScores':
+        """The scores of the next dense layer of this parity focused by this map."""
+        return DenseScores(torch.cat([q, self.q.to(q.dtype)], -1), torch.cat([k, self.k.to(k.dtype)], -1),
+                           bias + self.bias, mask, self.masks + (mask is not None))
+
+    def logits(self, ws: slice, rs: slice) -> torch.Tensor:
+        """Scores of windows ws, query rows rs, float32: (cw, h, r, n)."""
+        s = torch.matmul(self.q[ws, :, rs], self.k[ws].transpose(-2, -1))
+        s = s.float() if s.dtype != torch.float32 else s
+        s = s.add_(self.bias[:, rs])
+        if self.mask is not None:
+            s = self.mask.add_to(s, ws, rs, self.masks)
+        return s
 
     def probs(self, ws: slice, rs: slice) -> torch.Tensor:
-        a = softmax(dense_scores(self.q, self.k, self.bias, self.mask, ws, rs), inplace=True)
-        if self.prev is not None:
-            a = focus(a, self.prev.probs(ws, rs), self.training, inplace=True)
-        return a
+        return softmax(self.logits(ws, rs), inplace=True)
+
+
+def _start(prev, q, k, bias, mask) -> DenseScores:
+    if prev is None:
+        return DenseScores(q, k, bias, mask, int(mask is not None))
+    if not isinstance(prev, DenseScores):
+        raise TypeError(f'a {type(prev).__name__} state (from a forward with autograd) cannot feed a layer run '
+                        'without autograd')
+    return prev.then(q, k, bias, mask)
 
 
 class SparseMap:
@@ -206,10 +212,34 @@ def index_dtype(n: int) -> torch.dtype:
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
+def dense_attention(scores: DenseScores, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores) @ v`` for every window by fused attention (``scaled_dot_product_attention``: the n x n map
+    never exists), in float32; windows are grouped by their shift-mask pattern. -> (B_, h, n, d)."""
+    q, k = scores.q.float(), scores.k.float()
+    v32 = v.float()
+    d = v.shape[-1]
+    if q.shape[-1] != d:  # the fused kernels want one head dim: zero columns of v add nothing
+        v32 = torch.cat([v32, v32.new_zeros(*v32.shape[:-1], q.shape[-1] - d)], -1)
+    nb = q.shape[0]
+    mask = scores.mask
+    kinds = [mask.kind[w % mask.n_win] for w in range(nb)] if mask is not None else [0] * nb
+    out = torch.empty(nb, *v32.shape[1:], device=v.device)
+    with torch.autocast(v.device.type, enabled=False):
+        for kind in sorted(set(kinds)):
+            bias = scores.bias if not kind else scores.bias + scores.masks * mask.masks()[kind]
+            if len(set(kinds)) == 1:
+                sel = slice(None)
+            else:
+                sel = torch.tensor([w for w, x in enumerate(kinds) if x == kind], device=v.device)
+            qs, ks, vs = q[sel], k[sel], v32[sel]
+            out[sel] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias.expand(qs.shape[0], -1, -1, -1),
+                                                      scale=1.0)
+    return out[..., :d]
+
+
 def tile_plan(nb: int, h: int, n: int, keys: int, sparse_in: bool) -> Tuple[int, int]:
     """(windows, query rows) per tile, about :func:`adasr.ops.config.tile_bytes` of float32 each: whole windows for
-    layers with sparse input (rows of K' entries), else rows of n entries in row tiles that depend on (nb, h, n)
-    only, so that a dense map is kept, or recomputed, on exactly the tiles it was first computed on."""
+    layers with sparse input (rows of K' entries), else rows of n entries."""
     target = tile_bytes()
     per_row = 4 * h * (keys if sparse_in else n)
     if sparse_in or per_row * n <= target:
@@ -226,73 +256,103 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         k, v: (B_, h, n, d) keys and values.
         bias: (h or 1, n, n) float32 relative-position bias.
         mask: the shift mask of a shifted layer, else None.
-        prev: state of the previous layer of the same parity (:class:`DenseMap`, :class:`RecomputedDenseMap`,
-            :class:`SparseMap`) or None.
+        prev: state of the previous layer of the same parity (:class:`DenseScores`, :class:`SparseMap`) or None.
         topk: this layer's k (``>= n``: dense).
         training: focusing uses the training formula.
 
     Returns:
-        (out (B_, h, n, d) view of a (B_, n, h, d) buffer, state for the next layer of this parity).
+        (out (B_, h, n, d), state for the next layer of this parity).
+
+    Three kinds of layer: dense (k >= n; fused attention over the scores of this and the earlier dense layers of its
+    parity), first top-k (dense scores, the k largest kept with their softmax weights), sparse (scores at the K'
+    inherited keys, softmax, focusing, top-k when k < K', aggregation over the kept keys).
     """
     nb, h, n, d = q.shape
-    sparse_in = prev is not None and prev.kind == 'sparse'
-    keys = prev.keys if sparse_in else n
-    do_topk = topk < n and topk != keys  # k == K' would only permute the kept set
-    keep_dense = topk >= n  # (validation: a sparse parity never returns to dense)
-    store = keep_dense and nb * h * n * n * 4 <= memory_budget_bytes()
-    wstep, rstep = tile_plan(nb, h, n, keys, sparse_in)
-    tiles = [(slice(w0, min(nb, w0 + wstep)), slice(r0, min(n, r0 + rstep)))
-             for w0 in range(0, nb, wstep) for r0 in range(0, n, rstep)]
-
-    out_buf = torch.empty(nb, n, h, d, dtype=v.dtype, device=v.device)
-    out = out_buf.permute(0, 2, 1, 3)  # (nb, h, n, d) view; the layer merges heads without a copy
-    maps = TiledMaps(nb, h, n, n, rstep, torch.float32, q.device) if store else None
-    vals = idxs = None
-    if not keep_dense:
-        if sparse_in and not do_topk:  # same keys: update the inherited values in place, share the index
-            vals, idxs = prev.values, prev.index
-        else:
-            kout = topk if do_topk else keys
-            vals = torch.empty(nb, h, n, kout, device=q.device)
-            idxs = torch.empty(nb, h, n, kout, dtype=index_dtype(n), device=q.device)
     if mask is not None and any(mask.kind):
         mask.masks()  # build once, before the tiles run in parallel
+    if prev is None or prev.kind == 'dense':
+        scores = _start(prev, q, k, bias, mask)
+        if topk >= n:
+            return dense_attention(scores, v), scores
+        return _first_topk(scores, v, topk)
+    return _sparse(q, k, v, bias, prev, topk, training)
 
-    def tile_probs(ws: slice, rs: slice):
-        """Attention weights of one tile after focusing and top-k, and their key indices (None: dense)."""
-        if sparse_in:
-            idx = tile_of(prev.index, ws, rs)
-            a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
-            if do_topk:
-                a = focus(a, tile_of(prev.values, ws, rs), training, inplace=True)
-            else:  # focus straight into the kept values (prod = prev * a, as a * prev)
-                a = focus(tile_of(vals, ws, rs), a, training, inplace=True)
-        else:
-            idx = None
-            a = softmax(dense_scores(q, k, bias, mask, ws, rs, out=maps.tile(ws, rs) if store else None), True)
-            if prev is not None:
-                a = focus(a, prev.probs(ws, rs), training, inplace=True)
-        if do_topk:
-            pos = topk_positions(a, topk)
-            kept = vals[ws, :, rs]  # gather the kept values and indices straight into the state
-            a = torch.gather(a, -1, pos, out=kept) if kept.is_contiguous() else kept.copy_(a.gather(-1, pos))
-            idx = pos if idx is None else torch.gather(idx, -1, pos)  # in the stored (int16) dtype
-            idxs[ws, :, rs] = idx
-        return a, idx
+
+def _output(v: torch.Tensor) -> torch.Tensor:
+    """(B_, h, n, d) view of a (B_, n, h, d) buffer: the layer merges the heads without a copy."""
+    nb, h, n, d = v.shape
+    return torch.empty(nb, n, h, d, dtype=v.dtype, device=v.device).permute(0, 2, 1, 3)
+
+
+def _run(fn, tiles, device) -> None:
+    if device.type == 'cpu':
+        parallel_for(fn, tiles)
+    else:
+        for tile in tiles:
+            fn(tile)
+
+
+def _tiles(nb: int, n: int, wstep: int, rstep: int) -> List[Tile]:
+    return [(slice(w0, min(nb, w0 + wstep)), slice(r0, min(n, r0 + rstep)))
+            for w0 in range(0, nb, wstep) for r0 in range(0, n, rstep)]
+
+
+def kept_softmax(s: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``softmax(s, -1)`` at the positions ``pos`` of the largest scores of each row (the row maximum among them),
+    computed as softmax is (maximum subtracted, exp, sum, divide); overwrites ``s``."""
+    kept = torch.gather(s, -1, pos)
+    top = kept.amax(-1, keepdim=True)
+    total = s.sub_(top).exp_().sum(-1, keepdim=True)
+    return kept.sub_(top).exp_().div_(total)
+
+
+def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
+    """The first sparse layer of a parity: the k largest entries of each row of the (focused) dense map, by the
+    scores (softmax is monotonic), and their softmax weights exp(score - logsumexp) (not renormalised)."""
+    nb, h, n, d = v.shape
+    vals = torch.empty(nb, h, n, topk, device=v.device)
+    idxs = torch.empty(nb, h, n, topk, dtype=index_dtype(n), device=v.device)
+    out = _output(v)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
-        a, idx = tile_probs(ws, rs)
-        out[ws, :, rs] = torch.matmul(a.to(v.dtype), v[ws]) if idx is None else sparse_av(a, v[ws], idx)
+        s = scores.logits(ws, rs)
+        pos = topk_positions(s, topk)
+        kept = kept_softmax(s, pos)
+        vals[ws, :, rs] = kept
+        idxs[ws, :, rs] = pos
+        out[ws, :, rs] = sparse_av(kept, v[ws], pos)
 
-    if q.device.type == 'cpu':
-        parallel_for(run_tile, tiles)
-    else:
-        for tile in tiles:
-            run_tile(tile)
+    wstep, rstep = tile_plan(nb, h, n, n, False)
+    _run(run_tile, _tiles(nb, n, wstep, rstep), v.device)
+    return out, SparseMap(vals, idxs)
 
-    if keep_dense:
-        state = DenseMap(maps) if store else RecomputedDenseMap(q, k, bias, mask, prev, training)
-    else:
-        state = SparseMap(vals, idxs)
-    return out, state
+
+def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
+    """A layer with sparse input: scores at the K' inherited keys, softmax, focusing, top-k, aggregation."""
+    nb, h, n, d = q.shape
+    keys = prev.keys
+    do_topk = topk < keys  # k == K' would only permute the kept set
+    if do_topk:
+        vals = torch.empty(nb, h, n, topk, device=q.device)
+        idxs = torch.empty(nb, h, n, topk, dtype=prev.index.dtype, device=q.device)
+    else:  # same keys: update the inherited values in place, share the index
+        vals, idxs = prev.values, prev.index
+    out = _output(v)
+
+    def run_tile(tile: Tile) -> None:
+        ws, rs = tile
+        idx = prev.index[ws, :, rs]
+        a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
+        if do_topk:
+            a = focus(a, prev.values[ws, :, rs], training, inplace=True)
+            pos = topk_positions(a, topk)
+            a = torch.gather(a, -1, pos, out=vals[ws, :, rs])
+            idx = torch.gather(idx, -1, pos, out=idxs[ws, :, rs])
+        else:  # focus straight into the kept values (prod = prev * a, as a * prev)
+            a = focus(vals[ws, :, rs], a, training, inplace=True)
+        out[ws, :, rs] = sparse_av(a, v[ws], idx)
+
+    wstep, rstep = tile_plan(nb, h, n, keys, True)
+    _run(run_tile, _tiles(nb, n, wstep, rstep), q.device)
+    return out, SparseMap(vals, idxs)
