@@ -98,7 +98,7 @@ def compare(args) -> None:
     ref = 'authors (xiaotongtt/AdaFormer)' if args.authors else contenders[-2][0]
     print(f'side by side, input 1x3x{args.size[0]}x{args.size[1]} x4, seeded random weights shared by the AdaFormer '
           f'rows, eps_h {args.eps:g}, median of {args.repeats} rounds (order rotating); {_environment(args)}\n')
-    print(f'| implementation | wall s, median (all) | CPU s, median | {ref.split(" (")[0]} / this (wall, CPU) '
+    print(f'| implementation | wall s, median (all) | CPU s, median | speed-up vs {ref.split(" (")[0]} (wall, CPU) '
           f'| time / SwinIR-light (wall, CPU) | max abs SR diff vs adasr, 0..255 |')
     print('|---|---|---|---|---|---|')
     for label, r in res.items():
