@@ -36,6 +36,7 @@ from adasr.archs.layers import (
 from adasr.utils.checks import check_choice, check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
+_HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,6 +77,17 @@ def _onednn_layout_ok(x: torch.Tensor) -> bool:
 def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv`` applied to a oneDNN-layout tensor (see :func:`_onednn_layout_ok`); returns one."""
     return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+
+
+class TokenMlp(Mlp):
+    """The TSAB MLP (``fc1``, exact GELU, ``fc2``). At CPU float32 inference ``fc1`` and the GELU run as one oneDNN
+    linear with a GELU post-op: the same numbers without a pass over the hidden activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_onednn_layout_ok(x) and _HAS_LINEAR_POINTWISE and self.act.approximate == 'none'):
+            return super().forward(x)
+        hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
+        return self.fc2(hidden)
 
 
 class ResBlocks(nn.Sequential):
@@ -317,7 +329,7 @@ class TSAB(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.project_out = nn.Conv2d(dim, dim, 1)  # unused
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = TokenMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok=None, keep_win=None, split=None) -> torch.Tensor:
         a = self.attn(self.norm1(x), hw, keep_tok, keep_win, split)
