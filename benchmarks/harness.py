@@ -8,7 +8,6 @@ file's ``network_g`` builds the network and its ``path.pretrain_network_g`` (if 
 import contextlib
 import csv
 import datetime
-import inspect
 import json
 import math
 import os
@@ -144,6 +143,7 @@ def build_net(spec: Dict[str, Any], device):
     import torch
     from basicsr.archs import build_network
 
+    from adasr.archs.interface import is_adaptive, set_halting_threshold
     from adasr.utils.checkpoint import load_weights
 
     net = build_network(dict(spec['network_g']))
@@ -151,22 +151,26 @@ def build_net(spec: Dict[str, Any], device):
         load_weights(net, spec['checkpoint'], param_key=spec.get('param_key', 'params'),
                      strict=spec.get('strict', True))
     if spec.get('eps_h') is not None:
-        if not hasattr(net, 'eps_h'):
-            raise BenchmarkError(f"val.eps_h is set but {type(net).__name__} has no eps_h")
-        net.eps_h = spec['eps_h']
+        if not is_adaptive(net):
+            raise BenchmarkError(f"val.eps_h is set but {type(net).__name__} has no eps_h (it is not adaptive)")
+        set_halting_threshold(net, spec['eps_h'])
     net = net.to(torch.device(device)).eval()
     return net
 
 
 def read_rgb(path: str):
-    """(1, 3, H, W) float tensor in [0, 1], RGB, from any 8-bit image (grayscale is repeated, as in BasicSR)."""
-    import cv2
+    """(1, 3, H, W) float tensor in [0, 1], RGB (:func:`adasr.utils.image_io.read_rgb`: grayscale repeated and EXIF
+    orientation applied, as in BasicSR)."""
     import torch
 
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise BenchmarkError(f'cannot read image {path}')
-    return torch.from_numpy(img[:, :, ::-1].copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    from adasr.utils.image_io import ImageReadError
+    from adasr.utils.image_io import read_rgb as read_rgb_array
+
+    try:
+        img = read_rgb_array(path)
+    except ImageReadError as e:
+        raise BenchmarkError(str(e)) from None
+    return torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
 
 
 def latency_input(lr_path: str, h: int, w: int):
@@ -205,18 +209,14 @@ def _sparse_flop_formulas() -> Dict:
     return formulas
 
 
-@contextlib.contextmanager
-def _sequential_attention():
-    """Run adasr's blocked attention in the calling thread (``ADASR_ATTN_THREADS=0``) for the duration."""
-    old = os.environ.get('ADASR_ATTN_THREADS')
-    os.environ['ADASR_ATTN_THREADS'] = '0'
+def _sequential_attention() -> contextlib.AbstractContextManager:
+    """Run adasr's tiled attention in the calling thread (``adasr.ops.config`` option ``threads=0``), where the
+    FLOP counter sees every operation, for the duration."""
     try:
-        yield
-    finally:
-        if old is None:
-            del os.environ['ADASR_ATTN_THREADS']
-        else:
-            os.environ['ADASR_ATTN_THREADS'] = old
+        from adasr.ops import config
+    except ImportError:  # a checkout without adasr.ops
+        return contextlib.nullcontext()
+    return config.options(threads=0)
 
 
 def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, float]]:
@@ -241,13 +241,12 @@ def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from adasr.archs.interface import count_flops
     from adasr.inference.tile import padded_forward
 
-    fn = getattr(net, 'flops', None)
-    if callable(fn):
-        params = inspect.signature(fn).parameters
-        if 'h' in params and 'w' in params:
-            return float(fn(x.shape[-2], x.shape[-1])), 'analytic', {}
+    analytic = count_flops(net, x.shape[-2], x.shape[-1])
+    if analytic is not None:
+        return float(analytic), 'analytic', {}
     try:
         from adasr.ops import backend as sparse_backend
 
@@ -274,6 +273,7 @@ def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_imag
     from basicsr.metrics import calculate_psnr, calculate_ssim
     from basicsr.utils import tensor2img
 
+    from adasr.archs.interface import halting_record, is_adaptive
     from adasr.inference.tile import padded_forward
 
     psnrs, ssims, sparsity = [], [], []
@@ -286,8 +286,8 @@ def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_imag
         sr_img, gt_img = tensor2img(sr.cpu()), tensor2img(gt)
         psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
         ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
-        halting = getattr(net, 'last_halting', None)
-        if halting is not None and getattr(halting, 'sparsity', None):
+        halting = halting_record(net) if is_adaptive(net) else None
+        if halting is not None and halting.sparsity:
             sparsity.append({k: list(v) for k, v in halting.sparsity.items()})
     out = {'psnr': sum(psnrs) / len(psnrs), 'ssim': sum(ssims) / len(ssims), 'images': len(psnrs)}
     if sparsity:
@@ -303,7 +303,8 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     import torch
 
     import adasr  # noqa: F401  (registration in the fresh process)
-    from adasr.inference.tile import padded_forward, window_multiple
+    from adasr.archs.interface import arch_traits, halting_record
+    from adasr.inference.tile import padded_forward
     from benchmarks.profiling import memory_growth, memory_mark, time_fn
 
     if threads:
@@ -312,7 +313,8 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     net = build_net(spec, dev)
     h, w = size
     x = latency_input(datasets[0]['pairs'][0][0], h, w).to(dev)
-    window = window_multiple(net, net_opt=spec['network_g'])  # as the test pipeline pads
+    traits = arch_traits(net, net_opt=spec['network_g'])
+    window = traits.window  # as the test pipeline pads
     scale = int(spec['scale'])
 
     forward = padded_forward(net, scale, window)
@@ -330,8 +332,8 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
         'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': int(peak),
         'memory_kind': 'CUDA max_memory_allocated' if dev.type == 'cuda' else 'RSS peak increase',
     }
-    halting = getattr(net, 'last_halting', None)
-    if halting is not None and getattr(halting, 'sparsity', None):
+    halting = halting_record(net) if traits.adaptive else None
+    if halting is not None and halting.sparsity:
         result['latency_input_sparsity'] = {k: list(v) for k, v in halting.sparsity.items()}
     macs, method, per_op = count_macs(net, x, window, scale)  # after the timed runs: adaptive archs count that input
     result.update(macs=macs, macs_method=method, macs_per_op=per_op)

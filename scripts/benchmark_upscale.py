@@ -7,7 +7,7 @@ Each measurement runs in a fresh process (``benchmarks.profiling.run_isolated``)
       make the benchmark inputs (not committed): input_1920x1080.png (8K output at x4) from PHOTO, and
       hr_2048.png / lr_512.png (a centre 2048x2048 crop of PHOTO2 and its MATLAB-bicubic x1/4) for the tiling check.
   python scripts/benchmark_upscale.py calibrate --opt X.yml [--sides 256 384]
-      peak memory growth of one forward per LR pixel (what MEMORY_MODEL in adasr/utils/tile.py holds).
+      peak memory growth of one forward per LR pixel (what each arch declares as ArchTraits.bytes_per_pixel).
   python scripts/benchmark_upscale.py memory --opt X.yml --input IMG [-- extra adasr-upscale flags]
       run adasr-upscale on one image; report wall time, peak RSS of the whole process and the growth during the run.
   python scripts/benchmark_upscale.py tiling --opt X.yml --weights W --lr LR.png --hr HR.png [--tile 128 --tile_pad 32]
@@ -84,10 +84,11 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     import cv2
     import numpy as np
     import torch
-    from basicsr.metrics import calculate_psnr
-    from basicsr.utils import tensor2img
 
-    from adasr.inference.tile import padded_forward, tiled_forward
+    from adasr.inference.tile import padded_forward, tiled_forward  # imports adasr: the shim before basicsr's
+
+    from basicsr.metrics import calculate_psnr  # isort: skip
+    from basicsr.utils import tensor2img  # isort: skip
 
     torch.set_num_threads(threads)
     net, scale, multiple = _build(spec, weights)
@@ -99,13 +100,14 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     def to_img(y):  # as the test pipeline saves images (clone: tensor2img clamps in place)
         return tensor2img(y.clone())
 
-    from adasr.inference.halting import HaltingCollector, has_halting
+    from adasr.archs.interface import is_adaptive
+    from adasr.inference.halting import HaltingCollector
 
     rows, masks = [], {}
     with torch.no_grad():
         outs = {}
         for tile in [0] + list(tiles):
-            collector = HaltingCollector(net, *x.shape[-2:]) if has_halting(net) else None
+            collector = HaltingCollector(net, *x.shape[-2:]) if is_adaptive(net) else None
             t = time.perf_counter()
             outs[tile] = tiled_forward(fn, x, scale, tile, tile_pad if tile else 0, multiple, on_tile=collector)
             row = {'tile': tile, 'tile_pad': tile_pad if tile else 0, 'seconds': time.perf_counter() - t}

@@ -17,6 +17,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils.matlab_functions import imresize as basicsr_imresize
 from torch import nn
 
+from adasr.archs.interface import ArchTraits, SRArch
 from benchmarks.harness import (
     BenchmarkError,
     count_macs,
@@ -132,14 +133,19 @@ def test_quality_equals_an_independent_computation():
     assert res['ssim'] == pytest.approx(np.mean(ssims), abs=1e-4)
 
 
-class _Halting(nn.Module):
+class _Halting(SRArch, nn.Module):
     """A parameter-free 'adaptive' model: bicubic-free nearest upscale that reports made-up halting shares."""
-
-    pads_input = True
 
     def __init__(self):
         super().__init__()
         self.calls = 0
+        self.last_halting = None
+
+    def arch_traits(self):
+        return ArchTraits(pads_input=True, adaptive=True)
+
+    def halting_record(self):
+        return self.last_halting
 
     def forward(self, x):
         self.calls += 1
@@ -266,8 +272,9 @@ def test_pft_sparse_attention_products_are_counted(n, kk, d):
     from adasr.ops import sparse_av, sparse_qk
     from adasr.ops.sparse_attention import pick_method
 
-    class SparseAttention(nn.Module):
-        pads_input = True
+    class SparseAttention(SRArch, nn.Module):
+        def arch_traits(self):
+            return ArchTraits(pads_input=True)
 
         def forward(self, x):  # x: (B, n, d); every query attends to its first K keys
             index = torch.arange(kk).expand(x.shape[0], x.shape[1], kk).contiguous()

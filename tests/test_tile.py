@@ -11,19 +11,10 @@ from basicsr.archs.swinir_arch import SwinIR
 from torch import nn
 
 from adasr.archs.bicubic_arch import Bicubic
-from adasr.inference.tile import (
-    Span,
-    auto_tile_size,
-    blend_weights,
-    choose_tile,
-    make_tiles,
-    memory_per_pixel,
-    padded_forward,
-    tile_spans,
-    tiled_forward,
-    window_multiple,
-)
-from adasr.inference import tile as tile_mod
+from adasr.archs.interface import UNKNOWN_BYTES_PER_PIXEL, arch_traits
+from adasr.inference import memory as memory_mod
+from adasr.inference.memory import auto_tile_size, choose_tile, memory_per_pixel
+from adasr.inference.tile import Span, blend_weights, make_tiles, padded_forward, tile_spans, tiled_forward
 
 TINY_SWINIR = dict(upscale=4, in_chans=3, img_size=16, window_size=8, img_range=1.0, depths=[2, 2], embed_dim=24,
                    num_heads=[2, 2], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv')
@@ -138,8 +129,8 @@ def test_swinir_tiled_close_to_whole_and_closer_with_more_pad(repo_root):
 
     img = cv2.imread(osp.join(repo_root, 'datasets', 'demo', 'val', 'HR', 'chelsea.png'))[:48, :56, ::-1]
     x = torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
-    fn = padded_forward(net, 4, window_multiple(net))
-    assert window_multiple(net) == 8
+    fn = padded_forward(net, 4, arch_traits(net).window)
+    assert arch_traits(net).window == 8
     with torch.no_grad():
         whole = fn(x)
         errors = {pad: (tiled_forward(fn, x, 4, 16, pad, 8) - whole).abs().max().item() for pad in (0, 8, 16)}
@@ -185,13 +176,13 @@ def test_choose_tile_rule():
 def test_auto_tile_size_from_memory(monkeypatch):
     net = SwinIR(**TINY_SWINIR)
     bpp, min_window, source = memory_per_pixel(net)
-    assert bpp == pytest.approx(tile_mod._swinir_bytes(net)) and 'SwinIR' in source
-    assert memory_per_pixel(Pointwise())[0] == tile_mod.UNKNOWN_BYTES_PER_PIXEL
-    monkeypatch.setattr(tile_mod, 'available_memory', lambda device: 64 * 1024 ** 3)
-    assert tile_mod.memory_budget('cpu') == tile_mod.DEFAULT_CPU_BUDGET
-    assert tile_mod.memory_budget('cpu', max_memory=1024 ** 3) == 1024 ** 3
-    monkeypatch.setattr(tile_mod, 'available_memory', lambda device: 1024 ** 3)
-    assert tile_mod.memory_budget('cpu') == 1024 ** 3 // 2  # half of what is available
+    assert bpp == pytest.approx(150.0 * TINY_SWINIR['embed_dim']) and 'SwinIR' in source
+    assert memory_per_pixel(Pointwise())[0] == UNKNOWN_BYTES_PER_PIXEL
+    monkeypatch.setattr(memory_mod, 'available_memory', lambda device: 64 * 1024 ** 3)
+    assert memory_mod.memory_budget('cpu') == memory_mod.DEFAULT_CPU_BUDGET
+    assert memory_mod.memory_budget('cpu', max_memory=1024 ** 3) == 1024 ** 3
+    monkeypatch.setattr(memory_mod, 'available_memory', lambda device: 1024 ** 3)
+    assert memory_mod.memory_budget('cpu') == 1024 ** 3 // 2  # half of what is available
     tile, why = auto_tile_size(net, net, 64, 64, 4, tile_pad=16, multiple=8)
     assert tile == 0 and why.startswith('whole image')
     tile, why = auto_tile_size(net, net, 2000, 3000, 4, tile_pad=16, multiple=8, max_memory=512 * 1024 ** 2)

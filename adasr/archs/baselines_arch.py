@@ -11,7 +11,7 @@ code with type hints, keyword-only constructors and padding inside ``forward``:
 What the thin subclasses here add: constructors whose keyword arguments are exactly the authors' YAML ``network_g``
 keys (so their option files work with ``type: HAT`` / ``type: ATD``), validated with messages that name the key;
 the RGB mean as a non-persistent buffer (it follows ``.to(device)``; the authors keep a plain attribute); and
-``pads_input = True`` (both pad to their window inside ``forward``, exactly as the authors' test code does: HAT
+``pads_input`` in their traits (both pad to their window inside ``forward``, exactly as the authors' test code does: HAT
 reflect-pads to a multiple of ``window_size``, ATD mirror-pads with the edge repeated). State-dict keys and shapes
 are the authors' (checked in the tests against key lists of their code), so official checkpoints load strictly.
 
@@ -20,11 +20,13 @@ The authors' ``use_checkpoint`` (gradient checkpointing while training) is not s
 from typing import Literal, Sequence
 
 import torch
+from basicsr.archs.swinir_arch import SwinIR
 from basicsr.utils.registry import ARCH_REGISTRY
 from spandrel.architectures.ATD import ATD as _SpandrelATD
 from spandrel.architectures.HAT import HAT as _SpandrelHAT
 
 from adasr.archs.exportable import mirror_pad_to_multiple
+from adasr.archs.interface import ArchTraits, SRArch, register_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN, pad_to_multiple
 from adasr.utils.checks import check_choice, check_int, check_positive
 
@@ -55,7 +57,7 @@ def _mean_as_buffer(net: torch.nn.Module, in_chans: int) -> None:
 
 
 @ARCH_REGISTRY.register()
-class HAT(_SpandrelHAT):
+class HAT(SRArch, _SpandrelHAT):
     """Hybrid Attention Transformer (HAT). Defaults are the paper's HAT x4; HAT-S is ``embed_dim: 144,
     compress_ratio: 24, squeeze_factor: 24`` (see ``options/test/test_HAT-S_x4.yml``).
 
@@ -79,7 +81,8 @@ class HAT(_SpandrelHAT):
             (defaults 1, True, None, 0, 0, 0.1, False, True).
     """
 
-    pads_input = True
+    def arch_traits(self) -> ArchTraits:
+        return ArchTraits(pads_input=True, window=self.window_size)  # memory not calibrated
 
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, img_size: int = 64, window_size: int = 16,
                  compress_ratio: float = 3, squeeze_factor: float = 30, conv_scale: float = 0.01,
@@ -121,7 +124,7 @@ class HAT(_SpandrelHAT):
 
 
 @ARCH_REGISTRY.register()
-class ATD(_SpandrelATD):
+class ATD(SRArch, _SpandrelATD):
     """Adaptive Token Dictionary transformer (ATD). Defaults are the paper's ATD x4; ATD-light is ``embed_dim: 48,
     depths: [6]*4, num_heads: [4]*4, category_size: 128, num_tokens: 64, reducted_dim: 8, convffn_kernel_size: 7,
     mlp_ratio: 1, upsampler: pixelshuffledirect`` (see ``options/test/test_ATD_light_x4.yml``).
@@ -145,7 +148,8 @@ class ATD(_SpandrelATD):
         patch_size, qkv_bias, ape, patch_norm: as in Swin (defaults 1, True, False, True).
     """
 
-    pads_input = True
+    def arch_traits(self) -> ArchTraits:
+        return ArchTraits(pads_input=True, window=self.window_size)  # memory not calibrated
 
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, img_size: int = 64, embed_dim: int = 210,
                  depths: Sequence[int] = (6, 6, 6, 6, 6, 6), num_heads: Sequence[int] = (6, 6, 6, 6, 6, 6),
@@ -186,3 +190,14 @@ class ATD(_SpandrelATD):
         h, w = x.shape[-2:]
         x, _, _ = pad_to_multiple(x, self.window_size, mode='symmetric')
         return super().forward(x)[..., :h * self.upscale, :w * self.upscale]
+
+
+def _swinir_traits(net: SwinIR) -> ArchTraits:
+    """basicsr's SwinIR does not pad itself (its ``SwinIRModel`` pads the input to the window); the window lives in
+    its blocks. Memory per pixel calibrated in docs/upscale.md."""
+    window = net.layers[0].residual_group.blocks[0].window_size if len(net.layers) else 1
+    return ArchTraits(window=int(window), bytes_per_pixel=150.0 * net.embed_dim,
+                      memory_source='SwinIR: 150 B x embed_dim per LR pixel (calibrated)')
+
+
+register_traits(SwinIR, _swinir_traits)

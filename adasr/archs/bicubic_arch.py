@@ -3,7 +3,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from adasr.archs.exportable import Exportable
+from adasr.archs.interface import ArchTraits, SRArch
 from adasr.utils.checks import check_int
 from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kernel_taps, upscale_phases
 
@@ -11,7 +11,6 @@ from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kern
 class _BicubicExport(nn.Module):
     """Graph-export form of :class:`Bicubic` (the same weights; source indices computed in the graph)."""
 
-    pads_input = True
 
     def __init__(self, upscale: int):
         super().__init__()
@@ -24,7 +23,7 @@ class _BicubicExport(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class Bicubic(Exportable, nn.Module):
+class Bicubic(SRArch, nn.Module):
     """MATLAB ``imresize(lr, upscale, 'bicubic')`` as a network (``network_g: {type: Bicubic, upscale: 4}``).
 
     Args:
@@ -34,11 +33,14 @@ class Bicubic(Exportable, nn.Module):
     clamps and rounds, as MATLAB does for uint8 images). It has no parameters, so it is for testing only.
     """
 
-    pads_input = True  # works at any input size; the model class must not pad for it
-
     def __init__(self, *, upscale: int = 4):
         super().__init__()
         self.upscale = check_int('upscale', upscale)
+
+    def arch_traits(self) -> ArchTraits:
+        # any input size (no padding wanted); memory calibrated in docs/upscale.md
+        return ArchTraits(pads_input=True, bytes_per_pixel=100.0 * self.upscale ** 2,
+                          memory_source='Bicubic: 100 B x scale**2 per LR pixel (calibrated)')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return imresize(x, self.upscale, antialiasing=True)

@@ -1,11 +1,12 @@
 """Pictures of where AdaFormer halts (the paper's Fig. 6) and a per-layer sparsity summary, for any image size.
 
-AdaFormer keeps the halting record of its last forward in ``net.last_halting`` (confidence and keep masks at the
-padded size of that call). :class:`HaltingCollector` is given to :func:`adasr.inference.tile.tiled_forward` as
-``on_tile``: after every tile it copies the tile's maps, core region only, into whole-image LR canvases, so tiled
-and whole-image runs give maps of the same layout. Layer ``l`` below is the *mask index* of ``HaltingInfo``: the
-confidence is measured on the output of block ``l``, and its keep masks decide what block ``l + 1`` skips (the
-authors' indexing; the last layer's masks are made but used by no block).
+An adaptive arch (AdaFormer) keeps the halting record of its last forward
+(:func:`adasr.archs.interface.halting_record`: confidence and keep masks at the padded size of that call).
+:class:`HaltingCollector` is given to :func:`adasr.inference.tile.tiled_forward` as ``on_tile``: after every tile
+it copies the tile's maps, core region only, into whole-image LR canvases, so tiled and whole-image runs give maps
+of the same layout. Layer ``l`` below is the *mask index* of ``HaltingInfo``: the confidence is measured on the
+output of block ``l``, and its keep masks decide what block ``l + 1`` skips (the authors' indexing; the last layer's
+masks are made but used by no block).
 """
 import io
 import json
@@ -16,17 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from adasr.archs.halting import halting_sparsity
+from adasr.archs.interface import halting_record, is_adaptive, unwrap
 from adasr.inference.tile import Tile
-from adasr.utils.image_io import atomic_write_bytes, encode
-
-
-def has_halting(net: nn.Module) -> bool:
-    bare = net.module if hasattr(net, 'module') else net
-    return hasattr(bare, 'last_halting')
+from adasr.utils.files import atomic_write_bytes
+from adasr.utils.image_io import encode
 
 
 class HaltingCollector:
-    """Collects ``net.last_halting`` tile by tile into whole-image maps of the unpadded LR image.
+    """Collects the network's halting record tile by tile into whole-image maps of the unpadded LR image.
 
     Usage: ``tiled_forward(fn, x, ..., on_tile=HaltingCollector(net, h, w))``, then :meth:`maps` (batch item 0, as
     numpy arrays for the pictures) or :meth:`to_info` (a whole-image ``HaltingInfo`` for the whole batch, which
@@ -36,16 +35,16 @@ class HaltingCollector:
     KEYS = ('logits', 'confidence', 'global_keep', 'local_keep')
 
     def __init__(self, net: nn.Module, h: int, w: int):
-        if not has_halting(net):
-            raise ValueError(f'{type(net).__name__} keeps no halting record (only AdaFormer does)')
-        self.net = net.module if hasattr(net, 'module') else net
+        if not is_adaptive(net):
+            raise ValueError(f'{type(unwrap(net)).__name__} keeps no halting record (it is not adaptive)')
+        self.net = unwrap(net)
         self.h, self.w = h, w
         self.canvas: Dict[str, torch.Tensor] = {}
         self.last_info = None
         self.splits: List[int] = []
 
     def __call__(self, tile: Tile, _output: torch.Tensor) -> None:
-        info = self.net.last_halting
+        info = halting_record(self.net)
         if info is None:
             raise RuntimeError('the network recorded no halting information for this tile')
         (cy, cx), (ry, rx) = tile.core_in_window, tile.core
@@ -69,8 +68,6 @@ class HaltingCollector:
         the unpadded image (``padded_size == input_size``), the largest eval global split used by a tile, and the
         sparsity recomputed on the stitched masks."""
         import dataclasses
-
-        from adasr.archs.halting import halting_sparsity
 
         if self.last_info is None:
             raise RuntimeError('no tile was collected')

@@ -4,7 +4,7 @@ The exporter is PyTorch's maintained one, ``torch.onnx.export(..., dynamo=True)`
 graph and onnxscript's torchlib translates it, at opset :data:`OPSET` (torchlib's own opset, no version conversion).
 The TorchScript exporter (``dynamo=False``) is deprecated and not used.
 
-What is traced is the network's declared export form (:func:`adasr.archs.exportable.export_module`: AdaFormer, PFT
+What is traced is the network's declared export form (:func:`adasr.archs.interface.export_module`: AdaFormer, PFT
 and Bicubic compute their eval forward with static control flow there), behind the harness's padding for networks
 that do not pad their input themselves. With ``size=None`` the graph takes any height and width at batch 1
 (``torch.export.Dim.DYNAMIC``); a network whose Python code fixes sizes while tracing needs a fixed ``size``, and the
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from adasr.archs.exportable import export_module, mirror_pad_to_multiple
-from adasr.inference.tile import padded_forward, window_multiple
+from adasr.archs.exportable import mirror_pad_to_multiple
+from adasr.archs.interface import arch_traits, export_module
 from adasr.utils.image_io import atomic_write_bytes
 
 #: ONNX opset of the exported graphs (onnxscript torchlib's native opset: no version conversion step).
@@ -59,7 +59,7 @@ class _Traced(nn.Module):
         super().__init__()
         self.body = export_module(net)
         self.scale = scale
-        self.multiple = 1 if padded_forward(net, scale, multiple) is net else multiple  # 1: it pads itself
+        self.multiple = 1 if arch_traits(net).pads_input else multiple  # 1: the network pads itself
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.multiple == 1:
@@ -106,9 +106,8 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
         scale: the network's upscaling factor (for the crop after harness padding).
         in_channels: image channels of the input.
         size: ``(H, W)`` for a graph of that fixed input size (batch 1); None for dynamic batch, height and width.
-        multiple: what the harness pads the input of a network that does not pad itself to (None:
-            :func:`adasr.inference.tile.window_multiple`; give the option file's ``network_g.window_size`` for
-            basicsr's SwinIR, as ``adasr-upscale`` does).
+        multiple: what the harness pads the input of a network that does not pad itself to (None: the window of
+            :func:`adasr.archs.interface.arch_traits`; ``adasr-export`` passes what ``adasr-upscale`` uses).
         opset: ONNX opset.
 
     Returns:
@@ -118,7 +117,7 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
         ExportError: when ``torch.export`` or the ONNX translation fails (with the exporter's reason).
     """
     net = net.eval().float().cpu()
-    traced = _Traced(net, scale, window_multiple(net) if multiple is None else multiple).eval()
+    traced = _Traced(net, scale, arch_traits(net).window if multiple is None else multiple).eval()
     dynamic = size is None
     h, w = (37, 45) if dynamic else (int(size[0]), int(size[1]))  # sizes that need padding for every window
     example = torch.rand(1, in_channels, h, w)

@@ -2,7 +2,6 @@
 a test-time ``eps_h`` override, and optional confidence / halting-mask images."""
 import math
 import os.path as osp
-from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -11,6 +10,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger, imwrite
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from adasr.archs.interface import halting_record, halting_threshold, is_adaptive, set_halting_threshold
 from adasr.models.adasr_model import AdaSRModel
 from adasr.utils.checks import is_real
 
@@ -41,15 +41,14 @@ class AdaFormerModel(AdaSRModel):
     def __init__(self, opt):
         super().__init__(opt)
         bare = self.get_bare_model(self.net_g)
-        if not hasattr(bare, 'last_halting') or not hasattr(bare, 'eps_h'):
-            raise ValueError(f'AdaFormerModel needs an AdaFormer network, got {bare.__class__.__name__}; '
-                             'use model_type: AdaSRModel for other archs')
+        if not is_adaptive(bare):
+            raise ValueError(f'AdaFormerModel needs an AdaFormer network (an adaptive arch), got '
+                             f'{bare.__class__.__name__}; use model_type: AdaSRModel for other archs')
         eps_h = (self.opt.get('val') or {}).get('eps_h')
         if eps_h is not None and (not is_real(eps_h) or math.isnan(eps_h)):  # as the network's eps_h setter
             raise ValueError(f'val.eps_h must be a number, got {eps_h!r}')
         self.halting_results: Dict[str, Dict[str, List[float]]] = {}
         self._val_state: Optional[dict] = None
-        self._lq_path: Optional[str] = None
 
     # -- training ----------------------------------------------------------------------------------------------------
 
@@ -58,56 +57,33 @@ class AdaFormerModel(AdaSRModel):
         unc_opt = self.opt['train'].get('uncertainty_opt')
         self.cri_uncertainty = build_loss(unc_opt).to(self.device) if unc_opt else None
 
-    def optimize_parameters(self, current_iter):
-        self.optimizer_g.zero_grad()
+    def training_losses(self):
         out = self.net_g(self.lq)
         if not isinstance(out, tuple):
             raise RuntimeError('AdaFormer in train mode must return (sr, logits)')
         self.output, logits = out
-
-        l_total = 0
-        loss_dict = OrderedDict()
-        if self.cri_pix:
-            l_pix = self.cri_pix(self.output, self.gt)
-            l_total += l_pix
-            loss_dict['l_pix'] = l_pix
-        if self.cri_perceptual:
-            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
-            for name, value in (('l_percep', l_percep), ('l_style', l_style)):
-                if value is not None:
-                    l_total += value
-                    loss_dict[name] = value
+        l_total, loss_dict = self.image_losses(self.output)
         if self.cri_uncertainty:
             l_unc = self.cri_uncertainty(logits, self.output, self.gt)
             l_total += l_unc
             loss_dict['l_unc'] = l_unc
-        halting = self.get_bare_model(self.net_g).last_halting
+        halting = halting_record(self.net_g)
         loss_dict['halted'] = self.output.new_tensor(float(np.mean(halting.sparsity['global_consumed'])))
-
-        l_total.backward()
-        self.optimizer_g.step()
-        self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
+        return l_total, loss_dict
 
     # -- testing -----------------------------------------------------------------------------------------------------
-
-    def feed_data(self, data):
-        super().feed_data(data)
-        paths = data.get('lq_path')
-        self._lq_path = paths[0] if isinstance(paths, (list, tuple)) and paths else paths
 
     def test(self):
         net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         val_opt = self.opt.get('val') or {}
-        trained_eps = net.eps_h
+        trained_eps = halting_threshold(net)
         if val_opt.get('eps_h') is not None:
-            net.eps_h = val_opt['eps_h']
+            set_halting_threshold(net, val_opt['eps_h'])
         try:
             super().test()
         finally:
-            net.eps_h = trained_eps
-        halting = net.last_halting
+            set_halting_threshold(net, trained_eps)
+        halting = halting_record(net)
         if self._val_state is not None and halting is not None:
             state = self._val_state
             for key in ('global_consumed', 'local_consumed', 'global_by_mask', 'local_by_mask'):
@@ -129,7 +105,17 @@ class AdaFormerModel(AdaSRModel):
             self.halting_results[dataset_name] = results
             self._log_halting(dataset_name, results, current_iter, tb_logger)
 
+    def _publish_share_means(self, merged, dataset_name, current_iter, tb_logger):
+        super()._publish_share_means(merged, dataset_name, current_iter, tb_logger)
+        if 'halting' in merged:
+            self.halting_results[dataset_name] = merged['halting']
+            self._log_halting(dataset_name, merged['halting'], current_iter, tb_logger)
+
     def _log_halting(self, dataset_name, results, current_iter, tb_logger):
+        if self._share_means is not None:  # validating a share under torchrun: combined by dist_validation
+            self._share_means['halting'] = results
+            return
+
         def fmt(values):
             return '[' + ', '.join(f'{v:.3f}' for v in values) + ']'
 
