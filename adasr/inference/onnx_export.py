@@ -124,7 +124,9 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
     shapes = ({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},) if dynamic else None
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        # traced with autograd on: the archs' CPU inference fast paths (oneDNN layouts, fused oneDNN linears) are
+        # not exportable operators; the plain paths that autograd selects compute the same numbers
+        with torch.enable_grad():
             program = torch.onnx.export(traced, (example,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                         input_names=['lr'], output_names=['sr'],
                                         custom_translation_table=_translations(), verbose=False)
