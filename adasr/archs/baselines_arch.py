@@ -25,6 +25,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from spandrel.architectures.ATD import ATD as _SpandrelATD
 from spandrel.architectures.HAT import HAT as _SpandrelHAT
 
+from adasr.archs.exportable import mirror_pad_to_multiple
 from adasr.archs.interface import ArchTraits, SRArch, register_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN, pad_to_multiple
 from adasr.utils.checks import check_choice, check_int, check_positive
@@ -117,8 +118,9 @@ class HAT(SRArch, _SpandrelHAT):
 
     def check_image_size(self, x: torch.Tensor) -> torch.Tensor:
         """Reflect-pad the bottom/right to a multiple of ``window_size`` (the authors pad the same way in their model
-        class); unlike ``F.pad``, this also works when the pad is larger than the image (tiny inputs)."""
-        return pad_to_multiple(x, self.window_size, mode='reflect')[0]
+        class); unlike ``F.pad``, this also works when the pad is larger than the image (tiny inputs). Done as index
+        gathers with no branch on the size (the same values), so an exported graph pads every input size."""
+        return mirror_pad_to_multiple(x, self.window_size, 'reflect')
 
 
 @ARCH_REGISTRY.register()

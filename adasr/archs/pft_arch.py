@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
@@ -261,7 +262,7 @@ class _PatchEmbedNorm(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class PFT(SRArch, nn.Module):
+class PFT(SRArch, Exportable, nn.Module):
     """PFT / PFT-light super-resolution network (``network_g: {type: PFT, ...}``).
 
     Args (the keys of the released ``network_g`` blocks; defaults as upstream):
@@ -441,13 +442,23 @@ class PFT(SRArch, nn.Module):
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x)) + x
-        if self.upsampler == 'pixelshuffle':
-            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        else:
-            x = self.upsample(x)
+        x = self.upsample_features(self.conv_after_body(self.forward_features(x)) + x)
         x = x / self.img_range + mean
         return x[..., :h * self.upscale, :w * self.upscale]
+
+    def upsample_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction head: body features (B, C, H, W) -> (B, in_chans, scale*H, scale*W), before the
+        range and mean are undone."""
+        if self.upsampler == 'pixelshuffle':
+            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        return self.upsample(x)
+
+    def export_module(self) -> nn.Module:
+        """The eval forward with static control flow for ONNX export (:class:`~adasr.archs.pft_export.PFTExport`:
+        dense scores, TopK and GatherElements; same outputs)."""
+        from adasr.archs.pft_export import PFTExport
+
+        return PFTExport(self)
 
     def extra_repr(self) -> str:
         return (f'upscale={self.upscale}, window_size={self.window_size}, num_heads={self.num_heads}, '

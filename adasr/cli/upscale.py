@@ -39,16 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-i', '--input', required=True, help='an image file or a folder of images (not recursive)')
     p.add_argument('-o', '--output', default='results/upscale', help='output folder. Default: results/upscale')
-    model = p.add_argument_group('model (--opt, --arch, or only --weights)')
-    model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
-    model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
-    model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
-    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True. Alone (no --opt '
-                       'or --arch): any checkpoint spandrel recognises, architecture detected')
-    model.add_argument('--param-key', default=None,
-                       help='checkpoint entry: params_ema (default, falls back to params) or params')
-    model.add_argument('--random-weights', action='store_true',
-                       help='run with untrained weights (for memory and speed tests only)')
+    add_model_args(p)
     run = p.add_argument_group('inference')
     run.add_argument('-t', '--tile', type=int, default=None,
                      help='tile core side in LR pixels; 0 = whole image; default: chosen from the free memory')
@@ -81,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags that :func:`build_model` reads (shared with ``adasr-export``)."""
+    model = p.add_argument_group('model (--opt, --arch, or only --weights)')
+    model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
+    model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
+    model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
+    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True. Alone (no --opt '
+                       'or --arch): any checkpoint spandrel recognises, architecture detected')
+    model.add_argument('--param-key', default=None,
+                       help='checkpoint entry: params_ema (default, falls back to params) or params')
+    model.add_argument('--random-weights', action='store_true',
+                       help='run with untrained weights (for memory and speed tests only)')
 
 
 class UsageError(ValueError):
