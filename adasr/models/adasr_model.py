@@ -7,6 +7,7 @@ from torch import nn
 
 from adasr.archs.interface import arch_traits, set_halting_record, unwrap
 from adasr.inference.halting import HaltingCollector
+from adasr.inference.precision import resolve_precision
 from adasr.inference.tile import padded_forward, tiled_forward
 from adasr.utils.checkpoint import load_weights
 
@@ -19,10 +20,12 @@ class AdaSRModel(SRModel):
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
       pads inside ``forward`` (``arch_traits(net).pads_input``), so SwinIR, HAT and our archs share one harness;
-    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`).
+    * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`);
+    * reduced-precision testing: ``val: {precision: bf16}`` (fp32 default, bf16, fp16; autocast, see
+      :mod:`adasr.inference.precision`; checked against the device before anything runs).
     """
 
-    val_option_keys = {'tile', 'tile_pad'}
+    val_option_keys = {'tile', 'tile_pad', 'precision'}
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_cls = getattr(torch.optim, optim_type, None)
@@ -51,12 +54,13 @@ class AdaSRModel(SRModel):
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
-        is set (``val.tile_pad`` LR pixels of blended context, default 32)."""
+        is set (``val.tile_pad`` LR pixels of blended context, default 32), in ``val.precision`` (default fp32)."""
         traits = arch_traits(net, net_opt=self.opt['network_g'])
         multiple = traits.window
         scale = self.opt.get('scale', 1)
-        fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
+        precision = resolve_precision(val.get('precision', 'fp32'), lq.device)
+        fn = precision.wrap(padded_forward(net, scale, multiple, mode='reflect'))
         tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.cli.options
         if not tile:
             return fn(lq)
