@@ -173,6 +173,17 @@ def build_net(spec: Dict[str, Any], device):
     return net
 
 
+def perturb_weights(net, seed: int, std: float = 0.02) -> None:
+    """Seeded random weights for untrained rows: add ``std`` x N(0, 1) to every parameter (so that biases are not zero,
+    as the authors' oracle recipe does), the same in every process for the same ``seed`` and initial weights."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+
+
 def read_rgb(path: str):
     """(1, 3, H, W) float tensor in [0, 1], RGB, from any 8-bit image (grayscale is repeated, as in BasicSR)."""
     import cv2
@@ -553,5 +564,6 @@ def now() -> str:
 
 
 __all__ = ['DEFAULT_ROWS', 'BenchmarkError', 'RowSpec', 'DataSpec', 'resolve_row', 'with_precisions', 'find_dataset',
-           'match_pairs', 'parse_size', 'build_net', 'latency_input', 'count_macs', 'evaluate', 'measure_row',
-           'table_rows', 'to_markdown', 'sparsity_markdown', 'save_outputs', 'settings_markdown', 'git_commit', 'now']
+           'match_pairs', 'parse_size', 'build_net', 'perturb_weights', 'latency_input', 'count_macs', 'evaluate',
+           'measure_row', 'table_rows', 'to_markdown', 'sparsity_markdown', 'save_outputs', 'settings_markdown',
+           'git_commit', 'now']
