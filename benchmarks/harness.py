@@ -520,6 +520,8 @@ def settings_markdown(settings: Dict[str, Any]) -> str:
         f"- date: {settings['date']}; adasr commit {settings.get('commit') or 'unknown'}",
         f"- device: {settings['device']}" + (f" ({env.get('cuda')})" if env.get('cuda') else '')
         + f"; torch {env['torch']}; {env['threads']} threads of {env['cpu_count']} CPUs"
+        + (f"; {env.get('cpu_model') or 'CPU'}, ISA {env['isa']} ({', '.join(env.get('cpu_flags') or [])})"
+           if env.get('isa') else '')
         + (f"; 1-min load average at start {env['loadavg_1m']}" if 'loadavg_1m' in env else ''),
         f"- glibc malloc settings: {env['malloc_env'] or 'defaults (--no-malloc-env)'}",
         f"- latency and MACs: one {settings['size_label']} LR input (the centre of the first image of "
