@@ -173,15 +173,15 @@ def build_net(spec: Dict[str, Any], device):
     return net
 
 
-def perturb_weights(net, seed: int, std: float = 0.02) -> None:
-    """Seeded random weights for untrained rows: add ``std`` x N(0, 1) to every parameter (so that biases are not zero,
-    as the authors' oracle recipe does), the same in every process for the same ``seed`` and initial weights."""
+def perturb_weights(net, std: float = 0.02) -> None:
+    """Random weights for untrained rows: add ``std`` x N(0, 1) from torch's global generator to every parameter, so
+    that biases are not zero (the authors' oracle recipe). Seed with ``torch.manual_seed(seed)`` before building the
+    network: the same seed then gives the same weights in every process and script."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
-            p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+            p.add_(std * torch.randn_like(p))
 
 
 def read_rgb(path: str):

@@ -19,8 +19,8 @@ def time_config(spec: Dict[str, Any], image: str, size: Tuple[int, int], repeats
 
     Args:
         spec: ``network_g`` (with e.g. ``sparse_eval: false`` for AdaFormer's dense mode), ``scale``,
-            ``checkpoint`` (None: the arch's init plus :func:`~benchmarks.harness.perturb_weights` with ``seed``),
-            ``eps_h``.
+            ``checkpoint`` (None: seeded with ``seed``, the arch's init plus
+            :func:`~benchmarks.harness.perturb_weights`), ``eps_h``.
         image: photo whose centre (mirrored if smaller) is the ``size`` = (h, w) LR input.
         halted: adaptive archs: bias the estimator so that this share of tokens halts per block (calibrated on a
             centre crop of the input), or None to run the weights as they are.
@@ -44,7 +44,7 @@ def time_config(spec: Dict[str, Any], image: str, size: Tuple[int, int], repeats
     torch.manual_seed(seed)
     net = build_net(spec, dev)
     if not spec.get('checkpoint'):
-        perturb_weights(net, seed)
+        perturb_weights(net)
     traits = arch_traits(net, net_opt=spec['network_g'])
     h, w = size
     x = latency_input(image, h, w).to(dev)

@@ -133,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for target in args.halted:
         torch.manual_seed(args.seed)
         net = AdaFormer()
-        perturb_weights(net, args.seed)
+        perturb_weights(net)
         net = net.eval().to(device)
         offset, reached = calibrate_halting(net, images[0].to(device), target)
         models.append((f'AdaFormer, random, {100 * target:.0f}% halted', net,
@@ -144,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         spec = {'network_g': row.network_g, 'checkpoint': row.checkpoint}
         net = build_net(spec, device)
         if not row.checkpoint:
-            perturb_weights(net, args.seed)
+            perturb_weights(net)
         models.append((label, net, row.checkpoint or 'seeded random', row.scale, row.network_g))
 
     env = environment_summary()
