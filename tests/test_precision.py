@@ -20,6 +20,7 @@ from adasr.inference.precision import (
     resolve_precision,
 )
 from adasr.inference.tile import padded_forward
+from tests.helpers import baseline_fixtures
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PHOTO = osp.join(REPO, 'datasets', 'demo', 'val', 'HR', 'chelsea.png')
@@ -37,8 +38,7 @@ TINY = {
     'SwinIR': {'type': 'SwinIR', 'upscale': 4, 'img_size': 16, 'window_size': 8, 'img_range': 1., 'depths': [1],
                'embed_dim': 12, 'num_heads': [2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffledirect',
                'resi_connection': '1conv'},
-    'HAT': {'type': 'HAT', 'upscale': 4, 'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4,
-            'compress_ratio': 3, 'squeeze_factor': 4, 'mlp_ratio': 2},
+    **baseline_fixtures.TINY,  # HAT and ATD
 }
 
 
@@ -244,7 +244,7 @@ def test_benchmark_rows_per_precision(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('precision', ['fp16', 'bf16'])
-@pytest.mark.parametrize('name', ['AdaFormer', 'PFT', 'SwinIR', 'HAT'])
+@pytest.mark.parametrize('name', ['AdaFormer', 'PFT', 'SwinIR', 'HAT', 'ATD'])
 def test_cuda_autocast_every_arch(name, precision):
     net, window = _net(name)
     net = net.cuda()
