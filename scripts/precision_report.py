@@ -87,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--precisions', nargs='+', default=None, choices=('bf16', 'fp16'),
                         help='default: those the device runs')
-    parser.add_argument('--halted', type=float, nargs='+', default=[0.25, 0.5, 0.75],
+    parser.add_argument('--halted', type=float, nargs='*', default=[0.25, 0.5, 0.75],
                         help='random-weight AdaFormer rows: target shares of tokens halted per block')
     parser.add_argument('--weights', default=DEMO_CHECKPOINT, help='AdaFormer checkpoint (skipped if absent)')
     parser.add_argument('--rows', nargs='*', default=list(OTHER_ROWS), help='other benchmark rows (random weights)')
