@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -153,6 +153,19 @@ def memory_growth(device: torch.device, mark: int) -> int:
         torch.cuda.synchronize(device)
         return max(torch.cuda.max_memory_allocated(device) - mark, 0)
     return max(rss_peak_bytes() - mark, 0)
+
+
+def timed_no_grad(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Tuple['Timing', int]:
+    """Time ``fn`` under ``torch.no_grad()`` (:func:`time_fn`) and measure the peak memory its calls add
+    (:func:`memory_mark` / :func:`memory_growth`): (timing, peak bytes)."""
+
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    mark = memory_mark(device)
+    timing = time_fn(call, repeats=repeats, warmup=warmup, device=device)
+    return timing, memory_growth(device, mark)
 
 
 #: ``/proc/cpuinfo`` flags that decide CPU speed and precision support, reported when present.

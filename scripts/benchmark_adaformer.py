@@ -132,7 +132,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
 
     import adasr  # noqa: F401
     from benchmarks.halting_rates import calibrate_halting
-    from benchmarks.profiling import memory_growth, memory_mark, time_fn
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
@@ -149,13 +149,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
         offset, _ = calibrate_halting(net, x[..., top:top + ch, left:left + cw], setting['halt'])
         net.sparse_eval = sparse
 
-    def call():
-        with torch.no_grad():
-            return net(x)
-
-    mark = memory_mark(dev)
-    timing = time_fn(call, repeats=repeats, warmup=warmup, device=dev)
-    peak = memory_growth(dev, mark)
+    timing, peak = timed_no_grad(lambda: net(x), dev, repeats, warmup)
     info = net.last_halting
     return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times,
             'cpu_median_s': timing.cpu_median, 'peak_mb': peak / 2 ** 20, 'estimator_offset': offset,
