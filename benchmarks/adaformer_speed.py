@@ -33,13 +33,13 @@ def seeded_adaformer(seed: int = 0, bias: float = 0.0, eps_h: float = 0.05, **ov
     """The paper-configuration AdaFormer with seeded random weights (default init plus 0.02 * randn, the recipe of
     the authors' oracle), ``bias`` added to the estimator's last conv (forces a sparsity level), in eval mode."""
     from adasr.archs.adaformer_arch import AdaFormer
+    from benchmarks.halting_rates import shift_estimator_bias
+    from benchmarks.harness import perturb_weights
 
     torch.manual_seed(seed)
     net = AdaFormer(**overrides)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        net.body.var[2].bias.add_(bias)
+    perturb_weights(net)
+    shift_estimator_bias(net, bias)
     net.eps_h = eps_h
     return net.eval()
 

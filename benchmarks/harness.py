@@ -44,6 +44,7 @@ class RowSpec:
     strict: bool = True
     note: str = ''
     eps_h: Optional[float] = None  # the option file's val.eps_h (AdaFormer's test-time halting threshold)
+    precision: str = 'fp32'  # the option file's val.precision, or the --precision the row was expanded to
 
 
 @dataclass
@@ -77,10 +78,24 @@ def resolve_row(label: str, option_file: str, weights: Optional[str] = None) -> 
     if ckpt and not osp.isfile(ckpt):
         note = f'checkpoint {ckpt} not found: random init'
         ckpt = None
-    eps_h = (opt.get('val') or {}).get('eps_h')
+    val = opt.get('val') or {}
     return RowSpec(label=label, source=option_file, network_g=net_opt, scale=scale, checkpoint=ckpt,
                    param_key=path.get('param_key_g') or 'params', strict=bool(path.get('strict_load_g', True)),
-                   note=note, eps_h=eps_h)
+                   note=note, eps_h=val.get('eps_h'), precision=val.get('precision', 'fp32'))
+
+
+def with_precisions(rows: List[RowSpec], precisions: Optional[List[str]]) -> List[RowSpec]:
+    """One row per model and precision (``None``: each row's own); labels get `` bf16`` / `` fp16`` appended."""
+    from dataclasses import replace
+
+    from adasr.inference.precision import parse_precision
+
+    if not precisions:
+        return rows
+    for p in precisions:
+        parse_precision(p)
+    return [replace(r, label=r.label if p == 'fp32' else f'{r.label} {p}', precision=p) for r in rows
+            for p in precisions]
 
 
 def find_dataset(path: str, scale: int, name: Optional[str] = None) -> DataSpec:
@@ -156,6 +171,17 @@ def build_net(spec: Dict[str, Any], device):
         set_halting_threshold(net, spec['eps_h'])
     net = net.to(torch.device(device)).eval()
     return net
+
+
+def perturb_weights(net, std: float = 0.02) -> None:
+    """Random weights for untrained rows: add ``std`` x N(0, 1) from torch's global generator to every parameter, so
+    that biases are not zero (the authors' oracle recipe). Seed with ``torch.manual_seed(seed)`` before building the
+    network: the same seed then gives the same weights in every process and script."""
+    import torch
+
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn_like(p))
 
 
 def read_rgb(path: str):
@@ -267,22 +293,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_images: Optional[int] = None) -> Dict:
-    """PSNR/SSIM on Y (border = scale), as ``adasr/test.py`` computes them, plus per-image halting sparsity."""
+def evaluate(net, data: DataSpec, scale: int, window_size: int, device, max_images: Optional[int] = None,
+             precision: str = 'fp32') -> Dict:
+    """PSNR/SSIM on Y (border = scale), as ``adasr/test.py`` computes them (in ``precision``), plus per-image
+    halting sparsity."""
     import torch
     from basicsr.metrics import calculate_psnr, calculate_ssim
     from basicsr.utils import tensor2img
 
     from adasr.archs.interface import halting_record, is_adaptive
+    from adasr.inference.precision import resolve_precision
     from adasr.inference.tile import padded_forward
 
+    forward = resolve_precision(precision, device).wrap(padded_forward(net, scale, window_size))
     psnrs, ssims, sparsity = [], [], []
     for lr_path, hr_path in data.pairs[:max_images]:
         lq = read_rgb(lr_path).to(device)
         gt = read_rgb(hr_path)
         gt = gt[..., :lq.shape[-2] * scale, :lq.shape[-1] * scale]  # as BasicSR's paired dataset crops
         with torch.no_grad():
-            sr = padded_forward(net, scale, window_size)(lq)
+            sr = forward(lq)
         sr_img, gt_img = tensor2img(sr.cpu()), tensor2img(gt)
         psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
         ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
@@ -304,8 +334,9 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
 
     import adasr  # noqa: F401  (registration in the fresh process)
     from adasr.archs.interface import arch_traits, halting_record
+    from adasr.inference.precision import resolve_precision
     from adasr.inference.tile import padded_forward
-    from benchmarks.profiling import memory_growth, memory_mark, time_fn
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
@@ -317,16 +348,11 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     window = traits.window  # as the test pipeline pads
     scale = int(spec['scale'])
 
-    forward = padded_forward(net, scale, window)
-
-    def run():
-        with torch.no_grad():
-            return forward(x)
+    precision = spec.get('precision', 'fp32')
+    forward = resolve_precision(precision, dev).wrap(padded_forward(net, scale, window))
 
     # memory: what the forward passes add on top of the built model and its input
-    mark = memory_mark(dev)
-    timing = time_fn(run, repeats=repeats, warmup=warmup, device=dev)
-    peak = memory_growth(dev, mark)
+    timing, peak = timed_no_grad(lambda: forward(x), dev, repeats, warmup)
     result: Dict[str, Any] = {
         'params': sum(p.numel() for p in net.parameters()),
         'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': int(peak),
@@ -340,7 +366,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     result['quality'] = {}
     for d in datasets:
         data = DataSpec(name=d['name'], hr_dir=d['hr_dir'], lr_dir=d['lr_dir'], pairs=[tuple(p) for p in d['pairs']])
-        result['quality'][d['name']] = evaluate(net, data, scale, window, dev, max_images)
+        result['quality'][d['name']] = evaluate(net, data, scale, window, dev, max_images, precision)
     return result
 
 
@@ -365,8 +391,8 @@ def _fmt(v: Optional[float], spec: str) -> str:
 
 def table_rows(rows: List[RowSpec], results: Dict[str, Dict], data_names: List[str]) -> Tuple[List[str], List[List]]:
     """Header and cells shared by the Markdown and CSV outputs."""
-    header = ['model', 'weights', 'params', 'MACs (G)', 'MACs method', 'latency median (s)', 'spread (+-%)',
-              'peak memory (MB)']
+    header = ['model', 'weights', 'precision', 'params', 'MACs (G)', 'MACs method', 'latency median (s)',
+              'spread (+-%)', 'peak memory (MB)']
     for n in data_names:
         header += [f'PSNR-Y {n}', f'SSIM-Y {n}']
     header.append('mean halted (global / window)')
@@ -377,7 +403,8 @@ def table_rows(rows: List[RowSpec], results: Dict[str, Dict], data_names: List[s
             cells.append([row.label, (res or {}).get('error', 'skipped')] + [None] * (len(header) - 2))
             continue
         quality = [v for n in data_names for v in (res['quality'][n]['psnr'], res['quality'][n]['ssim'])]
-        cells.append([display_name(row, res['params']), weights_label(row, res['params']), res['params'],
+        cells.append([display_name(row, res['params']), weights_label(row, res['params']), row.precision,
+                      res['params'],
                       res['macs'] / 1e9, res['macs_method'], res['latency']['median_s'], 100 * res['spread'],
                       res['peak_bytes'] / 2 ** 20] + quality + [halting_summary(res)])
     return header, cells
@@ -487,6 +514,8 @@ def settings_markdown(settings: Dict[str, Any]) -> str:
         f"- date: {settings['date']}; adasr commit {settings.get('commit') or 'unknown'}",
         f"- device: {settings['device']}" + (f" ({env.get('cuda')})" if env.get('cuda') else '')
         + f"; torch {env['torch']}; {env['threads']} threads of {env['cpu_count']} CPUs"
+        + (f"; {env.get('cpu_model') or 'CPU'}, ISA {env['isa']} ({', '.join(env.get('cpu_flags') or [])})"
+           if env.get('isa') else '')
         + (f"; 1-min load average at start {env['loadavg_1m']}" if 'loadavg_1m' in env else ''),
         f"- glibc malloc settings: {env['malloc_env'] or 'defaults (--no-malloc-env)'}",
         f"- latency and MACs: one {settings['size_label']} LR input (the centre of the first image of "
@@ -530,6 +559,7 @@ def now() -> str:
     return datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
 
 
-__all__ = ['DEFAULT_ROWS', 'BenchmarkError', 'RowSpec', 'DataSpec', 'resolve_row', 'find_dataset', 'match_pairs',
-           'parse_size', 'build_net', 'latency_input', 'count_macs', 'evaluate', 'measure_row', 'table_rows',
-           'to_markdown', 'sparsity_markdown', 'save_outputs', 'settings_markdown', 'git_commit', 'now']
+__all__ = ['DEFAULT_ROWS', 'BenchmarkError', 'RowSpec', 'DataSpec', 'resolve_row', 'with_precisions', 'find_dataset',
+           'match_pairs', 'parse_size', 'build_net', 'perturb_weights', 'latency_input', 'count_macs', 'evaluate',
+           'measure_row', 'table_rows', 'to_markdown', 'sparsity_markdown', 'save_outputs', 'settings_markdown',
+           'git_commit', 'now']

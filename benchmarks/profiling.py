@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,13 +43,19 @@ def ensure_malloc_env(disable: bool = False) -> Dict[str, str]:
 
 @dataclass
 class Timing:
-    """Wall-clock latencies of repeated calls, in seconds."""
+    """Wall-clock latencies of repeated calls, in seconds, and the process CPU time of each call (all threads;
+    steadier than wall time on a shared machine)."""
 
     times: List[float] = field(default_factory=list)
+    cpu_times: List[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times)
 
     @property
     def spread(self) -> float:
@@ -66,7 +72,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Optional[torch.device] = None) -> Timing:
-    """Call ``fn`` ``warmup`` times, then time ``repeats`` calls (synchronising CUDA around each)."""
+    """Call ``fn`` ``warmup`` times, then time ``repeats`` calls (wall and process CPU time; synchronising CUDA
+    around each)."""
     device = torch.device(device or 'cpu')
     for _ in range(warmup):
         fn()
@@ -74,10 +81,11 @@ def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Op
     out = Timing()
     for _ in range(repeats):
         _sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         out.times.append(time.perf_counter() - t)
+        out.cpu_times.append(time.process_time() - c)
     return out
 
 
@@ -147,22 +155,55 @@ def memory_growth(device: torch.device, mark: int) -> int:
     return max(rss_peak_bytes() - mark, 0)
 
 
+def timed_no_grad(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Tuple['Timing', int]:
+    """Time ``fn`` under ``torch.no_grad()`` (:func:`time_fn`) and measure the peak memory its calls add
+    (:func:`memory_mark` / :func:`memory_growth`): (timing, peak bytes)."""
+
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    mark = memory_mark(device)
+    timing = time_fn(call, repeats=repeats, warmup=warmup, device=device)
+    return timing, memory_growth(device, mark)
+
+
+#: ``/proc/cpuinfo`` flags that decide CPU speed and precision support, reported when present.
+ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'amx_tile', 'amx_bf16')
+
+
+def cpu_model(path: str = '/proc/cpuinfo') -> Optional[str]:
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        return None
+
+
 def environment_summary() -> Dict[str, Any]:
-    """What a benchmark table must say about where it was measured."""
+    """What a benchmark table must say about where it was measured: torch, threads, CPUs, the CPU model, the vector
+    ISA PyTorch dispatches to and the relevant cpuinfo flags, the malloc settings, the GPU, the load average."""
+    from adasr.inference.precision import cpu_flags
+
+    flags = cpu_flags()
     info = {
         'torch': torch.__version__,
         'threads': torch.get_num_threads(),
         'cpu_count': os.cpu_count(),
+        'cpu_model': cpu_model(),
+        'isa': torch.backends.cpu.get_cpu_capability(),
+        'cpu_flags': [f for f in ISA_FLAGS if f in flags],
         'malloc_env': {k: os.environ.get(k) for k in MALLOC_ENV if os.environ.get(k)},
         'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
         load = os.getloadavg()
         info['loadavg_1m'] = round(load[0], 2)
+        info['loadavg'] = [round(v, 2) for v in load]
     except OSError:
         pass
     return info
 
 
 __all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',
-           'run_isolated', 'memory_mark', 'memory_growth', 'environment_summary']
+           'run_isolated', 'memory_mark', 'memory_growth', 'cpu_model', 'environment_summary']

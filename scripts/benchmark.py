@@ -14,6 +14,9 @@ Examples:
     python scripts/benchmark.py --data datasets/benchmark/Set5 datasets/benchmark/Set14 \\
         --rows Bicubic SwinIR-light HAT-S --weights HAT-S=/ckpt/HAT-S_SRx4.pth --device cuda
 
+    # every row in fp32 and bf16 (autocast; bf16 on a CPU with avx512_bf16/AMX)
+    python scripts/benchmark.py --data datasets/demo/val --rows SwinIR-light AdaFormer --precision fp32 bf16
+
     # any option file as an extra row
     python scripts/benchmark.py --data datasets/demo/val --rows Bicubic --opt Mine=options/test/my_model.yml
 """
@@ -59,6 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (or 'cuda:N')")
+    parser.add_argument('--precision', nargs='+', default=None, choices=('fp32', 'bf16', 'fp16'),
+                        help="measure every row in each of these precisions (autocast; bf16 on the CPU needs "
+                             "avx512_bf16/AMX, fp16 needs CUDA). Default: each option file's val.precision, else fp32")
     parser.add_argument('--max-images', type=int, default=None, help='evaluate at most this many images per set')
     parser.add_argument('--out', default='results/benchmark', help='output folder (default: results/benchmark)')
     parser.add_argument('--no-malloc-env', action='store_true', help="keep glibc's default malloc settings")
@@ -69,6 +75,7 @@ def main(argv=None) -> None:
 
     import adasr  # noqa: F401
     from adasr.cli.options import OptionsError
+    from adasr.inference.precision import PrecisionError, resolve_precision
     from benchmarks.harness import (
         BenchmarkError,
         find_dataset,
@@ -80,6 +87,7 @@ def main(argv=None) -> None:
         save_outputs,
         table_rows,
         to_markdown,
+        with_precisions,
     )
     from benchmarks.profiling import environment_summary, run_isolated
 
@@ -120,6 +128,12 @@ def main(argv=None) -> None:
         rows.append(row)
     if not rows:
         raise SystemExit('error: no rows to measure')
+    rows = with_precisions(rows, args.precision)
+    for row in rows:
+        try:
+            resolve_precision(row.precision, args.device)
+        except PrecisionError as e:
+            raise SystemExit(f'error: row {row.label}: {e}') from None
 
     results = {}
     data_arg = [{'name': d.name, 'hr_dir': d.hr_dir, 'lr_dir': d.lr_dir, 'pairs': d.pairs} for d in datasets]
@@ -127,7 +141,8 @@ def main(argv=None) -> None:
     for row in rows:
         print(f'[{row.label}] measuring ...', flush=True)
         spec = {'network_g': row.network_g, 'scale': row.scale, 'checkpoint': row.checkpoint,
-                'param_key': row.param_key, 'strict': row.strict, 'eps_h': row.eps_h}
+                'param_key': row.param_key, 'strict': row.strict, 'eps_h': row.eps_h,
+                'precision': row.precision}
         try:
             results[row.label] = run_isolated(measure_row, timeout=args.timeout, spec=spec, datasets=data_arg,
                                               size=(h, w), repeats=args.repeats, warmup=args.warmup,

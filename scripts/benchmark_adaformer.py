@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Latency, peak memory, MACs and per-block sparsity of AdaFormer's sparse eval against the dense computation.
 
-For each setting (the halting threshold ``eps_h``, or a bias added to the confidence estimator's last conv to force
-a sparsity level) the paper-configuration network runs in eval mode twice, each in a fresh process:
+For each setting (the halting threshold ``eps_h``; a bias added to the confidence estimator's last conv to force
+a sparsity level; or ``halt=<share>``: the bias that halts that share of tokens per block, mean over blocks 1-5,
+calibrated on a centre crop by :mod:`benchmarks.halting_rates`) the paper-configuration network runs in eval mode
+twice, each in a fresh process:
 
 * ``sparse``: attention only for kept windows and tokens (``sparse_eval=True``, the default; the authors' eval
   chunking of the global branch);
@@ -16,6 +18,9 @@ CUDA allocation above the level before the first call. Prints a Markdown table; 
 
 Example (the docs' table):
     python scripts/benchmark_adaformer.py --size 270 480 --repeats 3 --csv benchmark_adaformer.csv
+
+    # latency against the share of tokens halted per block (the speed of adaptive inference before trained weights)
+    python scripts/benchmark_adaformer.py --settings halt=0 halt=0.25 halt=0.5 halt=0.75 halt=0.9 halt=1
 """
 import argparse
 import csv
@@ -30,27 +35,30 @@ DEFAULT_SETTINGS = ['bias=-20', 'eps=0.05', 'eps=0.2', 'eps=0.5', 'bias=2', 'bia
 
 
 def parse_setting(text: str) -> Dict[str, float]:
-    """'eps=0.2' -> {'eps_h': 0.2, 'bias': 0}; 'bias=3' -> {'eps_h': 0.05, 'bias': 3} (with --eps for the eps)."""
+    """'eps=0.2' -> {'eps': 0.2}; 'bias=3' -> {'bias': 3}; 'halt=0.5' -> {'halt': 0.5} (eps_h 0.05 unless set)."""
     key, _, value = text.partition('=')
-    if key not in ('eps', 'bias') or not value:
-        raise argparse.ArgumentTypeError(f"setting {text!r}: use eps=<float> or bias=<float>")
-    return {'eps': float(value)} if key == 'eps' else {'bias': float(value)}
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if key not in ('eps', 'bias', 'halt') or number is None or (key == 'halt' and not 0 <= number <= 1):
+        raise argparse.ArgumentTypeError(f"setting {text!r}: use eps=<float>, bias=<float> or halt=<share in [0, 1]>")
+    return {key: number}
 
 
 def _network(setting: Dict[str, float], weights: Optional[str], seed: int):
     """The paper network in eval mode: seeded random weights (as the authors' oracle) or a checkpoint, with the
     setting's estimator bias and eps_h."""
-    import torch
 
     import adasr  # noqa: F401
     from adasr.archs.adaformer_arch import load_authors_weights
     from benchmarks.adaformer_speed import seeded_adaformer
+    from benchmarks.halting_rates import shift_estimator_bias
 
     net = seeded_adaformer(seed)
     if weights:
         load_authors_weights(net, weights)
-    with torch.no_grad():
-        net.body.var[2].bias.add_(setting.get('bias', 0.0))
+    shift_estimator_bias(net, setting.get('bias', 0.0))
     net.eps_h = setting.get('eps', 0.05)
     return net
 
@@ -120,12 +128,11 @@ def _environment(args) -> str:
 def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup: int, device: str,
             weights: Optional[str], seed: int, threads: Optional[int]) -> Dict[str, Any]:
     """One configuration, run inside a fresh process (see benchmarks.profiling.run_isolated)."""
-    import time
-
     import torch
 
     import adasr  # noqa: F401
-    from benchmarks.profiling import Timing, memory_growth, memory_mark, time_fn
+    from benchmarks.halting_rates import calibrate_halting
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
@@ -134,24 +141,18 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
     net.sparse_eval = sparse
     net = net.to(dev)
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    offset = None
+    if 'halt' in setting:  # calibrated in sparse mode on a centre crop, the same offset for both modes
+        net.sparse_eval = True
+        ch, cw = min(size[0], 96), min(size[1], 96)
+        top, left = (size[0] - ch) // 2, (size[1] - cw) // 2
+        offset, _ = calibrate_halting(net, x[..., top:top + ch, left:left + cw], setting['halt'])
+        net.sparse_eval = sparse
 
-    def call():
-        with torch.no_grad():
-            return net(x)
-
-    mark = memory_mark(dev)
-    cpu_times = []
-
-    def timed_call():
-        start = time.process_time()
-        call()
-        cpu_times.append(time.process_time() - start)
-
-    timing = time_fn(timed_call, repeats=repeats, warmup=warmup, device=dev)
-    peak = memory_growth(dev, mark)
+    timing, peak = timed_no_grad(lambda: net(x), dev, repeats, warmup)
     info = net.last_halting
     return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times,
-            'cpu_median_s': Timing(cpu_times[warmup:]).median, 'peak_mb': peak / 2 ** 20,
+            'cpu_median_s': timing.cpu_median, 'peak_mb': peak / 2 ** 20, 'estimator_offset': offset,
             'gmacs': net.flops(*size) / 1e9, 'gmacs_authors': net.flops(*size, convention='authors') / 1e9,
             'global_consumed': info.sparsity['global_consumed'], 'local_consumed': info.sparsity['local_consumed'],
             'split': info.eval_global_split}
@@ -166,7 +167,8 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--size', type=int, nargs=2, default=[270, 480], metavar=('H', 'W'), help='LR input size')
     parser.add_argument('--settings', type=parse_setting, nargs='+', default=None,
-                        help=f'eps=<eps_h> or bias=<estimator bias>; default: {" ".join(DEFAULT_SETTINGS)}')
+                        help='eps=<eps_h>, bias=<estimator bias> or halt=<share halted per block>; default: '
+                             f'{" ".join(DEFAULT_SETTINGS)}')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--device', default='cpu')
@@ -239,7 +241,7 @@ def main(argv=None) -> None:
               f'{_fmt(r["global_consumed"])} | {_fmt(r["local_consumed"])} |')
     if args.csv:
         keys = ['setting', 'mode', 'median_s', 'spread', 'times', 'cpu_median_s', 'speedup_vs_dense',
-                'cpu_speedup_vs_dense', 'peak_mb', 'gmacs',
+                'cpu_speedup_vs_dense', 'peak_mb', 'estimator_offset', 'gmacs',
                 'gmacs_authors', 'split', 'global_consumed', 'local_consumed']
         with open(args.csv, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=keys)

@@ -216,7 +216,7 @@ def test_benchmark_script_end_to_end(tmp_path):
     assert float(rows[0]['MACs (G)']) == pytest.approx(3 * 4 * (48 * 16 + 48 * 64) / 1e9)
     assert float(rows[1]['params']) > 0 and float(rows[1]['latency median (s)']) > 0
     md = (out / 'benchmark.md').read_text()
-    assert '| Bicubic | none needed | 0 |' in md and 'MALLOC_MMAP_THRESHOLD_' in md and '16x12 LR input' in md
+    assert '| Bicubic | none needed | fp32 | 0 |' in md and 'MALLOC_MMAP_THRESHOLD_' in md and '16x12 LR input' in md
     assert 'python scripts/benchmark.py --data' in md
     assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     saved = json.loads((out / 'benchmark.json').read_text())
@@ -249,7 +249,7 @@ def test_outputs_and_eps_h(tmp_path):
                 'environment': {'torch': 't', 'threads': 1, 'cpu_count': 2, 'malloc_env': {}}}
     paths = save_outputs(str(tmp_path), [row], {'Ada': res, }, ['demo_val'], settings)
     md = open(paths['md']).read()
-    assert '| Ada | w.pth | 0.000M | 2.00 | analytic | 1.000 | 1.0 | 1 | 30.00 | 0.9000 | - |' in md
+    assert '| Ada | w.pth | fp32 | 0.000M | 2.00 | analytic | 1.000 | 1.0 | 1 | 30.00 | 0.9000 | - |' in md
     assert '- Ada: a note' in md and 'defaults (--no-malloc-env)' in md
     # val.eps_h of an option file reaches the network; a network without it is an error
     opt = _write_yaml(tmp_path / 'e.yml', TINY_HAT)

@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.halting import HaltingInfo, halting_sparsity
 from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
@@ -69,9 +70,10 @@ class ResBlock(nn.Module):
 
 
 def _onednn_layout_ok(x: torch.Tensor) -> bool:
-    """Inference on the CPU in float32 with oneDNN: convolutions may run on oneDNN-layout tensors."""
+    """Eager inference on the CPU in float32 with oneDNN: convolutions may run on oneDNN-layout tensors (not while
+    ``torch.export`` / ``torch.compile`` trace the network: graphs keep the plain NCHW operators)."""
     return (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
 
 def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -445,7 +447,7 @@ class AdaM(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class AdaFormer(SRArch, nn.Module):
+class AdaFormer(SRArch, Exportable, nn.Module):
     """AdaFormer (AAAI-24) super-resolution network; ``AdaFormer()`` is the paper's x4 model (1,602,721 parameters).
 
     Input (B, in_chans, H, W) in 0..1, any size and batch (padded inside by reflection to a multiple of

@@ -33,7 +33,6 @@ class AdaFormerExport(nn.Module):
     """Graph-export form of an AdaFormer network's eval forward (shares its parameters). ``forward(x)``:
     (B, C, H, W) in 0..1, (B, C, scale*H, scale*W) out, any H and W."""
 
-
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net

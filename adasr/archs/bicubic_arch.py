@@ -3,6 +3,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.interface import ArchTraits, SRArch
 from adasr.utils.checks import check_int
 from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kernel_taps, upscale_phases
@@ -10,7 +11,6 @@ from adasr.utils.matlab_resize import imresize, imresize_upscale_traceable, kern
 
 class _BicubicExport(nn.Module):
     """Graph-export form of :class:`Bicubic` (the same weights; source indices computed in the graph)."""
-
 
     def __init__(self, upscale: int):
         super().__init__()
@@ -23,7 +23,7 @@ class _BicubicExport(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class Bicubic(SRArch, nn.Module):
+class Bicubic(SRArch, Exportable, nn.Module):
     """MATLAB ``imresize(lr, upscale, 'bicubic')`` as a network (``network_g: {type: Bicubic, upscale: 4}``).
 
     Args:
@@ -32,6 +32,7 @@ class Bicubic(SRArch, nn.Module):
     Input (B, C, H, W) in any range; output (B, C, upscale*H, upscale*W), not clamped (BasicSR's ``tensor2img``
     clamps and rounds, as MATLAB does for uint8 images). It has no parameters, so it is for testing only.
     """
+
 
     def __init__(self, *, upscale: int = 4):
         super().__init__()

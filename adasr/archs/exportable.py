@@ -1,13 +1,31 @@
-"""Padding for graph export: the values of :func:`adasr.archs.layers.pad_to_multiple` as index gathers.
+"""The graph-export hook of adasr's networks, and export-friendly padding.
 
-Graph exporters (``torch.onnx.export(dynamo=True)``, i.e. ``torch.export``) record tensor operations; Python
-branches on the input size are fixed while tracing. These helpers pad with no such branch, so a traced graph pads
-every input size (including pads larger than the image). Archs use them in their export forms
-(:meth:`adasr.archs.interface.SRArch.export_module`).
+Graph exporters (``torch.onnx.export(dynamo=True)``, i.e. ``torch.export``) record tensor operations and need
+Python control flow that does not depend on tensor values (and, for dynamic sizes, not on the input size either).
+A network whose eval ``forward`` branches on data (AdaFormer's halting gathers a data-dependent number of tokens, PFT
+runs its top-k attention block by block through custom kernels) declares a module that computes the same eval
+output with static control flow: it subclasses :class:`Exportable` and returns that module from
+:meth:`Exportable.export_module`. Generic export code calls :func:`export_module` and never names an arch.
 """
 import torch
+from torch import nn
 
 from adasr.archs.layers import PadMode
+
+
+class Exportable:
+    """Mixin for networks with a separate graph-export form of their eval forward (same numbers, static control
+    flow, any input size). ``class AdaFormer(Exportable, nn.Module)``."""
+
+    def export_module(self) -> nn.Module:
+        """A module whose ``forward(x)`` equals this network's eval ``forward(x)`` and is traceable by
+        ``torch.export`` with dynamic height and width. It shares this network's parameters."""
+        raise NotImplementedError
+
+
+def export_module(net: nn.Module) -> nn.Module:
+    """The module to trace for graph export: the network's declared export form, or the network itself."""
+    return net.export_module() if isinstance(net, Exportable) else net
 
 
 def mirror_indices(n: int, total: int, mode: PadMode, device: torch.device) -> torch.Tensor:

@@ -7,8 +7,6 @@ ask this module, never a class name and never an attribute found by probing:
   padded to (and tiles aligned to), its activation memory per LR pixel, the smallest useful tile, its preferred half
   type, whether it is adaptive (keeps a halting record);
 * :func:`count_flops` - multiply-accumulates for an input size, where the arch counts them;
-* :func:`export_module` - the module to trace for graph export (ONNX): the arch's declared export form of its eval
-  forward (static control flow, same outputs), or the network itself;
 * :func:`halting_record` / :func:`set_halting_record` / :func:`halting_threshold` / :func:`set_halting_threshold` -
   the adaptive archs' record of their last forward (:class:`~adasr.archs.halting.HaltingInfo`) and their threshold;
 * :func:`unwrap` - the network inside DataParallel / DistributedDataParallel.
@@ -83,12 +81,6 @@ class SRArch:
         """Multiply-accumulates of one forward on an ``h x w`` LR image (None: not counted by the arch)."""
         return None
 
-    def export_module(self) -> nn.Module:
-        """A module whose ``forward(x)`` equals this network's eval ``forward(x)`` and that ``torch.export`` can
-        trace with dynamic height and width (no Python branch on tensor values or sizes); it shares the network's
-        parameters. Archs whose eval path is data-dependent override it; the default is the network itself."""
-        return self
-
     def halting_record(self) -> Optional[HaltingInfo]:
         return None
 
@@ -148,12 +140,6 @@ def arch_traits(net: nn.Module, net_opt: Optional[Mapping] = None) -> ArchTraits
     if net_opt and net_opt.get('window_size') and not traits.pads_input:
         traits = replace(traits, window=int(net_opt['window_size']))
     return traits
-
-
-def export_module(net: nn.Module) -> nn.Module:
-    """The module to trace for graph export: the arch's declared export form, or the network itself."""
-    net = unwrap(net)
-    return net.export_module() if isinstance(net, SRArch) else net
 
 
 def count_flops(net: nn.Module, h: int, w: int) -> Optional[float]:

@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
@@ -261,7 +262,7 @@ class _PatchEmbedNorm(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class PFT(SRArch, nn.Module):
+class PFT(SRArch, Exportable, nn.Module):
     """PFT / PFT-light super-resolution network (``network_g: {type: PFT, ...}``).
 
     Args (the keys of the released ``network_g`` blocks; defaults as upstream):

@@ -52,7 +52,6 @@ class PFTExport(nn.Module):
     """Graph-export form of a PFT network's eval forward (shares its parameters). ``forward(x)``: (B, C, H, W) in,
     (B, C, scale*H, scale*W) out, any H and W."""
 
-
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net

@@ -119,6 +119,19 @@ def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None
                 raise OptionsError(f'{section}: missing {key}')
 
 
+def check_precision_opt(value, num_gpu='auto', check_device: bool = True) -> None:
+    """``val.precision``: one of fp32/bf16/fp16 and, with ``check_device``, runnable on the device BasicSR will
+    pick (CUDA when ``num_gpu`` is not 0 and a GPU is present, else the CPU), so a run is refused before it starts."""
+    from adasr.inference.precision import PrecisionError, parse_precision, resolve_precision
+
+    try:
+        parse_precision(value)
+        if check_device:
+            resolve_precision(value, 'cuda' if num_gpu != 0 and torch.cuda.is_available() else 'cpu')
+    except PrecisionError as e:
+        raise OptionsError(f'val.precision: {e}') from None
+
+
 def _declared_keys(model_cls, attr: str) -> set:
     """Extra option keys a model class declares, together with those of its base classes (a subclass that declares
     its own set keeps its parents' keys)."""
@@ -171,6 +184,8 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
             value = val.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise OptionsError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
+        if 'precision' in val:
+            check_precision_opt(val['precision'], num_gpu, check_device=check_paths)
         for name, m in (val.get('metrics') or {}).items():
             _registered(METRIC_REGISTRY, m.get('type'), f'val.metrics.{name}')
             _check_keys(f'val.metrics.{name}', m, METRIC_KEYS)

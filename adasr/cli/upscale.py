@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 HALF_DTYPES = ('fp16', 'bf16')
 DIST_TIMEOUT = datetime.timedelta(days=7)  # under torchrun: how long the summary waits for the slowest share
+PRECISION_CHOICES = ('auto', 'fp32', 'bf16', 'fp16')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--max-memory', type=float, default=None,
                      help='GiB the automatic tile size may plan for. Default: 4 on the CPU, 80%% of free on CUDA')
     run.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
-    run.add_argument('--fp32', action='store_true', help='full precision on CUDA (always full precision on the CPU)')
-    run.add_argument('--half', choices=HALF_DTYPES, default=None,
-                     help='half type on CUDA. Default: the half type the arch declares, else fp16')
+    run.add_argument('--precision', choices=PRECISION_CHOICES, default=None,
+                     help='fp32, bf16 (CUDA, or a CPU with avx512_bf16/AMX) or fp16 (CUDA only), by autocast. '
+                          'Default (auto): on CUDA the half type the arch declares, else fp16; fp32 on the CPU')
+    run.add_argument('--fp32', action='store_true', help='alias of --precision fp32')
+    run.add_argument('--half', choices=HALF_DTYPES, default=None, help='alias of --precision fp16 / bf16')
     out = p.add_argument_group('output')
     out.add_argument('--ext', default='auto',
                      help='output format: auto (the input\'s if writable, else png), png, jpg, webp, tif, bmp')
@@ -100,21 +103,26 @@ class Upscaler:
     scale: int
     multiple: int
     device: object
-    dtype: object
+    precision: object  # adasr.inference.precision.Precision
     in_channels: int
     description: str
     tiling: str = 'supported'
+
+    @property
+    def dtype(self):
+        """The compute type (what memory planning assumes); weights and inputs stay float32 (autocast)."""
+        return self.precision.dtype
 
     def forward_fn(self):
         import torch
 
         from adasr.inference.tile import padded_forward
 
-        inner = padded_forward(self.net, self.scale, self.multiple, mode='reflect')
+        inner = self.precision.wrap(padded_forward(self.net, self.scale, self.multiple, mode='reflect'))
 
         def fn(x):
             with torch.no_grad():
-                return inner(x.to(self.device, self.dtype, non_blocking=True))
+                return inner(x.to(self.device, torch.float32, non_blocking=True))
 
         return fn
 
@@ -130,12 +138,12 @@ def _constructor_scale_key(cls) -> Optional[str]:
 
 
 def build_model(args) -> Upscaler:
-    import torch
     from basicsr.archs import build_network
     from basicsr.utils.registry import ARCH_REGISTRY
 
     from adasr.archs.interface import arch_traits
     from adasr.cli.options import OptionsError, check_network_opt, load_yaml
+    from adasr.inference.precision import PrecisionError, resolve_precision
     from adasr.utils.checkpoint import CheckpointError, load_weights
 
     if args.opt and args.arch:
@@ -206,20 +214,18 @@ def build_model(args) -> Upscaler:
         name += ', random weights'
 
     device = _pick_device(args.device)
-    dtype = torch.float32
-    if device.type == 'cuda' and not args.fp32:
-        preferred = 'bf16' if traits.preferred_half == torch.bfloat16 else 'fp16'
-        dtype = torch.bfloat16 if (args.half or preferred) == 'bf16' else torch.float16
-        if dtype not in traits.half_dtypes:
-            if args.half:
-                raise UsageError(f'--half {args.half}: this model does not run in it (half types: '
-                                 f'{", ".join(str(t) for t in traits.half_dtypes) or "none"}); use --fp32')
-            dtype = traits.half_dtypes[0] if traits.half_dtypes else torch.float32
+    try:
+        precision = resolve_precision(_precision_arg(args), device, preferred_half=traits.preferred_half)
+    except PrecisionError as e:
+        raise UsageError(f'--precision: {e}') from None
+    if precision.name != 'fp32' and precision.dtype not in traits.half_dtypes:
+        raise UsageError(f'--precision {precision.name}: this model does not run in it (half types: '
+                         f'{", ".join(str(t) for t in traits.half_dtypes) or "none"}); use fp32')
     net.eval()
-    net.to(device=device, dtype=dtype)
+    net.to(device=device)
     in_channels = _in_channels(net)
-    return Upscaler(net, scale, traits.window, device, dtype, in_channels, f'{name}, x{scale}, {device}, {dtype}',
-                    traits.tiling)
+    return Upscaler(net, scale, traits.window, device, precision, in_channels,
+                    f'{name}, x{scale}, {device}, {precision.name}', traits.tiling)
 
 
 def _detected_model(weights: str, param_key: Optional[str], scale: Optional[int]):
@@ -232,6 +238,15 @@ def _detected_model(weights: str, param_key: Optional[str], scale: Optional[int]
     except (CheckpointError, ValueError) as e:
         raise UsageError(f'--weights {weights}: {e}') from None
     return net, f'detected by spandrel in {weights}: {net.describe()}'
+
+
+def _precision_arg(args) -> str:
+    """The one precision asked for by ``--precision`` or its aliases ``--fp32`` / ``--half``."""
+    given = {v for v in (args.precision, 'fp32' if args.fp32 else None, args.half) if v is not None}
+    if len(given) > 1:
+        raise UsageError(f'conflicting precisions {sorted(given)}: give one --precision (--fp32 and --half are its '
+                         'aliases)')
+    return given.pop() if given else 'auto'
 
 
 def _pick_device(name: str):

@@ -1,18 +1,18 @@
 """ONNX export of adasr's networks, an onnxruntime runner, and the comparison of the two.
 
 The exporter is PyTorch's maintained one, ``torch.onnx.export(..., dynamo=True)``: ``torch.export`` captures the
-graph and onnxscript's torchlib translates it, at opset :data:`OPSET` (torchlib's own opset, no version conversion).
-The TorchScript exporter (``dynamo=False``) is deprecated and not used.
+graph and onnxscript's torchlib translates it, at opset :data:`OPSET` (torchlib's own opset; onnxruntime and
+TensorRT 8.6+ read it). The TorchScript exporter (``dynamo=False``) is deprecated and not used.
 
-What is traced is the network's declared export form (:func:`adasr.archs.interface.export_module`: AdaFormer, PFT
-and Bicubic compute their eval forward with static control flow there), behind the harness's padding for networks
-that do not pad their input themselves. With ``size=None`` the graph takes any height and width at batch 1
-(``torch.export.Dim.DYNAMIC``); a network whose Python code fixes sizes while tracing needs a fixed ``size``, and the
-error says so. The batch stays 1: with a dynamic batch, basicsr's SwinIR exports a graph that runs but is wrong.
+What is traced is the network's declared export form (:func:`adasr.archs.exportable.export_module`: AdaFormer and
+PFT compute their data-dependent eval paths with static control flow there), wrapped with the padding the harness
+applies to networks that do not pad their input themselves. With ``size=None`` the graph takes any batch, height
+and width (``torch.export.Dim.DYNAMIC``); networks whose Python code fixes sizes while tracing (basicsr's SwinIR)
+need a fixed ``size``, and the error says so.
 
 Two torchlib gaps are filled here for every arch: ``aten.sort.stable`` (ATD sorts its token categories) becomes a
-full-length ``TopK`` (ONNX breaks ties by the lower index, i.e. a stable sort), and ``aten.remainder.Scalar``
-accepts a symbolic divisor (the padding index arithmetic at dynamic sizes).
+full-length ``TopK`` (ONNX breaks ties by the lower index, i.e. a stable sort, as PyTorch's CPU sort), and
+``aten.remainder.Scalar`` accepts a symbolic divisor (the padding index arithmetic at dynamic sizes).
 """
 import contextlib
 import math
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from adasr.archs.exportable import mirror_pad_to_multiple
-from adasr.archs.interface import arch_traits, export_module
+from adasr.archs.exportable import export_module, mirror_pad_to_multiple
+from adasr.archs.interface import arch_traits
 from adasr.utils.image_io import atomic_write_bytes
 
 #: ONNX opset of the exported graphs (onnxscript torchlib's native opset: no version conversion step).
@@ -59,7 +59,7 @@ class _Traced(nn.Module):
         super().__init__()
         self.body = export_module(net)
         self.scale = scale
-        self.multiple = 1 if arch_traits(net).pads_input else multiple  # 1: the network pads itself
+        self.multiple = 1 if arch_traits(net).pads_input else multiple  # 1: it pads itself
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.multiple == 1:
@@ -106,8 +106,9 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
         scale: the network's upscaling factor (for the crop after harness padding).
         in_channels: image channels of the input.
         size: ``(H, W)`` for a graph of that fixed input size (batch 1); None for dynamic batch, height and width.
-        multiple: what the harness pads the input of a network that does not pad itself to (None: the window of
-            :func:`adasr.archs.interface.arch_traits`; ``adasr-export`` passes what ``adasr-upscale`` uses).
+        multiple: what the harness pads the input of a network that does not pad itself to (None: the window the
+            arch declares, :func:`adasr.archs.interface.arch_traits`; give the option file's
+            ``network_g.window_size`` for basicsr's SwinIR, as ``adasr-upscale`` does).
         opset: ONNX opset.
 
     Returns:
@@ -124,9 +125,7 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
     shapes = ({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},) if dynamic else None
     start = time.perf_counter()
     try:
-        # traced with autograd on: the archs' CPU inference fast paths (oneDNN layouts, fused oneDNN linears) are
-        # not exportable operators; the plain paths that autograd selects compute the same numbers
-        with torch.enable_grad():
+        with torch.no_grad():
             program = torch.onnx.export(traced, (example,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                         input_names=['lr'], output_names=['sr'],
                                         custom_translation_table=_translations(), verbose=False)

@@ -14,6 +14,7 @@ from torch import nn
 from adasr.archs.interface import arch_traits, set_halting_record, unwrap
 from adasr.data.paired_dataset import DatasetError
 from adasr.inference.halting import HaltingCollector
+from adasr.inference.precision import resolve_precision
 from adasr.inference.tile import padded_forward, tiled_forward
 from adasr.utils.checkpoint import check_finite_state, load_weights, save_checkpoint
 from adasr.utils.checks import check_finite
@@ -53,10 +54,12 @@ class AdaSRModel(SRModel):
       per side after ``crop_border``; BasicSR would report ``ssim: nan`` or fail inside OpenCV), and refuses a
       network output with NaN or infinite values (BasicSR would write a black image and average NaN): both are
       errors naming the image;
-    * validation and testing under ``torchrun`` shared between the processes (:meth:`dist_validation`).
+    * validation and testing under ``torchrun`` shared between the processes (:meth:`dist_validation`);
+    * reduced-precision testing: ``val: {precision: bf16}`` (fp32 default, bf16, fp16; autocast, see
+      :mod:`adasr.inference.precision`; checked against the device before anything runs).
     """
 
-    val_option_keys = {'tile', 'tile_pad'}
+    val_option_keys = {'tile', 'tile_pad', 'precision'}
     train_option_keys = {'max_nonfinite_steps'}
     _share_means: Optional[dict] = None  # while this process validates its share: the means it would have logged
     _lq_path: Optional[str] = None
@@ -208,12 +211,14 @@ class AdaSRModel(SRModel):
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
-        is set (``val.tile_pad`` LR pixels of blended context, default 32) and the arch does not tile itself."""
+        is set (``val.tile_pad`` LR pixels of blended context, default 32) and the arch does not tile itself, in
+        ``val.precision`` (default fp32)."""
         traits = arch_traits(net, net_opt=self.opt['network_g'])
         multiple = traits.window
         scale = self.opt.get('scale', 1)
-        fn = padded_forward(net, scale, multiple, mode='reflect')
         val = self.opt.get('val') or {}
+        precision = resolve_precision(val.get('precision', 'fp32'), lq.device)
+        fn = precision.wrap(padded_forward(net, scale, multiple, mode='reflect'))
         tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.cli.options
         if not tile or traits.tiling == 'internal':
             return fn(lq)
