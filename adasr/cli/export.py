@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from adasr.inference.tile import padded_forward
 
     try:
-        up = build_model(SimpleNamespace(**vars(args), device='cpu', fp32=True, half=None))
+        up = build_model(SimpleNamespace(**vars(args), device='cpu', precision='fp32', fp32=False, half=None))
         x = None if args.no_check else _check_input(args, up.in_channels)
         result = export_onnx(up.net, args.output, up.scale, in_channels=up.in_channels, size=args.size,
                              multiple=up.multiple, opset=args.opset or OPSET)
