@@ -1,14 +1,15 @@
 """PFA (progressive focused attention, PFT's window attention) without autograd: the inference engine.
 
-:func:`attend` computes one layer's attention for all windows, tile by tile (a tile is a few windows x a few hundred
-query rows, about :func:`adasr.ops.config.tile_bytes` of float32 work): scores, softmax, focusing, top-k and
-aggregation of a tile finish before the next tile starts, in place, written straight into preallocated outputs and
-into the state for the next layer of the same shift parity. On the CPU the tiles run on
+:func:`attend` computes one layer's attention for all windows. Dense layers (k >= n) are fused dense attention
+(:func:`dense_attention`), and their state is the recipe of their scores (:class:`DenseScores`), never the map. The
+first top-k layer of a parity and the sparse layers run tile by tile (a tile is a few windows x a few hundred query
+rows, about :func:`adasr.ops.config.tile_bytes` of float32 work): scores, softmax, focusing, top-k and aggregation of a
+tile finish before the next tile starts, written straight into preallocated outputs and into the state for the next
+layer of the same shift parity (:class:`SparseMap`); on the CPU the tiles run on
 :func:`adasr.ops.scheduling.parallel_for` worker threads. Only public :mod:`adasr.ops` functions are called.
 
 This module also holds what the engine shares with the autograd formulation in :mod:`adasr.archs.pft_arch`: the
-arithmetic of one tile (:func:`dense_scores`, :func:`softmax`, :func:`focus`), the shift mask and the layer states
-(:class:`DenseMap`, :class:`SparseMap`).
+arithmetic of one chunk (:func:`dense_scores`, :func:`softmax`, :func:`focus`), the shift mask and the states.
 """
 from typing import List, Optional, Tuple
 
