@@ -423,6 +423,7 @@ def test_a_network_that_tiles_itself_is_never_tiled():
 
     from adasr.archs.interface import ArchTraits, SRArch
     from adasr.cli.upscale import Upscaler, _run_model, build_parser
+    from adasr.inference.precision import resolve_precision
     from adasr.models.adasr_model import AdaSRModel
 
     class Net(SRArch, torch.nn.Module):
@@ -441,7 +442,7 @@ def test_a_network_that_tiles_itself_is_never_tiled():
     args = build_parser().parse_args(['-i', 'x', '-q'])
     for tiling, calls, note in (('internal', 1, 'tiles internally'), ('discouraged', 9, 'discouraged')):
         net = Net(tiling)
-        up = Upscaler(net, 2, 1, torch.device('cpu'), torch.float32, 3, 'test', tiling)
+        up = Upscaler(net, 2, 1, torch.device('cpu'), resolve_precision('fp32', 'cpu'), 3, 'test', tiling)
         y, tile, why = _run_model(up, x, args, desc='x', tile=8)
         assert len(net.calls) == calls and note in why and y.shape == (1, 3, 40, 40)
     net = Net('internal')

@@ -209,6 +209,7 @@ class PFTLayer(nn.Module):
         q, k, v = qkv_w.view(nb, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # b*nW, h, n, d
         q = q.mul_(self.scale) if not torch.is_grad_enabled() else q * self.scale
         out, state = self.attn_win(q, k, v, rpi, prev, self.topk, frame.mask if self.shift_size else None)
+        out = out.to(q.dtype)  # the engine scores in float32; half-precision networks continue in their type
         # back to token order (and un-shifted) in one row gather, + LePE there (channel h*d + e), then the projection
         out = out.transpose(1, 2).reshape(nb * n, c).index_select(0, inv).add_(lepe.reshape(b * n_tok, c))
         out = self.attn_win.proj(out)
