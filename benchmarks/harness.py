@@ -336,7 +336,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     from adasr.archs.interface import arch_traits, halting_record
     from adasr.inference.precision import resolve_precision
     from adasr.inference.tile import padded_forward
-    from benchmarks.profiling import memory_growth, memory_mark, time_fn
+    from benchmarks.profiling import time_forward
 
     if threads:
         torch.set_num_threads(threads)
@@ -351,14 +351,8 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     precision = spec.get('precision', 'fp32')
     forward = resolve_precision(precision, dev).wrap(padded_forward(net, scale, window))
 
-    def run():
-        with torch.no_grad():
-            return forward(x)
-
     # memory: what the forward passes add on top of the built model and its input
-    mark = memory_mark(dev)
-    timing = time_fn(run, repeats=repeats, warmup=warmup, device=dev)
-    peak = memory_growth(dev, mark)
+    timing, peak = time_forward(forward, x, repeats, warmup, dev)
     result: Dict[str, Any] = {
         'params': sum(p.numel() for p in net.parameters()),
         'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': int(peak),

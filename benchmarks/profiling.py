@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -167,6 +167,19 @@ def cpu_model(path: str = '/proc/cpuinfo') -> Optional[str]:
         return None
 
 
+def time_forward(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: int, warmup: int,
+                 device: torch.device) -> Tuple[Timing, int]:
+    """Time ``fn(x)`` without autograd (:func:`time_fn`) and return the timing and the peak memory the calls added
+    (:func:`memory_mark` / :func:`memory_growth`; call it in a fresh process for the CPU figure to mean anything)."""
+    def call():
+        with torch.no_grad():
+            return fn(x)
+
+    mark = memory_mark(device)
+    timing = time_fn(call, repeats=repeats, warmup=warmup, device=device)
+    return timing, memory_growth(device, mark)
+
+
 def environment_summary() -> Dict[str, Any]:
     """What a benchmark table must say about where it was measured: torch, threads, CPUs, the CPU model, the vector
     ISA PyTorch dispatches to and the relevant cpuinfo flags, the malloc settings, the GPU, the load average."""
@@ -193,4 +206,4 @@ def environment_summary() -> Dict[str, Any]:
 
 
 __all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',
-           'run_isolated', 'memory_mark', 'memory_growth', 'cpu_model', 'environment_summary']
+           'run_isolated', 'memory_mark', 'memory_growth', 'time_forward', 'cpu_model', 'environment_summary']

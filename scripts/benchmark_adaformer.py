@@ -52,9 +52,9 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
 
     import adasr  # noqa: F401
     from adasr.archs.adaformer_arch import AdaFormer, load_authors_weights
-    from benchmarks.halting_rates import calibrate_halting, shift_estimator_bias
+    from benchmarks.halting_rates import calibrate_on_centre, shift_estimator_bias
     from benchmarks.harness import perturb_weights
-    from benchmarks.profiling import memory_growth, memory_mark, time_fn
+    from benchmarks.profiling import time_forward
 
     if threads:
         torch.set_num_threads(threads)
@@ -73,18 +73,10 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
     offset = None
     if 'halt' in setting:  # calibrated in sparse mode on a centre crop, the same offset for both modes
         net.sparse_eval = True
-        ch, cw = min(size[0], 96), min(size[1], 96)
-        top, left = (size[0] - ch) // 2, (size[1] - cw) // 2
-        offset, _ = calibrate_halting(net, x[..., top:top + ch, left:left + cw], setting['halt'])
+        offset, _ = calibrate_on_centre(net, x, setting['halt'])
         net.sparse_eval = sparse
 
-    def call():
-        with torch.no_grad():
-            return net(x)
-
-    mark = memory_mark(dev)
-    timing = time_fn(call, repeats=repeats, warmup=warmup, device=dev)
-    peak = memory_growth(dev, mark)
+    timing, peak = time_forward(net, x, repeats, warmup, dev)
     info = net.last_halting
     return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times,
             'cpu_median_s': timing.cpu_median, 'peak_mb': peak / 2 ** 20, 'estimator_offset': offset,
