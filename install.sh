@@ -5,7 +5,8 @@
 #      throw-away build environment);
 #   3. adasr itself, editable, with the test tools.
 # Environment overrides: PYTHON (default python3), VENV (default .venv),
-#   TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"; any torch >= 2.1 with its torchvision works).
+#   TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"; any torch >= 2.1 with its torchvision works),
+#   TORCH_INDEX_URL (default: PyPI; e.g. PyTorch's CPU-only wheel index, see README "Installing by hand").
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -17,7 +18,7 @@ start=$(date +%s)
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" --upgrade pip setuptools wheel
 # shellcheck disable=SC2086
-"${PIP[@]}" $TORCH_SPEC
+"${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
 "${PIP[@]}" --no-build-isolation basicsr==1.4.2
 "${PIP[@]}" -e ".[dev]"
 "$VENV/bin/python" -c "import adasr, torch; print(f'adasr {adasr.__version__} on torch {torch.__version__}: ready')"

@@ -1,6 +1,7 @@
 """Test with a BasicSR option file: ``python adasr/test.py -opt options/test/X.yml`` (or ``adasr-test``).
 
-``results/<name>/`` (images, metrics log) is written under the current directory.
+``results/<name>/`` (images, metrics log) is written under the current directory. ``--sets Set5 Urban100`` runs only
+the datasets of the file with those names (the others need not exist on disk).
 """
 import os.path as osp
 import sys

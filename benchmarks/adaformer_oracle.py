@@ -77,6 +77,24 @@ def _intermediate_hooks(net, record: Dict[str, torch.Tensor], hw) -> List[Any]:
     return handles
 
 
+def complete_record(net, x: torch.Tensor, info):
+    """The halting record of ``net(x)`` (eval, no grad) with every estimator map complete
+    (``complete_halting_maps``), after checking that its masks equal those of ``info`` (the same call's record
+    with skipped windows)."""
+    was = net.complete_halting_maps
+    net.complete_halting_maps = True
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        net.complete_halting_maps = was
+    full = net.last_halting
+    for a, b in zip(info.global_keep + info.local_keep, full.global_keep + full.local_keep):
+        if not torch.equal(a, b):
+            raise AssertionError('complete_halting_maps changed a keep mask')
+    return full
+
+
 def run_network(net, x255: torch.Tensor, mode: str) -> Dict[str, Any]:
     """Run ``net`` in ``mode`` ('eval' or 'train') on a 0..255 input, without gradients; return the authors'
     output fields (padded-size maps) plus the intermediates."""
@@ -95,6 +113,8 @@ def run_network(net, x255: torch.Tensor, mode: str) -> Dict[str, Any]:
             h.remove()
     sr = out[0] if isinstance(out, tuple) else out
     info = net.last_halting
+    if not all(info.complete):  # sparse eval skipped dead windows: SR and masks above, whole maps from a rerun
+        info = complete_record(net, x255 / 255, info)
     return {'sr': sr * 255, 'halting_logits': info.logits, 'confidence': info.confidence,
             'global_keep_masks': info.global_keep, 'local_keep_masks': info.local_keep,
             'sparsity': info.sparsity, 'intermediates': record}

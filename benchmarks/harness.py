@@ -185,14 +185,18 @@ def perturb_weights(net, std: float = 0.02) -> None:
 
 
 def read_rgb(path: str):
-    """(1, 3, H, W) float tensor in [0, 1], RGB, from any 8-bit image (grayscale is repeated, as in BasicSR)."""
-    import cv2
+    """(1, 3, H, W) float tensor in [0, 1], RGB (:func:`adasr.utils.image_io.read_rgb`: grayscale repeated and EXIF
+    orientation applied, as in BasicSR)."""
     import torch
 
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise BenchmarkError(f'cannot read image {path}')
-    return torch.from_numpy(img[:, :, ::-1].copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    from adasr.utils.image_io import ImageReadError
+    from adasr.utils.image_io import read_rgb as read_rgb_array
+
+    try:
+        img = read_rgb_array(path)
+    except ImageReadError as e:
+        raise BenchmarkError(str(e)) from None
+    return torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
 
 
 def latency_input(lr_path: str, h: int, w: int):
@@ -231,18 +235,14 @@ def _sparse_flop_formulas() -> Dict:
     return formulas
 
 
-@contextlib.contextmanager
-def _sequential_attention():
-    """Run adasr's blocked attention in the calling thread (``ADASR_ATTN_THREADS=0``) for the duration."""
-    old = os.environ.get('ADASR_ATTN_THREADS')
-    os.environ['ADASR_ATTN_THREADS'] = '0'
+def _sequential_attention() -> contextlib.AbstractContextManager:
+    """Run adasr's tiled attention in the calling thread (``adasr.ops.config`` option ``threads=0``), where the
+    FLOP counter sees every operation, for the duration."""
     try:
-        yield
-    finally:
-        if old is None:
-            del os.environ['ADASR_ATTN_THREADS']
-        else:
-            os.environ['ADASR_ATTN_THREADS'] = old
+        from adasr.ops import config
+    except ImportError:  # a checkout without adasr.ops
+        return contextlib.nullcontext()
+    return config.options(threads=0)
 
 
 def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, float]]:
@@ -336,7 +336,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     from adasr.archs.interface import arch_traits, halting_record
     from adasr.inference.precision import resolve_precision
     from adasr.inference.tile import padded_forward
-    from benchmarks.profiling import time_forward
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
@@ -352,7 +352,7 @@ def measure_row(spec: Dict[str, Any], datasets: List[Dict[str, Any]], size: Tupl
     forward = resolve_precision(precision, dev).wrap(padded_forward(net, scale, window))
 
     # memory: what the forward passes add on top of the built model and its input
-    timing, peak = time_forward(forward, x, repeats, warmup, dev)
+    timing, peak = timed_no_grad(lambda: forward(x), dev, repeats, warmup)
     result: Dict[str, Any] = {
         'params': sum(p.numel() for p in net.parameters()),
         'latency': timing.as_dict(), 'spread': timing.spread, 'peak_bytes': int(peak),

@@ -155,6 +155,19 @@ def memory_growth(device: torch.device, mark: int) -> int:
     return max(rss_peak_bytes() - mark, 0)
 
 
+def timed_no_grad(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Tuple['Timing', int]:
+    """Time ``fn`` under ``torch.no_grad()`` (:func:`time_fn`) and measure the peak memory its calls add
+    (:func:`memory_mark` / :func:`memory_growth`): (timing, peak bytes)."""
+
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    mark = memory_mark(device)
+    timing = time_fn(call, repeats=repeats, warmup=warmup, device=device)
+    return timing, memory_growth(device, mark)
+
+
 #: ``/proc/cpuinfo`` flags that decide CPU speed and precision support, reported when present.
 ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'amx_tile', 'amx_bf16')
 
@@ -165,19 +178,6 @@ def cpu_model(path: str = '/proc/cpuinfo') -> Optional[str]:
             return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
     except OSError:
         return None
-
-
-def time_forward(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: int, warmup: int,
-                 device: torch.device) -> Tuple[Timing, int]:
-    """Time ``fn(x)`` without autograd (:func:`time_fn`) and return the timing and the peak memory the calls added
-    (:func:`memory_mark` / :func:`memory_growth`; call it in a fresh process for the CPU figure to mean anything)."""
-    def call():
-        with torch.no_grad():
-            return fn(x)
-
-    mark = memory_mark(device)
-    timing = time_fn(call, repeats=repeats, warmup=warmup, device=device)
-    return timing, memory_growth(device, mark)
 
 
 def environment_summary() -> Dict[str, Any]:
@@ -206,4 +206,4 @@ def environment_summary() -> Dict[str, Any]:
 
 
 __all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',
-           'run_isolated', 'memory_mark', 'memory_growth', 'time_forward', 'cpu_model', 'environment_summary']
+           'run_isolated', 'memory_mark', 'memory_growth', 'cpu_model', 'environment_summary']

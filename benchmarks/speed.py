@@ -36,7 +36,7 @@ def time_config(spec: Dict[str, Any], image: str, size: Tuple[int, int], repeats
     from adasr.inference.tile import padded_forward
     from benchmarks.halting_rates import calibrate_on_centre, halted_per_block
     from benchmarks.harness import build_net, latency_input, perturb_weights
-    from benchmarks.profiling import time_forward
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
@@ -56,7 +56,7 @@ def time_config(spec: Dict[str, Any], image: str, size: Tuple[int, int], repeats
         result['estimator_offset'] = offset
     forward = resolve_precision(precision, dev).wrap(padded_forward(net, int(spec['scale']), traits.window))
 
-    timing, _ = time_forward(forward, x, repeats, warmup, dev)
+    timing, _ = timed_no_grad(lambda: forward(x), dev, repeats, warmup)
     result.update(median_s=timing.median, spread=timing.spread, cpu_median_s=timing.cpu_median, times=timing.times)
     if traits.adaptive:
         result['halted'] = halted_per_block(net)

@@ -25,6 +25,7 @@ Example (the docs' table):
 import argparse
 import csv
 import os.path as osp
+import statistics
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -45,30 +46,100 @@ def parse_setting(text: str) -> Dict[str, float]:
     return {key: number}
 
 
+def _network(setting: Dict[str, float], weights: Optional[str], seed: int):
+    """The paper network in eval mode: seeded random weights (as the authors' oracle) or a checkpoint, with the
+    setting's estimator bias and eps_h."""
+
+    import adasr  # noqa: F401
+    from adasr.archs.adaformer_arch import load_authors_weights
+    from benchmarks.adaformer_speed import seeded_adaformer
+    from benchmarks.halting_rates import shift_estimator_bias
+
+    net = seeded_adaformer(seed)
+    if weights:
+        load_authors_weights(net, weights)
+    shift_estimator_bias(net, setting.get('bias', 0.0))
+    net.eps_h = setting.get('eps', 0.05)
+    return net
+
+
+def profile(setting: Dict[str, float], size, repeats: int, warmup: int, weights: Optional[str], seed: int,
+            threads: Optional[int], complete_maps: bool) -> Dict[str, Any]:
+    """Stage breakdown of one setting (in a fresh process), see benchmarks.adaformer_speed.stage_profile."""
+    import torch
+
+    from benchmarks.adaformer_speed import stage_profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    net = _network(setting, weights, seed)
+    net.complete_halting_maps = complete_maps
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
+    return stage_profile(net, x, repeats=repeats, warmup=warmup)
+
+
+def print_profile(result: Dict[str, Any], label: str) -> None:
+    total_w, total_c = result['total']
+    print(f'\n{label}: {total_w:.2f} s wall, {total_c:.2f} s CPU per call (median); global halted per block '
+          f'{_fmt(result["sparsity"]["global_consumed"])}\n')
+    print('| stage | wall s | CPU s | share of CPU |')
+    print('|---|---|---|---|')
+    for stage, (w, c) in sorted(result['stages'].items(), key=lambda kv: -kv[1][1]):
+        print(f'| {stage} | {w:.3f} | {c:.3f} | {100 * c / total_c:.0f}% |')
+    print(f'| **total** | {total_w:.3f} | {total_c:.3f} | 100% |')
+
+
+def compare(args) -> None:
+    """--compare: implementations side by side, in turns (benchmarks.adaformer_speed.side_by_side)."""
+    from benchmarks.adaformer_speed import side_by_side
+
+    contenders = [('adasr (this tree)', 'adasr', None)]
+    if args.baseline:
+        contenders.append((f'adasr ({args.baseline})', 'adasr', args.baseline))
+    if args.authors:
+        contenders.append(('authors (xiaotongtt/AdaFormer)', 'authors', None))
+    contenders.append(('SwinIR-light', 'swinir-light', None))
+    res = side_by_side(contenders, tuple(args.size), repeats=args.repeats, seed=args.seed,
+                       eps_h=args.eps, threads=args.threads, authors_dir=args.authors,
+                       progress=lambda m: print('  ' + m, file=sys.stderr, flush=True))
+    med = {k: (statistics.median(v['wall']), statistics.median(v['cpu'])) for k, v in res.items()}
+    ref = 'authors (xiaotongtt/AdaFormer)' if args.authors else contenders[-2][0]
+    print(f'side by side, input 1x3x{args.size[0]}x{args.size[1]} x4, seeded random weights shared by the AdaFormer '
+          f'rows, eps_h {args.eps:g}, median of {args.repeats} rounds (order rotating); {_environment(args)}\n')
+    print(f'| implementation | wall s, median (all) | CPU s, median | speed-up vs {ref.split(" (")[0]} (wall, CPU) '
+          f'| time / SwinIR-light (wall, CPU) | max abs SR diff vs adasr, 0..255 |')
+    print('|---|---|---|---|---|---|')
+    for label, r in res.items():
+        w, c = med[label]
+        diff = '-' if r['sr_diff_vs_first'] is None else f'{r["sr_diff_vs_first"]:.2e}'
+        print(f'| {label} | {w:.2f} ({" ".join(f"{t:.2f}" for t in r["wall"])}) | {c:.2f} | '
+              f'{med[ref][0] / w:.2f}, {med[ref][1] / c:.2f} | {w / med["SwinIR-light"][0]:.2f}, '
+              f'{c / med["SwinIR-light"][1]:.2f} | {diff} |')
+
+
+def _environment(args) -> str:
+    from benchmarks.profiling import environment_summary
+
+    env = environment_summary()
+    return (f'torch {env["torch"]}, {args.threads or env["threads"]} threads, {env["cpu_count"]} CPUs, '
+            f'load {env.get("loadavg_1m", "?")}, malloc env {"on" if env["malloc_env"] else "off"}')
+
+
 def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup: int, device: str,
             weights: Optional[str], seed: int, threads: Optional[int]) -> Dict[str, Any]:
     """One configuration, run inside a fresh process (see benchmarks.profiling.run_isolated)."""
     import torch
 
     import adasr  # noqa: F401
-    from adasr.archs.adaformer_arch import AdaFormer, load_authors_weights
-    from benchmarks.halting_rates import calibrate_on_centre, shift_estimator_bias
-    from benchmarks.harness import perturb_weights
-    from benchmarks.profiling import time_forward
+    from benchmarks.halting_rates import calibrate_on_centre
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    torch.manual_seed(seed)
-    net = AdaFormer()
-    if weights:
-        load_authors_weights(net, weights)
-    else:  # seeded random weights: default init plus a small perturbation (as the authors' oracle)
-        perturb_weights(net)
-    shift_estimator_bias(net, setting.get('bias', 0.0))
-    net.eps_h = setting.get('eps', 0.05)
+    net = _network(setting, weights, seed)
     net.sparse_eval = sparse
-    net = net.eval().to(dev)
+    net = net.to(dev)
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     offset = None
     if 'halt' in setting:  # calibrated in sparse mode on a centre crop, the same offset for both modes
@@ -76,7 +147,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
         offset, _ = calibrate_on_centre(net, x, setting['halt'])
         net.sparse_eval = sparse
 
-    timing, peak = time_forward(net, x, repeats, warmup, dev)
+    timing, peak = timed_no_grad(lambda: net(x), dev, repeats, warmup)
     info = net.last_halting
     return {'median_s': timing.median, 'spread': timing.spread, 'times': timing.times,
             'cpu_median_s': timing.cpu_median, 'peak_mb': peak / 2 ** 20, 'estimator_offset': offset,
@@ -104,6 +175,16 @@ def main(argv=None) -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--csv', default=None, help='also write the rows to this CSV file')
     parser.add_argument('--no-malloc-env', action='store_true', help='measure with glibc malloc defaults')
+    parser.add_argument('--profile', action='store_true',
+                        help='per-stage time of the sparse eval path for each setting, instead of the table')
+    parser.add_argument('--complete-maps', action='store_true',
+                        help='with --profile: complete_halting_maps=True (estimator on every token, as the authors)')
+    parser.add_argument('--compare', action='store_true',
+                        help='side by side in turns: this tree, --baseline, --authors, SwinIR-light (eps_h --eps)')
+    parser.add_argument('--baseline', default=None, help='with --compare: another adasr tree (e.g. a main checkout)')
+    parser.add_argument('--authors', default=None,
+                        help='with --compare: folder holding the authors\' code (xiaotongtt/AdaFormer, model/...)')
+    parser.add_argument('--eps', type=float, default=0.05, help='with --compare: eps_h of the AdaFormer rows')
     args = parser.parse_args(argv)
 
     from benchmarks.profiling import ensure_malloc_env
@@ -111,7 +192,21 @@ def main(argv=None) -> None:
     ensure_malloc_env(disable=args.no_malloc_env or args.device != 'cpu')
     from benchmarks.profiling import environment_summary, run_isolated
 
+    if args.compare:
+        compare(args)
+        return
     settings = args.settings or [parse_setting(s) for s in DEFAULT_SETTINGS]
+    if args.profile:
+        print(f'AdaFormer x4 stage profile, input 1x3x{args.size[0]}x{args.size[1]}, sparse eval, '
+              f'{"complete" if args.complete_maps else "live-window"} estimator maps, '
+              f'{"seeded random weights" if not args.weights else args.weights}; {_environment(args)}; '
+              f'median of {args.repeats} after {args.warmup} warm-up')
+        for setting in settings:
+            r = run_isolated(profile, setting=setting, size=tuple(args.size), repeats=args.repeats,
+                             warmup=args.warmup, weights=args.weights, seed=args.seed, threads=args.threads,
+                             complete_maps=args.complete_maps)
+            print_profile(r, ', '.join(f'{k}={v:g}' for k, v in setting.items()))
+        return
     rows = []
     for setting in settings:
         label = ', '.join(f'{k}={v:g}' for k, v in setting.items())

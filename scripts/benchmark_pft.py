@@ -7,17 +7,28 @@
    of 32x32 tokens x 4 heads, head dim 13; ``--heads 6 --head-dim 40`` for the classical model): scores at K keys,
    softmax, aggregation. "sparse" = adasr.ops at K keys (chunked by the memory budget); "dense" = the plain
    full-window attention over all 1024 keys (q k^T, softmax, A v) for the whole batch at once, which is what a
-   dense window transformer (or PFT's first layers) does. Latency is the median of ``--repeats`` runs; peak memory
+   dense window transformer does; "fused" = ``scaled_dot_product_attention`` over all keys (what PFT's dense layers
+   run). Latency is the median of ``--repeats`` runs; peak memory
    is measured in a fresh process for each row (CPU: peak RSS growth; CUDA: max_memory_allocated growth).
 2. Full PFT-light x4 (released config, random weights) on a ``--size`` x ``--size`` input, inference, next to
    basicsr's SwinIR-light x4 (options/train/train_SwinIR_light_x4.yml) on the same input in the same run: median of
    ``--net-repeats`` runs after one warm-up run, peak RSS growth of the first run (fresh process per network).
 
+3. ``--interleaved``: PFT-light and SwinIR-light x4 built in one process and run alternately (``--net-repeats``
+   pairs after one warm-up pair) at each of ``--threads``, so that both see the same machine load: medians and the
+   median of the per-pair time ratios.
+4. ``--profile``: where PFT-light's time goes, stage by stage (exclusive wall time of each stage, in one process,
+   ``--threads`` intra-op threads with the attention tiles run in the calling thread so that stages never overlap).
+
 On the CPU the script re-executes itself with glibc malloc settings (benchmarks.profiling.ensure_malloc_env).
 """
 import argparse
 import os
+import statistics
 import sys
+import time
+from collections import defaultdict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -65,12 +76,15 @@ def attention_case(mode: str, k: int, windows: int, heads: int, head_dim: int, d
         a = torch.softmax((q @ kk.transpose(-2, -1)).float(), -1)
         return a.to(dt) @ v
 
+    def fused():  # what PFT's dense layers run
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, v, scale=1.0)
+
     def sparse():
         with ops.backend(backend):
             a = torch.softmax(ops.sparse_qk(q, kk, index).float(), -1)
             return ops.sparse_av(a, v, index)
 
-    fn = dense if mode == 'dense' else sparse
+    fn = {'dense': dense, 'fused': fused, 'sparse': sparse}[mode]
     with torch.no_grad():
         start = memory_mark(dev)
         fn()
@@ -107,6 +121,143 @@ def network_case(size: int, device: str, backend: str, repeats: int, dtype: str 
     return {'median_s': timing.median, 'spread': timing.spread, 'peak_bytes': peak, 'runs': repeats}
 
 
+def _networks(size: int):
+    import importlib
+
+    from adasr.archs.pft_arch import PFT  # adasr first: its basicsr shim
+
+    swinir = importlib.import_module('basicsr.archs.swinir_arch').SwinIR
+    torch.manual_seed(0)
+    return PFT(**LIGHT_X4).eval(), swinir(**SWINIR_LIGHT_X4).eval(), torch.rand(1, 3, size, size)
+
+
+def interleaved_case(size: int, threads: int, repeats: int) -> Dict[str, List[float]]:
+    """PFT-light and SwinIR-light run alternately in one process (one warm-up pair): their times in seconds."""
+    torch.set_num_threads(threads)
+    pft, swin, x = _networks(size)
+    times: Dict[str, List[float]] = {'PFT-light': [], 'SwinIR-light': []}
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            for name, net in (('PFT-light', pft), ('SwinIR-light', swin)):
+                t = time.perf_counter()
+                net(x)
+                if i:
+                    times[name].append(time.perf_counter() - t)
+    return times
+
+
+class StageTimer:
+    """Exclusive wall time per stage: a stage's time excludes the stages that run inside it."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = defaultdict(float)
+        self.calls: Dict[str, int] = defaultdict(int)
+        self._stack: List[list] = []
+
+    def enter(self, stage: str) -> None:
+        self._stack.append([stage, time.perf_counter(), 0.0])
+
+    def exit(self) -> None:
+        stage, start, inner = self._stack.pop()
+        elapsed = time.perf_counter() - start
+        self.seconds[stage] += elapsed - inner
+        self.calls[stage] += 1
+        if self._stack:
+            self._stack[-1][2] += elapsed
+
+    def wrap(self, fn: Callable, stage: str) -> Callable:
+        def timed(*args, **kwargs):
+            self.enter(stage)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit()
+        return timed
+
+    def hook(self, module: torch.nn.Module, stage: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self.enter(stage))
+        module.register_forward_hook(lambda *_: self.exit())
+
+
+#: engine functions timed by --profile, by stage (module-level names of adasr.archs.pft_engine)
+ENGINE_STAGES = {
+    'dense_scores': 'dense attention products (q k^T + bias, A v)',
+    'dense_attention': 'dense attention products (q k^T + bias, A v)',
+    'softmax': 'softmax',
+    'kept_softmax': 'softmax',
+    'focus': 'focusing',
+    'topk_positions': 'top-k',
+    'sparse_qk': 'sparse products (scores, aggregation)',
+    'sparse_av': 'sparse products (scores, aggregation)',
+}
+
+
+def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Stage times (median over ``repeats`` runs after a warm-up) of PFT-light x4 on a size x size input."""
+    from adasr.archs import pft_engine
+    from adasr.ops import config
+
+    torch.set_num_threads(threads)
+    pft, _, x = _networks(size)
+    timer = StageTimer()
+    for name, stage in ENGINE_STAGES.items():
+        if hasattr(pft_engine, name):
+            setattr(pft_engine, name, timer.wrap(getattr(pft_engine, name), stage))
+    if hasattr(pft_engine, 'DenseScores'):  # the score product of the first top-k layers
+        pft_engine.DenseScores.logits = timer.wrap(pft_engine.DenseScores.logits, ENGINE_STAGES['dense_scores'])
+    timer.hook(pft.conv_first, 'convolutions (first, body, upsampler)')
+    timer.hook(pft.conv_after_body, 'convolutions (first, body, upsampler)')
+    timer.hook(pft.upsample, 'convolutions (first, body, upsampler)')
+    for norm in (pft.patch_embed.norm, pft.norm):
+        timer.hook(norm, 'LayerNorm')
+    for block in pft.layers:
+        timer.hook(block.conv, 'convolutions (first, body, upsampler)')
+        for layer in block.residual_group.layers:
+            timer.hook(layer.wqkv, 'linear layers (qkv, proj)')
+            timer.hook(layer.attn_win.proj, 'linear layers (qkv, proj)')
+            timer.hook(layer.norm1, 'LayerNorm')
+            timer.hook(layer.norm2, 'LayerNorm')
+            timer.hook(layer.v_LePE, 'LePE (depthwise conv + GELU)')
+            timer.hook(layer.convffn, 'ConvFFN (fc1, GELU, depthwise conv + GELU, fc2)')
+            timer.hook(layer.attn_win, 'attention glue (tiles, gathers, state)')
+    runs: Dict[str, List[float]] = defaultdict(list)
+    with torch.no_grad(), config.options(threads=0):
+        for i in range(repeats + 1):
+            timer.seconds.clear()
+            timer.enter('glue (window order, residuals, padding, rest)')
+            t = time.perf_counter()
+            pft(x)
+            total = time.perf_counter() - t
+            timer.exit()
+            if i:
+                for stage, sec in timer.seconds.items():
+                    runs[stage].append(sec)
+                runs['total'].append(total)
+    return {stage: {'median_s': statistics.median(v)} for stage, v in runs.items()}
+
+
+def interleaved_table(args) -> None:
+    for threads in args.threads:
+        res = run_isolated(interleaved_case, size=args.size, threads=threads, repeats=args.net_repeats)
+        pft, swin = res['PFT-light'], res['SwinIR-light']
+        ratios = [p / s for p, s in zip(pft, swin)]
+        print(f'| {threads} | {statistics.median(swin):.2f} | {statistics.median(pft):.2f} | '
+              f'{statistics.median(pft) / statistics.median(swin):.2f}x | {statistics.median(ratios):.2f}x '
+              f'({min(ratios):.2f}-{max(ratios):.2f}) | {os.getloadavg()[0]:.1f} |', flush=True)
+
+
+def profile_table(args) -> None:
+    for threads in args.threads:
+        res = run_isolated(profile_case, size=args.size, threads=threads, repeats=args.net_repeats)
+        total = res.pop('total')['median_s']
+        print(f'\n#### PFT-light x4, {args.size}x{args.size}, {threads} thread(s), attention tiles in the calling '
+              f'thread: {total:.2f} s (median of {args.net_repeats})\n')
+        print('| stage | s | share |')
+        print('|---|---:|---:|')
+        for stage, sec in sorted(res.items(), key=lambda kv: -kv[1]['median_s']):
+            print(f'| {stage} | {sec["median_s"]:.3f} | {100 * sec["median_s"] / total:.0f}% |', flush=True)
+
+
 def _mb(x):
     return f'{x / 2**20:.0f}'
 
@@ -118,15 +269,20 @@ def attention_table(device, backend, args):
                          dtype=args.dtype)
     print(f'\n### Attention stage, {device} ({backend} backend, {args.dtype}): {args.windows} windows x {args.heads} '
           f'heads x 1024 tokens, head dim {args.head_dim}\n')
-    print('| k | sparse ms | sparse peak MB | dense ms (all 1024 keys) | dense peak MB | dense / sparse time |')
-    print('|---:|---:|---:|---:|---:|---:|')
+    fused = run_isolated(attention_case, mode='fused', k=1024, windows=args.windows, heads=args.heads,
+                         head_dim=args.head_dim, device=device, backend=backend, repeats=args.repeats,
+                         dtype=args.dtype)
+    print('| k | sparse ms | sparse peak MB | dense ms (all 1024 keys) | dense peak MB | dense / sparse time | '
+          'fused dense ms (SDPA) | fused / sparse time |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
     for k in KS:
         sp = run_isolated(attention_case, mode='sparse', k=k, windows=args.windows, heads=args.heads,
                           head_dim=args.head_dim, device=device, backend=backend, repeats=args.repeats,
                           dtype=args.dtype)
         rows.append((k, sp))
         print(f'| {k} | {sp["median_s"] * 1e3:.1f} | {_mb(sp["peak_bytes"])} | {dense["median_s"] * 1e3:.1f} | '
-              f'{_mb(dense["peak_bytes"])} | {dense["median_s"] / sp["median_s"]:.2f}x |', flush=True)
+              f'{_mb(dense["peak_bytes"])} | {dense["median_s"] / sp["median_s"]:.2f}x | '
+              f'{fused["median_s"] * 1e3:.1f} | {fused["median_s"] / sp["median_s"]:.2f}x |', flush=True)
     return rows
 
 
@@ -143,6 +299,11 @@ def main():
     parser.add_argument('--skip-attention', action='store_true')
     parser.add_argument('--net-repeats', type=int, default=2, help='timed full-network runs after the warm-up')
     parser.add_argument('--no-malloc-env', action='store_true')
+    parser.add_argument('--interleaved', action='store_true',
+                        help='only: PFT-light against SwinIR-light, run alternately in one process per thread count')
+    parser.add_argument('--profile', action='store_true', help='only: stage-by-stage profile of PFT-light')
+    parser.add_argument('--threads', type=int, nargs='+', default=[1, 2],
+                        help='intra-op threads of --interleaved / --profile (one table row / table each)')
     args = parser.parse_args()
     ensure_malloc_env(disable=args.no_malloc_env)
     devices = ['cpu', 'cuda'] if args.device == 'all' else [args.device]
@@ -150,6 +311,18 @@ def main():
         devices.remove('cuda')
     print('Environment:', environment_summary())
     print(f'load average before the run: {os.getloadavg()}')
+    if args.interleaved or args.profile:
+        if args.interleaved:
+            print(f'\n### PFT-light / SwinIR-light x4, {args.size}x{args.size} CPU fp32, run alternately '
+                  f'({args.net_repeats} pairs after a warm-up pair)\n')
+            print('| threads | SwinIR-light median s | PFT-light median s | ratio of medians | median pair ratio '
+                  '(range) | load after |')
+            print('|---:|---:|---:|---:|---:|---:|')
+            interleaved_table(args)
+        if args.profile:
+            profile_table(args)
+        print(f'\nload average after the run: {os.getloadavg()}')
+        return
     for device in devices:
         backends = ['torch'] if device == 'cpu' else ['triton', 'torch']
         if not args.skip_attention:

@@ -84,10 +84,11 @@ def _tiling_check(spec, weights, lr_path, hr_path, tiles, tile_pad, threads):
     import cv2
     import numpy as np
     import torch
-    from basicsr.metrics import calculate_psnr
-    from basicsr.utils import tensor2img
 
-    from adasr.inference.tile import padded_forward, tiled_forward
+    from adasr.inference.tile import padded_forward, tiled_forward  # imports adasr: the shim before basicsr's
+
+    from basicsr.metrics import calculate_psnr  # isort: skip
+    from basicsr.utils import tensor2img  # isort: skip
 
     torch.set_num_threads(threads)
     net, scale, multiple = _build(spec, weights)

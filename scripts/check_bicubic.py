@@ -64,6 +64,28 @@ def run_scale(scale: int, sets, root: str, work: str) -> dict:
     return parse_log(open(log).read())
 
 
+def check_same_hr(root: str, name: str, scales) -> None:
+    """All scales of a set must come from the same HR images: ``GTmod{s}`` sizes may differ only by the crop to a
+    multiple of ``s`` (< s pixels). SelfExSR's Urban100 ``x2/HR`` is half resolution (bicubic then scores 26.66
+    instead of the published 26.88): prepared from it, GTmod2 is half the size of GTmod4 and this stops the check."""
+    from adasr.utils.image_io import decode_image
+
+    sizes = {}
+    for s in scales:
+        folder = osp.join(root, name, f'GTmod{s}')
+        files = sorted(f for f in os.listdir(folder) if not f.startswith('.'))
+        sizes[s] = {f: decode_image(osp.join(folder, f)).shape[:2] for f in files[:3]}
+    ref_scale = max(scales)
+    for s in scales:
+        for f, (h, w) in sizes[s].items():
+            rh, rw = sizes[ref_scale].get(f, (h, w))
+            if abs(h - rh) >= max(s, ref_scale) or abs(w - rw) >= max(s, ref_scale):
+                raise SystemExit(f'error: {osp.join(root, name, f"GTmod{s}", f)} is {w}x{h} but the x{ref_scale} '
+                                 f'ground truth is {rw}x{rh}: the sets were prepared from HR images of different '
+                                 'resolutions (SelfExSR\'s Urban100 x2/HR is half resolution: prepare every scale '
+                                 "from the full-resolution HR, e.g. --hr 'Urban100/x4/HR'; see docs/datasets.md)")
+
+
 def parse_log(text: str) -> dict:
     """{dataset: {metric: value}} from a BasicSR test log ('Validation <name>' then '# psnr: x' lines)."""
     out, current = {}, None
@@ -101,6 +123,7 @@ def main(argv=None) -> None:
                 if not osp.isdir(osp.join(args.root, name, sub)):
                     raise SystemExit(f'error: {osp.join(args.root, name, sub)} does not exist; prepare it with '
                                      'scripts/data_preparation/prepare_benchmark.py')
+        check_same_hr(args.root, name, args.scales)
     work = args.work or tempfile.mkdtemp(prefix='adasr_bicubic_')
     rows, ok = [], True
     for s in args.scales:

@@ -117,3 +117,60 @@ def test_minimum_is_at_inverse_error():
     sr = torch.full((1, 3, 4, 4), 4 / 255)  # error 4 grey levels
     values = {c: UncertaintyLoss()([torch.full((1, 1, 1, 1), _logit(c))], sr, hr).item() for c in (0.15, 0.25, 0.4)}
     assert values[0.25] < values[0.15] and values[0.25] < values[0.4]
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_inputs_give_the_formula_in_float32(dtype):
+    # C = sigmoid(-20) = 2.1e-9: in fp16 it underflows (smallest subnormal 6e-8) and the 1e-8 rounds to 0, so the
+    # formula evaluated in fp16 is -log(0) = inf; the loss computes it in float32 whatever the input type
+    values = [-20.0, -3.0, 0.0, 8.0]  # exact in fp16 and bf16
+    logits = torch.tensor(values, dtype=dtype).view(1, 1, 2, 2).requires_grad_()
+    hr = torch.zeros(1, 3, 2, 2, dtype=dtype)
+    sr = torch.full((1, 3, 2, 2), 2 / 255, dtype=dtype)
+    err = float(sr[0, 0, 0, 0]) * 255  # the stored half value, on the 0..255 scale
+    cs = [1 / (1 + math.exp(-v)) for v in values]
+    expected = sum(c * err - math.log(c + 1e-8) for c in cs) / 4
+    loss = UncertaintyLoss()(logits, sr, hr)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    if dtype == torch.float16:
+        assert torch.isinf(-torch.log(torch.sigmoid(logits.detach()) + 1e-8)).any()  # what the formula gives in fp16
+
+
+@pytest.mark.parametrize('value', [-30.0, -100.0])
+def test_saturated_logits_keep_the_softplus_slope(value):
+    # one logit upsampled to 4x4; error one grey level (err = 1). Per pixel the value is c*err - log(c + 1e-8); the
+    # gradient is that of c*err - log(c) = c*err + softplus(-logit): c(1-c)*err - (1-c), about -1, where the formula
+    # with its 1e-8 is flat (slope -(1-c) * c/(c + 1e-8): 9e-6 at -30, 0 at -100) and the estimator could not recover
+    logit = torch.full((1, 1, 1, 1), value, requires_grad=True)
+    hr, sr = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 1 / 255)
+    c = 1 / (1 + math.exp(-value))
+    loss = UncertaintyLoss()(logit, sr, hr)
+    assert loss.item() == pytest.approx(c - math.log(c + 1e-8), rel=1e-6)
+    loss.backward()
+    assert logit.grad.item() == pytest.approx(c * (1 - c) - (1 - c), rel=1e-6)
+
+
+def test_gradient_equals_the_formula_where_confidence_is_not_saturated():
+    """Away from saturation the gradient is the formula's own (they differ by the factor 1 + 1e-8 / C_up)."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 1, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    sr, hr = torch.rand(2, 3, 12, 20, dtype=torch.float64), torch.rand(2, 3, 12, 20, dtype=torch.float64)
+    err = (hr - sr).abs().mean(1, keepdim=True) * 255
+    ref = sum(c * err - torch.log(c + 1e-8) for c in
+              (F.interpolate(torch.sigmoid(x), size=(12, 20), mode='bilinear', align_corners=True) for x in logits))
+    ref_grads = torch.autograd.grad(ref.mean(), logits)
+    ours = [x.detach().float().requires_grad_() for x in logits]
+    loss = UncertaintyLoss()(ours, sr.float(), hr.float())
+    assert loss.item() == pytest.approx(ref.mean().item(), rel=1e-6)
+    for g_ref, g in zip(ref_grads, torch.autograd.grad(loss, ours)):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-9)
+
+
+def test_nan_logits_stay_nan():
+    """A NaN confidence logit is not hidden: the loss is NaN, for the training loop's non-finite check to see."""
+    logits = torch.tensor([[[[0.0, float('nan')]]]])
+    assert torch.isnan(UncertaintyLoss()(logits, torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2)))

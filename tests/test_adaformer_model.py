@@ -95,6 +95,45 @@ def test_ema(tmp_path):
     assert set(saved) == {'params', 'params_ema'}
 
 
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
+    """The guard of AdaSRModel.optimize_parameters, through AdaFormerModel's own losses: a NaN loss changes neither
+    the weights, the EMA nor the optimizer; a finite step resets the count; max_nonfinite_steps in a row stop."""
+    from adasr.models.adasr_model import TrainingDivergedError
+
+    torch.manual_seed(0)
+    model = AdaFormerModel(_opt(tmp_path, train={'ema_decay': 0.5, 'max_nonfinite_steps': 2}))
+    good, bad = _batch(), _batch()
+    bad['gt'][0, 0, 0, 0] = float('nan')
+
+    def snapshot():
+        return [{k: v.clone() for k, v in m.state_dict().items()} for m in (model.net_g, model.net_g_ema)]
+
+    before, steps = snapshot(), model.optimizer_g.state_dict()['state']
+    model.feed_data(bad)
+    with caplog.at_level(logging.WARNING, logger='basicsr'):
+        model.optimize_parameters(1)
+    assert 'iter 1: the loss is not finite (l_pix: nan' in caplog.text and '1 in a row' in caplog.text
+    for old, new in zip(before, snapshot()):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert model.optimizer_g.state_dict()['state'] == steps == {}
+    model.feed_data(good)
+    model.optimize_parameters(2)  # a finite step trains and resets the count
+    assert any(not torch.equal(before[0][k], v) for k, v in model.net_g.state_dict().items())
+    model.feed_data(bad)
+    model.optimize_parameters(3)
+    with pytest.raises(TrainingDivergedError, match='not finite for 2 steps in a row'):
+        model.optimize_parameters(4)
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    model = AdaFormerModel(_opt(tmp_path))
+    with torch.no_grad():
+        next(model.net_g.parameters()).view(-1)[0] = float('inf')
+    with pytest.raises(CheckpointError, match=r'refusing to save .*net_g_7\.pth: params holds non-finite'):
+        model.save(0, 7)
+    assert os.listdir(osp.join(str(tmp_path), 'models')) == []
+
+
 def test_validation_logs_halting_and_eps_h_override(tmp_path):
     torch.manual_seed(0)
     model = AdaFormerModel(_opt(tmp_path, is_train=False))

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from adasr.utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_weights
+from adasr.utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_weights, save_checkpoint
 
 
 def _net():
@@ -79,3 +79,27 @@ def test_load_weights_strips_the_authors_model_prefix_only_when_nothing_matches(
     torch.save(wrapped.state_dict(), tmp_path / 'wrapped.pt')
     load_weights(other, str(tmp_path / 'wrapped.pt'))
     assert torch.equal(wrapped.model.weight, other.model.weight)
+
+
+def test_nonfinite_checkpoint_is_refused_by_key(tmp_path):
+    sd = _net().state_dict()
+    sd['0.weight'][0, 0, 0, 0] = float('nan')
+    sd['1.bias'][0] = float('-inf')
+    torch.save({'params': sd}, tmp_path / 'nan.pth')
+    with pytest.raises(CheckpointError, match=r'nan\.pth holds non-finite .* 2 tensor\(s\): 0\.weight, 1\.bias'):
+        load_checkpoint(str(tmp_path / 'nan.pth'))
+
+
+def test_save_checkpoint_is_atomic_and_names_the_file(tmp_path, monkeypatch):
+    dst = tmp_path / 'net_g_5.pth'
+    save_checkpoint({'params': _net().state_dict()}, str(dst))
+    old = dst.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(CheckpointError, match=f'cannot save {dst}: .*No space left'):
+        save_checkpoint({'params': {}}, str(dst))
+    assert dst.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ['net_g_5.pth']

@@ -21,9 +21,9 @@ from adasr.data.prepare import (
     mod_crop,
     prepare_benchmark_set,
     prepare_training_set,
-    read_image,
     subimage_positions,
 )
+from adasr.utils.image_io import read_uint8
 from adasr.utils.matlab_resize import imresize_uint8
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -85,13 +85,13 @@ def test_extract_subimages_positions_names_and_lr_alignment(tmp_path):
         for x in xs:  # row-major, as BasicSR numbers them
             index += 1
             name = f'pic_s{index:03d}.png'
-            np.testing.assert_array_equal(read_image(str(out / 'HR' / name)), hr[y:y + 24, x:x + 24])
+            np.testing.assert_array_equal(read_uint8(str(out / 'HR' / name)), hr[y:y + 24, x:x + 24])
             for s in (2, 4):
-                sub_lr = read_image(str(out / f'X{s}' / name))
+                sub_lr = read_uint8(str(out / f'X{s}' / name))
                 np.testing.assert_array_equal(sub_lr, lrs[s][y // s:y // s + 24 // s, x // s:x // s + 24 // s])
     # alignment: away from the crop border, the LR sub-image is the bicubic x1/s of its HR sub-image
-    hr_sub = read_image(str(out / 'HR' / 'pic_s009.png'))
-    lr_sub = read_image(str(out / 'X2' / 'pic_s009.png'))
+    hr_sub = read_uint8(str(out / 'HR' / 'pic_s009.png'))
+    lr_sub = read_uint8(str(out / 'X2' / 'pic_s009.png'))
     interior = np.abs(bicubic_lr(hr_sub, 2).astype(int) - lr_sub.astype(int))[3:-3, 3:-3]
     assert interior.max() <= 1
     shifted = np.abs(bicubic_lr(hr[12:36, 2:26], 2).astype(int) - lr_sub.astype(int))[3:-3, 3:-3]
@@ -136,7 +136,7 @@ def test_generate_bicubic_lr_equals_imresize_uint8_and_resumes(tmp_path):
     report = generate_bicubic_lr(str(tmp_path / 'HR'), outs, suffix_template='x{scale}', progress=False)
     assert (report.processed, report.written) == (1, 3)
     for s in (2, 3, 4):
-        lr = read_image(osp.join(outs[s], f'0001x{s}.png'))
+        lr = read_uint8(osp.join(outs[s], f'0001x{s}.png'))
         cropped = hr[:50 - 50 % s, :37 - 37 % s]
         np.testing.assert_array_equal(lr, imresize_uint8(cropped, 1 / s))
         assert lr.shape[:2] == (50 // s, 37 // s)
@@ -167,14 +167,14 @@ def test_benchmark_set_layout_mod_crop_and_grayscale(tmp_path):
     assert sorted(os.listdir(out)) == ['GTmod2', 'GTmod3', 'GTmod4', 'LRbicx2', 'LRbicx3', 'LRbicx4']
     for s in (2, 3, 4):
         for name, src in (('color', photo(50, 37)), ('gray', photo(45, 30, gray=True))):
-            gt = read_image(str(out / f'GTmod{s}' / f'{name}.png'))
-            lq = read_image(str(out / f'LRbicx{s}' / f'{name}.png'))
+            gt = read_uint8(str(out / f'GTmod{s}' / f'{name}.png'))
+            lq = read_uint8(str(out / f'LRbicx{s}' / f'{name}.png'))
             np.testing.assert_array_equal(gt, mod_crop(src, s))
             assert gt.shape[0] % s == 0 and gt.shape[1] % s == 0
             assert gt.ndim == src.ndim  # grayscale stays grayscale
             np.testing.assert_array_equal(lq, imresize_uint8(gt, 1 / s))
-    assert read_image(str(out / 'GTmod4' / 'color.png')).shape == (48, 36, 3)
-    assert read_image(str(out / 'LRbicx3' / 'gray.png')).shape == (15, 10)
+    assert read_uint8(str(out / 'GTmod4' / 'color.png')).shape == (48, 36, 3)
+    assert read_uint8(str(out / 'LRbicx3' / 'gray.png')).shape == (15, 10)
     # the prepared folders feed the test dataset: grayscale is read as 3 channels, pairs match
     ds = PairedSRDataset({'name': 'Tiny', 'type': 'PairedSRDataset', 'dataroot_gt': str(out / 'GTmod4'),
                           'dataroot_lq': str(out / 'LRbicx4'), 'io_backend': {'type': 'disk'}, 'phase': 'val',
@@ -192,7 +192,7 @@ def test_benchmark_set_copies_given_lr_after_checking_its_size(tmp_path):
     cv2.imwrite(str(tmp_path / 'LR' / 'img_001.png'), given)
     prepare_benchmark_set({4: str(tmp_path / 'HR')}, str(tmp_path / 'out'), {4: str(tmp_path / 'LR')},
                           progress=False)
-    np.testing.assert_array_equal(read_image(str(tmp_path / 'out' / 'LRbicx4' / 'img_001.png')), given)
+    np.testing.assert_array_equal(read_uint8(str(tmp_path / 'out' / 'LRbicx4' / 'img_001.png')), given)
     cv2.imwrite(str(tmp_path / 'LR' / 'img_001.png'), given[:11])
     with pytest.raises(ValueError, match=r'the given LR of .*img_001.png at x4 is 10x11, expected 10x12'):
         prepare_benchmark_set({4: str(tmp_path / 'HR')}, str(tmp_path / 'out2'), {4: str(tmp_path / 'LR')},
@@ -216,14 +216,14 @@ def test_div8k_test_sets_sizes_names_and_resume(tmp_path):
         name = {12: 'Test2K', 13: 'Test4K', 14: 'Test8K'}[idx // 100]
         factor = DIV8K_TEST_SETS[name][2]
         src = photo(h, w, top=idx % 7, left=idx % 11)
-        hr = read_image(str(tmp_path / 'out' / name / 'HR' / 'X4' / f'{idx}.png'))
-        lr = read_image(str(tmp_path / 'out' / name / 'LR' / 'X4' / f'{idx}.png'))
+        hr = read_uint8(str(tmp_path / 'out' / name / 'HR' / 'X4' / f'{idx}.png'))
+        lr = read_uint8(str(tmp_path / 'out' / name / 'LR' / 'X4' / f'{idx}.png'))
         expected_hr = mod_crop(src if factor == 1 else imresize_uint8(src, factor), 4)
         np.testing.assert_array_equal(hr, expected_hr)
         np.testing.assert_array_equal(lr, imresize_uint8(hr, 0.25))
         assert hr.shape[0] == 4 * lr.shape[0] and hr.shape[1] == 4 * lr.shape[1]
     # Test2K 1201: 70x90 -> ceil(x/4) = 18x23 -> cropped to 16x20; LR 4x5
-    assert read_image(str(tmp_path / 'out' / 'Test2K' / 'HR' / 'X4' / '1201.png')).shape == (16, 20, 3)
+    assert read_uint8(str(tmp_path / 'out' / 'Test2K' / 'HR' / 'X4' / '1201.png')).shape == (16, 20, 3)
     assert not os.path.exists(tmp_path / 'out' / 'Test2K' / 'HR' / 'X4' / '0800.png')
     stamp = os.path.getmtime(tmp_path / 'out' / 'Test8K' / 'LR' / 'X4' / '1401.png')
     again = build_div8k_test_sets(str(div8k), str(tmp_path / 'out'), allow_missing=True, progress=False)
@@ -323,6 +323,24 @@ def test_benchmark_script_with_scale_placeholder(tmp_path, capsys):
     load_script('prepare_benchmark').main(['--name', 'S', '--hr', str(tmp_path / 'x{scale}' / 'HR'),
                                            '--scales', '2', '4', '--out', str(tmp_path / 'bm')])
     assert 'S: 2 images processed' in capsys.readouterr().out
-    assert read_image(str(tmp_path / 'bm' / 'S' / 'LRbicx4' / 'img_001.png')).shape == (7, 6, 3)
+    assert read_uint8(str(tmp_path / 'bm' / 'S' / 'LRbicx4' / 'img_001.png')).shape == (7, 6, 3)
     folder_to_lmdb(str(tmp_path / 'bm' / 'S' / 'GTmod2'), str(tmp_path / 'gt.lmdb'))
     assert open(tmp_path / 'gt.lmdb' / 'meta_info.txt').read().startswith('img_001.png (30,26,3)')
+
+
+def test_check_bicubic_refuses_half_resolution_hr(tmp_path):
+    """SelfExSR's Urban100 x2/HR is half resolution: prepared from it, GTmod2 is half the size of GTmod4, and the
+    end-to-end bicubic check stops with a message naming the file instead of reporting a wrong PSNR."""
+    import cv2
+
+    spec = importlib.util.spec_from_file_location('check_bicubic', osp.join(REPO, 'scripts', 'check_bicubic.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    img = cv2.imread(osp.join(REPO, 'datasets', 'demo', 'val', 'HR', 'chelsea.png'))[:96, :120]
+    for scale, hr in ((2, img[:48, :60]), (4, img)):
+        os.makedirs(tmp_path / 'Urban100' / f'GTmod{scale}')
+        cv2.imwrite(str(tmp_path / 'Urban100' / f'GTmod{scale}' / 'img_001.png'), hr)
+    with pytest.raises(SystemExit, match=r'GTmod2/img_001.png is 60x48 but the x4 ground truth is 120x96'):
+        mod.check_same_hr(str(tmp_path), 'Urban100', [2, 4])
+    cv2.imwrite(str(tmp_path / 'Urban100' / 'GTmod2' / 'img_001.png'), img)  # same HR for both scales: accepted
+    mod.check_same_hr(str(tmp_path), 'Urban100', [2, 4])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from adasr.data.free_photos import CATALOGUE, PACKAGES, Photo, assemble, largest_embedded_jpeg, output_name
-from adasr.data.prepare import read_image
+from adasr.utils.image_io import read_uint8
 from adasr.utils.matlab_resize import imresize_uint8
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -61,12 +61,12 @@ def test_assemble_train_tests_and_manifest(tmp_path):
     original = (pkgs / 'pkg-a/usr/share/a/small.jpg').read_bytes()
     assert (tmp_path / 'out/train/HR/pkg-a__small.jpg').read_bytes() == original
     crop = wide[9:41, 11:59]  # centre 48x32 of 70x50
-    np.testing.assert_array_equal(read_image(str(tmp_path / 'out/Test4K/HR/X4/pkg-a__wide.png')), crop)
-    np.testing.assert_array_equal(read_image(str(tmp_path / 'out/Test4K/LR/X4/pkg-a__wide.png')),
+    np.testing.assert_array_equal(read_uint8(str(tmp_path / 'out/Test4K/HR/X4/pkg-a__wide.png')), crop)
+    np.testing.assert_array_equal(read_uint8(str(tmp_path / 'out/Test4K/LR/X4/pkg-a__wide.png')),
                                   imresize_uint8(crop, 0.25))
     hr2k = imresize_uint8(crop, 0.5)
-    np.testing.assert_array_equal(read_image(str(tmp_path / 'out/Test2K/HR/X4/pkg-a__wide.png')), hr2k)
-    assert read_image(str(tmp_path / 'out/Test2K/LR/X4/pkg-a__wide.png')).shape == (4, 6, 3)
+    np.testing.assert_array_equal(read_uint8(str(tmp_path / 'out/Test2K/HR/X4/pkg-a__wide.png')), hr2k)
+    assert read_uint8(str(tmp_path / 'out/Test2K/LR/X4/pkg-a__wide.png')).shape == (4, 6, 3)
     with open(tmp_path / 'out' / 'manifest.csv') as f:
         rows = list(csv.DictReader(f))
     assert [(r['set'], r['file']) for r in rows] == [('Test4K', 'pkg-a__wide.png'), ('Test2K', 'pkg-a__wide.png'),

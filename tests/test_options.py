@@ -108,7 +108,8 @@ def test_swinir_kwargs_typo_is_caught_although_swinir_takes_kwargs():
         check_options(opt, is_train=False, check_paths=False)
 
 
-def test_training_option_checks(base_test_opt, tiny_pairs):
+@pytest.fixture
+def base_train_opt(base_test_opt, tiny_pairs):
     hr, lr = tiny_pairs
     opt = dict(base_test_opt)
     opt['datasets'] = {'train': {'name': 't', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
@@ -118,11 +119,57 @@ def test_training_option_checks(base_test_opt, tiny_pairs):
                         'window_size': 4, 'upsampler': 'pixelshuffledirect'}
     opt['train'] = {'optim_g': {'type': 'AdamW', 'lr': 1e-3}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [9],
                     'gamma': 0.5}, 'total_iter': 2, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}}
+    opt['val'] = dict(opt['val'], val_freq=2)
     opt['logger'] = {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False}
+    return opt
+
+
+def test_training_option_checks(base_train_opt):
+    opt = base_train_opt
     check_options(opt, is_train=True)
     opt['train']['pixel_opt']['loss_wieght'] = 2
     with pytest.raises(OptionsError, match="loss_wieght.*did you mean 'loss_weight'"):
         check_options(opt, is_train=True)
+
+
+def test_basicsr_style_whole_floats_pass(base_train_opt):
+    """BasicSR's own option files write ``save_checkpoint_freq: !!float 5e3``; warmup_iter -1 means none."""
+    base_train_opt['logger'].update(save_checkpoint_freq=5e3, print_freq=100.0)
+    base_train_opt['train'].update(total_iter=5e5, warmup_iter=-1, max_nonfinite_steps=3)
+    check_options(base_train_opt, is_train=True)
+
+
+BAD_NUMBERS = [
+    (lambda o: o.update(scale='four'), ['scale must be an integer', "'four'"]),
+    (lambda o: o.update(scale=2), ['scale: 2 but network_g.upscale: 4']),
+    (lambda o: o['datasets']['train'].update(scale=3), ['scale: 4 but datasets.train.scale: 3']),
+    (lambda o: o.pop('scale'), ['no "scale"']),
+    (lambda o: o['datasets']['train'].update(gt_size=30), ['datasets.train.gt_size: 30 is not a multiple of scale']),
+    (lambda o: o['datasets']['train'].update(batch_size_per_gpu=0), ['datasets.train.batch_size_per_gpu', '>= 1']),
+    (lambda o: o['train'].update(total_iter=0), ['train.total_iter must be an integer >= 1, got 0']),
+    (lambda o: o['train'].update(total_iter=2.5), ['train.total_iter', '2.5']),
+    (lambda o: o['train'].update(warmup_iter=-2), ['train.warmup_iter must be an integer >= -1']),
+    (lambda o: o['train'].update(max_nonfinite_steps=0), ['train.max_nonfinite_steps must be an integer >= 1']),
+    (lambda o: o['logger'].update(save_checkpoint_freq=0), ['logger.save_checkpoint_freq', 'got 0']),
+    (lambda o: o['logger'].update(print_freq=-1), ['logger.print_freq', 'got -1']),
+    (lambda o: o['logger'].pop('print_freq'), ['logger: missing print_freq']),
+    (lambda o: o['val'].update(val_freq=0), ['val.val_freq', 'got 0']),
+    (lambda o: o['val'].pop('val_freq'), ['val: missing val_freq']),
+    (lambda o: o['train']['optim_g'].update(lr=0), ['train.optim_g.lr must be a positive number']),
+    (lambda o: o['train']['optim_g'].update(lr='2e-4'), ['train.optim_g.lr', '!!float 2e-4']),
+    (lambda o: o['train'].update(ema_decay=1.0), ['train.ema_decay must be a number in [0, 1)']),
+    (lambda o: o['train']['scheduler'].update(milestones=[0]), ['train.scheduler.milestones[0]']),
+    (lambda o: o['train']['scheduler'].update(gamma=-0.5), ['train.scheduler.gamma']),
+]
+
+
+@pytest.mark.parametrize('mutate, words', BAD_NUMBERS)
+def test_bad_numbers_name_the_key(base_train_opt, mutate, words):
+    mutate(base_train_opt)
+    with pytest.raises(OptionsError) as err:
+        check_options(base_train_opt, is_train=True)
+    for w in words:
+        assert w in str(err.value), str(err.value)
 
 
 def test_unreadable_or_missing_yaml(tmp_path):
@@ -132,3 +179,52 @@ def test_unreadable_or_missing_yaml(tmp_path):
     bad.write_text('name: [unclosed\n')
     with pytest.raises(OptionsError, match='bad.yml is not valid YAML'):
         load_yaml(str(bad))
+
+
+def test_safe_loader_keeps_basicsr_types_and_refuses_python_tags(tmp_path):
+    from collections import OrderedDict
+
+    good = tmp_path / 'good.yml'
+    good.write_text('name: x\nbase: &b {lr: !!float 2e-4}\ntrain:\n  <<: *b\n  total_iter: 10\n  milestones: [1, 2]\n')
+    opt = load_yaml(str(good))
+    assert isinstance(opt, OrderedDict) and isinstance(opt['train'], OrderedDict)
+    assert opt['train'] == {'lr': 2e-4, 'total_iter': 10, 'milestones': [1, 2]}
+    assert list(opt) == ['name', 'base', 'train']
+    marker = tmp_path / 'ran'
+    for tag in ('!!python/object/apply:os.system', '!!python/object/new:os.system', '!!python/name:os.system'):
+        evil = tmp_path / 'evil.yml'
+        evil.write_text(f'name: x\nscale: 4\nnetwork_g:\n  type: {tag} ["touch {marker}"]\n')
+        with pytest.raises(OptionsError) as err:
+            load_yaml(str(evil))
+        assert f'{evil}, line 4' in str(err.value) and 'python/' in str(err.value)
+    assert not marker.exists()
+
+
+def test_force_yml_values_are_parsed_as_data(tmp_path):
+    from adasr.cli.options import apply_overrides, parse_overrides
+
+    overrides = parse_overrides(['train:total_iter=4', 'train:optim_g:lr=!!float 1e-3', 'val=none',
+                                 'train:milestones=[1, 2]', 'name=x"]=__import__("os").system("true");#'])
+    opt = apply_overrides({'name': 'a', 'val': {}, 'train': {'optim_g': {'lr': 1.0}}}, overrides)
+    assert opt == {'name': 'x"]=__import__("os").system("true");#', 'val': None,
+                   'train': {'total_iter': 4, 'optim_g': {'lr': 1e-3}, 'milestones': [1, 2]}}
+    with pytest.raises(OptionsError, match='no section train:optim_d'):
+        apply_overrides({'train': {}}, parse_overrides(['train:optim_d:lr=1']))
+    for bad in ('train:total_iter', '=3', 'a=!!python/object/apply:os.system ["true"]'):
+        with pytest.raises(OptionsError, match='--force_yml'):
+            parse_overrides([bad])
+
+
+def test_one_safe_loader_reads_every_option_file():
+    """adasr, its scripts and benchmarks read YAML only through adasr.cli.options (OptionLoader): no other
+    ``yaml.load``, no BasicSR ``ordered_yaml()`` (an unsafe loader), no ``unsafe_load`` / ``full_load``."""
+    import re
+
+    unsafe = re.compile(r'yaml\.(unsafe_load|full_load)\(|Loader=(?!OptionLoader)|ordered_yaml\(\)\[0\]'
+                        r'|yaml\.load\((?!.*Loader=OptionLoader)')
+    found = []
+    for folder in ('adasr', 'scripts', 'benchmarks'):
+        for path in glob.glob(osp.join(REPO, folder, '**', '*.py'), recursive=True):
+            with open(path, encoding='utf-8') as f:
+                found += [f'{osp.relpath(path, REPO)}:{i}' for i, line in enumerate(f, 1) if unsafe.search(line)]
+    assert not found, found

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adasr import ops
-from adasr.archs import pft_arch
+from adasr.archs import pft_arch, pft_engine
 from adasr.archs.layers import symmetric_pad
 from adasr.archs.pft_arch import PFT
 from adasr.utils.checkpoint import CheckpointError, check_state_dict
@@ -88,10 +88,10 @@ def _reference_attention(self, q, k, v, rpi, prev, topk, labels):
     if prev is not None:
         prod = a * prev.maps
         if keep is not None:
-            prod = prod + pft_arch.EPS * keep
+            prod = prod + pft_engine.EPS * keep
         else:
-            prod = prod + pft_arch.EPS
-        a = prod / (prod.sum(-1, keepdim=True) + pft_arch.EPS)
+            prod = prod + pft_engine.EPS
+        a = prod / (prod.sum(-1, keepdim=True) + pft_engine.EPS)
     if topk < n:
         pos = a.masked_fill(~keep, -1.) .topk(topk, -1).indices if keep is not None else a.topk(topk, -1).indices
         keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, pos, True)
@@ -99,14 +99,19 @@ def _reference_attention(self, q, k, v, rpi, prev, topk, labels):
     return a @ v, _RefState(a, keep)
 
 
+def _inference_and_reference(net, x, monkeypatch):
+    """The network's output without autograd, and with every PFA written densely from the spec."""
+    with torch.no_grad():
+        out = net(x)
+        monkeypatch.setattr(pft_arch.PFAttention, 'forward', _reference_attention)
+        return out, net(x)
+
+
 @pytest.mark.parametrize('name', sorted(fixtures.GUARDS))
 def test_matches_dense_masked_formulation(name, monkeypatch):
     net = fixtures.build(fixtures.GUARDS[name], 0)
     x = torch.rand(2, 3, 19, 29)
-    with torch.no_grad():
-        out = net(x)
-        monkeypatch.setattr(pft_arch.PFAttention, 'forward', _reference_attention)
-        ref = net(x)
+    out, ref = _inference_and_reference(net, x, monkeypatch)
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -162,14 +167,35 @@ def test_blocks_threads_and_small_budgets_change_nothing(monkeypatch):
         torch.testing.assert_close(res, out, rtol=0, atol=1e-6, msg=env)
 
 
+def test_dense_chain_and_first_topk_match_dense_masked_formulation(monkeypatch):
+    """Four dense layers (a chain focused dense-by-dense, as in the classical PFT's layers 0-3), then the first top-k
+    and sparse layers: the inference engine equals the spec's dense formulation."""
+    config = dict(fixtures.GUARDS['classical_x2'], depths=[4, 4], num_topk=[64] * 4 + [16] * 2 + [8] * 2)
+    out, ref = _inference_and_reference(fixtures.build(config, 1), torch.rand(1, 3, 19, 29), monkeypatch)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_kept_softmax_is_softmax_at_the_kept_keys():
+    s = torch.randn(3, 2, 5, 40)
+    pos = s.topk(7, -1).indices
+    want = torch.gather(torch.softmax(s, -1), -1, pos)
+    torch.testing.assert_close(pft_engine.kept_softmax(s.clone(), pos), want, rtol=1e-6, atol=0)
+
+
+def test_engine_refuses_a_state_made_with_autograd():
+    q = torch.randn(1, 1, 4, 2)
+    with torch.no_grad(), pytest.raises(TypeError, match='autograd'):
+        pft_engine.attend(q, q, q, torch.zeros(1, 4, 4), None, pft_engine.DenseMap(torch.rand(1, 1, 4, 4)), 2, False)
+
+
 def test_shift_mask_is_added_to_mixed_windows_only():
-    mask = pft_arch._ShiftMask(pft_arch._shift_labels(24, 32, 8, 'cpu'))
+    mask = pft_engine.ShiftMask(pft_engine.shift_labels(24, 32, 8, 'cpu'))
     mixed = [w for w in range(mask.n_win) if mask.labels[w].unique().numel() > 1]
     assert [w for w, kind in enumerate(mask.kind) if kind] == mixed
     s = torch.zeros(mask.n_win, 1, 64, 64)
     mask.add_to(s, slice(0, mask.n_win), slice(0, 64))
     lab = mask.labels
-    expect = (lab[:, :, None] != lab[:, None, :]).float() * pft_arch.MASK_VALUE
+    expect = (lab[:, :, None] != lab[:, None, :]).float() * pft_engine.MASK_VALUE
     torch.testing.assert_close(s[:, 0], expect, rtol=0, atol=0)
 
 

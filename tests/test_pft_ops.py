@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adasr import ops
+from adasr.ops import config, scheduling
 from adasr.ops import sparse_attention as sa
 
 
@@ -115,7 +116,7 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match='ADASR_MEMORY|ADASR_ATTN_MEMORY_MB'):
         os.environ['ADASR_ATTN_MEMORY_MB'] = 'lots'
         try:
-            sa.memory_budget_bytes()
+            config.memory_budget_bytes()
         finally:
             del os.environ['ADASR_ATTN_MEMORY_MB']
 
@@ -200,14 +201,14 @@ def test_triton_on_cuda_matches_torch(dtype):
 
 @pytest.mark.parametrize('method', ['sampled', 'dense'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_qk_cpu_methods_match_definition_with_and_without_autograd(method, dtype, monkeypatch):
+def test_qk_cpu_methods_match_definition_with_and_without_autograd(method, dtype):
     q, k, _, _, idx = _case(g=4, n=40, m=24, d=7, k=6, dtype=dtype)
-    monkeypatch.setattr(sa, 'CACHE_BLOCK_BYTES', 8 * 24 * 4)  # dense: blocks of a few query rows
     tol = dict(rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
-    ref, ref_grads = _grads(lambda x, y: sa.dense_sparse_qk(x, y, idx), q, k)
-    with torch.no_grad():  # the inference path: no autograd node, blocked / out= kernels
-        torch.testing.assert_close(sa.torch_sparse_qk(q, k, idx, method), ref, **tol)
-    out, grads = _grads(lambda x, y: sa.torch_sparse_qk(x, y, idx, method), q, k)
+    with config.options(cache_kb=8 * 24 * 4 / 1024):  # dense: blocks of a few query rows
+        ref, ref_grads = _grads(lambda x, y: sa.dense_sparse_qk(x, y, idx), q, k)
+        with torch.no_grad():  # the inference path: no autograd node, blocked / out= kernels
+            torch.testing.assert_close(sa.torch_sparse_qk(q, k, idx, method), ref, **tol)
+        out, grads = _grads(lambda x, y: sa.torch_sparse_qk(x, y, idx, method), q, k)
     torch.testing.assert_close(out, ref, **tol)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **tol)
@@ -269,24 +270,75 @@ def test_topk_matches_torch_topk_and_is_differentiable():
 def test_parallel_blocks_runs_every_item_and_raises(monkeypatch):
     threads = torch.get_num_threads()
     seen = []
-    sa.parallel_blocks(seen.append, list(range(50)))
+    scheduling.parallel_for(seen.append, list(range(50)))
     assert sorted(seen) == list(range(50))
     grad_modes = []
     leaf = torch.ones(3, requires_grad=True)
-    sa.parallel_blocks(lambda i: grad_modes.append((leaf * 2).requires_grad), [0, 1, 2])
+    scheduling.parallel_for(lambda i: grad_modes.append((leaf * 2).requires_grad), [0, 1, 2])
     assert grad_modes == [False] * 3  # blocks never record autograd, whatever the worker thread's default
     with pytest.raises(ZeroDivisionError):
-        sa.parallel_blocks(lambda i: 1 / 0, [1, 2])
+        scheduling.parallel_for(lambda i: 1 / 0, [1, 2])
     assert torch.get_num_threads() == threads
     monkeypatch.setenv('ADASR_ATTN_THREADS', '0')
     seen.clear()
-    sa.parallel_blocks(seen.append, [3, 1, 2])
+    scheduling.parallel_for(seen.append, [3, 1, 2])
     assert seen == [3, 1, 2]  # sequential, in order, in this thread
 
 
 def test_memory_budget_default_and_override(monkeypatch):
     monkeypatch.delenv('ADASR_ATTN_MEMORY_MB', raising=False)
-    assert sa.memory_budget_bytes() == 256 * 2**20
+    assert config.memory_budget_bytes() == 256 * 2**20
     monkeypatch.setenv('ADASR_ATTN_MEMORY_MB', '2')
-    assert sa.memory_budget_bytes() == 2 * 2**20
-    assert sa.cache_bytes() <= 2 * 2**20 and sa.block_bytes() <= 2 * 2**20
+    assert config.memory_budget_bytes() == 2 * 2**20
+    assert config.cache_bytes() <= 2 * 2**20 and config.tile_bytes() <= 2 * 2**20
+
+
+def test_config_options_from_python_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv('ADASR_ATTN_THREADS', '0')
+    assert config.get_option('threads') == 0 and config.worker_threads() == 0
+    with config.options(threads=1, memory_mb=2):
+        assert config.worker_threads() == 1 and config.memory_budget_bytes() == 2 * 2**20
+        with config.options(threads=None):  # back to the environment inside the block
+            assert config.worker_threads() == 0
+        assert config.worker_threads() == 1
+    assert config.worker_threads() == 0 and config.memory_budget_bytes() == 256 * 2**20
+    monkeypatch.delenv('ADASR_ATTN_THREADS')
+    assert config.worker_threads() == torch.get_num_threads()
+    config.set_option('sampled_limit', 2)
+    try:
+        assert sa.pick_method('qk', 1024, 128, 13, torch.device('cpu')) == 'sampled'  # 128 * 13 <= 2 * 1024
+    finally:
+        config.set_option('sampled_limit', None)
+    assert sa.pick_method('qk', 1024, 128, 13, torch.device('cpu')) == 'dense'
+
+
+def test_config_rejects_bad_values_naming_the_setting(monkeypatch):
+    for env, raw in (('ADASR_ATTN_THREADS', '-1'), ('ADASR_ATTN_THREADS', '1.5'), ('ADASR_TORCH_TOPK', 'yes'),
+                     ('ADASR_SAMPLED_LIMIT', '0'), ('ADASR_ATTN_BLOCK_KB', 'big')):
+        with monkeypatch.context() as m:
+            m.setenv(env, raw)
+            name = {'ADASR_ATTN_THREADS': 'threads', 'ADASR_TORCH_TOPK': 'torch_topk',
+                    'ADASR_SAMPLED_LIMIT': 'sampled_limit', 'ADASR_ATTN_BLOCK_KB': 'tile_kb'}[env]
+            with pytest.raises(ValueError, match=env):
+                config.get_option(name)
+    with pytest.raises(ValueError, match='memory_mb'):
+        config.set_option('memory_mb', -3)
+    with pytest.raises(KeyError, match='not an adasr.ops option'):
+        config.get_option('speed')
+    monkeypatch.setenv('ADASR_TORCH_TOPK', '1')
+    assert config.get_option('torch_topk') is True
+
+
+def test_sparse_qk_bias_is_read_at_the_index():
+    q, k, _, _, idx = _case(g=6)
+    bias = torch.randn(3, 20, 24, dtype=torch.float64)  # broadcast over a leading dim of 2
+    q4, k4, i4 = q.view(2, 3, 20, 7), k.view(2, 3, 24, 7), idx.view(2, 3, 20, 5)
+    want = ops.dense_sparse_qk(q4, k4, i4) + torch.gather(bias.expand(2, 3, 20, 24), -1, i4)
+    for method in ('sampled', 'dense', 'gather'):
+        with torch.no_grad():
+            torch.testing.assert_close(sa.torch_sparse_qk(q4, k4, i4, method, bias=bias), want)
+    leaf = bias.clone().requires_grad_()
+    ops.sparse_qk(q4, k4, i4, bias=leaf).sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(bias).index_put_(
+        (torch.arange(3).view(1, 3, 1, 1).expand_as(i4), torch.arange(20).view(1, 1, 20, 1).expand_as(i4), i4),
+        torch.ones(i4.shape, dtype=bias.dtype), accumulate=True))

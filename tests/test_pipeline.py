@@ -154,3 +154,26 @@ def test_checkpoint_mismatch_is_reported_by_key(tiny_pairs, tmp_path):
     assert out.returncode != 0
     assert 'missing keys' in out.stderr and 'conv_first.weight (1,) vs (12, 3, 3, 3)' in out.stderr
     assert 'Traceback' not in out.stderr
+
+
+def test_test_runs_only_the_sets_asked_for(tiny_pairs, tmp_path):
+    """``adasr-test --sets``: a file listing a set that is not on disk runs on the sets that are; a name the file
+    does not have is refused before anything runs, naming the names it has."""
+    hr, lr = tiny_pairs
+    missing = str(tmp_path / 'Urban100')
+    opt = {'name': 'bicubic_sets', 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0,
+           'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                                   'io_backend': {'type': 'disk'}},
+                        'test_2': {'name': 'Urban100', 'type': 'PairedSRDataset', 'dataroot_gt': missing,
+                                   'dataroot_lq': missing, 'io_backend': {'type': 'disk'}}},
+           'network_g': {'type': 'Bicubic', 'upscale': 4}, 'path': {'pretrain_network_g': None},
+           'val': {'save_img': False, 'suffix': None, 'metrics': METRICS}}
+    path = write_yaml(tmp_path / 'opt.yml', opt)
+    proc = run(TEST, path, tmp_path, check=False)
+    assert proc.returncode != 0 and 'Urban100' in proc.stderr  # the whole file needs every folder
+    run(TEST, path, tmp_path, '--sets', 'tiny')
+    log = glob.glob(str(tmp_path / 'results' / 'bicubic_sets' / 'test_*.log'))[-1]
+    text = open(log).read()
+    assert 'Validation tiny' in text and 'Urban100' not in text.split('Validation tiny', 1)[1]
+    proc = run(TEST, path, tmp_path, '--sets', 'Set5', check=False)
+    assert proc.returncode != 0 and 'no dataset named Set5 in the option file (it has: tiny, Urban100)' in proc.stderr

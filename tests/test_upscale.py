@@ -13,8 +13,9 @@ import yaml
 from basicsr.archs.swinir_arch import SwinIR
 
 from adasr.cli.upscale import main
-from adasr.utils import image_io
-from adasr.utils.image_io import atomic_write_bytes, read_image
+from adasr.utils import files, image_io
+from adasr.utils.files import atomic_write_bytes
+from adasr.utils.image_io import read_image
 from adasr.utils.matlab_resize import imresize
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -142,7 +143,7 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path, monkeypat
     def broken_fsync(fd):
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(image_io.os, 'fsync', broken_fsync)
+    monkeypatch.setattr(files.os, 'fsync', broken_fsync)
     with pytest.raises(OSError, match='No space'):
         atomic_write_bytes(str(dst), b'new content that never lands')
     assert dst.read_bytes() == b'old'
@@ -150,7 +151,7 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path, monkeypat
     monkeypatch.undo()
     atomic_write_bytes(str(dst), b'new')
     assert dst.read_bytes() == b'new' and os.listdir(tmp_path) == ['x.png']
-    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~image_io._umask()  # as open() would create it, not 0600
+    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~files._umask()  # as open() would create it, not 0600
 
 
 def test_interrupted_run_loses_nothing(tmp_path, monkeypatch, capsys):
@@ -169,7 +170,7 @@ def test_interrupted_run_loses_nothing(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_replace(a, b)
 
-    monkeypatch.setattr(image_io.os, 'replace', flaky_replace)
+    monkeypatch.setattr(files.os, 'replace', flaky_replace)
     with pytest.raises(KeyboardInterrupt):
         main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q'])
     assert os.listdir(out) == ['im0_out.png']  # no truncated im1, no temporary file

@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.halting import HaltingInfo, halting_sparsity
 from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
@@ -36,6 +37,7 @@ from adasr.archs.layers import (
 from adasr.utils.checks import check_choice, check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
+_HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,6 +59,51 @@ class ResBlock(nn.Module):
         if self.res_scale != 1:
             out.mul_(self.res_scale)
         return out.add_(x)
+
+    def forward_mkldnn(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block on a oneDNN-layout tensor (no autograd): the convolutions run in the blocked layout that
+        oneDNN would reorder an NCHW tensor into and back from, so the result is bit for bit ``forward``'s."""
+        out = _conv_onednn(_conv_onednn(x, self.body[0]).relu_(), self.body[2])
+        if self.res_scale != 1:
+            out = out.mul_(self.res_scale)
+        return out.add_(x)
+
+
+def _onednn_layout_ok(x: torch.Tensor) -> bool:
+    """Eager inference on the CPU in float32 with oneDNN: convolutions may run on oneDNN-layout tensors (not while
+    ``torch.export`` / ``torch.compile`` trace the network: graphs keep the plain NCHW operators)."""
+    return (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+
+
+def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv`` applied to a oneDNN-layout tensor (see :func:`_onednn_layout_ok`); returns one."""
+    return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+
+
+class TokenMlp(Mlp):
+    """The TSAB MLP (``fc1``, exact GELU, ``fc2``). At CPU float32 inference ``fc1`` and the GELU run as one oneDNN
+    linear with a GELU post-op: the same numbers without a pass over the hidden activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_onednn_layout_ok(x) and _HAS_LINEAR_POINTWISE and self.act.approximate == 'none'):
+            return super().forward(x)
+        hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
+        return self.fc2(hidden)
+
+
+class ResBlocks(nn.Sequential):
+    """A chain of :class:`ResBlock` (an ``nn.Sequential``: the authors' state-dict names). On the CPU without
+    autograd, in float32, the chain runs in oneDNN's blocked layout from end to end (one conversion in and one out
+    instead of two reorders per convolution): the same numbers, about a tenth less time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self) or not _onednn_layout_ok(x):
+            return super().forward(x)
+        h = x.to_mkldnn()
+        for blk in self:
+            h = blk.forward_mkldnn(h)
+        return h.to_dense()
 
 
 def _mean_shift(n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int) -> nn.Conv2d:
@@ -284,7 +331,7 @@ class TSAB(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.project_out = nn.Conv2d(dim, dim, 1)  # unused
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = TokenMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok=None, keep_win=None, split=None) -> torch.Tensor:
         a = self.attn(self.norm1(x), hw, keep_tok, keep_win, split)
@@ -310,30 +357,88 @@ class AdaM(nn.Module):
                                  nn.Conv2d(estimator_hidden, 1, 3, 1, 1))
         self.unembed = nn.Conv2d(embed_dim, n_feats, 1)
 
-    def forward(self, fe: torch.Tensor, eps_h: float, split: Optional[int]):
-        """fe (B, n_feats, Hp, Wp). Returns (output, logits, global keep maps, window keep maps (B, 1, Hp/S, Wp/S)),
-        maps as bool, logits live (they carry the estimator's graph in training)."""
+    def forward(self, fe: torch.Tensor, eps_h: float, split: Optional[int], skip_dead: bool = False):
+        """fe (B, n_feats, Hp, Wp). Returns (output, logits, global keep maps, window keep maps (B, 1, Hp/S, Wp/S),
+        complete flags), maps as bool, logits live (they carry the estimator's graph in training).
+
+        ``skip_dead`` (no-grad eval): the estimator runs only on the windows that can still change a decision
+        (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete."""
         b, _, hp, wp = fe.shape
         t = self.embed(fe)
         c = t.shape[1]
         t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
         score = fe.new_zeros(b, 1, hp, wp)
         threshold = 1 - eps_h
-        keep_tok = keep_win = None
-        logits, g_maps, w_maps = [], [], []
+        keep_tok = keep_win = live = None
+        logits, g_maps, w_maps, complete = [], [], [], []
         for blk in self.blocks:
             t = blk(t, (hp, wp), keep_tok, keep_win, split)
-            feat = t.transpose(1, 2).reshape(b, c, hp, wp)  # contiguous NCHW, as the authors' estimator sees it
-            logit = self.var(feat.detach() if self.training else feat)
+            logit = self.estimate(t, (hp, wp), live)
+            complete.append(live is None)
             score = score + torch.sigmoid(logit.detach())
             g = score < threshold
             w = F.avg_pool2d(score, self.window_size) < threshold
             keep_tok, keep_win = g.view(b, -1), w.reshape(-1)
+            if skip_dead:
+                live = self.live_windows(g, w)
             logits.append(logit)
             g_maps.append(g)
             w_maps.append(w)
         out = fe + self.unembed(t.transpose(1, 2).reshape(b, c, hp, wp))
-        return out, logits, g_maps, w_maps
+        return out, logits, g_maps, w_maps, complete
+
+    def live_windows(self, g: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """Flat indices (over B x window grid) of the windows whose estimator output can still change a decision,
+        or None when that is more than half of them (then the whole map is cheaper).
+
+        The accumulated score only grows (sigmoid > 0), so a token at or above the threshold stays halted, and so
+        does a window whose mean score is. A window is dead when it and every token in it have halted: no later
+        mask can change there. g: token keep map (B, 1, Hp, Wp); w: window keep map (B, 1, Hp/S, Wp/S)."""
+        b, _, nwy, nwx = w.shape
+        s = self.window_size
+        live = g.view(b, nwy, s, nwx, s).any(4).any(2).logical_or_(w.view(b, nwy, nwx)).flatten()
+        ids = live.nonzero().squeeze(1)
+        return None if 2 * ids.numel() > live.numel() else ids
+
+    def estimate(self, t: torch.Tensor, hw: Tuple[int, int], windows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Estimator logits (B, 1, Hp, Wp) of the tokens t (B, Hp*Wp, C). ``windows``: flat window indices to
+        compute (the others get +inf), or None for the whole map (detached input in training, as the authors).
+
+        The window path convolves each window with a halo of two pixels (one per 3x3 conv, zero outside the
+        image, the hidden map zeroed outside the image as the padding of the second conv): the same sums as the
+        whole-map convolutions, bit for bit."""
+        b, n, c = t.shape
+        hp, wp = hw
+        if windows is None and _onednn_layout_ok(t):
+            # the tokens are a channels-last map: one oneDNN reorder into the blocked layout of the convolution
+            # (the same numbers as from an NCHW copy, without the slow transpose)
+            hidden = _conv_onednn(t.view(b, hp, wp, c).permute(0, 3, 1, 2).to_mkldnn(), self.var[0])
+            return self.var[2](self.var[1](hidden.to_dense()))
+        if windows is None:
+            # NCHW-contiguous, as the authors' estimator sees it (the reshape alone is a channels_last view, which
+            # oneDNN convolves with other rounding at batch > 1)
+            feat = t.transpose(1, 2).reshape(b, c, hp, wp).contiguous()
+            return self.var(feat.detach() if self.training else feat)
+        s = self.window_size
+        nwy, nwx = hp // s, wp // s
+        logit = t.new_full((b, 1, hp, wp), float('inf'))
+        if windows.numel() == 0:
+            return logit
+        if windows.numel() == 1:  # oneDNN picks another kernel (other rounding) for a batch of one patch
+            windows = windows.repeat(2)
+        conv1, conv2 = self.var[0], self.var[2]
+        bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
+        wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
+        padded = F.pad(t.view(b, hp, wp, c), (0, 0, 2, 2, 2, 2))
+        patches = padded.unfold(1, s + 4, s).unfold(2, s + 4, s)[bi, wy, wx].contiguous()  # n, c, s+4, s+4 (NCHW)
+        hidden = self.var[1](F.conv2d(patches, conv1.weight, conv1.bias))  # n, hidden, s+2, s+2
+        pos = torch.arange(-1, s + 1, device=t.device)
+        inside_y = ((wy[:, None] * s + pos) >= 0) & ((wy[:, None] * s + pos) < hp)
+        inside_x = ((wx[:, None] * s + pos) >= 0) & ((wx[:, None] * s + pos) < wp)
+        hidden = hidden * (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+        out = F.conv2d(hidden, conv2.weight, conv2.bias)  # n, 1, s, s
+        logit.view(b, nwy, s, nwx, s).permute(0, 1, 3, 2, 4)[bi, wy, wx] = out[:, 0]
+        return logit
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,7 +447,7 @@ class AdaM(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class AdaFormer(SRArch, nn.Module):
+class AdaFormer(SRArch, Exportable, nn.Module):
     """AdaFormer (AAAI-24) super-resolution network; ``AdaFormer()`` is the paper's x4 model (1,602,721 parameters).
 
     Input (B, in_chans, H, W) in 0..1, any size and batch (padded inside by reflection to a multiple of
@@ -384,6 +489,10 @@ class AdaFormer(SRArch, nn.Module):
             Default: 'auto'.
         sparse_eval (bool): eval computes attention for kept windows/tokens only. ``False`` computes every token
             and masks (the training computation, whole-image global), for comparisons. Default: True.
+        complete_halting_maps (bool): sparse eval runs the confidence estimator on every token, as the authors.
+            ``False`` skips the 8x8 windows where it can no longer change a decision (every token and the window
+            itself halted; ``HaltingInfo.complete`` flags such maps, whose skipped entries hold logit +inf); masks
+            and SR are the same bit for bit. Can be changed after construction. Default: False.
     """
 
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, n_feats: int = 64, embed_dim: int = 64,
@@ -391,7 +500,7 @@ class AdaFormer(SRArch, nn.Module):
                  window_size: int = 8, mlp_ratio: float = 2.0, eps_h: float = 0.05, img_range: float = 255.0,
                  rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, res_scale: float = 1.0,
                  estimator_hidden: Optional[int] = None, eval_global_split: Union[Literal['auto'], int] = 'auto',
-                 sparse_eval: bool = True):
+                 sparse_eval: bool = True, complete_halting_maps: bool = False):
         super().__init__()
         for name, value, low in (('upscale', upscale, 1), ('in_chans', in_chans, 1), ('n_feats', n_feats, 1),
                                  ('embed_dim', embed_dim, 1), ('n_resblocks', n_resblocks, 0), ('depths', depths, 1),
@@ -409,8 +518,9 @@ class AdaFormer(SRArch, nn.Module):
         rgb_mean = tuple(rgb_mean) if isinstance(rgb_mean, (list, tuple)) else rgb_mean
         if not isinstance(rgb_mean, tuple) or len(rgb_mean) != in_chans or not all(is_real(v) for v in rgb_mean):
             raise ValueError(f'rgb_mean must be a list of {in_chans} numbers, got {rgb_mean!r}')
-        if not isinstance(sparse_eval, bool):
-            raise ValueError(f'sparse_eval must be true or false, got {sparse_eval!r}')
+        for name, value in (('sparse_eval', sparse_eval), ('complete_halting_maps', complete_halting_maps)):
+            if not isinstance(value, bool):
+                raise ValueError(f'{name} must be true or false, got {value!r}')
 
         self.upscale = upscale
         self.window_size = window_size
@@ -418,6 +528,7 @@ class AdaFormer(SRArch, nn.Module):
         self.eps_h = eps_h  # validated by the property setter
         self.eval_global_split = eval_global_split
         self.sparse_eval = sparse_eval
+        self.complete_halting_maps = complete_halting_maps
         self._halting_raw: Optional[tuple] = None  # what the last forward made; HaltingInfo built when first read
         self._halting: Optional[HaltingInfo] = None
 
@@ -425,23 +536,25 @@ class AdaFormer(SRArch, nn.Module):
         self.sub_mean = _mean_shift(in_chans, rgb_mean, self.img_range, -1)
         self.add_mean = _mean_shift(in_chans, rgb_mean, self.img_range, 1)
         self.head = nn.Sequential(nn.Conv2d(in_chans, n_feats, 3, 1, 1))
-        self.shollow_feature_extraction = nn.Sequential(  # sic: the authors' spelling, kept for their checkpoints
+        self.shollow_feature_extraction = ResBlocks(  # sic: the authors' spelling, kept for their checkpoints
             *[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
         self.body = AdaM(n_feats, embed_dim, depths, num_heads, num_prototypes, window_size, mlp_ratio,
                          estimator_hidden)
-        self.deep_feature_extraction = nn.Sequential(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
+        self.deep_feature_extraction = ResBlocks(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
         self.tail = PixelShuffleDirect(n_feats, in_chans, upscale)
 
     # -- the declared interface (adasr.archs.interface) ---------------------------------------------------------
 
     def arch_traits(self) -> ArchTraits:
-        # x4 paper config: 5.4 KiB per LR pixel at 256 px, 5.8 KiB at 384 px (random weights, 50-80 % halted after
-        # block 0); 8 KiB leaves room for inputs where few tokens halt. A 272 px window keeps the eval global split
-        # at 8, as on big whole images (docs/upscale.md).
+        # memory: calibrated in docs/upscale.md, with room for inputs where few tokens halt; a 272 px window keeps
+        # the eval global split at 8, as on big whole images. Half: bf16 only (it works in the 0..255 range, where
+        # fp16's range is not verified with trained weights); tiles differ slightly from the whole image (global
+        # branch and halting see the tile), hence 'discouraged' (docs/spandrel.md).
         return ArchTraits(pads_input=True, window=self.window_size,
                           bytes_per_pixel=8 * 1024.0 * max(1.0, self.head[0].out_channels / 64),
                           memory_source='AdaFormer: 8 KiB x n_feats/64 per LR pixel (calibrated)', min_window=272,
-                          adaptive=True)
+                          preferred_half=torch.bfloat16, half_dtypes=(torch.bfloat16,), adaptive=True,
+                          tiling='discouraged')
 
     def halting_record(self) -> Optional[HaltingInfo]:
         return self.last_halting
@@ -518,26 +631,35 @@ class AdaFormer(SRArch, nn.Module):
         # bit in NCHW).
         f0 = self.head(self.sub_mean(x * self.img_range))
         fe = self.shollow_feature_extraction(f0)
-        fa, logits, g_maps, w_maps = self.body(fe, self._eps_h, split)
+        fa, logits, g_maps, w_maps, complete = self.body(fe, self._eps_h, split,
+                                                         skip_dead=split is not None and not self.complete_halting_maps)
         fd = self.deep_feature_extraction(fa)
         sr = self.add_mean(self.tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
 
-        self._halting, self._halting_raw = None, ([lg.detach() for lg in logits], g_maps, w_maps, (h, w), (hp, wp),
-                                                  split)
+        self._halting, self._halting_raw = None, ([lg.detach() for lg in logits], g_maps, w_maps, complete, (h, w),
+                                                  (hp, wp), split)
         if self.training:
             return sr, [lg[..., :h, :w] for lg in logits]
         return sr
 
-    def _record(self, logits, g_maps, w_maps, size, padded, split) -> HaltingInfo:
+    def _record(self, logits, g_maps, w_maps, complete, size, padded, split) -> HaltingInfo:
         s = self.window_size
         logits = [lg.detach() for lg in logits]
         g_keep = [g.float() for g in g_maps]
         l_keep = [w.float().repeat_interleave(s, 2).repeat_interleave(s, 3) for w in w_maps]
         return HaltingInfo(logits=logits, confidence=[torch.sigmoid(lg) for lg in logits], global_keep=g_keep,
-                           local_keep=l_keep, input_size=size, padded_size=padded,
+                           local_keep=l_keep, complete=list(complete), input_size=size, padded_size=padded,
                            mode='dense' if split is None else 'sparse', eval_global_split=split,
                            sparsity=halting_sparsity(g_keep, l_keep, size))
+
+    def export_module(self) -> nn.Module:
+        """The eval forward with static control flow for ONNX export
+        (:class:`~adasr.archs.adaformer_export.AdaFormerExport`: masked dense computation of the same halting,
+        windows and global chunks; same outputs)."""
+        from adasr.archs.adaformer_export import AdaFormerExport
+
+        return AdaFormerExport(self)
 
     # -- cost ------------------------------------------------------------------------------------------------------
 

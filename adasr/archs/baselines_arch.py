@@ -25,6 +25,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from spandrel.architectures.ATD import ATD as _SpandrelATD
 from spandrel.architectures.HAT import HAT as _SpandrelHAT
 
+from adasr.archs.exportable import mirror_pad_to_multiple
 from adasr.archs.interface import ArchTraits, SRArch, register_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN, pad_to_multiple
 from adasr.utils.checks import check_choice, check_int, check_positive
@@ -117,8 +118,9 @@ class HAT(SRArch, _SpandrelHAT):
 
     def check_image_size(self, x: torch.Tensor) -> torch.Tensor:
         """Reflect-pad the bottom/right to a multiple of ``window_size`` (the authors pad the same way in their model
-        class); unlike ``F.pad``, this also works when the pad is larger than the image (tiny inputs)."""
-        return pad_to_multiple(x, self.window_size, mode='reflect')[0]
+        class); unlike ``F.pad``, this also works when the pad is larger than the image (tiny inputs). Done as index
+        gathers with no branch on the size (the same values), so an exported graph pads every input size."""
+        return mirror_pad_to_multiple(x, self.window_size, 'reflect')
 
 
 @ARCH_REGISTRY.register()
@@ -192,7 +194,7 @@ class ATD(SRArch, _SpandrelATD):
 
 def _swinir_traits(net: SwinIR) -> ArchTraits:
     """basicsr's SwinIR does not pad itself (its ``SwinIRModel`` pads the input to the window); the window lives in
-    its blocks. Memory: light (embed 60) measured 8.0 KiB per LR pixel, classical (embed 180) 14.7-22.9 KiB."""
+    its blocks. Memory per pixel calibrated in docs/upscale.md."""
     window = net.layers[0].residual_group.blocks[0].window_size if len(net.layers) else 1
     return ArchTraits(window=int(window), bytes_per_pixel=150.0 * net.embed_dim,
                       memory_source='SwinIR: 150 B x embed_dim per LR pixel (calibrated)')

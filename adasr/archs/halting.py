@@ -24,6 +24,10 @@ class HaltingInfo:
             (float 0/1, (B, 1, Hp, Wp)). The paper's halting mask M is ``1 - global_keep``.
         local_keep: 1 where the token's 8x8 window still runs window attention in the next block, repeated over
             the window's pixels (float 0/1, (B, 1, Hp, Wp)).
+        complete: per mask index, True when the estimator ran on every token. Sparse eval skips the 8x8 windows
+            where no later decision can change (the window and every token in it halted: the accumulated score only
+            grows); their entries hold logit +inf (confidence 1), and :meth:`estimated` tells them apart. Masks are
+            always complete.
         input_size: unpadded LR size (H, W); crop maps with ``[..., :H, :W]`` to align them with the image.
         padded_size: (Hp, Wp), the size the maps have.
         mode: ``'sparse'`` (eval, gathered attention) or ``'dense'`` (training, or eval with ``sparse_eval=False``:
@@ -37,6 +41,7 @@ class HaltingInfo:
     confidence: List[torch.Tensor]
     global_keep: List[torch.Tensor]
     local_keep: List[torch.Tensor]
+    complete: List[bool]
     input_size: Tuple[int, int]
     padded_size: Tuple[int, int]
     mode: str
@@ -47,6 +52,13 @@ class HaltingInfo:
         """Crop padded maps (e.g. ``self.confidence``) to the unpadded LR size."""
         h, w = self.input_size
         return [m[..., :h, :w] for m in maps]
+
+    def estimated(self, index: int) -> torch.Tensor:
+        """Where the estimator ran for mask ``index``: (B, 1, Hp, Wp) bool, all True for a complete map."""
+        logits = self.logits[index]
+        if self.complete[index]:
+            return torch.ones_like(logits, dtype=torch.bool)
+        return ~torch.isposinf(logits)
 
     def attention_depth(self, branch: Literal['global', 'local'] = 'global') -> torch.Tensor:
         """Number of blocks in which each token took part in the branch's attention, (B, 1, Hp, Wp) float.

@@ -12,12 +12,13 @@ ask this module, never a class name and never an attribute found by probing:
 * :func:`unwrap` - the network inside DataParallel / DistributedDataParallel.
 
 adasr's own archs subclass :class:`SRArch` and declare their traits in :meth:`SRArch.arch_traits`. Networks adasr
-does not own (basicsr's SwinIR, any spandrel model) get theirs through :func:`register_traits`, next to where adasr
-registers them; anything else gets :data:`UNKNOWN` traits with the window found in its modules (the one place where
+does not own get theirs through :func:`register_traits` next to where adasr registers them (basicsr's SwinIR), or
+run inside :class:`adasr.archs.spandrel_support.Spandrel`, which declares them from the spandrel descriptor (any
+spandrel model); anything else gets :data:`UNKNOWN` traits with the window found in its modules (the one place where
 attributes are probed).
 """
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Literal, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,7 +42,14 @@ class ArchTraits:
         memory_source: where ``bytes_per_pixel`` comes from (shown to users when a tile size is chosen).
         min_window: smallest tile window side that keeps the arch's behaviour (0: any).
         preferred_half: the half type to use on CUDA when the user asks for "half" (None: float16).
+        half_dtypes: the half types the network runs in (empty: full precision only).
         adaptive: the network keeps a halting record of its last forward and has a halting threshold.
+        tiling: how tiles relate to the whole-image output (spandrel's ``ModelTiling``): ``'supported'`` (tiles
+            with enough context give the whole-image output, up to float rounding or tiny differences),
+            ``'discouraged'`` (the output depends on the whole input, so tiles differ more; tile only when memory
+            requires it) or ``'internal'`` (the network tiles itself: callers must not tile).
+        pretrained: the network loaded its trained weights when it was built (``network_g: {type: Spandrel, path:
+            ...}``): callers need no separate checkpoint.
     """
 
     pads_input: bool = False
@@ -50,7 +58,10 @@ class ArchTraits:
     memory_source: str = 'default estimate (arch not calibrated)'
     min_window: int = 0
     preferred_half: Optional[torch.dtype] = None
+    half_dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
     adaptive: bool = False
+    tiling: Literal['supported', 'discouraged', 'internal'] = 'supported'
+    pretrained: bool = False
 
 
 UNKNOWN = ArchTraits()

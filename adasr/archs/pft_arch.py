@@ -8,8 +8,8 @@ release so the official ``params_ema`` checkpoints load with ``strict=True``. Ch
 * the sparse products run on :mod:`adasr.ops` (pure PyTorch on any device with exact gradients, or Triton on
   NVIDIA GPUs in fp32/fp16/bf16) instead of the fp32-only CUDA extension ``smm_cuda`` with its racy backward;
 * attention is computed in chunks of windows from a memory budget, so no (B*nW, heads, n, n) tensor exists
-  for the whole image; dense attention maps that a later layer needs are kept, or recomputed from the layer's
-  q and k when keeping them would exceed the budget (inference only; the numbers do not change);
+  for the whole image; without autograd it runs on the tiled, in-place inference engine of
+  :mod:`adasr.archs.pft_engine` (the same numbers);
 * a layer whose k equals the number of keys it already has skips the (set-preserving) top-k;
 * ``use_checkpoint`` enables activation checkpointing per layer in training (upstream: no effect);
 * padding handles inputs smaller than half a window (upstream fails there), and the '' (denoising) and
@@ -22,6 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adasr.archs.exportable import Exportable
 from adasr.archs.interface import ArchTraits, SRArch
 from adasr.archs.layers import (
     DIV2K_RGB_MEAN,
@@ -31,180 +32,21 @@ from adasr.archs.layers import (
     relative_position_index,
     window_partition,
 )
-from adasr.ops import resolve_backend, sparse_av, sparse_qk
-from adasr.ops.sparse_attention import (
-    _av_ebag,
-    _qk_sampled,
-    block_bytes,
-    cache_bytes,
-    chunk_count,
-    memory_budget_bytes,
-    parallel_blocks,
-    pick_method,
+from adasr.archs.pft_engine import (
+    DenseMap,
+    ShiftMask,
+    SparseMap,
+    attend,
+    dense_scores,
+    focus,
+    index_dtype,
+    shift_labels,
+    softmax,
 )
-from adasr.ops.sparse_attention import topk_positions as sparse_topk_positions
+from adasr.ops import chunk_count, sparse_av, sparse_qk, topk_positions
 from adasr.utils.checks import check_choice, check_int
 
-EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
-MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
-
-
-# ---- PFA state passed from layer to layer --------------------------------------------------------------------
-
-class _ShiftMask:
-    """Region labels (nW, n) of the shifted layers (indexable like the label tensor) and their -100 masks.
-
-    Only windows on the last window row / column hold more than one region; their masks take at most three distinct
-    patterns, built once per forward and added to the scores of those windows only (elsewhere the mask is zero).
-    """
-
-    def __init__(self, labels: torch.Tensor):
-        self.labels = labels
-        self.n_win = labels.shape[0]
-        mixed = (labels.amin(1) != labels.amax(1)).tolist()
-        patterns: List[torch.Tensor] = []
-        self.kind: List[int] = []  # per window: 0 = one region, else 1 + its pattern
-        for w, is_mixed in enumerate(mixed):
-            if not is_mixed:
-                self.kind.append(0)
-                continue
-            for p, lab in enumerate(patterns):
-                if torch.equal(lab, labels[w]):
-                    self.kind.append(p + 1)
-                    break
-            else:
-                patterns.append(labels[w])
-                self.kind.append(len(patterns))
-        self._patterns = patterns
-        self._masks: Optional[torch.Tensor] = None
-
-    @property
-    def shape(self):
-        return self.labels.shape
-
-    def __getitem__(self, item):
-        return self.labels[item]
-
-    def masks(self) -> torch.Tensor:
-        """(1 + patterns, n, n) float32: 0 where query and key share a region, -100 elsewhere; [0] is all zeros."""
-        if self._masks is None:
-            n = self.labels.shape[1]
-            lab = torch.stack(self._patterns) if self._patterns else self.labels[:0]
-            masks = (lab[:, :, None] != lab[:, None, :]).float().mul_(MASK_VALUE)
-            self._masks = torch.cat([torch.zeros(1, n, n, device=masks.device), masks])
-        return self._masks
-
-    def add_to(self, s: torch.Tensor, ws: slice, rs: slice) -> torch.Tensor:
-        """s (cw, h, r, n) scores of windows ws, query rows rs: add the mask of each window."""
-        kinds = [self.kind[w % self.n_win] for w in range(ws.start, ws.stop)]
-        if not any(kinds):
-            return s
-        masks = self.masks()
-        if len(kinds) == 1:
-            return s.add_(masks[kinds[0], rs])
-        return s.add_(masks[torch.tensor(kinds, device=masks.device)][:, None, rs])
-
-
-class _Blocked:
-    """A (B_, h, n, X) tensor stored as (B_, n_blocks, h, rows, X): the block of windows ``ws`` and query rows
-    ``rs`` (a whole block of :meth:`PFAttention._blocks`) is a contiguous tensor, written and read in place."""
-
-    def __init__(self, nb: int, h: int, n: int, x: int, rows: int, dtype, device):
-        self.rows, self.shape = rows, (nb, h, n, x)
-        self.data = torch.empty(nb, -(-n // rows), h, rows, x, dtype=dtype, device=device)
-
-    def block(self, ws: slice, rs: slice) -> torch.Tensor:
-        if rs.start % self.rows:
-            raise RuntimeError(f'row block {rs} does not start on a multiple of {self.rows}')  # internal error
-        blk = self.data[ws, rs.start // self.rows]
-        return blk if rs.stop - rs.start == self.rows else blk[:, :, :rs.stop - rs.start]
-
-
-def _block(t, ws: slice, rs: slice) -> torch.Tensor:
-    """Windows ws, query rows rs of a (B_, h, n, X) tensor or :class:`_Blocked`: (cw, h, r, X)."""
-    return t.block(ws, rs) if isinstance(t, _Blocked) else t[ws, :, rs]
-
-
-class _DenseMap:
-    """A dense (B_, h, n, n) attention map kept for the next layer of the same shift parity."""
-
-    kind = 'dense'
-
-    def __init__(self, maps):
-        self.maps = maps
-
-    def probs(self, ws: slice, rs: slice) -> torch.Tensor:
-        return _block(self.maps, ws, rs)
-
-
-class _DenseRecipe:
-    """A dense map that is recomputed per block (windows x query rows) from the layer's q, k and bias (and the map
-    before it) instead of being stored: q and k cost 2*n*d per window and head, the map n*n. Inference only."""
-
-    kind = 'dense'
-
-    def __init__(self, q, k, bias, mask: Optional[_ShiftMask], prev, training: bool):
-        self.q, self.k, self.bias, self.mask, self.prev, self.training = q, k, bias, mask, prev, training
-
-    def probs(self, ws: slice, rs: slice) -> torch.Tensor:
-        a = _softmax(_dense_scores(self.q, self.k, self.bias, self.mask, ws, rs), inplace=True)
-        if self.prev is not None:
-            a = _transfer(a, self.prev.probs(ws, rs), self.training, inplace=True)
-        return a
-
-
-class _SparseMap:
-    """Top-k weights (B_, h, n, K) and their in-window key indices (int16 / int32), as tensors or :class:`_Blocked`."""
-
-    kind = 'sparse'
-
-    def __init__(self, values, index):
-        self.values, self.index = values, index
-
-    @property
-    def keys(self) -> int:
-        return self.index.shape[-1]
-
-
-def _dense_scores(q, k, bias, mask: Optional[_ShiftMask], ws: slice, rs: slice,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q k^T + bias (+ shift mask) in float32 for windows ``ws`` and query rows ``rs``: (cw, h, r, n), written into
-    ``out`` when given."""
-    if out is not None and q.dtype == torch.float32 and k.dtype == torch.float32 and out.is_contiguous():
-        s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1), out=out)
-    else:
-        s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1))
-        if s.dtype != torch.float32:
-            s = s.float()
-        if out is not None:
-            s = out.copy_(s)
-    s = s.add_(bias[:, rs])
-    if mask is not None:
-        s = mask.add_to(s, ws, rs)
-    return s
-
-
-def _softmax(s: torch.Tensor, inplace: bool) -> torch.Tensor:
-    if inplace:  # same kernel, result written over the scores (bitwise equal, test_pft_ops)
-        return torch.ops.aten._softmax.out(s, -1, False, out=s)
-    return torch.softmax(s, -1)
-
-
-def _transfer(a: torch.Tensor, prev: torch.Tensor, training: bool, inplace: bool = False) -> torch.Tensor:
-    """Progressive focusing: multiply by the previous map of the same parity and renormalise (spec section 2.4)."""
-    if inplace:
-        a = a.mul_(prev)
-        if training:
-            den = a.sum(-1, keepdim=True).add_(EPS)
-            return a.add_(EPS).div_(den)
-        a = a.add_(EPS)
-        return a.div_(a.sum(-1, keepdim=True).add_(EPS))
-    prod = a * prev
-    if training:
-        return (prod + EPS) / (prod.sum(-1, keepdim=True) + EPS)
-    prod = prod + EPS
-    return prod / (prod.sum(-1, keepdim=True) + EPS)
-
+# ---- per-forward geometry ------------------------------------------------------------------------------------------
 
 class _Frame:
     """Per-forward geometry shared by every layer: the token order of the windows (unshifted and shifted, as row
@@ -212,7 +54,7 @@ class _Frame:
 
     def __init__(self, b: int, hh: int, ww: int, ws: int, device):
         self.hw, self.window_size = (hh, ww), ws
-        self.mask = _ShiftMask(_shift_labels(hh, ww, ws, device))
+        self.mask = ShiftMask(shift_labels(hh, ww, ws, device))
         self._orders = {}
         self._b, self._device = b, device
 
@@ -228,19 +70,6 @@ class _Frame:
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
             self._orders[shift] = (perm, inv)
         return self._orders[shift]
-
-
-def _shift_labels(hp: int, wp: int, ws: int, device) -> torch.Tensor:
-    """Region label of every token of every window for the shifted layers: (nW, ws*ws), int."""
-    shift = ws // 2
-    img = torch.zeros(1, hp, wp, 1, device=device)
-    cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for wsl in cuts:
-            img[:, hs, wsl, :] = label
-            label += 1
-    return window_partition(img, ws).squeeze(-1)
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------
@@ -285,11 +114,9 @@ class PFAttention(nn.Module):
 
     The table has one column per head when ``per_head_bias`` (upstream: ``dim > 100``), else one shared column.
 
-    Without autograd the attention runs block by block (a few windows x a few hundred query rows, sized to stay in
-    cache, :func:`adasr.ops.sparse_attention.block_bytes`): scores, softmax, focusing, top-k and aggregation of a
-    block are done together, in place, into preallocated outputs and states; on the CPU the blocks run on
-    :func:`adasr.ops.sparse_attention.parallel_blocks` worker threads (``ADASR_ATTN_THREADS=0``: sequentially). With
-    autograd it runs over chunks of whole windows sized from the memory budget, out of place.
+    With autograd the attention is the plain formulation of the spec, over chunks of whole windows sized from the
+    memory budget, out of place, so gradients are the plain autograd gradients. Without autograd it runs on the
+    inference engine, :func:`adasr.archs.pft_engine.attend` (tiled, in place, threaded; the same numbers).
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, per_head_bias: bool):
@@ -305,151 +132,45 @@ class PFAttention(nn.Module):
         """(h or 1, n, n) relative-position bias (contiguous)."""
         return self.relative_position_bias_table.t()[:, rpi]
 
-    @staticmethod
-    def _blocks(nb: int, h: int, n: int, keys: int, sparse_in: bool, dense_prev: bool, grad: bool):
-        """(windows, rows) per block.
-
-        With autograd: whole windows, as many as the memory budget allows. Without: about block_bytes() of
-        float32 per block: whole windows for layers with sparse input (rows of K' entries; their states are plain
-        (B_, h, n, K) tensors sliced by window), else rows of n entries in row blocks that depend on (nb, h, n) only,
-        so that a dense map is kept, or recomputed, on exactly the blocks it was first computed on.
-        """
-        if grad:
-            per_window = 4 * h * n * keys * 5 + (4 * h * n * n * 2 if dense_prev else 0)
-            return chunk_count(nb, per_window), n
-        target = block_bytes()
-        per_row = 4 * h * (keys if sparse_in else n)
-        if sparse_in or per_row * n <= target:
-            return max(1, min(nb, target // (per_row * n))), n
-        return 1, max(1, target // per_row)
-
-    def _sparse_scores(self, q, k, bias, idx, ws: slice, rs: slice, grad: bool) -> torch.Tensor:
-        """Scores + bias at the kept keys ``idx`` (cw, h, r, K') of windows ws and query rows rs, float32."""
-        cw, h, r, keys = idx.shape
-        n, d = q.shape[-2:]
-        method = None
-        if q.device.type == 'cpu' and resolve_backend(q.device) == 'torch':
-            method = pick_method('qk', n, keys, d, q.device, q.dtype)
-        if method == 'dense':  # BLAS over all keys of a few rows at a time (in cache), then one gather of score + bias
-            if grad:
-                return torch.gather(_dense_scores(q, k, bias, None, ws, rs), -1, idx.long())
-            out = torch.empty(cw, h, r, keys, device=q.device)
-            step = max(1, cache_bytes() // (4 * cw * h * n))
-            for r0 in range(0, r, step):
-                sub = slice(r0, min(r, r0 + step))
-                s = _dense_scores(q, k, bias, None, ws, slice(rs.start + r0, rs.start + sub.stop))
-                torch.gather(s, -1, idx[:, :, sub].long(), out=out[:, :, sub])
-            return out
-        bias_g = torch.gather(bias[:, rs].expand(cw, h, r, n), -1, idx.long())
-        if method == 'sampled' and not grad:  # one dot product per kept entry, the bias added in the same pass
-            out = _qk_sampled(q[ws, :, rs].reshape(cw * h, r, d), k[ws].reshape(cw * h, n, d),
-                              idx.reshape(cw * h, r, keys), base=bias_g.reshape(cw * h, r, keys))
-            return out.view(cw, h, r, keys)
-        return sparse_qk(q[ws, :, rs], k[ws], idx).float() + bias_g
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpi: torch.Tensor, prev,
                 topk: int, labels: Optional[torch.Tensor]):
-        """q (pre-scaled), k, v: (B_, h, n, d). Returns (out (B_, h, n, d), state for the next same-parity layer)."""
-        nb, h, n, d = q.shape
-        grad = torch.is_grad_enabled()
-        fast = not grad  # in place, into preallocated outputs and states
+        """q (pre-scaled), k, v: (B_, h, n, d); ``prev``: state of the previous layer of the same shift parity;
+        ``labels``: region labels (or :class:`~adasr.archs.pft_engine.ShiftMask`) of a shifted layer, else None.
+        Returns (out (B_, h, n, d), state for the next same-parity layer)."""
         bias = self.bias(rpi).float()
-        mask = labels if labels is None or isinstance(labels, _ShiftMask) else _ShiftMask(labels)
+        mask = labels if labels is None or isinstance(labels, ShiftMask) else ShiftMask(labels)
+        if not torch.is_grad_enabled():
+            return attend(q, k, v, bias, mask, prev, topk, self.training)
+        nb, h, n, _ = q.shape
         sparse_in = prev is not None and prev.kind == 'sparse'
-        dense_prev = prev is not None and prev.kind == 'dense'
         keys = prev.keys if sparse_in else n
         do_topk = topk < n and topk != keys  # k == K' would only permute the kept set
-        kout = topk if do_topk else keys
         keep_dense = topk >= n  # (validation: a sparse parity never returns to dense)
-        store = keep_dense and (grad or nb * h * n * n * 4 <= memory_budget_bytes())
-        index_dtype = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
-        wstep, rstep = self._blocks(nb, h, n, keys, sparse_in, dense_prev, grad)
-
-        def block_probs(ws: slice, rs: slice):
-            """Attention weights of one block after focusing and top-k, and their key indices (None: dense)."""
+        dense_prev = prev is not None and prev.kind == 'dense'
+        step = chunk_count(nb, 4 * h * n * keys * 5 + (4 * h * n * n * 2 if dense_prev else 0))
+        outs, values, indices = [], [], []
+        for w0 in range(0, nb, step):  # chunks of whole windows
+            ws, rs = slice(w0, min(nb, w0 + step)), slice(0, n)
             if sparse_in:
-                idx = _block(prev.index, ws, rs)
-                a = _softmax(self._sparse_scores(q, k, bias, idx, ws, rs, grad), fast)
-                if fast and not do_topk:  # focus straight into the kept values (prod = prev * a, as a * prev)
-                    a = _transfer(_block(vals, ws, rs), a, self.training, inplace=True)
-                else:
-                    a = _transfer(a, _block(prev.values, ws, rs), self.training, fast)
+                idx = prev.index[ws]
+                a = softmax(sparse_qk(q[ws], k[ws], idx, bias=bias).float(), inplace=False)
+                a = focus(a, prev.values[ws], self.training)
             else:
                 idx = None
-                a = _dense_scores(q, k, bias, mask, ws, rs, out=maps.block(ws, rs) if fast and store else None)
-                a = _softmax(a, fast)
+                a = softmax(dense_scores(q, k, bias, mask, ws, rs), inplace=False)
                 if prev is not None:
-                    a = _transfer(a, prev.probs(ws, rs), self.training, fast)
+                    a = focus(a, prev.probs(ws, rs), self.training)
             if do_topk:
-                pos = sparse_topk_positions(a, topk)
-                if fast:  # gather the kept values and indices straight into the state
-                    kept = vals[ws, :, rs]
-                    a = torch.gather(a, -1, pos, out=kept) if kept.is_contiguous() else kept.copy_(a.gather(-1, pos))
-                else:
-                    a = torch.gather(a, -1, pos)
-                idx = pos if idx is None else torch.gather(idx, -1, pos)  # in the stored (int16) dtype
-                if fast:
-                    idxs[ws, :, rs] = idx
-            return a, idx
-
-        direct_av = fast and v.device.type == 'cpu' and resolve_backend(v.device) == 'torch'
-
-        def aggregate(a, idx, ws: slice):
-            if idx is None:
-                return torch.matmul(a.to(v.dtype), v[ws])
-            if direct_av:  # the CPU kernel without the checks of the public op (shapes are right by construction)
-                cw, _, r, kk = idx.shape
-                o = _av_ebag(a.reshape(cw * h, r, kk), v[ws].reshape(cw * h, n, d).float(), idx.reshape(cw * h, r, kk))
-                return o.view(cw, h, r, d)
-            return sparse_av(a, v[ws], idx)
-
-        blocks = [(slice(w0, min(nb, w0 + wstep)), slice(r0, min(n, r0 + rstep)))
-                  for w0 in range(0, nb, wstep) for r0 in range(0, n, rstep)]
-        if fast:
-            out_buf = torch.empty(nb, n, h, d, dtype=v.dtype, device=v.device)
-            out = out_buf.permute(0, 2, 1, 3)  # (nb, h, n, d) view; the layer merges heads without a copy
-            maps = _Blocked(nb, h, n, n, rstep, torch.float32, q.device) if store else None
-            if not keep_dense:
-                if sparse_in and not do_topk:  # same keys: update the inherited values in place, share the index
-                    vals, idxs = prev.values, prev.index
-                else:
-                    vals = torch.empty(nb, h, n, kout, device=q.device)
-                    idxs = torch.empty(nb, h, n, kout, dtype=index_dtype, device=q.device)
-            if mask is not None and any(mask.kind):
-                mask.masks()  # build once, before the blocks run in parallel
-
-            def run_block(block):
-                ws, rs = block
-                a, idx = block_probs(ws, rs)
-                out[ws, :, rs] = aggregate(a, idx, ws)
-
-            if q.device.type == 'cpu':
-                parallel_blocks(run_block, blocks)
-            else:
-                for block in blocks:
-                    run_block(block)
-        else:
-            same_keys = sparse_in and not do_topk  # the inherited index is shared, as in the fast path
-            outs, val_list, idx_list = [], [], []
-            for ws, rs in blocks:  # whole windows (rs covers every row)
-                a, idx = block_probs(ws, rs)
-                outs.append(aggregate(a, idx, ws).to(v.dtype))
-                if not keep_dense or store:
-                    val_list.append(a)
-                if not keep_dense and not same_keys:
-                    idx_list.append(idx.to(index_dtype))
-            cat = (lambda x: torch.cat(x, 0) if len(x) > 1 else x[0])  # noqa: E731
-            out = cat(outs)
-            if keep_dense:
-                maps = cat(val_list)
-            else:
-                vals, idxs = cat(val_list), (prev.index if same_keys else cat(idx_list))
-
+                pos = topk_positions(a, topk)
+                a = torch.gather(a, -1, pos)
+                idx = pos if idx is None else torch.gather(idx, -1, pos)
+                indices.append(idx.to(index_dtype(n)))
+            outs.append((torch.matmul(a.to(v.dtype), v[ws]) if idx is None else sparse_av(a, v[ws], idx)).to(v.dtype))
+            values.append(a)
+        cat = (lambda x: torch.cat(x, 0) if len(x) > 1 else x[0])  # noqa: E731
         if keep_dense:
-            state = _DenseMap(maps) if store else _DenseRecipe(q, k, bias, mask, prev, self.training)
-        else:
-            state = _SparseMap(vals, idxs)
-        return out, state
+            return cat(outs), DenseMap(cat(values))
+        return cat(outs), SparseMap(cat(values), cat(indices) if do_topk else prev.index)
 
 
 class PFTLayer(nn.Module):
@@ -541,7 +262,7 @@ class _PatchEmbedNorm(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class PFT(SRArch, nn.Module):
+class PFT(SRArch, Exportable, nn.Module):
     """PFT / PFT-light super-resolution network (``network_g: {type: PFT, ...}``).
 
     Args (the keys of the released ``network_g`` blocks; defaults as upstream):
@@ -697,8 +418,7 @@ class PFT(SRArch, nn.Module):
         return depths, num_heads, num_topk
 
     def arch_traits(self) -> ArchTraits:
-        # PFT-light x4 (embed 52, window 32) measured 27.8 KiB per LR pixel at 256 px and 35.4 KiB at 384 px (the
-        # top-k state grows with the windows); scaled by embed_dim for the classical PFT (docs/upscale.md)
+        # memory calibrated on PFT-light x4 (docs/upscale.md), scaled by embed_dim for the classical PFT
         return ArchTraits(pads_input=True, window=self.window_size,
                           bytes_per_pixel=40 * 1024.0 * max(1.0, self.embed_dim / 52),
                           memory_source='PFT: 40 KiB x embed_dim/52 per LR pixel (calibrated on PFT-light)')
@@ -722,13 +442,23 @@ class PFT(SRArch, nn.Module):
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x)) + x
-        if self.upsampler == 'pixelshuffle':
-            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        else:
-            x = self.upsample(x)
+        x = self.upsample_features(self.conv_after_body(self.forward_features(x)) + x)
         x = x / self.img_range + mean
         return x[..., :h * self.upscale, :w * self.upscale]
+
+    def upsample_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction head: body features (B, C, H, W) -> (B, in_chans, scale*H, scale*W), before the
+        range and mean are undone."""
+        if self.upsampler == 'pixelshuffle':
+            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        return self.upsample(x)
+
+    def export_module(self) -> nn.Module:
+        """The eval forward with static control flow for ONNX export (:class:`~adasr.archs.pft_export.PFTExport`:
+        dense scores, TopK and GatherElements; same outputs)."""
+        from adasr.archs.pft_export import PFTExport
+
+        return PFTExport(self)
 
     def extra_repr(self) -> str:
         return (f'upscale={self.upscale}, window_size={self.window_size}, num_heads={self.num_heads}, '

@@ -1,10 +1,17 @@
-"""What ``adasr-train`` / ``adasr-test`` do around BasicSR's own pipelines."""
+"""What ``adasr-train`` / ``adasr-test`` do around BasicSR's own pipelines.
+
+Before BasicSR starts: the option file is read with adasr's safe loader and checked (:mod:`adasr.cli.options`);
+BasicSR's own ``parse_options`` is given the same safe loader (its ``ordered_yaml()`` loader builds Python objects)
+and ``--force_yml`` values are parsed as YAML data instead of BasicSR's ``exec``. ``--auto_resume`` picks the newest
+training state that can be read, together with its network file.
+"""
 import argparse
 import os
 import os.path as osp
 import sys
+from collections import Counter
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -20,48 +27,186 @@ def _argv(argv: List[str]):
         sys.argv = saved
 
 
-def _preflight(argv: List[str], is_train: bool) -> None:
+def _split_adasr_args(argv: List[str], kind: str):
+    """Take ``--force_yml a:b=v ...`` (BasicSR would ``exec`` it) and, for testing, adasr's ``--sets NAME ...`` out
+    of ``argv``; return (rest, force_yml entries, set names or None)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--force_yml', nargs='+', action='extend', default=[])
+    if kind == 'test':
+        parser.add_argument('--sets', nargs='+', default=None)
+    known, rest = parser.parse_known_args(argv)
+    return rest, known.force_yml, getattr(known, 'sets', None)
+
+
+def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
     from adasr.cli.options import OptionsError, check_options, load_yaml
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('-opt', required=True)
     known, _ = parser.parse_known_args(argv)
     try:
-        check_options(load_yaml(known.opt), is_train=is_train)
+        opt = load_yaml(known.opt, overrides)
     except OptionsError as e:
         raise SystemExit(f'error: {e}') from None
+    try:
+        check_options(opt, is_train=is_train)
+    except OptionsError as e:
+        raise SystemExit(f'error: {known.opt}: {e}') from None
+
+
+@contextmanager
+def _safe_basicsr_yaml(overrides: Sequence):
+    """Make BasicSR's ``parse_options`` read the option file with adasr's safe loader (and apply the
+    ``--force_yml`` overrides) for the duration of the run."""
+    from basicsr.utils import options as basicsr_options
+
+    from adasr.cli.options import option_loader
+
+    original = basicsr_options.ordered_yaml
+    loader = option_loader(overrides)
+    basicsr_options.ordered_yaml = lambda: (loader, original()[1])
+    try:
+        yield
+    finally:
+        basicsr_options.ordered_yaml = original
+
+
+def _warn(message: str) -> None:
+    """A warning before BasicSR's logger exists (it must be set up by the pipeline first): on stderr."""
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+class ResumeError(RuntimeError):
+    """``--auto_resume`` found training states but none that can be used."""
+
+
+def _read_state(path: str, device: torch.device) -> dict:
+    with torch.serialization.safe_globals([Counter]):  # MultiStepRestartLR keeps its milestones in a Counter
+        state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get('iter'), int):
+        raise ValueError('not a BasicSR training state (no "iter")')
+    return state
+
+
+def _usable_state(state_dir: str, models_dir: str, device: torch.device):
+    """The newest ``<iter>.state`` of ``state_dir`` that reads and whose ``net_g_<iter>.pth`` reads with finite
+    weights, as (path, state); unusable ones are skipped with a warning naming them.
+
+    Raises:
+        ResumeError: there are states, and none is usable.
+    """
+    from adasr.utils.checkpoint import load_checkpoint
+
+    iters = sorted((int(f[:-len('.state')]) for f in os.listdir(state_dir)
+                    if f.endswith('.state') and f[:-len('.state')].isdigit()), reverse=True)
+    skipped = []
+    for it in iters:
+        path = osp.join(state_dir, f'{it}.state')
+        try:
+            state = _read_state(path, device)
+            for key in ('params', 'params_ema'):  # what BasicSR loads into net_g and net_g_ema on resume
+                load_checkpoint(osp.join(models_dir, f'net_g_{it}.pth'), param_key=key)
+        except Exception as e:  # noqa: BLE001 - a truncated file raises many kinds of errors
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _warn(f'--auto_resume: skipping {path}: {reason}')
+            skipped.append(path)
+            continue
+        return path, state
+    if skipped:
+        raise ResumeError(f'--auto_resume: no usable training state in {state_dir} (tried, newest first: '
+                          f'{", ".join(osp.basename(p) for p in skipped)}); move the folder '
+                          f'{osp.dirname(state_dir)} away to start again, or give path.resume_state')
+    return None, None
 
 
 def load_resume_state(opt: dict) -> Optional[dict]:
     """Replacement for ``basicsr.train.load_resume_state``.
 
-    BasicSR 1.4.2 maps the state onto ``torch.cuda.current_device()`` (fails on a CPU) and looks for
-    ``--auto_resume`` states relative to the current directory instead of the experiments root; it also loads the
-    state with pickle. Here: the latest ``<root>/experiments/<name>/training_states/*.state``, read with
-    ``weights_only=True`` onto the model's device.
+    BasicSR 1.4.2 maps the state onto ``torch.cuda.current_device()`` (fails on a CPU), looks for ``--auto_resume``
+    states relative to the current directory instead of the experiments root, loads the state with pickle, and
+    always takes the highest-numbered state, even a truncated one. Here, with ``--auto_resume``: the newest
+    ``<root>/experiments/<name>/training_states/<iter>.state`` that reads with ``weights_only=True`` and whose
+    ``models/net_g_<iter>.pth`` reads (unusable ones are skipped with a warning; temporary files of interrupted
+    writes are removed first); otherwise ``path.resume_state``.
     """
-    from collections import Counter
-
     from basicsr.utils import check_resume
 
-    path = None
+    from adasr.utils.files import remove_orphan_temporaries
+
+    device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] else torch.device('cpu')
+    state = None
     if opt['auto_resume']:
-        state_dir = osp.join(opt['root_path'], 'experiments', opt['name'], 'training_states')
+        exp = osp.join(opt['root_path'], 'experiments', opt['name'])
+        state_dir, models_dir = osp.join(exp, 'training_states'), osp.join(exp, 'models')
+        if opt.get('rank', 0) == 0:
+            for path in remove_orphan_temporaries(state_dir, 0) + remove_orphan_temporaries(models_dir, 0):
+                _warn(f'--auto_resume: removed {path}, left by an interrupted write')
         if osp.isdir(state_dir):
-            iters = [int(f[:-len('.state')]) for f in os.listdir(state_dir)
-                     if f.endswith('.state') and f[:-len('.state')].isdigit()]
-            if iters:
-                path = osp.join(state_dir, f'{max(iters)}.state')
+            path, state = _usable_state(state_dir, models_dir, device)
+            if path is not None:
                 opt['path']['resume_state'] = path
     elif opt['path'].get('resume_state'):
-        path = opt['path']['resume_state']
-    if path is None:
+        try:
+            state = _read_state(opt['path']['resume_state'], device)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise ResumeError(f"path.resume_state {opt['path']['resume_state']} cannot be read: {e}") from e
+    if state is None:
         return None
-    device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] else torch.device('cpu')
-    with torch.serialization.safe_globals([Counter]):  # MultiStepRestartLR keeps its milestones in a Counter
-        state = torch.load(path, map_location=device, weights_only=True)
     check_resume(opt, state['iter'])
     return state
+
+
+def _agreed_resume_state(opt: dict) -> Optional[dict]:
+    """:func:`load_resume_state`, checked to be the same iteration in every process of a distributed run (each
+    reads ``experiments/`` itself: on several machines it must be a shared folder)."""
+    from adasr.utils.distributed import gather_to_all
+
+    state = load_resume_state(opt)
+    iters = gather_to_all(None if state is None else state['iter'])
+    if len(set(iters)) > 1:
+        found = ', '.join(f'process {r}: {"none" if i is None else f"iteration {i}"}' for r, i in enumerate(iters))
+        raise SystemExit(f'error: the processes found different training states to resume from ({found}); '
+                         f'experiments/{opt["name"]} must be one folder that every machine shares')
+    return state
+
+
+def apply_basicsr_dist_shim() -> None:
+    """Let BasicSR 1.4.2's ``--launcher pytorch`` run on CPUs (gloo) as well as GPUs (NCCL).
+
+    BasicSR hard-codes the NCCL backend and ``torch.cuda.set_device(RANK % device_count)`` in
+    ``basicsr.utils.dist_util._init_dist_pytorch`` (a division by zero without CUDA), and wraps networks in
+    ``DistributedDataParallel(device_ids=[torch.cuda.current_device()])`` (no CUDA, no device; and DDP refuses a
+    network without trainable parameters, such as ``Bicubic``). Replacements: the process group comes from
+    :func:`adasr.utils.distributed.init_from_env` (``cpu:gloo,cuda:nccl`` with CUDA, gloo without; the GPU is
+    ``LOCAL_RANK``), a network on the CPU is wrapped without ``device_ids``, and one without trainable parameters
+    is not wrapped. The GPU path of ``model_to_device`` and everything else (samplers, rank-0-only saving and
+    logging) stay BasicSR's; so does the slurm launcher (GPUs only). Safe to call more than once.
+    """
+    from basicsr.models.base_model import BaseModel
+    from basicsr.utils import dist_util
+    from torch.nn.parallel import DistributedDataParallel
+
+    from adasr.utils.distributed import init_from_env
+
+    if getattr(BaseModel.model_to_device, '_adasr_shim', False):
+        return
+    basicsr_model_to_device = BaseModel.model_to_device
+
+    def init_dist_pytorch(backend: str = 'nccl', **kwargs) -> None:
+        del backend  # BasicSR always passes 'nccl'; the backend follows the hardware instead
+        init_from_env(**kwargs)
+
+    def model_to_device(self, net):
+        if self.opt['dist'] and not any(p.requires_grad for p in net.parameters()):
+            return net.to(self.device)  # nothing to synchronise (Bicubic), and DDP refuses such a module
+        if self.opt['dist'] and self.device.type == 'cpu':
+            return DistributedDataParallel(net.to(self.device),
+                                           find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        return basicsr_model_to_device(self, net)
+
+    model_to_device._adasr_shim = True
+    dist_util._init_dist_pytorch = init_dist_pytorch
+    BaseModel.model_to_device = model_to_device
 
 
 def run(kind: str, argv: Optional[List[str]] = None) -> None:
@@ -71,17 +216,28 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from basicsr import test as basicsr_test
     from basicsr import train as basicsr_train
 
+    from adasr.cli.options import OptionsError, parse_overrides, select_test_sets
     from adasr.data.paired_dataset import DatasetError
+    from adasr.models.adasr_model import TrainingDivergedError
     from adasr.utils.checkpoint import CheckpointError
+    from adasr.utils.checks import NonFiniteError
 
-    _preflight(argv, is_train=(kind == 'train'))
+    argv, force_yml, sets = _split_adasr_args(argv, kind)
+    try:
+        overrides = parse_overrides(force_yml)
+    except OptionsError as e:
+        raise SystemExit(f'error: {e}') from None
+    if sets:  # checked against the option file's dataset names before anything runs
+        overrides.append(select_test_sets(sets))
+    _preflight(argv, is_train=(kind == 'train'), overrides=overrides)
+    apply_basicsr_dist_shim()  # --launcher pytorch: gloo on CPUs, NCCL on GPUs
     root = os.getcwd()
     try:
-        with _argv(argv):
+        with _argv(argv), _safe_basicsr_yaml(overrides):
             if kind == 'train':
-                basicsr_train.load_resume_state = load_resume_state
+                basicsr_train.load_resume_state = _agreed_resume_state
                 basicsr_train.train_pipeline(root)
             else:
                 basicsr_test.test_pipeline(root)
-    except (CheckpointError, DatasetError) as e:  # user errors: the message names the file or keys
+    except (CheckpointError, DatasetError, NonFiniteError, ResumeError, TrainingDivergedError) as e:  # names the cause
         raise SystemExit(f'error: {e}') from None

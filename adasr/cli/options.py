@@ -2,19 +2,24 @@
 
 BasicSR builds everything from ``opt`` with ``cls(**opt)``; a misspelled key either raises a bare ``TypeError``
 deep in the pipeline or (for archs with ``**kwargs``, such as basicsr's SwinIR) is silently ignored. Here every
-section we know is compared with what its consumer accepts, and dataset roots and checkpoints are checked to exist.
+section we know is compared with what its consumer accepts, numbers are checked (scales that agree, positive
+iteration counts, frequencies and learning rates), and dataset roots and checkpoints are checked to exist.
+
+Option files are data: :func:`load_yaml` reads them with :class:`OptionLoader` (``yaml.SafeLoader`` with BasicSR's
+ordered mappings), which refuses the tags that build Python objects.
 """
 import difflib
 import inspect
 import os.path as osp
-from typing import Iterable, Mapping, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
-from basicsr.utils.options import ordered_yaml
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
 from adasr.data.paired_dataset import DatasetError, check_data_root
+from adasr.utils.checks import check_int, check_positive, is_real
 
 
 class OptionsError(ValueError):
@@ -193,6 +198,8 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
         train = opt.get('train')
         if not isinstance(train, Mapping):
             raise OptionsError('a training option file needs a "train" section')
+        if logger is None:
+            raise OptionsError('a training option file needs a "logger" section')
         loss_keys = {k for k in train if k.endswith('_opt')}
         _check_keys('train', {k: v for k, v in train.items() if k not in loss_keys},
                     TRAIN_KEYS | _declared_keys(model_cls, 'train_option_keys'))
@@ -201,19 +208,195 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
                 check_loss_opt(train[key], f'train.{key}')
         if 'total_iter' not in train:
             raise OptionsError('train: missing total_iter')
-        if logger is None:
-            raise OptionsError('a training option file needs a "logger" section')
+    check_numbers(opt, is_train)
 
 
-def load_yaml(path: str) -> dict:
-    """Read an option file with BasicSR's ordered YAML loader; errors name the file."""
+def _number(check, name: str, value, *args) -> None:
+    """Run one of :mod:`adasr.utils.checks` on an option, as an :class:`OptionsError` naming it."""
+    try:
+        check(name, value, *args)
+    except ValueError as e:
+        hint = (' (YAML reads 2e-4 as text: write 2.0e-4 or !!float 2e-4)'
+                if isinstance(value, str) and check is check_positive else '')
+        raise OptionsError(f'{e}{hint}') from None
+
+
+def _count(name: str, value, minimum: int = 1) -> None:
+    """An iteration count or frequency: an integer >= ``minimum``; a whole float is accepted, as BasicSR's own option
+    files write ``save_checkpoint_freq: !!float 5e3``."""
+    _number(check_int, name, int(value) if is_real(value) and float(value).is_integer() else value, minimum)
+
+
+def check_numbers(opt: Mapping, is_train: bool) -> None:
+    """Scales that agree (top-level ``scale``, ``network_g.upscale``, ``datasets.*.scale``), crops that are a
+    multiple of the scale, positive integers for iteration counts, batch sizes and frequencies (``warmup_iter``
+    may be -1: none), positive learning rates."""
+    scale = opt.get('scale')
+    if scale is None:
+        raise OptionsError('the option file has no "scale" (the upscaling factor, e.g. scale: 4)')
+    _number(check_int, 'scale', scale)
+    net_scale = opt['network_g'].get('upscale')
+    if net_scale is not None:
+        _number(check_int, 'network_g.upscale', net_scale)
+        if net_scale != scale:
+            raise OptionsError(f'scale: {scale} but network_g.upscale: {net_scale}; they must agree')
+    for phase, ds in opt['datasets'].items():
+        if ds.get('scale') is not None and ds['scale'] != scale:
+            raise OptionsError(f'scale: {scale} but datasets.{phase}.scale: {ds["scale"]!r}; they must agree')
+        if phase.split('_')[0] != 'train':
+            continue
+        for key, minimum in (('gt_size', 1), ('batch_size_per_gpu', 1), ('num_worker_per_gpu', 0),
+                             ('dataset_enlarge_ratio', 1)):
+            if key in ds:
+                _number(check_int, f'datasets.{phase}.{key}', ds[key], minimum)
+        if ds['gt_size'] % scale:
+            raise OptionsError(f'datasets.{phase}.gt_size: {ds["gt_size"]} is not a multiple of scale: {scale} '
+                               '(the LR crop would not be whole pixels)')
+    if not is_train:
+        return
+    train, logger, val = opt['train'], opt['logger'], opt.get('val')
+    _count('train.total_iter', train['total_iter'])
+    for key, minimum in (('warmup_iter', -1), ('max_nonfinite_steps', 1)):
+        if train.get(key) is not None:
+            _count(f'train.{key}', train[key], minimum)
+    for key in ('print_freq', 'save_checkpoint_freq'):
+        if key not in logger:
+            raise OptionsError(f'logger: missing {key}')
+        _count(f'logger.{key}', logger[key])
+    if val is not None:
+        if 'val_freq' not in val:
+            raise OptionsError('val: missing val_freq (or remove the val section)')
+        _count('val.val_freq', val['val_freq'])
+    ema = train.get('ema_decay', 0)
+    if not is_real(ema) or not 0 <= ema < 1:
+        raise OptionsError(f'train.ema_decay must be a number in [0, 1), got {ema!r}')
+    for key in ('optim_g', 'optim_d'):
+        optim = train.get(key)
+        if isinstance(optim, Mapping) and 'lr' in optim:
+            _number(check_positive, f'train.{key}.lr', optim['lr'])
+    scheduler = train.get('scheduler') or {}
+    for key in ('milestones', 'periods'):
+        for i, step in enumerate(scheduler.get(key) or ()):
+            _count(f'train.scheduler.{key}[{i}]', step)
+    if 'gamma' in scheduler:
+        _number(check_positive, 'train.scheduler.gamma', scheduler['gamma'])
+
+
+class OptionLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that builds ``OrderedDict`` mappings, as BasicSR's ``ordered_yaml()`` does, and keeps the
+    standard tags (``!!float 2e-4``, ``!!int``, ``!!str``, ...). Tags that build Python objects
+    (``!!python/object/apply:os.system``) have no constructor here and are refused."""
+
+
+def _ordered_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> OrderedDict:
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+    return OrderedDict(loader.construct_pairs(node))
+
+
+OptionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ordered_mapping)
+
+Override = Union[Tuple[List[str], Any], Callable[[dict], dict]]  # (keys, value), or an edit of the whole file
+
+
+def parse_overrides(entries: Sequence[str]) -> List[Override]:
+    """Parse BasicSR's ``--force_yml`` entries (``train:ema_decay=0.999``, ``train:total_iter=4``) safely.
+
+    Values are read as YAML scalars or lists with :class:`OptionLoader` (BasicSR builds Python source from the
+    entry and ``exec``s it); ``none`` is ``None`` as in BasicSR.
+
+    Raises:
+        OptionsError: an entry without ``=`` or a key, or a value that is not plain YAML.
+    """
+    overrides = []
+    for entry in entries:
+        keys, sep, text = entry.partition('=')
+        keys = [k.strip() for k in keys.split(':')]
+        if not sep or not all(keys):
+            raise OptionsError(f'--force_yml {entry!r}: expected section:key=value (e.g. train:total_iter=4)')
+        text = text.strip()
+        try:
+            value = None if text.lower() == 'none' else yaml.load(text, Loader=OptionLoader)
+        except yaml.YAMLError as e:
+            raise OptionsError(f'--force_yml {entry!r}: the value is not plain YAML data: {e}') from None
+        overrides.append((keys, value))
+    return overrides
+
+
+def select_test_sets(names: Sequence[str]) -> Callable[[dict], dict]:
+    """An override (for :func:`apply_overrides`) that keeps only the ``datasets`` entries whose ``name`` is in
+    ``names`` (``adasr-test --sets Set5 Urban100``), so a test option file listing every benchmark set runs on the
+    sets a user has.
+
+    Raises (when applied):
+        OptionsError: a name matches no dataset of the file (the message lists the names it has).
+    """
+    wanted = list(dict.fromkeys(names))
+
+    def select(opt: dict) -> dict:
+        datasets = opt.get('datasets')
+        if not isinstance(datasets, Mapping):
+            raise OptionsError('--sets: the option file has no datasets section')
+        have = {key: (ds or {}).get('name', key) for key, ds in datasets.items()}
+        missing = [n for n in wanted if n not in have.values()]
+        if missing:
+            raise OptionsError(f'--sets: no dataset named {", ".join(missing)} in the option file (it has: '
+                               f'{", ".join(str(v) for v in have.values())})')
+        for key, name in have.items():
+            if name not in wanted:
+                del datasets[key]
+        return opt
+
+    return select
+
+
+def apply_overrides(opt: dict, overrides: Sequence[Override]) -> dict:
+    """Apply each override of :func:`parse_overrides` or :func:`select_test_sets` to ``opt`` in order: a
+    ``(keys, value)`` pair sets one option (its sections must exist), a callable edits the whole mapping."""
+    for override in overrides:
+        if callable(override):
+            opt = override(opt)
+            continue
+        keys, value = override
+        node = opt
+        for i, key in enumerate(keys[:-1]):
+            node = node.get(key) if isinstance(node, Mapping) else None
+            if not isinstance(node, Mapping):
+                raise OptionsError(f'--force_yml {":".join(keys)}: the option file has no section '
+                                   f'{":".join(keys[:i + 1])}')
+        node[keys[-1]] = value
+    return opt
+
+
+def option_loader(overrides: Sequence[Override] = ()) -> type:
+    """:class:`OptionLoader`, or a subclass that applies ``overrides`` to what it reads (for BasicSR's own
+    ``parse_options``, which reads the option file a second time)."""
+    if not overrides:
+        return OptionLoader
+
+    class OverridingLoader(OptionLoader):
+        def get_single_data(self):
+            return apply_overrides(super().get_single_data(), overrides)
+
+    return OverridingLoader
+
+
+def load_yaml(path: str, overrides: Sequence[Override] = ()) -> dict:
+    """Read an option file with :class:`OptionLoader` (then apply ``overrides``); errors name the file and line.
+
+    Raises:
+        OptionsError: the file is missing, is not YAML, holds a Python tag, or is not a mapping.
+    """
     if not osp.isfile(path):
         raise OptionsError(f'option file not found: {path}')
     try:
         with open(path, encoding='utf-8') as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
+            opt = yaml.load(f, Loader=OptionLoader)
+    except yaml.constructor.ConstructorError as e:
+        line = f', line {e.problem_mark.line + 1}' if e.problem_mark else ''
+        raise OptionsError(f'{path}{line}: {e.problem}; option files are plain data and tags that build Python '
+                           'objects (!!python/...) are refused') from None
     except yaml.YAMLError as e:
         raise OptionsError(f'{path} is not valid YAML: {e}') from e
     if not isinstance(opt, Mapping):
         raise OptionsError(f'{path} does not hold a mapping of options')
-    return opt
+    return apply_overrides(opt, overrides)

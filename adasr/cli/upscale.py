@@ -2,23 +2,30 @@
 ``python inference/upscale.py ...`` from a clone).
 
 The model comes from an option file (``--opt``: its ``network_g``, and ``path.pretrain_network_g`` /
-``param_key_g`` unless ``--weights`` is given) or from an arch name with its default hyperparameters
-(``--arch NAME --scale S --weights W``; ``--arch Bicubic --scale 4`` needs no weights). Big images run tile by
+``param_key_g`` unless ``--weights`` is given), from an arch name with its default hyperparameters
+(``--arch NAME --scale S --weights W``; ``--arch Bicubic --scale 4`` needs no weights), or from the checkpoint
+alone (``--weights W``: any architecture spandrel recognises, PFT and AdaFormer included; the detected architecture
+and hyperparameters are printed). Big images run tile by
 tile (``--tile``, ``--tile_pad``; chosen from the free memory when ``--tile`` is not given), so any size fits.
-Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit. Files that cannot be read are
-reported and skipped; outputs are written atomically, and existing outputs are skipped unless ``--overwrite``, so
-an interrupted folder run resumes where it stopped. Exit status: 0 when every image was written or skipped, 1
-when any failed, 2 for bad arguments. See docs/upscale.md.
+Grayscale stays grayscale, alpha is upscaled separately, 16-bit stays 16-bit, EXIF orientation is applied (as
+BasicSR's readers do). Files that cannot be read or hold NaN/infinite samples, and outputs that are not finite, are
+reported and skipped (nothing is written for them); the output folder is checked before the model is built, and
+temporary files left by an interrupted run are removed; outputs are written atomically, and existing outputs are
+skipped unless ``--overwrite``, so an interrupted folder run resumes where it stopped. Exit status: 0 when every
+image was written or skipped, 1 when any failed, 2 for bad arguments. Under ``torchrun`` the inputs are shared
+between the processes, with one summary. See docs/upscale.md.
 """
 import argparse
+import datetime
 import os
 import os.path as osp
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence, Tuple
 
 HALF_DTYPES = ('fp16', 'bf16')
+DIST_TIMEOUT = datetime.timedelta(days=7)  # under torchrun: how long the summary waits for the slowest share
 PRECISION_CHOICES = ('auto', 'fp32', 'bf16', 'fp16')
 
 
@@ -28,19 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='Examples:\n'
                '  adasr-upscale -i photo.png -o out --arch Bicubic --scale 4\n'
                '  adasr-upscale -i photos/ -o out --opt options/test/test_SwinIR_light_x4.yml --weights w.pth\n'
+               '  adasr-upscale -i photo.png -o out --weights any_spandrel_model.pth\n'
                '  adasr-upscale -i big.png -o out --opt X.yml --tile 256 --save-halting',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-i', '--input', required=True, help='an image file or a folder of images (not recursive)')
     p.add_argument('-o', '--output', default='results/upscale', help='output folder. Default: results/upscale')
-    model = p.add_argument_group('model (one of --opt or --arch)')
-    model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
-    model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
-    model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
-    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True')
-    model.add_argument('--param-key', default=None,
-                       help='checkpoint entry: params_ema (default, falls back to params) or params')
-    model.add_argument('--random-weights', action='store_true',
-                       help='run with untrained weights (for memory and speed tests only)')
+    add_model_args(p)
     run = p.add_argument_group('inference')
     run.add_argument('-t', '--tile', type=int, default=None,
                      help='tile core side in LR pixels; 0 = whole image; default: chosen from the free memory')
@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags that :func:`build_model` reads (shared with ``adasr-export``)."""
+    model = p.add_argument_group('model (--opt, --arch, or only --weights)')
+    model.add_argument('--opt', help='BasicSR option file: builds its network_g (and takes its pretrained path)')
+    model.add_argument('--arch', help='registered arch name, built with its default hyperparameters')
+    model.add_argument('-s', '--scale', type=int, help='upscaling factor for --arch (default: the option file\'s)')
+    model.add_argument('--weights', help='checkpoint (.pth); loaded strictly with weights_only=True. Alone (no --opt '
+                       'or --arch): any checkpoint spandrel recognises, architecture detected')
+    model.add_argument('--param-key', default=None,
+                       help='checkpoint entry: params_ema (default, falls back to params) or params')
+    model.add_argument('--random-weights', action='store_true',
+                       help='run with untrained weights (for memory and speed tests only)')
+
+
 class UsageError(ValueError):
     """Bad arguments or a model that cannot be built or loaded (reported without a traceback, exit status 2)."""
 
@@ -92,6 +106,7 @@ class Upscaler:
     precision: object  # adasr.inference.precision.Precision
     in_channels: int
     description: str
+    tiling: str = 'supported'
 
     @property
     def dtype(self):
@@ -131,12 +146,22 @@ def build_model(args) -> Upscaler:
     from adasr.inference.precision import PrecisionError, resolve_precision
     from adasr.utils.checkpoint import CheckpointError, load_weights
 
-    if bool(args.opt) == bool(args.arch):
-        raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name)')
+    if args.opt and args.arch:
+        raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name), or only --weights')
     weights, param_key = args.weights, args.param_key
-    if args.opt:
+    if not args.opt and not args.arch:
+        if not weights:
+            raise UsageError('give --opt (an option file), --arch (an arch name) or --weights (a checkpoint whose '
+                             'architecture spandrel detects)')
+        net, name = _detected_model(weights, param_key, args.scale)
+        scale, weights = net.scale, None  # loaded with the detection
+        traits = arch_traits(net)
+    elif args.opt:
         try:
             opt = load_yaml(args.opt)
+        except OptionsError as e:  # the message names the file (and the line)
+            raise UsageError(str(e)) from None
+        try:
             net_opt = dict(opt.get('network_g') or {})
             check_network_opt(net_opt, 'network_g')
         except OptionsError as e:
@@ -176,7 +201,7 @@ def build_model(args) -> Upscaler:
     if not isinstance(scale, int) or scale < 1:
         raise UsageError(f'the model has no valid scale ({scale!r}); give --scale')
 
-    has_params = any(True for _ in net.parameters())
+    has_params = any(True for _ in net.parameters()) and not traits.pretrained
     if weights:
         try:
             load_weights(net, weights, param_key or 'params_ema', strict=True)
@@ -193,11 +218,26 @@ def build_model(args) -> Upscaler:
         precision = resolve_precision(_precision_arg(args), device, preferred_half=traits.preferred_half)
     except PrecisionError as e:
         raise UsageError(f'--precision: {e}') from None
+    if precision.name != 'fp32' and precision.dtype not in traits.half_dtypes:
+        raise UsageError(f'--precision {precision.name}: this model does not run in it (half types: '
+                         f'{", ".join(str(t) for t in traits.half_dtypes) or "none"}); use fp32')
     net.eval()
     net.to(device=device)
     in_channels = _in_channels(net)
     return Upscaler(net, scale, traits.window, device, precision, in_channels,
-                    f'{name}, x{scale}, {device}, {precision.name}')
+                    f'{name}, x{scale}, {device}, {precision.name}', traits.tiling)
+
+
+def _detected_model(weights: str, param_key: Optional[str], scale: Optional[int]):
+    """The network of a checkpoint whose architecture spandrel detects, and its description."""
+    from adasr.archs.spandrel_support import Spandrel
+    from adasr.utils.checkpoint import CheckpointError
+
+    try:
+        net = Spandrel(path=weights, scale=scale, param_key=param_key or 'params_ema')
+    except (CheckpointError, ValueError) as e:
+        raise UsageError(f'--weights {weights}: {e}') from None
+    return net, f'detected by spandrel in {weights}: {net.describe()}'
 
 
 def _precision_arg(args) -> str:
@@ -272,6 +312,11 @@ class Report:
     failed: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
+    @classmethod
+    def merged(cls, reports: Sequence['Report']) -> 'Report':
+        """One report listing the entries of all, in order."""
+        return cls(*(sum((getattr(r, f.name) for r in reports), []) for f in fields(cls)))
+
 
 def _to_tensor(arr):
     import numpy as np
@@ -292,10 +337,15 @@ def _run_model(up: Upscaler, x, args, *, desc: str, on_tile=None, tile: Optional
     fn = up.forward_fn()
     h, w = x.shape[-2:]
     why = None
-    if tile is None:
+    if up.tiling == 'internal':  # the model tiles itself (spandrel's ModelTiling.INTERNAL): never tile it
+        tile, why = 0, 'whole image: the model tiles internally'
+    elif tile is None:
         max_mem = None if args.max_memory is None else args.max_memory * 1024 ** 3
         tile, why = auto_tile_size(up.net, fn, h, w, up.scale, in_channels=up.in_channels, device=up.device,
                                    dtype=up.dtype, tile_pad=args.tile_pad, multiple=up.multiple, max_memory=max_mem)
+    if tile and up.tiling == 'discouraged':
+        why = (why or f'tile {tile}, pad {args.tile_pad}') + '; tiling is discouraged for this arch (output ' \
+            'differs slightly from the whole image)'
     y = tiled_forward(fn, x, up.scale, tile, args.tile_pad, up.multiple, out_device=torch.device('cpu'),
                       progress=not args.quiet, desc=desc, on_tile=on_tile)
     return y, tile, why
@@ -306,6 +356,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
     import numpy as np
     import torch
 
+    from adasr.utils.checks import check_finite
     from adasr.utils.image_io import LoadedImage
     from adasr.utils.matlab_resize import imresize
 
@@ -316,6 +367,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
         raise ValueError(f'the model takes 1 channel but {name} is a colour image')
     x = _to_tensor(color)
     y, tile, why = _run_model(up, x, args, desc=name, on_tile=on_tile, tile=args.tile)
+    check_finite(f'the model output for {name}', y)
     y = y[0].clamp_(0, 1)
     if img.is_gray and y.shape[0] == 3:  # back to one channel (BT.601 luma, as OpenCV's BGR2GRAY)
         y = y[0] * 0.299 + y[1] * 0.587 + y[2] * 0.114
@@ -330,6 +382,7 @@ def upscale_image(up: Upscaler, img, args, name: str, on_tile=None):
         if args.alpha == 'model':
             a3 = a.expand(1, up.in_channels, *a.shape[-2:]).contiguous()
             alpha = _run_model(up, a3, args, desc=name + ' (alpha)', tile=tile)[0][0].mean(0)
+            check_finite(f'the model output for the alpha channel of {name}', alpha)
         else:
             alpha = imresize(a.double(), up.scale)[0, 0].float()
         alpha = alpha.clamp_(0, 1).numpy()
@@ -343,7 +396,6 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
     from adasr.utils.image_io import WRITABLE, ImageReadError, read_image, to_stored, write_image
 
     report = Report()
-    os.makedirs(args.output, exist_ok=True)
     bar = tqdm(paths, desc='images', unit='img', disable=args.quiet or len(paths) < 2, dynamic_ncols=True)
     for path in bar:
         name = osp.basename(path)
@@ -390,7 +442,12 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns (and, as a console script, exits with) the status."""
+    """Run the CLI; returns (and, as a console script, exits with) the status.
+
+    Under ``torchrun`` each process upscales every ``WORLD_SIZE``-th input from its ``RANK`` (on its own GPU,
+    ``LOCAL_RANK``, where there are GPUs), and process 0 prints one summary for all; every process returns the
+    status of the whole run.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, value, low in (('--tile', args.tile, 0), ('--tile_pad', args.tile_pad, 0),
@@ -399,6 +456,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f'{name} must be >= {low}, got {value}')
     if args.max_memory is not None and args.max_memory <= 0:
         parser.error('--max-memory must be positive (GiB)')
+    from adasr.utils import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _upscale(args, rank=0, world_size=1)
+    # the summary waits for the slowest share; torchrun stops every process when one fails
+    rank, world_size = distributed.init_from_env(timeout=DIST_TIMEOUT)
+    try:
+        return _upscale(args, rank, world_size)
+    finally:
+        distributed.destroy()
+
+
+def _upscale(args, rank: int, world_size: int) -> int:
+    """Upscale this process's share of the inputs; process 0 prints the summary of all shares."""
+    from adasr.utils.distributed import gather_to_all, shard
 
     def log(msg: str, error: bool = False) -> None:
         if error or not args.quiet:
@@ -406,10 +478,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             tqdm.write(msg, file=sys.stderr if error else sys.stdout)
 
+    from adasr.utils.files import OutputFolderError, prepare_output_folder
+
     try:
         paths = list_inputs(args.input)
         if args.ext != 'auto':
             output_ext('x.png', args.ext)  # validate early
+        try:  # before the model is built: a folder that cannot hold the outputs stops the run at once
+            orphans = prepare_output_folder(args.output)
+        except OutputFolderError as e:
+            raise UsageError(str(e)) from None
+        if orphans:
+            log(f'removed {len(orphans)} temporary file(s) left by an interrupted run in {args.output}')
         import adasr  # noqa: F401  (shim + registration)
 
         up = build_model(args)
@@ -427,16 +507,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise UsageError(f'--eps-h: {e}') from None
                 up.description += f', eps_h {args.eps_h}'
     except UsageError as e:
-        print(f'adasr-upscale: error: {e}', file=sys.stderr)
+        print(f'adasr-upscale: error: {e}', file=sys.stderr)  # every process: the problem may be one node's
         return 2
-    log(f'model: {up.description}; {len(paths)} image(s) -> {args.output}')
-    report = process(paths, up, args, log)
-    print(f'done: {len(report.written)} written, {len(report.skipped)} skipped (output exists), '
-          f'{len(report.failed)} failed' + (f' -> {args.output}' if report.written else ''))
-    for note in report.notes:
-        print(f'note: {note}')
-    for path, reason in report.failed:
-        print(f'failed: {path}: {reason}', file=sys.stderr)
+    if rank == 0:
+        log(f'model: {up.description}; {len(paths)} image(s) -> {args.output}'
+            + (f', shared by {world_size} processes' if world_size > 1 else ''))
+    reports = gather_to_all(process(shard(paths, rank, world_size), up, args, log))
+    report = Report.merged(reports)
+    if rank == 0:
+        print(f'done: {len(report.written)} written, {len(report.skipped)} skipped (output exists), '
+              f'{len(report.failed)} failed' + (f' -> {args.output}' if report.written else ''))
+        for note in report.notes:
+            print(f'note: {note}')
+        for path, reason in report.failed:
+            print(f'failed: {path}: {reason}', file=sys.stderr)
     return 1 if report.failed else 0
 
 

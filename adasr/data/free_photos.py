@@ -25,8 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from adasr.data.prepare import div8k_test_pair, write_image
-from adasr.utils.image_io import atomic_write_bytes
+from adasr.data.prepare import div8k_test_pair
+from adasr.utils.files import atomic_write_bytes
+from adasr.utils.image_io import write_image
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ def assemble(pkg_dir: str, out_dir: str, catalogue: Sequence[Photo] = CATALOGUE,
                     hr_h, hr_w = cv2.imread(hr_path, cv2.IMREAD_UNCHANGED).shape[:2]
                 else:
                     hr, lr = div8k_test_pair(hr4k, factor)  # the Test2K/4K/8K protocol: HR, then its x1/4 LR
-                    write_image(hr_path, hr)
-                    write_image(lr_path, lr)
+                    write_image(hr_path, hr, compress_level=3)
+                    write_image(lr_path, lr, compress_level=3)
                     hr_h, hr_w = hr.shape[:2]
                 rows.append([set_name, stem, photo.package, version, f'{photo.path} [{how}]', hr_w, hr_h,
                              photo.licence, _sha256(hr_path)])

@@ -7,13 +7,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
+from adasr.utils.image_io import IMAGE_EXTENSIONS, read_uint8, write_image
 from adasr.utils.matlab_resize import imresize_uint8
-
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
 def list_images(folder: str, recursive: bool = False) -> List[str]:
@@ -24,7 +22,7 @@ def list_images(folder: str, recursive: bool = False) -> List[str]:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for f in files:
-            if f.lower().endswith(IMG_EXTENSIONS):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
                 out.append(osp.relpath(osp.join(root, f), folder))
         if not recursive:
             break
@@ -76,42 +74,6 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
         shutil.rmtree(lmdb_path)
     os.replace(partial, lmdb_path)
     return len(paths), lmdb_path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Image I/O shared by the preparation steps
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def read_image(path: str) -> np.ndarray:
-    """Read an 8-bit image as it is stored: (H, W) for grayscale, (H, W, 3) BGR for colour.
-
-    An alpha channel is dropped (SR data sets are opaque). Raises ``ValueError`` naming the file when it cannot be
-    decoded or is not 8-bit.
-    """
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f'cannot read image {path}')
-    if img.dtype != np.uint8:
-        raise ValueError(f'{path} is {img.dtype}; only 8-bit images are supported')
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    return img
-
-
-def write_image(path: str, img: np.ndarray, compress_level: int = 3) -> None:
-    """Write an image atomically (:func:`adasr.utils.image_io.atomic_write_bytes`), so an interrupted run never
-    leaves a truncated image that a resumed run would take as done."""
-    from adasr.utils.image_io import atomic_write_bytes
-
-    ext = osp.splitext(path)[1].lower()
-    params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level] if ext == '.png' else []
-    ok, buf = cv2.imencode(ext, img, params)
-    if not ok:
-        raise OSError(f'cannot encode {path}')
-    atomic_write_bytes(path, buf.tobytes())
 
 
 def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
@@ -193,7 +155,7 @@ def _lr_job(job) -> int:
     todo = [(s, p) for s, p in outputs if not osp.isfile(p)]
     if not todo:
         return -1
-    hr = read_image(src)
+    hr = read_uint8(src)
     for s, p in todo:
         write_image(p, bicubic_lr(hr, s), compress_level=3)
     return len(todo)
@@ -261,7 +223,7 @@ def _subimage_job(job) -> int:
     marker = osp.join(hr_out, '.done', stem)
     if osp.isfile(marker):
         return -1
-    hr = read_image(hr_path)
+    hr = read_uint8(hr_path)
     scales = [s for s, _, _ in lr_jobs]
     grid = math.lcm(*scales)
     h, w = hr.shape[:2]
@@ -271,7 +233,7 @@ def _subimage_job(job) -> int:
     lrs = []
     for s, lr_folder, lr_out in lr_jobs:
         lr_path = _find_lr(lr_folder, stem, s, osp.splitext(osp.basename(hr_path))[0])
-        lr = read_image(lr_path)
+        lr = read_uint8(lr_path)
         lh, lw = lr.shape[:2]
         if not (h // s <= lh <= -(-h // s) and w // s <= lw <= -(-w // s)):
             raise ValueError(f'{lr_path} is {lw}x{lh} but its HR {hr_path} is {w}x{h}: not an x{s} pair')
@@ -283,12 +245,13 @@ def _subimage_job(job) -> int:
             index += 1
             name = subimage_name(stem, index)
             write_image(osp.join(hr_out, name), np.ascontiguousarray(hr[y:y + crop_size, x:x + crop_size]),
-                        compress_level)
+                        compress_level=compress_level)
             written += 1
             for s, lr, lr_out in lrs:
                 c = crop_size // s
                 write_image(osp.join(lr_out, name),
-                            np.ascontiguousarray(lr[y // s:y // s + c, x // s:x // s + c]), compress_level)
+                            np.ascontiguousarray(lr[y // s:y // s + c, x // s:x // s + c]),
+                            compress_level=compress_level)
                 written += 1
     os.makedirs(osp.dirname(marker), exist_ok=True)
     with open(marker, 'w') as f:
@@ -343,11 +306,11 @@ def _benchmark_job(job) -> int:
     todo = [(s, gt, lq) for s, gt, lq in outputs if not (osp.isfile(gt) and osp.isfile(lq))]
     if not todo:
         return -1
-    hr = read_image(src)
+    hr = read_uint8(src)
     for s, gt_path, lq_path in todo:
         gt = mod_crop(hr, s)
         if lr_src and lr_src.get(s):
-            lq = read_image(_find_lr(lr_src[s], stem, s, osp.splitext(osp.basename(src))[0]))
+            lq = read_uint8(_find_lr(lr_src[s], stem, s, osp.splitext(osp.basename(src))[0]))
             if lq.shape[:2] != (gt.shape[0] // s, gt.shape[1] // s):
                 raise ValueError(f'the given LR of {src} at x{s} is {lq.shape[1]}x{lq.shape[0]}, expected '
                                  f'{gt.shape[1] // s}x{gt.shape[0] // s} (the HR mod-cropped to {s}, divided by {s})')
@@ -407,7 +370,7 @@ def _div8k_job(job) -> int:
     src, hr_path, lr_path, factor, scale = job
     if osp.isfile(hr_path) and osp.isfile(lr_path):
         return -1
-    hr, lr = div8k_test_pair(read_image(src), factor, scale)
+    hr, lr = div8k_test_pair(read_uint8(src), factor, scale)
     write_image(hr_path, hr, compress_level=3)
     write_image(lr_path, lr, compress_level=3)
     return 2

@@ -20,7 +20,8 @@ from torch import nn
 from adasr.archs.halting import halting_sparsity
 from adasr.archs.interface import halting_record, is_adaptive, unwrap
 from adasr.inference.tile import Tile
-from adasr.utils.image_io import atomic_write_bytes, encode
+from adasr.utils.files import atomic_write_bytes
+from adasr.utils.image_io import encode
 
 
 class HaltingCollector:

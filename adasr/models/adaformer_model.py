@@ -2,7 +2,6 @@
 a test-time ``eps_h`` override, and optional confidence / halting-mask images."""
 import math
 import os.path as osp
-from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -50,7 +49,6 @@ class AdaFormerModel(AdaSRModel):
             raise ValueError(f'val.eps_h must be a number, got {eps_h!r}')
         self.halting_results: Dict[str, Dict[str, List[float]]] = {}
         self._val_state: Optional[dict] = None
-        self._lq_path: Optional[str] = None
 
     # -- training ----------------------------------------------------------------------------------------------------
 
@@ -59,44 +57,21 @@ class AdaFormerModel(AdaSRModel):
         unc_opt = self.opt['train'].get('uncertainty_opt')
         self.cri_uncertainty = build_loss(unc_opt).to(self.device) if unc_opt else None
 
-    def optimize_parameters(self, current_iter):
-        self.optimizer_g.zero_grad()
+    def training_losses(self):
         out = self.net_g(self.lq)
         if not isinstance(out, tuple):
             raise RuntimeError('AdaFormer in train mode must return (sr, logits)')
         self.output, logits = out
-
-        l_total = 0
-        loss_dict = OrderedDict()
-        if self.cri_pix:
-            l_pix = self.cri_pix(self.output, self.gt)
-            l_total += l_pix
-            loss_dict['l_pix'] = l_pix
-        if self.cri_perceptual:
-            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
-            for name, value in (('l_percep', l_percep), ('l_style', l_style)):
-                if value is not None:
-                    l_total += value
-                    loss_dict[name] = value
+        l_total, loss_dict = self.image_losses(self.output)
         if self.cri_uncertainty:
             l_unc = self.cri_uncertainty(logits, self.output, self.gt)
             l_total += l_unc
             loss_dict['l_unc'] = l_unc
         halting = halting_record(self.net_g)
         loss_dict['halted'] = self.output.new_tensor(float(np.mean(halting.sparsity['global_consumed'])))
-
-        l_total.backward()
-        self.optimizer_g.step()
-        self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
+        return l_total, loss_dict
 
     # -- testing -----------------------------------------------------------------------------------------------------
-
-    def feed_data(self, data):
-        super().feed_data(data)
-        paths = data.get('lq_path')
-        self._lq_path = paths[0] if isinstance(paths, (list, tuple)) and paths else paths
 
     def test(self):
         net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
@@ -130,7 +105,17 @@ class AdaFormerModel(AdaSRModel):
             self.halting_results[dataset_name] = results
             self._log_halting(dataset_name, results, current_iter, tb_logger)
 
+    def _publish_share_means(self, merged, dataset_name, current_iter, tb_logger):
+        super()._publish_share_means(merged, dataset_name, current_iter, tb_logger)
+        if 'halting' in merged:
+            self.halting_results[dataset_name] = merged['halting']
+            self._log_halting(dataset_name, merged['halting'], current_iter, tb_logger)
+
     def _log_halting(self, dataset_name, results, current_iter, tb_logger):
+        if self._share_means is not None:  # validating a share under torchrun: combined by dist_validation
+            self._share_means['halting'] = results
+            return
+
         def fmt(values):
             return '[' + ', '.join(f'{v:.3f}' for v in values) + ']'
 

@@ -1,31 +1,75 @@
 """The SR model class every adasr option file uses: BasicSR's SRModel with the few things it lacks."""
+import os.path as osp
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 import torch
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from adasr.archs.interface import arch_traits, set_halting_record, unwrap
+from adasr.data.paired_dataset import DatasetError
 from adasr.inference.halting import HaltingCollector
 from adasr.inference.precision import resolve_precision
 from adasr.inference.tile import padded_forward, tiled_forward
-from adasr.utils.checkpoint import load_weights
+from adasr.utils.checkpoint import check_finite_state, load_weights, save_checkpoint
+from adasr.utils.checks import check_finite
+from adasr.utils.distributed import barrier, gather_to_all, rank_and_world, shard
+
+MAX_NONFINITE_STEPS = 10  # default of train.max_nonfinite_steps
+
+#: smallest image side each BasicSR metric can measure once ``crop_border`` pixels are cut from every side
+#: (SSIM filters with an 11x11 Gaussian window and keeps only the valid part)
+METRIC_MIN_SIDE = {'calculate_psnr': 1, 'calculate_ssim': 11}
+
+
+def _first(value):
+    """The first path of a collated batch (a list of one), or the value itself."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss was not finite for ``train.max_nonfinite_steps`` training steps in a row."""
 
 
 @MODEL_REGISTRY.register()
 class AdaSRModel(SRModel):
-    """BasicSR's ``SRModel`` (training loop, EMA, validation, saving: all unchanged) plus:
+    """BasicSR's ``SRModel`` (training loop, EMA, validation: unchanged) plus:
 
     * every ``torch.optim`` optimizer by name (``optim_g: {type: AdamW, ...}``; basicsr 1.4.2 knows only Adam);
     * checkpoints read with ``weights_only=True``, bare state dicts accepted, and mismatches reported by key name;
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
       pads inside ``forward`` (``arch_traits(net).pads_input``), so SwinIR, HAT and our archs share one harness;
     * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`);
+    * finite or stop: a step whose loss is NaN or inf is skipped (no optimizer step, no EMA update) with a warning,
+      and ``train.max_nonfinite_steps`` (default 10) such steps in a row stop the run with
+      :class:`TrainingDivergedError`; weights with NaN or inf are never saved;
+    * checkpoints (``net_g_*.pth``, ``*.state``) written atomically, and a failed write stops the run with an error
+      naming the file (BasicSR logs "Just ignore it" and goes on);
+    * validation refuses, before running the network, a ground truth too small for a metric (SSIM needs 11 pixels
+      per side after ``crop_border``; BasicSR would report ``ssim: nan`` or fail inside OpenCV), and refuses a
+      network output with NaN or infinite values (BasicSR would write a black image and average NaN): both are
+      errors naming the image;
+    * validation and testing under ``torchrun`` shared between the processes (:meth:`dist_validation`);
     * reduced-precision testing: ``val: {precision: bf16}`` (fp32 default, bf16, fp16; autocast, see
       :mod:`adasr.inference.precision`; checked against the device before anything runs).
     """
 
     val_option_keys = {'tile', 'tile_pad', 'precision'}
+    train_option_keys = {'max_nonfinite_steps'}
+    _share_means: Optional[dict] = None  # while this process validates its share: the means it would have logged
+    _lq_path: Optional[str] = None
+    _gt: Optional[Tuple[str, int, int]] = None  # (path, height, width) of the ground truth fed with the image
+
+    def feed_data(self, data):
+        super().feed_data(data)
+        self._lq_path = _first(data.get('lq_path'))
+        gt = data.get('gt')
+        self._gt = None if gt is None else (_first(data.get('gt_path')) or self._lq_path, *gt.shape[-2:])
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_cls = getattr(torch.optim, optim_type, None)
@@ -36,6 +80,101 @@ class AdaSRModel(SRModel):
     def get_bare_model(self, net):
         return unwrap(net)
 
+    # -- training ----------------------------------------------------------------------------------------------------
+
+    def init_training_settings(self):
+        super().init_training_settings()
+        self.max_nonfinite_steps = self.opt['train'].get('max_nonfinite_steps', MAX_NONFINITE_STEPS)
+        self.nonfinite_run = 0  # steps in a row whose loss was not finite
+
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad()
+        l_total, loss_dict = self.training_losses()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if not self._loss_is_finite(l_total, current_iter):
+            return
+        l_total.backward()
+        self.optimizer_g.step()
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def training_losses(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Run the network on the batch (sets ``self.output``); return the total loss and its named terms."""
+        self.output = self.net_g(self.lq)
+        return self.image_losses(self.output)
+
+    def image_losses(self, output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """SRModel's pixel and perceptual losses of ``output`` against ``self.gt``: (total, named terms)."""
+        l_total = 0
+        loss_dict = OrderedDict()
+        if self.cri_pix:
+            l_pix = self.cri_pix(output, self.gt)
+            l_total += l_pix
+            loss_dict['l_pix'] = l_pix
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(output, self.gt)
+            for name, value in (('l_percep', l_percep), ('l_style', l_style)):
+                if value is not None:
+                    l_total += value
+                    loss_dict[name] = value
+        return l_total, loss_dict
+
+    def _loss_is_finite(self, l_total: torch.Tensor, current_iter: int) -> bool:
+        """True when ``l_total`` is finite on every process; otherwise count the step as skipped, warn, and raise
+        :class:`TrainingDivergedError` after ``max_nonfinite_steps`` skipped steps in a row."""
+        bad = torch.logical_not(torch.isfinite(l_total.detach()).all()).float()
+        if self.opt.get('dist'):  # every process skips the same steps, or DDP's gradient reduction would hang
+            torch.distributed.all_reduce(bad)
+        if not bad.item():
+            self.nonfinite_run = 0
+            return True
+        self.nonfinite_run += 1
+        terms = ', '.join(f'{k}: {v:.4g}' for k, v in self.log_dict.items())
+        if self.nonfinite_run >= self.max_nonfinite_steps:
+            message = (
+                f'training diverged: the loss was not finite for {self.nonfinite_run} steps in a row (iter '
+                f'{current_iter}; {terms}); these steps did not change the weights. Lower train.optim_g.lr or check '
+                'the data (train.max_nonfinite_steps sets the limit)')
+            get_root_logger().error(message)
+            raise TrainingDivergedError(message)
+        get_root_logger().warning(f'iter {current_iter}: the loss is not finite ({terms}); step skipped '
+                                  f'({self.nonfinite_run} in a row; the run stops at {self.max_nonfinite_steps}, '
+                                  'train.max_nonfinite_steps)')
+        return False
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's ``save_network`` (same file name and layout), written atomically; raises a
+        :class:`~adasr.utils.checkpoint.CheckpointError` naming the file when a weight is not finite or the write
+        fails."""
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} param keys')
+        label = 'latest' if current_iter == -1 else current_iter
+        path = osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu())
+                                for k, v in self.get_bare_model(net_).state_dict().items())
+            check_finite_state(state, f'refusing to save {path}: {key}')
+            save_dict[key] = state
+        save_checkpoint(save_dict, path)
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """BasicSR's ``save_training_state`` (``<iter>.state``: epoch, iter, optimizers, schedulers), written
+        atomically; a failed write raises a :class:`~adasr.utils.checkpoint.CheckpointError` naming the file."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers]}
+        save_checkpoint(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    # -- testing -----------------------------------------------------------------------------------------------------
+
     def load_network(self, net, load_path, strict=True, param_key='params'):
         logger = get_root_logger()
         net = self.get_bare_model(net)
@@ -44,17 +183,36 @@ class AdaSRModel(SRModel):
                     + ('' if strict else f'; not loaded: {sorted(incompatible.missing_keys)}'))
 
     def test(self):
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        self.check_metric_sizes()
+        # the bare network: under torchrun, processes validate different images (DDP's forward would synchronise)
+        net = unwrap(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         was_training = net.training
         net.eval()
         with torch.no_grad():
             self.output = self.inference(net, self.lq)
         if was_training:
             net.train()
+        check_finite(f'the network output for {self._lq_path or "the test batch"}', self.output)
+
+    def check_metric_sizes(self) -> None:
+        """Raise a :class:`DatasetError` naming the ground truth when it is too small for a ``val.metrics`` metric
+        (see :data:`METRIC_MIN_SIDE`)."""
+        if self._gt is None:
+            return
+        path, h, w = self._gt
+        metrics = (self.opt.get('val') or {}).get('metrics') or {}
+        for name, metric in metrics.items():
+            crop = metric.get('crop_border', 0)
+            need = METRIC_MIN_SIDE.get(metric.get('type'), 1) + 2 * crop
+            if min(h, w) < need:
+                raise DatasetError(f'{path}: the ground truth is {w}x{h}, too small for the metric {name!r} '
+                                   f'({metric.get("type")}, crop_border {crop}), which needs at least {need} pixels '
+                                   'per side; remove the image from the validation set or lower crop_border')
 
     def inference(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
         """Run ``net`` on an LR batch, padding and cropping if the arch needs it, tile by tile when ``val.tile``
-        is set (``val.tile_pad`` LR pixels of blended context, default 32), in ``val.precision`` (default fp32)."""
+        is set (``val.tile_pad`` LR pixels of blended context, default 32) and the arch does not tile itself, in
+        ``val.precision`` (default fp32)."""
         traits = arch_traits(net, net_opt=self.opt['network_g'])
         multiple = traits.window
         scale = self.opt.get('scale', 1)
@@ -62,10 +220,73 @@ class AdaSRModel(SRModel):
         precision = resolve_precision(val.get('precision', 'fp32'), lq.device)
         fn = precision.wrap(padded_forward(net, scale, multiple, mode='reflect'))
         tile, tile_pad = val.get('tile') or 0, val.get('tile_pad', 32)  # checked by adasr.cli.options
-        if not tile:
+        if not tile or traits.tiling == 'internal':
             return fn(lq)
         collector = HaltingCollector(net, *lq.shape[-2:]) if traits.adaptive else None
         out = tiled_forward(fn, lq, scale, tile, tile_pad, multiple, out_dtype=lq.dtype, on_tile=collector)
         if collector is not None:  # adaptive archs: the halting record of the whole image, not of the last tile
             set_halting_record(unwrap(net), collector.to_info())
         return out
+
+    # -- validation shared between processes -------------------------------------------------------------------------
+
+    def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """Under ``torchrun``: each process validates (and saves) every ``world_size``-th image of the set, and the
+        means over the whole set are kept and logged, as one process would (to float rounding).
+
+        BasicSR's ``SRModel`` validates everything on process 0 while the others wait. Here BasicSR's
+        ``nondist_validation`` runs on this process's share with its logging held back (:attr:`_share_means`);
+        the shares' means are then combined, weighted by their image counts, and published on every process.
+        """
+        barrier()  # process 0 has made the output folders (BasicSR's make_exp_dirs) before anyone writes
+        rank, world_size = rank_and_world()
+        share = _Share(dataloader.dataset, rank, world_size)
+        self._share_means = {}
+        try:
+            if len(share):
+                loader = torch.utils.data.DataLoader(share, batch_size=1, shuffle=False, num_workers=0)
+                self.nondist_validation(loader, current_iter, tb_logger, save_img)
+            means = self._share_means
+        finally:
+            self._share_means = None
+        merged = _weighted_means(gather_to_all((len(share), means)))
+        self._publish_share_means(merged, dataloader.dataset.opt['name'], current_iter, tb_logger)
+
+    def _publish_share_means(self, merged: dict, dataset_name: str, current_iter, tb_logger) -> None:
+        """Keep and log the means over all shares (what ``nondist_validation`` does with its own)."""
+        if 'metrics' in merged:
+            self._initialize_best_metric_results(dataset_name)
+            self.metric_results = merged['metrics']
+            for metric, value in self.metric_results.items():
+                self._update_best_metric_result(dataset_name, metric, value, current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+
+    def _update_best_metric_result(self, dataset_name, metric, val, current_iter):
+        if self._share_means is None:  # a share's mean is not a result
+            super()._update_best_metric_result(dataset_name, metric, val, current_iter)
+
+    def _log_validation_metric_values(self, current_iter, dataset_name, tb_logger):
+        if self._share_means is not None:
+            self._share_means['metrics'] = dict(self.metric_results)
+        else:
+            super()._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+
+
+class _Share(torch.utils.data.Subset):
+    """Every ``world_size``-th item from ``rank``, keeping the dataset's ``opt`` (BasicSR's validation reads it)."""
+
+    def __init__(self, dataset, rank: int, world_size: int):
+        super().__init__(dataset, shard(range(len(dataset)), rank, world_size))
+        self.opt = dataset.opt
+
+
+def _weighted_means(shares: Sequence[Tuple[int, Dict[str, dict]]]) -> Dict[str, dict]:
+    """``[(image count, {group: {key: mean}})]`` of the shares -> ``{group: {key: mean over all images}}``; a
+    mean may be a number or a list of numbers (the same shape in every share)."""
+    merged: Dict[str, dict] = {}
+    for group in sorted({g for _, means in shares for g in means}):
+        parts: List[Tuple[int, dict]] = [(n, means[group]) for n, means in shares if n and group in means]
+        weights = [n for n, _ in parts]
+        merged[group] = {key: np.average(np.asarray([m[key] for _, m in parts], dtype=np.float64), axis=0,
+                                         weights=weights).tolist() for key in parts[0][1]}
+    return merged

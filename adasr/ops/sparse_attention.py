@@ -17,72 +17,31 @@ Exact PyTorch implementations, one picked per call from the shapes, device and d
 * aggregation: ``ebag`` (``embedding_bag`` in sum mode with per-sample weights: a weighted sum of K value rows per
   query, FBGEMM-vectorised on the CPU, work ~ n*K*d, no n x m map) on the CPU; ``dense`` (scatter into an n x m map,
   then BLAS) and ``gather`` kept for other devices.
-* top-k selection (:func:`topk`): ``numpy.argpartition`` on the CPU (x86-simd-sort on AVX-512 / AVX2, about 3x
-  faster than ``torch.topk`` there), ``torch.topk`` elsewhere.
+* top-k selection (:func:`topk`): ``numpy.argpartition`` on the CPU (x86-simd-sort on AVX-512 / AVX2),
+  ``torch.topk`` elsewhere.
 
-Work is done in blocks of rows sized to stay in cache (:data:`CACHE_BLOCK_BYTES`), never more than the memory
-budget (:func:`memory_budget_bytes`) at once, so an (n, m) map never exists for the whole batch.
+Work is done in blocks of rows sized to stay in cache (:func:`adasr.ops.config.cache_bytes`), never more than the
+memory budget (:func:`adasr.ops.config.memory_budget_bytes`) at once, so an (n, m) map never exists for the whole batch.
 """
-import os
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Literal, Optional, Sequence, Tuple
+from typing import Literal, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from adasr.ops.config import cache_bytes, get_option, memory_budget_bytes, worker_threads
+from adasr.ops.scheduling import parallel_for, parallel_map
+
 Method = Literal['auto', 'gather', 'dense', 'sampled', 'ebag']
-
-# Default working-memory budget of one attention step. A larger budget lets PFT keep its dense maps instead of
-# recomputing them, which measured no faster on the CPU (8.72 s vs 8.67 s for PFT-light x4 at 256x256) but doubled the
-# peak memory (2986 MB vs 1500 MB), so the default stays small; ADASR_ATTN_MEMORY_MB raises it.
-_DEFAULT_BUDGET_MB = 256
-
-#: Scores use the sampled (one dot product per entry) form while K * d <= SAMPLED_LIMIT * m (``ADASR_SAMPLED_LIMIT``).
-SAMPLED_LIMIT = float(os.environ.get('ADASR_SAMPLED_LIMIT', '1.0'))
-
-#: Working set of one block of the CPU paths (an r x m score block, r rows at a time): about the L2 cache.
-CACHE_BLOCK_BYTES = 1 << 20
-
-#: Bytes of float32 work per block of the block-parallel CPU attention (``ADASR_ATTN_BLOCK_KB`` to tune).
-ATTN_BLOCK_BYTES = 4 << 20
-
-
-def memory_budget_bytes() -> int:
-    """Working-memory budget of one attention step: ``ADASR_ATTN_MEMORY_MB`` if set, else
-    256 MB (``_DEFAULT_BUDGET_MB``). Dense attention maps that would exceed it are recomputed, not kept."""
-    raw = os.environ.get('ADASR_ATTN_MEMORY_MB')
-    if raw is None or raw == '':
-        return _DEFAULT_BUDGET_MB * 2**20
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ValueError(f'ADASR_ATTN_MEMORY_MB must be a number of megabytes, got {raw!r}') from None
-    if mb <= 0:
-        raise ValueError(f'ADASR_ATTN_MEMORY_MB must be positive, got {raw!r}')
-    return int(mb * 2**20)
 
 
 def chunk_count(total: int, bytes_per_item: int, budget: Optional[int] = None) -> int:
-    """How many of ``total`` items fit in the budget at once (at least 1)."""
+    """How many of ``total`` items fit in the budget (default :func:`adasr.ops.config.memory_budget_bytes`) at once
+    (at least 1)."""
     budget = memory_budget_bytes() if budget is None else budget
     return max(1, min(total, budget // max(1, bytes_per_item)))
-
-
-def block_bytes() -> int:
-    """Bytes of one attention block: :data:`ATTN_BLOCK_BYTES` (``ADASR_ATTN_BLOCK_KB`` to tune), at most the memory
-    budget."""
-    raw = os.environ.get('ADASR_ATTN_BLOCK_KB')
-    target = ATTN_BLOCK_BYTES if not raw else int(float(raw) * 1024)
-    return max(1, min(target, memory_budget_bytes()))
-
-
-def cache_bytes() -> int:
-    """Bytes of one cache-resident sub-block (:data:`CACHE_BLOCK_BYTES`), at most the memory budget."""
-    return max(1, min(CACHE_BLOCK_BYTES, memory_budget_bytes()))
 
 
 def _sampled_ok(dtype: torch.dtype) -> bool:
@@ -92,14 +51,14 @@ def _sampled_ok(dtype: torch.dtype) -> bool:
 def pick_method(op: str, m: int, k: int, d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The exact formulation for one sparse product over k of m keys with head dim d (``op``: ``qk`` or ``av``).
 
-    CPU (measured on 2 cores, m = 1024, d = 13 and 40): scores use ``sampled`` up to k*d ~ 2 m and the cache-blocked
-    ``dense`` product + gather above; aggregation always uses ``ebag``. Elsewhere (CUDA without Triton) ``gather``
-    for k < m/8, else ``dense``.
+    CPU: scores use ``sampled`` while k*d <= m (option ``sampled_limit`` scales m) and the cache-blocked ``dense``
+    product + gather above; aggregation always uses ``ebag`` (docs/pft.md has the measurements). Elsewhere (CUDA
+    without Triton) ``gather`` for k < m/8, else ``dense``.
     """
     if device.type == 'cpu':
         if op == 'av':
             return 'ebag'
-        return 'sampled' if k * d <= SAMPLED_LIMIT * m and _sampled_ok(dtype) else 'dense'
+        return 'sampled' if k * d <= get_option('sampled_limit') * m and _sampled_ok(dtype) else 'dense'
     return 'gather' if 8 * k < m else 'dense'
 
 
@@ -184,15 +143,20 @@ def _qk_dense(q, k, index):
 
     blocks = list(_row_blocks(g, n, m, dtype.itemsize))
     if q.device.type == 'cpu':
-        parallel_blocks(block, blocks)
+        parallel_for(block, blocks)
     else:
         for b in blocks:
             block(b)
     return out
 
 
-def _qk_sampled(q, k, index, base: Optional[torch.Tensor] = None):
-    """CSR sampled dense-dense product (one dot product per kept entry); adds ``base`` (G, n, K) when given."""
+def sampled_qk(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor,
+               base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scores at given keys by the CSR sampled dense-dense product (``torch.sparse.sampled_addmm``: one d-long dot
+    product per kept entry, no gathered copy of the keys), plus ``base`` (G, n, K) when given; no autograd.
+
+    q (G, n, d), k (G, m, d), index (G, n, K) -> (G, n, K); float32 / float64 only (no half-precision CPU kernel).
+    """
     g, n, d = q.shape
     m, kk = k.shape[1], index.shape[-1]
     itype = torch.int32 if n * kk < 2**31 and m < 2**31 else torch.int64
@@ -215,8 +179,9 @@ def _av_dense(a, v, index):
     return torch.matmul(_scatter_map(a, index, v.shape[-2]), v)
 
 
-def _av_ebag(a, v, index):
-    """Weighted sum of K value rows per query (``embedding_bag``, sum mode, per-sample weights)."""
+def embedding_bag_av(a: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Aggregation as the weighted sum of K value rows per query (``embedding_bag``, sum mode, per-sample weights:
+    one vectorised kernel, no n x m map); no autograd. a (G, n, K), v (G, m, d), index (G, n, K) -> (G, n, d)."""
     g, n, kk = a.shape
     m, d = v.shape[-2:]
     flat = _flat_index(index, m).reshape(g * n, kk)
@@ -260,14 +225,21 @@ def _resolve(method: str, op: str, m: int, kk: int, d: int, x: torch.Tensor) -> 
     return method
 
 
-def qk_forward(q, k, index, method: Method = 'auto'):
+def qk_forward(q, k, index, method: Method = 'auto', base: Optional[torch.Tensor] = None):
+    """Scores at given keys without autograd, (G, n, d) x (G, m, d) at (G, n, K), plus ``base`` (G, n, K) when given
+    (in the sampled product's own pass; added after the others)."""
     g, n, d = q.shape
     m, kk = k.shape[-2], index.shape[-1]
     method = _resolve(method, 'qk', m, kk, d, q)
     if method == 'ebag':
         raise ValueError("method 'ebag' is an aggregation (sparse_av) method")
-    fn = {'gather': _qk_gather, 'dense': _qk_dense, 'sampled': _qk_sampled}[method]
-    return _chunked(fn, g, _per_item_bytes(n, m, kk, d, q.element_size(), method), q, k, index)
+    per_item = _per_item_bytes(n, m, kk, d, q.element_size(), method)
+    if method == 'sampled':
+        if base is None:
+            return _chunked(sampled_qk, g, per_item, q, k, index)
+        return _chunked(sampled_qk, g, per_item, q, k, index, base.to(q.dtype))
+    out = _chunked({'gather': _qk_gather, 'dense': _qk_dense}[method], g, per_item, q, k, index)
+    return out if base is None else out + base
 
 
 def av_forward(a, v, index, method: Method = 'auto'):
@@ -276,7 +248,7 @@ def av_forward(a, v, index, method: Method = 'auto'):
     method = _resolve(method, 'av', m, kk, d, v)
     if method == 'sampled':
         raise ValueError("method 'sampled' is a scores (sparse_qk) method")
-    fn = {'gather': _av_gather, 'dense': _av_dense, 'ebag': _av_ebag}[method]
+    fn = {'gather': _av_gather, 'dense': _av_dense, 'ebag': embedding_bag_av}[method]
     return _chunked(fn, g, _per_item_bytes(n, m, kk, d, v.element_size(), method), a, v, index)
 
 
@@ -293,72 +265,6 @@ def scatter_outer(w, x, index, m: int, method: Method = 'auto'):
     return _chunked(fn, g, _per_item_bytes(n, m, kk, d, x.element_size(), method), w, x, index)
 
 
-# ---- block-parallel execution ------------------------------------------------------------------------------------
-
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_key: Tuple[int, int] = (0, 0)  # (process id, threads): a forked child or a new thread count gets a new pool
-_local = threading.local()
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # this thread's torch operations stay single-threaded
-    # Flush denormals (|x| < 1.2e-38) to zero on this thread only: x86 CPUs take 10-100x longer on them, and the
-    # -100 shift mask makes every masked softmax entry one (exp(-100) ~ 4e-44). In results of order 1e-7 or larger
-    # they are invisible; after focusing every kept weight is >= 1e-20 anyway.
-    torch.set_flush_denormal(True)
-
-
-def _worker_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_key
-    key = (os.getpid(), threads)
-    if _pool is None or _pool_key != key:
-        _pool, _pool_key = ThreadPoolExecutor(threads, thread_name_prefix='adasr-attn', initializer=_init_worker), key
-    return _pool
-
-
-def _run_items(fn: Callable, items: Sequence, inference: bool) -> None:
-    _local.in_worker = True
-    try:
-        # grad and inference modes are thread-local: blocks never record autograd, and write into the caller's
-        # tensors, which are inference tensors when the caller is in inference mode
-        with torch.inference_mode(inference), torch.no_grad():
-            for item in items:
-                fn(item)
-    finally:
-        _local.in_worker = False
-
-
-def parallel_blocks(fn: Callable, items: Sequence) -> None:
-    """Call ``fn(item)`` for every item (independent blocks writing disjoint outputs) on a pool of
-    ``torch.get_num_threads()`` worker threads, each running single-threaded torch / numpy operations with
-    denormals flushed to zero (see :func:`_init_worker`).
-
-    Many small operations each parallelised by OpenMP spend their time forking and joining (and stall when the
-    machine is busy); blocks run whole on separate threads do not. While the blocks run, PyTorch's intra-op thread
-    count is 1 (restored afterwards). Without autograd only. Nested calls run sequentially in the calling worker;
-    ``ADASR_ATTN_THREADS=0`` runs everything sequentially in the calling thread (denormals as the caller has them).
-    """
-    threads = torch.get_num_threads()
-    if not items:
-        return
-    if getattr(_local, 'in_worker', False) or os.environ.get('ADASR_ATTN_THREADS') == '0':
-        for item in items:
-            fn(item)
-        return
-    pool = _worker_pool(threads)
-    per_task = max(1, len(items) // (4 * threads))  # a few tasks per thread: balance with little overhead
-    tasks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
-    inference = torch.is_inference_mode_enabled()
-    if threads > 1:
-        torch.set_num_threads(1)  # MKL's thread count is process-wide: keep the workers' BLAS calls single-threaded
-    try:
-        for future in [pool.submit(_run_items, fn, task, inference) for task in tasks]:
-            future.result()
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
-
-
 # ---- top-k -------------------------------------------------------------------------------------------------------
 
 _POOL_MIN_ELEMENTS = 1 << 18  # below this a split over threads costs more than it saves
@@ -371,27 +277,25 @@ def _argpartition_top(x: np.ndarray, k: int) -> np.ndarray:
 def _numpy_topk_positions(a2: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k largest entries of each row of a contiguous (rows, K) float32 CPU tensor (any order)."""
     x = a2.numpy()
-    threads = torch.get_num_threads()
     rows = x.shape[0]
-    if threads > 1 and x.size >= _POOL_MIN_ELEMENTS and rows >= 2 * threads and not getattr(_local, 'in_worker', 0):
-        step = -(-rows // threads)
-        parts = list(_worker_pool(threads).map(lambda s: _argpartition_top(x[s:s + step], k), range(0, rows, step)))
-        return torch.from_numpy(np.concatenate(parts, 0))
-    return torch.from_numpy(np.ascontiguousarray(_argpartition_top(x, k)))
+    parts = max(1, min(worker_threads(), rows // 2)) if x.size >= _POOL_MIN_ELEMENTS else 1
+    step = -(-rows // parts)
+    found = parallel_map(lambda s: _argpartition_top(x[s:s + step], k), range(0, rows, step))
+    return torch.from_numpy(np.concatenate(found, 0) if len(found) > 1 else np.ascontiguousarray(found[0]))
 
 
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (int64) of the k largest entries of each row of ``a`` (..., K), in no particular order.
 
     On the CPU in float32 they come from ``numpy.argpartition`` (vectorised introselect, x86-simd-sort on AVX-512 /
-    AVX2, about 3x faster than ``torch.topk`` there), split over ``torch.get_num_threads()`` threads; elsewhere from
+    AVX2; faster than ``torch.topk`` there, docs/pft.md), split over the worker threads; elsewhere from
     ``torch.topk``. Ties at the k-th value may be broken differently from ``torch.topk`` (both are arbitrary there).
     NaN counts as the largest (as in torch.topk).
     """
     kk = a.shape[-1]
     if not 0 < k < kk:
         raise ValueError(f'topk: k={k} must be in [1, {kk - 1}] for rows of length {kk}')
-    if a.device.type != 'cpu' or a.dtype != torch.float32 or os.environ.get('ADASR_TORCH_TOPK') == '1':
+    if a.device.type != 'cpu' or a.dtype != torch.float32 or get_option('torch_topk'):
         return torch.topk(a.detach(), k, dim=-1, largest=True, sorted=False).indices
     flat = a.detach().reshape(-1, kk)
     if not flat.is_contiguous():
@@ -454,8 +358,10 @@ def _flatten3(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
-def _check(index: torch.Tensor, lead, n: int, m: int, op: str, attn: Optional[torch.Tensor] = None) -> None:
-    """Index checks shared by both backends; ``attn`` (sparse_av) must have the index's shape."""
+def check_index(index: torch.Tensor, lead, n: int, m: int, op: str, attn: Optional[torch.Tensor] = None) -> None:
+    """Checks of the index of ``op`` shared by both backends: an integer (..., n, K) tensor with leading dims
+    ``lead``, the shape of ``attn`` when given (sparse_av), and at least one key (``m``); raises TypeError /
+    ValueError."""
     if index.dtype not in (torch.int64, torch.int32, torch.int16):
         raise TypeError(f'{op}: index must be an integer tensor (int64/int32/int16), got {index.dtype}')
     if tuple(index.shape[:-1]) != tuple(lead) + (n,):
@@ -471,24 +377,38 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def torch_sparse_qk(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, method: Method = 'auto') -> torch.Tensor:
-    """PyTorch :func:`adasr.ops.sparse_qk`. q (..., n, d), k (..., m, d), index (..., n, K) -> (..., n, K)."""
+def gather_bias(bias: torch.Tensor, lead, n: int, m: int, index: torch.Tensor) -> torch.Tensor:
+    """``bias`` (broadcastable to (*lead, n, m)) at the index: (*lead, n, K), nothing expanded in memory."""
+    try:
+        full = bias.expand(*lead, n, m)
+    except RuntimeError:
+        raise ValueError(f'sparse_qk: bias {tuple(bias.shape)} does not broadcast to {(*lead, n, m)}') from None
+    return torch.gather(full, -1, _long(index))
+
+
+def torch_sparse_qk(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, method: Method = 'auto',
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """PyTorch :func:`adasr.ops.sparse_qk`. q (..., n, d), k (..., m, d), index (..., n, K), optional bias
+    broadcastable to (..., n, m) -> (..., n, K)."""
     lead = q.shape[:-2]
-    _check(index, lead, q.shape[-2], k.shape[-2], 'sparse_qk')
+    n, m = q.shape[-2], k.shape[-2]
+    check_index(index, lead, n, m, 'sparse_qk')
     q3, k3, i3 = _flatten3(q, 'q'), _flatten3(k, 'k'), _flatten3(index, 'index')
     dtype = torch.promote_types(q.dtype, k.dtype)
     q3, k3 = q3.to(dtype), k3.to(dtype)
-    if _needs_grad(q3, k3):
+    base = None if bias is None else gather_bias(bias, lead, n, m, index)
+    if _needs_grad(q3, k3) or (base is not None and base.requires_grad and torch.is_grad_enabled()):
         out = SparseQK.apply(q3, k3, i3, method)
+        out = out if base is None else out + base.reshape(out.shape)
     else:  # no autograd node, nothing saved
-        out = qk_forward(q3, k3, i3, method)
+        out = qk_forward(q3, k3, i3, method, None if base is None else base.reshape(*i3.shape))
     return out.view(*lead, *out.shape[-2:])
 
 
 def torch_sparse_av(attn: torch.Tensor, v: torch.Tensor, index: torch.Tensor, method: Method = 'auto') -> torch.Tensor:
     """PyTorch :func:`adasr.ops.sparse_av`. attn (..., n, K), v (..., m, d), index (..., n, K) -> (..., n, d)."""
     lead = attn.shape[:-2]
-    _check(index, lead, attn.shape[-2], v.shape[-2], 'sparse_av', attn)
+    check_index(index, lead, attn.shape[-2], v.shape[-2], 'sparse_av', attn)
     a3, v3, i3 = _flatten3(attn, 'attn'), _flatten3(v, 'v'), _flatten3(index, 'index')
     dtype = torch.promote_types(attn.dtype, v.dtype)
     a3, v3 = a3.to(dtype), v3.to(dtype)
@@ -510,6 +430,6 @@ def dense_sparse_av(attn, v, index):
     return full.scatter_add(-1, index.long(), attn) @ v
 
 
-__all__ = ['torch_sparse_qk', 'torch_sparse_av', 'dense_sparse_qk', 'dense_sparse_av', 'memory_budget_bytes',
-           'chunk_count', 'pick_method', 'topk', 'topk_positions', 'parallel_blocks',
-           'cache_bytes', 'block_bytes', 'CACHE_BLOCK_BYTES']
+__all__ = ['torch_sparse_qk', 'torch_sparse_av', 'dense_sparse_qk', 'dense_sparse_av', 'chunk_count', 'pick_method',
+           'topk', 'topk_positions', 'sampled_qk', 'embedding_bag_av', 'qk_forward', 'av_forward', 'check_index',
+           'gather_bias']

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from adasr.ops.sparse_attention import _check as check_index
+from adasr.ops.sparse_attention import check_index
 
 
 @triton.jit

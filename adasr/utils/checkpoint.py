@@ -1,10 +1,13 @@
-"""Checkpoint loading with ``weights_only=True`` and errors that name the offending keys."""
+"""Checkpoints: read with ``weights_only=True``, written atomically, refused when they hold non-finite numbers;
+errors name the file and the offending keys."""
 import os
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
+
+from adasr.utils.files import atomic_write
 
 PARAM_KEYS = ('params_ema', 'params', 'state_dict', 'model')
 
@@ -22,7 +25,21 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
     removed.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or has none of the expected entries.
+        CheckpointError: the file is missing, unreadable, has none of the expected entries, or holds NaN/inf.
+    """
+    state = _pick_entry(read_checkpoint(path), param_key, path)
+    check_finite_state(state, f'checkpoint {path}')
+    out = OrderedDict()
+    for k, v in state.items():
+        out[k[7:] if k.startswith('module.') else k] = v
+    return out
+
+
+def read_checkpoint(path: str) -> Mapping:
+    """The mapping stored in ``path``, read with ``torch.load(weights_only=True)`` on the CPU, as it is.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or does not hold a mapping.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
@@ -32,11 +49,35 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
         raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True: {e}') from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, not a state dict')
-    state = _pick_entry(obj, param_key, path)
-    out = OrderedDict()
-    for k, v in state.items():
-        out[k[7:] if k.startswith('module.') else k] = v
-    return out
+    return obj
+
+
+def nonfinite_keys(state: Mapping[str, Any]) -> List[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_state(state: Mapping[str, Any], source: str) -> None:
+    """Raise a :class:`CheckpointError` naming the tensors of ``state`` that hold NaN or inf."""
+    bad = nonfinite_keys(state)
+    if bad:
+        raise CheckpointError(f'{source} holds non-finite numbers (NaN or inf) in {len(bad)} tensor(s): '
+                              f'{_summarise(bad)}')
+
+
+def save_checkpoint(obj: Any, path: str) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (:func:`adasr.utils.files.atomic_write`): the file appears
+    complete or not at all.
+
+    Raises:
+        CheckpointError: the write failed (a full disk, a file-size limit, ...); the message names ``path``.
+    """
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f'cannot save {path}: {e}') from e
 
 
 def _pick_entry(obj: Mapping, param_key: Optional[str], path: str) -> Mapping:

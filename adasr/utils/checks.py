@@ -1,4 +1,5 @@
-"""Argument checks shared by every layer: each raises a ValueError that names the option."""
+"""Argument checks shared by every layer: each raises a ValueError that names the option (or the data)."""
+from typing import Tuple
 
 
 def is_real(value) -> bool:
@@ -24,3 +25,28 @@ def check_choice(name: str, value, choices) -> None:
     """Raise a ValueError that names the option when ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ValueError(f'{name}={value!r} is not supported; choose one of {list(choices)}')
+
+
+class NonFiniteError(ValueError):
+    """Numbers that must be finite (an image, a network output) hold NaN or infinite values."""
+
+
+def count_nonfinite(values) -> Tuple[int, int]:
+    """(number of NaN or infinite entries, number of entries) of a torch tensor or a numpy array."""
+    import numpy as np
+
+    if isinstance(values, np.ndarray):
+        finite = values.size if values.dtype.kind not in 'fc' else int(np.count_nonzero(np.isfinite(values)))
+        return values.size - finite, values.size
+    import torch
+
+    finite = int(torch.isfinite(values).sum().item()) if values.is_floating_point() else values.numel()
+    return values.numel() - finite, values.numel()
+
+
+def check_finite(what: str, values) -> None:
+    """Raise a :class:`NonFiniteError` naming ``what`` when ``values`` (a torch tensor or a numpy array) has NaN or
+    infinite entries."""
+    bad, total = count_nonfinite(values)
+    if bad:
+        raise NonFiniteError(f'{what}: {bad} of {total} values are NaN or infinite')

@@ -1,17 +1,23 @@
 """Reading and writing the images people actually have: grayscale, alpha, 16-bit, palette, and broken files.
 
+This is the one place adasr reads and writes images (the upscale CLI, data preparation, the benchmark harness).
+
 Images are decoded with OpenCV (``IMREAD_UNCHANGED``, so 16-bit and alpha survive), with Pillow as the fallback for
-what OpenCV cannot decode. Writes are atomic: the encoded bytes go to a temporary file in the destination folder,
-which is then renamed over the destination, so an interrupted run never leaves a truncated image behind.
+what OpenCV cannot decode. The EXIF orientation of JPEG, PNG and WebP files is applied as OpenCV's ``IMREAD_COLOR``
+(what BasicSR's ``imfrombytes`` and so its datasets use) applies it; ``IMREAD_UNCHANGED`` alone would ignore it.
+Float images with NaN or infinite samples are refused. Writes are atomic: the encoded bytes go to a temporary file
+``.<name>.<random>.tmp`` in the destination folder, which is then renamed over the destination, so an interrupted run
+never leaves a truncated image behind (:mod:`adasr.utils.files`, which also cleans up after interrupted runs).
 """
-import os
 import os.path as osp
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import cv2
 import numpy as np
+
+from adasr.utils.checks import count_nonfinite
+from adasr.utils.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm', '.pnm')
 # what each writable format can hold
@@ -94,13 +100,58 @@ def _pillow_mode(path: str) -> Optional[str]:
         return None
 
 
-def read_image(path: str) -> LoadedImage:
-    """Decode ``path`` into a :class:`LoadedImage`.
+#: EXIF orientation (1..8) -> the transform that shows the image upright, on the (H, W) axes
+_ORIENT = {
+    2: lambda a: a[:, ::-1],  # mirrored horizontally
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored vertically
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: a.swapaxes(0, 1)[:, ::-1],  # rotated 90 clockwise to display
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],  # transverse
+    8: lambda a: a.swapaxes(0, 1)[::-1],  # rotated 90 counter-clockwise to display
+}
 
-    Grayscale (also gray + alpha) stays grayscale; palette images become RGB(A); 16-bit stays 16-bit.
+
+def _orientable(head: bytes) -> bool:
+    """Whether the file starts as a JPEG, PNG or WebP: the formats whose EXIF orientation OpenCV applies with
+    ``IMREAD_COLOR`` but not with ``IMREAD_UNCHANGED`` (TIFF orientation tags are applied by libtiff in both)."""
+    is_webp = head[:4] == b'RIFF' and head[8:12] == b'WEBP'
+    return head[:2] == b'\xff\xd8' or head[:8] == b'\x89PNG\r\n\x1a\n' or is_webp
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation tag (1..8) of ``path``, 1 when there is none.
+
+    Only the EXIF block Pillow meets while parsing the header is read (JPEG APP1, PNG ``eXIf``, WebP ``EXIF``); no
+    pixels are decoded.
+    """
+    import warnings
+
+    from PIL import Image as PILImage
+
+    try:
+        with warnings.catch_warnings():  # the header of a very large image is still only a header
+            warnings.simplefilter('ignore', PILImage.DecompressionBombWarning)
+            im = PILImage.open(path)
+        with im:
+            raw = im.info.get('exif')
+            if not raw:
+                return 1
+            exif = PILImage.Exif()
+            exif.load(raw)
+            value = exif.get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not stop the image from being read
+        return 1
+    return value if value in _ORIENT else 1
+
+
+def decode_image(path: str) -> np.ndarray:
+    """Decode ``path`` as stored: (H, W) gray, (H, W, 2) gray + alpha, (H, W, 3) BGR or (H, W, 4) BGRA; uint8,
+    uint16 or float; upright (EXIF orientation applied).
 
     Raises:
-        ImageReadError: the file is missing, empty, unreadable or not an image (the message names the file).
+        ImageReadError: the file is missing, empty, unreadable, not an image or has non-finite samples (the message
+            names the file).
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -113,11 +164,27 @@ def read_image(path: str) -> LoadedImage:
         arr = _pillow_decode(path)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)) or min(arr.shape[:2]) < 1:
+        raise ImageReadError(f'{path}: unsupported image layout {arr.shape}')
+    bad, _ = count_nonfinite(arr)
+    if bad:
+        raise ImageReadError(f'{path}: {bad} sample(s) are NaN or infinite')
+    orientation = exif_orientation(path) if _orientable(data[:12].tobytes()) else 1
+    return np.ascontiguousarray(_ORIENT[orientation](arr)) if orientation != 1 else arr
+
+
+def read_image(path: str) -> LoadedImage:
+    """Decode ``path`` into a :class:`LoadedImage` (:func:`decode_image`, then float [0, 1]).
+
+    Grayscale (also gray + alpha) stays grayscale; palette images become RGB(A); 16-bit stays 16-bit.
+
+    Raises:
+        ImageReadError: see :func:`decode_image`.
+    """
+    arr = decode_image(path)
     if arr.ndim == 2:
         color, dtype = _to_float(arr, path)
         return LoadedImage(color, None, dtype)
-    if arr.ndim != 3 or arr.shape[2] not in (2, 3, 4) or min(arr.shape[:2]) < 1:
-        raise ImageReadError(f'{path}: unsupported image layout {arr.shape}')
     f, dtype = _to_float(arr, path)
     if f.shape[2] == 2:  # gray + alpha
         return LoadedImage(np.ascontiguousarray(f[..., 0]), np.ascontiguousarray(f[..., 1]), dtype)
@@ -126,6 +193,30 @@ def read_image(path: str) -> LoadedImage:
     if alpha is not None and _pillow_mode(path) == 'LA':  # OpenCV expands gray + alpha to BGRA
         return LoadedImage(np.ascontiguousarray(bgr[..., 0]), alpha, dtype)
     return LoadedImage(np.ascontiguousarray(bgr[..., ::-1]), alpha, dtype)
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 1]: gray repeated into three channels and alpha dropped, as BasicSR's
+    ``imfrombytes(..., float32=True)`` reads colour (16-bit keeps its precision)."""
+    img = read_image(path)
+    return np.repeat(img.color[..., None], 3, axis=2) if img.is_gray else img.color
+
+
+def read_uint8(path: str) -> np.ndarray:
+    """An 8-bit image as stored: (H, W) gray or (H, W, 3) BGR (an alpha channel is dropped: SR data sets are
+    opaque).
+
+    Raises:
+        ImageReadError: see :func:`decode_image`, or the image is not 8-bit.
+    """
+    img = decode_image(path)
+    if img.dtype != np.uint8:
+        raise ImageReadError(f'{path} is {img.dtype}; only 8-bit images are supported')
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    elif img.ndim == 3 and img.shape[2] == 2:
+        img = np.ascontiguousarray(img[..., 0])
+    return img
 
 
 def quantize(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -147,45 +238,23 @@ def to_stored(img: LoadedImage, dtype: str) -> np.ndarray:
     return quantize(np.ascontiguousarray(color), dtype)
 
 
-def encode(arr: np.ndarray, ext: str, jpeg_quality: int = 95) -> bytes:
+def encode(arr: np.ndarray, ext: str, jpeg_quality: int = 95, compress_level: Optional[int] = None) -> bytes:
+    """Encode ``arr`` as ``ext``; ``compress_level`` is the PNG compression (OpenCV's default when None)."""
     params = []
     if ext in ('jpg', 'jpeg'):
         params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
     elif ext == 'webp':
         params = [cv2.IMWRITE_WEBP_QUALITY, 100]
+    elif ext == 'png' and compress_level is not None:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level]
     ok, buf = cv2.imencode('.' + ext, arr, params)
     if not ok:
         raise OSError(f'OpenCV cannot encode a {arr.shape} {arr.dtype} image as .{ext}')
     return buf.tobytes()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (atomic on POSIX)."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_image(path: str, arr: np.ndarray, jpeg_quality: int = 95) -> None:
-    """Encode a uint8/uint16 gray, BGR or BGRA array by the extension of ``path`` and write it atomically."""
+def write_image(path: str, arr: np.ndarray, jpeg_quality: int = 95, compress_level: Optional[int] = None) -> None:
+    """Encode a uint8/uint16 gray, BGR or BGRA array by the extension of ``path`` and write it atomically
+    (``compress_level``: PNG compression, OpenCV's default when None)."""
     ext = osp.splitext(path)[1].lower().lstrip('.')
-    atomic_write_bytes(path, encode(arr, ext, jpeg_quality))
+    atomic_write_bytes(path, encode(arr, ext, jpeg_quality, compress_level))

@@ -23,9 +23,13 @@ def weights_indices(in_len: int, out_len: int, scale: float, antialiasing: bool)
     # BasicSR's indices are 0-based positions in the axis padded by ``sym_start`` mirrored samples at the start;
     # map them back to the original axis, mirroring with the edge sample repeated (MATLAB's 'symmetric').
     # The fold is periodic (period 2 * in_len) so that tiny inputs with wide antialiasing kernels stay in range.
-    src = (indices.long() - sym_start) % (2 * in_len)
-    src = torch.where(src < in_len, src, 2 * in_len - 1 - src)
-    return weights, src
+    return weights, _fold(indices.long() - sym_start, in_len)
+
+
+def _fold(src: torch.Tensor, in_len: int) -> torch.Tensor:
+    """Positions on an axis extended by mirroring with the edge sample repeated, folded into [0, in_len)."""
+    src = src % (2 * in_len)
+    return torch.where(src < in_len, src, 2 * in_len - 1 - src)
 
 
 def imresize(x: torch.Tensor, scale: float, antialiasing: bool = True) -> torch.Tensor:
@@ -49,10 +53,15 @@ def imresize(x: torch.Tensor, scale: float, antialiasing: bool = True) -> torch.
 
 def _resize_dim(x: torch.Tensor, dim: int, in_len: int, out_len: int, scale: float, aa: bool) -> torch.Tensor:
     weights, src = weights_indices(in_len, out_len, float(scale), bool(aa))
+    return _apply_taps(x, dim, weights, src)
+
+
+def _apply_taps(x: torch.Tensor, dim: int, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Output sample i along ``dim`` = sum over taps t of ``weights[i, t] * x[src[i, t]]``."""
     weights = weights.to(device=x.device, dtype=x.dtype)
     src = src.to(x.device)
     shape = [1] * x.dim()
-    shape[dim] = out_len
+    shape[dim] = src.shape[0]
     out = None
     for t in range(weights.shape[1]):
         term = x.index_select(dim, src[:, t]) * weights[:, t].view(shape)
@@ -82,6 +91,27 @@ def imresize_uint8(img, scale: float):
     y = imresize(x, scale).clamp_(0, 255).round_().to(torch.uint8)
     y = y.permute(1, 2, 0) if y.dim() == 3 else y
     return y.numpy()
+
+
+def upscale_phases(scale: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MATLAB bicubic weights of an integer upscale, which repeat with period ``scale`` along the output:
+    output sample ``q * scale + r`` is ``sum_t weights[r, t] * x[q + offsets[r, t]]`` before the symmetric fold.
+    Returns (scale, taps) float32 weights and int64 offsets, from BasicSR's weights (for an axis of 4 samples)."""
+    weights, src, sym_start, _ = calculate_weights_indices(4, 4 * scale, float(scale), 'cubic', 4, True)
+    return weights[:scale], src[:scale].long() - sym_start
+
+
+def imresize_upscale_traceable(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`imresize` for an integer upscale, given its :func:`upscale_phases`, without Python code on the input
+    size (for graph export with dynamic sizes): the source indices are computed with tensor operations."""
+    scale = weights.shape[0]
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        i = torch.arange(n * scale, device=x.device)
+        phase = i % scale
+        src = _fold((i // scale)[:, None] + offsets[phase], n)
+        x = _apply_taps(x, dim, weights[phase], src)
+    return x
 
 
 def kernel_taps(in_len: int, scale: float, antialiasing: bool = True) -> int:

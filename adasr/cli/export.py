@@ -1,0 +1,101 @@
+"""Export a network to ONNX and check it with onnxruntime: ``adasr-export --opt X.yml -o model.onnx``.
+
+The network comes from an option file (``--opt``: its ``network_g``, and ``path.pretrain_network_g`` /
+``param_key_g`` unless ``--weights`` is given) or from an arch name (``--arch NAME --scale S``), built and loaded as
+``adasr-upscale`` does. The graph takes any height and width (batch 1) unless ``--size H W`` fixes them. After
+writing the file, the graph is run with onnxruntime on the CPU and compared with the PyTorch forward on a crop of
+``--check-image`` (or a random image): the maximum absolute difference and the PSNR between the two outputs
+(clipped to 0..1) are printed, and the status is 1 when the difference exceeds ``--tolerance``. Exit status 2 for bad
+arguments or a network that cannot be exported. See docs/onnx.md.
+"""
+import argparse
+import sys
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adasr.cli.upscale import add_model_args
+
+    p = argparse.ArgumentParser(
+        prog='adasr-export', description='Export an adasr model to ONNX and check it with onnxruntime.',
+        epilog='Examples:\n'
+               '  adasr-export --opt options/test/test_PFT_light_x4.yml -o pft_light_x4.onnx\n'
+               '  adasr-export --opt options/test/test_AdaFormer_x4.yml --weights model_x4.pt -o adaformer.onnx\n'
+               '  adasr-export --arch Bicubic --scale 4 -o bicubic_x4.onnx --check-image photo.png',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
+    add_model_args(p)
+    graph = p.add_argument_group('graph')
+    graph.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
+                       help='fixed input height and width (default: dynamic height and width)')
+    graph.add_argument('--opset', type=int, default=None, help='ONNX opset (default: 18)')
+    check = p.add_argument_group('check with onnxruntime')
+    check.add_argument('--check-image', help='image whose top-left crop is upscaled by both (default: random)')
+    check.add_argument('--check-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                       help='crop size for the check (default: --size, else 48 x 40)')
+    check.add_argument('--tolerance', type=float, default=1e-3,
+                       help='largest accepted |onnxruntime - PyTorch| in the 0..1 range. Default: 1e-3')
+    check.add_argument('--no-check', action='store_true', help='write the file without running it')
+    check.add_argument('--threads', type=int, default=0, help='onnxruntime threads for the check (0: its default)')
+    return p
+
+
+def _check_input(args, in_channels: int):
+    import numpy as np
+    import torch
+
+    h, w = args.check_size or args.size or (48, 40)
+    if args.check_image:
+        from adasr.utils.image_io import read_image
+
+        color = read_image(args.check_image).color
+        if color.ndim == 2:
+            color = np.repeat(color[..., None], in_channels, axis=2) if in_channels == 3 else color[..., None]
+        if color.shape[0] < h or color.shape[1] < w:
+            raise ValueError(f'{args.check_image} is {color.shape[0]}x{color.shape[1]}, smaller than the check '
+                             f'crop {h}x{w}')
+        return torch.from_numpy(np.ascontiguousarray(color[:h, :w].transpose(2, 0, 1)))[None].float()
+    return torch.rand(1, in_channels, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns (and, as a console script, exits with) the status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, pair in (('--size', args.size), ('--check-size', args.check_size)):
+        if pair is not None and min(pair) < 1:
+            parser.error(f'{name} must be positive, got {pair}')
+    if args.tolerance <= 0:
+        parser.error('--tolerance must be positive')
+
+    import adasr  # noqa: F401  (shim + registration)
+    from adasr.cli.upscale import UsageError, build_model
+    from adasr.inference.onnx_export import OPSET, ExportError, OnnxRunner, compare, export_onnx
+    from adasr.inference.tile import padded_forward
+
+    try:
+        up = build_model(SimpleNamespace(**vars(args), device='cpu', precision='fp32', fp32=False, half=None))
+        x = None if args.no_check else _check_input(args, up.in_channels)
+        result = export_onnx(up.net, args.output, up.scale, in_channels=up.in_channels, size=args.size,
+                             multiple=up.multiple, opset=args.opset or OPSET)
+    except (UsageError, ExportError, ValueError) as e:
+        print(f'adasr-export: error: {e}', file=sys.stderr)
+        return 2
+    shape = 'dynamic height and width' if result.dynamic else f'fixed {result.size[0]}x{result.size[1]}'
+    print(f'model: {up.description}')
+    print(f'wrote {result.path}: {result.bytes / 2 ** 20:.1f} MiB, opset {result.opset}, batch 1, {shape}, '
+          f'exported in {result.seconds:.1f} s')
+    if args.no_check:
+        return 0
+    runner = OnnxRunner(args.output, threads=args.threads)
+    cmp = compare(padded_forward(up.net, up.scale, up.multiple), runner, x)
+    ok = cmp.max_abs <= args.tolerance
+    print(f'check on {"a crop of " + args.check_image if args.check_image else "a random image"} '
+          f'{x.shape[2]}x{x.shape[3]}: max |onnxruntime - PyTorch| = {cmp.max_abs:.2e} (0..1 range), '
+          f'PSNR between them {cmp.psnr:.1f} dB: {"ok" if ok else f"ABOVE the tolerance {args.tolerance}"}')
+    return 0 if ok else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

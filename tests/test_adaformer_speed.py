@@ -1,0 +1,82 @@
+"""AdaFormer's fast eval paths give the straightforward computation's numbers; the speed tooling runs."""
+import pytest
+import torch
+
+from tests.helpers import adaformer_fixtures as FIX
+
+
+@pytest.fixture(scope='module')
+def paper_net():
+    """Paper configuration with the guard's seeded, perturbed weights (estimator gain 5: partial halting)."""
+    return FIX.guard_network(estimator_gain=5.0).eval()
+
+
+def _run(net, x, bias, eps_h, complete, grad=False):
+    net.eps_h, net.complete_halting_maps = eps_h, complete
+    try:
+        with torch.no_grad():
+            net.body.var[2].bias.add_(bias)
+        with torch.set_grad_enabled(grad):
+            y = net(x).detach()
+        return y, net.last_halting
+    finally:
+        with torch.no_grad():
+            net.body.var[2].bias.sub_(bias)
+        net.eps_h, net.complete_halting_maps = 0.05, False
+
+
+@pytest.mark.parametrize('shape, eps_h, bias', [((1, 3, 64, 64), 0.2, 4.0), ((2, 3, 70, 75), 0.3, 2.5)])
+def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
+    """The estimator skips windows whose tokens and window have all halted: SR and every mask are bit for bit those of
+    the complete computation, the computed logits too, and only dead windows are skipped."""
+    x = FIX.guard_input(shape, 3)
+    full_sr, full = _run(paper_net, x, bias, eps_h, complete=True)
+    sr, info = _run(paper_net, x, bias, eps_h, complete=False)
+    assert all(full.complete) and not all(info.complete) and info.complete[:2] == [True, True]
+    assert torch.equal(sr, full_sr)
+    for a, b in zip(info.global_keep + info.local_keep, full.global_keep + full.local_keep):
+        assert torch.equal(a, b)
+    for i in range(len(info.logits)):
+        done = info.estimated(i)
+        assert torch.equal(info.logits[i][done], full.logits[i][done])
+        assert torch.isposinf(info.logits[i][~done]).all() and (info.confidence[i][~done] == 1).all()
+        if not info.complete[i]:
+            assert done.float().mean() <= 0.5
+            dead = (info.global_keep[i - 1] == 0) & (info.local_keep[i - 1] == 0)  # skipped only where all halted
+            assert bool(dead[~done].all())
+        else:
+            assert bool(done.all())
+
+
+def test_onednn_inference_paths_match_plain_pytorch(paper_net):
+    """Without autograd on the CPU the ResBlock chains, the estimator and the MLP run on oneDNN layouts and fused
+    ops; with autograd on (same eval computation otherwise) they run as plain PyTorch modules: the same numbers."""
+    x = FIX.guard_input((1, 3, 45, 61), 4)
+    fast_sr, fast = _run(paper_net, x, 0.0, 0.05, complete=True)
+    plain_sr, plain = _run(paper_net, x, 0.0, 0.05, complete=True, grad=True)
+    assert torch.equal(fast_sr, plain_sr)
+    for key in ('logits', 'global_keep', 'local_keep'):
+        for a, b in zip(getattr(fast, key), getattr(plain, key)):
+            assert torch.equal(a, b), key
+
+
+def test_stage_profile_names_every_stage_and_unwraps(paper_net):
+    from benchmarks.adaformer_speed import stage_profile
+
+    result = stage_profile(paper_net, FIX.guard_input((1, 3, 16, 24), 5), repeats=1, warmup=0)
+    stages = result['stages']
+    assert {'confidence estimator (6x)', 'LayerNorm 2 + MLP (6x)', 'encoder: 8 ResBlocks (16 conv3x3)'} <= set(stages)
+    assert any(k.startswith('global attention') for k in stages) and any(k.startswith('glue') for k in stages)
+    assert all(w >= 0 and c >= 0 for w, c in stages.values()) and len(result['sparsity']['global_consumed']) == 6
+    assert 'forward' not in vars(paper_net) and 'estimate' not in vars(paper_net.body)  # timers removed
+
+
+@pytest.mark.slow
+def test_side_by_side_runs_in_turns():
+    """Two contenders in their own processes (this tree twice: identical SR), one round each."""
+    from benchmarks.adaformer_speed import side_by_side
+
+    res = side_by_side([('a', 'adasr', None), ('b', 'adasr', None)], size=(16, 24), repeats=2, threads=1)
+    assert list(res) == ['a', 'b']
+    assert all(len(r['wall']) == 2 and len(r['cpu']) == 2 for r in res.values())
+    assert res['b']['sr_diff_vs_first'] == 0.0

@@ -1,0 +1,271 @@
+"""Fault injection on real training runs: kill -9 during checkpoint writes then --auto_resume, a full disk, unreadable
+training states, option files that try to run code, bad numbers, and a diverging run. Each case runs the entry points
+as a user does (fresh processes), or calls the same entry glue in-process where a process adds nothing."""
+import os
+import os.path as osp
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from adasr.cli.entry import ResumeError, load_resume_state
+from adasr.cli.entry import run as entry_run
+from adasr.utils.checkpoint import check_finite_state
+from tests.test_pipeline import REPO, TINY_SWINIR, TRAIN, run, write_yaml
+
+NAME = 'faults'
+
+
+def train_opt(hr, lr, name=NAME, **train):
+    """A tiny SwinIR run on ``tiny_pairs`` that checkpoints every iteration (EMA on, no validation)."""
+    opt = {
+        'name': name, 'model_type': 'AdaSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {'train': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                               'io_backend': {'type': 'disk'}, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
+                               'use_shuffle': True, 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2,
+                               'dataset_enlarge_ratio': 1000, 'prefetch_mode': None}},
+        'network_g': dict(TINY_SWINIR),
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'ema_decay': 0.9, 'optim_g': {'type': 'Adam', 'lr': 1e-3},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [10 ** 6], 'gamma': 0.5}, 'total_iter': 3,
+                  'warmup_iter': -1, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}},
+        'logger': {'print_freq': 100, 'save_checkpoint_freq': 1, 'use_tb_logger': False, 'wandb': None},
+    }
+    opt['train'].update(train)
+    return opt
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+
+
+def _listdir(folder):
+    return os.listdir(folder) if osp.isdir(folder) else []
+
+
+def _iteration(name):
+    """The iteration a checkpoint file (or its temporary file ``.net_g_5.pth.xyz.tmp``) belongs to, or None."""
+    stem = name.lstrip('.').split('.')[0]
+    stem = stem[len('net_g_'):] if stem.startswith('net_g_') else stem
+    return int(stem) if stem.isdigit() else None
+
+
+def _final_files_read(exp):
+    """Every checkpoint under its final name reads completely (no truncated file is ever visible) and its weights
+    (``params`` and ``params_ema``) are finite; returns the iterations whose network and state both exist."""
+    nets, states = set(), set()
+    for name in _listdir(osp.join(exp, 'models')):
+        if name.endswith('.pth') and not name.startswith('.'):
+            path = osp.join(exp, 'models', name)
+            saved = torch.load(path, weights_only=True)
+            assert set(saved) == {'params', 'params_ema'}
+            for key, state in saved.items():
+                check_finite_state(state, f'{path} [{key}]')
+            nets.add(_iteration(name))
+    for name in _listdir(osp.join(exp, 'training_states')):
+        if name.endswith('.state') and not name.startswith('.'):
+            with torch.serialization.safe_globals([Counter]):
+                torch.load(osp.join(exp, 'training_states', name), weights_only=True)
+            states.add(_iteration(name))
+    return sorted(nets & states - {None})
+
+
+def _temp_files(exp):
+    return [n for sub in ('models', 'training_states') for n in _listdir(osp.join(exp, sub)) if n.endswith('.tmp')]
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_writes_then_auto_resume_loses_at_most_one_interval(tiny_pairs, tmp_path):
+    """kill -9 a training run four times, three of them as soon as a checkpoint's temporary file appears and once at
+    a random moment; after each kill every visible checkpoint reads, and --auto_resume continues from the newest
+    complete one. Before: a kill during ``torch.save`` left a truncated ``N.state`` that --auto_resume always picked
+    (raw ``EOFError`` / ``PytorchStreamReader`` traceback)."""
+    opt_path = write_yaml(tmp_path / 'train.yml', train_opt(*tiny_pairs, total_iter=10 ** 6))
+    exp = str(tmp_path / 'experiments' / NAME)
+    rng = random.Random(0)
+    caught_mid_write = 0
+    for attempt in range(4):
+        before = (_final_files_read(exp) or [0])[-1]
+        proc = subprocess.Popen([sys.executable, TRAIN, '-opt', opt_path] + (['--auto_resume'] if attempt else []),
+                                cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline, kill_at = time.monotonic() + 120, None
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                names = _listdir(osp.join(exp, 'training_states'))
+                progressed = any((_iteration(n) or 0) > before for n in names if n.endswith('.state'))
+                if not progressed:
+                    time.sleep(0.05)  # starting up
+                    continue
+                if attempt == 3:  # a random moment of the training loop
+                    kill_at = kill_at or time.monotonic() + rng.uniform(0, 0.5)
+                    if time.monotonic() >= kill_at:
+                        break
+                elif _temp_files(exp):
+                    caught_mid_write += 1
+                    break
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
+        seen = max(_iteration(n) or 0 for sub in ('models', 'training_states')
+                   for n in _listdir(osp.join(exp, sub)))
+        complete = _final_files_read(exp)
+        assert complete and complete[-1] >= seen - 1  # at most one checkpoint interval (1 iteration) is lost
+        assert complete[-1] > before  # every attempt made progress: resuming does not go backwards
+    assert caught_mid_write >= 1
+
+    last = complete[-1]
+    leftovers = _temp_files(exp)
+    out = run(TRAIN, opt_path, tmp_path, '--auto_resume', '--force_yml', f'train:total_iter={last + 2}')
+    log = out.stderr + ''.join(open(osp.join(exp, f)).read() for f in os.listdir(exp) if f.endswith('.log'))
+    assert 'Resuming training from epoch' in log and f'iter: {last}.' in log
+    for name in leftovers:
+        assert f'removed {osp.join(exp, "models" if name.startswith(".net") else "training_states", name)}' in log
+    assert _final_files_read(exp)[-1] == last + 2 and not _temp_files(exp)
+
+
+def _resume_opt(tmp_path):
+    return {'name': NAME, 'auto_resume': True, 'root_path': str(tmp_path), 'num_gpu': 0, 'rank': 0,
+            'network_g': dict(TINY_SWINIR),
+            'path': {'resume_state': None, 'models': str(tmp_path / 'experiments' / NAME / 'models')}}
+
+
+@pytest.mark.slow
+def test_auto_resume_skips_unreadable_states_newest_first(tiny_pairs, tmp_path, capsys):
+    """A truncated newest state, a state whose network file is truncated, one whose network holds a NaN, and an
+    orphan temporary file: --auto_resume warns about each by name and resumes from the newest usable pair; with none
+    usable it stops with a message."""
+    run(TRAIN, write_yaml(tmp_path / 'train.yml', train_opt(*tiny_pairs, total_iter=4)), tmp_path)
+    exp = tmp_path / 'experiments' / NAME
+    states, models = exp / 'training_states', exp / 'models'
+    for path in (states / '4.state', models / 'net_g_3.pth'):  # what a kill during BasicSR's torch.save leaves
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    saved = torch.load(models / 'net_g_2.pth', weights_only=True)
+    next(iter(saved['params'].values())).view(-1)[0] = float('nan')
+    torch.save(saved, models / 'net_g_2.pth')
+    orphan = states / '.5.state.abc123.tmp'
+    orphan.write_bytes(b'partial')
+
+    opt = _resume_opt(tmp_path)
+    state = load_resume_state(opt)
+    err = capsys.readouterr().err
+    assert state['iter'] == 1 and opt['path']['resume_state'] == str(states / '1.state')
+    assert opt['path']['pretrain_network_g'] == str(models / 'net_g_1.pth')
+    for it in (4, 3, 2):
+        assert f'skipping {states / f"{it}.state"}' in err
+    assert 'net_g_3.pth' in err and 'net_g_2.pth holds non-finite' in err
+    assert f'removed {orphan}' in err and not orphan.exists()
+
+    (states / '1.state').write_bytes(b'')
+    with pytest.raises(ResumeError, match=r'no usable training state .* 4\.state, 3\.state, 2\.state, 1\.state'):
+        load_resume_state(_resume_opt(tmp_path))
+
+
+@pytest.mark.slow
+def test_full_disk_stops_the_run_with_the_file_name(tiny_pairs, tmp_path):
+    """A file-size limit below the checkpoint size (the log fits): the save fails, the run exits non-zero naming
+    the file, and no partial checkpoint is left. Before: "Just ignore it", exit 0, truncated files."""
+    opt_path = write_yaml(tmp_path / 'train.yml', train_opt(*tiny_pairs, total_iter=2))
+    limit = 48 * 1024  # the tiny SwinIR's net_g file is ~96 KB, the log ~10 KB
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, TRAIN, '-opt', opt_path], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=600, preexec_fn=limit_file_size)
+    exp = tmp_path / 'experiments' / NAME
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f'error: cannot save {exp / "models" / "net_g_1.pth"}' in proc.stderr
+    assert 'Traceback' not in proc.stderr and 'ignore it' not in proc.stdout + proc.stderr
+    assert os.listdir(exp / 'models') == [] and os.listdir(exp / 'training_states') == []
+
+
+EVIL = ('name: evil\nscale: 4\nmodel_type: AdaSRModel\nnetwork_g:\n'
+        '  type: !!python/object/apply:os.system ["touch {}"]\n')
+
+
+@pytest.mark.slow
+def test_option_files_cannot_run_code(tmp_path, monkeypatch, capsys):
+    """``!!python/object/apply:os.system`` in an option file given to adasr/train.py, adasr-upscale --opt, or read by
+    BasicSR's own ``parse_options`` inside the entry glue: refused with the file and line; nothing runs. Before: the
+    command ran."""
+    from basicsr.utils import options as basicsr_options
+
+    from adasr.cli.entry import _safe_basicsr_yaml
+    from adasr.cli.upscale import main as upscale
+
+    marker = tmp_path / 'ran'
+    evil = tmp_path / 'evil.yml'
+    evil.write_text(EVIL.format(marker))
+    proc = subprocess.run([sys.executable, TRAIN, '-opt', str(evil)], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and f'{evil}, line 5' in proc.stderr and 'Traceback' not in proc.stderr
+
+    assert upscale(['-i', str(tmp_path), '-o', str(tmp_path / 'out'), '--opt', str(evil), '-q']) != 0
+    assert f'adasr-upscale: error: {evil}, line 5: ' in capsys.readouterr().err
+
+    monkeypatch.setattr(sys, 'argv', ['train.py', '-opt', str(evil)])
+    with _safe_basicsr_yaml(()), pytest.raises(Exception, match='python/object/apply:os.system'):
+        basicsr_options.parse_options(str(tmp_path), is_train=True)
+    assert not marker.exists()
+
+
+def test_force_yml_cannot_run_code(tiny_pairs, tmp_path, monkeypatch):
+    """BasicSR builds ``opt["k"]=value`` from --force_yml and execs it; adasr parses the entry as YAML data."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / 'ran'
+    opt_path = write_yaml(tmp_path / 'train.yml', train_opt(*tiny_pairs))
+    for entry in (f'name"]=__import__("os").system("touch {marker}");#=1',
+                  f'train:total_iter=!!python/object/apply:os.system ["touch {marker}"]'):
+        with pytest.raises(SystemExit) as err:
+            entry_run('train', ['-opt', opt_path, '--force_yml', entry])
+        assert str(err.value).startswith('error: ') and not marker.exists()
+    assert not (tmp_path / 'experiments').exists()
+
+
+@pytest.mark.parametrize('mutate, words', [
+    (lambda o: o.update(scale='four'), ['scale must be an integer', "'four'"]),
+    (lambda o: o['network_g'].update(upscale=2), ['scale: 4 but network_g.upscale: 2']),
+    (lambda o: o['datasets']['train'].update(gt_size=30), ['datasets.train.gt_size: 30 is not a multiple']),
+    (lambda o: o['train'].update(total_iter=0), ['train.total_iter must be an integer >= 1, got 0']),
+    (lambda o: o['logger'].update(save_checkpoint_freq=0), ['logger.save_checkpoint_freq', 'got 0']),
+    (lambda o: o['train']['optim_g'].update(lr=-1e-3), ['train.optim_g.lr must be a positive number']),
+], ids=['scale_four', 'upscale_mismatch', 'gt_size', 'total_iter_0', 'save_freq_0', 'lr_negative'])
+def test_bad_options_stop_before_any_work(tiny_pairs, tmp_path, monkeypatch, mutate, words):
+    """Before: ``total_iter: 0`` exited 0 with untrained weights saved, ``save_checkpoint_freq: 0`` raised
+    ZeroDivisionError after one iteration, ``scale: four`` a TypeError deep in BasicSR, mismatched scales trained."""
+    monkeypatch.chdir(tmp_path)
+    opt = train_opt(*tiny_pairs)
+    mutate(opt)
+    opt_path = write_yaml(tmp_path / 'bad.yml', opt)
+    with pytest.raises(SystemExit) as err:
+        entry_run('train', ['-opt', opt_path])
+    message = str(err.value)
+    assert message.startswith(f'error: {opt_path}: ')
+    for w in words:
+        assert w in message, message
+    assert not (tmp_path / 'experiments').exists()
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_and_saves_no_nonfinite_weights(tiny_pairs, tmp_path):
+    """``lr: 1e30``: the loss is NaN from iteration 2; the steps are skipped with a warning and the run stops after
+    ``max_nonfinite_steps`` with a message; every checkpoint written is finite. Before: it trained on ``l_pix: nan``,
+    saved NaN checkpoints and exited 0."""
+    opt = train_opt(*tiny_pairs, total_iter=20, max_nonfinite_steps=3)
+    opt['train']['optim_g']['lr'] = 1e30
+    proc = run(TRAIN, write_yaml(tmp_path / 'train.yml', opt), tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert 'error: training diverged: the loss was not finite for 3 steps in a row (iter 4' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    exp = str(tmp_path / 'experiments' / NAME)
+    assert 'step skipped (2 in a row' in ''.join(open(osp.join(exp, f)).read() for f in os.listdir(exp)
+                                                   if f.endswith('.log'))
+    assert _final_files_read(exp) == [1, 2, 3]
+    assert not osp.exists(osp.join(exp, 'models', 'net_g_latest.pth'))
