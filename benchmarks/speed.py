@@ -34,9 +34,9 @@ def time_config(spec: Dict[str, Any], image: str, size: Tuple[int, int], repeats
     from adasr.archs.interface import arch_traits
     from adasr.inference.precision import resolve_precision
     from adasr.inference.tile import padded_forward
-    from benchmarks.halting_rates import calibrate_halting, halted_per_block
+    from benchmarks.halting_rates import calibrate_on_centre, halted_per_block
     from benchmarks.harness import build_net, latency_input, perturb_weights
-    from benchmarks.profiling import time_fn
+    from benchmarks.profiling import timed_no_grad
 
     if threads:
         torch.set_num_threads(threads)
@@ -52,17 +52,11 @@ def time_config(spec: Dict[str, Any], image: str, size: Tuple[int, int], repeats
     if halted is not None:
         if not traits.adaptive:
             raise ValueError(f'a halting rate was asked for {type(net).__name__}, which does not halt')
-        side_h, side_w = min(h, CALIBRATION_SIDE), min(w, CALIBRATION_SIDE)
-        top, left = (h - side_h) // 2, (w - side_w) // 2
-        offset, _ = calibrate_halting(net, x[..., top:top + side_h, left:left + side_w], halted)
+        offset, _ = calibrate_on_centre(net, x, halted, CALIBRATION_SIDE)
         result['estimator_offset'] = offset
     forward = resolve_precision(precision, dev).wrap(padded_forward(net, int(spec['scale']), traits.window))
 
-    def run():
-        with torch.no_grad():
-            return forward(x)
-
-    timing = time_fn(run, repeats=repeats, warmup=warmup, device=dev)
+    timing, _ = timed_no_grad(lambda: forward(x), dev, repeats, warmup)
     result.update(median_s=timing.median, spread=timing.spread, cpu_median_s=timing.cpu_median, times=timing.times)
     if traits.adaptive:
         result['halted'] = halted_per_block(net)

@@ -131,7 +131,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
     import torch
 
     import adasr  # noqa: F401
-    from benchmarks.halting_rates import calibrate_halting
+    from benchmarks.halting_rates import calibrate_on_centre
     from benchmarks.profiling import timed_no_grad
 
     if threads:
@@ -144,9 +144,7 @@ def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup:
     offset = None
     if 'halt' in setting:  # calibrated in sparse mode on a centre crop, the same offset for both modes
         net.sparse_eval = True
-        ch, cw = min(size[0], 96), min(size[1], 96)
-        top, left = (size[0] - ch) // 2, (size[1] - cw) // 2
-        offset, _ = calibrate_halting(net, x[..., top:top + ch, left:left + cw], setting['halt'])
+        offset, _ = calibrate_on_centre(net, x, setting['halt'])
         net.sparse_eval = sparse
 
     timing, peak = timed_no_grad(lambda: net(x), dev, repeats, warmup)

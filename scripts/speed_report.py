@@ -51,6 +51,11 @@ def _fmt_shares(values: List[float]) -> str:
     return ' '.join(f'{100 * v:.0f}' for v in values)
 
 
+def _ratios(r: Dict[str, Any], ref: Dict[str, Any]) -> str:
+    """'wall ratio, CPU ratio' of ``r`` against ``ref``."""
+    return f'{r["median_s"] / ref["median_s"]:.2f}, {r["cpu_median_s"] / ref["cpu_median_s"]:.2f}'
+
+
 def _cell(r: Dict[str, Any]) -> str:
     return f'{r["median_s"]:.3f} (±{100 * r["spread"]:.0f}%) | {r["cpu_median_s"]:.2f}'
 
@@ -152,13 +157,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         swin_r = run('SwinIR-light', swin, size, threads)
         rows.append(('SwinIR-light, fp32', swin_r))
         lines += ['', f'## AdaFormer x4 at {w}x{h} LR, {tlabel}', '',
-                  '| configuration | wall s, median (spread) | CPU s | / AdaFormer exact fp32 | / SwinIR-light '
-                  '| halted per block, global (%) | local (%) |', '|---|---|---|---|---|---|---|']
+                  '| configuration | wall s, median (spread) | CPU s | / AdaFormer exact fp32 (wall, CPU) '
+                  '| / SwinIR-light (wall, CPU) | halted per block, global (%) | local (%) |',
+                  '|---|---|---|---|---|---|---|']
         for name, r in rows:
             hal = r.get('halted')
             shares = f'{_fmt_shares(hal["global"])} | {_fmt_shares(hal["local"])}' if hal else '- | -'
-            lines.append(f'| {name} | {_cell(r)} | {r["median_s"] / exact["median_s"]:.2f} | '
-                         f'{r["median_s"] / swin_r["median_s"]:.2f} | {shares} |')
+            lines.append(f'| {name} | {_cell(r)} | {_ratios(r, exact)} | {_ratios(r, swin_r)} | {shares} |')
 
         pft_r = run('PFT-light', specs['PFT-light'], pft_size, threads)
         swin_p = run('SwinIR-light (PFT size)', swin, pft_size, threads)
@@ -179,13 +184,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                       f'{CALIBRATION_SIDE}x{CALIBRATION_SIDE} of the input); shares below are those reached on the '
                       'timed input. Block 0 always runs every token.', '',
                       '| target | estimator offset | halted per block, global (%) | local (%) | mean halted, global '
-                      f'| wall s, median (spread) | CPU s | / {_fmt_shares([sweep[0][0]])}% row | / SwinIR-light |',
+                      f'| wall s, median (spread) | CPU s | / {_fmt_shares([sweep[0][0]])}% row (wall, CPU) '
+                      '| / SwinIR-light (wall, CPU) |',
                       '|---|---|---|---|---|---|---|---|---|']
             for t, r in sweep:
                 hal = r['halted']
                 lines.append(f'| {100 * t:.0f}% | {r["estimator_offset"]:+.2f} | {_fmt_shares(hal["global"])} | '
                              f'{_fmt_shares(hal["local"])} | {100 * mean_halted(hal["global"]):.0f}% | {_cell(r)} | '
-                             f'{r["median_s"] / base["median_s"]:.2f} | {r["median_s"] / swin_r["median_s"]:.2f} |')
+                             f'{_ratios(r, base)} | {_ratios(r, swin_r)} |')
     end = environment_summary()
     lines += ['', f'Load average at the end (1, 5, 15 min): {end.get("loadavg", "?")}.']
     report = '\n'.join(lines) + '\n'
