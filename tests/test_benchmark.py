@@ -287,3 +287,17 @@ def test_pft_sparse_attention_products_are_counted(n, kk, d):
     expected = sum(2 * n * (n if pick_method(op, n, kk, d, cpu) == 'dense' else kk) * d for op in ('qk', 'av'))
     assert macs == expected
     assert (kk == 2) == (expected == 2 * 2 * n * kk * d)  # small K: sparse forms for both; large K: dense scores
+
+
+def test_cpu_fused_attention_is_counted():
+    """PFT's dense layers run as scaled_dot_product_attention (CPU flash kernel), which torch's counter does not
+    price: counted here as q @ k^T plus attn @ v, b*h*n*m*(d + dv) multiply-adds."""
+    class Attention(SRArch, nn.Module):
+        def arch_traits(self):
+            return ArchTraits(pads_input=True)
+
+        def forward(self, x):  # (b, h, n, d)
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=torch.zeros(1, 1, 64, 64))
+
+    macs, method, _ = count_macs(Attention(), torch.rand(2, 4, 64, 13))
+    assert method == 'torch' and macs == 2 * 4 * 64 * 64 * (13 + 13)
