@@ -16,11 +16,21 @@ transformer. Timing: median wall time of ``--repeats`` calls after ``--warmup`` 
 time of the same calls (all threads; steadier than wall time on a shared machine); memory: peak RSS (CPU) or peak
 CUDA allocation above the level before the first call. Prints a Markdown table; ``--csv`` also writes the rows.
 
-Example (the docs' table):
+Two other modes (docs/adaformer.md, *Speed*):
+
+* ``--profile``: where the time of one sparse-eval call goes, stage by stage (encoder, decoder, estimator, attention
+  branches, MLP, glue), per setting, in a fresh process; ``--complete-maps`` runs the estimator on every token.
+* ``--compare``: implementations side by side on the same seeded weights and input, each in its own process, called
+  in turns: this tree, ``--baseline TREE`` (another adasr checkout, e.g. ``main``), ``--authors DIR`` (the authors'
+  code, xiaotongtt/AdaFormer, from a folder outside the repository; needs ``timm`` and ``einops``) and SwinIR-light.
+
+Examples (the docs' tables):
     python scripts/benchmark_adaformer.py --size 270 480 --repeats 3 --csv benchmark_adaformer.csv
 
     # latency against the share of tokens halted per block (the speed of adaptive inference before trained weights)
     python scripts/benchmark_adaformer.py --settings halt=0 halt=0.25 halt=0.5 halt=0.75 halt=0.9 halt=1
+    python scripts/benchmark_adaformer.py --profile --threads 1 --settings eps=0.05 bias=-20
+    python scripts/benchmark_adaformer.py --compare --threads 1 --repeats 5 --authors AUTHORS_DIR --baseline MAIN_TREE
 """
 import argparse
 import csv

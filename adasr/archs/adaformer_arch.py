@@ -361,7 +361,7 @@ class AdaM(nn.Module):
         """fe (B, n_feats, Hp, Wp). Returns (output, logits, global keep maps, window keep maps (B, 1, Hp/S, Wp/S),
         complete flags), maps as bool, logits live (they carry the estimator's graph in training).
 
-        ``skip_dead`` (no-grad eval): the estimator runs only on the windows that can still change a decision
+        ``skip_dead`` (sparse eval): the estimator runs only on the windows that can still change a decision
         (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete."""
         b, _, hp, wp = fe.shape
         t = self.embed(fe)
@@ -626,9 +626,9 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         dense = self.training or not self.sparse_eval
         split = None if dense else self.global_split(hp, wp)
 
-        # Convolutions stay NCHW-contiguous: channels_last is ~20% faster on CPU but its 3x3 convs are ~2x less
-        # accurate in float32 and move SR 3x further from the authors' outputs (their convs are reproduced bit for
-        # bit in NCHW).
+        # No channels_last: it is ~20% faster on CPU but its 3x3 convs are ~2x less accurate in float32 and move SR
+        # 3x further from the authors' outputs. The NCHW numbers (theirs, bit for bit) are kept; CPU inference runs
+        # the ResBlock chains in oneDNN's blocked layout, which gives the same numbers (ResBlocks).
         f0 = self.head(self.sub_mean(x * self.img_range))
         fe = self.shollow_feature_extraction(f0)
         fa, logits, g_maps, w_maps, complete = self.body(fe, self._eps_h, split,
