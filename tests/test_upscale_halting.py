@@ -86,3 +86,34 @@ def test_save_halting_pictures_from_the_cli(tmp_path, repo_root):
     same = (np.abs(g1 - src).max(axis=2) <= 1).mean()
     assert same == pytest.approx(1 - keep, abs=0.02)
     assert cv2.imread(str(folder / 'sparsity.png')).shape[0] > 100
+
+
+def test_pictures_get_complete_maps(monkeypatch, tmp_path, repo_root):
+    """Sparse eval skips the estimator on windows that can no longer change a decision (their confidence is not
+    computed); pictures ask for complete maps through the interface: the same SR and decisions, every token scored."""
+    from adasr.archs.interface import halting_record, set_complete_halting_maps
+
+    net = tiny_net()
+    with torch.no_grad():
+        net.body.var[2].bias.fill_(20.0)  # everything halts after block 0: later maps are skipped
+    img = photo(64, 80, repo_root)
+    x = torch.from_numpy(img[..., ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+    with torch.no_grad():
+        fast = net(x)
+        skipped = halting_record(net)
+        set_complete_halting_maps(net)
+        full = net(x)
+        complete = halting_record(net)
+    assert not all(skipped.complete) and all(complete.complete)
+    assert torch.equal(fast, full)
+    for a, b in zip(skipped.global_keep + skipped.local_keep, complete.global_keep + complete.local_keep):
+        assert torch.equal(a, b)
+    # the CLI's --save-halting asks for them
+    asked = []
+    monkeypatch.setattr(AdaFormer, 'set_complete_halting_maps', lambda self, value: asked.append(value))
+    torch.save({'params': tiny_net().state_dict()}, tmp_path / 'w.pth')
+    (tmp_path / 'opt.yml').write_text(yaml.safe_dump({'scale': 2, 'network_g': {'type': 'AdaFormer', **TINY}}))
+    cv2.imwrite(str(tmp_path / 'cat.png'), photo(24, 24, repo_root))
+    assert main(['-i', str(tmp_path / 'cat.png'), '-o', str(tmp_path / 'out'), '--opt', str(tmp_path / 'opt.yml'),
+                 '--weights', str(tmp_path / 'w.pth'), '--save-halting', '-q']) == 0
+    assert asked == [True]

@@ -568,6 +568,9 @@ class AdaFormer(SRArch, Exportable, nn.Module):
     def set_halting_threshold(self, value: float) -> None:
         self.eps_h = value
 
+    def set_complete_halting_maps(self, value: bool) -> None:
+        self.complete_halting_maps = bool(value)
+
     @property
     def last_halting(self) -> Optional[HaltingInfo]:
         """The :class:`HaltingInfo` of the last forward (None before the first), built on first access."""

@@ -93,6 +93,11 @@ class SRArch:
     def set_halting_threshold(self, value: float) -> None:
         raise ValueError(f'{type(self).__name__} is not adaptive: it has no halting threshold')
 
+    def set_complete_halting_maps(self, value: bool) -> None:
+        """Make the halting record's maps complete (every token scored) for pictures, or let the arch skip work that
+        decides nothing (its default); outputs and decisions are the same either way."""
+        raise ValueError(f'{type(self).__name__} is not adaptive: it keeps no halting maps')
+
 
 _FOREIGN: Dict[type, Callable[[nn.Module], ArchTraits]] = {}
 
@@ -167,6 +172,12 @@ def halting_record(net: nn.Module) -> Optional[HaltingInfo]:
 def set_halting_record(net: nn.Module, info: Optional[HaltingInfo]) -> None:
     """Replace the record (tiled inference puts the whole image's record back after the last tile)."""
     _adaptive(net).set_halting_record(info)
+
+
+def set_complete_halting_maps(net: nn.Module, value: bool = True) -> None:
+    """Ask an adaptive network for complete halting maps (for pictures of its confidence): see
+    :meth:`SRArch.set_complete_halting_maps`."""
+    _adaptive(net).set_complete_halting_maps(value)
 
 
 def halting_threshold(net: nn.Module) -> float:

@@ -494,7 +494,7 @@ def _upscale(args, rank: int, world_size: int) -> int:
 
         up = build_model(args)
         if args.save_halting or args.eps_h is not None:
-            from adasr.archs.interface import is_adaptive, set_halting_threshold
+            from adasr.archs.interface import is_adaptive, set_complete_halting_maps, set_halting_threshold
 
             if not is_adaptive(up.net):
                 flag = '--save-halting' if args.save_halting else '--eps-h'
@@ -506,6 +506,8 @@ def _upscale(args, rank: int, world_size: int) -> int:
                 except ValueError as e:
                     raise UsageError(f'--eps-h: {e}') from None
                 up.description += f', eps_h {args.eps_h}'
+            if args.save_halting:  # pictures show the confidence of every token (the same SR and decisions)
+                set_complete_halting_maps(up.net)
     except UsageError as e:
         print(f'adasr-upscale: error: {e}', file=sys.stderr)  # every process: the problem may be one node's
         return 2

@@ -10,7 +10,13 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger, imwrite
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from adasr.archs.interface import halting_record, halting_threshold, is_adaptive, set_halting_threshold
+from adasr.archs.interface import (
+    halting_record,
+    halting_threshold,
+    is_adaptive,
+    set_complete_halting_maps,
+    set_halting_threshold,
+)
 from adasr.models.adasr_model import AdaSRModel
 from adasr.utils.checks import is_real
 
@@ -79,6 +85,8 @@ class AdaFormerModel(AdaSRModel):
         trained_eps = halting_threshold(net)
         if val_opt.get('eps_h') is not None:
             set_halting_threshold(net, val_opt['eps_h'])
+        if val_opt.get('save_halting'):  # pictures show the confidence of every token (the same SR and decisions)
+            set_complete_halting_maps(net, True)
         try:
             super().test()
         finally:
