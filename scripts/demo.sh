@@ -11,11 +11,12 @@ MODEL=${1:-AdaFormer_x4}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 TRAIN_OPT=options/demo/train_${MODEL}_demo.yml
 TEST_OPT=options/demo/test_${MODEL}_demo.yml
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # usable cores (nproc itself follows OMP_NUM_THREADS)
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  OMP_NUM_THREADS=$(awk -v n="$(nproc)" '{ t = int(n - $1 + 0.5); print (t < 1 ? 1 : (t > n ? n : t)) }' /proc/loadavg)
+  OMP_NUM_THREADS=$(awk -v n="$CORES" '{ t = int(n - $1 + 0.5); print (t < 1 ? 1 : (t > n ? n : t)) }' /proc/loadavg)
   export OMP_NUM_THREADS
 fi
-echo "demo: $OMP_NUM_THREADS thread(s) (load $(cut -d' ' -f1 /proc/loadavg) on $(nproc) cores; set OMP_NUM_THREADS to change)"
+echo "demo: $OMP_NUM_THREADS thread(s) (load $(cut -d' ' -f1 /proc/loadavg) on $CORES cores; set OMP_NUM_THREADS to change)"
 [ -f "$TRAIN_OPT" ] || { echo "no demo for '$MODEL' ($TRAIN_OPT missing); choose one of:"; ls options/demo | sed -n 's/^train_\(.*\)_demo.yml$/  \1/p'; exit 2; }
 
 "$PY" scripts/data_preparation/create_lmdb.py --skip-existing \
