@@ -221,6 +221,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from adasr.models.adasr_model import TrainingDivergedError
     from adasr.utils.checkpoint import CheckpointError
     from adasr.utils.checks import NonFiniteError
+    from adasr.utils.distributed import barrier, destroy
 
     argv, force_yml, sets = _split_adasr_args(argv, kind)
     try:
@@ -241,3 +242,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
                 basicsr_test.test_pipeline(root)
     except (CheckpointError, DatasetError, NonFiniteError, ResumeError, TrainingDivergedError) as e:  # names the cause
         raise SystemExit(f'error: {e}') from None
+    # under torchrun: leave together (process 0 may still be saving or validating when another one finishes; a
+    # process that exits with its group open can abort the others' gloo connections)
+    barrier()
+    destroy()
