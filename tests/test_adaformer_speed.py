@@ -50,7 +50,8 @@ def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
 
 def test_onednn_inference_paths_match_plain_pytorch(paper_net):
     """Without autograd on the CPU the ResBlock chains, the estimator and the MLP run on oneDNN layouts and fused
-    ops; with autograd on (same eval computation otherwise) they run as plain PyTorch modules: the same numbers."""
+    ops, tokens become NCHW maps by blocked transposes and the attention scale is folded into the q weights; with
+    autograd on (same eval computation otherwise) they run as plain PyTorch modules: the same numbers."""
     x = FIX.guard_input((1, 3, 45, 61), 4)
     fast_sr, fast = _run(paper_net, x, 0.0, 0.05, complete=True)
     plain_sr, plain = _run(paper_net, x, 0.0, 0.05, complete=True, grad=True)

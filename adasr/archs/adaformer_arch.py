@@ -34,6 +34,7 @@ from adasr.archs.layers import (
     window_partition,
     window_reverse,
 )
+from adasr.ops.layout import tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
@@ -163,6 +164,7 @@ class AdaFormerAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.num_prototypes = num_prototypes
         self.window_size = window_size
+        self._folded: Dict[int, tuple] = {}  # id(linear) -> (weight key, weight, bias) with scale folded into q
 
         self.prototype = nn.Parameter(torch.zeros(1, num_prototypes, dim))
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
@@ -178,6 +180,41 @@ class AdaFormerAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     # -- shared pieces -------------------------------------------------------------------------------------------
+
+    def _qkv(self, linear: nn.Linear, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``linear(x)`` split into heads (q, k, v), with q multiplied by ``scale``."""
+        if self._foldable(linear, x):
+            return self._heads(self._scaled_linear(linear, x), 3)
+        q, k, v = self._heads(linear(x), 3)
+        return q * self.scale, k, v
+
+    def _qkv_scaled(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x)`` (..., 3C) with its q part multiplied by ``scale``."""
+        if self._foldable(linear, x):
+            return self._scaled_linear(linear, x)
+        out = linear(x)
+        if torch.is_grad_enabled() and out.requires_grad:
+            return torch.cat((out[..., :self.dim] * self.scale, out[..., self.dim:]), -1)
+        out[..., :self.dim].mul_(self.scale)
+        return out
+
+    def _foldable(self, linear: nn.Linear, x: torch.Tensor) -> bool:
+        """Without autograd, when ``scale`` is a power of two (head_dim 4, 16, 64, ...), the factor can be folded
+        into the q rows of the weight and bias: a product with a power of two is exact, so q is bit for bit
+        ``linear(x)[q] * scale``, and the pass over q is saved."""
+        return (math.frexp(self.scale)[0] == 0.5 and linear.bias is not None and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)))
+
+    def _scaled_linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        w, b = linear.weight, linear.bias
+        key = (w.data_ptr(), w._version, w.dtype, b.data_ptr(), b._version)
+        cached = self._folded.get(id(linear))
+        if cached is None or cached[0] != key:
+            scale = torch.ones(w.shape[0], 1, dtype=w.dtype, device=w.device)
+            scale[:self.dim] = self.scale
+            cached = (key, (w * scale).detach(), (b * scale[:, 0]).detach())
+            self._folded[id(linear)] = cached
+        return F.linear(x, cached[1], cached[2])
 
     def _heads(self, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:
         """(..., n, parts*C) with channels ordered [part][head][head_dim] -> ``parts`` tensors (..., heads, n, hd)."""
@@ -204,14 +241,15 @@ class AdaFormerAttention(nn.Module):
 
     def window_attention(self, xw: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention inside windows with the relative-position bias; (n, S*S, C) -> same."""
-        q, k, v = self._heads(self.qkv_local(xw), 3)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(self._position_bias())  # (the product's grad needs q, k)
+        q, k, v = self._qkv(self.qkv_local, xw)
+        attn = (q @ k.transpose(-2, -1)).add_(self._position_bias())  # (the product's grad needs q, k)
         return self._merge(attn.softmax(-1) @ v)
 
     def _broadcast(self, q: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
-        """Tokens attend over the aggregated prototypes. q (..., h, n, hd), agg (..., M, C) -> (..., n, C)."""
+        """Tokens attend over the aggregated prototypes. q (..., h, n, hd), already times ``scale``; agg (..., M, C)
+        -> (..., n, C)."""
         kp, vp = self._heads(self.kv_global(agg), 2)
-        attn = (q * self.scale) @ kp.transpose(-2, -1)
+        attn = q @ kp.transpose(-2, -1)
         return self._merge(attn.softmax(-1) @ vp)
 
     # -- dense (training) path -------------------------------------------------------------------------------------
@@ -230,7 +268,7 @@ class AdaFormerAttention(nn.Module):
     def global_dense(self, u: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         """Prototype attention over the whole image; halted tokens are removed from the aggregation by the authors'
         masked softmax (logits times mask, softmax over all keys, times mask, +eps/M over the sum + eps)."""
-        q, k, v = self._heads(self.qkv(u), 3)  # b, h, n, hd
+        q, k, v = self._qkv(self.qkv, u)  # b, h, n, hd
         logits = (self._prototype_queries() * self.scale) @ k.transpose(-2, -1)  # b, h, M, n
         if keep is None:
             agg = logits.softmax(-1) @ v
@@ -261,7 +299,8 @@ class AdaFormerAttention(nn.Module):
         groups = split * split
         order = region_order(hw[0], hw[1], split, u.device)
         qp = self._prototype_queries() * self.scale  # h, M, hd
-        out = u.clone()
+        # every token of a sample whose tokens are all kept is overwritten below: no copy of u needed
+        out = u.clone() if keep is not None and not bool(keep.all()) else torch.empty_like(u)
         for i in range(b):
             idx = order if keep is None else order[keep[i][order]]
             num = idx.numel()
@@ -269,7 +308,7 @@ class AdaFormerAttention(nn.Module):
                 continue
             whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
             x = u[i] if whole else u[i].index_select(0, idx)
-            qkv = self.qkv(x)
+            qkv = self._qkv_scaled(self.qkv, x)
             pos = chunk_padding_positions(num, groups, u.device)
             if pos.numel() != num:
                 qkv = qkv.index_select(0, pos)
@@ -365,7 +404,6 @@ class AdaM(nn.Module):
         (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete."""
         b, _, hp, wp = fe.shape
         t = self.embed(fe)
-        c = t.shape[1]
         t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
         score = fe.new_zeros(b, 1, hp, wp)
         threshold = 1 - eps_h
@@ -384,7 +422,7 @@ class AdaM(nn.Module):
             logits.append(logit)
             g_maps.append(g)
             w_maps.append(w)
-        out = fe + self.unembed(t.transpose(1, 2).reshape(b, c, hp, wp))
+        out = fe + self.unembed(tokens_to_nchw(t, hp, wp))
         return out, logits, g_maps, w_maps, complete
 
     def live_windows(self, g: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
@@ -410,14 +448,13 @@ class AdaM(nn.Module):
         b, n, c = t.shape
         hp, wp = hw
         if windows is None and _onednn_layout_ok(t):
-            # the tokens are a channels-last map: one oneDNN reorder into the blocked layout of the convolution
-            # (the same numbers as from an NCHW copy, without the slow transpose)
-            hidden = _conv_onednn(t.view(b, hp, wp, c).permute(0, 3, 1, 2).to_mkldnn(), self.var[0])
+            # the tokens as an NCHW map (a blocked transpose, ops.layout), then oneDNN's blocked layout
+            hidden = _conv_onednn(tokens_to_nchw(t, hp, wp).to_mkldnn(), self.var[0])
             return self.var[2](self.var[1](hidden.to_dense()))
         if windows is None:
             # NCHW-contiguous, as the authors' estimator sees it (the reshape alone is a channels_last view, which
             # oneDNN convolves with other rounding at batch > 1)
-            feat = t.transpose(1, 2).reshape(b, c, hp, wp).contiguous()
+            feat = tokens_to_nchw(t, hp, wp).contiguous()
             return self.var(feat.detach() if self.training else feat)
         s = self.window_size
         nwy, nwx = hp // s, wp // s
