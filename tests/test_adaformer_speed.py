@@ -81,3 +81,32 @@ def test_side_by_side_runs_in_turns():
     assert list(res) == ['a', 'b']
     assert all(len(r['wall']) == 2 and len(r['cpu']) == 2 for r in res.values())
     assert res['b']['sr_diff_vs_first'] == 0.0
+
+
+def test_map_after_the_last_block_is_computed_only_when_read(paper_net, monkeypatch):
+    """Sparse eval does not run the estimator after the last block (that map decides nothing); reading the halting
+    record computes it, with the numbers of the complete computation."""
+    calls = []
+    real = paper_net.body.estimate
+    monkeypatch.setattr(paper_net.body, 'estimate', lambda *a: calls.append(1) or real(*a))
+    x = FIX.guard_input((1, 3, 40, 48), 6)
+    full_sr, full = _run(paper_net, x, 2.5, 0.3, complete=True)
+    assert len(calls) == 6
+    calls.clear()
+    paper_net.eps_h = 0.3
+    try:
+        with torch.no_grad():
+            paper_net.body.var[2].bias.add_(2.5)
+            sr = paper_net(x)
+            assert len(calls) == 5
+            info = paper_net.last_halting
+            assert len(calls) == 6 and len(info.logits) == 6
+    finally:
+        with torch.no_grad():
+            paper_net.body.var[2].bias.sub_(2.5)
+        paper_net.eps_h = 0.05
+    assert torch.equal(sr, full_sr)
+    assert torch.equal(info.global_keep[-1], full.global_keep[-1]) and torch.equal(info.local_keep[-1],
+                                                                                   full.local_keep[-1])
+    done = info.estimated(5)
+    assert torch.equal(info.logits[5][done], full.logits[5][done])

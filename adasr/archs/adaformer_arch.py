@@ -398,10 +398,12 @@ class AdaM(nn.Module):
 
     def forward(self, fe: torch.Tensor, eps_h: float, split: Optional[int], skip_dead: bool = False):
         """fe (B, n_feats, Hp, Wp). Returns (output, logits, global keep maps, window keep maps (B, 1, Hp/S, Wp/S),
-        complete flags), maps as bool, logits live (they carry the estimator's graph in training).
+        complete flags, pending), maps as bool, logits live (they carry the estimator's graph in training).
 
         ``skip_dead`` (sparse eval): the estimator runs only on the windows that can still change a decision
-        (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete."""
+        (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete. The map made after the
+        last block decides nothing: it is not computed; the returned ``pending`` (else None) computes it, the same
+        numbers, when the halting record is read (:meth:`last_map`)."""
         b, _, hp, wp = fe.shape
         t = self.embed(fe)
         t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
@@ -409,8 +411,12 @@ class AdaM(nn.Module):
         threshold = 1 - eps_h
         keep_tok = keep_win = live = None
         logits, g_maps, w_maps, complete = [], [], [], []
-        for blk in self.blocks:
+        pending = None
+        for i, blk in enumerate(self.blocks):
             t = blk(t, (hp, wp), keep_tok, keep_win, split)
+            if skip_dead and i == len(self.blocks) - 1:
+                pending = (t, score, live, threshold)  # the tokens are not written after the last block
+                break
             logit = self.estimate(t, (hp, wp), live)
             complete.append(live is None)
             score = score + torch.sigmoid(logit.detach())
@@ -423,7 +429,17 @@ class AdaM(nn.Module):
             g_maps.append(g)
             w_maps.append(w)
         out = fe + self.unembed(tokens_to_nchw(t, hp, wp))
-        return out, logits, g_maps, w_maps, complete
+        return out, logits, g_maps, w_maps, complete, pending
+
+    def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
+        complete), computed as the loop of :meth:`forward` would have (no autograd)."""
+        t, score, live, threshold = pending
+        hp, wp = score.shape[-2:]
+        with torch.no_grad():
+            logit = self.estimate(t, (hp, wp), live)
+            score = score + torch.sigmoid(logit)
+            return (logit, score < threshold, F.avg_pool2d(score, self.window_size) < threshold, live is None)
 
     def live_windows(self, g: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
         """Flat indices (over B x window grid) of the windows whose estimator output can still change a decision,
@@ -671,20 +687,23 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         # the ResBlock chains in oneDNN's blocked layout, which gives the same numbers (ResBlocks).
         f0 = self.head(self.sub_mean(x * self.img_range))
         fe = self.shollow_feature_extraction(f0)
-        fa, logits, g_maps, w_maps, complete = self.body(fe, self._eps_h, split,
-                                                         skip_dead=split is not None and not self.complete_halting_maps)
+        fa, logits, g_maps, w_maps, complete, pending = self.body(
+            fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps)
         fd = self.deep_feature_extraction(fa)
         sr = self.add_mean(self.tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
 
         self._halting, self._halting_raw = None, ([lg.detach() for lg in logits], g_maps, w_maps, complete, (h, w),
-                                                  (hp, wp), split)
+                                                  (hp, wp), split, pending)
         if self.training:
             return sr, [lg[..., :h, :w] for lg in logits]
         return sr
 
-    def _record(self, logits, g_maps, w_maps, complete, size, padded, split) -> HaltingInfo:
+    def _record(self, logits, g_maps, w_maps, complete, size, padded, split, pending) -> HaltingInfo:
         s = self.window_size
+        if pending is not None:  # the last map, deferred by sparse eval
+            logit, g, w, done = self.body.last_map(pending)
+            logits, g_maps, w_maps, complete = logits + [logit], g_maps + [g], w_maps + [w], complete + [done]
         logits = [lg.detach() for lg in logits]
         g_keep = [g.float() for g in g_maps]
         l_keep = [w.float().repeat_interleave(s, 2).repeat_interleave(s, 3) for w in w_maps]
