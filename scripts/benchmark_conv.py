@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""3x3 convolution engines side by side: oneDNN's direct convolution (NCHW, channels_last, oneDNN blocked) and the
+Winograd variants of adasr.ops.winograd, on AdaFormer's 64 -> 64 EDSR conv with the activations of a demo photo
+(benchmarks/conv_speed.py). Prints the machine line (ISA, threads, numba, load average) and a Markdown table: median
+ms over --repeats rounds in which the contenders run in turns, the speed-up over direct channels_last in the same
+run, and the error against a float64 reference. ``--sr`` adds AdaFormer's SR difference on the demo photos with
+the encoder / decoder ResBlock convs run by Winograd.
+
+Examples (docs/winograd.md):
+    OMP_NUM_THREADS=1 python scripts/benchmark_conv.py --threads 1 --size 272 480
+    OMP_NUM_THREADS=2 python scripts/benchmark_conv.py --threads 2 --size 272 480
+    OMP_NUM_THREADS=1 python scripts/benchmark_conv.py --threads 1 --sr --variants f2 f3 f4
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--size', type=int, nargs=2, default=(272, 480), metavar=('H', 'W'))
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--variants', nargs='+', default=['f4', 'f3', 'f2', 'f4-lavin'])
+    parser.add_argument('--photo', default=None, help='image for the activations (default: the first demo photo)')
+    parser.add_argument('--torch-engine', action='store_true', help='also time the PyTorch tile transforms')
+    parser.add_argument('--sr', action='store_true', help='also the AdaFormer SR difference on the demo photos')
+    parser.add_argument('--no-speed', action='store_true', help='skip the speed table')
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from benchmarks import conv_speed
+
+    torch.set_num_threads(args.threads)
+    h, w = args.size
+    if not args.no_speed:
+        x, weight, bias = conv_speed.photo_activations(h, w, args.photo)
+        print(f'1x64x{h}x{w} 3x3 conv, AdaFormer encoder conv 0 (seeded), photo activations (|x| <= '
+              f'{x.abs().max().item():.0f})')
+        print(conv_speed.machine_line())
+        rows = conv_speed.speed_table(x, weight, bias, args.variants, args.repeats, args.torch_engine)
+        print(conv_speed.table_markdown(rows))
+        print(f'(|y| <= {rows[0]["max_ref"]:.0f}; load after: {conv_speed.machine_line().split("load average ")[1]})')
+    if args.sr:
+        print('\nAdaFormer x4 (seeded weights), SR with the ResBlock convs by Winograd vs unchanged (0..1 range)')
+        print('| photo | LR | method | convs | max abs diff | max rel diff | mean abs diff | max err vs fp64 '
+              '(direct: ) | halting decisions changed |')
+        print('|---|---|---|---|---:|---:|---:|---:|---:|')
+        for photo in conv_speed.demo_photos():
+            for v in args.variants:
+                for r in conv_speed.sr_difference(v, photo):
+                    print(f"| {r['photo']} | {r['lr'][0]}x{r['lr'][1]} | {v} | {r['parts']} | {r['max_abs']:.2e} | "
+                          f"{r['max_rel']:.2e} | {r['mean_abs']:.2e} | {r['err_vs_fp64']:.2e} "
+                          f"({r['direct_err_vs_fp64']:.2e}) | {r['halting_flips']} / {r['halting_total']} |")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
