@@ -5,7 +5,8 @@ EDSR convolutions (64 -> 64 channels) with the activations of a real photo.
 * :func:`photo_activations`: a demo photo resized to the LR size, through the seeded AdaFormer's ``sub_mean`` and
   ``head``: the input of the first encoder ResBlock, and that block's first conv (weight, bias).
 * :func:`speed_table`: every contender called in turns (``repeats`` rounds, median wall and process CPU time
-  each; CPU time is the steadier on a shared machine), the speed-ups over direct channels_last in the same run, and the max abs / mean abs error against a float64 reference.
+  each; CPU time is the steadier on a shared machine), the speed-ups over direct channels_last in the same run,
+  and the max abs / mean abs error against a float64 reference.
 * :func:`sr_difference`: AdaFormer's SR of a photo with the encoder and/or decoder ResBlock convs run by another
   method, against the unchanged network (and both against a float64 run of the same network).
 """

@@ -24,7 +24,7 @@ option                 environment variable      default     meaning
                                                              ``K * d <= sampled_limit * m``
 ``torch_topk``         ``ADASR_TORCH_TOPK``      ``False``   ``True`` (``1``): top-k by ``torch.topk`` on the CPU too,
                                                              instead of ``numpy.argpartition``
-``conv3x3``            ``ADASR_CONV3X3``         ``direct``    engine of :func:`adasr.ops.winograd.conv3x3` (callers that
+``conv3x3``            ``ADASR_CONV3X3``         ``direct``  engine of :func:`adasr.ops.winograd.conv3x3` (callers that
                                                              opt in): ``'direct'`` (``F.conv2d``), ``'winograd'`` (the
                                                              default variant) or a variant (``'f2'``, ``'f3'``,
                                                              ``'f4'``, ``'f4-lavin'``); CPU float32 inference only
@@ -174,5 +174,5 @@ def worker_threads() -> int:
     return torch.get_num_threads() if threads is None else threads
 
 
-__all__ = ['BACKENDS', 'CONV3X3_METHODS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes', 'cache_bytes',
-           'worker_threads']
+__all__ = ['BACKENDS', 'CONV3X3_METHODS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes',
+           'cache_bytes', 'worker_threads']
