@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """3x3 convolution engines side by side: oneDNN's direct convolution (NCHW, channels_last, oneDNN blocked) and the
 Winograd variants of adasr.ops.winograd, on AdaFormer's 64 -> 64 EDSR conv with the activations of a demo photo
-(benchmarks/conv_speed.py). Prints the machine line (ISA, threads, numba, load average) and a Markdown table: median
+(benchmarks/conv_speed.py), with the malloc settings of the AdaFormer benchmarks (benchmarks/profiling.py). Prints the
+machine line (ISA, threads, numba, load average, malloc settings) and a Markdown table: median
 ms over --repeats rounds in which the contenders run in turns, the speed-up over direct channels_last in the same
 run, and the error against a float64 reference. ``--sr`` adds AdaFormer's SR difference on the demo photos with
 the encoder / decoder ResBlock convs run by Winograd.
@@ -28,7 +29,13 @@ def main(argv=None) -> int:
     parser.add_argument('--torch-engine', action='store_true', help='also time the PyTorch tile transforms')
     parser.add_argument('--sr', action='store_true', help='also the AdaFormer SR difference on the demo photos')
     parser.add_argument('--no-speed', action='store_true', help='skip the speed table')
+    parser.add_argument('--no-malloc-env', action='store_true',
+                        help="measure with glibc's default malloc settings (page faults of every fresh buffer)")
     args = parser.parse_args(argv)
+
+    from benchmarks.profiling import ensure_malloc_env
+
+    malloc = ensure_malloc_env(args.no_malloc_env)
 
     import torch
 
@@ -40,7 +47,7 @@ def main(argv=None) -> int:
         x, weight, bias = conv_speed.photo_activations(h, w, args.photo)
         print(f'1x64x{h}x{w} 3x3 conv, AdaFormer encoder conv 0 (seeded), photo activations (|x| <= '
               f'{x.abs().max().item():.0f})')
-        print(conv_speed.machine_line())
+        print(conv_speed.machine_line() + f'; malloc env: {malloc or "glibc defaults"}')
         rows = conv_speed.speed_table(x, weight, bias, args.variants, args.repeats, args.torch_engine)
         print(conv_speed.table_markdown(rows))
         print(f'(|y| <= {rows[0]["max_ref"]:.0f}; load after: {conv_speed.machine_line().split("load average ")[1]})')

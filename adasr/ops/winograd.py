@@ -134,36 +134,50 @@ class WinogradConv3x3:
 
 
 def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tensor:
-    """The convolution of (N, Cin, H, W) ``x`` by the prepacked ``conv``, in ``x``'s memory format."""
+    """The convolution of (N, Cin, H, W) ``x`` by the prepacked ``conv``, in ``x``'s memory format.
+
+    The image runs in blocks of whole tile rows (:data:`_BLOCK_TILES` tiles), each on one thread: the block's input
+    rows are copied, zero-padded, into a channels-last strip of the thread's reused buffers (no full padded copy of
+    the input, no page faults of fresh buffers), transformed, multiplied (one batched GEMM over the (m + 2)^2
+    points) and transformed back, straight into the output where it is channels-last and made of whole tiles, else
+    through an output strip."""
     p = conv.plan
     m = p.m
     n, c, h, w = x.shape
     nr, nq = -(-h // m), -(-w // m)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    # padded channels-last input: one copy pads (and changes the layout of an NCHW input)
-    xp = x.new_empty(n, nr * m + 2, nq * m + 2, c)
-    xp[:, 0].zero_()
-    xp[:, h + 1:].zero_()
-    xp[:, :, 0].zero_()
-    xp[:, :, w + 1:].zero_()
-    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    whole = h == nr * m and w == nq * m
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if whole and channels_last:
-        out = torch.empty(n, conv.cout, h, w, dtype=x.dtype, memory_format=torch.channels_last)
-        yp = out.permute(0, 2, 3, 1)
-    else:
-        out, yp = None, x.new_empty(n, nr * m, nq * m, conv.cout)
+    out = torch.empty(n, conv.cout, h, w, dtype=x.dtype,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    xs, ys = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # (N, H, W, C) views
+    direct_out = channels_last and w == nq * m
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
     items = [(b, r0, min(rows, nr - r0)) for b in range(n) for r0 in range(0, nr, rows)]
 
     def block(item):
         b, r0, nrb = item
+        buf = _buffers(rows, nq, m, c, conv.cout)
+        # input rows r0 m - 1 .. (r0 + nrb) m + 1, columns -1 .. nq m + 1, zero outside the image
+        y0, y1 = r0 * m - 1, (r0 + nrb) * m + 1
+        strip = buf['in'][:nrb * m + 2]
+        lo, hi = max(y0, 0), min(y1, h)
+        if lo > y0:
+            strip[:lo - y0].zero_()
+        if hi < y1:
+            strip[hi - y0:].zero_()
+        strip[lo - y0:hi - y0, 1:w + 1].copy_(xs[b, lo:hi])
+        # the zero columns are never written: set once when the buffer is made (w + 1 .. are per call)
+        if w + 1 < strip.shape[1]:
+            strip[:, w + 1:].zero_()
+        rows_out = min(nrb * m, h - r0 * m)
+        in_place = direct_out and rows_out == nrb * m
+        target = ys[b, r0 * m:r0 * m + rows_out] if in_place else buf['out'][:nrb * m]
         if kernels is not None:
-            _block_numba(kernels, xp[b], yp[b], conv, r0, nrb, relu)
+            _block_numba(kernels, strip, target, conv, nrb, relu, buf)
         else:
-            _block_torch(xp[b], yp[b], conv, r0, nrb, relu)
+            _block_torch(strip, target, conv, nrb, relu)
+        if not in_place:
+            ys[b, r0 * m:r0 * m + rows_out].copy_(target[:rows_out, :w])
 
     from adasr.ops.scheduling import parallel_for
     if torch.get_num_threads() > 1 and len(items) > 1:
@@ -171,15 +185,29 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     else:
         for item in items:
             block(item)
-    if out is None:
-        out = yp[:, :h, :w].permute(0, 3, 1, 2).contiguous(memory_format=fmt)
     return out
 
 
-def _block_torch(xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', r0: int, nrb: int,
-                 relu: bool) -> None:
-    """Tile rows ``r0 .. r0 + nrb`` of one image with PyTorch operations: xp (Hp, Wp, C) padded input, yp (H', W',
-    Co) output (whole tiles)."""
+_local = threading.local()
+
+
+def _buffers(rows: int, nq: int, m: int, c: int, co: int) -> Dict[str, torch.Tensor]:
+    """This thread's block buffers (kept between calls: a fresh large buffer costs its page faults each time)."""
+    key = (rows, nq, m, c, co)
+    cache = getattr(_local, 'buffers', None)
+    if cache is None or cache[0] != key:
+        a, t = m + 2, rows * nq
+        strip = torch.empty(rows * m + 2, nq * m + 2, c)
+        strip[:, 0].zero_()
+        cache = (key, {'in': strip, 'out': torch.empty(rows * m, nq * m, co), 'v': torch.empty(t, a * a, c),
+                       'prod': torch.empty(a * a * t * co)})
+        _local.buffers = cache
+    return cache[1]
+
+
+def _block_torch(xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', nrb: int, relu: bool) -> None:
+    """One block of ``nrb`` tile rows with PyTorch operations: xp (nrb m + 2, nq m + 2, C) zero-padded input strip,
+    yp (nrb m, nq m, Co) output strip."""
     p = conv.plan
     m, a = p.m, p.m + 2
     c, co = xp.shape[-1], conv.cout
@@ -187,7 +215,7 @@ def _block_torch(xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', r0
     t = nrb * nq
     sh, sw, _ = xp.stride()
     # (i, j, r, q, c): input pixel (i, j) of tile (r, q)
-    tiles = xp.as_strided((a, a, nrb, nq, c), (sh, sw, m * sh, m * sw, 1), xp.storage_offset() + r0 * m * sh)
+    tiles = xp.as_strided((a, a, nrb, nq, c), (sh, sw, m * sh, m * sw, 1), xp.storage_offset())
     v1 = torch.mm(p.bt, tiles.contiguous().view(a, -1)).view(a, a, t * c)  # rows transformed: (A, j, t c)
     v = torch.matmul(p.bt, v1).view(a * a, t, c)  # (A B, t, c)
     prod = torch.bmm(v, conv.u)  # (A B, t, co)
@@ -195,24 +223,25 @@ def _block_torch(xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', r0
     o = torch.matmul(p.at, o1).view(m, m, nrb, nq, co)  # (u, v, r, q, co)
     if conv.bias is not None:
         o += conv.bias
-    dst = yp[r0 * m:(r0 + nrb) * m].view(nrb, m, nq, m, co).permute(1, 3, 0, 2, 4)
+    dst = yp.view(nrb, m, nq, m, co).permute(1, 3, 0, 2, 4)
     dst.copy_(o.clamp_min_(0.0) if relu else o)
 
 
-def _block_numba(kernels, xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', r0: int, nrb: int,
-                 relu: bool) -> None:
+def _block_numba(kernels, xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', nrb: int, relu: bool,
+                 buf: Dict[str, torch.Tensor]) -> None:
     """The same block with the compiled tile transforms (:func:`_kernels`) around one batched GEMM."""
     p = conv.plan
     m, a = p.m, p.m + 2
-    c, co = xp.shape[-1], conv.cout
+    co = conv.cout
     nq = (xp.shape[1] - 2) // m
     t = nrb * nq
-    v = xp.new_empty(t, a * a, c)  # tile-major: the transform writes each tile's (A B, c) block contiguously
-    kernels.input_rows(xp.numpy().reshape(xp.shape[0], -1), r0, nrb, nq, v.numpy().reshape(t, -1))
-    prod = torch.bmm(v.transpose(0, 1), conv.u)  # (A B, t, co)
+    v = buf['v'][:t]  # tile-major: the transform writes each tile's (A B, c) block contiguously
+    kernels.input_rows(xp.numpy().reshape(xp.shape[0], -1), 0, nrb, nq, v.numpy().reshape(t, -1))
+    prod = buf['prod'][:a * a * t * co].view(a * a, t, co)
+    torch.bmm(v.transpose(0, 1), conv.u, out=prod)  # (A B, t, co)
     bias = conv.bias if conv.bias is not None else _zeros(co)
     out_rows = kernels.output_rows_relu if relu else kernels.output_rows
-    out_rows(prod.numpy(), r0, nrb, nq, bias.numpy(), yp.numpy().reshape(yp.shape[0], -1))
+    out_rows(prod.numpy(), 0, nrb, nq, bias.numpy(), yp.numpy().reshape(yp.shape[0], -1))
 
 
 _zero_cache: Dict[int, torch.Tensor] = {}
