@@ -53,8 +53,8 @@ def main(argv=None) -> int:
         print(f'(|y| <= {rows[0]["max_ref"]:.0f}; load after: {conv_speed.machine_line().split("load average ")[1]})')
     if args.sr:
         print('\nAdaFormer x4 (seeded weights), SR with the ResBlock convs by Winograd vs unchanged (0..1 range)')
-        print('| photo | LR | method | convs | max abs diff | max rel diff | mean abs diff | max err vs fp64 '
-              '(direct: ) | halting decisions changed |')
+        print('| photo | LR | method | convs | max abs diff | max abs diff / max SR | mean abs diff | max err vs '
+              'fp64 (direct) | halting decisions changed |')
         print('|---|---|---|---|---:|---:|---:|---:|---:|')
         for photo in conv_speed.demo_photos():
             for v in args.variants:

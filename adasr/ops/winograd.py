@@ -3,27 +3,43 @@
 A 3x3 convolution computes each output from nine products per channel pair. Winograd's minimal filtering F(m x m,
 3 x 3) computes an m x m output tile from an (m + 2) x (m + 2) input tile with (m + 2)^2 products per channel pair
 instead of 9 m^2: 16 instead of 36 for m = 2, 25 instead of 81 for m = 3, 36 instead of 144 for m = 4. The products
-become (m + 2)^2 matrix products (tiles x Cin) @ (Cin x Cout), run by MKL/oneDNN's GEMM; the input and output tile
-transforms are small linear maps applied to all tiles at once.
+become (m + 2)^2 matrix products (tiles x Cin) @ (Cin x Cout), one batched GEMM (MKL); the input and output tile
+transforms are small linear maps.
 
 API:
 
 * :func:`conv3x3` ``(x, weight, bias=None, relu=False, method=None)``: drop-in for
   ``F.conv2d(x, weight, bias, 1, 1)`` (then ReLU when ``relu``). ``method``: ``'direct'`` (``F.conv2d``),
   ``'winograd'`` (= :data:`DEFAULT_VARIANT`) or a variant name of :data:`VARIANTS`; ``None`` reads option
-  ``conv3x3`` (``ADASR_CONV3X3``, default ``'direct'``). It falls back to the direct convolution when Winograd
-  cannot run: autograd recording (``torch.is_grad_enabled()`` and a tensor requiring grad), a non-float32 or
-  non-CPU tensor, or a kernel that is not 3x3. Transformed weights are cached per weight tensor (by identity and
-  ``_version``, so an in-place update such as ``load_state_dict`` is seen).
+  ``conv3x3`` (``ADASR_CONV3X3``, default ``'direct'``). It falls back to the direct convolution where Winograd
+  cannot run (:func:`winograd_supported`): autograd recording (``torch.is_grad_enabled()`` and a tensor requiring
+  grad), a tensor that is not float32 on the CPU (or a oneDNN-layout tensor), a kernel that is not 3x3, tracing by
+  ``torch.compile``. Transformed weights are cached per weight tensor (by identity and ``_version``, so in-place
+  updates such as ``load_state_dict`` are seen; an entry goes with its weight).
 * :func:`winograd_conv3x3` ``(x, weight, bias=None, relu=False, variant=DEFAULT_VARIANT)``: Winograd only; raises
   ``RuntimeError`` when autograd would need a gradient, ``ValueError`` on unsupported tensors.
 * :class:`WinogradConv3x3` ``(weight, bias=None, variant=DEFAULT_VARIANT)``: the prepacked form (weights transformed
   once, in float64, then rounded to float32); call it as ``conv(x, relu=False)``.
 * :func:`transform_matrices` ``(m, points)``: the float64 matrices ``(AT, G, BT)`` of F(m, 3) for interpolation
   points ``points`` (m + 1 finite points; the point at infinity is implied).
+* :func:`numba_available`, :func:`set_engine` (``'auto'`` / ``'torch'``), :func:`kernel_source`.
 
-Input: (N, Cin, H, W) float32 on the CPU, NCHW or channels_last, any N >= 1, H, W >= 1 (padded internally to whole
-tiles); output (N, Cout, H, W) in the input's memory format.
+Variants (:data:`VARIANTS`): ``'f2'`` F(2x2, 3x3), points 0, +-1; ``'f3'`` F(3x3, 3x3), points 0, +-1, 1/2;
+``'f4'`` F(4x4, 3x3), points 0, +-1, 2, -1/2 (the default: the fastest, and about 2x less error than the usual
+0, +-1, +-2); ``'f4-lavin'`` F(4x4, 3x3) with Lavin and Gray's points 0, +-1, +-2.
+
+Input: (N, Cin, H, W) float32 on the CPU, NCHW or channels_last, any N >= 1, H, W >= 1 (zero-padded internally to
+whole tiles); output (N, Cout, H, W) in the input's memory format. Channels-last is the fast form (the transforms
+read and write contiguous channel vectors; an NCHW input and output cost two transposing copies): a chain of
+convolutions should run channels-last from end to end.
+
+Engines: with numba, the tile transforms are compiled from generated source (:func:`kernel_source`: the transform
+unrolled with constant coefficients, vectorised over the channels), specialised to (variant, Cin, Cout), written to
+``$NUMBA_CACHE_DIR/winograd_kernels`` or ``~/.cache/adasr/winograd_kernels`` (``XDG_CACHE_HOME``) and cached by
+numba there: some seconds to compile the first time, a fraction of a second after. Without numba, the transforms are
+PyTorch matrix products (slower; see docs/winograd.md). The image runs in blocks of whole tile rows, through
+buffers each thread keeps (a few MB); with more than one PyTorch thread the blocks run on the worker pool of
+:mod:`adasr.ops.scheduling` (option ``threads``).
 
 Numerics: Winograd's transforms add rounding error (growing with m, and depending on the points); the float32
 transformed weights are rounded once from float64. ``tests/test_winograd.py`` and ``scripts/benchmark_conv.py``
