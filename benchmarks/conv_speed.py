@@ -7,10 +7,13 @@ EDSR convolutions (64 -> 64 channels) with the activations of a real photo.
 * :func:`speed_table`: every contender called in turns (``repeats`` rounds, median wall and process CPU time
   each; CPU time is the steadier on a shared machine), the speed-ups over direct channels_last in the same run,
   and the max abs / mean abs error against a float64 reference.
+* :func:`chain_table`: the encoder's whole ResBlock chain (16 convs) by the network's own forward (oneDNN) and
+  channels-last by each method.
 * :func:`sr_difference`: AdaFormer's SR of a photo with the encoder and/or decoder ResBlock convs run by another
   method, against the unchanged network (and both against a float64 run of the same network).
 """
 import contextlib
+import copy
 import glob
 import os
 import os.path as osp
@@ -142,29 +145,59 @@ def resblock_convs(net, method: str, parts: Sequence[str] = ('encoder', 'decoder
     ``'decoder'``: ``deep_feature_extraction``) with :func:`adasr.ops.winograd.conv3x3` ``method`` (an instance
     patch of their ``forward``, undone on exit; the network's code is not changed)."""
     chains = {'encoder': net.shollow_feature_extraction, 'decoder': net.deep_feature_extraction}
-
-    def forward(chain):
-        def run(x):
-            for blk in chain:
-                c1, c2 = blk.body[0], blk.body[2]
-                h = winograd.conv3x3(x, c1.weight, c1.bias, relu=True, method=method)
-                h = winograd.conv3x3(h, c2.weight, c2.bias, method=method)
-                if blk.res_scale != 1:
-                    h = h.mul_(blk.res_scale)
-                x = h.add_(x)
-            return x
-        return run
-
     patched = []
     try:
         for part in parts:
             chain = chains[part]
-            chain.forward = forward(chain)
+            chain.forward = lambda x, chain=chain: resblock_chain(chain, x, method)
             patched.append(chain)
         yield
     finally:
         for chain in patched:
             del chain.forward
+
+
+def resblock_chain(chain, x: torch.Tensor, method: str) -> torch.Tensor:
+    """An EDSR ResBlock chain (``blk.body`` = conv, ReLU, conv; ``blk.res_scale``) with its convs by
+    :func:`adasr.ops.winograd.conv3x3` ``method``, channels-last from end to end (one conversion in, one out)."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    x = x.contiguous(memory_format=torch.channels_last)
+    for blk in chain:
+        c1, c2 = blk.body[0], blk.body[2]
+        h = winograd.conv3x3(x, c1.weight, c1.bias, relu=True, method=method)
+        h = winograd.conv3x3(h, c2.weight, c2.bias, method=method)
+        if blk.res_scale != 1:
+            h = h.mul_(blk.res_scale)
+        x = h.add_(x)
+    return x.contiguous(memory_format=fmt)
+
+
+def chain_table(x: torch.Tensor, variants: Sequence[str], repeats: int = 5, seed: int = 0) -> List[Dict]:
+    """The seeded AdaFormer's encoder ResBlock chain (8 blocks, 16 convs) on ``x`` (NCHW): the network's own forward
+    (oneDNN, blocked layout), direct channels_last and the Winograd variants channels-last, called in turns; median
+    wall / CPU ms, speed-up over the network's forward, max abs error against the float64 chain."""
+    from benchmarks.adaformer_speed import seeded_adaformer
+
+    chain = seeded_adaformer(seed).shollow_feature_extraction
+    fns: Dict[str, Callable[[], torch.Tensor]] = {'network (oneDNN blocked)': lambda: chain(x),
+                                                  'direct channels_last': lambda: resblock_chain(chain, x, 'direct')}
+    for v in variants:
+        fns[f'winograd {v} channels_last'] = lambda v=v: resblock_chain(chain, x, v)
+    with torch.no_grad():
+        ref = copy.deepcopy(chain).double()(x.double())
+        errors = {k: (fn().double() - ref).abs().max().item() for k, fn in fns.items()}  # also the warm-up
+        times: Dict[str, List[float]] = {k: [] for k in fns}
+        cpu: Dict[str, List[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    base = statistics.median(times['network (oneDNN blocked)'])
+    return [{'label': k, 'ms': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
+             'cpu_ms': statistics.median(cpu[k]) * 1e3, 'max_err': errors[k], 'max_ref': ref.abs().max().item()}
+            for k, v in times.items()]
 
 
 def sr_difference(method: str, photo: Optional[str] = None, lr_size: Optional[Tuple[int, int]] = None,
@@ -210,5 +243,5 @@ def _keeps(net) -> List[torch.Tensor]:
     return [k.bool() for k in list(info.global_keep) + list(info.local_keep)]
 
 
-__all__ = ['photo_activations', 'speed_table', 'table_markdown', 'machine_line', 'sr_difference', 'resblock_convs',
-           'demo_photos', 'lr_photo', 'contenders']
+__all__ = ['photo_activations', 'speed_table', 'chain_table', 'resblock_chain', 'table_markdown', 'machine_line',
+           'sr_difference', 'resblock_convs', 'demo_photos', 'lr_photo', 'contenders']

@@ -10,7 +10,7 @@ the encoder / decoder ResBlock convs run by Winograd.
 Examples (docs/winograd.md):
     OMP_NUM_THREADS=1 python scripts/benchmark_conv.py --threads 1 --size 272 480
     OMP_NUM_THREADS=2 python scripts/benchmark_conv.py --threads 2 --size 272 480
-    OMP_NUM_THREADS=1 python scripts/benchmark_conv.py --threads 1 --sr --variants f2 f3 f4
+    OMP_NUM_THREADS=1 python scripts/benchmark_conv.py --threads 1 --no-speed --chain --sr --variants f4 f3 f2
 """
 import argparse
 import os.path as osp
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument('--photo', default=None, help='image for the activations (default: the first demo photo)')
     parser.add_argument('--torch-engine', action='store_true', help='also time the PyTorch tile transforms')
     parser.add_argument('--sr', action='store_true', help='also the AdaFormer SR difference on the demo photos')
+    parser.add_argument('--chain', action='store_true', help="also the encoder's ResBlock chain (16 convs)")
     parser.add_argument('--no-speed', action='store_true', help='skip the speed table')
     parser.add_argument('--no-malloc-env', action='store_true',
                         help="measure with glibc's default malloc settings (page faults of every fresh buffer)")
@@ -51,6 +52,16 @@ def main(argv=None) -> int:
         rows = conv_speed.speed_table(x, weight, bias, args.variants, args.repeats, args.torch_engine)
         print(conv_speed.table_markdown(rows))
         print(f'(|y| <= {rows[0]["max_ref"]:.0f}; load after: {conv_speed.machine_line().split("load average ")[1]})')
+    if args.chain:
+        x, _, _ = conv_speed.photo_activations(h, w, args.photo)
+        rows = conv_speed.chain_table(x, args.variants, max(3, args.repeats // 2))
+        print(f"\nAdaFormer encoder ResBlock chain (8 blocks, 16 convs), 1x64x{h}x{w}, NCHW in and out; "
+              f"{conv_speed.machine_line()}")
+        print('| method | wall ms (median) | speed-up vs network | CPU ms (median) | max abs error vs fp64 |')
+        print('|---|---:|---:|---:|---:|')
+        for r in rows:
+            print(f"| {r['label']} | {r['ms']:.0f} | {r['speedup']:.2f}x | {r['cpu_ms']:.0f} | {r['max_err']:.2e} |")
+        print(f"(|y| <= {rows[0]['max_ref']:.0f})")
     if args.sr:
         print('\nAdaFormer x4 (seeded weights), SR with the ResBlock convs by Winograd vs unchanged (0..1 range)')
         print('| photo | LR | method | convs | max abs diff | max abs diff / max SR | mean abs diff | max err vs '

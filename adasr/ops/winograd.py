@@ -196,7 +196,7 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
             ys[b, r0 * m:r0 * m + rows_out].copy_(target[:rows_out, :w])
 
     from adasr.ops.scheduling import parallel_for
-    if torch.get_num_threads() > 1 and len(items) > 1:
+    if _USE_POOL and torch.get_num_threads() > 1 and len(items) > 1:
         parallel_for(block, items)
     else:
         for item in items:
@@ -269,6 +269,7 @@ def _zeros(n: int) -> torch.Tensor:
     return _zero_cache[n]
 
 
+_USE_POOL = True  # blocks on the worker pool when PyTorch has more than one thread (else: multithreaded GEMMs)
 _BLOCK_TILES = 128  # tiles per block (rounded to whole tile rows): the block's transformed tiles stay in L2
 
 
