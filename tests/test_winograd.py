@@ -200,3 +200,14 @@ def test_rejects_unsupported_input():
             winograd.WinogradConv3x3(torch.randn(4, 4, 5, 5))
         with pytest.raises(ValueError, match='variant'):
             winograd.WinogradConv3x3(weight, variant='f7')
+
+
+def test_inference_mode_and_strided_input(engine):
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(1, C, 14, 22, generator=gen)
+    x = base[:, :, 1:, ::2]  # neither NCHW- nor channels_last-contiguous: NCHW out
+    weight = torch.randn(CO, C, 3, 3, generator=gen) / 6
+    with torch.inference_mode():
+        y = winograd.winograd_conv3x3(x, weight, None, relu=True)
+    assert y.is_contiguous()
+    assert _rel_err(y, _reference(x, weight, None, relu=True)) < REL_TOL[winograd.DEFAULT_VARIANT]
