@@ -167,6 +167,11 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     xs, ys = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # (N, H, W, C) views
     direct_out = channels_last and w == nq * m
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
+    # NCHW in / out: the transposing copies of the strips by compiled loops (PyTorch's copy is slow there)
+    nchw_in = kernels is not None and x.is_contiguous() and h * w > 1
+    nchw_out = kernels is not None and out.is_contiguous() and h * w > 1
+    if nchw_in or nchw_out:
+        transposes = _transposes()
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
     items = [(b, r0, min(rows, nr - r0)) for b in range(n) for r0 in range(0, nr, rows)]
 
@@ -181,7 +186,10 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
             strip[:lo - y0].zero_()
         if hi < y1:
             strip[hi - y0:].zero_()
-        strip[lo - y0:hi - y0, 1:w + 1].copy_(xs[b, lo:hi])
+        if nchw_in:
+            transposes.planes_to_rows(x[b].numpy(), lo, hi, strip.numpy(), y0)
+        else:
+            strip[lo - y0:hi - y0, 1:w + 1].copy_(xs[b, lo:hi])
         # the zero columns are never written: set once when the buffer is made (w + 1 .. are per call)
         if w + 1 < strip.shape[1]:
             strip[:, w + 1:].zero_()
@@ -193,7 +201,10 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
         else:
             _block_torch(strip, target, conv, nrb, relu)
         if not in_place:
-            ys[b, r0 * m:r0 * m + rows_out].copy_(target[:rows_out, :w])
+            if nchw_out:
+                transposes.rows_to_planes(target.numpy(), rows_out, out[b].numpy(), r0 * m)
+            else:
+                ys[b, r0 * m:r0 * m + rows_out].copy_(target[:rows_out, :w])
 
     from adasr.ops.scheduling import parallel_for
     if _USE_POOL and torch.get_num_threads() > 1 and len(items) > 1:
@@ -363,6 +374,57 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
                 '        for q in range(nq):',
                 f'            {name}(prod, rr * nq + q, bias, y, (r0 + rr) * {m}, q * {m * co}, s)']
     return '\n'.join(src) + '\n'
+
+
+def _transposes():
+    """Compiled NCHW <-> channels-last strip copies (numba; compiled once, cached next to this file)."""
+    if 'transposes' not in _numba_state:
+        import numba
+        import numpy as np
+
+        jit = numba.njit(nogil=True, cache=True)
+
+        @jit
+        def planes_to_rows(x, lo, hi, strip, y0):  # strip[y - y0, 1 + j, c] = x[c, y, j] for lo <= y < hi
+            nc, _, w = x.shape
+            tmp = np.empty((16, 16), np.float32)  # 16 x 16 blocks: contiguous reads and writes of 16 floats
+            for y in range(lo, hi):
+                row = strip[y - y0]
+                for c0 in range(0, nc, 16):
+                    c1 = min(c0 + 16, nc)
+                    for j0 in range(0, w, 16):
+                        j1 = min(j0 + 16, w)
+                        for c in range(c0, c1):
+                            src, t = x[c, y, j0:j1], tmp[:, c - c0]
+                            for j in range(j1 - j0):
+                                t[j] = src[j]
+                        for j in range(j1 - j0):
+                            dst, t = row[j0 + j + 1, c0:c1], tmp[j]
+                            for c in range(c1 - c0):
+                                dst[c] = t[c]
+
+        @jit
+        def rows_to_planes(strip, rows, out, y0):  # out[c, y0 + r, j] = strip[r, j, c] for r < rows, j < W
+            nc, _, w = out.shape
+            tmp = np.empty((16, 16), np.float32)
+            for r in range(rows):
+                row = strip[r]
+                for c0 in range(0, nc, 16):
+                    c1 = min(c0 + 16, nc)
+                    for j0 in range(0, w, 16):
+                        j1 = min(j0 + 16, w)
+                        for j in range(j1 - j0):
+                            src, t = row[j0 + j, c0:c1], tmp[:, j]
+                            for c in range(c1 - c0):
+                                t[c] = src[c]
+                        for c in range(c1 - c0):
+                            dst, t = out[c0 + c, y0 + r, j0:j1], tmp[c]
+                            for j in range(j1 - j0):
+                                dst[j] = t[j]
+
+        _numba_state['transposes'] = types.SimpleNamespace(planes_to_rows=planes_to_rows,
+                                                           rows_to_planes=rows_to_planes)
+    return _numba_state['transposes']
 
 
 _kernel_lock = threading.Lock()
