@@ -24,6 +24,10 @@ option                 environment variable      default     meaning
                                                              ``K * d <= sampled_limit * m``
 ``torch_topk``         ``ADASR_TORCH_TOPK``      ``False``   ``True`` (``1``): top-k by ``torch.topk`` on the CPU too,
                                                              instead of ``numpy.argpartition``
+``conv3x3``            ``ADASR_CONV3X3``         ``direct``  engine of :func:`adasr.ops.winograd.conv3x3` (callers that
+                                                             opt in): ``'direct'`` (``F.conv2d``), ``'winograd'`` (the
+                                                             default variant) or a variant (``'f2'``, ``'f3'``,
+                                                             ``'f4'``, ``'f4-lavin'``); CPU float32 inference only
 =====================  ========================  ==========  =========================================================
 """
 import contextlib
@@ -34,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 BACKENDS = ('auto', 'torch', 'triton')
+CONV3X3_METHODS = ('direct', 'winograd', 'f2', 'f3', 'f4', 'f4-lavin')  # adasr.ops.winograd.VARIANTS + two names
 
 
 def _positive(source: str, raw: Any) -> float:
@@ -64,6 +69,12 @@ def _backend(source: str, raw: Any) -> str:
     return raw
 
 
+def _conv3x3(source: str, raw: Any) -> str:
+    if raw not in CONV3X3_METHODS:
+        raise ValueError(f'{source}={raw!r} is not a 3x3 convolution method; choose one of {list(CONV3X3_METHODS)}')
+    return raw
+
+
 def _flag(source: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -87,6 +98,7 @@ _OPTIONS: Dict[str, _Option] = {
     'threads': _Option('ADASR_ATTN_THREADS', None, _threads),
     'sampled_limit': _Option('ADASR_SAMPLED_LIMIT', 1.0, _positive),
     'torch_topk': _Option('ADASR_TORCH_TOPK', False, _flag),
+    'conv3x3': _Option('ADASR_CONV3X3', 'direct', _conv3x3),
 }
 _overrides: Dict[str, Any] = {}
 
@@ -162,5 +174,5 @@ def worker_threads() -> int:
     return torch.get_num_threads() if threads is None else threads
 
 
-__all__ = ['BACKENDS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes', 'cache_bytes',
-           'worker_threads']
+__all__ = ['BACKENDS', 'CONV3X3_METHODS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes',
+           'cache_bytes', 'worker_threads']

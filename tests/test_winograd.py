@@ -1,0 +1,213 @@
+"""adasr.ops.winograd: Winograd 3x3 convolution against F.conv2d in float64 (both tile-transform engines)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adasr.ops import config, winograd
+
+ENGINES = ['torch', pytest.param('auto', marks=pytest.mark.skipif(not winograd.numba_available(),
+                                                                   reason='numba is not installed'))]
+# max abs error / max |reference| for inputs ~N(0, 1) and weights ~N(0, 1/fan_in): a wrong coefficient gives O(1)
+C, CO = 4, 6  # channels of most cases (the compiled transforms are specialised to them: few compilations)
+REL_TOL = {'f2': 2e-6, 'f3': 1e-5, 'f4': 1e-5, 'f4-lavin': 3e-5}
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    winograd.set_engine(request.param)
+    yield request.param
+    winograd.set_engine('auto')
+
+
+def _reference(x, w, b, relu=False):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, 1)
+    return y.relu() if relu else y
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize('variant', sorted(winograd.VARIANTS))
+def test_transform_matrices_compute_the_1d_correlation(variant):
+    m, points = winograd.VARIANTS[variant]
+    at, g, bt = winograd.transform_matrices(m, points)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        k = torch.randn(3, generator=gen, dtype=torch.float64)
+        d = torch.randn(m + 2, generator=gen, dtype=torch.float64)
+        expected = torch.stack([(k * d[i:i + 3]).sum() for i in range(m)])
+        torch.testing.assert_close(at @ ((g @ k) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_transform_matrices_reject_bad_points():
+    with pytest.raises(ValueError):
+        winograd.transform_matrices(4, (0.0, 1.0, -1.0, 2.0))  # 4 points for F(4, 3), which needs 5
+    with pytest.raises(ValueError):
+        winograd.transform_matrices(2, (0.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize('variant', sorted(winograd.VARIANTS))
+def test_hand_computed_box_filter(engine, variant):
+    """All-ones 4x5 image (C channels), all-ones 3x3 kernels, padding 1: each output is C times the count of its
+    in-image neighbours (4 in the corners, 6 on the edges, 9 inside), plus the bias 0.5."""
+    x = torch.ones(1, C, 4, 5)
+    w = torch.ones(CO, C, 3, 3)
+    counts = torch.tensor([[4., 6., 6., 6., 4.],
+                           [6., 9., 9., 9., 6.],
+                           [6., 9., 9., 9., 6.],
+                           [4., 6., 6., 6., 4.]])
+    with torch.no_grad():
+        y = winograd.winograd_conv3x3(x, w, torch.full((CO,), 0.5), variant=variant)
+    torch.testing.assert_close(y, (C * counts + 0.5).expand(1, CO, 4, 5), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant', sorted(winograd.VARIANTS))
+@pytest.mark.parametrize('shape', [(1, 1, 1), (2, 7, 9), (1, 13, 5), (2, 12, 16), (1, 17, 30)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_matches_conv2d(engine, variant, shape, channels_last):
+    gen = torch.Generator().manual_seed(sum(shape))
+    (n, h, w), c, co = shape, C, CO
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = torch.randn(co, c, 3, 3, generator=gen) / (3 * c ** 0.5)
+    bias = torch.randn(co, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = winograd.winograd_conv3x3(x, weight, bias, variant=variant)
+    ref = _reference(x, weight, bias)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    if h * w > 1:  # a 1x1 map is contiguous in both formats
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert y.is_contiguous() != channels_last
+    assert _rel_err(y, ref) < REL_TOL[variant]
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_fused_relu_and_no_bias(engine, channels_last):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, C, 10, 11, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(CO, C, 3, 3, generator=gen) / 6
+    with torch.no_grad():
+        y = winograd.winograd_conv3x3(x, weight, None, relu=True)
+    ref = _reference(x, weight, None, relu=True)
+    assert (y >= 0).all() and (y == 0).any()
+    assert _rel_err(y, ref) < REL_TOL[winograd.DEFAULT_VARIANT]
+
+
+def test_engines_agree_and_threads_give_the_same_numbers():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, C, 40, 72, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(CO, C, 3, 3, generator=gen) / 6
+    conv = winograd.WinogradConv3x3(weight, torch.randn(CO, generator=gen))
+    threads = torch.get_num_threads()
+    old_block = winograd._BLOCK_TILES
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = conv(x)
+            winograd._BLOCK_TILES = 18  # one tile row per block: many blocks
+            torch.set_num_threads(2)
+            two = conv(x)  # blocks on the worker pool
+    finally:
+        torch.set_num_threads(threads)
+        winograd._BLOCK_TILES = old_block
+    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    winograd.set_engine('torch')
+    try:
+        with torch.no_grad():
+            other = conv(x)
+    finally:
+        winograd.set_engine('auto')
+    torch.testing.assert_close(other, one, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_autograd():
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    weight = torch.randn(4, 4, 3, 3)
+    with pytest.raises(RuntimeError, match='inference-only'):
+        winograd.winograd_conv3x3(x, weight)
+    with pytest.raises(RuntimeError, match='inference-only'):
+        winograd.winograd_conv3x3(x.detach(), weight.requires_grad_())
+    with pytest.raises(RuntimeError, match='inference-only'):
+        winograd.WinogradConv3x3(weight)(x)
+    with torch.no_grad():
+        winograd.winograd_conv3x3(x, weight)  # fine without autograd
+
+
+def test_conv3x3_falls_back_to_direct_where_winograd_cannot_run():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 9, 9, generator=gen, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, generator=gen)
+    bias = torch.randn(5, generator=gen)
+    y = winograd.conv3x3(x, weight, bias, relu=True, method='winograd')  # autograd: F.conv2d, differentiable
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y, F.relu(F.conv2d(x, weight, bias, 1, 1)), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        xd = x.detach().double()  # float64: not Winograd's dtype
+        torch.testing.assert_close(winograd.conv3x3(xd, weight.double(), method='f4'),
+                                   F.conv2d(xd, weight.double(), None, 1, 1), rtol=0, atol=0)
+        assert not winograd.winograd_supported(x.detach(), torch.randn(5, 4, 5, 5))
+
+
+def test_conv3x3_method_option(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, C, 12, 12, generator=gen)
+    weight = torch.randn(CO, C, 3, 3, generator=gen) / 6
+    direct = F.conv2d(x, weight, None, 1, 1)
+    with torch.no_grad():
+        monkeypatch.delenv('ADASR_CONV3X3', raising=False)
+        torch.testing.assert_close(winograd.conv3x3(x, weight), direct, rtol=0, atol=0)  # default: direct
+        monkeypatch.setenv('ADASR_CONV3X3', 'f2')
+        y = winograd.conv3x3(x, weight)
+        assert not torch.equal(y, direct)  # another rounding
+        assert _rel_err(y, _reference(x, weight, None)) < REL_TOL['f2']
+        with config.options(conv3x3='direct'):
+            torch.testing.assert_close(winograd.conv3x3(x, weight), direct, rtol=0, atol=0)
+        monkeypatch.setenv('ADASR_CONV3X3', 'f9')
+        with pytest.raises(ValueError, match='ADASR_CONV3X3'):
+            winograd.conv3x3(x, weight)
+    assert set(config.CONV3X3_METHODS) == {'direct', 'winograd'} | set(winograd.VARIANTS)
+
+
+def test_prepacked_weights_follow_in_place_updates():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, C, 8, 8, generator=gen)
+    conv = torch.nn.Conv2d(C, CO, 3, padding=1)
+    with torch.no_grad():
+        first = winograd.conv3x3(x, conv.weight, conv.bias, method='winograd')
+        assert winograd.conv3x3(x, conv.weight, conv.bias, method='winograd') is not first
+        conv.weight.mul_(2)  # bumps the version: the cache transforms it again
+        conv.bias.zero_()
+        second = winograd.conv3x3(x, conv.weight, conv.bias, method='winograd')
+    ref = _reference(x, conv.weight, conv.bias)
+    assert _rel_err(second, ref) < REL_TOL[winograd.DEFAULT_VARIANT]
+    assert not torch.allclose(first, second)
+
+
+def test_rejects_unsupported_input():
+    weight = torch.randn(4, 4, 3, 3)
+    with torch.no_grad():
+        with pytest.raises(ValueError):
+            winograd.winograd_conv3x3(torch.randn(1, 3, 8, 8), weight)  # channel mismatch
+        with pytest.raises(ValueError):
+            winograd.winograd_conv3x3(torch.randn(1, 4, 8, 8, dtype=torch.float64), weight)
+        with pytest.raises(ValueError):
+            winograd.WinogradConv3x3(torch.randn(4, 4, 5, 5))
+        with pytest.raises(ValueError, match='variant'):
+            winograd.WinogradConv3x3(weight, variant='f7')
+
+
+def test_inference_mode_and_strided_input(engine):
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(1, C, 14, 22, generator=gen)
+    x = base[:, :, 1:, ::2]  # neither NCHW- nor channels_last-contiguous: NCHW out
+    weight = torch.randn(CO, C, 3, 3, generator=gen) / 6
+    with torch.inference_mode():
+        y = winograd.winograd_conv3x3(x, weight, None, relu=True)
+    assert y.is_contiguous()
+    assert _rel_err(y, _reference(x, weight, None, relu=True)) < REL_TOL[winograd.DEFAULT_VARIANT]
