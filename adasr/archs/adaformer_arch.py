@@ -34,6 +34,8 @@ from adasr.archs.layers import (
     window_partition,
     window_reverse,
 )
+from adasr.ops import winograd
+from adasr.ops.config import CONV3X3_METHODS, get_option
 from adasr.ops.layout import tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
@@ -97,15 +99,35 @@ class TokenMlp(Mlp):
 class ResBlocks(nn.Sequential):
     """A chain of :class:`ResBlock` (an ``nn.Sequential``: the authors' state-dict names). On the CPU without
     autograd, in float32, the chain runs in oneDNN's blocked layout from end to end (one conversion in and one out
-    instead of two reorders per convolution): the same numbers, about a tenth less time."""
+    instead of two reorders per convolution): the same numbers, about a tenth less time.
+
+    ``conv3x3`` (None: the ops option ``conv3x3``, ``ADASR_CONV3X3``, default ``'direct'``): ``'winograd'`` or a
+    variant of :data:`adasr.ops.winograd.VARIANTS` runs the convolutions there by Winograd's algorithm instead,
+    channels-last from end to end with the ReLU in the first convolution's output transform (about 1.8x faster on
+    one AVX-512 core; other rounding, docs/winograd.md)."""
+
+    conv3x3: Optional[str] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self) or not _onednn_layout_ok(x):
             return super().forward(x)
+        method = self.conv3x3 or get_option('conv3x3')
+        if method != 'direct':
+            return self._forward_winograd(x, method)
         h = x.to_mkldnn()
         for blk in self:
             h = blk.forward_mkldnn(h)
         return h.to_dense()
+
+    def _forward_winograd(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        h = x.contiguous(memory_format=torch.channels_last)
+        for blk in self:
+            out = winograd.conv3x3(h, blk.body[0].weight, blk.body[0].bias, relu=True, method=method)
+            out = winograd.conv3x3(out, blk.body[2].weight, blk.body[2].bias, method=method)
+            if blk.res_scale != 1:
+                out = out.mul_(blk.res_scale)
+            h = out.add_(h)
+        return h.contiguous()
 
 
 def _mean_shift(n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int) -> nn.Conv2d:
@@ -554,7 +576,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
                  window_size: int = 8, mlp_ratio: float = 2.0, eps_h: float = 0.05, img_range: float = 255.0,
                  rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, res_scale: float = 1.0,
                  estimator_hidden: Optional[int] = None, eval_global_split: Union[Literal['auto'], int] = 'auto',
-                 sparse_eval: bool = True, complete_halting_maps: bool = False):
+                 sparse_eval: bool = True, complete_halting_maps: bool = False, conv3x3: Optional[str] = None):
         super().__init__()
         for name, value, low in (('upscale', upscale, 1), ('in_chans', in_chans, 1), ('n_feats', n_feats, 1),
                                  ('embed_dim', embed_dim, 1), ('n_resblocks', n_resblocks, 0), ('depths', depths, 1),
@@ -596,6 +618,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
                          estimator_hidden)
         self.deep_feature_extraction = ResBlocks(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
         self.tail = PixelShuffleDirect(n_feats, in_chans, upscale)
+        self.conv3x3 = conv3x3
 
     # -- the declared interface (adasr.archs.interface) ---------------------------------------------------------
 
@@ -672,6 +695,21 @@ class AdaFormer(SRArch, Exportable, nn.Module):
             split //= 2
         return split
 
+    @property
+    def conv3x3(self) -> Optional[str]:
+        """How the 32 convolutions of the encoder and decoder chains and the tail's run at CPU float32 inference:
+        ``'direct'`` (oneDNN, the authors' numbers bit for bit), ``'winograd'`` (= ``'f4'``) or another variant of
+        :data:`adasr.ops.winograd.VARIANTS`; None follows the ops option ``conv3x3`` (``ADASR_CONV3X3``, default
+        ``'direct'``). The confidence estimator always runs directly; so do training, autograd and other devices."""
+        return self.shollow_feature_extraction.conv3x3
+
+    @conv3x3.setter
+    def conv3x3(self, value: Optional[str]) -> None:
+        if value is not None and value not in CONV3X3_METHODS:
+            raise ValueError(f'conv3x3 must be one of {list(CONV3X3_METHODS)} (or null: the ADASR_CONV3X3 option), '
+                             f'got {value!r}')
+        self.shollow_feature_extraction.conv3x3 = self.deep_feature_extraction.conv3x3 = value
+
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor):
@@ -691,7 +729,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         fa, logits, g_maps, w_maps, complete, pending = self.body(
             fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps)
         fd = self.deep_feature_extraction(fa)
-        sr = self.add_mean(self.tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
+        sr = self.add_mean(self._tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
 
         self._halting, self._halting_raw = None, ([lg.detach() for lg in logits], g_maps, w_maps, complete, (h, w),
@@ -699,6 +737,15 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         if self.training:
             return sr, [lg[..., :h, :w] for lg in logits]
         return sr
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The tail (conv3x3 + pixel shuffle); its convolution by Winograd when the chains use it (:attr:`conv3x3`):
+        it comes after every halting decision, like the decoder."""
+        method = self.conv3x3 or get_option('conv3x3')
+        if method == 'direct' or not _onednn_layout_ok(x):
+            return self.tail(x)
+        conv = self.tail[0]
+        return self.tail[1](winograd.conv3x3(x, conv.weight, conv.bias, method=method))
 
     def _record(self, logits, g_maps, w_maps, complete, size, padded, split, pending) -> HaltingInfo:
         s = self.window_size
