@@ -11,7 +11,8 @@ glibc malloc settings of benchmarks/profiling.py; timing = median wall time (and
 
 Sections (per thread count):
 * AdaFormer x4 at --size (default 480x270 LR, i.e. 1920x1080 out): exact path (sparse_eval, the default) fp32, each
-  reduced precision the CPU runs (bf16 with avx512_bf16/AMX; refused elsewhere, with the reason), dense mode
+  reduced precision the CPU runs (bf16 with avx512_bf16/AMX; refused elsewhere, with the reason), fp32 with the
+  opt-in Winograd convolutions (conv3x3=winograd), dense mode
   (sparse_eval=False: every token computed, then masked), SwinIR-light fp32; ratios.
 * PFT-light x4 against SwinIR-light x4 at --pft-size (default 256x256).
 * Halting that is real: AdaFormer's exact path with its estimator biased so that a target share of tokens halts per
@@ -151,6 +152,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         for p in reduced:
             rows.append((f'AdaFormer, exact path, {p} (autocast)', run(f'AdaFormer {p}', ada, size, threads,
                                                                            precision=p)))
+        wino_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='winograd'))
+        rows.append(('AdaFormer, exact path, fp32, Winograd convolutions (conv3x3=winograd)',
+                     run('AdaFormer winograd', wino_spec, size, threads)))
         dense_spec = dict(ada, network_g=dict(ada['network_g'], sparse_eval=False))
         rows.append(('AdaFormer, dense mode (sparse_eval=False), fp32', run('AdaFormer dense', dense_spec, size,
                                                                              threads)))
