@@ -79,6 +79,11 @@ def _onednn_layout_ok(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also NCHW-contiguous, as with one channel or one pixel)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv`` applied to a oneDNN-layout tensor (see :func:`_onednn_layout_ok`); returns one."""
     return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
@@ -120,6 +125,7 @@ class ResBlocks(nn.Sequential):
         return h.to_dense()
 
     def _forward_winograd(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        """The chain channels-last; returns channels-last for a channels-last input, else NCHW."""
         h = x.contiguous(memory_format=torch.channels_last)
         for blk in self:
             out = winograd.conv3x3(h, blk.body[0].weight, blk.body[0].bias, relu=True, method=method)
@@ -127,7 +133,7 @@ class ResBlocks(nn.Sequential):
             if blk.res_scale != 1:
                 out = out.mul_(blk.res_scale)
             h = out.add_(h)
-        return h.contiguous()
+        return h if _channels_last(x) else h.contiguous()
 
 
 def _mean_shift(n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int) -> nn.Conv2d:
@@ -451,7 +457,9 @@ class AdaM(nn.Module):
             logits.append(logit)
             g_maps.append(g)
             w_maps.append(w)
-        out = fe + self.unembed(tokens_to_nchw(t, hp, wp))
+        # NCHW by a blocked transpose; for a channels-last fe (Winograd chains) the tokens are that layout already
+        out = fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if _channels_last(fe)
+                                else tokens_to_nchw(t, hp, wp))
         return out, logits, g_maps, w_maps, complete, pending
 
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -725,6 +733,10 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         # 3x further from the authors' outputs. The NCHW numbers (theirs, bit for bit) are kept; CPU inference runs
         # the ResBlock chains in oneDNN's blocked layout, which gives the same numbers (ResBlocks).
         f0 = self.head(self.sub_mean(x * self.img_range))
+        if (self.conv3x3 or get_option('conv3x3')) != 'direct' and _onednn_layout_ok(f0):
+            # Winograd chains: channels-last from the head to the tail (the tokens are channels-last, the 1x1
+            # convolutions and residual additions keep the layout): no layout change between the chains
+            f0 = f0.contiguous(memory_format=torch.channels_last)
         fe = self.shollow_feature_extraction(f0)
         fa, logits, g_maps, w_maps, complete, pending = self.body(
             fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps)
