@@ -145,6 +145,28 @@ def test_upscale_precision_flags(tmp_path, capsys):
     assert "conflicting precisions ['bf16', 'fp32']" in capsys.readouterr().err
 
 
+def test_upscale_conv3x3_flag(tmp_path, capsys):
+    """--conv3x3 winograd runs AdaFormer's chains by Winograd (8-bit output within one level of direct; the option
+    is set for the process and restored here); an unknown method is refused by argparse."""
+    pytest.importorskip('numba')
+    from adasr.ops.config import get_option, set_option
+
+    try:
+        torch.manual_seed(0)
+        assert _upscale(tmp_path, 'direct', '--conv3x3', 'direct')[0] == 0
+        torch.manual_seed(0)
+        rc, out = _upscale(tmp_path, 'wino', '--conv3x3', 'winograd')
+        assert rc == 0 and get_option('conv3x3') == 'winograd'
+    finally:
+        set_option('conv3x3', None)
+    a = cv2.imread(str(tmp_path / 'direct' / 'a_out.png')).astype(np.int64)
+    b = cv2.imread(str(out)).astype(np.int64)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    with pytest.raises(SystemExit):
+        _upscale(tmp_path, 'x', '--conv3x3', 'fft')
+    assert "invalid choice: 'fft'" in capsys.readouterr().err
+
+
 @needs_cpu_bf16
 def test_upscale_bf16_on_the_cpu(tmp_path):
     torch.manual_seed(0)

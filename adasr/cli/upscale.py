@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence, Tuple
 
+from adasr.ops.config import CONV3X3_METHODS, set_option
+
 HALF_DTYPES = ('fp16', 'bf16')
 DIST_TIMEOUT = datetime.timedelta(days=7)  # under torchrun: how long the summary waits for the slowest share
 PRECISION_CHOICES = ('auto', 'fp32', 'bf16', 'fp16')
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--precision', choices=PRECISION_CHOICES, default=None,
                      help='fp32, bf16 (CUDA, or a CPU with avx512_bf16/AMX) or fp16 (CUDA only), by autocast. '
                           'Default (auto): on CUDA the half type the arch declares, else fp16; fp32 on the CPU')
+    run.add_argument('--conv3x3', choices=CONV3X3_METHODS, default=None,
+                     help='CPU fp32: how archs that offer it (AdaFormer) run their 3x3 convolution chains: direct '
+                          '(the reference numbers) or winograd (about 1.9x faster per convolution, other rounding; '
+                          'docs/winograd.md). Default: ADASR_CONV3X3, else direct')
     run.add_argument('--fp32', action='store_true', help='alias of --precision fp32')
     run.add_argument('--half', choices=HALF_DTYPES, default=None, help='alias of --precision fp16 / bf16')
     out = p.add_argument_group('output')
@@ -458,6 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error('--max-memory must be positive (GiB)')
     from adasr.utils import distributed
 
+    if args.conv3x3 is not None:
+        set_option('conv3x3', args.conv3x3)
     if not distributed.launched_by_torchrun():
         return _upscale(args, rank=0, world_size=1)
     # the summary waits for the slowest share; torchrun stops every process when one fails
