@@ -20,7 +20,7 @@ import os.path as osp
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,19 @@ def machine_line() -> str:
             f'{"yes" if winograd.numba_available() else "no"}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
 
 
+def in_turns(fns: Dict[str, Callable[[], Any]], repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """``repeats`` rounds in which every contender runs once, in order: wall and process CPU seconds per label."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return times, cpu
+
+
 def contenders(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, variants: Sequence[str],
                torch_engine: bool = False) -> Dict[str, Callable[[], torch.Tensor]]:
     """label -> a call returning the conv of ``x`` (NCHW float32)."""
@@ -102,8 +115,6 @@ def speed_table(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, varia
     contender runs once (in turns); errors against ``F.conv2d`` in float64 on the same input."""
     fns = contenders(x, weight, bias, variants, torch_engine)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    cpu: Dict[str, List[float]] = {k: [] for k in fns}
     errors: Dict[str, Tuple[float, float]] = {}
     with torch.no_grad():
         for k, fn in fns.items():  # warm-up (compiles the transforms) and the error
@@ -111,12 +122,7 @@ def speed_table(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, varia
             y = y.to_dense() if y.is_mkldnn else y
             e = (y.double() - ref).abs()
             errors[k] = (e.max().item(), e.mean().item())
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
+        times, cpu = in_turns(fns, repeats)
     base = statistics.median(times['direct channels_last'])
     base_cpu = statistics.median(cpu['direct channels_last'])
     return [{'label': k, 'ms': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
@@ -186,14 +192,7 @@ def chain_table(x: torch.Tensor, variants: Sequence[str], repeats: int = 5, seed
     with torch.no_grad():
         ref = copy.deepcopy(chain).double()(x.double())
         errors = {k: (fn().double() - ref).abs().max().item() for k, fn in fns.items()}  # also the warm-up
-        times: Dict[str, List[float]] = {k: [] for k in fns}
-        cpu: Dict[str, List[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
+        times, cpu = in_turns(fns, repeats)
     base = statistics.median(times['network (oneDNN blocked)'])
     return [{'label': k, 'ms': statistics.median(v) * 1e3, 'speedup': base / statistics.median(v),
              'cpu_ms': statistics.median(cpu[k]) * 1e3, 'max_err': errors[k], 'max_ref': ref.abs().max().item()}
