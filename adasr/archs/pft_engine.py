@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
-from adasr.ops import parallel_for, sparse_av, sparse_qk, topk_positions
+from adasr.ops import parallel_for, pft_kernels, sparse_av, sparse_qk, topk_positions
 from adasr.ops.config import tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
@@ -314,6 +314,16 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
     vals = torch.empty(nb, h, n, topk, device=v.device)
     idxs = torch.empty(nb, h, n, topk, dtype=index_dtype(n), device=v.device)
     out = _output(v)
+    wstep, rstep = tile_plan(nb, h, n, n, False)
+    if pft_kernels.enabled(scores.q, scores.k, v):
+        vp, buf = pft_kernels.pad_lanes(v), out.permute(0, 2, 1, 3)
+
+        def run_rows(tile: Tile) -> None:  # selection, softmax and aggregation of each row in one compiled pass
+            ws, rs = tile
+            pft_kernels.topk_softmax_av(scores.logits(ws, rs), vp, ws.start, rs.start, topk, vals, idxs, buf)
+
+        _run(run_rows, _tiles(nb, n, wstep, rstep), v.device)
+        return out, SparseMap(vals, idxs)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
@@ -324,7 +334,6 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
         idxs[ws, :, rs] = pos
         out[ws, :, rs] = sparse_av(kept, v[ws], pos)
 
-    wstep, rstep = tile_plan(nb, h, n, n, False)
     _run(run_tile, _tiles(nb, n, wstep, rstep), v.device)
     return out, SparseMap(vals, idxs)
 
@@ -340,6 +349,19 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     else:  # same keys: update the inherited values in place, share the index
         vals, idxs = prev.values, prev.index
     out = _output(v)
+    wstep, rstep = tile_plan(nb, h, n, keys, True)
+    if pft_kernels.enabled(q, k, v, bias, prev.values):
+        qp, kp, vp, buf = pft_kernels.pad_lanes(q), pft_kernels.pad_lanes(k), pft_kernels.pad_lanes(v), \
+            out.permute(0, 2, 1, 3)
+        bias = bias.contiguous()
+
+        def run_rows(tile: Tile) -> None:  # scores, softmax, focusing, top-k and aggregation of each row at once
+            ws, _ = tile
+            pft_kernels.focused_sparse_rows(qp, kp, vp, bias, prev.values, prev.index, ws.start, ws.stop, topk,
+                                            training, vals, idxs, buf)
+
+        _run(run_rows, _tiles(nb, n, wstep, n), q.device)
+        return out, SparseMap(vals, idxs)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
@@ -354,6 +376,5 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
             a = focus(vals[ws, :, rs], a, training, inplace=True)
         out[ws, :, rs] = sparse_av(a, v[ws], idx)
 
-    wstep, rstep = tile_plan(nb, h, n, keys, True)
     _run(run_tile, _tiles(nb, n, wstep, rstep), q.device)
     return out, SparseMap(vals, idxs)

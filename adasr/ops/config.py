@@ -24,6 +24,10 @@ option                 environment variable      default     meaning
                                                              ``K * d <= sampled_limit * m``
 ``torch_topk``         ``ADASR_TORCH_TOPK``      ``False``   ``True`` (``1``): top-k by ``torch.topk`` on the CPU too,
                                                              instead of ``numpy.argpartition``
+``pft_kernel``         ``ADASR_PFT_KERNEL``      ``'auto'``  PFT's inference top-k layers on the CPU in float32:
+                                                             ``'numba'`` (compiled row kernels,
+                                                             :mod:`adasr.ops.pft_kernels`), ``'torch'`` (PyTorch /
+                                                             NumPy ops), ``'auto'`` (numba when it imports)
 =====================  ========================  ==========  =========================================================
 """
 import contextlib
@@ -64,6 +68,15 @@ def _backend(source: str, raw: Any) -> str:
     return raw
 
 
+PFT_KERNELS = ('auto', 'numba', 'torch')
+
+
+def _pft_kernel(source: str, raw: Any) -> str:
+    if raw not in PFT_KERNELS:
+        raise ValueError(f'{source}={raw!r} is not a PFT kernel choice; choose one of {list(PFT_KERNELS)}')
+    return raw
+
+
 def _flag(source: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -87,6 +100,7 @@ _OPTIONS: Dict[str, _Option] = {
     'threads': _Option('ADASR_ATTN_THREADS', None, _threads),
     'sampled_limit': _Option('ADASR_SAMPLED_LIMIT', 1.0, _positive),
     'torch_topk': _Option('ADASR_TORCH_TOPK', False, _flag),
+    'pft_kernel': _Option('ADASR_PFT_KERNEL', 'auto', _pft_kernel),
 }
 _overrides: Dict[str, Any] = {}
 
@@ -162,5 +176,5 @@ def worker_threads() -> int:
     return torch.get_num_threads() if threads is None else threads
 
 
-__all__ = ['BACKENDS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes', 'cache_bytes',
-           'worker_threads']
+__all__ = ['BACKENDS', 'PFT_KERNELS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes',
+           'cache_bytes', 'worker_threads']

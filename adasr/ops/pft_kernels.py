@@ -29,6 +29,10 @@ from statistics import NormalDist
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adasr.ops.config import get_option
 
 try:
     import numba
@@ -376,11 +380,32 @@ def _focused_sparse_rows(qp, kp, vp, bias, pvals, pidx, w0, w1, k, z, dens, trai
     return passes
 
 
-# ---- entry points (NumPy arrays; the engine converts its tensors without copies) ------------------------------------
+# ---- entry points (torch tensors on the CPU, read and written in place through NumPy views) ------------------------
 
 def _check() -> None:
     if numba is None:
         raise RuntimeError(unavailable_reason())
+
+
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether PFT's inference top-k layers on these tensors run on the kernels here: option ``pft_kernel``
+    (``ADASR_PFT_KERNEL``) ``'numba'`` or ``'auto'`` (when numba imports), for CPU float32 tensors only (elsewhere
+    the PyTorch path). ``'numba'`` without numba raises."""
+    choice = get_option('pft_kernel')
+    if choice == 'torch':
+        return False
+    if choice == 'numba':
+        _check()
+    if numba is None:
+        return False
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
+
+
+def pad_lanes(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) float32 zero-padded to (..., D), D the next multiple of :data:`LANES`, contiguous."""
+    d = x.shape[-1]
+    dp = -(-d // LANES) * LANES
+    return F.pad(x, (0, dp - d)).contiguous() if dp != d else x.contiguous()
 
 
 def normal_guess(k: int, m: int) -> Tuple[float, float]:
@@ -389,32 +414,38 @@ def normal_guess(k: int, m: int) -> Tuple[float, float]:
     return z, math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
-def topk_softmax_av(s: np.ndarray, vp: np.ndarray, w0: int, r0: int, k: int, vals: np.ndarray, idxs: np.ndarray,
-                    out: np.ndarray) -> int:
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy()
+
+
+def topk_softmax_av(s: torch.Tensor, vp: torch.Tensor, w0: int, r0: int, k: int, vals: torch.Tensor,
+                    idxs: torch.Tensor, out: torch.Tensor) -> int:
     """One tile of a first top-k layer; returns the number of counting passes of the selections.
 
     Args:
-        s: (cw, h, r, n) float32 scores of windows ``w0:w0+cw``, query rows ``r0:r0+r``, C-contiguous rows.
-        vp: (B_, h, n, D) float32 values, rows zero-padded to D (a multiple of :data:`LANES`).
+        s: (cw, h, r, n) float32 scores of windows ``w0:w0+cw``, query rows ``r0:r0+r`` (contiguous rows).
+        vp: (B_, h, n, D) float32 values, rows zero-padded to D (:func:`pad_lanes`).
         k: kept keys per row, 0 < k < n.
         vals: (B_, h, n, k) float32 out: softmax weights of the kept keys (not renormalised).
-        idxs: (B_, h, n, k) integer out: their key positions (any order).
+        idxs: (B_, h, n, k) int16 / int32 out: their key positions (any order).
         out: (B_, n, h, d) float32 out: ``out[w, i, hh] = sum_t vals[w, hh, i, t] * v[w, hh, idxs[w, hh, i, t]]``.
     """
     _check()
-    z, dens = normal_guess(k, s.shape[-1])
-    return _topk_softmax_av(s, vp, w0, r0, k, F32(z), F32(dens), vals, idxs, out)
+    n = s.shape[-1]
+    if not 0 < k < n:
+        raise ValueError(f'topk_softmax_av: k={k} must be in [1, {n - 1}]')
+    z, dens = normal_guess(k, n)
+    return _topk_softmax_av(_np(s), _np(vp), w0, r0, k, F32(z), F32(dens), _np(vals), _np(idxs), _np(out))
 
 
-def focused_sparse_rows(qp: np.ndarray, kp: np.ndarray, vp: np.ndarray, bias: np.ndarray, pvals: np.ndarray,
-                        pidx: np.ndarray, w0: int, w1: int, k: int, training: bool, vals: np.ndarray,
-                        idxs: np.ndarray, out: np.ndarray) -> int:
+def focused_sparse_rows(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor,
+                        pvals: torch.Tensor, pidx: torch.Tensor, w0: int, w1: int, k: int, training: bool,
+                        vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor) -> int:
     """Windows ``w0:w1`` of a layer with sparse input; returns the number of counting passes of the selections.
 
     Args:
-        qp, kp, vp: (B_, h, n, D) float32 queries (scaled), keys, values, zero-padded to D (a multiple of
-            :data:`LANES`).
-        bias: (h or 1, n, n) float32 relative-position bias.
+        qp, kp, vp: (B_, h, n, D) float32 queries (scaled), keys, values, zero-padded (:func:`pad_lanes`).
+        bias: (h or 1, n, n) float32 relative-position bias (contiguous).
         pvals, pidx: (B_, h, n, K') the inherited weights and key positions.
         k: this layer's k; ``k >= K'`` keeps the K' keys (no selection; ``vals`` / ``idxs`` may then be ``pvals`` /
             ``pidx``, updated in place).
@@ -426,8 +457,9 @@ def focused_sparse_rows(qp: np.ndarray, kp: np.ndarray, vp: np.ndarray, bias: np
     _check()
     kk = pidx.shape[-1]
     z, dens = normal_guess(min(k, kk - 1), kk)
-    return _focused_sparse_rows(qp, kp, vp, bias, pvals, pidx, w0, w1, k, F32(z), F32(dens), bool(training), vals,
-                                idxs, out)
+    return _focused_sparse_rows(_np(qp), _np(kp), _np(vp), _np(bias), _np(pvals), _np(pidx), w0, w1, k, F32(z),
+                                F32(dens), bool(training), _np(vals), _np(idxs), _np(out))
 
 
-__all__ = ['LANES', 'available', 'unavailable_reason', 'normal_guess', 'topk_softmax_av', 'focused_sparse_rows']
+__all__ = ['LANES', 'available', 'unavailable_reason', 'enabled', 'pad_lanes', 'normal_guess', 'topk_softmax_av',
+           'focused_sparse_rows']
