@@ -315,21 +315,16 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
     idxs = torch.empty(nb, h, n, topk, dtype=index_dtype(n), device=v.device)
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, n, False)
-    if pft_kernels.enabled(scores.q, scores.k, v):
-        vp, buf = pft_kernels.pad_lanes(v), out.permute(0, 2, 1, 3)
-
-        def run_rows(tile: Tile) -> None:  # selection, softmax and aggregation of each row in one compiled pass
-            ws, rs = tile
-            pft_kernels.topk_softmax_av(scores.logits(ws, rs), vp, ws.start, rs.start, topk, vals, idxs, buf)
-
-        _run(run_rows, _tiles(nb, n, wstep, rstep), v.device)
-        return out, SparseMap(vals, idxs)
+    kernels = pft_kernels.enabled(scores.q, scores.k, v)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         s = scores.logits(ws, rs)
-        pos = topk_positions(s, topk)
-        kept = kept_softmax(s, pos)
+        if kernels:  # selection and softmax of each row in one compiled pass (the scores in cache)
+            kept, pos = pft_kernels.topk_softmax(s, topk)
+        else:
+            pos = topk_positions(s, topk)
+            kept = kept_softmax(s, pos)
         vals[ws, :, rs] = kept
         idxs[ws, :, rs] = pos
         out[ws, :, rs] = sparse_av(kept, v[ws], pos)
@@ -350,18 +345,7 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         vals, idxs = prev.values, prev.index
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, keys, True)
-    if pft_kernels.enabled(q, k, v, bias, prev.values):
-        qp, kp, vp, buf = pft_kernels.pad_lanes(q), pft_kernels.pad_lanes(k), pft_kernels.pad_lanes(v), \
-            out.permute(0, 2, 1, 3)
-        bias = bias.contiguous()
-
-        def run_rows(tile: Tile) -> None:  # scores, softmax, focusing, top-k and aggregation of each row at once
-            ws, _ = tile
-            pft_kernels.focused_sparse_rows(qp, kp, vp, bias, prev.values, prev.index, ws.start, ws.stop, topk,
-                                            training, vals, idxs, buf)
-
-        _run(run_rows, _tiles(nb, n, wstep, n), q.device)
-        return out, SparseMap(vals, idxs)
+    select = pft_kernels.topk_positions if pft_kernels.enabled(q, k, v) else topk_positions
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
@@ -369,7 +353,7 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
         if do_topk:
             a = focus(a, prev.values[ws, :, rs], training, inplace=True)
-            pos = topk_positions(a, topk)
+            pos = select(a, topk)
             a = torch.gather(a, -1, pos, out=vals[ws, :, rs])
             idx = torch.gather(idx, -1, pos, out=idxs[ws, :, rs])
         else:  # focus straight into the kept values (prod = prev * a, as a * prev)

@@ -16,8 +16,9 @@ the positions above the bracket and the few candidates, of which the largest are
 
 ``exp`` is a vectorisable float32 routine (:func:`_exp_shifted`: Cody-Waite range reduction and a degree-7
 polynomial; relative error about 1e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.5, as
-flushed denormals. Head dims are zero-padded to a multiple of 16 (:data:`LANES`) by the caller; the dot products
-and the aggregation are unrolled over 16 lanes.
+flushed denormals. The aggregation of a first top-k row is d dot products over the whole row with the weights
+scattered into a zeroed row (vectorised; faster than k gathered value rows without SIMD lanes, which numba gives only
+to innermost loops).
 
 Compiled lazily on first use (``cache=True``: the machine code is kept in numba's cache directory, by default the
 ``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``; :func:`warm_up` compiles everything, in about a second
@@ -30,7 +31,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adasr.ops.config import get_option
 
@@ -40,8 +40,6 @@ try:
 except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
     numba = None
     _NUMBA_ERROR = exc
-
-LANES = 16  # head dims are zero-padded to a multiple of this
 
 F32 = np.float32
 _LOG2E = F32(1.4426950408889634)
@@ -209,174 +207,43 @@ def _select(x, m, k, z, dens, sel, cand):
     return passes
 
 
-@_jit(fastmath={'contract'})  # (no reassociation: the sum over t must not be vectorised, the 16 lanes are)
-def _aggregate(wts, pos, kk, v, out, d):
-    """out[:d] = sum_t wts[t] * v[pos[t], :d] (v: (n, D) rows zero-padded to D, a multiple of 16)."""
-    for b in range(0, v.shape[1], 16):
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = _ZERO
-        for t in range(kk):
-            w = wts[t]
-            vr = v[pos[t]]
-            a0 += w * vr[b + 0]
-            a1 += w * vr[b + 1]
-            a2 += w * vr[b + 2]
-            a3 += w * vr[b + 3]
-            a4 += w * vr[b + 4]
-            a5 += w * vr[b + 5]
-            a6 += w * vr[b + 6]
-            a7 += w * vr[b + 7]
-            a8 += w * vr[b + 8]
-            a9 += w * vr[b + 9]
-            a10 += w * vr[b + 10]
-            a11 += w * vr[b + 11]
-            a12 += w * vr[b + 12]
-            a13 += w * vr[b + 13]
-            a14 += w * vr[b + 14]
-            a15 += w * vr[b + 15]
-        if b + 0 < d:
-            out[b + 0] = a0
-        if b + 1 < d:
-            out[b + 1] = a1
-        if b + 2 < d:
-            out[b + 2] = a2
-        if b + 3 < d:
-            out[b + 3] = a3
-        if b + 4 < d:
-            out[b + 4] = a4
-        if b + 5 < d:
-            out[b + 5] = a5
-        if b + 6 < d:
-            out[b + 6] = a6
-        if b + 7 < d:
-            out[b + 7] = a7
-        if b + 8 < d:
-            out[b + 8] = a8
-        if b + 9 < d:
-            out[b + 9] = a9
-        if b + 10 < d:
-            out[b + 10] = a10
-        if b + 11 < d:
-            out[b + 11] = a11
-        if b + 12 < d:
-            out[b + 12] = a12
-        if b + 13 < d:
-            out[b + 13] = a13
-        if b + 14 < d:
-            out[b + 14] = a14
-        if b + 15 < d:
-            out[b + 15] = a15
-
-@_jit()
-def _scores(qrow, kw, idx, kk, brow, a):
-    """a[t] = brow[idx[t]] + qrow . kw[idx[t]] for t < kk (rows zero-padded to a multiple of 16). Returns max a."""
-    for t in range(kk):
-        a[t] = brow[idx[t]]
-    for b in range(0, kw.shape[1], 16):
-        q0, q1, q2, q3, q4, q5, q6, q7 = (
-            qrow[b + 0], qrow[b + 1], qrow[b + 2], qrow[b + 3], qrow[b + 4], qrow[b + 5], qrow[b + 6], qrow[b + 7])
-        q8, q9, q10, q11, q12, q13, q14, q15 = (
-            qrow[b + 8], qrow[b + 9], qrow[b + 10], qrow[b + 11], qrow[b + 12], qrow[b + 13], qrow[b + 14],
-            qrow[b + 15])
-        for t in range(kk):
-            kr = kw[idx[t]]
-            a[t] += ((q0 * kr[b + 0] + q1 * kr[b + 1] + q2 * kr[b + 2] + q3 * kr[b + 3])
-                     + (q4 * kr[b + 4] + q5 * kr[b + 5] + q6 * kr[b + 6] + q7 * kr[b + 7])
-                     + (q8 * kr[b + 8] + q9 * kr[b + 9] + q10 * kr[b + 10] + q11 * kr[b + 11])
-                     + (q12 * kr[b + 12] + q13 * kr[b + 13] + q14 * kr[b + 14] + q15 * kr[b + 15]))
-    mx = a[0]
-    for t in range(1, kk):
-        mx = max(mx, a[t])
-    return mx
-
-
 # ---- tile kernels --------------------------------------------------------------------------------------------------
 
 @_jit()
-def _topk_softmax_av(s, vp, w0, r0, k, z, dens, vals, idxs, out):
-    cw, h, r, n = s.shape
-    d = out.shape[3]
+def _topk_softmax(x, k, z, dens, vals, pos):
+    rows, n = x.shape
     e = np.empty(n, np.float32)
     bits = np.empty(n, np.int32)
     sel = np.empty(n + 1, np.int32)
     cand = np.empty(n + 1, np.int32)
-    wts = np.empty(k, np.float32)
     passes = 0
-    for w in range(cw):
-        for hh in range(h):
-            for i in range(r):
-                x = s[w, hh, i]
-                passes += _select(x, n, k, z, dens, sel, cand)
-                mx = x[sel[0]]  # the row maximum is kept
-                for t in range(1, k):
-                    mx = max(mx, x[sel[t]])
-                total = _exp_shifted(x, n, mx, e, bits)
-                vrow = vals[w0 + w, hh, r0 + i]
-                irow = idxs[w0 + w, hh, r0 + i]
-                for t in range(k):
-                    j = sel[t]
-                    wt = e[j] / total
-                    wts[t] = wt
-                    vrow[t] = wt
-                    irow[t] = j
-                _aggregate(wts, sel, k, vp[w0 + w, hh], out[w0 + w, r0 + i, hh], d)
+    for i in range(rows):
+        xr = x[i]
+        passes += _select(xr, n, k, z, dens, sel, cand)
+        mx = xr[sel[0]]  # the row maximum is kept
+        for t in range(1, k):
+            mx = max(mx, xr[sel[t]])
+        total = _exp_shifted(xr, n, mx, e, bits)
+        vrow = vals[i]
+        prow = pos[i]
+        for t in range(k):
+            j = sel[t]
+            vrow[t] = e[j] / total
+            prow[t] = j
     return passes
 
 
 @_jit()
-def _focused_sparse_rows(qp, kp, vp, bias, pvals, pidx, w0, w1, k, z, dens, training, vals, idxs, out):
-    nb, h, n, dp = qp.shape
-    kk = pidx.shape[3]
-    d = out.shape[3]
-    do_topk = k < kk
-    a = np.empty(kk, np.float32)
-    bits = np.empty(kk, np.int32)
-    sel = np.empty(kk + 1, np.int32)
-    cand = np.empty(kk + 1, np.int32)
-    keep = np.empty(kk, np.int32)
-    wts = np.empty(kk, np.float32)
+def _select_rows(x, k, z, dens, pos):
+    rows, m = x.shape
+    sel = np.empty(m + 1, np.int32)
+    cand = np.empty(m + 1, np.int32)
     passes = 0
-    for w in range(w0, w1):
-        for hh in range(h):
-            bh = bias[hh if bias.shape[0] > 1 else 0]
-            kw = kp[w, hh]
-            for i in range(n):
-                idx = pidx[w, hh, i]
-                pv = pvals[w, hh, i]
-                mx = _scores(qp[w, hh, i], kw, idx, kk, bh[i], a)
-                total = _exp_shifted(a, kk, mx, a, bits)
-                for t in range(kk):  # softmax, then progressive focusing by the inherited weights
-                    a[t] = a[t] / total
-                den = _ZERO
-                if training:  # (a p + eps) / (sum a p + eps)
-                    for t in range(kk):
-                        a[t] = a[t] * pv[t]
-                        den += a[t]
-                    den += _EPS
-                    for t in range(kk):
-                        a[t] = (a[t] + _EPS) / den
-                else:  # (a p + eps) / (sum (a p + eps) + eps)
-                    for t in range(kk):
-                        a[t] = a[t] * pv[t] + _EPS
-                        den += a[t]
-                    den += _EPS
-                    for t in range(kk):
-                        a[t] = a[t] / den
-                vrow = vals[w, hh, i]
-                irow = idxs[w, hh, i]
-                if do_topk:
-                    passes += _select(a, kk, k, z, dens, sel, cand)
-                    for t in range(k):
-                        p = sel[t]
-                        wts[t] = a[p]
-                        keep[t] = idx[p]
-                        vrow[t] = a[p]
-                        irow[t] = idx[p]
-                    _aggregate(wts, keep, k, vp[w, hh], out[w, i, hh], d)
-                else:  # the same keys: the focused weights replace the inherited ones
-                    for t in range(kk):
-                        vrow[t] = a[t]
-                        keep[t] = idx[t]
-                    _aggregate(a, keep, kk, vp[w, hh], out[w, i, hh], d)
+    for i in range(rows):
+        passes += _select(x[i], m, k, z, dens, sel, cand)
+        prow = pos[i]
+        for t in range(k):
+            prow[t] = sel[t]
     return passes
 
 
@@ -401,13 +268,6 @@ def enabled(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
 
 
-def pad_lanes(x: torch.Tensor) -> torch.Tensor:
-    """x (..., d) float32 zero-padded to (..., D), D the next multiple of :data:`LANES`, contiguous."""
-    d = x.shape[-1]
-    dp = -(-d // LANES) * LANES
-    return F.pad(x, (0, dp - d)).contiguous() if dp != d else x.contiguous()
-
-
 def normal_guess(k: int, m: int) -> Tuple[float, float]:
     """(z, density): the standard normal quantile of 1 - k/m and the density there (the selection's first guess)."""
     z = NormalDist().inv_cdf(1.0 - k / m)
@@ -418,48 +278,39 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy()
 
 
-def topk_softmax_av(s: torch.Tensor, vp: torch.Tensor, w0: int, r0: int, k: int, vals: torch.Tensor,
-                    idxs: torch.Tensor, out: torch.Tensor) -> int:
-    """One tile of a first top-k layer; returns the number of counting passes of the selections.
-
-    Args:
-        s: (cw, h, r, n) float32 scores of windows ``w0:w0+cw``, query rows ``r0:r0+r`` (contiguous rows).
-        vp: (B_, h, n, D) float32 values, rows zero-padded to D (:func:`pad_lanes`).
-        k: kept keys per row, 0 < k < n.
-        vals: (B_, h, n, k) float32 out: softmax weights of the kept keys (not renormalised).
-        idxs: (B_, h, n, k) int16 / int32 out: their key positions (any order).
-        out: (B_, n, h, d) float32 out: ``out[w, i, hh] = sum_t vals[w, hh, i, t] * v[w, hh, idxs[w, hh, i, t]]``.
-    """
+def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of each row of a float32 CPU tensor (..., n), 0 < k < n, and their softmax weights over
+    the whole row: (weights (..., k) float32 ``exp(s - max) / sum(exp(s - max))`` (not renormalised over the kept
+    keys), positions (..., k) int64, in no particular order). ``s`` is read only."""
     _check()
     n = s.shape[-1]
     if not 0 < k < n:
-        raise ValueError(f'topk_softmax_av: k={k} must be in [1, {n - 1}]')
+        raise ValueError(f'topk_softmax: k={k} must be in [1, {n - 1}] for rows of length {n}')
+    x = s.detach().reshape(-1, n)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    vals = torch.empty(x.shape[0], k)
+    pos = torch.empty(x.shape[0], k, dtype=torch.int64)
     z, dens = normal_guess(k, n)
-    return _topk_softmax_av(_np(s), _np(vp), w0, r0, k, F32(z), F32(dens), _np(vals), _np(idxs), _np(out))
+    _topk_softmax(_np(x), k, F32(z), F32(dens), _np(vals), _np(pos))
+    return vals.view(*s.shape[:-1], k), pos.view(*s.shape[:-1], k)
 
 
-def focused_sparse_rows(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor,
-                        pvals: torch.Tensor, pidx: torch.Tensor, w0: int, w1: int, k: int, training: bool,
-                        vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor) -> int:
-    """Windows ``w0:w1`` of a layer with sparse input; returns the number of counting passes of the selections.
-
-    Args:
-        qp, kp, vp: (B_, h, n, D) float32 queries (scaled), keys, values, zero-padded (:func:`pad_lanes`).
-        bias: (h or 1, n, n) float32 relative-position bias (contiguous).
-        pvals, pidx: (B_, h, n, K') the inherited weights and key positions.
-        k: this layer's k; ``k >= K'`` keeps the K' keys (no selection; ``vals`` / ``idxs`` may then be ``pvals`` /
-            ``pidx``, updated in place).
-        training: focusing by the training formula ``(a p + eps) / (sum a p + eps)``, else by the eval one
-            ``(a p + eps) / (sum (a p + eps) + eps)``.
-        vals, idxs: (B_, h, n, min(k, K')) out: the focused weights kept and their key positions.
-        out: (B_, n, h, d) float32 out: the aggregation over the kept keys.
-    """
+def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (int64) of the k largest entries of each row of a float32 CPU tensor (..., m), 0 < k < m, in no
+    particular order (the same sets as ``torch.topk``; ties at the k-th value broken arbitrarily)."""
     _check()
-    kk = pidx.shape[-1]
-    z, dens = normal_guess(min(k, kk - 1), kk)
-    return _focused_sparse_rows(_np(qp), _np(kp), _np(vp), _np(bias), _np(pvals), _np(pidx), w0, w1, k, F32(z),
-                                F32(dens), bool(training), _np(vals), _np(idxs), _np(out))
+    m = a.shape[-1]
+    if not 0 < k < m:
+        raise ValueError(f'topk_positions: k={k} must be in [1, {m - 1}] for rows of length {m}')
+    x = a.detach().reshape(-1, m)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    pos = torch.empty(x.shape[0], k, dtype=torch.int64)
+    z, dens = normal_guess(k, m)
+    _select_rows(_np(x), k, F32(z), F32(dens), _np(pos))
+    return pos.view(*a.shape[:-1], k)
 
 
-__all__ = ['LANES', 'available', 'unavailable_reason', 'enabled', 'pad_lanes', 'normal_guess', 'topk_softmax_av',
-           'focused_sparse_rows']
+__all__ = ['available', 'unavailable_reason', 'enabled', 'normal_guess', 'topk_softmax',
+           'topk_positions']
