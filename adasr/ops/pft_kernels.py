@@ -118,10 +118,10 @@ def _moments(x, m):
 
 
 @_jit()
-def _select(x, m, k, z, dens, sel, cand):
+def _select(x, m, k, z, dens, sel, cand, code):
     """Positions of the k largest of x[:m] (0 < k < m) into sel[:k], in no particular order. ``z``, ``dens``: the
     standard normal quantile of 1 - k/m and the density there (first guesses); sel, cand: int32 scratch of length
-    >= m + 1. Returns the number of counting passes."""
+    >= m + 1; code: uint8 scratch of length >= m. Returns the number of counting passes."""
     s, s2 = _moments(x, m)
     mean = s / m
     std = math.sqrt(max(s2 / m - mean * mean, _ZERO))
@@ -169,14 +169,17 @@ def _select(x, m, k, z, dens, sel, cand):
         else:  # interpolate the count linearly between the bracket's ends
             t = lo + (hi - lo) * F32((n_lo - target) / (n_lo - n_hi))
     # compaction: everything above hi is kept; the values in (lo, hi] are candidates for the remaining places
+    for j in range(m):  # (vectorised) 1: above the bracket, 2: inside it
+        v = x[j]
+        code[j] = np.uint8(v > hi) | (np.uint8((v <= hi) & (v > lo)) << np.uint8(1))
     ns = 0
     nc = 0
-    for j in range(m):
-        v = x[j]
+    for j in range(m):  # (branch-free scalar compaction)
+        c = code[j]
         sel[ns] = j
-        ns += v > hi
+        ns += c & np.uint8(1)
         cand[nc] = j
-        nc += (v <= hi) & (v > lo)
+        nc += c >> np.uint8(1)
     need = k - ns
     if nc < need or nc > 4 * _CANDIDATES:  # NaNs, or many ties inside the bracket: order all the candidates
         if nc < need:
@@ -216,10 +219,11 @@ def _topk_softmax(x, k, z, dens, vals, pos):
     bits = np.empty(n, np.int32)
     sel = np.empty(n + 1, np.int32)
     cand = np.empty(n + 1, np.int32)
+    code = np.empty(n, np.uint8)
     passes = 0
     for i in range(rows):
         xr = x[i]
-        passes += _select(xr, n, k, z, dens, sel, cand)
+        passes += _select(xr, n, k, z, dens, sel, cand, code)
         mx = xr[sel[0]]  # the row maximum is kept
         for t in range(1, k):
             mx = max(mx, xr[sel[t]])
@@ -238,9 +242,10 @@ def _select_rows(x, k, z, dens, pos):
     rows, m = x.shape
     sel = np.empty(m + 1, np.int32)
     cand = np.empty(m + 1, np.int32)
+    code = np.empty(m, np.uint8)
     passes = 0
     for i in range(rows):
-        passes += _select(x[i], m, k, z, dens, sel, cand)
+        passes += _select(x[i], m, k, z, dens, sel, cand, code)
         prow = pos[i]
         for t in range(k):
             prow[t] = sel[t]
