@@ -345,15 +345,20 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         vals, idxs = prev.values, prev.index
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, keys, True)
-    select = pft_kernels.topk_positions if pft_kernels.enabled(q, k, v) else topk_positions
+    kernels = pft_kernels.enabled(q, k, v, prev.values)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         idx = prev.index[ws, :, rs]
-        a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
+        s = sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float()
+        if kernels:  # softmax, focusing and top-k of each row in one compiled pass (whole windows: contiguous)
+            pft_kernels.softmax_focus_topk(s.contiguous(), prev.values[ws], idx, topk, training, vals[ws], idxs[ws])
+            out[ws] = sparse_av(vals[ws], v[ws], idxs[ws])
+            return
+        a = softmax(s, inplace=True)
         if do_topk:
             a = focus(a, prev.values[ws, :, rs], training, inplace=True)
-            pos = select(a, topk)
+            pos = topk_positions(a, topk)
             a = torch.gather(a, -1, pos, out=vals[ws, :, rs])
             idx = torch.gather(idx, -1, pos, out=idxs[ws, :, rs])
         else:  # focus straight into the kept values (prod = prev * a, as a * prev)

@@ -15,7 +15,7 @@ the positions above the bracket and the few candidates, of which the largest are
 ``torch.topk`` / ``numpy.argpartition`` (ties at the k-th value broken arbitrarily; positions in no order).
 
 ``exp`` is a vectorisable float32 routine (:func:`_exp_shifted`: Cody-Waite range reduction and a degree-7
-polynomial; relative error about 1e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.5, as
+polynomial; relative error about 1e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.68, as
 flushed denormals. The aggregation of a first top-k row is d dot products over the whole row with the weights
 scattered into a zeroed row (vectorised; faster than k gathered value rows without SIMD lanes, which numba gives only
 to innermost loops).
@@ -46,7 +46,7 @@ _LOG2E = F32(1.4426950408889634)
 _LN2_HI = F32(0.693359375)
 _LN2_LO = F32(-2.12194440e-4)
 _HALF = F32(0.5)
-_LOWEST = F32(-87.5)  # exp of anything below is 0 (float32 denormal range, flushed)
+_LOWEST = F32(-88.0)  # exp(y) = 0 for y < -87.68 (denormal results, flushed); exact above
 _ONE = F32(1.0)
 _ZERO = F32(0.0)
 _C2, _C3, _C4, _C5, _C6, _C7 = (F32(1 / 2), F32(1 / 6), F32(1 / 24), F32(1 / 120), F32(1 / 720), F32(1 / 5040))
@@ -238,6 +238,54 @@ def _topk_softmax(x, k, z, dens, vals, pos):
 
 
 @_jit()
+def _softmax_focus_topk(s, pv, pidx, k, z, dens, training, vals, idxs):
+    rows, kk = s.shape
+    do_topk = k < kk
+    bits = np.empty(kk, np.int32)
+    sel = np.empty(kk + 1, np.int32)
+    cand = np.empty(kk + 1, np.int32)
+    code = np.empty(kk, np.uint8)
+    passes = 0
+    for i in range(rows):
+        a = s[i]
+        p = pv[i]
+        mx = a[0]
+        for t in range(1, kk):
+            mx = max(mx, a[t])
+        total = _exp_shifted(a, kk, mx, a, bits)
+        for t in range(kk):
+            a[t] = a[t] / total
+        den = _ZERO
+        if training:  # (a p + eps) / (sum a p + eps)
+            for t in range(kk):
+                a[t] = a[t] * p[t]
+                den += a[t]
+            den += _EPS
+            for t in range(kk):
+                a[t] = (a[t] + _EPS) / den
+        else:  # (a p + eps) / (sum (a p + eps) + eps)
+            for t in range(kk):
+                a[t] = a[t] * p[t] + _EPS
+                den += a[t]
+            den += _EPS
+            for t in range(kk):
+                a[t] = a[t] / den
+        vrow = vals[i]
+        if do_topk:
+            passes += _select(a, kk, k, z, dens, sel, cand, code)
+            irow = idxs[i]
+            prow = pidx[i]
+            for t in range(k):
+                j = sel[t]
+                vrow[t] = a[j]
+                irow[t] = prow[j]
+        else:
+            for t in range(kk):
+                vrow[t] = a[t]
+    return passes
+
+
+@_jit()
 def _select_rows(x, k, z, dens, pos):
     rows, m = x.shape
     sel = np.empty(m + 1, np.int32)
@@ -301,6 +349,30 @@ def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return vals.view(*s.shape[:-1], k), pos.view(*s.shape[:-1], k)
 
 
+def softmax_focus_topk(s: torch.Tensor, prev_values: torch.Tensor, prev_index: torch.Tensor, k: int,
+                       training: bool, values: torch.Tensor, index: torch.Tensor) -> None:
+    """A sparse layer's rows after their scores: softmax over the K' scores, progressive focusing by the inherited
+    weights, and top-k when ``k < K'``, in one compiled pass per row.
+
+    Args:
+        s: (..., K') float32 scores at the inherited keys (contiguous; overwritten).
+        prev_values, prev_index: (..., K') the inherited weights and key positions.
+        k: this layer's k; ``k >= K'`` keeps every key (no selection; ``values`` may be ``prev_values``).
+        training: focusing by the training formula ``(a p + eps) / (sum a p + eps)``, else by the eval one
+            ``(a p + eps) / (sum (a p + eps) + eps)`` (spec section 2.4).
+        values: (..., min(k, K')) float32 out: the kept focused weights (not renormalised after the top-k).
+        index: (..., min(k, K')) out: their key positions (the dtype of ``prev_index``; ignored when k >= K').
+    """
+    _check()
+    kk = s.shape[-1]
+    if not s.is_contiguous():
+        raise ValueError('softmax_focus_topk: the scores must be contiguous')
+    z, dens = normal_guess(min(k, kk - 1), kk) if kk > 1 else (0.0, 1.0)
+    kept = min(k, kk)
+    _softmax_focus_topk(_np(s.view(-1, kk)), _np(prev_values.reshape(-1, kk)), _np(prev_index.reshape(-1, kk)), k,
+                        F32(z), F32(dens), bool(training), _np(values.view(-1, kept)), _np(index.view(-1, kept)))
+
+
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (int64) of the k largest entries of each row of a float32 CPU tensor (..., m), 0 < k < m, in no
     particular order (the same sets as ``torch.topk``; ties at the k-th value broken arbitrarily)."""
@@ -317,5 +389,5 @@ def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     return pos.view(*a.shape[:-1], k)
 
 
-__all__ = ['available', 'unavailable_reason', 'enabled', 'normal_guess', 'topk_softmax',
+__all__ = ['available', 'unavailable_reason', 'enabled', 'normal_guess', 'topk_softmax', 'softmax_focus_topk',
            'topk_positions']
