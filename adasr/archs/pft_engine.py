@@ -350,12 +350,12 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         idx = prev.index[ws, :, rs]
-        s = sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float()
-        if kernels:  # softmax, focusing and top-k of each row in one compiled pass (whole windows: contiguous)
-            pft_kernels.softmax_focus_topk(s.contiguous(), prev.values[ws], idx, topk, training, vals[ws], idxs[ws])
+        if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass (whole windows)
+            s = sparse_qk(q[ws], k[ws], idx).contiguous()
+            pft_kernels.softmax_focus_topk(s, bias, prev.values[ws], idx, topk, training, vals[ws], idxs[ws])
             out[ws] = sparse_av(vals[ws], v[ws], idxs[ws])
             return
-        a = softmax(s, inplace=True)
+        a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
         if do_topk:
             a = focus(a, prev.values[ws, :, rs], training, inplace=True)
             pos = topk_positions(a, topk)

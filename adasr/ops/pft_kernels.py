@@ -238,8 +238,10 @@ def _topk_softmax(x, k, z, dens, vals, pos):
 
 
 @_jit()
-def _softmax_focus_topk(s, pv, pidx, k, z, dens, training, vals, idxs):
+def _softmax_focus_topk(s, bias, heads, pv, pidx, k, z, dens, training, vals, idxs):
     rows, kk = s.shape
+    n = bias.shape[1]
+    shared = bias.shape[0] == 1
     do_topk = k < kk
     bits = np.empty(kk, np.int32)
     sel = np.empty(kk + 1, np.int32)
@@ -249,9 +251,13 @@ def _softmax_focus_topk(s, pv, pidx, k, z, dens, training, vals, idxs):
     for i in range(rows):
         a = s[i]
         p = pv[i]
-        mx = a[0]
-        for t in range(1, kk):
-            mx = max(mx, a[t])
+        prow = pidx[i]
+        brow = bias[0 if shared else (i // n) % heads, i % n]
+        mx = -_INF
+        for t in range(kk):  # + the bias at the kept keys
+            v = a[t] + brow[prow[t]]
+            a[t] = v
+            mx = max(mx, v)
         total = _exp_shifted(a, kk, mx, a, bits)
         for t in range(kk):
             a[t] = a[t] / total
@@ -274,7 +280,6 @@ def _softmax_focus_topk(s, pv, pidx, k, z, dens, training, vals, idxs):
         if do_topk:
             passes += _select(a, kk, k, z, dens, sel, cand, code)
             irow = idxs[i]
-            prow = pidx[i]
             for t in range(k):
                 j = sel[t]
                 vrow[t] = a[j]
@@ -349,13 +354,14 @@ def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return vals.view(*s.shape[:-1], k), pos.view(*s.shape[:-1], k)
 
 
-def softmax_focus_topk(s: torch.Tensor, prev_values: torch.Tensor, prev_index: torch.Tensor, k: int,
-                       training: bool, values: torch.Tensor, index: torch.Tensor) -> None:
-    """A sparse layer's rows after their scores: softmax over the K' scores, progressive focusing by the inherited
-    weights, and top-k when ``k < K'``, in one compiled pass per row.
+def softmax_focus_topk(s: torch.Tensor, bias: torch.Tensor, prev_values: torch.Tensor, prev_index: torch.Tensor,
+                       k: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> None:
+    """A sparse layer's rows after their products q.k: the bias at the keys added, softmax over the K' scores,
+    progressive focusing by the inherited weights, and top-k when ``k < K'``, in one compiled pass per row.
 
     Args:
-        s: (..., K') float32 scores at the inherited keys (contiguous; overwritten).
+        s: (B, h, n, K') float32 products q.k at the inherited keys (contiguous; overwritten).
+        bias: (h or 1, n, n) float32 relative-position bias, read at the keys.
         prev_values, prev_index: (..., K') the inherited weights and key positions.
         k: this layer's k; ``k >= K'`` keeps every key (no selection; ``values`` may be ``prev_values``).
         training: focusing by the training formula ``(a p + eps) / (sum a p + eps)``, else by the eval one
@@ -365,12 +371,16 @@ def softmax_focus_topk(s: torch.Tensor, prev_values: torch.Tensor, prev_index: t
     """
     _check()
     kk = s.shape[-1]
-    if not s.is_contiguous():
-        raise ValueError('softmax_focus_topk: the scores must be contiguous')
+    if not s.is_contiguous() or s.dim() != 4:
+        raise ValueError('softmax_focus_topk: the scores must be a contiguous (B, h, n, K\') tensor')
+    heads, n = s.shape[1], s.shape[2]
+    if bias.dim() != 3 or bias.shape[0] not in (1, heads) or tuple(bias.shape[1:]) != (n, n):
+        raise ValueError(f'softmax_focus_topk: bias {tuple(bias.shape)} is not (1 or {heads}, {n}, {n})')
     z, dens = normal_guess(min(k, kk - 1), kk) if kk > 1 else (0.0, 1.0)
     kept = min(k, kk)
-    _softmax_focus_topk(_np(s.view(-1, kk)), _np(prev_values.reshape(-1, kk)), _np(prev_index.reshape(-1, kk)), k,
-                        F32(z), F32(dens), bool(training), _np(values.view(-1, kept)), _np(index.view(-1, kept)))
+    _softmax_focus_topk(_np(s.view(-1, kk)), _np(bias.contiguous()), heads, _np(prev_values.reshape(-1, kk)),
+                        _np(prev_index.reshape(-1, kk)), k, F32(z), F32(dens), bool(training),
+                        _np(values.view(-1, kept)), _np(index.view(-1, kept)))
 
 
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
