@@ -80,8 +80,8 @@ def _jit(fastmath=_FASTMATH):
 
 @_jit()
 def _exp_shifted(x, m, shift, out, bits):
-    """out[j] = exp(x[j] - shift) for j < m (float32, x[j] <= shift; ``out`` may be ``x``); bits: int32 scratch of
-    length >= m. Returns the sum of out[:m]."""
+    """out[j] = exp(x[j] - shift) for j < m (float32, x[j] <= shift; ``out`` apart from ``x``, else the loop runs
+    scalar); bits: int32 scratch of length >= m. Returns the sum of out[:m]."""
     for j in range(m):
         y = max(x[j] - shift, _LOWEST)
         nf = np.floor(y * _LOG2E + _HALF)
@@ -243,22 +243,23 @@ def _softmax_focus_topk(s, bias, heads, pv, pidx, k, z, dens, training, vals, id
     n = bias.shape[1]
     shared = bias.shape[0] == 1
     do_topk = k < kk
+    a = np.empty(kk, np.float32)  # (not in place: a loop writing what it reads loses its vector form)
     bits = np.empty(kk, np.int32)
     sel = np.empty(kk + 1, np.int32)
     cand = np.empty(kk + 1, np.int32)
     code = np.empty(kk, np.uint8)
     passes = 0
     for i in range(rows):
-        a = s[i]
+        x = s[i]
         p = pv[i]
         prow = pidx[i]
         brow = bias[0 if shared else (i // n) % heads, i % n]
         mx = -_INF
         for t in range(kk):  # + the bias at the kept keys
-            v = a[t] + brow[prow[t]]
-            a[t] = v
+            v = x[t] + brow[prow[t]]
+            x[t] = v
             mx = max(mx, v)
-        total = _exp_shifted(a, kk, mx, a, bits)
+        total = _exp_shifted(x, kk, mx, a, bits)
         for t in range(kk):
             a[t] = a[t] / total
         den = _ZERO
