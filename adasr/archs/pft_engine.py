@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
-from adasr.ops import parallel_for, pft_kernels, sparse_av, sparse_qk, topk_positions
+from adasr.ops import parallel_for, pft_kernels, pick_method, sparse_av, sparse_qk, topk_positions
 from adasr.ops.config import tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
@@ -346,14 +346,18 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, keys, True)
     kernels = pft_kernels.enabled(q, k, v, prev.values)
+    dense_qk = kernels and pick_method('qk', n, keys, d, q.device) == 'dense'
+    if dense_qk:  # the scores by BLAS products with every key, in row blocks; the kernel reads them at the keys
+        wstep, rstep = tile_plan(nb, h, n, n, False)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         idx = prev.index[ws, :, rs]
-        if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass (whole windows)
-            s = sparse_qk(q[ws], k[ws], idx).contiguous()
-            pft_kernels.softmax_focus_topk(s, bias, prev.values[ws], idx, topk, training, vals[ws], idxs[ws])
-            out[ws] = sparse_av(vals[ws], v[ws], idxs[ws])
+        if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass
+            s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1)) if dense_qk else sparse_qk(q[ws], k[ws], idx)
+            kv, ki = vals[ws, :, rs], idxs[ws, :, rs]
+            pft_kernels.softmax_focus_topk(s, bias, rs.start, prev.values[ws, :, rs], idx, topk, training, kv, ki)
+            out[ws, :, rs] = sparse_av(kv, v[ws], ki)
             return
         a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
         if do_topk:

@@ -238,56 +238,67 @@ def _topk_softmax(x, k, z, dens, vals, pos):
 
 
 @_jit()
-def _softmax_focus_topk(s, bias, heads, pv, pidx, k, z, dens, training, vals, idxs):
-    rows, kk = s.shape
-    n = bias.shape[1]
+def _softmax_focus_topk(s, full, bias, r0, pv, pidx, k, z, dens, training, vals, idxs):
+    cw, heads, r, _ = s.shape
+    kk = pidx.shape[3]
     shared = bias.shape[0] == 1
     do_topk = k < kk
     a = np.empty(kk, np.float32)  # (not in place: a loop writing what it reads loses its vector form)
+    x = np.empty(kk, np.float32)
     bits = np.empty(kk, np.int32)
     sel = np.empty(kk + 1, np.int32)
     cand = np.empty(kk + 1, np.int32)
     code = np.empty(kk, np.uint8)
     passes = 0
-    for i in range(rows):
-        x = s[i]
-        p = pv[i]
-        prow = pidx[i]
-        brow = bias[0 if shared else (i // n) % heads, i % n]
-        mx = -_INF
-        for t in range(kk):  # + the bias at the kept keys
-            v = x[t] + brow[prow[t]]
-            x[t] = v
-            mx = max(mx, v)
-        total = _exp_shifted(x, kk, mx, a, bits)
-        for t in range(kk):
-            a[t] = a[t] / total
-        den = _ZERO
-        if training:  # (a p + eps) / (sum a p + eps)
-            for t in range(kk):
-                a[t] = a[t] * p[t]
-                den += a[t]
-            den += _EPS
-            for t in range(kk):
-                a[t] = (a[t] + _EPS) / den
-        else:  # (a p + eps) / (sum (a p + eps) + eps)
-            for t in range(kk):
-                a[t] = a[t] * p[t] + _EPS
-                den += a[t]
-            den += _EPS
-            for t in range(kk):
-                a[t] = a[t] / den
-        vrow = vals[i]
-        if do_topk:
-            passes += _select(a, kk, k, z, dens, sel, cand, code)
-            irow = idxs[i]
-            for t in range(k):
-                j = sel[t]
-                vrow[t] = a[j]
-                irow[t] = prow[j]
-        else:
-            for t in range(kk):
-                vrow[t] = a[t]
+    for w in range(cw):
+        for hh in range(heads):
+            bh = bias[0 if shared else hh]
+            for i in range(r):
+                srow = s[w, hh, i]
+                p = pv[w, hh, i]
+                prow = pidx[w, hh, i]
+                brow = bh[r0 + i]
+                mx = -_INF
+                if full:  # products with every key: read at the kept keys
+                    for t in range(kk):
+                        j = prow[t]
+                        v = srow[j] + brow[j]
+                        x[t] = v
+                        mx = max(mx, v)
+                else:
+                    for t in range(kk):
+                        v = srow[t] + brow[prow[t]]
+                        x[t] = v
+                        mx = max(mx, v)
+                total = _exp_shifted(x, kk, mx, a, bits)
+                for t in range(kk):
+                    a[t] = a[t] / total
+                den = _ZERO
+                if training:  # (a p + eps) / (sum a p + eps)
+                    for t in range(kk):
+                        a[t] = a[t] * p[t]
+                        den += a[t]
+                    den += _EPS
+                    for t in range(kk):
+                        a[t] = (a[t] + _EPS) / den
+                else:  # (a p + eps) / (sum (a p + eps) + eps)
+                    for t in range(kk):
+                        a[t] = a[t] * p[t] + _EPS
+                        den += a[t]
+                    den += _EPS
+                    for t in range(kk):
+                        a[t] = a[t] / den
+                vrow = vals[w, hh, i]
+                if do_topk:
+                    passes += _select(a, kk, k, z, dens, sel, cand, code)
+                    irow = idxs[w, hh, i]
+                    for t in range(k):
+                        j = sel[t]
+                        vrow[t] = a[j]
+                        irow[t] = prow[j]
+                else:
+                    for t in range(kk):
+                        vrow[t] = a[t]
     return passes
 
 
@@ -355,33 +366,35 @@ def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return vals.view(*s.shape[:-1], k), pos.view(*s.shape[:-1], k)
 
 
-def softmax_focus_topk(s: torch.Tensor, bias: torch.Tensor, prev_values: torch.Tensor, prev_index: torch.Tensor,
-                       k: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> None:
+def softmax_focus_topk(s: torch.Tensor, bias: torch.Tensor, r0: int, prev_values: torch.Tensor,
+                       prev_index: torch.Tensor, k: int, training: bool, values: torch.Tensor,
+                       index: torch.Tensor) -> None:
     """A sparse layer's rows after their products q.k: the bias at the keys added, softmax over the K' scores,
     progressive focusing by the inherited weights, and top-k when ``k < K'``, in one compiled pass per row.
 
     Args:
-        s: (B, h, n, K') float32 products q.k at the inherited keys (contiguous; overwritten).
+        s: (B, h, r, K') float32 products q.k at the inherited keys, or (B, h, r, n) products with every key (read
+            at the inherited keys), of query rows ``r0:r0+r``.
         bias: (h or 1, n, n) float32 relative-position bias, read at the keys.
-        prev_values, prev_index: (..., K') the inherited weights and key positions.
+        prev_values, prev_index: (B, h, r, K') the inherited weights and key positions.
         k: this layer's k; ``k >= K'`` keeps every key (no selection; ``values`` may be ``prev_values``).
         training: focusing by the training formula ``(a p + eps) / (sum a p + eps)``, else by the eval one
             ``(a p + eps) / (sum (a p + eps) + eps)`` (spec section 2.4).
-        values: (..., min(k, K')) float32 out: the kept focused weights (not renormalised after the top-k).
-        index: (..., min(k, K')) out: their key positions (the dtype of ``prev_index``; ignored when k >= K').
+        values: (B, h, r, min(k, K')) float32 out: the kept focused weights (not renormalised after the top-k).
+        index: (B, h, r, min(k, K')) out: their key positions (the dtype of ``prev_index``; unused when k >= K').
     """
     _check()
-    kk = s.shape[-1]
-    if not s.is_contiguous() or s.dim() != 4:
-        raise ValueError('softmax_focus_topk: the scores must be a contiguous (B, h, n, K\') tensor')
-    heads, n = s.shape[1], s.shape[2]
-    if bias.dim() != 3 or bias.shape[0] not in (1, heads) or tuple(bias.shape[1:]) != (n, n):
+    kk = prev_index.shape[-1]
+    heads, n = s.shape[1], bias.shape[-1]
+    if s.dim() != 4 or s.shape[-1] not in (kk, n) or tuple(prev_index.shape) != tuple(s.shape[:3]) + (kk,):
+        raise ValueError(f'softmax_focus_topk: scores {tuple(s.shape)} do not match the index '
+                         f'{tuple(prev_index.shape)} (K\' or n = {n} columns)')
+    if bias.dim() != 3 or bias.shape[0] not in (1, heads) or bias.shape[1] != n:
         raise ValueError(f'softmax_focus_topk: bias {tuple(bias.shape)} is not (1 or {heads}, {n}, {n})')
     z, dens = normal_guess(min(k, kk - 1), kk) if kk > 1 else (0.0, 1.0)
-    kept = min(k, kk)
-    _softmax_focus_topk(_np(s.view(-1, kk)), _np(bias.contiguous()), heads, _np(prev_values.reshape(-1, kk)),
-                        _np(prev_index.reshape(-1, kk)), k, F32(z), F32(dens), bool(training),
-                        _np(values.view(-1, kept)), _np(index.view(-1, kept)))
+    full = s.shape[-1] != kk
+    _softmax_focus_topk(_np(s), full, _np(bias), r0, _np(prev_values), _np(prev_index), k, F32(z), F32(dens),
+                        bool(training), _np(values), _np(index))
 
 
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
