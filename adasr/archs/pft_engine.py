@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
 from adasr.ops import parallel_for, pft_kernels, pick_method, sparse_av, sparse_qk, topk_positions
-from adasr.ops.config import tile_bytes
+from adasr.ops.config import cache_bytes, tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
@@ -347,8 +347,10 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     wstep, rstep = tile_plan(nb, h, n, keys, True)
     kernels = pft_kernels.enabled(q, k, v, prev.values)
     dense_qk = kernels and pick_method('qk', n, keys, d, q.device) == 'dense'
-    if dense_qk:  # the scores by BLAS products with every key, in row blocks; the kernel reads them at the keys
-        wstep, rstep = tile_plan(nb, h, n, n, False)
+    if dense_qk:  # the scores by BLAS products with every key, in cache-sized row blocks of one window (rows of
+        # n products per head; a block size set by the cache option alone, so that tile settings change no rounding);
+        # the kernel reads them at the keys
+        wstep, rstep = 1, max(1, min(n, cache_bytes() // (4 * n)))
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
