@@ -1,29 +1,34 @@
-"""Compiled CPU kernels (numba) of PFT's top-k attention rows: selection, softmax, focusing and aggregation of one
-query row at a time, with the row (at most one window of keys) in L1 cache.
+"""Compiled CPU kernels (numba) of PFT's inference top-k layers: selection, softmax and focusing of one query row at
+a time, with the row (at most one window of keys) in L1 cache.
 
-* :func:`topk_softmax_av`: a tile of the first top-k layer of a parity. Given dense scores (rows of n keys), per row:
-  the positions of the k largest scores, their softmax weights ``exp(s - max) / sum(exp(s - max))`` (not
-  renormalised over the kept keys) and the aggregation ``sum_t w_t v[pos_t]``.
-* :func:`focused_sparse_rows`: windows of a layer with sparse input (K' inherited keys per row): the scores at the
-  K' keys plus the bias there, softmax over them, progressive focusing by the inherited weights, top-k (when
-  k < K') and the aggregation over the kept keys. No n x n or n x K' tensor is written.
+* :func:`topk_softmax`: rows of the first top-k layer of a parity. Given dense scores (rows of n keys), per row: the
+  positions of the k largest scores and their softmax weights ``exp(s - max) / sum(exp(s - max))`` over the whole
+  row (not renormalised over the kept keys).
+* :func:`softmax_focus_topk`: rows of a layer with sparse input (K' inherited keys per row), after the products
+  q.k (at the K' keys, or with every key): the bias at the keys, softmax over them, progressive focusing by the
+  inherited weights, top-k (when k < K'), written into the layer's state.
+* :func:`topk_positions`: the selection alone.
+
+The aggregation and the products stay on PyTorch (``embedding_bag``, BLAS, the sampled product): numba vectorises
+innermost loops only (its SLP vectoriser is off by default since numba#8705), so a gathered 13-float row runs scalar
+here, slower than FBGEMM (a fused kernel doing them too measured 1.5-2x slower and was dropped; docs/pft.md).
 
 Selection (:func:`_select`): the k-th largest value of a row is bracketed by counting passes (``#{x > t}``, one
 vectorised loop over the row) at thresholds from a normal guess (mean + z std of the row), Newton steps and
-interpolation between the bracket's ends, until at most a few values are undecided; one compaction pass then writes
-the positions above the bracket and the few candidates, of which the largest are picked. The kept set is exact, as
-``torch.topk`` / ``numpy.argpartition`` (ties at the k-th value broken arbitrarily; positions in no order).
+interpolation between the bracket's ends, until at most a few values are undecided; a vectorised code pass and a
+branch-free compaction then write the positions above the bracket and the few candidates, of which the largest are
+picked. The kept set is exact, as ``torch.topk`` / ``numpy.argpartition`` (ties at the k-th value broken
+arbitrarily; positions in no order).
 
 ``exp`` is a vectorisable float32 routine (:func:`_exp_shifted`: Cody-Waite range reduction and a degree-7
-polynomial; relative error about 1e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.68, as
-flushed denormals. The aggregation of a first top-k row is d dot products over the whole row with the weights
-scattered into a zeroed row (vectorised; faster than k gathered value rows without SIMD lanes, which numba gives only
-to innermost loops).
+polynomial; relative error below 3e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.68, as
+flushed denormals.
 
 Compiled lazily on first use (``cache=True``: the machine code is kept in numba's cache directory, by default the
-``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``; :func:`warm_up` compiles everything, in about a second
-from the cache and some tens of seconds without it). The kernels release the GIL, so the engine's worker threads
-run tiles in parallel. :func:`available` says whether numba imports.
+``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``; about 5 s of compilation without a cache, 0.5 s to load
+it). The kernels release the GIL and run on the engine's worker threads (:mod:`adasr.ops.scheduling`), so they use
+the thread count of the tile pool; numba's own threading is not used. :func:`enabled` decides per call (option
+``pft_kernel``, ``ADASR_PFT_KERNEL``; CPU float32 tensors only).
 """
 import math
 from statistics import NormalDist
