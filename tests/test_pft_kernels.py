@@ -84,10 +84,11 @@ def test_exp_is_within_an_ulp_or_two_of_float32_exp():
     assert np.all(out[:4] == 0)
 
 
-def _chain(kernel: str, mask: bool, training: bool):
-    """One parity of a PFA stack on hand-sized windows: dense, first top-k, sparse (k = K', then smaller)."""
+def _chain(kernel: str, mask: bool, training: bool, d: int = 5):
+    """One parity of a PFA stack on hand-sized windows: dense, first top-k, sparse (k = K', then smaller); head dim
+    5: the sparse products by the sampled product, 13: by BLAS with every key (K' = 24) and sampled (K' = 12)."""
     torch.manual_seed(3)
-    nb, h, n, d = 6, 2, 64, 5
+    nb, h, n = 6, 2, 64
     ks = [64, 24, 24, 12, 5]
     labels = pft_engine.shift_labels(16, 24, 8, 'cpu') if mask else None
     shift = pft_engine.ShiftMask(labels) if mask else None
@@ -102,9 +103,10 @@ def _chain(kernel: str, mask: bool, training: bool):
     return outs
 
 
-@pytest.mark.parametrize('mask,training', [(False, False), (True, False), (True, True)])
-def test_engine_kernels_match_the_torch_path(mask, training):
-    got, want = _chain('numba', mask, training), _chain('torch', mask, training)
+@pytest.mark.parametrize('mask,training,d', [(False, False, 5), (True, False, 5), (True, True, 5), (True, False, 13),
+                                             (False, True, 13)])
+def test_engine_kernels_match_the_torch_path(mask, training, d):
+    got, want = _chain('numba', mask, training, d), _chain('torch', mask, training, d)
     for (o1, v1, i1), (o2, v2, i2) in zip(got, want):
         torch.testing.assert_close(o1, o2, rtol=0, atol=2e-6)
         if i1 is None:

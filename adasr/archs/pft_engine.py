@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
-from adasr.ops import parallel_for, pft_kernels, pick_method, sparse_av, sparse_qk, topk_positions
-from adasr.ops.config import cache_bytes, tile_bytes
+from adasr.ops import parallel_for, pft_kernels, sampled_qk, sparse_av, sparse_qk, topk_positions
+from adasr.ops.config import cache_bytes, get_option, tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
@@ -346,7 +346,10 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, keys, True)
     kernels = pft_kernels.enabled(q, k, v, prev.values)
-    dense_qk = kernels and pick_method('qk', n, keys, d, q.device) == 'dense'
+    # products at the K' keys by the sampled product up to K' d <= 2 limit n here (BLAS with every key above): the
+    # kernel reads the sampled rows contiguously and no gather pass follows, which moves the break-even up
+    # (PFT-light, d 13: sampled at K' = 128, measured 20-25% faster per layer; docs/pft.md)
+    dense_qk = kernels and keys * d > 2 * get_option('sampled_limit') * n
     if dense_qk:  # the scores by BLAS products with every key, in cache-sized row blocks of one window (rows of
         # n products per head; a block size set by the cache option alone, so that tile settings change no rounding);
         # the kernel reads them at the keys
@@ -356,7 +359,11 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         ws, rs = tile
         idx = prev.index[ws, :, rs]
         if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass
-            s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1)) if dense_qk else sparse_qk(q[ws], k[ws], idx)
+            if dense_qk:
+                s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1))
+            else:
+                s = sampled_qk(q[ws].reshape(-1, n, d), k[ws].reshape(-1, n, d), idx.reshape(-1, n, keys))
+                s = s.view(idx.shape)
             kv, ki = vals[ws, :, rs], idxs[ws, :, rs]
             pft_kernels.softmax_focus_topk(s, bias, rs.start, prev.values[ws, :, rs], idx, topk, training, kv, ki)
             out[ws, :, rs] = sparse_av(kv, v[ws], ki)

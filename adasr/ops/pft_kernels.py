@@ -123,6 +123,26 @@ def _moments(x, m):
 
 
 @_jit()
+def _max4(x, m):
+    """max of x[:m] (m >= 1) with four running maxima (a single one is a chain of dependent compares)."""
+    m0 = x[0]
+    m1 = m0
+    m2 = m0
+    m3 = m0
+    t = 1
+    while t + 4 <= m:
+        m0 = max(m0, x[t])
+        m1 = max(m1, x[t + 1])
+        m2 = max(m2, x[t + 2])
+        m3 = max(m3, x[t + 3])
+        t += 4
+    while t < m:
+        m0 = max(m0, x[t])
+        t += 1
+    return max(max(m0, m1), max(m2, m3))
+
+
+@_jit()
 def _select(x, m, k, z, dens, sel, cand, code):
     """Positions of the k largest of x[:m] (0 < k < m) into sel[:k], in no particular order. ``z``, ``dens``: the
     standard normal quantile of 1 - k/m and the density there (first guesses); sel, cand: int32 scratch of length
@@ -225,13 +245,14 @@ def _topk_softmax(x, k, z, dens, vals, pos):
     sel = np.empty(n + 1, np.int32)
     cand = np.empty(n + 1, np.int32)
     code = np.empty(n, np.uint8)
+    kept = np.empty(k, np.float32)
     passes = 0
     for i in range(rows):
         xr = x[i]
         passes += _select(xr, n, k, z, dens, sel, cand, code)
-        mx = xr[sel[0]]  # the row maximum is kept
-        for t in range(1, k):
-            mx = max(mx, xr[sel[t]])
+        for t in range(k):
+            kept[t] = xr[sel[t]]
+        mx = _max4(kept, k)  # the row maximum is kept
         total = _exp_shifted(xr, n, mx, e, bits)
         vrow = vals[i]
         prow = pos[i]
@@ -263,18 +284,14 @@ def _softmax_focus_topk(s, full, bias, r0, pv, pidx, k, z, dens, training, vals,
                 p = pv[w, hh, i]
                 prow = pidx[w, hh, i]
                 brow = bh[r0 + i]
-                mx = -_INF
                 if full:  # products with every key: read at the kept keys
                     for t in range(kk):
                         j = prow[t]
-                        v = srow[j] + brow[j]
-                        x[t] = v
-                        mx = max(mx, v)
+                        x[t] = srow[j] + brow[j]
                 else:
                     for t in range(kk):
-                        v = srow[t] + brow[prow[t]]
-                        x[t] = v
-                        mx = max(mx, v)
+                        x[t] = srow[t] + brow[prow[t]]
+                mx = _max4(x, kk)
                 total = _exp_shifted(x, kk, mx, a, bits)
                 for t in range(kk):
                     a[t] = a[t] / total
