@@ -189,6 +189,8 @@ ENGINE_STAGES = {
     'topk_positions': 'top-k',
     'sparse_qk': 'sparse products (scores, aggregation)',
     'sparse_av': 'sparse products (scores, aggregation)',
+    'sampled_qk': 'sparse products (scores, aggregation)',
+    'key_products': 'sparse products (scores, aggregation)',
 }
 
 

@@ -333,6 +333,12 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
     return out, SparseMap(vals, idxs)
 
 
+def key_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T with every key (BLAS), float32: the scores of a sparse layer's rows before they are read at the kept
+    keys (compiled path, K' d > 2 n)."""
+    return torch.matmul(q, k.transpose(-2, -1))
+
+
 def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     """A layer with sparse input: scores at the K' inherited keys, softmax, focusing, top-k, aggregation."""
     nb, h, n, d = q.shape
@@ -360,7 +366,7 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         idx = prev.index[ws, :, rs]
         if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass
             if dense_qk:
-                s = torch.matmul(q[ws, :, rs], k[ws].transpose(-2, -1))
+                s = key_products(q[ws, :, rs], k[ws])
             else:
                 s = sampled_qk(q[ws].reshape(-1, n, d), k[ws].reshape(-1, n, d), idx.reshape(-1, n, keys))
                 s = s.view(idx.shape)
