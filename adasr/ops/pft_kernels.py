@@ -77,7 +77,10 @@ def _jit(fastmath=_FASTMATH):
     def wrap(fn):
         if numba is None:
             return fn
-        return numba.njit(nogil=True, cache=True, fastmath=fastmath)(fn)
+        try:
+            return numba.njit(nogil=True, cache=True, fastmath=fastmath)(fn)
+        except RuntimeError:  # no writable cache location (read-only install, no user cache dir): compile per process
+            return numba.njit(nogil=True, cache=False, fastmath=fastmath)(fn)
     return wrap
 
 
