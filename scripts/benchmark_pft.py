@@ -189,6 +189,15 @@ ENGINE_STAGES = {
     'topk_positions': 'top-k',
     'sparse_qk': 'sparse products (scores, aggregation)',
     'sparse_av': 'sparse products (scores, aggregation)',
+    'sampled_qk': 'sparse products (scores, aggregation)',
+    'key_products': 'sparse products (scores, aggregation)',
+}
+
+
+#: compiled row kernels timed by --profile (adasr.ops.pft_kernels, ADASR_PFT_KERNEL=numba / auto)
+KERNEL_STAGES = {
+    'topk_softmax': 'top-k + softmax (compiled rows, first top-k layers)',
+    'softmax_focus_topk': 'bias + softmax + focusing + top-k (compiled rows, sparse layers)',
 }
 
 
@@ -203,6 +212,10 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
     for name, stage in ENGINE_STAGES.items():
         if hasattr(pft_engine, name):
             setattr(pft_engine, name, timer.wrap(getattr(pft_engine, name), stage))
+    from adasr.ops import pft_kernels
+    for name, stage in KERNEL_STAGES.items():
+        if hasattr(pft_kernels, name):
+            setattr(pft_kernels, name, timer.wrap(getattr(pft_kernels, name), stage))
     if hasattr(pft_engine, 'DenseScores'):  # the score product of the first top-k layers
         pft_engine.DenseScores.logits = timer.wrap(pft_engine.DenseScores.logits, ENGINE_STAGES['dense_scores'])
     timer.hook(pft.conv_first, 'convolutions (first, body, upsampler)')

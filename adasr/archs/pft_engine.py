@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
-from adasr.ops import parallel_for, sparse_av, sparse_qk, topk_positions
-from adasr.ops.config import tile_bytes
+from adasr.ops import parallel_for, pft_kernels, sampled_qk, sparse_av, sparse_qk, topk_positions
+from adasr.ops.config import cache_bytes, get_option, tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
@@ -314,19 +314,29 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
     vals = torch.empty(nb, h, n, topk, device=v.device)
     idxs = torch.empty(nb, h, n, topk, dtype=index_dtype(n), device=v.device)
     out = _output(v)
+    wstep, rstep = tile_plan(nb, h, n, n, False)
+    kernels = pft_kernels.enabled(scores.q, scores.k, v)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         s = scores.logits(ws, rs)
-        pos = topk_positions(s, topk)
-        kept = kept_softmax(s, pos)
+        if kernels:  # selection and softmax of each row in one compiled pass (the scores in cache)
+            kept, pos = pft_kernels.topk_softmax(s, topk)
+        else:
+            pos = topk_positions(s, topk)
+            kept = kept_softmax(s, pos)
         vals[ws, :, rs] = kept
         idxs[ws, :, rs] = pos
         out[ws, :, rs] = sparse_av(kept, v[ws], pos)
 
-    wstep, rstep = tile_plan(nb, h, n, n, False)
     _run(run_tile, _tiles(nb, n, wstep, rstep), v.device)
     return out, SparseMap(vals, idxs)
+
+
+def key_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T with every key (BLAS), float32: the scores of a sparse layer's rows before they are read at the kept
+    keys (compiled path, K' d > 2 n)."""
+    return torch.matmul(q, k.transpose(-2, -1))
 
 
 def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
@@ -340,10 +350,30 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     else:  # same keys: update the inherited values in place, share the index
         vals, idxs = prev.values, prev.index
     out = _output(v)
+    wstep, rstep = tile_plan(nb, h, n, keys, True)
+    kernels = pft_kernels.enabled(q, k, v, prev.values)
+    # products at the K' keys by the sampled product up to K' d <= 2 limit n here (BLAS with every key above): the
+    # kernel reads the sampled rows contiguously and no gather pass follows, which moves the break-even up
+    # (PFT-light, d 13: sampled at K' = 128, measured 20-25% faster per layer; docs/pft.md)
+    dense_qk = kernels and keys * d > 2 * get_option('sampled_limit') * n
+    if dense_qk:  # the scores by BLAS products with every key, in cache-sized row blocks of one window (rows of
+        # n products per head; a block size set by the cache option alone, so that tile settings change no rounding);
+        # the kernel reads them at the keys
+        wstep, rstep = 1, max(1, min(n, cache_bytes() // (4 * n)))
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         idx = prev.index[ws, :, rs]
+        if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass
+            if dense_qk:
+                s = key_products(q[ws, :, rs], k[ws])
+            else:
+                s = sampled_qk(q[ws].reshape(-1, n, d), k[ws].reshape(-1, n, d), idx.reshape(-1, n, keys))
+                s = s.view(idx.shape)
+            kv, ki = vals[ws, :, rs], idxs[ws, :, rs]
+            pft_kernels.softmax_focus_topk(s, bias, rs.start, prev.values[ws, :, rs], idx, topk, training, kv, ki)
+            out[ws, :, rs] = sparse_av(kv, v[ws], ki)
+            return
         a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
         if do_topk:
             a = focus(a, prev.values[ws, :, rs], training, inplace=True)
@@ -354,6 +384,5 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
             a = focus(vals[ws, :, rs], a, training, inplace=True)
         out[ws, :, rs] = sparse_av(a, v[ws], idx)
 
-    wstep, rstep = tile_plan(nb, h, n, keys, True)
     _run(run_tile, _tiles(nb, n, wstep, rstep), q.device)
     return out, SparseMap(vals, idxs)

@@ -11,7 +11,8 @@ reaches it) and ``'auto'`` (Triton for CUDA tensors when ``triton`` imports, PyT
 Nothing is compiled at install or import time.
 
 Also public: the exact CPU forms (:func:`sampled_qk`, :func:`embedding_bag_av`), the top-k selection
-(:func:`topk_positions`), the reference definitions (:func:`dense_sparse_qk`, :func:`dense_sparse_av`), every
+(:func:`topk_positions`), the reference definitions (:func:`dense_sparse_qk`, :func:`dense_sparse_av`), the compiled
+CPU row kernels of PFT's inference top-k layers (:mod:`adasr.ops.pft_kernels`, numba, option ``pft_kernel``), every
 ``ADASR_*`` setting (:mod:`adasr.ops.config`) and the CPU worker pool (:mod:`adasr.ops.scheduling`).
 """
 import contextlib
@@ -20,7 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from adasr.ops import config, scheduling
+from adasr.ops import config, pft_kernels, scheduling
 from adasr.ops.config import BACKENDS, get_option, memory_budget_bytes, set_option
 from adasr.ops.scheduling import parallel_for
 from adasr.ops.sparse_attention import (
@@ -117,4 +118,4 @@ def sparse_av(attn: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch
 __all__ = ['sparse_qk', 'sparse_av', 'get_backend', 'set_backend', 'backend', 'resolve_backend', 'triton_available',
            'torch_sparse_qk', 'torch_sparse_av', 'dense_sparse_qk', 'dense_sparse_av', 'sampled_qk',
            'embedding_bag_av', 'topk', 'topk_positions', 'pick_method', 'memory_budget_bytes', 'chunk_count',
-           'parallel_for', 'config', 'scheduling', 'BACKENDS']
+           'parallel_for', 'config', 'scheduling', 'pft_kernels', 'BACKENDS']

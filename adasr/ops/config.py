@@ -28,6 +28,10 @@ option                 environment variable      default     meaning
                                                              opt in): ``'direct'`` (``F.conv2d``), ``'winograd'`` (the
                                                              default variant) or a variant (``'f2'``, ``'f3'``,
                                                              ``'f4'``, ``'f4-lavin'``); CPU float32 inference only
+``pft_kernel``         ``ADASR_PFT_KERNEL``      ``'auto'``  PFT's inference top-k layers on the CPU in float32:
+                                                             ``'numba'`` (compiled row kernels,
+                                                             :mod:`adasr.ops.pft_kernels`), ``'torch'`` (PyTorch /
+                                                             NumPy ops), ``'auto'`` (numba when it imports)
 =====================  ========================  ==========  =========================================================
 """
 import contextlib
@@ -75,6 +79,15 @@ def _conv3x3(source: str, raw: Any) -> str:
     return raw
 
 
+PFT_KERNELS = ('auto', 'numba', 'torch')
+
+
+def _pft_kernel(source: str, raw: Any) -> str:
+    if raw not in PFT_KERNELS:
+        raise ValueError(f'{source}={raw!r} is not a PFT kernel choice; choose one of {list(PFT_KERNELS)}')
+    return raw
+
+
 def _flag(source: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -99,6 +112,7 @@ _OPTIONS: Dict[str, _Option] = {
     'sampled_limit': _Option('ADASR_SAMPLED_LIMIT', 1.0, _positive),
     'torch_topk': _Option('ADASR_TORCH_TOPK', False, _flag),
     'conv3x3': _Option('ADASR_CONV3X3', 'direct', _conv3x3),
+    'pft_kernel': _Option('ADASR_PFT_KERNEL', 'auto', _pft_kernel),
 }
 _overrides: Dict[str, Any] = {}
 
@@ -174,5 +188,6 @@ def worker_threads() -> int:
     return torch.get_num_threads() if threads is None else threads
 
 
-__all__ = ['BACKENDS', 'CONV3X3_METHODS', 'get_option', 'set_option', 'options', 'memory_budget_bytes', 'tile_bytes',
+__all__ = ['BACKENDS', 'CONV3X3_METHODS', 'PFT_KERNELS', 'get_option', 'set_option', 'options', 'memory_budget_bytes',
+           'tile_bytes',
            'cache_bytes', 'worker_threads']
