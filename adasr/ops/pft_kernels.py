@@ -373,17 +373,20 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy()
 
 
+def _rows(a: torch.Tensor, k: int, name: str) -> Tuple[torch.Tensor, int]:
+    """``a`` (..., m) as contiguous rows (R, m), after checking 0 < k < m."""
+    _check()
+    m = a.shape[-1]
+    if not 0 < k < m:
+        raise ValueError(f'{name}: k={k} must be in [1, {m - 1}] for rows of length {m}')
+    return a.detach().reshape(-1, m).contiguous(), m
+
+
 def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k largest scores of each row of a float32 CPU tensor (..., n), 0 < k < n, and their softmax weights over
     the whole row: (weights (..., k) float32 ``exp(s - max) / sum(exp(s - max))`` (not renormalised over the kept
     keys), positions (..., k) int64, in no particular order). ``s`` is read only."""
-    _check()
-    n = s.shape[-1]
-    if not 0 < k < n:
-        raise ValueError(f'topk_softmax: k={k} must be in [1, {n - 1}] for rows of length {n}')
-    x = s.detach().reshape(-1, n)
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x, n = _rows(s, k, 'topk_softmax')
     vals = torch.empty(x.shape[0], k)
     pos = torch.empty(x.shape[0], k, dtype=torch.int64)
     z, dens = normal_guess(k, n)
@@ -425,13 +428,7 @@ def softmax_focus_topk(s: torch.Tensor, bias: torch.Tensor, r0: int, prev_values
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (int64) of the k largest entries of each row of a float32 CPU tensor (..., m), 0 < k < m, in no
     particular order (the same sets as ``torch.topk``; ties at the k-th value broken arbitrarily)."""
-    _check()
-    m = a.shape[-1]
-    if not 0 < k < m:
-        raise ValueError(f'topk_positions: k={k} must be in [1, {m - 1}] for rows of length {m}')
-    x = a.detach().reshape(-1, m)
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x, m = _rows(a, k, 'topk_positions')
     pos = torch.empty(x.shape[0], k, dtype=torch.int64)
     z, dens = normal_guess(k, m)
     _select_rows(_np(x), k, F32(z), F32(dens), _np(pos))
