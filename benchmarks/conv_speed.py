@@ -148,34 +148,24 @@ def table_markdown(rows: List[Dict]) -> str:
 @contextlib.contextmanager
 def resblock_convs(net, method: str, parts: Sequence[str] = ('encoder', 'decoder')) -> Iterator[None]:
     """Run the ResBlock chains ``parts`` of an AdaFormer (``'encoder'``: ``shollow_feature_extraction``,
-    ``'decoder'``: ``deep_feature_extraction``) with :func:`adasr.ops.winograd.conv3x3` ``method`` (an instance
-    patch of their ``forward``, undone on exit; the network's code is not changed)."""
+    ``'decoder'``: ``deep_feature_extraction``) by :func:`adasr.ops.winograd.conv3x3` ``method`` (their
+    ``conv3x3`` attribute, restored on exit). The tail follows ``net.conv3x3``, i.e. the encoder's setting."""
     chains = {'encoder': net.shollow_feature_extraction, 'decoder': net.deep_feature_extraction}
-    patched = []
+    saved = {part: chains[part].conv3x3 for part in parts}
     try:
         for part in parts:
-            chain = chains[part]
-            chain.forward = lambda x, chain=chain: resblock_chain(chain, x, method)
-            patched.append(chain)
+            chains[part].conv3x3 = method
         yield
     finally:
-        for chain in patched:
-            del chain.forward
+        for part, value in saved.items():
+            chains[part].conv3x3 = value
 
 
 def resblock_chain(chain, x: torch.Tensor, method: str) -> torch.Tensor:
-    """An EDSR ResBlock chain (``blk.body`` = conv, ReLU, conv; ``blk.res_scale``) with its convs by
-    :func:`adasr.ops.winograd.conv3x3` ``method``, channels-last from end to end (one conversion in, one out)."""
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    x = x.contiguous(memory_format=torch.channels_last)
-    for blk in chain:
-        c1, c2 = blk.body[0], blk.body[2]
-        h = winograd.conv3x3(x, c1.weight, c1.bias, relu=True, method=method)
-        h = winograd.conv3x3(h, c2.weight, c2.bias, method=method)
-        if blk.res_scale != 1:
-            h = h.mul_(blk.res_scale)
-        x = h.add_(x)
-    return x.contiguous(memory_format=fmt)
+    """An AdaFormer ResBlock chain channels-last from end to end (one conversion in, one out) with its convs by
+    :func:`adasr.ops.winograd.conv3x3` ``method`` (``ResBlocks.forward_channels_last``)."""
+    with torch.no_grad():
+        return chain.forward_channels_last(x, method)
 
 
 def chain_table(x: torch.Tensor, variants: Sequence[str], repeats: int = 5, seed: int = 0) -> List[Dict]:

@@ -118,14 +118,17 @@ class ResBlocks(nn.Sequential):
             return super().forward(x)
         method = self.conv3x3 or get_option('conv3x3')
         if method != 'direct':
-            return self._forward_winograd(x, method)
+            return self.forward_channels_last(x, method)
         h = x.to_mkldnn()
         for blk in self:
             h = blk.forward_mkldnn(h)
         return h.to_dense()
 
-    def _forward_winograd(self, x: torch.Tensor, method: str) -> torch.Tensor:
-        """The chain channels-last; returns channels-last for a channels-last input, else NCHW."""
+    def forward_channels_last(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        """The chain (no autograd) channels-last from end to end, its convolutions by
+        :func:`adasr.ops.winograd.conv3x3` ``method`` (``'direct'``: oneDNN's channels-last convolution, else a
+        Winograd variant) with the ReLU fused into the first; returns channels-last for a channels-last input, else
+        NCHW."""
         h = x.contiguous(memory_format=torch.channels_last)
         for blk in self:
             out = winograd.conv3x3(h, blk.body[0].weight, blk.body[0].bias, relu=True, method=method)
@@ -711,6 +714,10 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         ``'direct'``). The confidence estimator always runs directly; so do training, autograd and other devices."""
         return self.shollow_feature_extraction.conv3x3
 
+    def _conv_method(self) -> str:
+        """The method in effect: :attr:`conv3x3`, else the ops option."""
+        return self.conv3x3 or get_option('conv3x3')
+
     @conv3x3.setter
     def conv3x3(self, value: Optional[str]) -> None:
         if value is not None and value not in CONV3X3_METHODS:
@@ -733,7 +740,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         # 3x further from the authors' outputs. The NCHW numbers (theirs, bit for bit) are kept; CPU inference runs
         # the ResBlock chains in oneDNN's blocked layout, which gives the same numbers (ResBlocks).
         f0 = self.head(self.sub_mean(x * self.img_range))
-        if (self.conv3x3 or get_option('conv3x3')) != 'direct' and _onednn_layout_ok(f0):
+        if self._conv_method() != 'direct' and _onednn_layout_ok(f0):
             # Winograd chains: channels-last from the head to the tail (the tokens are channels-last, the 1x1
             # convolutions and residual additions keep the layout): no layout change between the chains
             f0 = f0.contiguous(memory_format=torch.channels_last)
@@ -753,7 +760,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         """The tail (conv3x3 + pixel shuffle); its convolution by Winograd when the chains use it (:attr:`conv3x3`):
         it comes after every halting decision, like the decoder."""
-        method = self.conv3x3 or get_option('conv3x3')
+        method = self._conv_method()
         if method == 'direct' or not _onednn_layout_ok(x):
             return self.tail(x)
         conv = self.tail[0]
