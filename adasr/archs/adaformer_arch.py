@@ -34,13 +34,17 @@ from adasr.archs.layers import (
     window_partition,
     window_reverse,
 )
-from adasr.ops import winograd
+from adasr.ops import cpu_inference, winograd
 from adasr.ops.config import CONV3X3_METHODS, get_option
 from adasr.ops.layout import tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
 _HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
+# sparse eval's global chunks of at least this many tokens are computed one at a time at CPU inference (in cache; the
+# same numbers: measured bit for bit from 16 tokens up, tiny chunks take other product kernels in a batch of one;
+# below ~1000 tokens the per-chunk calls cost more than the cache saves)
+_CHUNKWISE_MIN = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class AdaFormerAttention(nn.Module):
             scale[:self.dim] = self.scale
             cached = (key, (w * scale).detach(), (b * scale[:, 0]).detach())
             self._folded[id(linear)] = cached
-        return F.linear(x, cached[1], cached[2])
+        return cpu_inference.linear(x, cached[1], cached[2])  # (oneDNN, bias in the product, at CPU inference)
 
     def _heads(self, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:
         """(..., n, parts*C) with channels ordered [part][head][head_dim] -> ``parts`` tensors (..., heads, n, hd)."""
@@ -273,9 +277,17 @@ class AdaFormerAttention(nn.Module):
 
     def window_attention(self, xw: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention inside windows with the relative-position bias; (n, S*S, C) -> same."""
+        if self._grouped_ok(xw):  # the same numbers, computed for groups of windows that stay in cache
+            return cpu_inference.window_attention(self._scaled_linear(self.qkv_local, xw),
+                                                  self._position_bias().contiguous(), self.num_heads)
         q, k, v = self._qkv(self.qkv_local, xw)
         attn = (q @ k.transpose(-2, -1)).add_(self._position_bias())  # (the product's grad needs q, k)
         return self._merge(attn.softmax(-1) @ v)
+
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        """CPU float32 inference with the scale folded into the weights: the window attention may run by
+        :mod:`adasr.ops.cpu_inference` (groups of windows, the same numbers)."""
+        return cpu_inference.fast_path_ok(x) and self._foldable(self.qkv_local, x)
 
     def _broadcast(self, q: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
         """Tokens attend over the aggregated prototypes. q (..., h, n, hd), already times ``scale``; agg (..., M, C)
@@ -339,11 +351,13 @@ class AdaFormerAttention(nn.Module):
             if num == 0:
                 continue
             whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
-            x = u[i] if whole else u[i].index_select(0, idx)
-            qkv = self._qkv_scaled(self.qkv, x)
             pos = chunk_padding_positions(num, groups, u.device)
-            if pos.numel() != num:
-                qkv = qkv.index_select(0, pos)
+            if not whole and pos.numel() >= _CHUNKWISE_MIN * groups and cpu_inference.fast_path_ok(u):
+                self._global_chunks_into(u[i], idx, idx if pos.numel() == num else idx[pos], groups, qp, out[i])
+                continue
+            # the padded list is gathered before the projection (the same rows, one copy of qkv less)
+            x = u[i] if whole else u[i].index_select(0, idx if pos.numel() == num else idx[pos])
+            qkv = self._qkv_scaled(self.qkv, x)
             q, k, v = self._heads(qkv.view(groups, -1, 3 * c), 3)  # groups, h, chunk, hd
             agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # groups, M, c
             y = self._broadcast(q, agg).reshape(-1, c)[:num]
@@ -353,6 +367,25 @@ class AdaFormerAttention(nn.Module):
                 out[i].index_copy_(0, idx, y)
         return out
 
+    def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: torch.Tensor, groups: int,
+                            qp: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`global_sparse` for one sample, one chunk at a time (CPU inference): each chunk's tokens are
+        gathered, projected, aggregated, broadcast and written back while they are in cache. Every chunk's numbers
+        are those of the batched computation over all chunks. u, out (N, C); idx: the kept-token list in region
+        order; padded: that list padded to ``groups`` equal chunks."""
+        c = u.shape[-1]
+        num, chunk = idx.numel(), padded.numel() // groups
+        for j in range(groups):
+            start = j * chunk
+            valid = min(chunk, num - start)
+            if valid <= 0:
+                break
+            qkv = self._qkv_scaled(self.qkv, u.index_select(0, padded[start:start + chunk]))
+            q, k, v = self._heads(qkv.view(1, chunk, 3 * c), 3)  # 1, h, chunk, hd
+            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # 1, M, c
+            y = self._broadcast(q, agg).view(chunk, c)
+            out.index_copy_(0, idx[start:start + valid], y[:valid] if valid < chunk else y)
+
     def forward_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor],
                        keep_win: Optional[torch.Tensor], split: int) -> torch.Tensor:
         """local + global with attention computed only for kept windows and tokens. The result is assembled in
@@ -361,6 +394,12 @@ class AdaFormerAttention(nn.Module):
         b, n, c = u.shape
         s = self.window_size
         g = self.global_sparse(u, hw, keep_tok, split)
+        if (keep_win is None or bool(keep_win.all())) and self._grouped_ok(u):
+            # every window: attention read from the raster qkv map and added into g in place, window groups at a
+            # time (g + local: the same sums as below)
+            g = g.clone() if g is u else g
+            qkv = self._scaled_linear(self.qkv_local, u).view(b, hw[0], hw[1], 3 * c)
+            return cpu_inference.window_attention_add_(qkv, self._position_bias().contiguous(), self.num_heads, s, g)
         if keep_win is None or bool(keep_win.all()):
             local = self.window_attention(window_partition(u.view(b, hw[0], hw[1], c), s))
             return window_reverse(local, s, hw[0], hw[1]).view(b, n, c).add_(g)
@@ -409,6 +448,9 @@ class TSAB(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             x = x + a
             return x + self.mlp(self.norm2(x))
+        if cpu_inference.fast_path_ok(x):
+            # both residual additions, LayerNorm 2 and the MLP in groups of rows that stay in cache: the same numbers
+            return cpu_inference.residual_rows_(x, lambda r: self.mlp(self.norm2(r)), a)
         x = x.add_(a)  # no autograd: update the token stream in place (it is this block's own tensor)
         return x.add_(self.mlp(self.norm2(x)))
 
@@ -437,8 +479,7 @@ class AdaM(nn.Module):
         last block decides nothing: it is not computed; the returned ``pending`` (else None) computes it, the same
         numbers, when the halting record is read (:meth:`last_map`)."""
         b, _, hp, wp = fe.shape
-        t = self.embed(fe)
-        t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
+        t = self.embed_tokens(fe)  # b, n, c
         score = fe.new_zeros(b, 1, hp, wp)
         threshold = 1 - eps_h
         keep_tok = keep_win = live = None
@@ -460,10 +501,29 @@ class AdaM(nn.Module):
             logits.append(logit)
             g_maps.append(g)
             w_maps.append(w)
-        # NCHW by a blocked transpose; for a channels-last fe (Winograd chains) the tokens are that layout already
-        out = fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if _channels_last(fe)
-                                else tokens_to_nchw(t, hp, wp))
+        out = fe + self.unembed_map(t, hp, wp, _channels_last(fe))
         return out, logits, g_maps, w_maps, complete, pending
+
+    def embed_tokens(self, fe: torch.Tensor) -> torch.Tensor:
+        """The embedding (1x1 conv) of an NCHW map as tokens (B, H*W, C). At CPU float32 inference on an NCHW map:
+        the map's tokens times the weight in a oneDNN linear (the same numbers as the 1x1 conv, which PyTorch runs
+        as a slow im2col product with a bias copy, then a transpose)."""
+        if cpu_inference.fast_path_ok(fe) and fe.is_contiguous():
+            w = self.embed.weight
+            return cpu_inference.linear(fe.flatten(2).transpose(1, 2).contiguous(), w.view(w.shape[0], -1),
+                                        self.embed.bias)
+        return self.embed(fe).flatten(2).transpose(1, 2).contiguous()
+
+    def unembed_map(self, t: torch.Tensor, hp: int, wp: int, channels_last: bool) -> torch.Tensor:
+        """The unembedding (1x1 conv) of tokens (B, H*W, C) as a map (B, C', H, W): NCHW by a blocked transpose; for
+        a channels-last fe (Winograd chains) the tokens are that layout already. At CPU float32 inference (NCHW): a
+        oneDNN linear on the tokens, then the transpose (the same numbers)."""
+        if channels_last:
+            return self.unembed(t.transpose(1, 2).reshape(t.shape[0], -1, hp, wp))
+        if cpu_inference.fast_path_ok(t):
+            w = self.unembed.weight
+            return tokens_to_nchw(cpu_inference.linear(t, w.view(w.shape[0], -1), self.unembed.bias), hp, wp)
+        return self.unembed(tokens_to_nchw(t, hp, wp))
 
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
