@@ -188,6 +188,13 @@ def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch
             plain_g = attn.global_sparse(u, hw, keep, split)
             plain = attn.forward_sparse(u, hw, keep, None, split)
     assert torch.equal(fast_g, plain_g) and torch.equal(fast, plain)
+    # no window attends: global + u, the sum computed while the global branch writes its tokens
+    none = torch.zeros(2 * (hw[0] // 8) * (hw[1] // 8), dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(attn.forward_sparse(u, hw, keep, none, split), plain_g + u)
+        with monkeypatch.context() as m:
+            _plain_cpu(m)
+            assert torch.equal(attn.forward_sparse(u, hw, keep, none, split), plain_g + u)
 
 
 def test_cpu_engines_match_plain_pytorch_with_a_global_split(paper_net):

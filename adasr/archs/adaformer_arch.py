@@ -331,20 +331,23 @@ class AdaFormerAttention(nn.Module):
     # -- sparse (eval) path ------------------------------------------------------------------------------------------
 
     def global_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep: Optional[torch.Tensor],
-                      split: int) -> torch.Tensor:
+                      split: int, plus_u: bool = False) -> torch.Tensor:
         """The authors' eval global branch, per sample: kept tokens listed region by region (split x split
         regions), padded to a multiple of split**2 and cut into split**2 consecutive chunks; each chunk aggregates
         its own prototypes and broadcasts them back to its tokens. Only kept tokens are projected.
 
-        Returns ``u`` itself when no token of any sample is kept, else a new tensor (halted tokens = ``u``)."""
+        Returns ``u`` itself when no token of any sample is kept, else a new tensor (halted tokens = ``u``).
+        ``plus_u``: returns ``global + u`` instead, always a new tensor (what :meth:`forward_sparse` returns where no
+        window attends; one pass over the map less than adding ``u`` afterwards, the same sums)."""
         b, n, c = u.shape
         if keep is not None and not bool(keep.any()):
-            return u
+            return u + u if plus_u else u
         groups = split * split
         order = region_order(hw[0], hw[1], split, u.device)
         qp = self._prototype_queries() * self.scale  # h, M, hd
         # every token of a sample whose tokens are all kept is overwritten below: no copy of u needed
-        out = u.clone() if keep is not None and not bool(keep.all()) else torch.empty_like(u)
+        partial = keep is not None and not bool(keep.all())
+        out = (u + u if plus_u else u.clone()) if partial else torch.empty_like(u)
         for i in range(b):
             idx = order if keep is None else order[keep[i][order]]
             num = idx.numel()
@@ -353,7 +356,8 @@ class AdaFormerAttention(nn.Module):
             whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
             pos = chunk_padding_positions(num, groups, u.device)
             if not whole and pos.numel() >= _CHUNKWISE_MIN * groups and cpu_inference.fast_path_ok(u):
-                self._global_chunks_into(u[i], idx, idx if pos.numel() == num else idx[pos], groups, qp, out[i])
+                self._global_chunks_into(u[i], idx, idx if pos.numel() == num else idx[pos], groups, qp, out[i],
+                                         plus_u)
                 continue
             # the padded list is gathered before the projection (the same rows, one copy of qkv less)
             x = u[i] if whole else u[i].index_select(0, idx if pos.numel() == num else idx[pos])
@@ -361,6 +365,8 @@ class AdaFormerAttention(nn.Module):
             q, k, v = self._heads(qkv.view(groups, -1, 3 * c), 3)  # groups, h, chunk, hd
             agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # groups, M, c
             y = self._broadcast(q, agg).reshape(-1, c)[:num]
+            if plus_u:
+                y = y + x[:num]  # (x: the kept tokens in list order, then the padding)
             if whole:
                 out[i] = y
             else:
@@ -368,11 +374,11 @@ class AdaFormerAttention(nn.Module):
         return out
 
     def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: torch.Tensor, groups: int,
-                            qp: torch.Tensor, out: torch.Tensor) -> None:
+                            qp: torch.Tensor, out: torch.Tensor, plus_u: bool = False) -> None:
         """:meth:`global_sparse` for one sample, one chunk at a time (CPU inference): each chunk's tokens are
         gathered, projected, aggregated, broadcast and written back while they are in cache. Every chunk's numbers
         are those of the batched computation over all chunks. u, out (N, C); idx: the kept-token list in region
-        order; padded: that list padded to ``groups`` equal chunks."""
+        order; padded: that list padded to ``groups`` equal chunks; ``plus_u``: writes ``global + u``."""
         c = u.shape[-1]
         num, chunk = idx.numel(), padded.numel() // groups
         for j in range(groups):
@@ -380,11 +386,12 @@ class AdaFormerAttention(nn.Module):
             valid = min(chunk, num - start)
             if valid <= 0:
                 break
-            qkv = self._qkv_scaled(self.qkv, u.index_select(0, padded[start:start + chunk]))
+            x = u.index_select(0, padded[start:start + chunk])
+            qkv = self._qkv_scaled(self.qkv, x)
             q, k, v = self._heads(qkv.view(1, chunk, 3 * c), 3)  # 1, h, chunk, hd
             agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # 1, M, c
-            y = self._broadcast(q, agg).view(chunk, c)
-            out.index_copy_(0, idx[start:start + valid], y[:valid] if valid < chunk else y)
+            y = self._broadcast(q, agg).view(chunk, c)[:valid]
+            out.index_copy_(0, idx[start:start + valid], y.add_(x[:valid]) if plus_u else y)
 
     def forward_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor],
                        keep_win: Optional[torch.Tensor], split: int) -> torch.Tensor:
@@ -393,6 +400,8 @@ class AdaFormerAttention(nn.Module):
         ``window_attention + global`` (the same sums, in the same order, as adding the two branch outputs)."""
         b, n, c = u.shape
         s = self.window_size
+        if keep_win is not None and not bool(keep_win.any()):  # no window attends: global + u
+            return self.global_sparse(u, hw, keep_tok, split, plus_u=True)
         g = self.global_sparse(u, hw, keep_tok, split)
         if (keep_win is None or bool(keep_win.all())) and self._grouped_ok(u):
             # every window: attention read from the raster qkv map and added into g in place, window groups at a
@@ -576,8 +585,13 @@ class AdaM(nn.Module):
         conv1, conv2 = self.var[0], self.var[2]
         bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
         wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
-        padded = F.pad(t.view(b, hp, wp, c), (0, 0, 2, 2, 2, 2))
-        patches = padded.unfold(1, s + 4, s).unfold(2, s + 4, s)[bi, wy, wx].contiguous()  # n, c, s+4, s+4 (NCHW)
+        # the windows with their halo gathered from the token map, zero outside the image (no padded copy of the map)
+        pos = torch.arange(-2, s + 2, device=t.device)
+        ys, xs = wy[:, None] * s + pos, wx[:, None] * s + pos  # n, s+4
+        inside = ((ys >= 0) & (ys < hp))[:, :, None] & ((xs >= 0) & (xs < wp))[:, None, :]
+        patches = t.view(b, hp, wp, c)[bi[:, None, None], ys.clamp(0, hp - 1)[:, :, None],
+                                       xs.clamp(0, wp - 1)[:, None, :]]  # n, s+4, s+4, c
+        patches = patches.masked_fill_(~inside[..., None], 0).permute(0, 3, 1, 2).contiguous()  # n, c, s+4, s+4
         hidden = self.var[1](F.conv2d(patches, conv1.weight, conv1.bias))  # n, hidden, s+2, s+2
         pos = torch.arange(-1, s + 1, device=t.device)
         inside_y = ((wy[:, None] * s + pos) >= 0) & ((wy[:, None] * s + pos) < hp)
