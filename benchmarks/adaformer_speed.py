@@ -88,9 +88,6 @@ def _wrap_adaformer(timer: _StageTimer, net) -> None:
     timer.wrap(net.shollow_feature_extraction, 'forward', 'encoder: 8 ResBlocks (16 conv3x3)')
     timer.wrap(net.body.embed, 'forward', 'AdaM embed + unembed (1x1 convs)')
     timer.wrap(net.body.unembed, 'forward', 'AdaM embed + unembed (1x1 convs)')
-    for name in ('embed_tokens', 'unembed_map'):  # (they may call the weights directly)
-        if hasattr(net.body, name):
-            timer.wrap(net.body, name, 'AdaM embed + unembed (1x1 convs)')
     timer.wrap(net.body.var, 'forward', 'confidence estimator (6x)')
     if hasattr(net.body, 'estimate'):  # (the window path calls the convs directly)
         timer.wrap(net.body, 'estimate', 'confidence estimator (6x)')

@@ -488,7 +488,8 @@ class AdaM(nn.Module):
         last block decides nothing: it is not computed; the returned ``pending`` (else None) computes it, the same
         numbers, when the halting record is read (:meth:`last_map`)."""
         b, _, hp, wp = fe.shape
-        t = self.embed_tokens(fe)  # b, n, c
+        t = self.embed(fe)
+        t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
         score = fe.new_zeros(b, 1, hp, wp)
         threshold = 1 - eps_h
         keep_tok = keep_win = live = None
@@ -510,29 +511,11 @@ class AdaM(nn.Module):
             logits.append(logit)
             g_maps.append(g)
             w_maps.append(w)
-        out = fe + self.unembed_map(t, hp, wp, _channels_last(fe))
+        # NCHW by a blocked transpose; for a channels-last fe (Winograd chains) the tokens are that layout already
+        out = fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if _channels_last(fe)
+                                else tokens_to_nchw(t, hp, wp))
         return out, logits, g_maps, w_maps, complete, pending
 
-    def embed_tokens(self, fe: torch.Tensor) -> torch.Tensor:
-        """The embedding (1x1 conv) of an NCHW map as tokens (B, H*W, C). At CPU float32 inference on an NCHW map:
-        the map's tokens times the weight in a oneDNN linear (the same numbers as the 1x1 conv, which PyTorch runs
-        as a slow im2col product with a bias copy, then a transpose)."""
-        if cpu_inference.fast_path_ok(fe) and fe.is_contiguous():
-            w = self.embed.weight
-            return cpu_inference.linear(fe.flatten(2).transpose(1, 2).contiguous(), w.view(w.shape[0], -1),
-                                        self.embed.bias)
-        return self.embed(fe).flatten(2).transpose(1, 2).contiguous()
-
-    def unembed_map(self, t: torch.Tensor, hp: int, wp: int, channels_last: bool) -> torch.Tensor:
-        """The unembedding (1x1 conv) of tokens (B, H*W, C) as a map (B, C', H, W): NCHW by a blocked transpose; for
-        a channels-last fe (Winograd chains) the tokens are that layout already. At CPU float32 inference (NCHW): a
-        oneDNN linear on the tokens, then the transpose (the same numbers)."""
-        if channels_last:
-            return self.unembed(t.transpose(1, 2).reshape(t.shape[0], -1, hp, wp))
-        if cpu_inference.fast_path_ok(t):
-            w = self.unembed.weight
-            return tokens_to_nchw(cpu_inference.linear(t, w.view(w.shape[0], -1), self.unembed.bias), hp, wp)
-        return self.unembed(tokens_to_nchw(t, hp, wp))
 
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
