@@ -161,3 +161,50 @@ def test_winograd_against_the_authors_oracle(reference_dir):
             assert c.error <= 2e-3, c
         elif not c.quantity.startswith('intermediates.'):  # masks (0 differing entries), logits, confidences
             assert c.passed, c
+
+
+def _plain_cpu(monkeypatch):
+    """Turn off the cache-sized CPU inference engines (adasr.ops.cpu_inference): the batched computation."""
+    from adasr.ops import cpu_inference
+
+    monkeypatch.setattr(cpu_inference, 'fast_path_ok', lambda x: False)
+
+
+@pytest.mark.parametrize('keep_share', [None, 1.0, 0.6, 0.3, 0.01])
+def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch, keep_share):
+    """CPU inference computes the global chunks of at least 1024 tokens one at a time and the window attention in
+    groups of windows read from the raster qkv map: bit for bit the batched computation (random keep maps, split 2,
+    chunks from 40 to 8192 tokens; every window kept, so that the local branch takes the raster path)."""
+    attn = paper_net.body.blocks[1].attn
+    hw, split = (128, 256), 2
+    u = torch.randn(2, hw[0] * hw[1], 64, generator=torch.Generator().manual_seed(11))
+    keep = None if keep_share is None else torch.rand(2, u.shape[1], generator=torch.Generator().manual_seed(12)) \
+        < keep_share
+    with torch.no_grad():
+        fast_g = attn.global_sparse(u, hw, keep, split)
+        fast = attn.forward_sparse(u, hw, keep, None, split)
+        with monkeypatch.context() as m:
+            _plain_cpu(m)
+            plain_g = attn.global_sparse(u, hw, keep, split)
+            plain = attn.forward_sparse(u, hw, keep, None, split)
+    assert torch.equal(fast_g, plain_g) and torch.equal(fast, plain)
+    # no window attends: global + u, the sum computed while the global branch writes its tokens
+    none = torch.zeros(2 * (hw[0] // 8) * (hw[1] // 8), dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(attn.forward_sparse(u, hw, keep, none, split), plain_g + u)
+        with monkeypatch.context() as m:
+            _plain_cpu(m)
+            assert torch.equal(attn.forward_sparse(u, hw, keep, none, split), plain_g + u)
+
+
+def test_cpu_engines_match_plain_pytorch_with_a_global_split(paper_net):
+    """An input whose eval global split is 2 (chunkwise global branch, grouped windows, MLP row groups, oneDNN
+    embedding): SR, masks and logits are the autograd-mode (plain PyTorch) computation's bit for bit."""
+    x = FIX.guard_input((1, 3, 96, 136), 7)
+    assert paper_net.global_split(96, 136) == 2
+    fast_sr, fast = _run(paper_net, x, 0.0, 0.05, complete=True)
+    plain_sr, plain = _run(paper_net, x, 0.0, 0.05, complete=True, grad=True)
+    assert torch.equal(fast_sr, plain_sr)
+    for key in ('logits', 'global_keep', 'local_keep'):
+        for a, b in zip(getattr(fast, key), getattr(plain, key)):
+            assert torch.equal(a, b), key

@@ -34,13 +34,17 @@ from adasr.archs.layers import (
     window_partition,
     window_reverse,
 )
-from adasr.ops import winograd
+from adasr.ops import cpu_inference, winograd
 from adasr.ops.config import CONV3X3_METHODS, get_option
 from adasr.ops.layout import tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
 _HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
+# sparse eval's global chunks of at least this many tokens are computed one at a time at CPU inference (in cache; the
+# same numbers: measured bit for bit from 16 tokens up, tiny chunks take other product kernels in a batch of one;
+# below ~1000 tokens the per-chunk calls cost more than the cache saves)
+_CHUNKWISE_MIN = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class AdaFormerAttention(nn.Module):
             scale[:self.dim] = self.scale
             cached = (key, (w * scale).detach(), (b * scale[:, 0]).detach())
             self._folded[id(linear)] = cached
-        return F.linear(x, cached[1], cached[2])
+        return cpu_inference.linear(x, cached[1], cached[2])  # (oneDNN, bias in the product, at CPU inference)
 
     def _heads(self, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:
         """(..., n, parts*C) with channels ordered [part][head][head_dim] -> ``parts`` tensors (..., heads, n, hd)."""
@@ -273,9 +277,17 @@ class AdaFormerAttention(nn.Module):
 
     def window_attention(self, xw: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention inside windows with the relative-position bias; (n, S*S, C) -> same."""
+        if self._grouped_ok(xw):  # the same numbers, computed for groups of windows that stay in cache
+            return cpu_inference.window_attention(self._scaled_linear(self.qkv_local, xw),
+                                                  self._position_bias().contiguous(), self.num_heads)
         q, k, v = self._qkv(self.qkv_local, xw)
         attn = (q @ k.transpose(-2, -1)).add_(self._position_bias())  # (the product's grad needs q, k)
         return self._merge(attn.softmax(-1) @ v)
+
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        """CPU float32 inference with the scale folded into the weights: the window attention may run by
+        :mod:`adasr.ops.cpu_inference` (groups of windows, the same numbers)."""
+        return cpu_inference.fast_path_ok(x) and self._foldable(self.qkv_local, x)
 
     def _broadcast(self, q: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
         """Tokens attend over the aggregated prototypes. q (..., h, n, hd), already times ``scale``; agg (..., M, C)
@@ -319,39 +331,67 @@ class AdaFormerAttention(nn.Module):
     # -- sparse (eval) path ------------------------------------------------------------------------------------------
 
     def global_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep: Optional[torch.Tensor],
-                      split: int) -> torch.Tensor:
+                      split: int, plus_u: bool = False) -> torch.Tensor:
         """The authors' eval global branch, per sample: kept tokens listed region by region (split x split
         regions), padded to a multiple of split**2 and cut into split**2 consecutive chunks; each chunk aggregates
         its own prototypes and broadcasts them back to its tokens. Only kept tokens are projected.
 
-        Returns ``u`` itself when no token of any sample is kept, else a new tensor (halted tokens = ``u``)."""
+        Returns ``u`` itself when no token of any sample is kept, else a new tensor (halted tokens = ``u``).
+        ``plus_u``: returns ``global + u`` instead, always a new tensor (what :meth:`forward_sparse` returns where no
+        window attends; one pass over the map less than adding ``u`` afterwards, the same sums)."""
         b, n, c = u.shape
         if keep is not None and not bool(keep.any()):
-            return u
+            return u + u if plus_u else u
         groups = split * split
         order = region_order(hw[0], hw[1], split, u.device)
         qp = self._prototype_queries() * self.scale  # h, M, hd
         # every token of a sample whose tokens are all kept is overwritten below: no copy of u needed
-        out = u.clone() if keep is not None and not bool(keep.all()) else torch.empty_like(u)
+        partial = keep is not None and not bool(keep.all())
+        out = (u + u if plus_u else u.clone()) if partial else torch.empty_like(u)
         for i in range(b):
             idx = order if keep is None else order[keep[i][order]]
             num = idx.numel()
             if num == 0:
                 continue
             whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
-            x = u[i] if whole else u[i].index_select(0, idx)
-            qkv = self._qkv_scaled(self.qkv, x)
             pos = chunk_padding_positions(num, groups, u.device)
-            if pos.numel() != num:
-                qkv = qkv.index_select(0, pos)
+            if not whole and pos.numel() >= _CHUNKWISE_MIN * groups and cpu_inference.fast_path_ok(u):
+                self._global_chunks_into(u[i], idx, idx if pos.numel() == num else idx[pos], groups, qp, out[i],
+                                         plus_u)
+                continue
+            # the padded list is gathered before the projection (the same rows, one copy of qkv less)
+            x = u[i] if whole else u[i].index_select(0, idx if pos.numel() == num else idx[pos])
+            qkv = self._qkv_scaled(self.qkv, x)
             q, k, v = self._heads(qkv.view(groups, -1, 3 * c), 3)  # groups, h, chunk, hd
             agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # groups, M, c
             y = self._broadcast(q, agg).reshape(-1, c)[:num]
+            if plus_u:
+                y = y + x[:num]  # (x: the kept tokens in list order, then the padding)
             if whole:
                 out[i] = y
             else:
                 out[i].index_copy_(0, idx, y)
         return out
+
+    def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: torch.Tensor, groups: int,
+                            qp: torch.Tensor, out: torch.Tensor, plus_u: bool = False) -> None:
+        """:meth:`global_sparse` for one sample, one chunk at a time (CPU inference): each chunk's tokens are
+        gathered, projected, aggregated, broadcast and written back while they are in cache. Every chunk's numbers
+        are those of the batched computation over all chunks. u, out (N, C); idx: the kept-token list in region
+        order; padded: that list padded to ``groups`` equal chunks; ``plus_u``: writes ``global + u``."""
+        c = u.shape[-1]
+        num, chunk = idx.numel(), padded.numel() // groups
+        for j in range(groups):
+            start = j * chunk
+            valid = min(chunk, num - start)
+            if valid <= 0:
+                break
+            x = u.index_select(0, padded[start:start + chunk])
+            qkv = self._qkv_scaled(self.qkv, x)
+            q, k, v = self._heads(qkv.view(1, chunk, 3 * c), 3)  # 1, h, chunk, hd
+            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # 1, M, c
+            y = self._broadcast(q, agg).view(chunk, c)[:valid]
+            out.index_copy_(0, idx[start:start + valid], y.add_(x[:valid]) if plus_u else y)
 
     def forward_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor],
                        keep_win: Optional[torch.Tensor], split: int) -> torch.Tensor:
@@ -360,7 +400,15 @@ class AdaFormerAttention(nn.Module):
         ``window_attention + global`` (the same sums, in the same order, as adding the two branch outputs)."""
         b, n, c = u.shape
         s = self.window_size
+        if keep_win is not None and not bool(keep_win.any()):  # no window attends: global + u
+            return self.global_sparse(u, hw, keep_tok, split, plus_u=True)
         g = self.global_sparse(u, hw, keep_tok, split)
+        if (keep_win is None or bool(keep_win.all())) and self._grouped_ok(u):
+            # every window: attention read from the raster qkv map and added into g in place, window groups at a
+            # time (g + local: the same sums as below)
+            g = g.clone() if g is u else g
+            qkv = self._scaled_linear(self.qkv_local, u).view(b, hw[0], hw[1], 3 * c)
+            return cpu_inference.window_attention_add_(qkv, self._position_bias().contiguous(), self.num_heads, s, g)
         if keep_win is None or bool(keep_win.all()):
             local = self.window_attention(window_partition(u.view(b, hw[0], hw[1], c), s))
             return window_reverse(local, s, hw[0], hw[1]).view(b, n, c).add_(g)
@@ -409,6 +457,9 @@ class TSAB(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             x = x + a
             return x + self.mlp(self.norm2(x))
+        if cpu_inference.fast_path_ok(x):
+            # both residual additions, LayerNorm 2 and the MLP in groups of rows that stay in cache: the same numbers
+            return cpu_inference.residual_rows_(x, lambda r: self.mlp(self.norm2(r)), a)
         x = x.add_(a)  # no autograd: update the token stream in place (it is this block's own tensor)
         return x.add_(self.mlp(self.norm2(x)))
 
@@ -465,6 +516,7 @@ class AdaM(nn.Module):
                                 else tokens_to_nchw(t, hp, wp))
         return out, logits, g_maps, w_maps, complete, pending
 
+
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
         complete), computed as the loop of :meth:`forward` would have (no autograd)."""
@@ -516,8 +568,13 @@ class AdaM(nn.Module):
         conv1, conv2 = self.var[0], self.var[2]
         bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
         wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
-        padded = F.pad(t.view(b, hp, wp, c), (0, 0, 2, 2, 2, 2))
-        patches = padded.unfold(1, s + 4, s).unfold(2, s + 4, s)[bi, wy, wx].contiguous()  # n, c, s+4, s+4 (NCHW)
+        # the windows with their halo gathered from the token map, zero outside the image (no padded copy of the map)
+        pos = torch.arange(-2, s + 2, device=t.device)
+        ys, xs = wy[:, None] * s + pos, wx[:, None] * s + pos  # n, s+4
+        inside = ((ys >= 0) & (ys < hp))[:, :, None] & ((xs >= 0) & (xs < wp))[:, None, :]
+        patches = t.view(b, hp, wp, c)[bi[:, None, None], ys.clamp(0, hp - 1)[:, :, None],
+                                       xs.clamp(0, wp - 1)[:, None, :]]  # n, s+4, s+4, c
+        patches = patches.masked_fill_(~inside[..., None], 0).permute(0, 3, 1, 2).contiguous()  # n, c, s+4, s+4
         hidden = self.var[1](F.conv2d(patches, conv1.weight, conv1.bias))  # n, hidden, s+2, s+2
         pos = torch.arange(-1, s + 1, device=t.device)
         inside_y = ((wy[:, None] * s + pos) >= 0) & ((wy[:, None] * s + pos) < hp)

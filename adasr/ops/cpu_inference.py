@@ -1,0 +1,118 @@
+"""CPU float32 inference engines for token networks that keep the numbers bit for bit.
+
+A transformer block at inference on one CPU core is mostly memory traffic: a 130560-token map of 64 channels is
+33 MB, its qkv 100 MB, a window attention map 133 MB, and every PyTorch operator reads and writes the whole map. The
+engines below cut the work into groups of rows or windows whose intermediates stay in the core's L2 cache and run the
+same operators on them, in the same order: every output element is computed by the same kernel with the same
+operands, so the results are the plain PyTorch results bit for bit (checked by ``tests/test_cpu_inference.py`` and
+the AdaFormer equivalence tests). No autograd: callers use them when gradients are off (:func:`fast_path_ok`).
+
+* :func:`linear`: ``F.linear`` as a oneDNN linear with the bias in the product (PyTorch's ``addmm`` first copies
+  the bias into the whole output, a pass over it).
+* :func:`residual_rows_`: ``x += a; x += fn(x)`` in groups of rows (a pre-norm MLP: LayerNorm, fc1, activation,
+  fc2 and both residual additions while a group is in cache).
+* :func:`window_attention`: multi-head attention inside windows (relative-position bias, softmax) computed for
+  groups of windows, the softmax in place.
+* :func:`window_attention_add_`: the same for every window of a raster token map, read from a raster-order qkv
+  map and added straight into a raster-order destination (no window partition or reverse copies).
+"""
+from typing import Callable, Optional
+
+import torch
+from torch.nn import functional as F
+
+_HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
+
+#: rows per group in :func:`residual_rows_` (2048 x 128 hidden floats = 1 MiB)
+ROWS = 2048
+#: fewest rows for :func:`linear`'s oneDNN product (measured equal to ``F.linear`` from 4 rows up)
+LINEAR_MIN_ROWS = 16
+#: windows per group in the window attention (16 windows x 4 heads x 64 x 64 floats = 1 MiB of attention maps)
+WINDOWS = 16
+
+
+def fast_path_ok(x: torch.Tensor) -> bool:
+    """Eager CPU float32 inference with oneDNN (no autograd, not traced by ``torch.compile``/``torch.export``)."""
+    return (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
+            and _HAS_LINEAR_POINTWISE and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; under :func:`fast_path_ok`, from :data:`LINEAR_MIN_ROWS` rows, a oneDNN linear
+    with the bias in the product (the same numbers, without the pass that copies the bias into the output; with
+    fewer rows the BLAS behind ``F.linear`` takes other kernels, whose rounding differs)."""
+    if bias is None or x.numel() < LINEAR_MIN_ROWS * x.shape[-1] or not fast_path_ok(x):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+
+def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], a: Optional[torch.Tensor] = None,
+                   rows: int = ROWS) -> torch.Tensor:
+    """``x += a`` (if given), then ``x += fn(x)``, in place on (..., N, C) ``x``, computed in groups of ``rows`` rows
+    of the last-but-one axis. ``fn`` must act on each row on its own (LayerNorm, linears, pointwise functions): its
+    output for a group is then its output for those rows of the whole map. Returns ``x``."""
+    if x.dim() < 2:
+        raise ValueError(f'residual_rows_ needs (..., N, C) rows, got shape {tuple(x.shape)}')
+    flat = x.view(-1, x.shape[-2], x.shape[-1])
+    fa = None if a is None else a.expand_as(x).reshape(flat.shape)
+    for i in range(flat.shape[0]):
+        for s in range(0, flat.shape[1], rows):
+            part = flat[i, s:s + rows]
+            if fa is not None:
+                part.add_(fa[i, s:s + rows])
+            part.add_(fn(part))
+    return x
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T + bias) v for (..., heads, n, hd) q, k, v and a (heads, n, n) bias, softmax in place."""
+    attn = (q @ k.transpose(-2, -1)).add_(bias)
+    torch.softmax(attn, -1, out=attn)
+    return attn @ v
+
+
+def _heads(qkv: torch.Tensor, heads: int):
+    """(m, n, 3C) -> q, k, v (m, heads, n, hd) views."""
+    m, n, c3 = qkv.shape
+    return qkv.view(m, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, windows: int = WINDOWS) -> torch.Tensor:
+    """Windowed multi-head attention: qkv (nW, n, 3C) with channels [q|k|v][head][hd] and q already scaled, bias
+    (heads, n, n) -> (nW, n, C), computed ``windows`` windows at a time (the plain ``softmax(q k^T + bias) v`` of
+    the whole batch, bit for bit)."""
+    nw, n, c3 = qkv.shape
+    c = c3 // 3
+    out = qkv.new_empty(nw, n, c)
+    for s in range(0, nw, windows):
+        q, k, v = _heads(qkv[s:s + windows], heads)
+        o = _attend(q, k, v, bias)  # m, heads, n, hd
+        out[s:s + windows].view(-1, n, heads, c // heads).copy_(o.transpose(1, 2))
+    return out
+
+
+def window_attention_add_(qkv: torch.Tensor, bias: torch.Tensor, heads: int, window_size: int, dst: torch.Tensor,
+                          windows: int = WINDOWS) -> torch.Tensor:
+    """``dst += window attention`` of every window of a raster token map: qkv (B, H, W, 3C) (q already scaled),
+    bias (heads, S*S, S*S), dst (B, H*W, C) raster order; H and W multiples of ``window_size`` S. The windows of a
+    window row are taken in groups of at most ``windows``; their q, k, v are read from the raster qkv map and the
+    result is added into ``dst`` in place (``dst + local``: the same sums as adding the partitioned result).
+    Returns ``dst``."""
+    b, h, w, c3 = qkv.shape
+    s, c = window_size, c3 // 3
+    nwy, nwx = h // s, w // s
+    hd = c // heads
+    per_row = -(-nwx // windows)
+    group = -(-nwx // per_row)  # balanced groups along a window row
+    src = qkv.view(b, nwy, s, nwx, s, c3)
+    out = dst.view(b, nwy, s, nwx, s, heads, hd)
+    for i in range(b):
+        for wy in range(nwy):
+            for x0 in range(0, nwx, group):
+                x1 = min(x0 + group, nwx)
+                m = x1 - x0
+                part = src[i, wy, :, x0:x1].permute(1, 0, 2, 3).reshape(m, s * s, c3)
+                q, k, v = _heads(part, heads)
+                o = _attend(q, k, v, bias)  # m, heads, S*S, hd
+                out[i, wy, :, x0:x1].add_(o.view(m, heads, s, s, hd).permute(2, 0, 3, 1, 4))
+    return dst
