@@ -190,14 +190,16 @@ ENGINE_STAGES = {
     'sparse_qk': 'sparse products (scores, aggregation)',
     'sparse_av': 'sparse products (scores, aggregation)',
     'sampled_qk': 'sparse products (scores, aggregation)',
-    'key_products': 'sparse products (scores, aggregation)',
+    'embedding_bag_av': 'sparse products (scores, aggregation)',
 }
 
 
-#: compiled row kernels timed by --profile (adasr.ops.pft_kernels, ADASR_PFT_KERNEL=numba / auto)
+#: compiled layer kernels timed by --profile (adasr.ops.pft_kernels, ADASR_PFT_KERNEL=numba / auto): (class, method)
 KERNEL_STAGES = {
-    'topk_softmax': 'top-k + softmax (compiled rows, first top-k layers)',
-    'softmax_focus_topk': 'bias + softmax + focusing + top-k (compiled rows, sparse layers)',
+    ('DenseRows', 'run'): 'dense layers (compiled: products, softmax, aggregation)',
+    ('DenseRows', 'select'): 'first top-k layers (compiled: products, top-k, softmax)',
+    ('SparseRows', 'run'): 'sparse layers (compiled: products, softmax, focusing, top-k)',
+    ('_Layer', '__init__'): 'attention glue (tiles, gathers, state)',
 }
 
 
@@ -213,9 +215,9 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
         if hasattr(pft_engine, name):
             setattr(pft_engine, name, timer.wrap(getattr(pft_engine, name), stage))
     from adasr.ops import pft_kernels
-    for name, stage in KERNEL_STAGES.items():
-        if hasattr(pft_kernels, name):
-            setattr(pft_kernels, name, timer.wrap(getattr(pft_kernels, name), stage))
+    for (cls, method), stage in KERNEL_STAGES.items():
+        if hasattr(pft_kernels, cls):
+            setattr(getattr(pft_kernels, cls), method, timer.wrap(getattr(getattr(pft_kernels, cls), method), stage))
     if hasattr(pft_engine, 'DenseScores'):  # the score product of the first top-k layers
         pft_engine.DenseScores.logits = timer.wrap(pft_engine.DenseScores.logits, ENGINE_STAGES['dense_scores'])
     timer.hook(pft.conv_first, 'convolutions (first, body, upsampler)')
@@ -234,6 +236,7 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
             timer.hook(layer.convffn, 'ConvFFN (fc1, GELU, depthwise conv + GELU, fc2)')
             timer.hook(layer.attn_win, 'attention glue (tiles, gathers, state)')
     runs: Dict[str, List[float]] = defaultdict(list)
+    torch.set_flush_denormal(True)  # as on the tile pool's threads (the tiles run in this thread here)
     with torch.no_grad(), config.options(threads=0):
         for i in range(repeats + 1):
             timer.seconds.clear()
@@ -269,6 +272,60 @@ def profile_table(args) -> None:
         print('|---|---:|---:|')
         for stage, sec in sorted(res.items(), key=lambda kv: -kv[1]['median_s']):
             print(f'| {stage} | {sec["median_s"]:.3f} | {100 * sec["median_s"] / total:.0f}% |', flush=True)
+
+
+#: one parity of PFT-light's layers: (k of the layer, label); K' of a layer is the k of the one before
+LIGHT_PARITY = [(1024, 'dense (0-1)'), (256, 'first top-k 1024 -> 256 (2-3)'), (256, '256 (4-5)'),
+                (128, '256 -> 128 (6-7)'), (128, '128 (8-9)'), (128, '128 (10-11)'), (64, '128 -> 64 (12-13)'),
+                (64, '64 (14-15)'), (64, '64 (16-17)'), (32, '64 -> 32 (18-19)'), (32, '32 (20-21)'),
+                (32, '32 (22-23)')]
+
+
+def layers_case(windows: int, heads: int, head_dim: int, repeats: int) -> Dict[str, Dict[str, List[float]]]:
+    """One parity of PFT-light's attention layers through ``pft_engine.attend`` (no autograd, eval focusing): random
+    q, k, v per layer, each layer fed the state of the one before; the compiled kernels and the PyTorch path
+    (option ``pft_kernel``) alternately, ``repeats`` chains each after a warm-up. Returns CPU seconds per layer."""
+    from adasr.archs import pft_engine
+    from adasr.ops import config
+
+    g = torch.Generator().manual_seed(0)
+    n = 1024
+    shape = (windows, heads, n, head_dim)
+    qkv = [[torch.randn(shape, generator=g) * (head_dim ** -0.5 if i == 0 else 1) for i in range(3)]
+           for _ in LIGHT_PARITY]
+    bias = torch.randn(1, n, n, generator=g)
+    times: Dict[str, Dict[str, List[float]]] = {p: defaultdict(list) for p in ('compiled', 'torch')}
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for path in (('compiled', 'torch') if rep % 2 else ('torch', 'compiled')):
+                with config.options(pft_kernel='numba' if path == 'compiled' else 'torch'):
+                    state = None
+                    for (k, label), (q, kk, v) in zip(LIGHT_PARITY, qkv):
+                        t = time.process_time()
+                        _, state = pft_engine.attend(q, kk, v, bias, None, state, k, False)
+                        if rep:
+                            times[path][label].append(time.process_time() - t)
+    return times
+
+
+def layers_table(args) -> None:
+    res = run_isolated(layers_case, windows=args.windows, heads=args.heads, head_dim=args.head_dim,
+                       repeats=args.repeats)
+    rows = args.windows * args.heads * 1024
+    med = {p: {label: statistics.median(v) / rows * 1e6 for label, v in t.items()} for p, t in res.items()}
+    dense = {p: med[p]['dense (0-1)'] for p in med}
+    print(f'\n### PFT-light attention layers, {args.windows} windows x {args.heads} heads x 1024 tokens, head dim '
+          f'{args.head_dim}, CPU time per (window, head, query) row, median of {args.repeats} (paths alternately)\n')
+    print('| layer (PFT-light) | compiled, us per row | / compiled dense | PyTorch path, us per row | / PyTorch dense '
+          '| compiled speed-up |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for _, label in LIGHT_PARITY:
+        c, t = med['compiled'][label], med['torch'][label]
+        print(f'| {label} | {c:.2f} | {c / dense["compiled"]:.2f} | {t:.2f} | {t / dense["torch"]:.2f} | '
+              f'{t / c:.2f}x |', flush=True)
+    total = {p: sum(med[p].values()) for p in med}
+    print(f'| all 12 layers of a parity | {total["compiled"]:.2f} | - | {total["torch"]:.2f} | - | '
+          f'{total["torch"] / total["compiled"]:.2f}x |')
 
 
 def _mb(x):
@@ -315,6 +372,8 @@ def main():
     parser.add_argument('--interleaved', action='store_true',
                         help='only: PFT-light against SwinIR-light, run alternately in one process per thread count')
     parser.add_argument('--profile', action='store_true', help='only: stage-by-stage profile of PFT-light')
+    parser.add_argument('--layers', action='store_true',
+                        help='only: time per row of each kind of PFT-light attention layer, compiled against PyTorch')
     parser.add_argument('--threads', type=int, nargs='+', default=[1, 2],
                         help='intra-op threads of --interleaved / --profile (one table row / table each)')
     args = parser.parse_args()
@@ -324,6 +383,10 @@ def main():
         devices.remove('cuda')
     print('Environment:', environment_summary())
     print(f'load average before the run: {os.getloadavg()}')
+    if args.layers:
+        layers_table(args)
+        print(f'\nload average after the run: {os.getloadavg()}')
+        return
     if args.interleaved or args.profile:
         if args.interleaved:
             print(f'\n### PFT-light / SwinIR-light x4, {args.size}x{args.size} CPU fp32, run alternately '

@@ -1,4 +1,5 @@
-"""The numba row kernels of PFT's top-k layers (adasr/ops/pft_kernels.py) against torch, and the switch between them."""
+"""The compiled PFT kernels (adasr/ops/pft_kernels.py: selection, dense and sparse layer kernels) against torch, and
+the switch between them."""
 import os.path as osp
 
 import numpy as np
@@ -59,8 +60,25 @@ def test_topk_positions_rejects_bad_k():
         pft_kernels.topk_positions(torch.randn(2, 8), 8)
 
 
+@pytest.mark.parametrize('m,k', SHAPES)
+def test_positive_selection_is_torch_topk_on_heavy_tailed_rows(m, k):
+    """The selection on float bit patterns (rows of focused weights) keeps torch.topk's sets, NaN counted largest."""
+    x = (torch.rand(37, m) * torch.exp(torch.randn(37, m) * 4)).clamp_min(1e-30)
+    x[3] = torch.rand(m) * 1e-20  # the epsilon level of PFA's renormalisation
+    x[4, m // 2] = float('nan')
+    xs = x.numpy()
+    sel, cand = np.empty(m + 1, np.int32), np.empty(m + 1, np.int32)
+    code, y = np.empty(m, np.uint8), np.empty(m, np.float64)
+    z, dens = pft_kernels.normal_guess(k, m)
+    for i, row in enumerate(xs):
+        pft_kernels._select_positive(row, m, k, np.float32(z), np.float32(dens), sel, cand, code, y)
+        want = torch.topk(torch.from_numpy(row).nan_to_num(nan=float('inf')), k).indices
+        assert torch.equal(_sets(torch.from_numpy(sel[:k].copy())), _sets(want)), i
+
+
 @pytest.mark.parametrize('m,k', [(1024, 256), (64, 16), (10, 3)])
 def test_topk_softmax_is_softmax_at_the_top_k(m, k):
+    """The first top-k layers of large head dims (BLAS scores, then this per-row kernel)."""
     s = torch.randn(2, 3, 17, m) * 4
     s[0, 0] -= 100 * (torch.rand(m) < 0.5)  # masked keys: their exp underflows
     before = s.clone()
@@ -69,6 +87,83 @@ def test_topk_softmax_is_softmax_at_the_top_k(m, k):
     assert torch.equal(_sets(pos), _sets(s.topk(k, -1).indices))
     want = torch.gather(torch.softmax(s, -1), -1, pos)
     torch.testing.assert_close(vals, want, rtol=1e-6, atol=1e-30)
+
+
+def _dense_case(d, dv, masked):
+    torch.manual_seed(1)
+    nb, h, n = 3, 2, 64
+    q, k, v = torch.randn(nb, h, n, d) * 0.5, torch.randn(nb, h, n, d), torch.randn(nb, h, n, dv)
+    bias = torch.randn(1, n, n)
+    masks = kinds = None
+    full = bias.expand(nb, h, n, n)
+    if masked:  # window 1 with pattern 1 (added twice: two masked layers in the chain), window 2 with pattern 2
+        masks = torch.cat([torch.zeros(1, n, n), (torch.rand(2, n, n) < 0.4).float() * -100])
+        kinds = [0, 1, 2]
+        full = bias + 2 * masks[kinds][:, None]
+    return pft_kernels.DenseRows(q, k, v, bias, masks, kinds, 2), q @ k.transpose(-2, -1) + full, v
+
+
+@pytest.mark.parametrize('d,dv,masked', [(13, 13, False), (26, 13, True), (5, 5, True)])
+def test_dense_rows_are_softmax_attention(d, dv, masked):
+    rows, s, v = _dense_case(d, dv, masked)
+    out = rows.output()
+    rows.run(0, 2, out)
+    rows.run(2, 3, out)  # windows in any split
+    torch.testing.assert_close(out.permute(0, 2, 1, 3), torch.softmax(s, -1) @ v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('d,masked,k', [(13, False, 16), (26, True, 16), (5, True, 63)])
+def test_dense_rows_selection_is_softmax_at_the_top_k(d, masked, k):
+    rows, s, _ = _dense_case(d, 13, masked)
+    nb, h, n = s.shape[:3]
+    vals, idx = torch.empty(nb, h, n, k), torch.empty(nb, h, n, k, dtype=torch.int16)
+    rows.select(0, nb, k, vals, idx)
+    assert torch.equal(_sets(idx), _sets(s.topk(k, -1).indices))
+    torch.testing.assert_close(vals, torch.gather(torch.softmax(s, -1), -1, idx.long()), rtol=1e-5, atol=1e-30)
+    with pytest.raises(ValueError, match='k=64'):
+        rows.select(0, 1, n, vals, idx)
+
+
+def test_sparse_rows_products_with_every_key_or_at_the_keys_agree():
+    torch.manual_seed(2)
+    nb, h, n, d, kk = 2, 3, 64, 13, 20
+    q, k = torch.randn(nb, h, n, d) * 0.4, torch.randn(nb, h, n, d)
+    bias = torch.randn(h, n, n)  # one bias per head
+    index = torch.stack([torch.randperm(n)[:kk] for _ in range(nb * h * n)]).view(nb, h, n, kk).to(torch.int16)
+    prev = torch.rand(nb, h, n, kk)
+    s = torch.gather(q @ k.transpose(-2, -1) + bias, -1, index.long())
+    a = torch.softmax(s, -1) * prev + 1e-20
+    want = a / (a.sum(-1, keepdim=True) + 1e-20)  # eval focusing
+    for full in (True, False):
+        rows = pft_kernels.SparseRows(q, k, bias, prev, index, full=full)
+        vals = torch.empty(nb, h, n, kk)
+        rows.run(0, nb, kk, False, vals, index)  # k = K': no selection
+        torch.testing.assert_close(vals, want, rtol=2e-5, atol=1e-12)
+        v8, i8 = torch.empty(nb, h, n, 8), torch.empty(nb, h, n, 8, dtype=torch.int16)
+        rows.run(0, nb, 8, False, v8, i8)
+        top = want.topk(8, -1).indices
+        assert torch.equal(_sets(i8), _sets(torch.gather(index.long(), -1, top)))
+        torch.testing.assert_close(v8.sort(-1).values, torch.gather(want, -1, top).sort(-1).values, rtol=2e-5,
+                                   atol=1e-12)
+
+
+def test_layer_kernels_reject_mismatched_operands():
+    q = torch.randn(2, 2, 16, 5)
+    with pytest.raises(ValueError, match='do not fit'):
+        pft_kernels.DenseRows(q, q, torch.randn(2, 2, 16, 5), torch.randn(1, 16, 15))
+    with pytest.raises(ValueError, match='window kinds'):
+        pft_kernels.DenseRows(q, q, torch.randn(2, 2, 16, 5), torch.randn(1, 16, 16), torch.zeros(2, 16, 16), [0, 2])
+    with pytest.raises(ValueError, match='inherited'):
+        pft_kernels.SparseRows(q, q, torch.randn(1, 16, 16), torch.rand(2, 2, 16, 4),
+                               torch.zeros(2, 2, 16, 3, dtype=torch.int16))
+
+
+def test_layer_source_is_specialised_to_the_head_dims():
+    src = pft_kernels.layer_source(13, 13)
+    assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src and 'o1_12 +=' in src
+    src = pft_kernels.layer_source(26, 13)
+    assert 'k25 = ktw[25, j]' in src and 'u12 = vtw[12, j]' in src and 'u13' not in src
+    compile(src, 'layer_source', 'exec')
 
 
 def test_exp_is_within_an_ulp_or_two_of_float32_exp():
@@ -85,8 +180,10 @@ def test_exp_is_within_an_ulp_or_two_of_float32_exp():
 
 
 def _chain(kernel: str, mask: bool, training: bool, d: int = 5):
-    """One parity of a PFA stack on hand-sized windows: dense, first top-k, sparse (k = K', then smaller); head dim
-    5: the sparse products by the sampled product, 13: by BLAS with every key (K' = 24) and sampled (K' = 12)."""
+    """One parity of a PFA stack on hand-sized windows: dense, first top-k, sparse (k = K', then smaller). Compiled
+    path: sparse products with every key at K' = 24 (>= n / 4) and at the keys at K' = 12; head dims 5 and 13: dense
+    and first top-k layers (score dims 10, 26) on the dense-row kernel, 20: SDPA and BLAS scores (first top-k score
+    dim 40 > DENSE_ROWS_MAX_DIM) with the per-row top-k kernel."""
     torch.manual_seed(3)
     nb, h, n = 6, 2, 64
     ks = [64, 24, 24, 12, 5]
@@ -104,7 +201,7 @@ def _chain(kernel: str, mask: bool, training: bool, d: int = 5):
 
 
 @pytest.mark.parametrize('mask,training,d', [(False, False, 5), (True, False, 5), (True, True, 5), (True, False, 13),
-                                             (False, True, 13)])
+                                             (False, True, 13), (True, False, 20)])
 def test_engine_kernels_match_the_torch_path(mask, training, d):
     got, want = _chain('numba', mask, training, d), _chain('torch', mask, training, d)
     for (o1, v1, i1), (o2, v2, i2) in zip(got, want):

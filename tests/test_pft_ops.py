@@ -229,6 +229,16 @@ def test_av_embedding_bag_matches_definition_with_and_without_autograd(dtype):
         torch.testing.assert_close(g, r, **tol)
 
 
+def test_embedding_bag_av_cuts_long_bags_into_bags_of_128():
+    _, _, v, a, idx = _case(g=2, n=5, m=400, d=13, k=384)
+    with torch.no_grad():
+        ref = sa.dense_sparse_av(a, v, idx)
+        torch.testing.assert_close(sa.embedding_bag_av(a, v, idx.to(torch.int16)), ref, rtol=1e-5, atol=1e-5)
+        _, _, v, a, idx = _case(g=2, n=5, m=300, d=13, k=200)  # not a multiple of 128: one bag
+        torch.testing.assert_close(sa.embedding_bag_av(a, v, idx), sa.dense_sparse_av(a, v, idx), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_gradcheck_float64_cpu_methods():
     q, k, v, a, idx = _case(g=2, n=6, m=8, d=3, k=3)
     args = (q.requires_grad_(), k.requires_grad_())

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
-from adasr.ops import parallel_for, pft_kernels, sampled_qk, sparse_av, sparse_qk, topk_positions
-from adasr.ops.config import cache_bytes, get_option, tile_bytes
+from adasr.ops import embedding_bag_av, parallel_for, pft_kernels, sparse_av, sparse_qk, topk_positions
+from adasr.ops.config import tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
@@ -214,8 +214,11 @@ def index_dtype(n: int) -> torch.dtype:
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
 def dense_attention(scores: DenseScores, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(scores) @ v`` for every window by fused attention (``scaled_dot_product_attention``: the n x n map
-    never exists), in float32; windows are grouped by their shift-mask pattern. -> (B_, h, n, d)."""
+    """``softmax(scores) @ v`` for every window, in float32, the n x n map never in memory: on the compiled
+    dense-row kernel (CPU float32, score head dims up to ``pft_kernels.DENSE_ROWS_MAX_DIM``), else by fused attention
+    (``scaled_dot_product_attention``, windows grouped by their shift-mask pattern). -> (B_, h, n, d)."""
+    if pft_kernels.enabled(scores.q, scores.k, v) and scores.q.shape[-1] <= pft_kernels.DENSE_ROWS_MAX_DIM:
+        return _dense_rows(scores, v)
     q, k = scores.q.float(), scores.k.float()
     v32 = v.float()
     d = v.shape[-1]
@@ -307,20 +310,47 @@ def kept_softmax(s: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return kept.sub_(top).exp_().div_(total)
 
 
+def _dense_rows(scores: DenseScores, v: torch.Tensor, topk: int = 0, vals: Optional[torch.Tensor] = None,
+                idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A dense (``topk`` 0) or first top-k layer on the compiled kernels (``pft_kernels.DenseRows``: the scores of
+    two query rows at a time in L1 cache, never a map in memory; the top-k layer's aggregation over its kept keys by
+    ``embedding_bag``), one window per tile. -> (B_, h, n, d) (a view of a (B_, n, h, d) buffer)."""
+    nb = v.shape[0]
+    mask = scores.mask
+    kinds = [mask.kind[w % mask.n_win] for w in range(nb)] if mask is not None else []
+    masked = any(kinds)
+    rows = pft_kernels.DenseRows(scores.q, scores.k, v, scores.bias, mask.masks() if masked else None,
+                                 kinds if masked else None, scores.masks)
+    if not topk:
+        out = rows.output()
+        _run(lambda w: rows.run(w, w + 1, out), range(nb), v.device)
+        return out.permute(0, 2, 1, 3)
+    out = _output(v)
+
+    def run_window(w: int) -> None:
+        rows.select(w, w + 1, topk, vals, idxs)
+        out[w] = embedding_bag_av(vals[w], v[w], idxs[w])
+
+    _run(run_window, range(nb), v.device)
+    return out
+
+
 def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
     """The first sparse layer of a parity: the k largest entries of each row of the (focused) dense map, by the
     scores (softmax is monotonic), and their softmax weights exp(score - logsumexp) (not renormalised)."""
     nb, h, n, d = v.shape
     vals = torch.empty(nb, h, n, topk, device=v.device)
     idxs = torch.empty(nb, h, n, topk, dtype=index_dtype(n), device=v.device)
+    kernels = pft_kernels.enabled(scores.q, scores.k, v)
+    if kernels and scores.q.shape[-1] <= pft_kernels.DENSE_ROWS_MAX_DIM:
+        return _dense_rows(scores, v, topk, vals, idxs), SparseMap(vals, idxs)
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, n, False)
-    kernels = pft_kernels.enabled(scores.q, scores.k, v)
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         s = scores.logits(ws, rs)
-        if kernels:  # selection and softmax of each row in one compiled pass (the scores in cache)
+        if kernels:  # (large head dims) BLAS scores; selection and softmax of each row in one compiled pass
             kept, pos = pft_kernels.topk_softmax(s, topk)
         else:
             pos = topk_positions(s, topk)
@@ -331,12 +361,6 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
 
     _run(run_tile, _tiles(nb, n, wstep, rstep), v.device)
     return out, SparseMap(vals, idxs)
-
-
-def key_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q k^T with every key (BLAS), float32: the scores of a sparse layer's rows before they are read at the kept
-    keys (compiled path, K' d > 2 n)."""
-    return torch.matmul(q, k.transpose(-2, -1))
 
 
 def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
@@ -350,30 +374,21 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     else:  # same keys: update the inherited values in place, share the index
         vals, idxs = prev.values, prev.index
     out = _output(v)
+    if pft_kernels.enabled(q, k, v, prev.values):  # one compiled pass per row (products, softmax, focusing, top-k),
+        # then the aggregation (embedding_bag), one window per tile
+        rows = pft_kernels.SparseRows(q, k, bias, prev.values, prev.index)
+
+        def run_window(w: int) -> None:
+            rows.run(w, w + 1, topk, training, vals, idxs)
+            out[w] = embedding_bag_av(vals[w], v[w], idxs[w])
+
+        _run(run_window, range(nb), q.device)
+        return out, SparseMap(vals, idxs)
     wstep, rstep = tile_plan(nb, h, n, keys, True)
-    kernels = pft_kernels.enabled(q, k, v, prev.values)
-    # products at the K' keys by the sampled product up to K' d <= 2 limit n here (BLAS with every key above): the
-    # kernel reads the sampled rows contiguously and no gather pass follows, which moves the break-even up
-    # (PFT-light, d 13: sampled at K' = 128, measured 20-25% faster per layer; docs/pft.md)
-    dense_qk = kernels and keys * d > 2 * get_option('sampled_limit') * n
-    if dense_qk:  # the scores by BLAS products with every key, in cache-sized row blocks of one window (rows of
-        # n products per head; a block size set by the cache option alone, so that tile settings change no rounding);
-        # the kernel reads them at the keys
-        wstep, rstep = 1, max(1, min(n, cache_bytes() // (4 * n)))
 
     def run_tile(tile: Tile) -> None:
         ws, rs = tile
         idx = prev.index[ws, :, rs]
-        if kernels:  # bias, softmax, focusing and top-k of each row in one compiled pass
-            if dense_qk:
-                s = key_products(q[ws, :, rs], k[ws])
-            else:
-                s = sampled_qk(q[ws].reshape(-1, n, d), k[ws].reshape(-1, n, d), idx.reshape(-1, n, keys))
-                s = s.view(idx.shape)
-            kv, ki = vals[ws, :, rs], idxs[ws, :, rs]
-            pft_kernels.softmax_focus_topk(s, bias, rs.start, prev.values[ws, :, rs], idx, topk, training, kv, ki)
-            out[ws, :, rs] = sparse_av(kv, v[ws], ki)
-            return
         a = softmax(sparse_qk(q[ws, :, rs], k[ws], idx, bias=bias[:, rs]).float(), inplace=True)
         if do_topk:
             a = focus(a, prev.values[ws, :, rs], training, inplace=True)

@@ -1,17 +1,21 @@
-"""Compiled CPU kernels (numba) of PFT's inference top-k layers: selection, softmax and focusing of one query row at
-a time, with the row (at most one window of keys) in L1 cache.
+"""Compiled CPU kernels (numba) of PFT's inference layers (float32, no autograd), one query row (or two) at a time
+with the row in L1 cache.
 
-* :func:`topk_softmax`: rows of the first top-k layer of a parity. Given dense scores (rows of n keys), per row: the
-  positions of the k largest scores and their softmax weights ``exp(s - max) / sum(exp(s - max))`` over the whole
-  row (not renormalised over the kept keys).
-* :func:`softmax_focus_topk`: rows of a layer with sparse input (K' inherited keys per row), after the products
-  q.k (at the K' keys, or with every key): the bias at the keys, softmax over them, progressive focusing by the
-  inherited weights, top-k (when k < K'), written into the layer's state.
+* :class:`DenseRows`: dense layers (softmax attention with every key) and the first top-k layer of a parity (the k
+  largest scores of each row and their softmax weights over the whole row, not renormalised). The products with
+  every key are one vectorised pass over the transposed keys per pair of query rows; no n x n map is written.
+* :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (or with
+  every key, read at the keys, when K' >= n / 4), the bias at the keys, softmax, progressive focusing by the
+  inherited weights and top-k when k < K', written into the layer's state. The aggregation is FBGEMM's
+  ``embedding_bag`` (vectorised across the head dim, which numba cannot do for gathered rows: it vectorises
+  innermost loops only, its SLP vectoriser is off since numba#8705, and LLVM's gathers measured slower than scalar
+  code here).
+* :func:`topk_softmax`: the first top-k layer's rows for score head dims above :data:`DENSE_ROWS_MAX_DIM` (BLAS
+  scores computed outside).
 * :func:`topk_positions`: the selection alone.
 
-The aggregation and the products stay on PyTorch (``embedding_bag``, BLAS, the sampled product): numba vectorises
-innermost loops only (its SLP vectoriser is off by default since numba#8705), so a gathered 13-float row runs scalar
-here, slower than FBGEMM (a fused kernel doing them too measured 1.5-2x slower and was dropped; docs/pft.md).
+The layer kernels are generated per head dim (:func:`layer_source`: the dims unrolled with constant indices, so the
+query values stay in registers) and cached on disk (:mod:`adasr.ops.codegen`).
 
 Selection (:func:`_select`): the k-th largest value of a row is bracketed by counting passes (``#{x > t}``, one
 vectorised loop over the row) at thresholds from a normal guess (mean + z std of the row), Newton steps and
@@ -24,19 +28,21 @@ arbitrarily; positions in no order).
 polynomial; relative error below 3e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.68, as
 flushed denormals.
 
-Compiled lazily on first use (``cache=True``: the machine code is kept in numba's cache directory, by default the
-``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``; about 5 s of compilation without a cache, 0.5 s to load
-it). The kernels release the GIL and run on the engine's worker threads (:mod:`adasr.ops.scheduling`), so they use
-the thread count of the tile pool; numba's own threading is not used. :func:`enabled` decides per call (option
-``pft_kernel``, ``ADASR_PFT_KERNEL``; CPU float32 tensors only).
+Compiled lazily on first use (``cache=True``: the machine code is kept in numba's cache directory: ``__pycache__``
+next to this file or ``NUMBA_CACHE_DIR`` for the fixed kernels, ``~/.cache/adasr/pft_kernels`` for the generated
+ones; some 20 s of compilation for PFT-light without a cache, about a second to load it). The kernels release the
+GIL and run on the engine's worker threads (:mod:`adasr.ops.scheduling`), so they use the thread count of the tile
+pool; numba's own threading is not used. :func:`enabled` decides per call (option ``pft_kernel``,
+``ADASR_PFT_KERNEL``; CPU float32 tensors only).
 """
 import math
 from statistics import NormalDist
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from adasr.ops import codegen
 from adasr.ops.config import get_option
 
 try:
@@ -57,7 +63,8 @@ _ZERO = F32(0.0)
 _C2, _C3, _C4, _C5, _C6, _C7 = (F32(1 / 2), F32(1 / 6), F32(1 / 24), F32(1 / 120), F32(1 / 720), F32(1 / 5040))
 _EPS = F32(1e-20)  # PFA's epsilon of the Hadamard renormalisation
 _INF = F32(np.inf)
-_CANDIDATES = 16  # the selection brackets the k-th value until at most this many values are undecided
+_CANDIDATES = 16  # the selection brackets the k-th value until at most this many values are undecided (rows of
+# 1024; m / 64, at least 2, in shorter rows, where a counting pass costs less than ordering the candidates)
 _MAX_PASSES = 48
 
 # float reductions may be reassociated (vectorised sums, dot products); no assumption about NaN / inf
@@ -161,6 +168,7 @@ def _select(x, m, k, z, dens, sel, cand, code):
     slope = m * dens / std if std > 0 else _ZERO  # |d count / d t| of a normal row at the quantile
     passes = 0
     same = 0
+    few = max(2, min(_CANDIDATES, m >> 6))
     while passes < _MAX_PASSES:
         if not (lo < t < hi):
             if lo > -_INF and hi < _INF:
@@ -179,13 +187,13 @@ def _select(x, m, k, z, dens, sel, cand, code):
             same = same + 1 if hi < _INF and t < hi else 1
             hi = t
             n_hi = c
-        if n_lo - n_hi <= _CANDIDATES:
+        if n_lo - n_hi <= few:
             break
         # aim beside k so that the next count can close the bracket
-        if k - n_hi <= _CANDIDATES // 2:
-            target = n_hi + 0.75 * _CANDIDATES
-        elif n_lo - k <= _CANDIDATES // 2:
-            target = n_lo - 0.75 * _CANDIDATES
+        if k - n_hi <= few // 2:
+            target = n_hi + 0.75 * few
+        elif n_lo - k <= few // 2:
+            target = n_lo - 0.75 * few
         else:
             target = k - 0.5
         if lo == -_INF or hi == _INF:  # Newton step on the normal model, doubled while it stays on one side
@@ -238,6 +246,18 @@ def _select(x, m, k, z, dens, sel, cand, code):
     return passes
 
 
+@_jit()
+def _select_positive(x, m, k, z, dens, sel, cand, code, y):
+    """:func:`_select` for float32 rows of positive values (NaN counts as the largest, as in ``torch.topk``): on
+    their bit patterns (as float64, scratch ``y``), which order them exactly as their values and are close to a
+    scaled log2: the normal model of the first guesses fits heavy-tailed rows (focused weights, products of
+    probabilities) there, in a few counting passes instead of some twenty on the values."""
+    xi = x.view(np.int32)
+    for j in range(m):
+        y[j] = np.float64(xi[j])
+    return _select(y, m, k, z, dens, sel, cand, code)
+
+
 # ---- tile kernels --------------------------------------------------------------------------------------------------
 
 @_jit()
@@ -267,64 +287,26 @@ def _topk_softmax(x, k, z, dens, vals, pos):
 
 
 @_jit()
-def _softmax_focus_topk(s, full, bias, r0, pv, pidx, k, z, dens, training, vals, idxs):
-    cw, heads, r, _ = s.shape
-    kk = pidx.shape[3]
-    shared = bias.shape[0] == 1
-    do_topk = k < kk
-    a = np.empty(kk, np.float32)  # (not in place: a loop writing what it reads loses its vector form)
-    x = np.empty(kk, np.float32)
-    bits = np.empty(kk, np.int32)
-    sel = np.empty(kk + 1, np.int32)
-    cand = np.empty(kk + 1, np.int32)
-    code = np.empty(kk, np.uint8)
-    passes = 0
-    for w in range(cw):
-        for hh in range(heads):
-            bh = bias[0 if shared else hh]
-            for i in range(r):
-                srow = s[w, hh, i]
-                p = pv[w, hh, i]
-                prow = pidx[w, hh, i]
-                brow = bh[r0 + i]
-                if full:  # products with every key: read at the kept keys
-                    for t in range(kk):
-                        j = prow[t]
-                        x[t] = srow[j] + brow[j]
-                else:
-                    for t in range(kk):
-                        x[t] = srow[t] + brow[prow[t]]
-                mx = _max4(x, kk)
-                total = _exp_shifted(x, kk, mx, a, bits)
-                for t in range(kk):
-                    a[t] = a[t] / total
-                den = _ZERO
-                if training:  # (a p + eps) / (sum a p + eps)
-                    for t in range(kk):
-                        a[t] = a[t] * p[t]
-                        den += a[t]
-                    den += _EPS
-                    for t in range(kk):
-                        a[t] = (a[t] + _EPS) / den
-                else:  # (a p + eps) / (sum (a p + eps) + eps)
-                    for t in range(kk):
-                        a[t] = a[t] * p[t] + _EPS
-                        den += a[t]
-                    den += _EPS
-                    for t in range(kk):
-                        a[t] = a[t] / den
-                vrow = vals[w, hh, i]
-                if do_topk:
-                    passes += _select(a, kk, k, z, dens, sel, cand, code)
-                    irow = idxs[w, hh, i]
-                    for t in range(k):
-                        j = sel[t]
-                        vrow[t] = a[j]
-                        irow[t] = prow[j]
-                else:
-                    for t in range(kk):
-                        vrow[t] = a[t]
-    return passes
+def _softmax_focus(x, kk, p, training, a, bits):
+    """a[:kk] = the focused weights of a sparse layer's row: softmax of the scores x[:kk] (bias included), then the
+    Hadamard product with the inherited weights p, renormalised with PFA's epsilon (training or eval formula)."""
+    mx = _max4(x, kk)
+    total = _exp_shifted(x, kk, mx, a, bits)
+    den = _ZERO
+    if training:  # (a p + eps) / (sum a p + eps)
+        for t in range(kk):
+            a[t] = a[t] / total * p[t]
+            den += a[t]
+        den += _EPS
+        for t in range(kk):
+            a[t] = (a[t] + _EPS) / den
+    else:  # (a p + eps) / (sum (a p + eps) + eps)
+        for t in range(kk):
+            a[t] = a[t] / total * p[t] + _EPS
+            den += a[t]
+        den += _EPS
+        for t in range(kk):
+            a[t] = a[t] / den
 
 
 @_jit()
@@ -340,6 +322,287 @@ def _select_rows(x, k, z, dens, pos):
         for t in range(k):
             prow[t] = sel[t]
     return passes
+
+
+# ---- whole layers: generated per head dim --------------------------------------------------------------------------
+
+_ROWS = 2  # query rows per pass over the keys in the dense-row kernel (each key column loaded once for both)
+# the dense-row kernel keeps 2 rows x d query values in registers: beyond this score head dim it spills and loses to
+# BLAS products (PFT's head dim 40: 3x slower; PFT-light's 13 and its chains' 26 are below)
+DENSE_ROWS_MAX_DIM = 32
+_PAD = 16  # padding of the transposed keys' and values' rows (rows 4 KB apart would share their L1 cache sets)
+# the kernels whose loops must not be vectorised across keys (they gather rows: LLVM would emit slow gathers, and
+# reductions in another order) keep FP contraction only
+_ORDERED = {'contract', 'nsz'}
+
+
+def _tree(terms: List[str]) -> str:
+    """A balanced sum (independent FMA chains instead of one chain of dependent ones)."""
+    while len(terms) > 1:
+        terms = [f'({terms[i]} + {terms[i + 1]})' if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _dot(a: str, row: str, d: int, stride: str = '') -> str:
+    """a0 * row[0] + ... (balanced), or a0 * row[0, j] + ... with ``stride`` 'j' (a transposed block)."""
+    return _tree([f'{a}{c} * {row}[{c}{", " + stride if stride else ""}]' for c in range(d)])
+
+
+def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
+    """Python source (numba) of the compiled PFT layer kernels for score head dim ``d`` (the concatenated dims of a
+    chain of dense layers) and value head dim ``dv``, unrolled over the head dims with constant indices:
+
+    * ``dense_rows``: dense and first top-k layers. The products q.k of ``rows`` query rows with every key,
+      vectorised over the keys (keys transposed, (d, n) per window and head) with the bias (and shift mask) added
+      in the same pass, the rows in L1 cache; then per row either softmax and the aggregation with every value
+      (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
+      row (their aggregation: ``embedding_bag``, outside).
+    * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
+      key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, read at the
+      keys); bias at the keys, softmax, focusing, and top-k when k < K' (aggregation outside).
+    """
+    r_ = range(rows)
+    src = ['import numpy as np', 'import numba', '',
+           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _exp_shifted, _max4, _select, _select_positive,',
+           '                                  _softmax_focus)', '',
+           'F32 = np.float32', '', '',
+           '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
+           'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs):',
+           '    heads, n = q.shape[1], q.shape[2]',
+           '    shared = bias.shape[0] == 1',
+           f'    s = np.empty(({rows}, n), np.float32)',
+           f'    e = np.empty(({rows}, n), np.float32)',
+           f'    tot = np.empty({rows}, np.float32)',
+           '    bits = np.empty(n, np.int32)',
+           '    sel = np.empty(n + 1, np.int32)',
+           '    cand = np.empty(n + 1, np.int32)',
+           '    code = np.empty(n, np.uint8)',
+           '    passes = 0',
+           '    for w in range(w0, w1):',
+           '        kind = kinds[w]',
+           '        mk = masks[kind]  # (masks[0]: a placeholder, unread)',
+           '        for hh in range(heads):',
+           '            bh = bias[0 if shared else hh]',
+           '            ktw = kt[w, hh]',
+           '            vtw = vt[w, hh]',
+           f'            for i in range(0, n, {rows}):']
+    for r in r_:
+        src += [f'                a{r}_{c} = q[w, hh, i + {r}, {c}]' for c in range(d)]
+        src += [f'                b{r} = bh[i + {r}]', f'                s{r} = s[{r}]']
+    for masked in (False, True):
+        src.append('                if kind != 0:' if masked else '                if kind == 0:')
+        if masked:
+            src += [f'                    m{r} = mk[i + {r}]' for r in r_]
+        src.append('                    for j in range(n):')
+        src += [f'                        k{c} = ktw[{c}, j]' for c in range(d)]
+        for r in r_:
+            base = f'(b{r}[j] + times * m{r}[j])' if masked else f'b{r}[j]'
+            src.append(f'                        s{r}[j] = {base} + ' + _tree([f'a{r}_{c} * k{c}' for c in range(d)]))
+    src += ['                if k == 0:  # dense: softmax and the aggregation with every value']
+    src += [f'                    tot[{r}] = _exp_shifted(s{r}, n, _max4(s{r}, n), e[{r}], bits)' for r in r_]
+    for r in r_:
+        src += [f'                    e{r} = e[{r}]'] + [f'                    o{r}_{c} = F32(0.0)' for c in range(dv)]
+    src.append('                    for j in range(n):')
+    src += [f'                        u{c} = vtw[{c}, j]' for c in range(dv)]
+    for r in r_:
+        src.append(f'                        p{r} = e{r}[j]')
+        src += [f'                        o{r}_{c} += p{r} * u{c}' for c in range(dv)]
+    for r in r_:
+        src.append(f'                    t{r} = tot[{r}]')
+        src += [f'                    out[w, i + {r}, hh, {c}] = o{r}_{c} / t{r}' for c in range(dv)]
+    src += ['                    continue',
+            f'                for r in range({rows}):  # first top-k: selection and the kept weights',
+            '                    x = s[r]',
+            '                    passes += _select(x, n, k, z, dens, sel, cand, code)',
+            '                    mx = x[sel[0]]',
+            '                    for t in range(1, k):',
+            '                        mx = max(mx, x[sel[t]])',
+            '                    total = _exp_shifted(x, n, mx, e[0], bits)',
+            '                    ex = e[0]',
+            '                    vrow = vals[w, hh, i + r]',
+            '                    irow = idxs[w, hh, i + r]',
+            '                    for t in range(k):',
+            '                        j = sel[t]',
+            '                        vrow[t] = ex[j] / total',
+            '                        irow[t] = j',
+            '    return passes', '', '',
+            '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
+            'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs):',
+            '    heads, n = q.shape[1], q.shape[2]',
+            '    kk = pidx.shape[3]',
+            '    shared = bias.shape[0] == 1',
+            '    do_topk = topk < kk',
+            '    s = np.empty(n, np.float32)',
+            '    x = np.empty(kk, np.float32)',
+            '    a = np.empty(kk, np.float32)',
+            '    bits = np.empty(kk, np.int32)',
+            '    sel = np.empty(kk + 1, np.int32)',
+            '    cand = np.empty(kk + 1, np.int32)',
+            '    code = np.empty(kk, np.uint8)',
+            '    y = np.empty(kk, np.float64)',
+            '    passes = 0',
+            '    for w in range(w0, w1):',
+            '        for hh in range(heads):',
+            '            bh = bias[0 if shared else hh]',
+            '            ktw = kt[w, hh]',
+            '            kw = k[w, hh]',
+            '            for i in range(n):']
+    src += [f'                a{c} = q[w, hh, i, {c}]' for c in range(d)]
+    src += ['                brow = bh[i]',
+            '                prow = pidx[w, hh, i]',
+            '                if full:  # products with every key (a vectorised pass), read at the kept keys',
+            '                    for j in range(n):',
+            f'                        s[j] = {_dot("a", "ktw", d, "j")}',
+            '                    for t in range(kk):',
+            '                        j = np.uint32(prow[t])',
+            '                        x[t] = s[j] + brow[j]',
+            '                else:  # products at the kept keys only',
+            '                    for t in range(kk):',
+            '                        j = np.uint32(prow[t])',
+            f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})',
+            '                _softmax_focus(x, kk, pv[w, hh, i], training, a, bits)',
+            '                vrow = vals[w, hh, i]',
+            '                if do_topk:',
+            '                    passes += _select_positive(a, kk, topk, z, dens, sel, cand, code, y)',
+            '                    irow = idxs[w, hh, i]',
+            '                    for t in range(topk):',
+            '                        e = sel[t]',
+            '                        vrow[t] = a[e]',
+            '                        irow[t] = prow[e]',
+            '                else:  # the same keys: the focused weights replace the inherited ones',
+            '                    for t in range(kk):',
+            '                        vrow[t] = a[t]']
+    src.append('    return passes')
+    return '\n'.join(src) + '\n'
+
+
+def _layer_kernels(d: int, dv: int):
+    return codegen.load_module('pft_kernels', (d, dv, _ROWS), f'pft_layers_{d}_{dv}_{_ROWS}',
+                               lambda: layer_source(d, dv))
+
+
+class _Layer:
+    """Operands of one layer for the compiled layer kernels (CPU float32, no autograd), copied once where needed:
+    queries contiguous, keys transposed to (d, n) per window and head with padded rows (for the vectorised passes
+    over the keys) or contiguous (for gathered key rows)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, dv: int):
+        _check()
+        nb, h, n, d = q.shape
+        if k.shape != q.shape or bias.dim() != 3 or bias.shape[0] not in (1, h) or bias.shape[1:] != (n, n):
+            raise ValueError(f'PFT layer kernels: q {tuple(q.shape)}, k {tuple(k.shape)}, bias {tuple(bias.shape)} '
+                             'do not fit (B, h, n, d), (B, h, n, d), (h or 1, n, n)')
+        self.q = q.detach().contiguous()
+        self.bias = bias.detach().contiguous()
+        self.shape = (nb, h, n, d, dv)
+        self.kernels = _layer_kernels(d, dv)
+
+    @staticmethod
+    def _transposed(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[2]
+        t = torch.empty(*x.shape[:2], x.shape[3], n + _PAD)
+        t[..., :n].copy_(x.detach().transpose(-2, -1))
+        return t
+
+
+class DenseRows(_Layer):
+    """A dense or first top-k layer of PFT on the compiled kernels (:func:`layer_source`, ``dense_rows``).
+
+    Args:
+        q, k: (B, h, n, d) scaled queries and keys (d: the concatenated head dims of a chain of dense layers).
+        v: (B, h, n, dv) values.
+        bias: (h or 1, n, n) the (summed) relative-position biases.
+        masks: (1 + patterns, n, n) shift masks (``ShiftMask.masks()``: [0] all zeros, unread) or None.
+        kinds: per window, the index into ``masks`` (0: no mask), or None.
+        times: how many times the mask is added (the masked layers of the chain).
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                 masks: Optional[torch.Tensor] = None, kinds: Optional[Sequence[int]] = None, times: int = 0):
+        super().__init__(q, k, bias, v.shape[-1])
+        nb, h, n, _ = q.shape
+        if v.shape[:3] != q.shape[:3]:
+            raise ValueError(f'DenseRows: values {tuple(v.shape)} do not fit queries {tuple(q.shape)}')
+        if n % _ROWS:
+            raise ValueError(f'DenseRows: a window of {n} tokens is not a multiple of {_ROWS} rows')
+        self.kt = self._transposed(k)
+        self.vt = self._transposed(v)
+        self.masks = masks.detach().contiguous() if masks is not None else torch.zeros(1, 1, 1)
+        self.kinds = np.asarray(list(kinds) if kinds is not None else [0] * nb, dtype=np.int32)
+        if self.kinds.shape != (nb,) or not 0 <= self.kinds.min(initial=0) <= self.kinds.max(initial=0) < len(
+                self.masks) or (masks is not None and tuple(masks.shape[1:]) != (n, n)):
+            raise ValueError(f'DenseRows: {len(self.kinds)} window kinds for {nb} windows and masks '
+                             f'{tuple(self.masks.shape)}')
+        self.times = F32(times)
+
+    def output(self) -> torch.Tensor:
+        """A (B, n, h, dv) buffer for :meth:`run` (``.permute(0, 2, 1, 3)`` is the layer's (B, h, n, dv) output)."""
+        nb, h, n, _, dv = self.shape
+        return torch.empty(nb, n, h, dv)
+
+    def run(self, w0: int, w1: int, out: torch.Tensor) -> None:
+        """Dense softmax attention of windows ``w0:w1`` into ``out`` (:meth:`output`)."""
+        self.kernels.dense_rows(_np(self.q), _np(self.kt), _np(self.vt), _np(self.bias), _np(self.masks),
+                                self.kinds, self.times, w0, w1, 0, F32(0.0), F32(1.0), _np(out), _np(_NO_VALUES),
+                                _NO_INDEX)
+
+    def select(self, w0: int, w1: int, topk: int, values: torch.Tensor, index: torch.Tensor) -> int:
+        """The first top-k layer's selection for windows ``w0:w1``, 0 < topk < n: ``values`` / ``index`` (B, h, n,
+        topk) get the kept softmax weights ``exp(s - max) / sum(exp(s - max))`` over the whole row (not
+        renormalised) and their key positions (in no particular order). Returns the counting passes."""
+        n = self.shape[2]
+        if not 0 < topk < n:
+            raise ValueError(f'DenseRows.select: k={topk} must be in [1, {n - 1}]')
+        z, dens = normal_guess(topk, n)
+        return self.kernels.dense_rows(_np(self.q), _np(self.kt), _np(self.vt), _np(self.bias), _np(self.masks),
+                                       self.kinds, self.times, w0, w1, topk, F32(z), F32(dens),
+                                       _np(_NO_VALUES), _np(values), _np(index))
+
+
+# a sparse layer's products with every key (one vectorised pass over the transposed keys) cost about as much as
+# those at n / 4 gathered key rows (head dim 13, 1024-token windows; docs/pft.md)
+_FULL_PRODUCTS_FROM = 0.25
+
+
+class SparseRows(_Layer):
+    """The rows of a layer with sparse input (K' inherited keys per row) on the compiled kernels
+    (:func:`layer_source`, ``sparse_rows``): products, bias at the keys, softmax, focusing, top-k. The aggregation
+    is not part of it (FBGEMM's ``embedding_bag``, :func:`adasr.ops.sparse_av`, is faster than scalar code there).
+
+    Args:
+        q, k, bias: as :class:`DenseRows` (no mask: a sparse layer's keys all lie in the query's region).
+        prev_values, prev_index: (B, h, n, K') the inherited weights and key positions.
+        full: products with every key, read at the inherited keys (None: when K' >= n / 4).
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, prev_values: torch.Tensor,
+                 prev_index: torch.Tensor, full: Optional[bool] = None):
+        super().__init__(q, k, bias, q.shape[-1])
+        nb, h, n, _ = q.shape
+        kk = prev_index.shape[-1]
+        if tuple(prev_index.shape) != (nb, h, n, kk) or prev_values.shape != prev_index.shape:
+            raise ValueError(f'SparseRows: inherited weights {tuple(prev_values.shape)} / positions '
+                             f'{tuple(prev_index.shape)} are not (B, h, n, K) = ({nb}, {h}, {n}, K)')
+        self.prev_values = prev_values.detach().contiguous()
+        self.prev_index = prev_index.detach().contiguous()
+        self.full = kk >= _FULL_PRODUCTS_FROM * n if full is None else bool(full)
+        self.kt = self._transposed(k) if self.full else _NO_VALUES
+        self.k = _NO_VALUES if self.full else k.detach().contiguous()
+
+    def run(self, w0: int, w1: int, topk: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> int:
+        """Windows ``w0:w1``: bias at the keys, softmax, focusing by the inherited weights (training or eval
+        formula), then top-k when ``topk < K'``: ``values`` / ``index`` (B, h, n, k) get the kept focused weights (not
+        renormalised) and their key positions; else ``values`` (B, h, n, K', may be ``prev_values``) gets the focused
+        weights and ``index`` is unused. Returns the selection's counting passes."""
+        kk = self.prev_index.shape[-1]
+        z, dens = normal_guess(min(topk, kk - 1), kk) if kk > 1 else (0.0, 1.0)
+        return self.kernels.sparse_rows(_np(self.q), _np(self.kt), _np(self.k), _np(self.bias),
+                                        _np(self.prev_values), _np(self.prev_index), w0, w1, topk, F32(z), F32(dens),
+                                        bool(training), self.full, _np(values), _np(index))
+
+
+_NO_VALUES = torch.zeros(1, 1, 1, 1)
+_NO_INDEX = np.zeros((1, 1, 1, 1), np.int16)
 
 
 # ---- entry points (torch tensors on the CPU, read and written in place through NumPy views) ------------------------
@@ -394,37 +657,6 @@ def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return vals.view(*s.shape[:-1], k), pos.view(*s.shape[:-1], k)
 
 
-def softmax_focus_topk(s: torch.Tensor, bias: torch.Tensor, r0: int, prev_values: torch.Tensor,
-                       prev_index: torch.Tensor, k: int, training: bool, values: torch.Tensor,
-                       index: torch.Tensor) -> None:
-    """A sparse layer's rows after their products q.k: the bias at the keys added, softmax over the K' scores,
-    progressive focusing by the inherited weights, and top-k when ``k < K'``, in one compiled pass per row.
-
-    Args:
-        s: (B, h, r, K') float32 products q.k at the inherited keys, or (B, h, r, n) products with every key (read
-            at the inherited keys), of query rows ``r0:r0+r``.
-        bias: (h or 1, n, n) float32 relative-position bias, read at the keys.
-        prev_values, prev_index: (B, h, r, K') the inherited weights and key positions.
-        k: this layer's k; ``k >= K'`` keeps every key (no selection; ``values`` may be ``prev_values``).
-        training: focusing by the training formula ``(a p + eps) / (sum a p + eps)``, else by the eval one
-            ``(a p + eps) / (sum (a p + eps) + eps)`` (spec section 2.4).
-        values: (B, h, r, min(k, K')) float32 out: the kept focused weights (not renormalised after the top-k).
-        index: (B, h, r, min(k, K')) out: their key positions (the dtype of ``prev_index``; unused when k >= K').
-    """
-    _check()
-    kk = prev_index.shape[-1]
-    heads, n = s.shape[1], bias.shape[-1]
-    if s.dim() != 4 or s.shape[-1] not in (kk, n) or tuple(prev_index.shape) != tuple(s.shape[:3]) + (kk,):
-        raise ValueError(f'softmax_focus_topk: scores {tuple(s.shape)} do not match the index '
-                         f'{tuple(prev_index.shape)} (K\' or n = {n} columns)')
-    if bias.dim() != 3 or bias.shape[0] not in (1, heads) or bias.shape[1] != n:
-        raise ValueError(f'softmax_focus_topk: bias {tuple(bias.shape)} is not (1 or {heads}, {n}, {n})')
-    z, dens = normal_guess(min(k, kk - 1), kk) if kk > 1 else (0.0, 1.0)
-    full = s.shape[-1] != kk
-    _softmax_focus_topk(_np(s), full, _np(bias), r0, _np(prev_values), _np(prev_index), k, F32(z), F32(dens),
-                        bool(training), _np(values), _np(index))
-
-
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (int64) of the k largest entries of each row of a float32 CPU tensor (..., m), 0 < k < m, in no
     particular order (the same sets as ``torch.topk``; ties at the k-th value broken arbitrarily)."""
@@ -435,5 +667,5 @@ def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     return pos.view(*a.shape[:-1], k)
 
 
-__all__ = ['available', 'unavailable_reason', 'enabled', 'normal_guess', 'topk_softmax', 'softmax_focus_topk',
-           'topk_positions']
+__all__ = ['available', 'unavailable_reason', 'enabled', 'normal_guess', 'DenseRows', 'SparseRows', 'layer_source',
+           'DENSE_ROWS_MAX_DIM', 'topk_softmax', 'topk_positions']

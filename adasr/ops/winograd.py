@@ -36,19 +36,15 @@ convolutions should run channels-last from end to end.
 Engines: with numba, the tile transforms are compiled from generated source (:func:`kernel_source`: the transform
 unrolled with constant coefficients, vectorised over the channels), specialised to (variant, Cin, Cout), written to
 ``$NUMBA_CACHE_DIR/winograd_kernels`` or ``~/.cache/adasr/winograd_kernels`` (``XDG_CACHE_HOME``) and cached by
-numba there: some seconds to compile the first time, a fraction of a second after. Without numba, the transforms are
-PyTorch matrix products (slower; see docs/winograd.md). The image runs in blocks of whole tile rows, through
-buffers each thread keeps (a few MB); with more than one PyTorch thread the blocks run on the worker pool of
-:mod:`adasr.ops.scheduling` (option ``threads``).
+numba there (:mod:`adasr.ops.codegen`): some seconds to compile the first time, a fraction of a second after.
+Without numba, the transforms are PyTorch matrix products (slower; see docs/winograd.md). The image runs in blocks
+of whole tile rows, through buffers each thread keeps (a few MB); with more than one PyTorch thread the blocks run
+on the worker pool of :mod:`adasr.ops.scheduling` (option ``threads``).
 
 Numerics: Winograd's transforms add rounding error (growing with m, and depending on the points); the float32
 transformed weights are rounded once from float64. ``tests/test_winograd.py`` and ``scripts/benchmark_conv.py``
 measure the error against a float64 reference (docs/winograd.md has the figures).
 """
-import hashlib
-import importlib.util
-import os
-import sys
 import threading
 import types
 import weakref
@@ -57,6 +53,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from adasr.ops import codegen
 
 # name -> (output tile m, finite interpolation points); each uses the point at infinity too
 VARIANTS: Dict[str, Tuple[int, Tuple[float, ...]]] = {
@@ -427,46 +425,11 @@ def _transposes():
     return _numba_state['transposes']
 
 
-_kernel_lock = threading.Lock()
-_kernel_modules: Dict[Tuple[str, int, int], object] = {}
-
-
-def _cache_dir() -> str:
-    base = os.environ.get('NUMBA_CACHE_DIR') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'adasr')
-    return os.path.join(base, 'winograd_kernels')
-
-
 def _kernels(plan: '_Plan', c: int, co: int):
-    """The compiled transforms for (plan, c, co): the generated source is written to a file in a cache directory
-    and imported from there, so numba's cache keeps the machine code between processes (compiling takes some
-    seconds; loading from the cache a fraction of one). Without a writable directory it is compiled in memory."""
-    key = (plan.name, c, co)
-    with _kernel_lock:
-        if key in _kernel_modules:
-            return _kernel_modules[key]
-        src = kernel_source(plan, c, co)
-        digest = hashlib.sha1(src.encode()).hexdigest()[:12]
-        name = f'adasr_winograd_{plan.name}_{c}_{co}_{digest}'
-        module = None
-        try:
-            folder = _cache_dir()
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, name + '.py')
-            if not os.path.exists(path):
-                tmp = f'{path}.{os.getpid()}.tmp'
-                with open(tmp, 'w') as f:
-                    f.write(src)
-                os.replace(tmp, path)
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # numba's cache finds the module of its functions by name
-            spec.loader.exec_module(module)
-        except OSError:
-            module = types.ModuleType(name)
-            exec(compile(src.replace('cache=True', 'cache=False'), name, 'exec'), module.__dict__)
-        _kernel_modules[key] = module
-        return module
+    """The compiled transforms for (plan, c, co), from generated source cached on disk (:mod:`adasr.ops.codegen`:
+    compiling takes some seconds; loading from the cache a fraction of one)."""
+    return codegen.load_module('winograd_kernels', (plan.name, c, co), f'winograd_{plan.name}_{c}_{co}',
+                               lambda: kernel_source(plan, c, co))
 
 
 # ---- cache of prepacked weights, keyed on the weight tensor (identity and version) -------------------------------
