@@ -516,7 +516,6 @@ class AdaM(nn.Module):
                                 else tokens_to_nchw(t, hp, wp))
         return out, logits, g_maps, w_maps, complete, pending
 
-
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
         complete), computed as the loop of :meth:`forward` would have (no autograd)."""
