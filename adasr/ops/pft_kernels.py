@@ -30,7 +30,7 @@ flushed denormals.
 
 Compiled lazily on first use (``cache=True``: the machine code is kept in numba's cache directory: ``__pycache__``
 next to this file or ``NUMBA_CACHE_DIR`` for the fixed kernels, ``~/.cache/adasr/pft_kernels`` for the generated
-ones; some 20 s of compilation for PFT-light without a cache, about a second to load it). The kernels release the
+ones; about 12 s of compilation for PFT-light without a cache, well under a second to load it). The kernels release the
 GIL and run on the engine's worker threads (:mod:`adasr.ops.scheduling`), so they use the thread count of the tile
 pool; numba's own threading is not used. :func:`enabled` decides per call (option ``pft_kernel``,
 ``ADASR_PFT_KERNEL``; CPU float32 tensors only).
