@@ -586,8 +586,9 @@ class SparseRows(_Layer):
         self.prev_values = prev_values.detach().contiguous()
         self.prev_index = prev_index.detach().contiguous()
         self.full = kk >= _FULL_PRODUCTS_FROM * n if full is None else bool(full)
-        self.kt = self._transposed(k) if self.full else _NO_VALUES
-        self.k = _NO_VALUES if self.full else k.detach().contiguous()
+        # the kernel reads one of the two (``full``); the other is the same array, so that every view it takes
+        # lies inside an array
+        self.k = self._transposed(k) if self.full else k.detach().contiguous()
 
     def run(self, w0: int, w1: int, topk: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> int:
         """Windows ``w0:w1``: bias at the keys, softmax, focusing by the inherited weights (training or eval
@@ -596,7 +597,7 @@ class SparseRows(_Layer):
         weights and ``index`` is unused. Returns the selection's counting passes."""
         kk = self.prev_index.shape[-1]
         z, dens = normal_guess(min(topk, kk - 1), kk) if kk > 1 else (0.0, 1.0)
-        return self.kernels.sparse_rows(_np(self.q), _np(self.kt), _np(self.k), _np(self.bias),
+        return self.kernels.sparse_rows(_np(self.q), _np(self.k), _np(self.k), _np(self.bias),
                                         _np(self.prev_values), _np(self.prev_index), w0, w1, topk, F32(z), F32(dens),
                                         bool(training), self.full, _np(values), _np(index))
 
