@@ -40,7 +40,6 @@ from adasr.ops.layout import tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
-_HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
 # sparse eval's global chunks of at least this many tokens are computed one at a time at CPU inference (in cache; the
 # same numbers: measured bit for bit from 16 tokens up, tiny chunks take other product kernels in a batch of one;
 # below ~1000 tokens the per-chunk calls cost more than the cache saves)
@@ -76,20 +75,13 @@ class ResBlock(nn.Module):
         return out.add_(x)
 
 
-def _onednn_layout_ok(x: torch.Tensor) -> bool:
-    """Eager inference on the CPU in float32 with oneDNN: convolutions may run on oneDNN-layout tensors (not while
-    ``torch.export`` / ``torch.compile`` trace the network: graphs keep the plain NCHW operators)."""
-    return (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
-
-
 def _channels_last(x: torch.Tensor) -> bool:
     """A 4-D tensor laid out channels-last (and not also NCHW-contiguous, as with one channel or one pixel)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv`` applied to a oneDNN-layout tensor (see :func:`_onednn_layout_ok`); returns one."""
+    """``conv`` applied to a oneDNN-layout tensor (see :func:`adasr.ops.cpu_inference.onednn_ok`); returns one."""
     return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
 
 
@@ -99,10 +91,10 @@ class TokenMlp(Mlp):
     oneDNN linear with its bias in the product (the same numbers without a pass that copies the bias)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_onednn_layout_ok(x) and _HAS_LINEAR_POINTWISE and self.act.approximate == 'none'):
+        if not (cpu_inference.fast_path_ok(x) and self.act.approximate == 'none'):
             return super().forward(x)
         hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
-        return torch.ops.mkldnn._linear_pointwise(hidden, self.fc2.weight, self.fc2.bias, 'none', [], '')
+        return cpu_inference.linear(hidden, self.fc2.weight, self.fc2.bias)
 
 
 class ResBlocks(nn.Sequential):
@@ -117,10 +109,14 @@ class ResBlocks(nn.Sequential):
 
     conv3x3: Optional[str] = None
 
+    def method(self) -> str:
+        """The convolution method in effect: :attr:`conv3x3`, else the ops option."""
+        return self.conv3x3 or get_option('conv3x3')
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not len(self) or not _onednn_layout_ok(x):
+        if not len(self) or not cpu_inference.onednn_ok(x):
             return super().forward(x)
-        method = self.conv3x3 or get_option('conv3x3')
+        method = self.method()
         if method != 'direct':
             return self.forward_channels_last(x, method)
         h = x.to_mkldnn()
@@ -548,7 +544,7 @@ class AdaM(nn.Module):
         whole-map convolutions, bit for bit."""
         b, n, c = t.shape
         hp, wp = hw
-        if windows is None and _onednn_layout_ok(t):
+        if windows is None and cpu_inference.onednn_ok(t):
             # the tokens as an NCHW map (a blocked transpose, ops.layout), then oneDNN's blocked layout
             hidden = _conv_onednn(tokens_to_nchw(t, hp, wp).to_mkldnn(), self.var[0])
             return self.var[2](self.var[1](hidden.to_dense()))
@@ -771,8 +767,8 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         return self.shollow_feature_extraction.conv3x3
 
     def _conv_method(self) -> str:
-        """The method in effect: :attr:`conv3x3`, else the ops option."""
-        return self.conv3x3 or get_option('conv3x3')
+        """The method in effect (the chains share it)."""
+        return self.shollow_feature_extraction.method()
 
     @conv3x3.setter
     def conv3x3(self, value: Optional[str]) -> None:
@@ -796,7 +792,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         # 3x further from the authors' outputs. The NCHW numbers (theirs, bit for bit) are kept; CPU inference runs
         # the ResBlock chains in oneDNN's blocked layout, which gives the same numbers (ResBlocks).
         f0 = self.head(self.sub_mean(x * self.img_range))
-        if self._conv_method() != 'direct' and _onednn_layout_ok(f0):
+        if self._conv_method() != 'direct' and cpu_inference.onednn_ok(f0):
             # Winograd chains: channels-last from the head to the tail (the tokens are channels-last, the 1x1
             # convolutions and residual additions keep the layout): no layout change between the chains
             f0 = f0.contiguous(memory_format=torch.channels_last)
@@ -817,7 +813,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         """The tail (conv3x3 + pixel shuffle); its convolution by Winograd when the chains use it (:attr:`conv3x3`):
         it comes after every halting decision, like the decoder."""
         method = self._conv_method()
-        if method == 'direct' or not _onednn_layout_ok(x):
+        if method == 'direct' or not cpu_inference.onednn_ok(x):
             return self.tail(x)
         conv = self.tail[0]
         return self.tail[1](winograd.conv3x3(x, conv.weight, conv.bias, method=method))

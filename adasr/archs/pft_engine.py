@@ -217,7 +217,7 @@ def dense_attention(scores: DenseScores, v: torch.Tensor) -> torch.Tensor:
     """``softmax(scores) @ v`` for every window, in float32, the n x n map never in memory: on the compiled
     dense-row kernel (CPU float32, score head dims up to ``pft_kernels.DENSE_ROWS_MAX_DIM``), else by fused attention
     (``scaled_dot_product_attention``, windows grouped by their shift-mask pattern). -> (B_, h, n, d)."""
-    if pft_kernels.enabled(scores.q, scores.k, v) and scores.q.shape[-1] <= pft_kernels.DENSE_ROWS_MAX_DIM:
+    if _dense_rows_ok(scores, v):
         return _dense_rows(scores, v)
     q, k = scores.q.float(), scores.k.float()
     v32 = v.float()
@@ -310,6 +310,11 @@ def kept_softmax(s: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return kept.sub_(top).exp_().div_(total)
 
 
+def _dense_rows_ok(scores: DenseScores, v: torch.Tensor) -> bool:
+    """The compiled dense-row kernel serves these operands (CPU float32, score head dim up to its limit)."""
+    return pft_kernels.enabled(scores.q, scores.k, v) and scores.q.shape[-1] <= pft_kernels.DENSE_ROWS_MAX_DIM
+
+
 def _dense_rows(scores: DenseScores, v: torch.Tensor, topk: int = 0, vals: Optional[torch.Tensor] = None,
                 idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A dense (``topk`` 0) or first top-k layer on the compiled kernels (``pft_kernels.DenseRows``: the scores of
@@ -341,9 +346,9 @@ def _first_topk(scores: DenseScores, v: torch.Tensor, topk: int):
     nb, h, n, d = v.shape
     vals = torch.empty(nb, h, n, topk, device=v.device)
     idxs = torch.empty(nb, h, n, topk, dtype=index_dtype(n), device=v.device)
-    kernels = pft_kernels.enabled(scores.q, scores.k, v)
-    if kernels and scores.q.shape[-1] <= pft_kernels.DENSE_ROWS_MAX_DIM:
+    if _dense_rows_ok(scores, v):
         return _dense_rows(scores, v, topk, vals, idxs), SparseMap(vals, idxs)
+    kernels = pft_kernels.enabled(scores.q, scores.k, v)
     out = _output(v)
     wstep, rstep = tile_plan(nb, h, n, n, False)
 

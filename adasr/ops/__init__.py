@@ -12,7 +12,7 @@ Nothing is compiled at install or import time.
 
 Also public: the exact CPU forms (:func:`sampled_qk`, :func:`embedding_bag_av`), the top-k selection
 (:func:`topk_positions`), the reference definitions (:func:`dense_sparse_qk`, :func:`dense_sparse_av`), the compiled
-CPU row kernels of PFT's inference top-k layers (:mod:`adasr.ops.pft_kernels`, numba, option ``pft_kernel``), every
+CPU kernels of PFT's inference attention layers (:mod:`adasr.ops.pft_kernels`, numba, option ``pft_kernel``), every
 ``ADASR_*`` setting (:mod:`adasr.ops.config`) and the CPU worker pool (:mod:`adasr.ops.scheduling`).
 """
 import contextlib

@@ -28,8 +28,8 @@ option                 environment variable      default     meaning
                                                              opt in): ``'direct'`` (``F.conv2d``), ``'winograd'`` (the
                                                              default variant) or a variant (``'f2'``, ``'f3'``,
                                                              ``'f4'``, ``'f4-lavin'``); CPU float32 inference only
-``pft_kernel``         ``ADASR_PFT_KERNEL``      ``'auto'``  PFT's inference top-k layers on the CPU in float32:
-                                                             ``'numba'`` (compiled row kernels,
+``pft_kernel``         ``ADASR_PFT_KERNEL``      ``'auto'``  PFT's inference attention layers on the CPU in float32:
+                                                             ``'numba'`` (compiled layer kernels,
                                                              :mod:`adasr.ops.pft_kernels`), ``'torch'`` (PyTorch /
                                                              NumPy ops), ``'auto'`` (numba when it imports)
 =====================  ========================  ==========  =========================================================
@@ -189,5 +189,4 @@ def worker_threads() -> int:
 
 
 __all__ = ['BACKENDS', 'CONV3X3_METHODS', 'PFT_KERNELS', 'get_option', 'set_option', 'options', 'memory_budget_bytes',
-           'tile_bytes',
-           'cache_bytes', 'worker_threads']
+           'tile_bytes', 'cache_bytes', 'worker_threads']

@@ -31,10 +31,16 @@ LINEAR_MIN_ROWS = 16
 WINDOWS = 16
 
 
-def fast_path_ok(x: torch.Tensor) -> bool:
-    """Eager CPU float32 inference with oneDNN (no autograd, not traced by ``torch.compile``/``torch.export``)."""
+def onednn_ok(x: torch.Tensor) -> bool:
+    """Eager CPU float32 inference with oneDNN (no autograd, not traced by ``torch.compile``/``torch.export``: graphs
+    keep the plain operators): oneDNN layouts and operators may stand in for PyTorch's."""
     return (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
-            and _HAS_LINEAR_POINTWISE and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+
+
+def fast_path_ok(x: torch.Tensor) -> bool:
+    """:func:`onednn_ok`, and oneDNN's linear with post-ops is available: the engines here may run."""
+    return _HAS_LINEAR_POINTWISE and onednn_ok(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -261,6 +261,22 @@ def _select_positive(x, m, k, z, dens, sel, cand, code, y):
 # ---- tile kernels --------------------------------------------------------------------------------------------------
 
 @_jit()
+def _topk_softmax_row(x, n, k, z, dens, sel, cand, code, e, bits, vrow, irow):
+    """One row of scores x[:n]: the positions of its k largest into irow, their softmax weights over the whole row
+    (``exp(s - max) / sum(exp(s - max))``, not renormalised) into vrow; e, bits: exp scratch. Returns the passes."""
+    passes = _select(x, n, k, z, dens, sel, cand, code)
+    mx = x[sel[0]]  # the row maximum is kept
+    for t in range(1, k):
+        mx = max(mx, x[sel[t]])
+    total = _exp_shifted(x, n, mx, e, bits)
+    for t in range(k):
+        j = sel[t]
+        vrow[t] = e[j] / total
+        irow[t] = j
+    return passes
+
+
+@_jit()
 def _topk_softmax(x, k, z, dens, vals, pos):
     rows, n = x.shape
     e = np.empty(n, np.float32)
@@ -268,21 +284,9 @@ def _topk_softmax(x, k, z, dens, vals, pos):
     sel = np.empty(n + 1, np.int32)
     cand = np.empty(n + 1, np.int32)
     code = np.empty(n, np.uint8)
-    kept = np.empty(k, np.float32)
     passes = 0
     for i in range(rows):
-        xr = x[i]
-        passes += _select(xr, n, k, z, dens, sel, cand, code)
-        for t in range(k):
-            kept[t] = xr[sel[t]]
-        mx = _max4(kept, k)  # the row maximum is kept
-        total = _exp_shifted(xr, n, mx, e, bits)
-        vrow = vals[i]
-        prow = pos[i]
-        for t in range(k):
-            j = sel[t]
-            vrow[t] = e[j] / total
-            prow[t] = j
+        passes += _topk_softmax_row(x[i], n, k, z, dens, sel, cand, code, e, bits, vals[i], pos[i])
     return passes
 
 
@@ -364,7 +368,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     r_ = range(rows)
     src = ['import numpy as np', 'import numba', '',
            'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _exp_shifted, _max4, _select, _select_positive,',
-           '                                  _softmax_focus)', '',
+           '                                  _softmax_focus, _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
            '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
            'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs):',
@@ -412,19 +416,8 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
         src += [f'                    out[w, i + {r}, hh, {c}] = o{r}_{c} / t{r}' for c in range(dv)]
     src += ['                    continue',
             f'                for r in range({rows}):  # first top-k: selection and the kept weights',
-            '                    x = s[r]',
-            '                    passes += _select(x, n, k, z, dens, sel, cand, code)',
-            '                    mx = x[sel[0]]',
-            '                    for t in range(1, k):',
-            '                        mx = max(mx, x[sel[t]])',
-            '                    total = _exp_shifted(x, n, mx, e[0], bits)',
-            '                    ex = e[0]',
-            '                    vrow = vals[w, hh, i + r]',
-            '                    irow = idxs[w, hh, i + r]',
-            '                    for t in range(k):',
-            '                        j = sel[t]',
-            '                        vrow[t] = ex[j] / total',
-            '                        irow[t] = j',
+            '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0], bits,',
+            '                                                vals[w, hh, i + r], idxs[w, hh, i + r])',
             '    return passes', '', '',
             '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
             'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs):',
