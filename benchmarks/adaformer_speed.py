@@ -152,9 +152,9 @@ def _build(kind: str, tree: Optional[str], authors_dir: Optional[str], size: Tup
             return y[..., :4 * size[0], :4 * size[1]]
         return call
     net = seeded_adaformer(seed, eps_h=eps_h)
-    if kind in ('adasr', 'adasr-winograd'):
-        if kind == 'adasr-winograd':
-            net.conv3x3 = 'winograd'
+    if kind == 'adasr' or kind.startswith('adasr:'):
+        if kind != 'adasr':
+            net.conv3x3 = kind.split(':', 1)[1]
         return lambda: net(x)
     if kind != 'authors':
         raise ValueError(f'unknown contender kind {kind!r}')
@@ -190,8 +190,8 @@ def side_by_side(contenders: Sequence[Tuple[str, str, Optional[str]]], size: Tup
                  repeats: int = 3, seed: int = 0, eps_h: float = 0.05, threads: Optional[int] = None,
                  authors_dir: Optional[str] = None, progress: Optional[Callable[[str], None]] = None
                  ) -> Dict[str, Dict[str, Any]]:
-    """Time the contenders ``(label, kind, tree)`` in turns; ``kind`` is ``'adasr'`` or ``'adasr-winograd'`` (its
-    chains by Winograd, ``conv3x3='winograd'``; ``tree``: the repository
+    """Time the contenders ``(label, kind, tree)`` in turns; ``kind`` is ``'adasr'`` or ``'adasr:METHOD'`` (its
+    convolutions by ``conv3x3=METHOD``, e.g. ``'adasr:winograd'``; ``tree``: the repository
     root to import adasr from, None = this one), ``'authors'`` (their code from ``authors_dir``) or
     ``'swinir-light'``. Each runs in its own spawned process: one warm-up call, then ``repeats`` rounds.
 

@@ -31,6 +31,7 @@ Examples (the docs' tables):
     python scripts/benchmark_adaformer.py --settings halt=0 halt=0.25 halt=0.5 halt=0.75 halt=0.9 halt=1
     python scripts/benchmark_adaformer.py --profile --threads 1 --settings eps=0.05 bias=-20
     python scripts/benchmark_adaformer.py --compare --threads 1 --repeats 5 --authors AUTHORS_DIR --baseline MAIN_TREE
+    python scripts/benchmark_adaformer.py --compare --conv3x3 direct --threads 1 --repeats 5 --authors AUTHORS_DIR
     python scripts/benchmark_adaformer.py --compare --winograd --threads 1 --repeats 5 --authors AUTHORS_DIR
 """
 import argparse
@@ -105,8 +106,8 @@ def compare(args) -> None:
     from benchmarks.adaformer_speed import side_by_side
 
     contenders = [('adasr (this tree)', 'adasr', None)]
-    if args.winograd:
-        contenders.append(('adasr (this tree, conv3x3=winograd)', 'adasr-winograd', None))
+    for method in (args.conv3x3 or []) + (['winograd'] if args.winograd else []):
+        contenders.append((f'adasr (this tree, conv3x3={method})', f'adasr:{method}', None))
     if args.baseline:
         contenders.append((f'adasr ({args.baseline})', 'adasr', args.baseline))
     if args.authors:
@@ -196,6 +197,9 @@ def main(argv=None) -> None:
                         help='side by side in turns: this tree, --baseline, --authors, SwinIR-light (eps_h --eps)')
     parser.add_argument('--winograd', action='store_true',
                         help="with --compare: also this tree with conv3x3='winograd' (opt-in Winograd convolutions)")
+    parser.add_argument('--conv3x3', nargs='+', default=None, metavar='METHOD',
+                        help="with --compare: also this tree with these conv3x3 methods (e.g. direct: the authors' "
+                             'numbers bit for bit)')
     parser.add_argument('--baseline', default=None, help='with --compare: another adasr tree (e.g. a main checkout)')
     parser.add_argument('--authors', default=None,
                         help='with --compare: folder holding the authors\' code (xiaotongtt/AdaFormer, model/...)')

@@ -127,27 +127,30 @@ def test_constructor_is_keyword_only_without_kwargs():
 _ORACLE = {}
 
 
-def _oracle_checks(reference_dir):
+def _oracle_checks(reference_dir, conv3x3=None):
     path = osp.join(reference_dir, 'adaformer_x4_oracle.pt')
     if not osp.isfile(path):
         pytest.skip(f'{path} not found')
-    if path not in _ORACLE:
+    if (path, conv3x3) not in _ORACLE:
         from adasr.cli.options import load_yaml
         from benchmarks.adaformer_oracle import compare_with_oracle, load_oracle
 
         network_g = dict(load_yaml(osp.join(REPO, 'options', 'test', 'test_AdaFormer_x4.yml'))['network_g'])
         network_g.pop('type')
-        _ORACLE[path] = compare_with_oracle(AdaFormer(**network_g), load_oracle(path))
-    return _ORACLE[path]
+        _ORACLE[path, conv3x3] = compare_with_oracle(AdaFormer(**network_g, conv3x3=conv3x3), load_oracle(path))
+    return _ORACLE[path, conv3x3]
 
 
 @pytest.mark.parametrize('input_key', ['input', 'input_37x45'])
 @pytest.mark.parametrize('mode', ['eval', 'train'])
-def test_oracle_equivalence(reference_dir, input_key, mode):
-    """The authors' code, run unchanged: masks exactly, SR within 1e-3 (0..255), logits, sparsity, intermediates."""
+@pytest.mark.parametrize('conv3x3', [None, 'direct'])
+def test_oracle_equivalence(reference_dir, input_key, mode, conv3x3):
+    """The authors' code, run unchanged: masks exactly, SR within 1e-3 (0..255), logits, sparsity, intermediates;
+    by default (conv3x3 'auto': the decoder and tail by Winograd F(2x2, 3x3) at CPU inference) and with the
+    authors' direct convolutions everywhere."""
     from benchmarks.adaformer_oracle import format_table
 
-    checks = [c for c in _oracle_checks(reference_dir) if c.input_key == input_key and c.mode == mode]
+    checks = [c for c in _oracle_checks(reference_dir, conv3x3) if c.input_key == input_key and c.mode == mode]
     quantities = {c.quantity for c in checks}
     assert 'sr' in quantities and 'global_keep_masks[5]' in quantities and 'local_keep_masks[5]' in quantities
     for c in checks:

@@ -161,7 +161,8 @@ def test_conv3x3_method_option(monkeypatch):
     direct = F.conv2d(x, weight, None, 1, 1)
     with torch.no_grad():
         monkeypatch.delenv('ADASR_CONV3X3', raising=False)
-        torch.testing.assert_close(winograd.conv3x3(x, weight), direct, rtol=0, atol=0)  # default: direct
+        torch.testing.assert_close(winograd.conv3x3(x, weight), direct, rtol=0, atol=0)  # default 'auto': direct
+        torch.testing.assert_close(winograd.conv3x3(x, weight, method='auto'), direct, rtol=0, atol=0)
         monkeypatch.setenv('ADASR_CONV3X3', 'f2')
         y = winograd.conv3x3(x, weight)
         assert not torch.equal(y, direct)  # another rounding
@@ -171,7 +172,7 @@ def test_conv3x3_method_option(monkeypatch):
         monkeypatch.setenv('ADASR_CONV3X3', 'f9')
         with pytest.raises(ValueError, match='ADASR_CONV3X3'):
             winograd.conv3x3(x, weight)
-    assert set(config.CONV3X3_METHODS) == {'direct', 'winograd'} | set(winograd.VARIANTS)
+    assert set(config.CONV3X3_METHODS) == {'auto', 'direct', 'winograd'} | set(winograd.VARIANTS)
 
 
 def test_prepacked_weights_follow_in_place_updates():

@@ -102,16 +102,19 @@ class ResBlocks(nn.Sequential):
     autograd, in float32, the chain runs in oneDNN's blocked layout from end to end (one conversion in and one out
     instead of two reorders per convolution): the same numbers, about a tenth less time.
 
-    ``conv3x3`` (None: the ops option ``conv3x3``, ``ADASR_CONV3X3``, default ``'direct'``): ``'winograd'`` or a
+    ``conv3x3`` (None: the ops option ``conv3x3``, ``ADASR_CONV3X3``, default ``'auto'``): ``'winograd'`` or a
     variant of :data:`adasr.ops.winograd.VARIANTS` runs the convolutions there by Winograd's algorithm instead,
     channels-last from end to end with the ReLU in the first convolution's output transform (about 1.8x faster on
-    one AVX-512 core; other rounding, docs/winograd.md)."""
+    one AVX-512 core for F(4x4, 3x3), 1.2x for F(2x2, 3x3); other rounding, docs/winograd.md); ``'auto'`` is the
+    chain's :attr:`auto` method (AdaFormer: ``'direct'`` in the encoder, ``'f2'`` in the decoder)."""
 
     conv3x3: Optional[str] = None
+    auto: str = 'direct'
 
     def method(self) -> str:
-        """The convolution method in effect: :attr:`conv3x3`, else the ops option."""
-        return self.conv3x3 or get_option('conv3x3')
+        """The convolution method in effect: :attr:`conv3x3`, else the ops option; ``'auto'`` is :attr:`auto`."""
+        method = self.conv3x3 or get_option('conv3x3')
+        return self.auto if method == 'auto' else method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self) or not cpu_inference.onednn_ok(x):
@@ -680,6 +683,9 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         self.body = AdaM(n_feats, embed_dim, depths, num_heads, num_prototypes, window_size, mlp_ratio,
                          estimator_hidden)
         self.deep_feature_extraction = ResBlocks(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])
+        # conv3x3 'auto': the decoder (and the tail) come after every halting decision, so a convolution there can
+        # move SR but no mask; F(2x2, 3x3) moves it least of the Winograd variants (docs/winograd.md)
+        self.deep_feature_extraction.auto = 'f2'
         self.tail = PixelShuffleDirect(n_feats, in_chans, upscale)
         self.conv3x3 = conv3x3
 
@@ -761,14 +767,17 @@ class AdaFormer(SRArch, Exportable, nn.Module):
     @property
     def conv3x3(self) -> Optional[str]:
         """How the 32 convolutions of the encoder and decoder chains and the tail's run at CPU float32 inference:
-        ``'direct'`` (oneDNN, the authors' numbers bit for bit), ``'winograd'`` (= ``'f4'``) or another variant of
-        :data:`adasr.ops.winograd.VARIANTS`; None follows the ops option ``conv3x3`` (``ADASR_CONV3X3``, default
-        ``'direct'``). The confidence estimator always runs directly; so do training, autograd and other devices."""
+        ``'direct'`` (oneDNN, the authors' numbers bit for bit), ``'auto'`` (the encoder direct, so every halting
+        decision and mask is the authors' bit for bit; the decoder and the tail by Winograd F(2x2, 3x3): SR within
+        a few 1e-4 of the authors' on the 0..255 scale, docs/winograd.md), ``'winograd'`` (= ``'f4'``) or another
+        variant of :data:`adasr.ops.winograd.VARIANTS` everywhere; None follows the ops option ``conv3x3``
+        (``ADASR_CONV3X3``, default ``'auto'``). The confidence estimator always runs directly; so do training,
+        autograd and other devices."""
         return self.shollow_feature_extraction.conv3x3
 
-    def _conv_method(self) -> str:
-        """The method in effect (the chains share it)."""
-        return self.shollow_feature_extraction.method()
+    def _conv_methods(self) -> Tuple[str, str]:
+        """The methods in effect in the encoder and in the decoder (and the tail)."""
+        return self.shollow_feature_extraction.method(), self.deep_feature_extraction.method()
 
     @conv3x3.setter
     def conv3x3(self, value: Optional[str]) -> None:
@@ -792,13 +801,17 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         # 3x further from the authors' outputs. The NCHW numbers (theirs, bit for bit) are kept; CPU inference runs
         # the ResBlock chains in oneDNN's blocked layout, which gives the same numbers (ResBlocks).
         f0 = self.head(self.sub_mean(x * self.img_range))
-        if self._conv_method() != 'direct' and cpu_inference.onednn_ok(f0):
+        encoder, decoder = self._conv_methods()
+        if encoder != 'direct' and cpu_inference.onednn_ok(f0):
             # Winograd chains: channels-last from the head to the tail (the tokens are channels-last, the 1x1
             # convolutions and residual additions keep the layout): no layout change between the chains
             f0 = f0.contiguous(memory_format=torch.channels_last)
         fe = self.shollow_feature_extraction(f0)
         fa, logits, g_maps, w_maps, complete, pending = self.body(
             fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps)
+        if decoder != 'direct' and cpu_inference.onednn_ok(fa):
+            # a Winograd decoder and tail run channels-last (their NCHW transposes cost more than one conversion)
+            fa = fa.contiguous(memory_format=torch.channels_last)
         fd = self.deep_feature_extraction(fa)
         sr = self.add_mean(self._tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
@@ -810,9 +823,9 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         return sr
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
-        """The tail (conv3x3 + pixel shuffle); its convolution by Winograd when the chains use it (:attr:`conv3x3`):
+        """The tail (conv3x3 + pixel shuffle); its convolution by Winograd when the decoder uses it (:attr:`conv3x3`):
         it comes after every halting decision, like the decoder."""
-        method = self._conv_method()
+        method = self._conv_methods()[1]
         if method == 'direct' or not cpu_inference.onednn_ok(x):
             return self.tail(x)
         conv = self.tail[0]

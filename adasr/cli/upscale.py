@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                           'Default (auto): on CUDA the half type the arch declares, else fp16; fp32 on the CPU')
     run.add_argument('--conv3x3', choices=CONV3X3_METHODS, default=None,
                      help='CPU fp32: how archs that offer it (AdaFormer) run their 3x3 convolution chains: direct '
-                          '(the reference numbers) or winograd (about 1.9x faster per convolution, other rounding; '
-                          'docs/winograd.md). Default: ADASR_CONV3X3, else direct')
+                          "(the reference numbers bit for bit), auto (the arch's choice within its reference "
+                          'tolerances; AdaFormer: its decoder and tail by Winograd F(2x2,3x3), halting decisions '
+                          'unchanged) or winograd (everywhere, about 1.9x faster per convolution, other rounding; '
+                          'docs/winograd.md). Default: ADASR_CONV3X3, else auto')
     run.add_argument('--fp32', action='store_true', help='alias of --precision fp32')
     run.add_argument('--half', choices=HALF_DTYPES, default=None, help='alias of --precision fp16 / bf16')
     out = p.add_argument_group('output')

@@ -24,10 +24,13 @@ option                 environment variable      default     meaning
                                                              ``K * d <= sampled_limit * m``
 ``torch_topk``         ``ADASR_TORCH_TOPK``      ``False``   ``True`` (``1``): top-k by ``torch.topk`` on the CPU too,
                                                              instead of ``numpy.argpartition``
-``conv3x3``            ``ADASR_CONV3X3``         ``direct``  engine of :func:`adasr.ops.winograd.conv3x3` (callers that
+``conv3x3``            ``ADASR_CONV3X3``         ``'auto'``  engine of :func:`adasr.ops.winograd.conv3x3` (callers that
                                                              opt in): ``'direct'`` (``F.conv2d``), ``'winograd'`` (the
                                                              default variant) or a variant (``'f2'``, ``'f3'``,
-                                                             ``'f4'``, ``'f4-lavin'``); CPU float32 inference only
+                                                             ``'f4'``, ``'f4-lavin'``); ``'auto'``: each caller's
+                                                             choice within its reference tolerances (``'direct'`` in
+                                                             :func:`~adasr.ops.winograd.conv3x3`; AdaFormer: its
+                                                             ``conv3x3``); CPU float32 inference only
 ``pft_kernel``         ``ADASR_PFT_KERNEL``      ``'auto'``  PFT's inference attention layers on the CPU in float32:
                                                              ``'numba'`` (compiled layer kernels,
                                                              :mod:`adasr.ops.pft_kernels`), ``'torch'`` (PyTorch /
@@ -42,7 +45,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 BACKENDS = ('auto', 'torch', 'triton')
-CONV3X3_METHODS = ('direct', 'winograd', 'f2', 'f3', 'f4', 'f4-lavin')  # adasr.ops.winograd.VARIANTS + two names
+CONV3X3_METHODS = ('auto', 'direct', 'winograd', 'f2', 'f3', 'f4', 'f4-lavin')  # VARIANTS + three names
 
 
 def _positive(source: str, raw: Any) -> float:
@@ -111,7 +114,7 @@ _OPTIONS: Dict[str, _Option] = {
     'threads': _Option('ADASR_ATTN_THREADS', None, _threads),
     'sampled_limit': _Option('ADASR_SAMPLED_LIMIT', 1.0, _positive),
     'torch_topk': _Option('ADASR_TORCH_TOPK', False, _flag),
-    'conv3x3': _Option('ADASR_CONV3X3', 'direct', _conv3x3),
+    'conv3x3': _Option('ADASR_CONV3X3', 'auto', _conv3x3),
     'pft_kernel': _Option('ADASR_PFT_KERNEL', 'auto', _pft_kernel),
 }
 _overrides: Dict[str, Any] = {}

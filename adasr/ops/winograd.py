@@ -478,15 +478,16 @@ def winograd_supported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, relu: bool = False,
             method: Optional[str] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=1)``, then ReLU when ``relu``, by ``method`` (``None``: option
-    ``conv3x3`` / ``ADASR_CONV3X3``): ``'direct'``, ``'winograd'`` or a variant of :data:`VARIANTS`. Winograd methods
-    fall back to the direct convolution where Winograd cannot run (:func:`winograd_supported`)."""
+    ``conv3x3`` / ``ADASR_CONV3X3``): ``'direct'`` (also ``'auto'``: a caller that has a choice of its own resolves
+    it before), ``'winograd'`` or a variant of :data:`VARIANTS`. Winograd methods fall back to the direct convolution
+    where Winograd cannot run (:func:`winograd_supported`)."""
     if method is None:
         from adasr.ops.config import get_option
         method = get_option('conv3x3')
-    if method != 'direct':
+    if method not in ('direct', 'auto'):
         variant = DEFAULT_VARIANT if method == 'winograd' else method
         if variant not in VARIANTS:
-            raise ValueError(f"unknown conv3x3 method {method!r}; choose 'direct', 'winograd' or one of "
+            raise ValueError(f"unknown conv3x3 method {method!r}; choose 'auto', 'direct', 'winograd' or one of "
                              f'{sorted(VARIANTS)}')
         if winograd_supported(x, weight, bias):
             return _forward(x, _prepacked(weight, bias, variant), relu)
