@@ -67,7 +67,7 @@ def test_positive_selection_is_torch_topk_on_heavy_tailed_rows(m, k):
     x[3] = torch.rand(m) * 1e-20  # the epsilon level of PFA's renormalisation
     x[4, m // 2] = float('nan')
     xs = x.numpy()
-    sel, cand = np.empty(m + 1, np.int32), np.empty(m + 1, np.int32)
+    sel, cand = np.empty(m + pft_kernels._SLACK, np.int32), np.empty(m + pft_kernels._SLACK, np.int32)
     code, y = np.empty(m, np.uint8), np.empty(m, np.float64)
     z, dens = pft_kernels.normal_guess(k, m)
     for i, row in enumerate(xs):
@@ -248,3 +248,28 @@ def test_oracle_light_x4_on_both_paths(reference_dir, kernel):
     with config.options(pft_kernel=kernel):
         res = verify.run_fixture(verify.load_fixture(osp.join(reference_dir, 'pft_light_x4_oracle.pt')))
     assert res['passed'], res
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('m', [1024, 256, 47, 16, 5])
+def test_vector_compaction_is_the_scalar_one(dtype, m):
+    """The selection's compaction by AVX-512 compression (where numba targets AVX-512) writes the positions above the
+    bracket and inside it, in order, as the scalar loop does: NaN in neither, ties at the bracket's ends, blocks of
+    16 and a scalar tail, into scratch with its spare entries; the selection uses the vector one there."""
+    if pft_kernels._compact_avx512 is None:
+        assert pft_kernels._compact is pft_kernels._compact_scalar
+        pytest.skip('numba does not target AVX-512 here')
+    assert pft_kernels._compact is pft_kernels._compact_avx512
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal(m).astype(dtype)
+    x[::7] = 0.5  # ties with lo
+    x[1::11] = 0.75  # ties with hi
+    x[min(3, m - 1)] = np.nan
+    lo, hi = np.float32(0.5), np.float32(0.75)
+    got = [np.full(m + pft_kernels._SLACK, -1, np.int32) for _ in range(2)]
+    want = [np.full(m + 1, -1, np.int32) for _ in range(2)]
+    code = np.empty(m, np.uint8)
+    ns, nc = pft_kernels._compact_avx512(x, m, lo, hi, got[0], got[1], code)
+    assert (ns, nc) == pft_kernels._compact_scalar(x, m, lo, hi, want[0], want[1], code)
+    assert np.array_equal(got[0][:ns], np.flatnonzero(x > hi)) and np.array_equal(want[0][:ns], got[0][:ns])
+    assert np.array_equal(got[1][:nc], np.flatnonzero((x <= hi) & (x > lo)))

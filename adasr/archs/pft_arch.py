@@ -44,6 +44,7 @@ from adasr.archs.pft_engine import (
     softmax,
 )
 from adasr.ops import chunk_count, sparse_av, sparse_qk, topk_positions
+from adasr.ops.layout import rows_to_heads
 from adasr.utils.checks import check_choice, check_int
 
 # ---- per-forward geometry ------------------------------------------------------------------------------------------
@@ -204,10 +205,14 @@ class PFTLayer(nn.Module):
         qkv = self.wqkv(self.norm1(x))  # b, n_tok, 3c
         lepe = self.v_LePE(qkv[..., 2 * c:], frame.hw)  # b, n_tok, c
         # (shifted) window order in one row gather each: windows[j] = tokens[perm[j]]
-        qkv_w = qkv.reshape(b * n_tok, 3 * c).index_select(0, perm)
-        nb = qkv_w.shape[0] // n
-        q, k, v = qkv_w.view(nb, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # b*nW, h, n, d
-        q = q.mul_(self.scale) if not torch.is_grad_enabled() else q * self.scale
+        if torch.is_grad_enabled():
+            qkv_w = qkv.reshape(b * n_tok, 3 * c).index_select(0, perm)
+            nb = qkv_w.shape[0] // n
+            q, k, v = qkv_w.view(nb, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # b*nW, h, n, d
+            q = q * self.scale
+        else:  # the same gather, split and scaling in one pass
+            q, k, v = rows_to_heads(qkv.reshape(b * n_tok, 3 * c), perm, 3, heads, n, self.scale).unbind(0)
+            nb = q.shape[0]
         out, state = self.attn_win(q, k, v, rpi, prev, self.topk, frame.mask if self.shift_size else None)
         out = out.to(q.dtype)  # the engine scores in float32; half-precision networks continue in their type
         # back to token order (and un-shifted) in one row gather, + LePE there (channel h*d + e), then the projection

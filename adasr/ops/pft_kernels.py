@@ -152,11 +152,131 @@ def _max4(x, m):
     return max(max(m0, m1), max(m2, m3))
 
 
+_SLACK = 16  # extra entries of the selection's position scratch (the vector compaction stores 16 at a time)
+
+
+def _avx512_target() -> bool:
+    """Whether numba compiles for a CPU with AVX-512F (the host's, unless ``NUMBA_CPU_NAME`` names another)."""
+    if numba is None:
+        return False
+    from numba.core import config as numba_config
+
+    if numba_config.CPU_NAME and numba_config.CPU_NAME != 'host':
+        return '+avx512f' in (numba_config.CPU_FEATURES or '')
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get('avx512f', False))
+
+
+def _compress16_intrinsic():
+    """``_compress16(x, j, lo, hi, band, out, n)``: the positions j .. j + 15 of x (float32 or float64) above
+    ``hi`` (``band`` False) or in (lo, hi] (``band`` True; NaN in neither) written packed to out[n:] (16 int32
+    stored: out needs :data:`_SLACK` spare entries); returns how many. AVX-512's register ``vpcompressd`` and one
+    plain store (LLVM's generic compress-store becomes ``vpcompressd`` to memory, microcoded and ~6x slower on
+    Zen 4)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _compress16(typingctx, x, j, lo, hi, band, out, n):
+        if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64)):
+            return None
+        sig = types.intp(x, j, lo, hi, band, out, n)
+
+        def codegen(context, builder, signature, args):
+            xa, jj, lov, hiv, bandv, oa, nv = args
+            i32, i1 = ir.IntType(32), ir.IntType(1)
+            ft = context.get_value_type(signature.args[0].dtype)
+            lanes = 16 if signature.args[0].dtype == types.float32 else 8
+            vf = ir.VectorType(ft, lanes)
+            v16i, v16b = ir.VectorType(i32, 16), ir.VectorType(i1, 16)
+            xarr = context.make_array(signature.args[0])(context, builder, xa)
+            oarr = context.make_array(signature.args[5])(context, builder, oa)
+            lov = context.cast(builder, lov, signature.args[2], signature.args[0].dtype)
+            hiv = context.cast(builder, hiv, signature.args[3], signature.args[0].dtype)
+
+            def splat(v, ty, n_):
+                u = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(i32, 0))
+                return builder.shuffle_vector(u, ir.Constant(ty, ir.Undefined),
+                                              ir.Constant(ir.VectorType(i32, n_), [0] * n_))
+
+            masks = []
+            for part in range(16 // lanes):
+                ptr = builder.gep(xarr.data, [builder.add(jj, ir.Constant(jj.type, part * lanes))])
+                vals = builder.load(builder.bitcast(ptr, vf.as_pointer()), align=4)
+                above = builder.fcmp_ordered('>', vals, splat(hiv, vf, lanes))
+                inside = builder.and_(builder.fcmp_ordered('<=', vals, splat(hiv, vf, lanes)),
+                                      builder.fcmp_ordered('>', vals, splat(lov, vf, lanes)))
+                masks.append(builder.select(builder.icmp_unsigned('!=', bandv, ir.Constant(bandv.type, 0)),
+                                            inside, above))
+            mask = masks[0] if lanes == 16 else builder.shuffle_vector(
+                masks[0], masks[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+            idx = builder.add(splat(builder.trunc(jj, i32), v16i, 16), ir.Constant(v16i, list(range(16))))
+            fnty = ir.FunctionType(v16i, [v16i, v16i, v16b])
+            compress = cgutils.get_or_insert_function(builder.module, fnty, 'llvm.x86.avx512.mask.compress.v16i32')
+            packed = builder.call(compress, [idx, ir.Constant(v16i, [0] * 16), mask])
+            dst = builder.bitcast(builder.gep(oarr.data, [nv]), v16i.as_pointer())
+            builder.store(packed, dst, align=4)
+            popcount = builder.module.declare_intrinsic('llvm.ctpop', [ir.IntType(16)])
+            count = builder.call(popcount, [builder.bitcast(mask, ir.IntType(16))])
+            return builder.zext(count, context.get_value_type(types.intp))
+
+        return sig, codegen
+
+    return _compress16
+
+
+@_jit()
+def _compact_scalar(x, m, lo, hi, sel, cand, code):
+    """Positions of x[:m] above hi into sel, those in (lo, hi] into cand (in order); returns (#sel, #cand)."""
+    for j in range(m):  # (vectorised) 1: above the bracket, 2: inside it
+        v = x[j]
+        code[j] = np.uint8(v > hi) | (np.uint8((v <= hi) & (v > lo)) << np.uint8(1))
+    ns = 0
+    nc = 0
+    for j in range(m):  # (branch-free scalar compaction)
+        c = code[j]
+        sel[ns] = j
+        ns += c & np.uint8(1)
+        cand[nc] = j
+        nc += c >> np.uint8(1)
+    return ns, nc
+
+
+if _avx512_target():
+    _compress16 = _compress16_intrinsic()
+
+    @_jit()
+    def _compact_avx512(x, m, lo, hi, sel, cand, code):
+        """:func:`_compact_scalar` 16 positions at a time by AVX-512 compression (about 7x faster on rows of 1024)."""
+        ns = 0
+        nc = 0
+        j = 0
+        while j + 16 <= m:
+            ns += _compress16(x, j, lo, hi, False, sel, ns)
+            nc += _compress16(x, j, lo, hi, True, cand, nc)
+            j += 16
+        for t in range(j, m):
+            v = x[t]
+            sel[ns] = t
+            ns += v > hi
+            cand[nc] = t
+            nc += (v <= hi) & (v > lo)
+        return ns, nc
+
+    _compact = _compact_avx512
+else:
+    _compact_avx512 = None
+    _compact = _compact_scalar
+
+
 @_jit()
 def _select(x, m, k, z, dens, sel, cand, code):
     """Positions of the k largest of x[:m] (0 < k < m) into sel[:k], in no particular order. ``z``, ``dens``: the
     standard normal quantile of 1 - k/m and the density there (first guesses); sel, cand: int32 scratch of length
-    >= m + 1; code: uint8 scratch of length >= m. Returns the number of counting passes."""
+    >= m + :data:`_SLACK`; code: uint8 scratch of length >= m. Returns the number of counting passes."""
     s, s2 = _moments(x, m)
     mean = s / m
     std = math.sqrt(max(s2 / m - mean * mean, _ZERO))
@@ -205,17 +325,7 @@ def _select(x, m, k, z, dens, sel, cand, code):
         else:  # interpolate the count linearly between the bracket's ends
             t = lo + (hi - lo) * F32((n_lo - target) / (n_lo - n_hi))
     # compaction: everything above hi is kept; the values in (lo, hi] are candidates for the remaining places
-    for j in range(m):  # (vectorised) 1: above the bracket, 2: inside it
-        v = x[j]
-        code[j] = np.uint8(v > hi) | (np.uint8((v <= hi) & (v > lo)) << np.uint8(1))
-    ns = 0
-    nc = 0
-    for j in range(m):  # (branch-free scalar compaction)
-        c = code[j]
-        sel[ns] = j
-        ns += c & np.uint8(1)
-        cand[nc] = j
-        nc += c >> np.uint8(1)
+    ns, nc = _compact(x, m, lo, hi, sel, cand, code)
     need = k - ns
     if nc < need or nc > 4 * _CANDIDATES:  # NaNs, or many ties inside the bracket: order all the candidates
         if nc < need:
@@ -281,8 +391,8 @@ def _topk_softmax(x, k, z, dens, vals, pos):
     rows, n = x.shape
     e = np.empty(n, np.float32)
     bits = np.empty(n, np.int32)
-    sel = np.empty(n + 1, np.int32)
-    cand = np.empty(n + 1, np.int32)
+    sel = np.empty(n + _SLACK, np.int32)
+    cand = np.empty(n + _SLACK, np.int32)
     code = np.empty(n, np.uint8)
     passes = 0
     for i in range(rows):
@@ -316,8 +426,8 @@ def _softmax_focus(x, kk, p, training, a, bits):
 @_jit()
 def _select_rows(x, k, z, dens, pos):
     rows, m = x.shape
-    sel = np.empty(m + 1, np.int32)
-    cand = np.empty(m + 1, np.int32)
+    sel = np.empty(m + _SLACK, np.int32)
+    cand = np.empty(m + _SLACK, np.int32)
     code = np.empty(m, np.uint8)
     passes = 0
     for i in range(rows):
@@ -352,7 +462,24 @@ def _dot(a: str, row: str, d: int, stride: str = '') -> str:
     return _tree([f'{a}{c} * {row}[{c}{", " + stride if stride else ""}]' for c in range(d)])
 
 
-def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
+def _sparse_row_tail(row: str, ind: str) -> List[str]:
+    """The rest of a sparse layer's row once its scores at the K' keys are in ``x``: softmax, focusing, top-k."""
+    return [ind + line for line in (
+        f'_softmax_focus(x, kk, pv[w, hh, {row}], training, a, bits)',
+        f'vrow = vals[w, hh, {row}]',
+        'if do_topk:',
+        '    passes += _select_positive(a, kk, topk, z, dens, sel, cand, code, y)',
+        f'    irow = idxs[w, hh, {row}]',
+        '    for t in range(topk):',
+        '        e = sel[t]',
+        '        vrow[t] = a[e]',
+        '        irow[t] = prow[e]',
+        'else:  # the same keys: the focused weights replace the inherited ones',
+        '    for t in range(kk):',
+        '        vrow[t] = a[t]')]
+
+
+def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> str:
     """Python source (numba) of the compiled PFT layer kernels for score head dim ``d`` (the concatenated dims of a
     chain of dense layers) and value head dim ``dv``, unrolled over the head dims with constant indices:
 
@@ -367,8 +494,8 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     """
     r_ = range(rows)
     src = ['import numpy as np', 'import numba', '',
-           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _exp_shifted, _max4, _select, _select_positive,',
-           '                                  _softmax_focus, _topk_softmax_row)', '',
+           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _exp_shifted, _max4, _select,',
+           '                                  _select_positive, _softmax_focus, _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
            '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
            'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs):',
@@ -378,8 +505,8 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
            f'    e = np.empty(({rows}, n), np.float32)',
            f'    tot = np.empty({rows}, np.float32)',
            '    bits = np.empty(n, np.int32)',
-           '    sel = np.empty(n + 1, np.int32)',
-           '    cand = np.empty(n + 1, np.int32)',
+           '    sel = np.empty(n + _SLACK, np.int32)',
+           '    cand = np.empty(n + _SLACK, np.int32)',
            '    code = np.empty(n, np.uint8)',
            '    passes = 0',
            '    for w in range(w0, w1):',
@@ -419,18 +546,18 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0], bits,',
             '                                                vals[w, hh, i + r], idxs[w, hh, i + r])',
             '    return passes', '', '',
-            '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
+'@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
             'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs):',
             '    heads, n = q.shape[1], q.shape[2]',
             '    kk = pidx.shape[3]',
             '    shared = bias.shape[0] == 1',
             '    do_topk = topk < kk',
-            '    s = np.empty(n, np.float32)',
+            f'    s = np.empty(({full_rows}, n), np.float32)',
             '    x = np.empty(kk, np.float32)',
             '    a = np.empty(kk, np.float32)',
             '    bits = np.empty(kk, np.int32)',
-            '    sel = np.empty(kk + 1, np.int32)',
-            '    cand = np.empty(kk + 1, np.int32)',
+            '    sel = np.empty(kk + _SLACK, np.int32)',
+            '    cand = np.empty(kk + _SLACK, np.int32)',
             '    code = np.empty(kk, np.uint8)',
             '    y = np.empty(kk, np.float64)',
             '    passes = 0',
@@ -439,32 +566,30 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '            bh = bias[0 if shared else hh]',
             '            ktw = kt[w, hh]',
             '            kw = k[w, hh]',
-            '            for i in range(n):']
-    src += [f'                a{c} = q[w, hh, i, {c}]' for c in range(d)]
-    src += ['                brow = bh[i]',
-            '                prow = pidx[w, hh, i]',
-            '                if full:  # products with every key and the bias row (one vectorised pass, the bias',
-            '                    # read in order, not gathered from a map in L3), read at the kept keys',
-            '                    for j in range(n):',
-            f'                        s[j] = brow[j] + ({_dot("a", "ktw", d, "j")})',
-            '                    for t in range(kk):',
-            '                        x[t] = s[np.uint32(prow[t])]',
-            '                else:  # products at the kept keys only',
+            '            if full:  # products with every key and the bias rows: one vectorised pass for',
+            f'                # {full_rows} rows (the keys read once for all), read at the inherited keys',
+            f'                for i in range(0, n, {full_rows}):']
+    for r in range(full_rows):
+        src += [f'                    a{r}_{c} = q[w, hh, i + {r}, {c}]' for c in range(d)]
+        src += [f'                    b{r} = bh[i + {r}]', f'                    s{r} = s[{r}]']
+    src.append('                    for j in range(n):')
+    src += [f'                        k{c} = ktw[{c}, j]' for c in range(d)]
+    src += [f'                        s{r}[j] = b{r}[j] + ' + _tree([f'a{r}_{c} * k{c}' for c in range(d)])
+            for r in range(full_rows)]
+    for r in range(full_rows):
+        src += [f'                    prow = pidx[w, hh, i + {r}]',
+                '                    for t in range(kk):',
+                f'                        x[t] = s{r}[np.uint32(prow[t])]']
+        src += _sparse_row_tail(f'i + {r}', '                    ')
+    src += ['            else:  # products at the inherited keys only (gathered key rows)',
+            '                for i in range(n):']
+    src += [f'                    a{c} = q[w, hh, i, {c}]' for c in range(d)]
+    src += ['                    brow = bh[i]',
+            '                    prow = pidx[w, hh, i]',
             '                    for t in range(kk):',
             '                        j = np.uint32(prow[t])',
-            f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})',
-            '                _softmax_focus(x, kk, pv[w, hh, i], training, a, bits)',
-            '                vrow = vals[w, hh, i]',
-            '                if do_topk:',
-            '                    passes += _select_positive(a, kk, topk, z, dens, sel, cand, code, y)',
-            '                    irow = idxs[w, hh, i]',
-            '                    for t in range(topk):',
-            '                        e = sel[t]',
-            '                        vrow[t] = a[e]',
-            '                        irow[t] = prow[e]',
-            '                else:  # the same keys: the focused weights replace the inherited ones',
-            '                    for t in range(kk):',
-            '                        vrow[t] = a[t]']
+            f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})']
+    src += _sparse_row_tail('i', '                    ')
     src.append('    return passes')
     return '\n'.join(src) + '\n'
 
