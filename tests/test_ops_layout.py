@@ -1,9 +1,10 @@
-"""ops.layout: the blocked token -> NCHW transpose copies values only (bit for bit PyTorch's reshape)."""
+"""ops.layout: the blocked token -> NCHW transpose and the head-split window gather copy values only (bit for bit
+PyTorch's reshape / gather + permuted copy)."""
 import pytest
 import torch
 
 from adasr.ops import layout
-from adasr.ops.layout import tokens_to_nchw
+from adasr.ops.layout import rows_to_heads, tokens_to_nchw
 
 
 @pytest.mark.parametrize('b, h, w', [(1, 5, 7), (2, 16, 24), (3, 1, 1)])
@@ -24,3 +25,40 @@ def test_tokens_to_nchw_keeps_gradients_and_checks_the_size():
     assert torch.equal(t.grad, torch.arange(3.0).expand(2, 12, 3))
     with pytest.raises(ValueError, match='12 tokens do not make a 5x2 map'):
         tokens_to_nchw(t.detach(), 5, 2)
+
+
+@pytest.mark.parametrize('threads', [0, 2])
+@pytest.mark.parametrize('parts, heads, d, n, windows', [(3, 4, 13, 16, 20), (2, 1, 5, 4, 3)])
+def test_rows_to_heads_is_the_gather_and_permuted_copy(threads, parts, heads, d, n, windows):
+    """Every entry, in parallel tasks of eight windows (20 windows: a partial last task) or in the calling thread: the
+    row gather, the permuted copy and part 0 times the scale, bit for bit; a hand-picked entry."""
+    from adasr.ops import config
+
+    pytest.importorskip('numba')
+    gen = torch.Generator().manual_seed(windows)
+    x = torch.randn(windows * n + 3, parts * heads * d, generator=gen)
+    perm = torch.randperm(x.shape[0], generator=gen)[:windows * n]
+    scale = d ** -0.5
+    with torch.no_grad(), config.options(threads=threads):
+        got = rows_to_heads(x, perm, parts, heads, n, scale)
+    want = x.index_select(0, perm).view(windows, n, parts, heads, d).permute(2, 0, 3, 1, 4).contiguous()
+    want[0] *= scale
+    assert got.shape == (parts, windows, heads, n, d) and got.is_contiguous() and torch.equal(got, want)
+    w, t, hh = windows - 1, n - 1, heads - 1
+    assert torch.equal(got[parts - 1, w, hh, t], x[perm[w * n + t], ((parts - 1) * heads + hh) * d:][:d])
+
+
+def test_rows_to_heads_keeps_gradients_and_checks_its_operands():
+    x = torch.randn(8, 2 * 3, requires_grad=True)
+    perm = torch.tensor([3, 1, 0, 2, 7, 6, 5, 4])
+    out = rows_to_heads(x, perm, 2, 1, 4, 0.5)  # autograd: the PyTorch ops
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.5] * 3 + [1.0] * 3).expand(8, 6))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match='whole windows of 4'):
+            rows_to_heads(x, perm[:6], 2, 1, 4)
+        with pytest.raises(ValueError, match=r'not \(N, 4 x 1 x d\)'):
+            rows_to_heads(x, perm, 4, 1, 4)
+        if layout._rows_to_heads_kernel() is not None:
+            with pytest.raises(IndexError, match='outside 0 .. 7'):
+                rows_to_heads(x, perm + 1, 2, 1, 4)
