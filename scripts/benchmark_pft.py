@@ -220,6 +220,9 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
             setattr(getattr(pft_kernels, cls), method, timer.wrap(getattr(getattr(pft_kernels, cls), method), stage))
     if hasattr(pft_engine, 'DenseScores'):  # the score product of the first top-k layers
         pft_engine.DenseScores.logits = timer.wrap(pft_engine.DenseScores.logits, ENGINE_STAGES['dense_scores'])
+    from adasr.archs import pft_arch
+    # every linear layer (qkv, proj, ConvFFN's fc1 / fc2) goes through pft_arch._linear (oneDNN at inference)
+    pft_arch._linear = timer.wrap(pft_arch._linear, 'linear layers (qkv, proj, ConvFFN fc1 and fc2)')
     timer.hook(pft.conv_first, 'convolutions (first, body, upsampler)')
     timer.hook(pft.conv_after_body, 'convolutions (first, body, upsampler)')
     timer.hook(pft.upsample, 'convolutions (first, body, upsampler)')
@@ -228,12 +231,10 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
     for block in pft.layers:
         timer.hook(block.conv, 'convolutions (first, body, upsampler)')
         for layer in block.residual_group.layers:
-            timer.hook(layer.wqkv, 'linear layers (qkv, proj)')
-            timer.hook(layer.attn_win.proj, 'linear layers (qkv, proj)')
             timer.hook(layer.norm1, 'LayerNorm')
             timer.hook(layer.norm2, 'LayerNorm')
             timer.hook(layer.v_LePE, 'LePE (depthwise conv + GELU)')
-            timer.hook(layer.convffn, 'ConvFFN (fc1, GELU, depthwise conv + GELU, fc2)')
+            timer.hook(layer.convffn, 'ConvFFN (GELU, depthwise conv + GELU, add)')
             timer.hook(layer.attn_win, 'attention glue (tiles, gathers, state)')
     runs: Dict[str, List[float]] = defaultdict(list)
     torch.set_flush_denormal(True)  # as on the tile pool's threads (the tiles run in this thread here)

@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument('--opt', default='options/test/test_AdaFormer_x4.yml', help='option file with network_g')
     parser.add_argument('--modes', nargs='+', default=['eval', 'train'], choices=['eval', 'train'])
     parser.add_argument('--failures-only', action='store_true', help='print only the failed rows')
+    parser.add_argument('--conv3x3', default=None, help="network_g's conv3x3 for this run (e.g. direct: the authors' "
+                        'convolutions bit for bit; auto: the default; winograd)')
     args = parser.parse_args(argv)
 
     import adasr  # noqa: F401
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
     network_g = dict(load_yaml(args.opt)['network_g'])
     if network_g.pop('type') != 'AdaFormer':
         raise SystemExit(f'error: {args.opt}: network_g.type is not AdaFormer')
+    if args.conv3x3:
+        network_g['conv3x3'] = args.conv3x3
     net = AdaFormer(**network_g)
     oracle = load_oracle(args.fixture)
     print(f'fixture: {args.fixture}')

@@ -43,7 +43,7 @@ from adasr.archs.pft_engine import (
     shift_labels,
     softmax,
 )
-from adasr.ops import chunk_count, sparse_av, sparse_qk, topk_positions
+from adasr.ops import chunk_count, cpu_inference, sparse_av, sparse_qk, topk_positions
 from adasr.ops.layout import rows_to_heads
 from adasr.utils.checks import check_choice, check_int
 
@@ -87,6 +87,12 @@ class DepthwiseConvGELU(nn.Module):
         return _conv_tokens(self.depthwise_conv, x, hw)
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; at CPU float32 inference a oneDNN linear with the bias in the product (the same numbers,
+    2.6x faster for PFT-light's 65536 x 52 -> 156 qkv projection on one AVX-512 core: :func:`cpu_inference.linear`)."""
+    return cpu_inference.linear(x, layer.weight, layer.bias)
+
+
 def _conv_tokens(conv: nn.Module, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """Apply a conv to a token map (B, H*W, C) read as a channels-last image (no transposed copies); -> (B, H*W, C')."""
     b, n, c = x.shape
@@ -105,9 +111,9 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = self.act(self.fc1(x))
+        x = self.act(_linear(self.fc1, x))
         x = x + self.dwconv(x, hw)
-        return self.fc2(x)
+        return _linear(self.fc2, x)
 
 
 class PFAttention(nn.Module):
@@ -202,7 +208,7 @@ class PFTLayer(nn.Module):
         d = c // heads
         n = self.window_size ** 2
         perm, inv = frame.order(self.shift_size)
-        qkv = self.wqkv(self.norm1(x))  # b, n_tok, 3c
+        qkv = _linear(self.wqkv, self.norm1(x))  # b, n_tok, 3c
         lepe = self.v_LePE(qkv[..., 2 * c:], frame.hw)  # b, n_tok, c
         # (shifted) window order in one row gather each: windows[j] = tokens[perm[j]]
         if torch.is_grad_enabled():
@@ -217,7 +223,7 @@ class PFTLayer(nn.Module):
         out = out.to(q.dtype)  # the engine scores in float32; half-precision networks continue in their type
         # back to token order (and un-shifted) in one row gather, + LePE there (channel h*d + e), then the projection
         out = out.transpose(1, 2).reshape(nb * n, c).index_select(0, inv).add_(lepe.reshape(b * n_tok, c))
-        out = self.attn_win.proj(out)
+        out = _linear(self.attn_win.proj, out)
         x = x + out.view(b, n_tok, c)
         x = x + self.convffn(self.norm2(x), frame.hw)
         return x, state
