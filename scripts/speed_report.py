@@ -10,7 +10,9 @@ glibc malloc settings of benchmarks/profiling.py; timing = median wall time (and
 --repeats calls after --warmup.
 
 Sections (per thread count):
-* AdaFormer x4 at --size (default 480x270 LR, i.e. 1920x1080 out): exact path (sparse_eval, the default) fp32, each
+* AdaFormer x4 at --size (default 480x270 LR, i.e. 1920x1080 out): exact path (sparse_eval and conv3x3 auto, the
+  defaults: halting decisions the authors' bit for bit) fp32, the same with the authors' convolutions everywhere
+  (conv3x3=direct: their SR bit for bit), each
   reduced precision the CPU runs (bf16 with avx512_bf16/AMX; refused elsewhere, with the reason), fp32 with the
   opt-in Winograd convolutions (conv3x3=winograd), dense mode
   (sparse_eval=False: every token computed, then masked), SwinIR-light fp32; ratios.
@@ -149,6 +151,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         ada, swin = specs['AdaFormer'], specs['SwinIR-light']
         exact = run('AdaFormer exact fp32', ada, size, threads)
         rows = [('AdaFormer, exact path (sparse_eval), fp32', exact)]
+        direct_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='direct'))
+        rows.append(("AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct)",
+                     run('AdaFormer direct', direct_spec, size, threads)))
         for p in reduced:
             rows.append((f'AdaFormer, exact path, {p} (autocast)', run(f'AdaFormer {p}', ada, size, threads,
                                                                            precision=p)))

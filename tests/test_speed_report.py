@@ -96,6 +96,7 @@ def test_speed_report_quick_end_to_end(tmp_path):
     for needle in ('PyTorch ISA', 'load average at start', 'MALLOC_MMAP_THRESHOLD_',
                    '## AdaFormer x4 at 32x24 LR, 1 thread', '| AdaFormer, exact path (sparse_eval), fp32 |',
                    '| AdaFormer, dense mode (sparse_eval=False), fp32 |', '| SwinIR-light, fp32 |',
+                   "| AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct) |",
                    '## PFT-light x4 against SwinIR-light x4 at 24x24 LR', '| PFT-light, fp32 |',
                    '| 0% | -20.00 | 0 0 0 0 0 0 |', '| 100% | +20.00 | 0 100 100 100 100 100 |'):
         assert needle in md, needle

@@ -19,10 +19,11 @@ query values stay in registers) and cached on disk (:mod:`adasr.ops.codegen`).
 
 Selection (:func:`_select`): the k-th largest value of a row is bracketed by counting passes (``#{x > t}``, one
 vectorised loop over the row) at thresholds from a normal guess (mean + z std of the row), Newton steps and
-interpolation between the bracket's ends, until at most a few values are undecided; a vectorised code pass and a
-branch-free compaction then write the positions above the bracket and the few candidates, of which the largest are
-picked. The kept set is exact, as ``torch.topk`` / ``numpy.argpartition`` (ties at the k-th value broken
-arbitrarily; positions in no order).
+interpolation between the bracket's ends, until at most a few values are undecided; the compaction then writes the
+positions above the bracket and the few candidates, of which the largest are picked (:func:`_compact_avx512`, 16
+positions per step by AVX-512 compression, where numba targets AVX-512F; else :func:`_compact_scalar`, a vectorised
+code pass and a branch-free scalar loop). The kept set is exact, as ``torch.topk`` / ``numpy.argpartition`` (ties
+at the k-th value broken arbitrarily; positions in no order).
 
 ``exp`` is a vectorisable float32 routine (:func:`_exp_shifted`: Cody-Waite range reduction and a degree-7
 polynomial; relative error below 3e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.68, as
@@ -489,8 +490,9 @@ def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> 
       (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
       row (their aggregation: ``embedding_bag``, outside).
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
-      key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, read at the
-      keys); bias at the keys, softmax, focusing, and top-k when k < K' (aggregation outside).
+      key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, ``full_rows`` query
+      rows per pass over the keys, read at the keys); bias at the keys, softmax, focusing, and top-k when k < K'
+      (aggregation outside).
     """
     r_ = range(rows)
     src = ['import numpy as np', 'import numba', '',
