@@ -205,20 +205,14 @@ class PFTLayer(nn.Module):
         """x (B, H*W, C) -> (x, PFA state of this layer)."""
         b, n_tok, c = x.shape
         heads = self.num_heads
-        d = c // heads
         n = self.window_size ** 2
         perm, inv = frame.order(self.shift_size)
         qkv = _linear(self.wqkv, self.norm1(x))  # b, n_tok, 3c
         lepe = self.v_LePE(qkv[..., 2 * c:], frame.hw)  # b, n_tok, c
-        # (shifted) window order in one row gather each: windows[j] = tokens[perm[j]]
-        if torch.is_grad_enabled():
-            qkv_w = qkv.reshape(b * n_tok, 3 * c).index_select(0, perm)
-            nb = qkv_w.shape[0] // n
-            q, k, v = qkv_w.view(nb, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # b*nW, h, n, d
-            q = q * self.scale
-        else:  # the same gather, split and scaling in one pass
-            q, k, v = rows_to_heads(qkv.reshape(b * n_tok, 3 * c), perm, 3, heads, n, self.scale).unbind(0)
-            nb = q.shape[0]
+        # (shifted) window order, split into heads, queries scaled: windows[j] = tokens[perm[j]] (one compiled pass
+        # at CPU inference, PyTorch's gather and permuted copy under autograd)
+        q, k, v = rows_to_heads(qkv.reshape(b * n_tok, 3 * c), perm, 3, heads, n, self.scale).unbind(0)  # b*nW, h, n, d
+        nb = q.shape[0]
         out, state = self.attn_win(q, k, v, rpi, prev, self.topk, frame.mask if self.shift_size else None)
         out = out.to(q.dtype)  # the engine scores in float32; half-precision networks continue in their type
         # back to token order (and un-shifted) in one row gather, + LePE there (channel h*d + e), then the projection
