@@ -1,4 +1,5 @@
-"""Token sequences (B, N, C) to NCHW feature maps (B, C, H, W), done fast.
+"""Layout changes done fast: token sequences (B, N, C) to NCHW feature maps (B, C, H, W) (:func:`tokens_to_nchw`),
+and rows of fused projections gathered into head-split attention windows (:func:`rows_to_heads`, below).
 
 A transformer between convolutions keeps its tokens channels-last, the convolutions want NCHW. PyTorch's copy of a
 permuted 4-D view walks the destination with large strides (``t.transpose(1, 2).reshape(b, c, h, w).contiguous()``
