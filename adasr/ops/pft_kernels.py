@@ -463,6 +463,25 @@ def _dot(a: str, row: str, d: int, stride: str = '') -> str:
     return _tree([f'{a}{c} * {row}[{c}{", " + stride if stride else ""}]' for c in range(d)])
 
 
+def _query_rows(rows: int, d: int, ind: str) -> List[str]:
+    """Loads of ``rows`` query rows from row i on: a{r}_{c} (their values), b{r} (bias rows), s{r} (score rows)."""
+    src = []
+    for r in range(rows):
+        src += [f'{ind}a{r}_{c} = q[w, hh, i + {r}, {c}]' for c in range(d)]
+        src += [f'{ind}b{r} = bh[i + {r}]', f'{ind}s{r} = s[{r}]']
+    return src
+
+
+def _key_pass(rows: int, d: int, ind: str, masked: bool = False) -> List[str]:
+    """One vectorised pass over the transposed keys ktw (d, n): the scores of the :func:`_query_rows` with every
+    key, bias (and ``times`` the shift-mask rows m{r}) added."""
+    src = [f'{ind}for j in range(n):'] + [f'{ind}    k{c} = ktw[{c}, j]' for c in range(d)]
+    for r in range(rows):
+        base = f'(b{r}[j] + times * m{r}[j])' if masked else f'b{r}[j]'
+        src.append(f'{ind}    s{r}[j] = {base} + ' + _tree([f'a{r}_{c} * k{c}' for c in range(d)]))
+    return src
+
+
 def _sparse_row_tail(row: str, ind: str) -> List[str]:
     """The rest of a sparse layer's row once its scores at the K' keys are in ``x``: softmax, focusing, top-k."""
     return [ind + line for line in (
@@ -480,7 +499,7 @@ def _sparse_row_tail(row: str, ind: str) -> List[str]:
         '        vrow[t] = a[t]')]
 
 
-def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> str:
+def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     """Python source (numba) of the compiled PFT layer kernels for score head dim ``d`` (the concatenated dims of a
     chain of dense layers) and value head dim ``dv``, unrolled over the head dims with constant indices:
 
@@ -490,7 +509,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> 
       (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
       row (their aggregation: ``embedding_bag``, outside).
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
-      key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, ``full_rows`` query
+      key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, ``rows`` query
       rows per pass over the keys, read at the keys); bias at the keys, softmax, focusing, and top-k when k < K'
       (aggregation outside).
     """
@@ -519,18 +538,12 @@ def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> 
            '            ktw = kt[w, hh]',
            '            vtw = vt[w, hh]',
            f'            for i in range(0, n, {rows}):']
-    for r in r_:
-        src += [f'                a{r}_{c} = q[w, hh, i + {r}, {c}]' for c in range(d)]
-        src += [f'                b{r} = bh[i + {r}]', f'                s{r} = s[{r}]']
+    src += _query_rows(rows, d, ' ' * 16)
     for masked in (False, True):
         src.append('                if kind != 0:' if masked else '                if kind == 0:')
         if masked:
             src += [f'                    m{r} = mk[i + {r}]' for r in r_]
-        src.append('                    for j in range(n):')
-        src += [f'                        k{c} = ktw[{c}, j]' for c in range(d)]
-        for r in r_:
-            base = f'(b{r}[j] + times * m{r}[j])' if masked else f'b{r}[j]'
-            src.append(f'                        s{r}[j] = {base} + ' + _tree([f'a{r}_{c} * k{c}' for c in range(d)]))
+        src += _key_pass(rows, d, ' ' * 20, masked)
     src += ['                if k == 0:  # dense: softmax and the aggregation with every value']
     src += [f'                    tot[{r}] = _exp_shifted(s{r}, n, _max4(s{r}, n), e[{r}], bits)' for r in r_]
     for r in r_:
@@ -548,13 +561,13 @@ def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> 
             '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0], bits,',
             '                                                vals[w, hh, i + r], idxs[w, hh, i + r])',
             '    return passes', '', '',
-'@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
+            '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
             'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs):',
             '    heads, n = q.shape[1], q.shape[2]',
             '    kk = pidx.shape[3]',
             '    shared = bias.shape[0] == 1',
             '    do_topk = topk < kk',
-            f'    s = np.empty(({full_rows}, n), np.float32)',
+            f'    s = np.empty(({rows}, n), np.float32)',
             '    x = np.empty(kk, np.float32)',
             '    a = np.empty(kk, np.float32)',
             '    bits = np.empty(kk, np.int32)',
@@ -569,16 +582,10 @@ def layer_source(d: int, dv: int, rows: int = _ROWS, full_rows: int = _ROWS) -> 
             '            ktw = kt[w, hh]',
             '            kw = k[w, hh]',
             '            if full:  # products with every key and the bias rows: one vectorised pass for',
-            f'                # {full_rows} rows (the keys read once for all), read at the inherited keys',
-            f'                for i in range(0, n, {full_rows}):']
-    for r in range(full_rows):
-        src += [f'                    a{r}_{c} = q[w, hh, i + {r}, {c}]' for c in range(d)]
-        src += [f'                    b{r} = bh[i + {r}]', f'                    s{r} = s[{r}]']
-    src.append('                    for j in range(n):')
-    src += [f'                        k{c} = ktw[{c}, j]' for c in range(d)]
-    src += [f'                        s{r}[j] = b{r}[j] + ' + _tree([f'a{r}_{c} * k{c}' for c in range(d)])
-            for r in range(full_rows)]
-    for r in range(full_rows):
+            f'                # {rows} rows (the keys read once for all), read at the inherited keys',
+            f'                for i in range(0, n, {rows}):']
+    src += _query_rows(rows, d, ' ' * 20) + _key_pass(rows, d, ' ' * 20)
+    for r in r_:
         src += [f'                    prow = pidx[w, hh, i + {r}]',
                 '                    for t in range(kk):',
                 f'                        x[t] = s{r}[np.uint32(prow[t])]']
