@@ -201,6 +201,10 @@ KERNEL_STAGES = {
     ('SparseRows', 'run'): 'sparse layers (compiled: products, softmax, focusing, top-k)',
     ('_Layer', '__init__'): 'attention glue (tiles, gathers, state)',
 }
+#: compiled functions timed by --profile (module-level names of adasr.ops.pft_kernels)
+KERNEL_FUNCTIONS = {
+    'aggregate': 'sparse products (scores, aggregation)',
+}
 
 
 def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, float]]:
@@ -218,6 +222,9 @@ def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, f
     for (cls, method), stage in KERNEL_STAGES.items():
         if hasattr(pft_kernels, cls):
             setattr(getattr(pft_kernels, cls), method, timer.wrap(getattr(getattr(pft_kernels, cls), method), stage))
+    for name, stage in KERNEL_FUNCTIONS.items():
+        if hasattr(pft_kernels, name):
+            setattr(pft_kernels, name, timer.wrap(getattr(pft_kernels, name), stage))
     if hasattr(pft_engine, 'DenseScores'):  # the score product of the first top-k layers
         pft_engine.DenseScores.logits = timer.wrap(pft_engine.DenseScores.logits, ENGINE_STAGES['dense_scores'])
     from adasr.archs import pft_arch

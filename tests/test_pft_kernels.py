@@ -8,6 +8,7 @@ import torch
 
 from adasr.archs import pft_engine
 from adasr.ops import config, pft_kernels
+from adasr.ops import embedding_bag_av as ops_embedding_bag_av
 from benchmarks import pft_oracle as verify
 from tests.helpers import pft_fixtures as fixtures
 
@@ -273,3 +274,68 @@ def test_vector_compaction_is_the_scalar_one(dtype, m):
     assert (ns, nc) == pft_kernels._compact_scalar(x, m, lo, hi, want[0], want[1], code)
     assert np.array_equal(got[0][:ns], np.flatnonzero(x > hi)) and np.array_equal(want[0][:ns], got[0][:ns])
     assert np.array_equal(got[1][:nc], np.flatnonzero((x <= hi) & (x > lo)))
+
+
+@pytest.mark.parametrize('g,n,m,d,kk,dtype', [
+    (2, 64, 1024, 13, 256, torch.int16),  # PFT-light's first top-k / 256-key layers: two bags of 128 summed
+    (2, 64, 1024, 13, 128, torch.int16),
+    (3, 7, 50, 13, 5, torch.int64),  # rows not a multiple of the four per pass
+    (2, 9, 40, 26, 300, torch.int32),  # one bag above 128 keys (not a multiple), two 16-lane column blocks
+    (2, 10, 33, 40, 512, torch.int16),  # four bags; head dim 40 (PFT)
+    (1, 5, 8, 3, 1, torch.int64),
+])
+def test_aggregate_is_embedding_bag_bit_for_bit(g, n, m, d, kk, dtype):
+    """The vectorised aggregation sums in FBGEMM's order: the same float32 numbers as embedding_bag_av, and within
+    float rounding of the exact sum."""
+    torch.manual_seed(0)
+    v, a = torch.randn(g, m, d), torch.rand(g, n, kk)
+    idx = torch.randint(0, m, (g, n, kk)).to(dtype)
+    want = ops_embedding_bag_av(a, v, idx)
+    buf = torch.full((g, n, d + 3), float('nan'))
+    out = buf[..., :d]  # a strided destination: only its d columns are written
+    got = pft_kernels.aggregate(a, v, idx, out)
+    assert got is out and torch.equal(got, want)
+    assert torch.isnan(buf[..., d:]).all()
+    exact = torch.einsum('gnk,gnkd->gnd', a.double(), v.double()[torch.arange(g)[:, None, None], idx.long()])
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    v_strided = torch.randn(g, d, m).transpose(1, 2)  # values need not be contiguous
+    assert torch.equal(pft_kernels.aggregate(a, v_strided, idx), ops_embedding_bag_av(a, v_strided.contiguous(), idx))
+
+
+def test_aggregate_hand_computed_and_bad_operands():
+    v = torch.tensor([[[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]]])
+    a = torch.tensor([[[0.5, 2.0], [1.0, 0.0]]])
+    idx = torch.tensor([[[0, 2], [1, 1]]])
+    assert torch.equal(pft_kernels.aggregate(a, v, idx), torch.tensor([[[200.5, 401.0], [10.0, 20.0]]]))
+    # an index out of range reads the last row instead of memory outside the values
+    bad = torch.tensor([[[7, -1], [1, 1]]])
+    assert torch.equal(pft_kernels.aggregate(a, v, bad)[0, 0], torch.tensor([250.0, 500.0]))
+    with pytest.raises(ValueError, match='must be'):
+        pft_kernels.aggregate(a, v, idx[..., :1])
+    with pytest.raises(ValueError, match='float32'):
+        pft_kernels.aggregate(a.double(), v.double(), idx)
+    with pytest.raises(ValueError, match='unit stride'):
+        pft_kernels.aggregate(a, v, idx, torch.empty(1, 2, 4)[..., ::2])
+    assert torch.equal(pft_kernels.aggregate(a[..., :0], v, idx[..., :0]), torch.zeros(1, 2, 2))
+
+
+def test_network_aggregation_is_embedding_bags_bit_for_bit(monkeypatch):
+    """PFT-light with the vectorised aggregation gives the network output of FBGEMM's embedding_bag bit for bit (the
+    aggregation's numbers are unchanged; only its speed is)."""
+    config_32 = dict(fixtures.GUARDS['light_x4'], img_size=32, window_size=32,
+                     num_topk=[1024, 1024, 256, 256, 128, 128])
+    net = fixtures.build(config_32, 0)
+    x = torch.rand(1, 3, 40, 37)  # padded to 64 x 64: four windows of 1024 tokens
+    calls = []
+
+    def by_embedding_bag(values, v, index, out):
+        calls.append(index.shape[-1])
+        out.copy_(ops_embedding_bag_av(values, v, index))
+        return out
+
+    with torch.no_grad(), config.options(pft_kernel='numba'):
+        got = net(x)
+        monkeypatch.setattr(pft_kernels, 'aggregate', by_embedding_bag)
+        want = net(x)
+    assert calls and max(calls) == 256  # the first top-k layers and those with 256 inherited keys were aggregated
+    assert torch.equal(got, want)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adasr.archs.layers import window_partition
-from adasr.ops import embedding_bag_av, parallel_for, pft_kernels, sparse_av, sparse_qk, topk_positions
+from adasr.ops import parallel_for, pft_kernels, sparse_av, sparse_qk, topk_positions
 from adasr.ops.config import tile_bytes
 
 EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the authors' code)
@@ -319,7 +319,8 @@ def _dense_rows(scores: DenseScores, v: torch.Tensor, topk: int = 0, vals: Optio
                 idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A dense (``topk`` 0) or first top-k layer on the compiled kernels (``pft_kernels.DenseRows``: the scores of
     two query rows at a time in L1 cache, never a map in memory; the top-k layer's aggregation over its kept keys by
-    ``embedding_bag``), one window per tile. -> (B_, h, n, d) (a view of a (B_, n, h, d) buffer)."""
+    ``pft_kernels.aggregate``, ``embedding_bag``'s numbers), one window per tile. -> (B_, h, n, d) (a view of a
+    (B_, n, h, d) buffer)."""
     nb = v.shape[0]
     mask = scores.mask
     kinds = [mask.kind[w % mask.n_win] for w in range(nb)] if mask is not None else []
@@ -334,7 +335,7 @@ def _dense_rows(scores: DenseScores, v: torch.Tensor, topk: int = 0, vals: Optio
 
     def run_window(w: int) -> None:
         rows.select(w, w + 1, topk, vals, idxs)
-        out[w] = embedding_bag_av(vals[w], v[w], idxs[w])
+        pft_kernels.aggregate(vals[w], v[w], idxs[w], out[w])
 
     _run(run_window, range(nb), v.device)
     return out
@@ -380,12 +381,12 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         vals, idxs = prev.values, prev.index
     out = _output(v)
     if pft_kernels.enabled(q, k, v, prev.values):  # one compiled pass per row (products, softmax, focusing, top-k),
-        # then the aggregation (embedding_bag), one window per tile
+        # then the aggregation (pft_kernels.aggregate: embedding_bag's numbers), one window per tile
         rows = pft_kernels.SparseRows(q, k, bias, prev.values, prev.index)
 
         def run_window(w: int) -> None:
             rows.run(w, w + 1, topk, training, vals, idxs)
-            out[w] = embedding_bag_av(vals[w], v[w], idxs[w])
+            pft_kernels.aggregate(vals[w], v[w], idxs[w], out[w])
 
         _run(run_window, range(nb), q.device)
         return out, SparseMap(vals, idxs)

@@ -6,10 +6,12 @@ with the row in L1 cache.
   every key are one vectorised pass over the transposed keys per pair of query rows; no n x n map is written.
 * :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (or with
   every key, read at the keys, when K' >= n / 4), the bias at the keys, softmax, progressive focusing by the
-  inherited weights and top-k when k < K', written into the layer's state. The aggregation is FBGEMM's
-  ``embedding_bag`` (vectorised across the head dim, which numba cannot do for gathered rows: it vectorises
-  innermost loops only, its SLP vectoriser is off since numba#8705, and LLVM's gathers measured slower than scalar
-  code here).
+  inherited weights and top-k when k < K', written into the layer's state.
+* :func:`aggregate`: the aggregation of both, sum_t w_t v[idx_t] per query row, vectorised across the head dim by
+  an LLVM-IR intrinsic (:func:`_bag_intrinsic`: a masked 16-lane load of each gathered value row and one fused
+  multiply-add per key, four query rows per pass; numba alone cannot vectorise it: it vectorises innermost loops
+  only, its SLP vectoriser is off since numba#8705, and LLVM's gathers measured slower than scalar code). It sums in
+  FBGEMM's ``embedding_bag`` order, so its numbers are :func:`adasr.ops.embedding_bag_av`'s bit for bit.
 * :func:`topk_softmax`: the first top-k layer's rows for score head dims above :data:`DENSE_ROWS_MAX_DIM` (BLAS
   scores computed outside).
 * :func:`topk_positions`: the selection alone.
@@ -45,6 +47,7 @@ import torch
 
 from adasr.ops import codegen
 from adasr.ops.config import get_option
+from adasr.ops.sparse_attention import _BAG as _EBAG_KEYS  # embedding_bag_av's longest bag
 
 try:
     import numba
@@ -70,6 +73,8 @@ _MAX_PASSES = 48
 
 # float reductions may be reassociated (vectorised sums, dot products); no assumption about NaN / inf
 _FASTMATH = {'reassoc', 'contract', 'nsz'}
+# sums whose order is the result (the aggregation's): no reassociation, no contraction
+_ORDERED_SUMS = {'nsz'}
 
 
 def available() -> bool:
@@ -271,6 +276,128 @@ if _avx512_target():
 else:
     _compact_avx512 = None
     _compact = _compact_scalar
+
+
+# ---- aggregation: weighted sums of gathered value rows ---------------------------------------------------------------
+
+_BAG_ROWS = 4  # query rows per pass of the aggregation (independent FMA chains)
+
+
+def _bag_intrinsic(rows: int):
+    """``_bag(w, ix, r0, t0, t1, v, c0, out, o0)``: for r < ``rows`` (a compile-time count),
+    ``out[o0 + r, c0:c0 + 16] = sum over t in [t0, t1) of w[r0 + r, t] * v[ix[r0 + r, t], c0:c0 + 16]`` (the lanes
+    below v's width), summed in t order by one fused multiply-add per key into a 16-lane register: the order and the
+    rounding of FBGEMM's ``embedding_bag`` (sum mode, per-sample weights), so the same numbers. w, ix, v, out: 2-D,
+    unit stride along the last axis; an index outside v's rows is clamped to the last row (never read out of
+    bounds). Generic LLVM vector IR (masked 16-lane loads and stores, ``llvm.fma``): AVX-512 registers where there are
+    some, two AVX2 halves elsewhere; the rows of ``v`` best 64-byte aligned and 16 floats apart (no split loads)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _bag(typingctx, w, ix, r0, t0, t1, v, c0, out, o0):
+        arrays = (w, ix, v, out)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 for a in arrays) or not (
+                w.dtype == v.dtype == out.dtype == types.float32 and isinstance(ix.dtype, types.Integer)):
+            return None
+        sig = types.none(w, ix, r0, t0, t1, v, c0, out, o0)
+
+        def codegen(context, builder, signature, args):
+            sa = signature.args
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+            v16b, ptrty = ir.VectorType(ir.IntType(1), 16), ir.VectorType(ir.FloatType(), 16).as_pointer()
+            warr, ixarr, varr, oarr = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 5, 7))
+            r0v, t0v, t1v, c0v, o0v = (context.cast(builder, args[k], sa[k], types.intp) for k in (2, 3, 4, 6, 8))
+
+            def row_stride(arr, elem_bytes):
+                return builder.sdiv(builder.extract_value(arr.strides, 0), ir.Constant(i64, elem_bytes))
+
+            def splat(x, ty):
+                u = builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(u, ir.Constant(ty, ir.Undefined), ir.Constant(v16i, [0] * 16))
+
+            ws, vs, os_ = row_stride(warr, 4), row_stride(varr, 4), row_stride(oarr, 4)
+            ixs = row_stride(ixarr, sa[1].dtype.bitwidth // 8)
+            last = builder.sub(builder.extract_value(varr.shape, 0), ir.Constant(i64, 1))
+            lanes = builder.add(splat(builder.trunc(c0v, i32), v16i), ir.Constant(v16i, list(range(16))))
+            mask = builder.icmp_signed('<', lanes, splat(builder.trunc(builder.extract_value(varr.shape, 1), i32),
+                                                         v16i))
+            load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [ptrty, i32, v16b, v16f]),
+                                                  'llvm.masked.load.v16f32.p0')
+            store = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [v16f, ptrty, i32, v16b]), 'llvm.masked.store.v16f32.p0')
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
+                                                 'llvm.fma.v16f32')
+            zero = ir.Constant(v16f, [0.0] * 16)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]  # registers after SROA
+            wrow = [builder.mul(builder.add(r0v, ir.Constant(i64, r)), ws) for r in range(rows)]
+            irow = [builder.mul(builder.add(r0v, ir.Constant(i64, r)), ixs) for r in range(rows)]
+            signed = sa[1].dtype.signed
+            with cgutils.for_range_slice(builder, t0v, t1v, ir.Constant(i64, 1), inc=True) as (t, _):
+                for r in range(rows):
+                    wt = builder.load(builder.gep(warr.data, [builder.add(wrow[r], t)]))
+                    j = builder.load(builder.gep(ixarr.data, [builder.add(irow[r], t)]))
+                    if j.type.width < 64:
+                        j = builder.sext(j, i64) if signed else builder.zext(j, i64)
+                    j = builder.select(builder.icmp_unsigned('>', j, last), last, j)  # (negative: huge unsigned)
+                    ptr = builder.gep(varr.data, [builder.add(builder.mul(j, vs), c0v)])
+                    row = builder.call(load, [builder.bitcast(ptr, ptrty), ir.Constant(i32, 4), mask, zero])
+                    builder.store(builder.call(fma, [row, splat(wt, v16f), builder.load(accs[r])]), accs[r])
+            for r in range(rows):
+                orow = builder.mul(builder.add(o0v, ir.Constant(i64, r)), os_)
+                ptr = builder.gep(oarr.data, [builder.add(orow, c0v)])
+                builder.call(store, [builder.load(accs[r]), builder.bitcast(ptr, ptrty), ir.Constant(i32, 4), mask])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _bag
+
+
+if numba is not None:
+    _bag_rows = _bag_intrinsic(_BAG_ROWS)
+    _bag_row = _bag_intrinsic(1)
+
+    @_jit(_ORDERED_SUMS)
+    def _aggregate(vals, idx, v, out):
+        """out[g, i] = sum_t vals[g, i, t] * v[g, idx[g, i, t]] for (G, n, K) vals / idx, (G, m, d) v, (G, n, d)
+        out, in :func:`adasr.ops.embedding_bag_av`'s order: bags of :data:`_EBAG_KEYS` keys summed in order when K
+        is a larger multiple of it. Each group's values are first copied into 64-byte aligned rows of 16 floats."""
+        g, n, kk = vals.shape
+        m, d = v.shape[1], v.shape[2]
+        parts = kk // _EBAG_KEYS if kk > _EBAG_KEYS and kk % _EBAG_KEYS == 0 else 1
+        step = kk // parts
+        dp = (d + 15) // 16 * 16
+        flat = np.empty(m * dp + 16, np.float32)
+        off = ((64 - flat.ctypes.data % 64) % 64) // 4
+        vp = flat[off:off + m * dp].reshape(m, dp)
+        part = np.empty((_BAG_ROWS, dp), np.float32)
+        full = n - n % _BAG_ROWS
+        for gg in range(g):
+            vg = v[gg]
+            for j in range(m):
+                for c in range(d):
+                    vp[j, c] = vg[j, c]
+            vp_d = vp[:, :d]
+            wg, ig, og = vals[gg], idx[gg], out[gg]
+            for c0 in range(0, d, 16):
+                c1 = min(d, c0 + 16)
+                for i in range(0, full, _BAG_ROWS):
+                    _bag_rows(wg, ig, i, 0, step, vp_d, c0, og, i)
+                    for p in range(1, parts):
+                        _bag_rows(wg, ig, i, p * step, (p + 1) * step, vp_d, c0, part, 0)
+                        for r in range(_BAG_ROWS):
+                            for c in range(c0, c1):
+                                og[i + r, c] = og[i + r, c] + part[r, c]
+                for i in range(full, n):
+                    _bag_row(wg, ig, i, 0, step, vp_d, c0, og, i)
+                    for p in range(1, parts):
+                        _bag_row(wg, ig, i, p * step, (p + 1) * step, vp_d, c0, part, 0)
+                        for c in range(c0, c1):
+                            og[i, c] = og[i, c] + part[0, c]
 
 
 @_jit()
@@ -507,7 +634,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
       vectorised over the keys (keys transposed, (d, n) per window and head) with the bias (and shift mask) added
       in the same pass, the rows in L1 cache; then per row either softmax and the aggregation with every value
       (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
-      row (their aggregation: ``embedding_bag``, outside).
+      row (their aggregation: :func:`aggregate`, outside).
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
       key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, ``rows`` query
       rows per pass over the keys, read at the keys); bias at the keys, softmax, focusing, and top-k when k < K'
@@ -694,7 +821,7 @@ _FULL_PRODUCTS_FROM = 0.25
 class SparseRows(_Layer):
     """The rows of a layer with sparse input (K' inherited keys per row) on the compiled kernels
     (:func:`layer_source`, ``sparse_rows``): products, bias at the keys, softmax, focusing, top-k. The aggregation
-    is not part of it (FBGEMM's ``embedding_bag``, :func:`adasr.ops.sparse_av`, is faster than scalar code there).
+    is not part of it (:func:`aggregate`, over the layer's kept keys).
 
     Args:
         q, k, bias: as :class:`DenseRows` (no mask: a sparse layer's keys all lie in the query's region).
@@ -785,6 +912,33 @@ def topk_softmax(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return vals.view(*s.shape[:-1], k), pos.view(*s.shape[:-1], k)
 
 
+def aggregate(values: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The aggregation of sparse attention, ``out[g, i] = sum_t values[g, i, t] * v[g, index[g, i, t]]``, for float32
+    CPU tensors values (G, n, K), v (G, m, d), index (G, n, K) (any integer type), out (G, n, d) (may be a view with
+    unit stride along d; None: a new tensor). The numbers of :func:`adasr.ops.embedding_bag_av` (FBGEMM's
+    ``embedding_bag``) bit for bit, in the same order, but vectorised across the head dim with 64-byte aligned value
+    rows and four query rows per pass (about 2.5x faster at head dim 13: docs/pft.md). An index outside ``[0, m)``
+    reads row ``m - 1`` (no bounds error, as no out-of-bounds read). No autograd."""
+    _check()
+    g, n, kk = values.shape
+    if v.dim() != 3 or v.shape[0] != g or tuple(index.shape) != (g, n, kk) or index.dtype.is_floating_point:
+        raise ValueError(f'aggregate: values {tuple(values.shape)}, v {tuple(v.shape)} and integer index '
+                         f'{tuple(index.shape)} must be (G, n, K), (G, m, d), (G, n, K)')
+    if values.dtype != torch.float32 or v.dtype != torch.float32 or values.device.type != 'cpu':
+        raise ValueError(f'aggregate: float32 CPU tensors only, got {values.dtype} / {v.dtype} on {values.device}')
+    d = v.shape[-1]
+    if out is None:
+        out = torch.empty(g, n, d)
+    elif tuple(out.shape) != (g, n, d) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f'aggregate: out {tuple(out.shape)} {out.dtype} must be float32 (G, n, d) = ({g}, {n}, {d}) '
+                         'with unit stride along d')
+    if v.shape[1] == 0 or kk == 0:
+        return out.zero_()
+    _aggregate(_np(values.detach().contiguous()), _np(index.detach().contiguous()), _np(v.detach()), _np(out))
+    return out
+
+
 def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (int64) of the k largest entries of each row of a float32 CPU tensor (..., m), 0 < k < m, in no
     particular order (the same sets as ``torch.topk``; ties at the k-th value broken arbitrarily)."""
@@ -796,4 +950,4 @@ def topk_positions(a: torch.Tensor, k: int) -> torch.Tensor:
 
 
 __all__ = ['available', 'unavailable_reason', 'enabled', 'normal_guess', 'DenseRows', 'SparseRows', 'layer_source',
-           'DENSE_ROWS_MAX_DIM', 'topk_softmax', 'topk_positions']
+           'DENSE_ROWS_MAX_DIM', 'topk_softmax', 'topk_positions', 'aggregate']
