@@ -19,6 +19,9 @@
    median of the per-pair time ratios.
 4. ``--profile``: where PFT-light's time goes, stage by stage (exclusive wall time of each stage, in one process,
    ``--threads`` intra-op threads with the attention tiles run in the calling thread so that stages never overlap).
+5. ``--layers``: time per row of each kind of PFT-light attention layer, compiled kernels against the PyTorch path;
+   ``--aggregate``: the sparse layers' aggregation, ``embedding_bag`` against ``pft_kernels.aggregate``, ns per key
+   (``--windows 8 --repeats 5`` is enough for both).
 
 On the CPU the script re-executes itself with glibc malloc settings (benchmarks.profiling.ensure_malloc_env).
 """
@@ -336,6 +339,46 @@ def layers_table(args) -> None:
           f'{total["torch"] / total["compiled"]:.2f}x |')
 
 
+AGGREGATE_KEYS = (32, 64, 128, 256)
+
+
+def aggregate_table(args) -> None:
+    """The sparse layers' aggregation (sum_t w_t v[idx_t], K kept keys per row): FBGEMM's ``embedding_bag``
+    (``adasr.ops.embedding_bag_av``) against ``pft_kernels.aggregate`` on the same operands, called in turns in this
+    process (``--repeats`` rounds after a warm-up), ns per key and whether the outputs are equal bit for bit."""
+    from adasr.ops import embedding_bag_av, pft_kernels
+
+    torch.set_num_threads(args.threads[0])
+    n = 1024
+    print(f'\n### Aggregation, {args.windows} windows x {args.heads} heads x {n} rows, head dim {args.head_dim}, '
+          f'{args.threads[0]} thread(s), median of {args.repeats} in turns\n')
+    print('| keys per row | embedding_bag ns a key | aggregate ns a key | speed-up | equal bit for bit |')
+    print('|---:|---:|---:|---:|---|')
+    gen = torch.Generator().manual_seed(0)
+    for kk in AGGREGATE_KEYS:
+        g = args.windows * args.heads
+        v = torch.randn(args.windows, args.heads, n, args.head_dim, generator=gen)
+        a = torch.rand(args.windows, args.heads, n, kk, generator=gen)
+        idx = torch.randint(0, n, (args.windows, args.heads, n, kk), generator=gen).to(torch.int16)
+        out = torch.empty(args.windows, n, args.heads, args.head_dim).permute(0, 2, 1, 3)  # the engine's layout
+        times = {'ebag': [], 'aggregate': []}
+        equal = True
+        for r in range(args.repeats + 1):
+            t = time.perf_counter()
+            want = [embedding_bag_av(a[w], v[w], idx[w]) for w in range(args.windows)]
+            t_e = time.perf_counter() - t
+            t = time.perf_counter()
+            for w in range(args.windows):
+                pft_kernels.aggregate(a[w], v[w], idx[w], out[w])
+            t_a = time.perf_counter() - t
+            equal = equal and all(torch.equal(out[w], want[w]) for w in range(args.windows))
+            if r:
+                times['ebag'].append(t_e)
+                times['aggregate'].append(t_a)
+        e, ag = (statistics.median(times[k]) / (g * n * kk) * 1e9 for k in ('ebag', 'aggregate'))
+        print(f'| {kk} | {e:.2f} | {ag:.2f} | {e / ag:.2f}x | {"yes" if equal else "NO"} |', flush=True)
+
+
 def _mb(x):
     return f'{x / 2**20:.0f}'
 
@@ -382,6 +425,8 @@ def main():
     parser.add_argument('--profile', action='store_true', help='only: stage-by-stage profile of PFT-light')
     parser.add_argument('--layers', action='store_true',
                         help='only: time per row of each kind of PFT-light attention layer, compiled against PyTorch')
+    parser.add_argument('--aggregate', action='store_true',
+                        help='only: the aggregation, embedding_bag against pft_kernels.aggregate (first --threads)')
     parser.add_argument('--threads', type=int, nargs='+', default=[1, 2],
                         help='intra-op threads of --interleaved / --profile (one table row / table each)')
     args = parser.parse_args()
@@ -391,6 +436,10 @@ def main():
         devices.remove('cuda')
     print('Environment:', environment_summary())
     print(f'load average before the run: {os.getloadavg()}')
+    if args.aggregate:
+        aggregate_table(args)
+        print(f'\nload average after the run: {os.getloadavg()}')
+        return
     if args.layers:
         layers_table(args)
         print(f'\nload average after the run: {os.getloadavg()}')
