@@ -1,6 +1,9 @@
 """The compiled PFT kernels (adasr/ops/pft_kernels.py: selection, dense and sparse layer kernels) against torch, and
 the switch between them."""
+import os
 import os.path as osp
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -312,6 +315,10 @@ def test_aggregate_hand_computed_and_bad_operands():
     assert torch.equal(pft_kernels.aggregate(a, v, bad)[0, 0], torch.tensor([250.0, 500.0]))
     with pytest.raises(ValueError, match='must be'):
         pft_kernels.aggregate(a, v, idx[..., :1])
+    with pytest.raises(ValueError, match='must be'):
+        pft_kernels.aggregate(a[0], v, idx[0])
+    with pytest.raises(ValueError, match='must be'):
+        pft_kernels.aggregate(a, v, idx.float())
     with pytest.raises(ValueError, match='float32'):
         pft_kernels.aggregate(a.double(), v.double(), idx)
     with pytest.raises(ValueError, match='unit stride'):
@@ -339,3 +346,26 @@ def test_network_aggregation_is_embedding_bags_bit_for_bit(monkeypatch):
         want = net(x)
     assert calls and max(calls) == 256  # the first top-k layers and those with 256 inherited keys were aggregated
     assert torch.equal(got, want)
+
+
+_AVX2_AGGREGATE = """
+import torch
+from adasr.ops import embedding_bag_av, pft_kernels
+assert not pft_kernels._avx512_target()
+torch.manual_seed(0)
+for g, n, m, d, kk in ((2, 13, 64, 13, 256), (1, 6, 9, 20, 3)):
+    v, a = torch.randn(g, m, d), torch.rand(g, n, kk)
+    idx = torch.randint(0, m, (g, n, kk), dtype=torch.int16)
+    assert torch.equal(pft_kernels.aggregate(a, v, idx), embedding_bag_av(a, v, idx)), (g, n, m, d, kk)
+print('equal')
+"""
+
+
+def test_aggregate_compiled_for_avx2_is_embedding_bag_bit_for_bit(tmp_path):
+    """The aggregation's vector IR lowered for an AVX2-only CPU (numba told to target Haswell, as on the AVX2
+    machines this suite runs on; the code runs here as well): still embedding_bag's numbers."""
+    env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
+    proc = subprocess.run([sys.executable, '-c', _AVX2_AGGREGATE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == 'equal', proc.stderr[-2000:]

@@ -921,12 +921,15 @@ def aggregate(values: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
     rows and four query rows per pass (1.7-2.5x faster at head dim 13 on one window's operands: docs/pft.md). An
     index outside ``[0, m)`` reads row ``m - 1`` (no bounds error, and no read outside the values). No autograd."""
     _check()
-    g, n, kk = values.shape
-    if v.dim() != 3 or v.shape[0] != g or tuple(index.shape) != (g, n, kk) or index.dtype.is_floating_point:
+    if (values.dim() != 3 or v.dim() != 3 or v.shape[0] != values.shape[0] or index.shape != values.shape
+            or index.dtype.is_floating_point or index.dtype == torch.bool):
         raise ValueError(f'aggregate: values {tuple(values.shape)}, v {tuple(v.shape)} and integer index '
                          f'{tuple(index.shape)} must be (G, n, K), (G, m, d), (G, n, K)')
-    if values.dtype != torch.float32 or v.dtype != torch.float32 or values.device.type != 'cpu':
-        raise ValueError(f'aggregate: float32 CPU tensors only, got {values.dtype} / {v.dtype} on {values.device}')
+    if values.dtype != torch.float32 or v.dtype != torch.float32 or any(
+            t.device.type != 'cpu' for t in (values, v, index)):
+        raise ValueError(f'aggregate: float32 CPU tensors only, got {values.dtype} / {v.dtype} on {values.device} / '
+                         f'{v.device} / {index.device}')
+    g, n, kk = values.shape
     d = v.shape[-1]
     if out is None:
         out = torch.empty(g, n, d)
