@@ -73,8 +73,9 @@ _MAX_PASSES = 48
 
 # float reductions may be reassociated (vectorised sums, dot products); no assumption about NaN / inf
 _FASTMATH = {'reassoc', 'contract', 'nsz'}
-# sums whose order is the result (the aggregation's): no reassociation, no contraction
-_ORDERED_SUMS = {'nsz'}
+# the kernels whose loops must not be vectorised across keys (they gather rows: LLVM would emit slow gathers, and
+# reductions in another order) keep FP contraction only
+_ORDERED = {'contract', 'nsz'}
 
 
 def available() -> bool:
@@ -361,7 +362,14 @@ if numba is not None:
     _bag_rows = _bag_intrinsic(_BAG_ROWS)
     _bag_row = _bag_intrinsic(1)
 
-    @_jit(_ORDERED_SUMS)
+    @_jit(_ORDERED)
+    def _add_parts(og, part, i, rows, c0, c1):
+        """og[i + r, c0:c1] += part[r, c0:c1] for r < rows (the later bags of a row, in order)."""
+        for r in range(rows):
+            for c in range(c0, c1):
+                og[i + r, c] = og[i + r, c] + part[r, c]
+
+    @_jit(_ORDERED)
     def _aggregate(vals, idx, v, out):
         """out[g, i] = sum_t vals[g, i, t] * v[g, idx[g, i, t]] for (G, n, K) vals / idx, (G, m, d) v, (G, n, d)
         out, in :func:`adasr.ops.embedding_bag_av`'s order: bags of :data:`_EBAG_KEYS` keys summed in order when K
@@ -373,31 +381,24 @@ if numba is not None:
         dp = (d + 15) // 16 * 16
         flat = np.empty(m * dp + 16, np.float32)
         off = ((64 - flat.ctypes.data % 64) % 64) // 4
-        vp = flat[off:off + m * dp].reshape(m, dp)
+        vp = flat[off:off + m * dp].reshape(m, dp)[:, :d]
         part = np.empty((_BAG_ROWS, dp), np.float32)
         full = n - n % _BAG_ROWS
         for gg in range(g):
-            vg = v[gg]
-            for j in range(m):
-                for c in range(d):
-                    vp[j, c] = vg[j, c]
-            vp_d = vp[:, :d]
+            vp[:, :] = v[gg]
             wg, ig, og = vals[gg], idx[gg], out[gg]
             for c0 in range(0, d, 16):
                 c1 = min(d, c0 + 16)
                 for i in range(0, full, _BAG_ROWS):
-                    _bag_rows(wg, ig, i, 0, step, vp_d, c0, og, i)
+                    _bag_rows(wg, ig, i, 0, step, vp, c0, og, i)
                     for p in range(1, parts):
-                        _bag_rows(wg, ig, i, p * step, (p + 1) * step, vp_d, c0, part, 0)
-                        for r in range(_BAG_ROWS):
-                            for c in range(c0, c1):
-                                og[i + r, c] = og[i + r, c] + part[r, c]
+                        _bag_rows(wg, ig, i, p * step, (p + 1) * step, vp, c0, part, 0)
+                        _add_parts(og, part, i, _BAG_ROWS, c0, c1)
                 for i in range(full, n):
-                    _bag_row(wg, ig, i, 0, step, vp_d, c0, og, i)
+                    _bag_row(wg, ig, i, 0, step, vp, c0, og, i)
                     for p in range(1, parts):
-                        _bag_row(wg, ig, i, p * step, (p + 1) * step, vp_d, c0, part, 0)
-                        for c in range(c0, c1):
-                            og[i, c] = og[i, c] + part[0, c]
+                        _bag_row(wg, ig, i, p * step, (p + 1) * step, vp, c0, part, 0)
+                        _add_parts(og, part, i, 1, c0, c1)
 
 
 @_jit()
@@ -573,9 +574,6 @@ _ROWS = 2  # query rows per pass over the keys in the dense-row kernel (each key
 # BLAS products (PFT's head dim 40: 3x slower; PFT-light's 13 and its chains' 26 are below)
 DENSE_ROWS_MAX_DIM = 32
 _PAD = 16  # padding of the transposed keys' and values' rows (rows 4 KB apart would share their L1 cache sets)
-# the kernels whose loops must not be vectorised across keys (they gather rows: LLVM would emit slow gathers, and
-# reductions in another order) keep FP contraction only
-_ORDERED = {'contract', 'nsz'}
 
 
 def _tree(terms: List[str]) -> str:
