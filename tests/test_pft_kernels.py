@@ -128,9 +128,12 @@ def test_dense_rows_selection_is_softmax_at_the_top_k(d, masked, k):
         rows.select(0, 1, n, vals, idx)
 
 
-def test_sparse_rows_products_with_every_key_or_at_the_keys_agree():
+@pytest.mark.parametrize('d,kk', [(13, 20), (16, 33), (3, 9), (17, 20)])
+def test_sparse_rows_products_with_every_key_or_at_the_keys_agree(d, kk):
+    """Both forms of a sparse layer's scores (with every key; at the gathered keys: by the vectorised 16-key steps
+    for head dims up to 16, by scalar code above) give the layer's focused weights and selection."""
     torch.manual_seed(2)
-    nb, h, n, d, kk = 2, 3, 64, 13, 20
+    nb, h, n = 2, 3, 64
     q, k = torch.randn(nb, h, n, d) * 0.4, torch.randn(nb, h, n, d)
     bias = torch.randn(h, n, n)  # one bias per head
     index = torch.stack([torch.randperm(n)[:kk] for _ in range(nb * h * n)]).view(nb, h, n, kk).to(torch.int16)
@@ -165,8 +168,12 @@ def test_layer_kernels_reject_mismatched_operands():
 def test_layer_source_is_specialised_to_the_head_dims():
     src = pft_kernels.layer_source(13, 13)
     assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src and 'o1_12 +=' in src
+    assert '_scores16(kw, q16, brow, prow, t0, kk, x)' in src  # head dim 13: the vectorised gathered scores
+    # the module's digest in the source: a changed module gets new cached kernels (numba inlines its functions)
+    assert pft_kernels._module_digest() in src.splitlines()[0]
     src = pft_kernels.layer_source(26, 13)
     assert 'k25 = ktw[25, j]' in src and 'u12 = vtw[12, j]' in src and 'u13' not in src
+    assert '_scores16(' not in src and 'a25 * kw[j, 25]' in src  # above 16: scalar gathered products
     compile(src, 'layer_source', 'exec')
 
 
@@ -348,7 +355,80 @@ def test_network_aggregation_is_embedding_bags_bit_for_bit(monkeypatch):
     assert torch.equal(got, want)
 
 
-_AVX2_AGGREGATE = """
+def _scores_in_order(kp, q16, brow, pos):
+    """_scores16's documented sums emulated with NumPy: per key, fma(k_2c, q_2c, k_2c+1 q_2c+1) for the eight dim
+    pairs (the product of float32 numbers is exact in float64), then neighbouring sums in float32, then the bias."""
+    rows = kp[pos]
+    odd = rows[:, 1::2] * q16[1::2]  # float32 products
+    level = (rows[:, 0::2].astype(np.float64) * q16[0::2] + odd).astype(np.float32)
+    while level.shape[1] > 1:
+        level = level[:, 0::2] + level[:, 1::2]
+    return brow[pos] + level[:, 0]
+
+
+def _scores_case(n, d, kk, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    kp = np.zeros((n, 16), np.float32)
+    kp[:, :d] = rng.standard_normal((n, d))
+    q16 = np.zeros(16, np.float32)
+    q16[:d] = rng.standard_normal(d)
+    brow = rng.standard_normal(n).astype(np.float32)
+    pos = rng.integers(0, n, kk).astype(dtype)
+    return kp, q16, brow, pos
+
+
+_SCORES_ROW = None
+
+
+def _scores_row(kp, q16, brow, pos, fill=np.nan):
+    """One row's scores by _scores16, 16 keys per step, into a buffer 16 longer than the keys (filled with ``fill``)."""
+    global _SCORES_ROW
+    if _SCORES_ROW is None:
+        import numba
+
+        @numba.njit
+        def row(kp, q16, brow, pos, x):
+            for t0 in range(0, pos.shape[0], 16):
+                pft_kernels._scores16(kp, q16, brow, pos, t0, pos.shape[0], x)
+
+        _SCORES_ROW = row
+    x = np.full(pos.shape[0] + 16, fill, np.float32)
+    _SCORES_ROW(kp, q16, brow, pos, x)
+    return x
+
+
+@pytest.mark.parametrize('n,d,kk,dtype', [
+    (1024, 13, 256, np.int16), (1024, 13, 128, np.int16), (1024, 13, 32, np.int16),  # PFT-light's sparse layers
+    (64, 16, 17, np.int32), (64, 3, 40, np.int64), (9, 1, 5, np.int16), (50, 13, 1, np.int64)])
+def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype):
+    """The vectorised score step: bias plus q . k at 16 gathered keys per step, summed in the documented order (the
+    same float32 numbers as its NumPy emulation), within float rounding of the float64 products, and nothing written
+    past the keys (the last step's store is masked)."""
+    kp, q16, brow, pos = _scores_case(n, d, kk, dtype)
+    x = _scores_row(kp, q16, brow, pos)
+    assert np.array_equal(x[:kk], _scores_in_order(kp, q16, brow, pos.astype(np.int64)))
+    exact = brow[pos].astype(np.float64) + kp[pos].astype(np.float64) @ q16.astype(np.float64)
+    np.testing.assert_allclose(x[:kk], exact, rtol=1e-5, atol=1e-5)
+    assert np.isnan(x[kk:]).all()
+
+
+def test_gathered_scores_hand_computed_and_clamped():
+    kp = np.zeros((3, 16), np.float32)
+    kp[0, :3] = [1, 2, 3]
+    kp[1, :3] = [-1, 0.5, 4]
+    kp[2, :3] = [10, 20, 30]
+    q16 = np.zeros(16, np.float32)
+    q16[:3] = [1, 2, 0.25]
+    brow = np.array([100, 200, 300], np.float32)
+    x = _scores_row(kp, q16, brow, np.array([1, 0, 1, 2], np.int16))
+    assert x[:4].tolist() == [201.0, 105.75, 201.0, 357.5] and np.isnan(x[4:]).all()
+    # positions outside the rows read the last row, never memory outside the keys
+    x = _scores_row(kp, q16, brow, np.array([7, -1], np.int64))
+    assert x[:2].tolist() == [357.5, 357.5]
+
+
+_AVX2_KERNELS = """
+import numpy as np
 import torch
 from adasr.ops import embedding_bag_av, pft_kernels
 assert not pft_kernels._avx512_target()
@@ -357,15 +437,20 @@ for g, n, m, d, kk in ((2, 13, 64, 13, 256), (1, 6, 9, 20, 3)):
     v, a = torch.randn(g, m, d), torch.rand(g, n, kk)
     idx = torch.randint(0, m, (g, n, kk), dtype=torch.int16)
     assert torch.equal(pft_kernels.aggregate(a, v, idx), embedding_bag_av(a, v, idx)), (g, n, m, d, kk)
+from tests.test_pft_kernels import _scores_case, _scores_in_order, _scores_row
+for n, d, kk in ((1024, 13, 128), (64, 16, 21)):
+    kp, q16, brow, pos = _scores_case(n, d, kk, np.int16)
+    assert np.array_equal(_scores_row(kp, q16, brow, pos)[:kk], _scores_in_order(kp, q16, brow, pos.astype(int)))
 print('equal')
 """
 
 
-def test_aggregate_compiled_for_avx2_is_embedding_bag_bit_for_bit(tmp_path):
-    """The aggregation's vector IR lowered for an AVX2-only CPU (numba told to target Haswell, as on the AVX2
-    machines this suite runs on; the code runs here as well): still embedding_bag's numbers."""
+def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
+    """The vector IR of the aggregation and of the gathered score step lowered for an AVX2-only CPU (numba told to
+    target Haswell, as on the AVX2 machines this suite runs on; the code runs here as well): still embedding_bag's
+    numbers and the documented score sums."""
     env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
-    proc = subprocess.run([sys.executable, '-c', _AVX2_AGGREGATE], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=osp.dirname(osp.dirname(osp.abspath(__file__))))
     assert proc.returncode == 0 and proc.stdout.strip() == 'equal', proc.stderr[-2000:]

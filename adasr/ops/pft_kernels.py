@@ -4,8 +4,9 @@ with the row in L1 cache.
 * :class:`DenseRows`: dense layers (softmax attention with every key) and the first top-k layer of a parity (the k
   largest scores of each row and their softmax weights over the whole row, not renormalised). The products with
   every key are one vectorised pass over the transposed keys per pair of query rows; no n x n map is written.
-* :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (or with
-  every key, read at the keys, when K' >= n / 4), the bias at the keys, softmax, progressive focusing by the
+* :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (16 gathered
+  key rows per vectorised step, :func:`_scores_intrinsic`, for head dims up to 16; or with every key, read at the
+  keys, when K' is a large share of the window), the bias at the keys, softmax, progressive focusing by the
   inherited weights and top-k when k < K', written into the layer's state.
 * :func:`aggregate`: the aggregation of both, sum_t w_t v[idx_t] per query row, vectorised across the head dim by
   an LLVM-IR intrinsic (:func:`_bag_intrinsic`: a masked 16-lane load of each gathered value row and one fused
@@ -38,6 +39,7 @@ GIL and run on the engine's worker threads (:mod:`adasr.ops.scheduling`), so the
 pool; numba's own threading is not used. :func:`enabled` decides per call (option ``pft_kernel``,
 ``ADASR_PFT_KERNEL``; CPU float32 tensors only).
 """
+import hashlib
 import math
 from statistics import NormalDist
 from typing import List, Optional, Sequence, Tuple
@@ -358,7 +360,97 @@ def _bag_intrinsic(rows: int):
     return _bag
 
 
+_KEY_LANES = 16  # the padded width of the key rows of the gathered score products (one 16-lane load per key)
+#: head dims up to this use the vectorised gathered score products (:func:`_scores_intrinsic`); larger ones the scalar
+GATHERED_SCORES_MAX_DIM = _KEY_LANES
+
+
+def _scores_intrinsic():
+    """``_scores16(kp, q16, brow, prow, t0, kk, x)``: the scores of one query row at 16 of its inherited keys,
+    ``x[t0 + l] = brow[j] + sum_c q16[c] kp[j, c]`` with ``j = prow[t0 + l]``, for ``l < min(16, kk - t0)`` (the
+    other entries of x are not written). kp: (n, 16) float32 key rows zero-padded to 16 floats (unit stride along the
+    row); q16: the query zero-padded to 16 floats; brow: the bias row (n); prow: the key positions (any integer
+    type; outside ``[0, n)`` clamped to the last row: never a read out of bounds).
+
+    The 16 key rows are loaded as 16-lane vectors and reduced together by a shuffle network: the first level pairs
+    the dims (2c, 2c + 1) by one fused multiply-add (``fma(k_2c, q_2c, k_2c+1 q_2c+1)``) for two keys per register,
+    the next levels add neighbouring partial sums (dims 0-3, 0-7, 0-15), four registers' worth of keys into one, so
+    that the sixteen sums come out in one register, to which the bias at the keys is added and which is stored
+    (masked for the last group). Per key that is the balanced tree over the head dims that the vectorised full pass
+    (:func:`_key_pass`) sums, with the fused multiply-adds at its first level. Generic LLVM vector IR (AVX-512
+    registers where there are some, AVX2 halves elsewhere); numba alone cannot vectorise it (per key it is a
+    reduction over a gathered row)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
+        floats = (kp, q16, brow, x)
+        if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
+                and q16.ndim == brow.ndim == x.ndim == 1 and isinstance(prow, types.Array) and prow.ndim == 1
+                and isinstance(prow.dtype, types.Integer)):
+            return None
+        sig = types.none(kp, q16, brow, prow, t0, kk, x)
+
+        def codegen(context, builder, signature, args):
+            sa = signature.args
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+            v16b = ir.VectorType(ir.IntType(1), 16)
+            kpa, qa, ba, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 6))
+            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (4, 5))
+            last = builder.sub(builder.extract_value(kpa.shape, 0), ir.Constant(i64, 1))
+            kstride = builder.sdiv(builder.extract_value(kpa.strides, 0), ir.Constant(i64, 4))
+            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[3].dtype.bitwidth // 8))
+            bstride = builder.sdiv(builder.extract_value(ba.strides, 0), ir.Constant(i64, 4))
+
+            def shuffle(a, b, lanes):
+                return builder.shuffle_vector(a, b, ir.Constant(v16i, lanes))
+
+            even, odd = list(range(0, 32, 2)), list(range(1, 32, 2))
+            q = builder.load(builder.bitcast(qa.data, v16f.as_pointer()), align=4)
+            q_even, q_odd = shuffle(q, q, even[:8] * 2), shuffle(q, q, odd[:8] * 2)
+            rows, bias = [], ir.Constant(v16f, ir.Undefined)
+            for lane in range(16):
+                t = builder.add(t0v, ir.Constant(i64, lane))
+                t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the group's first
+                j = builder.load(builder.gep(pa.data, [builder.mul(t, pstride)]))
+                if j.type.width < 64:
+                    j = builder.sext(j, i64) if sa[3].dtype.signed else builder.zext(j, i64)
+                j = builder.select(builder.icmp_unsigned('>', j, last), last, j)  # (negative: huge unsigned)
+                row = builder.gep(kpa.data, [builder.mul(j, kstride)])
+                rows.append(builder.load(builder.bitcast(row, v16f.as_pointer()), align=4))
+                bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
+                                              ir.Constant(i32, lane))
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
+                                                 'llvm.fma.v16f32')
+            # level 1: keys 2p and 2p + 1 in one register, 8 lanes each: dims (2c, 2c + 1) by one FMA
+            level = [builder.call(fma, [shuffle(rows[2 * p], rows[2 * p + 1], even), q_even,
+                                        builder.fmul(shuffle(rows[2 * p], rows[2 * p + 1], odd), q_odd)])
+                     for p in range(8)]
+            while len(level) > 1:  # neighbouring partial sums added: 4, 8, 16 keys per register
+                level = [builder.fadd(shuffle(level[2 * p], level[2 * p + 1], even),
+                                      shuffle(level[2 * p], level[2 * p + 1], odd)) for p in range(len(level) // 2)]
+            scores = builder.fadd(bias, level[0])
+            count = builder.trunc(builder.sub(kkv, t0v), i32)
+            count = builder.insert_element(ir.Constant(v16i, ir.Undefined), count, ir.Constant(i32, 0))
+            mask = builder.icmp_signed('<', ir.Constant(v16i, list(range(16))), shuffle(count, count, [0] * 16))
+            store = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [v16f, v16f.as_pointer(), i32, v16b]),
+                'llvm.masked.store.v16f32.p0')
+            dst = builder.bitcast(builder.gep(xa.data, [t0v]), v16f.as_pointer())
+            builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _scores16
+
+
 if numba is not None:
+    _scores16 = _scores_intrinsic()
     _bag_rows = _bag_intrinsic(_BAG_ROWS)
     _bag_row = _bag_intrinsic(1)
 
@@ -634,14 +726,18 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
       (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
       row (their aggregation: :func:`aggregate`, outside).
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
-      key rows, scalar) or, where K' is a large share of the window, with every key (vectorised, ``rows`` query
-      rows per pass over the keys, read at the keys); bias at the keys, softmax, focusing, and top-k when k < K'
-      (aggregation outside).
+      key rows: 16 per vectorised step, :func:`_scores_intrinsic`, for d up to :data:`GATHERED_SCORES_MAX_DIM`,
+      over key rows padded to 16 floats; scalar code above) or, where K' is a large share of the window, with every
+      key (vectorised, ``rows`` query rows per pass over the keys, read at the keys); bias at the keys, softmax,
+      focusing, and top-k when k < K' (aggregation outside).
     """
     r_ = range(rows)
-    src = ['import numpy as np', 'import numba', '',
-           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _exp_shifted, _max4, _select,',
-           '                                  _select_positive, _softmax_focus, _topk_softmax_row)', '',
+    # the generated kernels call (and numba inlines) this module's functions: the digest of its source in theirs
+    # names a new cached file whenever this module changes (numba's cache would keep the old machine code)
+    src = [f'# generated by adasr.ops.pft_kernels.layer_source from module source {_module_digest()}',
+           'import numpy as np', 'import numba', '',
+           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _exp_shifted, _max4, _scores16,',
+           '                                  _select, _select_positive, _softmax_focus, _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
            '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
            'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs):',
@@ -700,6 +796,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '    cand = np.empty(kk + _SLACK, np.int32)',
             '    code = np.empty(kk, np.uint8)',
             '    y = np.empty(kk, np.float64)',
+            f'    q16 = np.zeros({_KEY_LANES}, np.float32)',
             '    passes = 0',
             '    for w in range(w0, w1):',
             '        for hh in range(heads):',
@@ -715,17 +812,38 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
                 '                    for t in range(kk):',
                 f'                        x[t] = s{r}[np.uint32(prow[t])]']
         src += _sparse_row_tail(f'i + {r}', '                    ')
-    src += ['            else:  # products at the inherited keys only (gathered key rows)',
-            '                for i in range(n):']
-    src += [f'                    a{c} = q[w, hh, i, {c}]' for c in range(d)]
-    src += ['                    brow = bh[i]',
-            '                    prow = pidx[w, hh, i]',
-            '                    for t in range(kk):',
-            '                        j = np.uint32(prow[t])',
-            f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})']
+    if d <= GATHERED_SCORES_MAX_DIM:
+        src += ['            else:  # products at the inherited keys only: 16 gathered key rows (zero-padded to 16',
+                '                # floats) per vectorised step',
+                '                for i in range(n):']
+        src += [f'                    q16[{c}] = q[w, hh, i, {c}]' for c in range(d)]
+        src += ['                    brow = bh[i]',
+                '                    prow = pidx[w, hh, i]',
+                f'                    for t0 in range(0, kk, {_KEY_LANES}):',
+                '                        _scores16(kw, q16, brow, prow, t0, kk, x)']
+    else:
+        src += ['            else:  # products at the inherited keys only (gathered key rows)',
+                '                for i in range(n):']
+        src += [f'                    a{c} = q[w, hh, i, {c}]' for c in range(d)]
+        src += ['                    brow = bh[i]',
+                '                    prow = pidx[w, hh, i]',
+                '                    for t in range(kk):',
+                '                        j = np.uint32(prow[t])',
+                f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})']
     src += _sparse_row_tail('i', '                    ')
     src.append('    return passes')
     return '\n'.join(src) + '\n'
+
+
+_DIGEST: Optional[str] = None
+
+
+def _module_digest() -> str:
+    global _DIGEST
+    if _DIGEST is None:
+        with open(__file__, 'rb') as f:
+            _DIGEST = hashlib.sha1(f.read()).hexdigest()[:12]
+    return _DIGEST
 
 
 def _layer_kernels(d: int, dv: int):
@@ -812,8 +930,10 @@ class DenseRows(_Layer):
 
 
 # a sparse layer's products with every key (one vectorised pass over the transposed keys) cost about as much as
-# those at n / 4 gathered key rows (head dim 13, 1024-token windows; docs/pft.md)
+# those at n / 4 gathered key rows by scalar code (head dim 13, 1024-token windows; docs/pft.md), and as those at
+# n / 2 gathered key rows by the vectorised steps (_scores16, head dims up to 16)
 _FULL_PRODUCTS_FROM = 0.25
+_FULL_PRODUCTS_FROM_VECTOR = 0.5
 
 
 class SparseRows(_Layer):
@@ -824,7 +944,8 @@ class SparseRows(_Layer):
     Args:
         q, k, bias: as :class:`DenseRows` (no mask: a sparse layer's keys all lie in the query's region).
         prev_values, prev_index: (B, h, n, K') the inherited weights and key positions.
-        full: products with every key, read at the inherited keys (None: when K' >= n / 4).
+        full: products with every key, read at the inherited keys (None: when K' >= n / 2 for head dims up to
+            :data:`GATHERED_SCORES_MAX_DIM`, else when K' >= n / 4).
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, prev_values: torch.Tensor,
@@ -837,10 +958,18 @@ class SparseRows(_Layer):
                              f'{tuple(prev_index.shape)} are not (B, h, n, K) = ({nb}, {h}, {n}, K)')
         self.prev_values = prev_values.detach().contiguous()
         self.prev_index = prev_index.detach().contiguous()
-        self.full = kk >= _FULL_PRODUCTS_FROM * n if full is None else bool(full)
+        vector = q.shape[-1] <= GATHERED_SCORES_MAX_DIM
+        self.full = kk >= (_FULL_PRODUCTS_FROM_VECTOR if vector else _FULL_PRODUCTS_FROM) * n if full is None \
+            else bool(full)
         # the kernel reads one of the two (``full``); the other is the same array, so that every view it takes
         # lies inside an array
-        self.k = self._transposed(k) if self.full else k.detach().contiguous()
+        if self.full:
+            self.k = self._transposed(k)
+        elif k.shape[-1] <= GATHERED_SCORES_MAX_DIM:  # key rows zero-padded to 16 floats (64 bytes) for _scores16
+            self.k = k.new_zeros(*k.shape[:-1], _KEY_LANES)
+            self.k[..., :k.shape[-1]].copy_(k.detach())
+        else:
+            self.k = k.detach().contiguous()
 
     def run(self, w0: int, w1: int, topk: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> int:
         """Windows ``w0:w1``: bias at the keys, softmax, focusing by the inherited weights (training or eval
