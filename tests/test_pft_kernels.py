@@ -168,7 +168,7 @@ def test_layer_kernels_reject_mismatched_operands():
 def test_layer_source_is_specialised_to_the_head_dims():
     src = pft_kernels.layer_source(13, 13)
     assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src and 'o1_12 +=' in src
-    assert '_scores16(kw, q16, brow, prow, t0, kk, x)' in src  # head dim 13: the vectorised gathered scores
+    assert '_scores16(kp, q16, brow, prow, t0, kk, x)' in src  # head dim 13: the vectorised gathered scores
     # the module's digest in the source: a changed module gets new cached kernels (numba inlines its functions)
     assert pft_kernels._module_digest() in src.splitlines()[0]
     src = pft_kernels.layer_source(26, 13)

@@ -797,6 +797,9 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '    code = np.empty(kk, np.uint8)',
             '    y = np.empty(kk, np.float64)',
             f'    q16 = np.zeros({_KEY_LANES}, np.float32)',
+            f'    flat = np.zeros(n * {_KEY_LANES} + 16, np.float32)  # key rows padded to 16 floats, 64-byte aligned',
+            '    off = ((64 - flat.ctypes.data % 64) % 64) // 4',
+            f'    kp = flat[off:off + n * {_KEY_LANES}].reshape(n, {_KEY_LANES})',
             '    passes = 0',
             '    for w in range(w0, w1):',
             '        for hh in range(heads):',
@@ -813,14 +816,15 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
                 f'                        x[t] = s{r}[np.uint32(prow[t])]']
         src += _sparse_row_tail(f'i + {r}', '                    ')
     if d <= GATHERED_SCORES_MAX_DIM:
-        src += ['            else:  # products at the inherited keys only: 16 gathered key rows (zero-padded to 16',
-                '                # floats) per vectorised step',
+        src += ['            else:  # products at the inherited keys only: 16 gathered key rows (copied zero-padded',
+                '                # to 16 floats, in cache) per vectorised step',
+                f'                kp[:, :{d}] = kw',
                 '                for i in range(n):']
         src += [f'                    q16[{c}] = q[w, hh, i, {c}]' for c in range(d)]
         src += ['                    brow = bh[i]',
                 '                    prow = pidx[w, hh, i]',
                 f'                    for t0 in range(0, kk, {_KEY_LANES}):',
-                '                        _scores16(kw, q16, brow, prow, t0, kk, x)']
+                '                        _scores16(kp, q16, brow, prow, t0, kk, x)']
     else:
         src += ['            else:  # products at the inherited keys only (gathered key rows)',
                 '                for i in range(n):']
@@ -963,13 +967,7 @@ class SparseRows(_Layer):
             else bool(full)
         # the kernel reads one of the two (``full``); the other is the same array, so that every view it takes
         # lies inside an array
-        if self.full:
-            self.k = self._transposed(k)
-        elif k.shape[-1] <= GATHERED_SCORES_MAX_DIM:  # key rows zero-padded to 16 floats (64 bytes) for _scores16
-            self.k = k.new_zeros(*k.shape[:-1], _KEY_LANES)
-            self.k[..., :k.shape[-1]].copy_(k.detach())
-        else:
-            self.k = k.detach().contiguous()
+        self.k = self._transposed(k) if self.full else k.detach().contiguous()
 
     def run(self, w0: int, w1: int, topk: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> int:
         """Windows ``w0:w1``: bias at the keys, softmax, focusing by the inherited weights (training or eval
