@@ -369,8 +369,8 @@ def _scores_intrinsic():
     """``_scores16(kp, q16, brow, prow, t0, kk, x)``: the scores of one query row at 16 of its inherited keys,
     ``x[t0 + l] = brow[j] + sum_c q16[c] kp[j, c]`` with ``j = prow[t0 + l]``, for ``l < min(16, kk - t0)`` (the
     other entries of x are not written). kp: (n, 16) float32 key rows zero-padded to 16 floats (unit stride along the
-    row); q16: the query zero-padded to 16 floats; brow: the bias row (n); prow: the key positions (any integer
-    type; outside ``[0, n)`` clamped to the last row: never a read out of bounds).
+    row); q16: the query zero-padded to 16 floats (contiguous); brow: the bias row (n); prow: the key positions
+    (any integer type; outside ``[0, n)`` clamped to the last row: never a read out of bounds); x: contiguous.
 
     The 16 key rows are loaded as 16-lane vectors and reduced together by a shuffle network: the first level pairs
     the dims (2c, 2c + 1) by one fused multiply-add (``fma(k_2c, q_2c, k_2c+1 q_2c+1)``) for two keys per register,
@@ -389,8 +389,8 @@ def _scores_intrinsic():
     def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
         floats = (kp, q16, brow, x)
         if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
-                and q16.ndim == brow.ndim == x.ndim == 1 and isinstance(prow, types.Array) and prow.ndim == 1
-                and isinstance(prow.dtype, types.Integer)):
+                and q16.ndim == brow.ndim == x.ndim == 1 and q16.layout == x.layout == 'C'
+                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)):
             return None
         sig = types.none(kp, q16, brow, prow, t0, kk, x)
 
@@ -843,6 +843,7 @@ _DIGEST: Optional[str] = None
 
 
 def _module_digest() -> str:
+    """A digest of this module's source (12 hex digits), computed once."""
     global _DIGEST
     if _DIGEST is None:
         with open(__file__, 'rb') as f:
