@@ -412,6 +412,40 @@ def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype):
     assert np.isnan(x[kk:]).all()
 
 
+_MAX_ROW = None
+
+
+def _max_row(x):
+    global _MAX_ROW
+    if _MAX_ROW is None:
+        import numba
+
+        _MAX_ROW = numba.njit(lambda x: pft_kernels._max16(x, x.shape[0]))
+    return _MAX_ROW(x)
+
+
+@pytest.mark.parametrize('m', [1, 2, 15, 16, 17, 33, 256, 1024, 1100])
+def test_vector_maximum_is_the_maximum(m):
+    """The row maximum of softmax and focusing (16-lane compares, a lane reduction, a scalar tail): numpy's maximum
+    of rows of every length class, with the largest value in the tail, the blocks or first, and with -inf and
+    signed zeros."""
+    rng = np.random.default_rng(m)
+    for case in range(6):
+        x = (rng.standard_normal(m) * 5).astype(np.float32)
+        if case == 1:
+            x[-1] = 100.0  # in the scalar tail (or the last block)
+        elif case == 2:
+            x[0] = 100.0
+        elif case == 3:
+            x[:] = -np.inf
+            x[m // 2] = -3.0
+        elif case == 4:
+            x[:] = -0.0
+        elif case == 5:
+            x[:] = -1e30
+        assert _max_row(x) == x.max()
+
+
 def test_gathered_scores_hand_computed_and_clamped():
     kp = np.zeros((3, 16), np.float32)
     kp[0, :3] = [1, 2, 3]
@@ -441,14 +475,18 @@ from tests.test_pft_kernels import _scores_case, _scores_in_order, _scores_row
 for n, d, kk in ((1024, 13, 128), (64, 16, 21)):
     kp, q16, brow, pos = _scores_case(n, d, kk, np.int16)
     assert np.array_equal(_scores_row(kp, q16, brow, pos)[:kk], _scores_in_order(kp, q16, brow, pos.astype(int)))
+from tests.test_pft_kernels import _max_row
+for m in (1, 17, 256, 1030):
+    x = np.random.default_rng(m).standard_normal(m).astype(np.float32)
+    assert _max_row(x) == x.max(), m
 print('equal')
 """
 
 
 def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
-    """The vector IR of the aggregation and of the gathered score step lowered for an AVX2-only CPU (numba told to
-    target Haswell, as on the AVX2 machines this suite runs on; the code runs here as well): still embedding_bag's
-    numbers and the documented score sums."""
+    """The vector IR of the aggregation, of the gathered score step and of the row maximum lowered for an AVX2-only
+    CPU (numba told to target Haswell, as on the AVX2 machines this suite runs on; the code runs here as well): still
+    embedding_bag's numbers, the documented score sums and the maximum."""
     env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
     proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS], env=env, capture_output=True, text=True,
