@@ -1,5 +1,6 @@
 """The compiled PFT kernels (adasr/ops/pft_kernels.py: selection, dense and sparse layer kernels) against torch, and
 the switch between them."""
+import functools
 import os
 import os.path as osp
 import subprocess
@@ -377,23 +378,22 @@ def _scores_case(n, d, kk, dtype, seed=0):
     return kp, q16, brow, pos
 
 
-_SCORES_ROW = None
+@functools.cache
+def _scores_kernel():
+    import numba
+
+    @numba.njit
+    def row(kp, q16, brow, pos, x):
+        for t0 in range(0, pos.shape[0], 16):
+            pft_kernels._scores16(kp, q16, brow, pos, t0, pos.shape[0], x)
+
+    return row
 
 
 def _scores_row(kp, q16, brow, pos, fill=np.nan):
     """One row's scores by _scores16, 16 keys per step, into a buffer 16 longer than the keys (filled with ``fill``)."""
-    global _SCORES_ROW
-    if _SCORES_ROW is None:
-        import numba
-
-        @numba.njit
-        def row(kp, q16, brow, pos, x):
-            for t0 in range(0, pos.shape[0], 16):
-                pft_kernels._scores16(kp, q16, brow, pos, t0, pos.shape[0], x)
-
-        _SCORES_ROW = row
     x = np.full(pos.shape[0] + 16, fill, np.float32)
-    _SCORES_ROW(kp, q16, brow, pos, x)
+    _scores_kernel()(kp, q16, brow, pos, x)
     return x
 
 
@@ -412,16 +412,15 @@ def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype):
     assert np.isnan(x[kk:]).all()
 
 
-_MAX_ROW = None
+@functools.cache
+def _max_kernel():
+    import numba
+
+    return numba.njit(lambda x: pft_kernels._max16(x, x.shape[0]))
 
 
 def _max_row(x):
-    global _MAX_ROW
-    if _MAX_ROW is None:
-        import numba
-
-        _MAX_ROW = numba.njit(lambda x: pft_kernels._max16(x, x.shape[0]))
-    return _MAX_ROW(x)
+    return _max_kernel()(x)
 
 
 @pytest.mark.parametrize('m', [1, 2, 15, 16, 17, 33, 256, 1024, 1100])
