@@ -157,6 +157,36 @@ def _avx512_target() -> bool:
     return bool(binding.get_host_cpu_features().get('avx512f', False))
 
 
+# ---- LLVM IR pieces of the intrinsics below (llvmlite imported only when numba is) ---------------------------------
+
+def _splat(builder, x, ty):
+    """``x`` in every lane of the vector type ``ty``."""
+    from llvmlite import ir
+
+    i32 = ir.IntType(32)
+    one = builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, ty.count), [0] * ty.count))
+
+
+def _declare(builder, name: str, ret, args):
+    """The LLVM function (intrinsic) ``name`` of type ``ret (args)`` in the module being built."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _clamped_row(builder, j, signed: bool, last):
+    """A loaded position widened to 64 bits and clamped to ``[0, last]`` (a negative one is a huge unsigned one):
+    the row an intrinsic reads, never one outside the array."""
+    from llvmlite import ir
+
+    if j.type.width < 64:
+        j = builder.sext(j, ir.IntType(64)) if signed else builder.zext(j, ir.IntType(64))
+    return builder.select(builder.icmp_unsigned('>', j, last), last, j)
+
+
 def _compress16_intrinsic():
     """``_compress16(x, j, lo, hi, band, out, n)``: the positions j .. j + 15 of x (float32 or float64) above
     ``hi`` (``band`` False) or in (lo, hi] (``band`` True; NaN in neither) written packed to out[n:] (16 int32
@@ -165,7 +195,6 @@ def _compress16_intrinsic():
     Zen 4)."""
     from llvmlite import ir
     from numba import types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
     @intrinsic
@@ -186,25 +215,19 @@ def _compress16_intrinsic():
             lov = context.cast(builder, lov, signature.args[2], signature.args[0].dtype)
             hiv = context.cast(builder, hiv, signature.args[3], signature.args[0].dtype)
 
-            def splat(v, ty, n_):
-                u = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(i32, 0))
-                return builder.shuffle_vector(u, ir.Constant(ty, ir.Undefined),
-                                              ir.Constant(ir.VectorType(i32, n_), [0] * n_))
-
             masks = []
             for part in range(16 // lanes):
                 ptr = builder.gep(xarr.data, [builder.add(jj, ir.Constant(jj.type, part * lanes))])
                 vals = builder.load(builder.bitcast(ptr, vf.as_pointer()), align=4)
-                above = builder.fcmp_ordered('>', vals, splat(hiv, vf, lanes))
-                inside = builder.and_(builder.fcmp_ordered('<=', vals, splat(hiv, vf, lanes)),
-                                      builder.fcmp_ordered('>', vals, splat(lov, vf, lanes)))
+                above = builder.fcmp_ordered('>', vals, _splat(builder, hiv, vf))
+                inside = builder.and_(builder.fcmp_ordered('<=', vals, _splat(builder, hiv, vf)),
+                                      builder.fcmp_ordered('>', vals, _splat(builder, lov, vf)))
                 masks.append(builder.select(builder.icmp_unsigned('!=', bandv, ir.Constant(bandv.type, 0)),
                                             inside, above))
             mask = masks[0] if lanes == 16 else builder.shuffle_vector(
                 masks[0], masks[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
-            idx = builder.add(splat(builder.trunc(jj, i32), v16i, 16), ir.Constant(v16i, list(range(16))))
-            fnty = ir.FunctionType(v16i, [v16i, v16i, v16b])
-            compress = cgutils.get_or_insert_function(builder.module, fnty, 'llvm.x86.avx512.mask.compress.v16i32')
+            idx = builder.add(_splat(builder, builder.trunc(jj, i32), v16i), ir.Constant(v16i, list(range(16))))
+            compress = _declare(builder, 'llvm.x86.avx512.mask.compress.v16i32', v16i, [v16i, v16i, v16b])
             packed = builder.call(compress, [idx, ir.Constant(v16i, [0] * 16), mask])
             dst = builder.bitcast(builder.gep(oarr.data, [nv]), v16i.as_pointer())
             builder.store(packed, dst, align=4)
@@ -298,37 +321,28 @@ def _bag_intrinsic(rows: int):
             def row_stride(arr, elem_bytes):
                 return builder.sdiv(builder.extract_value(arr.strides, 0), ir.Constant(i64, elem_bytes))
 
-            def splat(x, ty):
-                u = builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(u, ir.Constant(ty, ir.Undefined), ir.Constant(v16i, [0] * 16))
-
             ws, vs, os_ = row_stride(warr, 4), row_stride(varr, 4), row_stride(oarr, 4)
             ixs = row_stride(ixarr, sa[1].dtype.bitwidth // 8)
             last = builder.sub(builder.extract_value(varr.shape, 0), ir.Constant(i64, 1))
-            lanes = builder.add(splat(builder.trunc(c0v, i32), v16i), ir.Constant(v16i, list(range(16))))
-            mask = builder.icmp_signed('<', lanes, splat(builder.trunc(builder.extract_value(varr.shape, 1), i32),
-                                                         v16i))
-            load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [ptrty, i32, v16b, v16f]),
-                                                  'llvm.masked.load.v16f32.p0')
-            store = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [v16f, ptrty, i32, v16b]), 'llvm.masked.store.v16f32.p0')
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
-                                                 'llvm.fma.v16f32')
+            lanes = builder.add(_splat(builder, builder.trunc(c0v, i32), v16i), ir.Constant(v16i, list(range(16))))
+            mask = builder.icmp_signed('<', lanes, _splat(builder, builder.trunc(builder.extract_value(varr.shape, 1),
+                                                                                 i32), v16i))
+            load = _declare(builder, 'llvm.masked.load.v16f32.p0', v16f, [ptrty, i32, v16b, v16f])
+            store = _declare(builder, 'llvm.masked.store.v16f32.p0', ir.VoidType(), [v16f, ptrty, i32, v16b])
+            fma = _declare(builder, 'llvm.fma.v16f32', v16f, [v16f, v16f, v16f])
             zero = ir.Constant(v16f, [0.0] * 16)
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]  # registers after SROA
             wrow = [builder.mul(builder.add(r0v, ir.Constant(i64, r)), ws) for r in range(rows)]
             irow = [builder.mul(builder.add(r0v, ir.Constant(i64, r)), ixs) for r in range(rows)]
-            signed = sa[1].dtype.signed
             with cgutils.for_range_slice(builder, t0v, t1v, ir.Constant(i64, 1), inc=True) as (t, _):
                 for r in range(rows):
                     wt = builder.load(builder.gep(warr.data, [builder.add(wrow[r], t)]))
-                    j = builder.load(builder.gep(ixarr.data, [builder.add(irow[r], t)]))
-                    if j.type.width < 64:
-                        j = builder.sext(j, i64) if signed else builder.zext(j, i64)
-                    j = builder.select(builder.icmp_unsigned('>', j, last), last, j)  # (negative: huge unsigned)
+                    j = _clamped_row(builder, builder.load(builder.gep(ixarr.data, [builder.add(irow[r], t)])),
+                                     sa[1].dtype.signed, last)
                     ptr = builder.gep(varr.data, [builder.add(builder.mul(j, vs), c0v)])
                     row = builder.call(load, [builder.bitcast(ptr, ptrty), ir.Constant(i32, 4), mask, zero])
-                    builder.store(builder.call(fma, [row, splat(wt, v16f), builder.load(accs[r])]), accs[r])
+                    builder.store(builder.call(fma, [row, _splat(builder, wt, v16f), builder.load(accs[r])]),
+                                  accs[r])
             for r in range(rows):
                 orow = builder.mul(builder.add(o0v, ir.Constant(i64, r)), os_)
                 ptr = builder.gep(oarr.data, [builder.add(orow, c0v)])
@@ -362,10 +376,7 @@ def _max_intrinsic():
             v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
             xa = context.make_array(signature.args[0])(context, builder, args[0])
             mv = context.cast(builder, args[1], signature.args[1], types.intp)
-            first = builder.load(xa.data)
-            splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), first, ir.Constant(i32, 0))
-            acc = cgutils.alloca_once_value(builder, builder.shuffle_vector(
-                splat, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16)))
+            acc = cgutils.alloca_once_value(builder, _splat(builder, builder.load(xa.data), v16f))
             chunks = builder.sdiv(mv, ir.Constant(i64, 16))
             with cgutils.for_range(builder, chunks) as loop:
                 ptr = builder.gep(xa.data, [builder.mul(loop.index, ir.Constant(i64, 16))])
@@ -412,7 +423,6 @@ def _scores_intrinsic():
     reduction over a gathered row)."""
     from llvmlite import ir
     from numba import types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
     @intrinsic
@@ -446,16 +456,13 @@ def _scores_intrinsic():
             for lane in range(16):
                 t = builder.add(t0v, ir.Constant(i64, lane))
                 t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the group's first
-                j = builder.load(builder.gep(pa.data, [builder.mul(t, pstride)]))
-                if j.type.width < 64:
-                    j = builder.sext(j, i64) if sa[3].dtype.signed else builder.zext(j, i64)
-                j = builder.select(builder.icmp_unsigned('>', j, last), last, j)  # (negative: huge unsigned)
+                j = _clamped_row(builder, builder.load(builder.gep(pa.data, [builder.mul(t, pstride)])),
+                                 sa[3].dtype.signed, last)
                 row = builder.gep(kpa.data, [builder.mul(j, kstride)])
                 rows.append(builder.load(builder.bitcast(row, v16f.as_pointer()), align=4))
                 bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
                                               ir.Constant(i32, lane))
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
-                                                 'llvm.fma.v16f32')
+            fma = _declare(builder, 'llvm.fma.v16f32', v16f, [v16f, v16f, v16f])
             # level 1: keys 2p and 2p + 1 in one register, 8 lanes each: dims (2c, 2c + 1) by one FMA
             level = [builder.call(fma, [shuffle(rows[2 * p], rows[2 * p + 1], even), q_even,
                                         builder.fmul(shuffle(rows[2 * p], rows[2 * p + 1], odd), q_odd)])
@@ -464,12 +471,10 @@ def _scores_intrinsic():
                 level = [builder.fadd(shuffle(level[2 * p], level[2 * p + 1], even),
                                       shuffle(level[2 * p], level[2 * p + 1], odd)) for p in range(len(level) // 2)]
             scores = builder.fadd(bias, level[0])
-            count = builder.trunc(builder.sub(kkv, t0v), i32)
-            count = builder.insert_element(ir.Constant(v16i, ir.Undefined), count, ir.Constant(i32, 0))
-            mask = builder.icmp_signed('<', ir.Constant(v16i, list(range(16))), shuffle(count, count, [0] * 16))
-            store = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [v16f, v16f.as_pointer(), i32, v16b]),
-                'llvm.masked.store.v16f32.p0')
+            count = _splat(builder, builder.trunc(builder.sub(kkv, t0v), i32), v16i)
+            mask = builder.icmp_signed('<', ir.Constant(v16i, list(range(16))), count)
+            store = _declare(builder, 'llvm.masked.store.v16f32.p0', ir.VoidType(),
+                             [v16f, v16f.as_pointer(), i32, v16b])
             dst = builder.bitcast(builder.gep(xa.data, [t0v]), v16f.as_pointer())
             builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
             return context.get_dummy_value()
@@ -480,6 +485,14 @@ def _scores_intrinsic():
 
 
 if numba is not None:
+    @_jit(_ORDERED)
+    def _aligned_rows(m, width):
+        """A zeroed (m, width) float32 scratch whose first row starts on a 64-byte boundary (rows of 16 floats then
+        never straddle cache lines)."""
+        flat = np.zeros(m * width + 16, np.float32)
+        off = ((64 - flat.ctypes.data % 64) % 64) // 4
+        return flat[off:off + m * width].reshape(m, width)
+
     _max16 = _max_intrinsic()
     _scores16 = _scores_intrinsic()
     _bag_rows = _bag_intrinsic(_BAG_ROWS)
@@ -502,9 +515,7 @@ if numba is not None:
         parts = kk // _EBAG_KEYS if kk > _EBAG_KEYS and kk % _EBAG_KEYS == 0 else 1
         step = kk // parts
         dp = (d + 15) // 16 * 16
-        flat = np.empty(m * dp + 16, np.float32)
-        off = ((64 - flat.ctypes.data % 64) % 64) // 4
-        vp = flat[off:off + m * dp].reshape(m, dp)[:, :d]
+        vp = _aligned_rows(m, dp)[:, :d]
         part = np.empty((_BAG_ROWS, dp), np.float32)
         full = n - n % _BAG_ROWS
         for gg in range(g):
@@ -767,8 +778,9 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     # names a new cached file whenever this module changes (numba's cache would keep the old machine code)
     src = [f'# generated by adasr.ops.pft_kernels.layer_source from module source {_module_digest()}',
            'import numpy as np', 'import numba', '',
-           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _exp_shifted, _max16, _scores16,',
-           '                                  _select, _select_positive, _softmax_focus, _topk_softmax_row)', '',
+           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _aligned_rows, _exp_shifted, _max16,',
+           '                                  _scores16, _select, _select_positive, _softmax_focus,',
+           '                                  _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
            '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
            'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs):',
@@ -828,9 +840,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '    code = np.empty(kk, np.uint8)',
             '    y = np.empty(kk, np.float64)',
             f'    q16 = np.zeros({_KEY_LANES}, np.float32)',
-            f'    flat = np.zeros(n * {_KEY_LANES} + 16, np.float32)  # key rows padded to 16 floats, 64-byte aligned',
-            '    off = ((64 - flat.ctypes.data % 64) % 64) // 4',
-            f'    kp = flat[off:off + n * {_KEY_LANES}].reshape(n, {_KEY_LANES})',
+            f'    kp = _aligned_rows(n, {_KEY_LANES})  # the key rows zero-padded to 16 floats',
             '    passes = 0',
             '    for w in range(w0, w1):',
             '        for hh in range(heads):',
