@@ -1,5 +1,6 @@
 """ops.layout: the blocked token -> NCHW transpose and the head-split window gather copy values only (bit for bit
 PyTorch's reshape / gather + permuted copy)."""
+import numpy as np
 import pytest
 import torch
 
@@ -7,15 +8,35 @@ from adasr.ops import layout
 from adasr.ops.layout import rows_to_heads, tokens_to_nchw
 
 
-@pytest.mark.parametrize('b, h, w', [(1, 5, 7), (2, 16, 24), (3, 1, 1)])
-def test_tokens_to_nchw_equals_the_plain_reshape(monkeypatch, b, h, w):
-    monkeypatch.setattr(layout, 'BLOCK_TOKENS', 16)  # several blocks, the last one partial
-    t = torch.randn(b, h * w, 6)
+@pytest.mark.parametrize('tiles', [True, False])
+@pytest.mark.parametrize('b, h, w, c', [(1, 5, 7, 6), (2, 16, 24, 64), (3, 1, 1, 16), (2, 17, 19, 40)])
+def test_tokens_to_nchw_equals_the_plain_reshape(monkeypatch, tiles, b, h, w, c):
+    """Both engines: the compiled 16 x 16 tiles (with the tokens and channels left over, tasks that end inside a
+    tile) and the PyTorch blocks."""
+    monkeypatch.setattr(layout, 'BLOCK_TOKENS', 40)  # several blocks / tasks, the last one partial
+    if not tiles:
+        monkeypatch.setattr(layout, '_tile_transpose_kernel', lambda: None)
+    elif layout._tile_transpose_kernel() is None:
+        pytest.skip('numba does not import')
+    t = torch.randn(b, h * w, c)
     with torch.no_grad():
         got = tokens_to_nchw(t, h, w)
-    assert got.is_contiguous() and got.shape == (b, 6, h, w)
-    assert torch.equal(got, t.transpose(1, 2).reshape(b, 6, h, w))
+    assert got.is_contiguous() and got.shape == (b, c, h, w)
+    assert torch.equal(got, t.transpose(1, 2).reshape(b, c, h, w))
     assert torch.equal(got[1 % b, :, h - 1, w - 1], t[1 % b, -1])  # hand-picked entry: the last token of a sample
+
+
+def test_tile_transpose_moves_a_tile_and_nothing_else():
+    """One 16 x 16 tile at an offset inside larger arrays: y[c0 + i, r0 + j] = x[r0 + j, c0 + i], every other entry
+    untouched."""
+    kernel = layout._tile_transpose_kernel()
+    if kernel is None:
+        pytest.skip('numba does not import')
+    x = np.arange(40 * 48, dtype=np.float32).reshape(40, 48)
+    y = np.full((48, 40), -1.0, np.float32)
+    kernel(x[:, :32].copy(), y[:32], 16, 32)  # rows 16..31, channels 0..31: two tiles
+    assert np.array_equal(y[:32, 16:32], x[16:32, :32].T)
+    assert (y[:32, :16] == -1).all() and (y[:32, 32:] == -1).all() and (y[32:] == -1).all()
 
 
 def test_tokens_to_nchw_keeps_gradients_and_checks_the_size():

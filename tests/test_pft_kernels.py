@@ -25,6 +25,16 @@ def _sets(pos: torch.Tensor) -> torch.Tensor:
     return pos.long().sort(-1).values
 
 
+def _assert_top(pos: torch.Tensor, s: torch.Tensor, k: int, rtol: float = 1e-5) -> None:
+    """``pos`` holds k distinct positions of each row of ``s`` whose values are the k largest up to rounding: the
+    kernels compute the scores in another float32 order than ``s`` (and BLAS's own order may vary with buffer
+    alignment), so a near tie at the k-th value may be kept either way."""
+    pos = _sets(pos)
+    assert pos.shape[-1] == k and bool((pos[..., 1:] > pos[..., :-1]).all())
+    kth = s.topk(k, -1).values[..., -1:]
+    assert bool((torch.gather(s, -1, pos) >= kth - rtol * kth.abs().clamp_min(1)).all())
+
+
 @pytest.mark.parametrize('m,k', SHAPES)
 def test_topk_positions_are_torch_topk_sets_on_untied_rows(m, k):
     x = torch.randn(37, m) * 3
@@ -123,10 +133,20 @@ def test_dense_rows_selection_is_softmax_at_the_top_k(d, masked, k):
     nb, h, n = s.shape[:3]
     vals, idx = torch.empty(nb, h, n, k), torch.empty(nb, h, n, k, dtype=torch.int16)
     rows.select(0, nb, k, vals, idx)
-    assert torch.equal(_sets(idx), _sets(s.topk(k, -1).indices))
+    _assert_top(idx, s, k)
     torch.testing.assert_close(vals, torch.gather(torch.softmax(s, -1), -1, idx.long()), rtol=1e-5, atol=1e-30)
     with pytest.raises(ValueError, match='k=64'):
         rows.select(0, 1, n, vals, idx)
+    # with the values: the kept weights aggregated head by head in the same call, aggregate's numbers
+    v = torch.randn(nb, h, n, 13)
+    out = torch.full((nb, n, h, 13), float('nan')).permute(0, 2, 1, 3)  # the engine's (B, h, n, d) view
+    vals2, idx2 = torch.empty_like(vals), torch.empty_like(idx)
+    rows.select(1, nb, k, vals2, idx2, v=v, out=out)  # windows 1..: window 0 not written
+    assert torch.equal(vals2[1:], vals[1:]) and torch.equal(idx2[1:], idx[1:]) and torch.isnan(out[0]).all()
+    assert torch.equal(out[1:], pft_kernels.aggregate(vals[1:].flatten(0, 1), v[1:].flatten(0, 1),
+                                                      idx[1:].flatten(0, 1)).view(nb - 1, h, n, 13))
+    with pytest.raises(ValueError, match='do not fit'):
+        rows.select(0, nb, k, vals, idx, v=v, out=out[..., :5])
 
 
 @pytest.mark.parametrize('d,kk', [(13, 20), (16, 33), (3, 9), (17, 20)])
@@ -150,9 +170,17 @@ def test_sparse_rows_products_with_every_key_or_at_the_keys_agree(d, kk):
         v8, i8 = torch.empty(nb, h, n, 8), torch.empty(nb, h, n, 8, dtype=torch.int16)
         rows.run(0, nb, 8, False, v8, i8)
         top = want.topk(8, -1).indices
-        assert torch.equal(_sets(i8), _sets(torch.gather(index.long(), -1, top)))
+        inverse = torch.full((nb, h, n, n), -1.0).scatter_(-1, index.long(), want)  # focused weight by key
+        _assert_top(i8, inverse, 8, rtol=2e-5)
         torch.testing.assert_close(v8.sort(-1).values, torch.gather(want, -1, top).sort(-1).values, rtol=2e-5,
                                    atol=1e-12)
+        # with the values: the aggregation head by head in the same call (with and without a selection)
+        v = torch.randn(nb, h, n, 7)
+        for topk, (kept, at) in ((8, (torch.empty_like(v8), torch.empty_like(i8))), (kk, (prev.clone(), index))):
+            out = torch.empty(nb, n, h, 7).permute(0, 2, 1, 3)
+            rows.run(0, nb, topk, False, kept, at, v=v, out=out)
+            assert torch.equal(out, pft_kernels.aggregate(kept.flatten(0, 1), v.flatten(0, 1),
+                                                          at.flatten(0, 1)).view(nb, h, n, 7))
 
 
 def test_layer_kernels_reject_mismatched_operands():
@@ -335,7 +363,8 @@ def test_aggregate_hand_computed_and_bad_operands():
 
 
 def test_network_aggregation_is_embedding_bags_bit_for_bit(monkeypatch):
-    """PFT-light with the vectorised aggregation gives the network output of FBGEMM's embedding_bag bit for bit (the
+    """PFT-light with the vectorised aggregation inside the layer kernels (head by head, after the rows) gives the
+    network output of the layer kernels without it followed by FBGEMM's embedding_bag per window, bit for bit (the
     aggregation's numbers are unchanged; only its speed is)."""
     config_32 = dict(fixtures.GUARDS['light_x4'], img_size=32, window_size=32,
                      num_topk=[1024, 1024, 256, 256, 128, 128])
@@ -343,14 +372,20 @@ def test_network_aggregation_is_embedding_bags_bit_for_bit(monkeypatch):
     x = torch.rand(1, 3, 40, 37)  # padded to 64 x 64: four windows of 1024 tokens
     calls = []
 
-    def by_embedding_bag(values, v, index, out):
-        calls.append(index.shape[-1])
-        out.copy_(ops_embedding_bag_av(values, v, index))
-        return out
+    def then_bags(kernel):
+        def run(self, w0, w1, *args, v=None, out=None):  # (the engine passes v and out by name)
+            passes = kernel(self, w0, w1, *args)
+            values, index = args[-2:]
+            for w in range(w0, w1):
+                calls.append(index.shape[-1])
+                out[w].copy_(ops_embedding_bag_av(values[w], v[w], index[w]))
+            return passes
+        return run
 
     with torch.no_grad(), config.options(pft_kernel='numba'):
         got = net(x)
-        monkeypatch.setattr(pft_kernels, 'aggregate', by_embedding_bag)
+        monkeypatch.setattr(pft_kernels.SparseRows, 'run', then_bags(pft_kernels.SparseRows.run))
+        monkeypatch.setattr(pft_kernels.DenseRows, 'select', then_bags(pft_kernels.DenseRows.select))
         want = net(x)
     assert calls and max(calls) == 256  # the first top-k layers and those with 256 inherited keys were aggregated
     assert torch.equal(got, want)
@@ -478,14 +513,26 @@ from tests.test_pft_kernels import _max_row
 for m in (1, 17, 256, 1030):
     x = np.random.default_rng(m).standard_normal(m).astype(np.float32)
     assert _max_row(x) == x.max(), m
+from adasr.ops import layout
+t = torch.randn(2, 37 * 45, 40)
+with torch.no_grad():
+    assert torch.equal(layout.tokens_to_nchw(t, 37, 45), t.transpose(1, 2).reshape(2, 40, 37, 45))
+q, k, v = torch.randn(2, 2, 64, 26) * 0.2, torch.randn(2, 2, 64, 26), torch.randn(2, 2, 64, 13)
+bias = torch.randn(1, 64, 64)
+rows = pft_kernels.DenseRows(q, k, v, bias)  # a first top-k layer: score head dim 26 (FMA chains), scalar compaction
+vals, idx, out = torch.empty(2, 2, 64, 16), torch.empty(2, 2, 64, 16, dtype=torch.int16), torch.empty(2, 2, 64, 13)
+rows.select(0, 2, 16, vals, idx, v=v, out=out)
+assert torch.equal(idx.long().sort(-1).values, (q @ k.transpose(-1, -2) + bias).topk(16).indices.sort(-1).values)
+assert torch.equal(out, embedding_bag_av(vals.flatten(0, 1), v.flatten(0, 1), idx.flatten(0, 1)).view(2, 2, 64, 13))
 print('equal')
 """
 
 
 def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
-    """The vector IR of the aggregation, of the gathered score step and of the row maximum lowered for an AVX2-only
-    CPU (numba told to target Haswell, as on the AVX2 machines this suite runs on; the code runs here as well): still
-    embedding_bag's numbers, the documented score sums and the maximum."""
+    """The vector IR of the aggregation, of the gathered score step, of the row maximum and of the tile transpose
+    lowered for an AVX2-only CPU (numba told to target Haswell, as on the AVX2 machines this suite runs on; the code
+    runs here as well): still embedding_bag's numbers, the documented score sums, the maximum, the transposed tokens;
+    and a first top-k layer with its aggregation in the kernel (selection by the scalar compaction there)."""
     env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
     proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS], env=env, capture_output=True, text=True,

@@ -318,9 +318,9 @@ def _dense_rows_ok(scores: DenseScores, v: torch.Tensor) -> bool:
 def _dense_rows(scores: DenseScores, v: torch.Tensor, topk: int = 0, vals: Optional[torch.Tensor] = None,
                 idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A dense (``topk`` 0) or first top-k layer on the compiled kernels (``pft_kernels.DenseRows``: the scores of
-    two query rows at a time in L1 cache, never a map in memory; the top-k layer's aggregation over its kept keys by
-    ``pft_kernels.aggregate``, ``embedding_bag``'s numbers), one window per tile. -> (B_, h, n, d) (a view of a
-    (B_, n, h, d) buffer)."""
+    two query rows at a time in L1 cache, never a map in memory; the top-k layer's aggregation over its kept keys in
+    the same call after each head's rows, while they are in cache: ``pft_kernels.aggregate``'s numbers, those of
+    ``embedding_bag``), one window per tile. -> (B_, h, n, d) (a view of a (B_, n, h, d) buffer)."""
     nb = v.shape[0]
     mask = scores.mask
     kinds = [mask.kind[w % mask.n_win] for w in range(nb)] if mask is not None else []
@@ -333,9 +333,8 @@ def _dense_rows(scores: DenseScores, v: torch.Tensor, topk: int = 0, vals: Optio
         return out.permute(0, 2, 1, 3)
     out = _output(v)
 
-    def run_window(w: int) -> None:
-        rows.select(w, w + 1, topk, vals, idxs)
-        pft_kernels.aggregate(vals[w], v[w], idxs[w], out[w])
+    def run_window(w: int) -> None:  # selection and aggregation head by head in one call
+        rows.select(w, w + 1, topk, vals, idxs, v=v, out=out)
 
     _run(run_window, range(nb), v.device)
     return out
@@ -381,12 +380,11 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
         vals, idxs = prev.values, prev.index
     out = _output(v)
     if pft_kernels.enabled(q, k, v, prev.values):  # one compiled pass per row (products, softmax, focusing, top-k),
-        # then the aggregation (pft_kernels.aggregate: embedding_bag's numbers), one window per tile
+        # each head's aggregation after its rows (pft_kernels.aggregate's numbers, embedding_bag's), a window a tile
         rows = pft_kernels.SparseRows(q, k, bias, prev.values, prev.index)
 
-        def run_window(w: int) -> None:
-            rows.run(w, w + 1, topk, training, vals, idxs)
-            pft_kernels.aggregate(vals[w], v[w], idxs[w], out[w])
+        def run_window(w: int) -> None:  # focusing, top-k and aggregation head by head in one call
+            rows.run(w, w + 1, topk, training, vals, idxs, v=v, out=out)
 
         _run(run_window, range(nb), q.device)
         return out, SparseMap(vals, idxs)

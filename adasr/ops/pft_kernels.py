@@ -188,52 +188,52 @@ def _clamped_row(builder, j, signed: bool, last):
 
 
 def _compress16_intrinsic():
-    """``_compress16(x, j, lo, hi, band, out, n)``: the positions j .. j + 15 of x (float32 or float64) above
-    ``hi`` (``band`` False) or in (lo, hi] (``band`` True; NaN in neither) written packed to out[n:] (16 int32
-    stored: out needs :data:`_SLACK` spare entries); returns how many. AVX-512's register ``vpcompressd`` and one
-    plain store (LLVM's generic compress-store becomes ``vpcompressd`` to memory, microcoded and ~6x slower on
-    Zen 4)."""
+    """``_compress16(x, j, lo, hi, sel, ns, cand, nc)``: of the positions j .. j + 15 of x (float32 or float64), those
+    above ``hi`` written packed to sel[ns:], those in (lo, hi] (NaN in neither) to cand[nc:] (16 int32 stored in
+    each: both need :data:`_SLACK` spare entries); returns the two counts as ``above + (inside << 5)``. One load and
+    three compares per 16 values, AVX-512's register ``vpcompressd`` and one plain store per output (LLVM's generic
+    compress-store becomes ``vpcompressd`` to memory, microcoded and ~6x slower on Zen 4)."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
 
     @intrinsic
-    def _compress16(typingctx, x, j, lo, hi, band, out, n):
+    def _compress16(typingctx, x, j, lo, hi, sel, ns, cand, nc):
         if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64)):
             return None
-        sig = types.intp(x, j, lo, hi, band, out, n)
+        sig = types.intp(x, j, lo, hi, sel, ns, cand, nc)
 
         def codegen(context, builder, signature, args):
-            xa, jj, lov, hiv, bandv, oa, nv = args
+            xa, jj, lov, hiv, sa, nsv, ca, ncv = args
             i32, i1 = ir.IntType(32), ir.IntType(1)
             ft = context.get_value_type(signature.args[0].dtype)
             lanes = 16 if signature.args[0].dtype == types.float32 else 8
             vf = ir.VectorType(ft, lanes)
             v16i, v16b = ir.VectorType(i32, 16), ir.VectorType(i1, 16)
             xarr = context.make_array(signature.args[0])(context, builder, xa)
-            oarr = context.make_array(signature.args[5])(context, builder, oa)
             lov = context.cast(builder, lov, signature.args[2], signature.args[0].dtype)
             hiv = context.cast(builder, hiv, signature.args[3], signature.args[0].dtype)
 
-            masks = []
+            above, inside = [], []
             for part in range(16 // lanes):
                 ptr = builder.gep(xarr.data, [builder.add(jj, ir.Constant(jj.type, part * lanes))])
                 vals = builder.load(builder.bitcast(ptr, vf.as_pointer()), align=4)
-                above = builder.fcmp_ordered('>', vals, _splat(builder, hiv, vf))
-                inside = builder.and_(builder.fcmp_ordered('<=', vals, _splat(builder, hiv, vf)),
-                                      builder.fcmp_ordered('>', vals, _splat(builder, lov, vf)))
-                masks.append(builder.select(builder.icmp_unsigned('!=', bandv, ir.Constant(bandv.type, 0)),
-                                            inside, above))
-            mask = masks[0] if lanes == 16 else builder.shuffle_vector(
-                masks[0], masks[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                above.append(builder.fcmp_ordered('>', vals, _splat(builder, hiv, vf)))
+                inside.append(builder.and_(builder.fcmp_ordered('<=', vals, _splat(builder, hiv, vf)),
+                                           builder.fcmp_ordered('>', vals, _splat(builder, lov, vf))))
             idx = builder.add(_splat(builder, builder.trunc(jj, i32), v16i), ir.Constant(v16i, list(range(16))))
             compress = _declare(builder, 'llvm.x86.avx512.mask.compress.v16i32', v16i, [v16i, v16i, v16b])
-            packed = builder.call(compress, [idx, ir.Constant(v16i, [0] * 16), mask])
-            dst = builder.bitcast(builder.gep(oarr.data, [nv]), v16i.as_pointer())
-            builder.store(packed, dst, align=4)
             popcount = builder.module.declare_intrinsic('llvm.ctpop', [ir.IntType(16)])
-            count = builder.call(popcount, [builder.bitcast(mask, ir.IntType(16))])
-            return builder.zext(count, context.get_value_type(types.intp))
+            intp = context.get_value_type(types.intp)
+            counts = []
+            for masks, arr, ty, n in ((above, sa, signature.args[4], nsv), (inside, ca, signature.args[6], ncv)):
+                mask = masks[0] if lanes == 16 else builder.shuffle_vector(
+                    masks[0], masks[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                packed = builder.call(compress, [idx, ir.Constant(v16i, [0] * 16), mask])
+                out = context.make_array(ty)(context, builder, arr)
+                builder.store(packed, builder.bitcast(builder.gep(out.data, [n]), v16i.as_pointer()), align=4)
+                counts.append(builder.zext(builder.call(popcount, [builder.bitcast(mask, ir.IntType(16))]), intp))
+            return builder.or_(counts[0], builder.shl(counts[1], ir.Constant(intp, 5)))
 
         return sig, codegen
 
@@ -267,8 +267,9 @@ if _avx512_target():
         nc = 0
         j = 0
         while j + 16 <= m:
-            ns += _compress16(x, j, lo, hi, False, sel, ns)
-            nc += _compress16(x, j, lo, hi, True, cand, nc)
+            both = _compress16(x, j, lo, hi, sel, ns, cand, nc)
+            ns += both & 31
+            nc += both >> 5
             j += 16
         for t in range(j, m):
             v = x[t]
@@ -638,10 +639,7 @@ def _topk_softmax_row(x, n, k, z, dens, sel, cand, code, e, bits, vrow, irow):
     """One row of scores x[:n]: the positions of its k largest into irow, their softmax weights over the whole row
     (``exp(s - max) / sum(exp(s - max))``, not renormalised) into vrow; e, bits: exp scratch. Returns the passes."""
     passes = _select(x, n, k, z, dens, sel, cand, code)
-    mx = x[sel[0]]  # the row maximum is kept
-    for t in range(1, k):
-        mx = max(mx, x[sel[t]])
-    total = _exp_shifted(x, n, mx, e, bits)
+    total = _exp_shifted(x, n, _max16(x, n), e, bits)  # (the row maximum is among the kept)
     for t in range(k):
         j = sel[t]
         vrow[t] = e[j] / total
@@ -731,13 +729,28 @@ def _query_rows(rows: int, d: int, ind: str) -> List[str]:
     return src
 
 
-def _key_pass(rows: int, d: int, ind: str, masked: bool = False) -> List[str]:
+def _chains(terms: List[str], ways: int) -> str:
+    """``ways`` FMA chains over interleaved terms (t0 + t_w + t_2w ...), summed by a balanced tree: one operation per
+    term (a :func:`_tree` of products needs a multiplication per pair besides its FMAs), still ``ways`` independent
+    chains."""
+    return _tree(['(' + ' + '.join(terms[i::ways]) + ')' for i in range(min(ways, len(terms)))])
+
+
+# dense-row score products above this head dim (the chains of dense layers, PFT-light's 26) sum by FMA chains
+# (:func:`_chains`), 1.5x fewer vector operations than the balanced tree; up to it the tree (no faster there)
+_CHAIN_SCORES_FROM_DIM = 16
+_SCORE_CHAINS = 4
+
+
+def _key_pass(rows: int, d: int, ind: str, masked: bool = False, chains: int = 0) -> List[str]:
     """One vectorised pass over the transposed keys ktw (d, n): the scores of the :func:`_query_rows` with every
-    key, bias (and ``times`` the shift-mask rows m{r}) added."""
+    key, bias (and ``times`` the shift-mask rows m{r}) added; the products summed by a balanced tree, or by
+    ``chains`` FMA chains (:func:`_chains`)."""
     src = [f'{ind}for j in range(n):'] + [f'{ind}    k{c} = ktw[{c}, j]' for c in range(d)]
     for r in range(rows):
         base = f'(b{r}[j] + times * m{r}[j])' if masked else f'b{r}[j]'
-        src.append(f'{ind}    s{r}[j] = {base} + ' + _tree([f'a{r}_{c} * k{c}' for c in range(d)]))
+        terms = [f'a{r}_{c} * k{c}' for c in range(d)]
+        src.append(f'{ind}    s{r}[j] = {base} + ' + (_chains(terms, chains) if chains else _tree(terms)))
     return src
 
 
@@ -764,26 +777,29 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
 
     * ``dense_rows``: dense and first top-k layers. The products q.k of ``rows`` query rows with every key,
       vectorised over the keys (keys transposed, (d, n) per window and head) with the bias (and shift mask) added
-      in the same pass, the rows in L1 cache; then per row either softmax and the aggregation with every value
+      in the same pass (head dims above :data:`_CHAIN_SCORES_FROM_DIM` summed by FMA chains), the rows in L1
+      cache; then per row either softmax and the aggregation with every value
       (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
-      row (their aggregation: :func:`aggregate`, outside).
+      row, their aggregation (``agg``: :func:`_aggregate` over the values ``v`` into ``aout``) after each head's
+      rows, while its kept weights and positions are in cache.
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
       key rows: 16 per vectorised step, :func:`_scores_intrinsic`, for d up to :data:`GATHERED_SCORES_MAX_DIM`,
       over key rows padded to 16 floats; scalar code above) or, where K' is a large share of the window, with every
       key (vectorised, ``rows`` query rows per pass over the keys, read at the keys); bias at the keys, softmax,
-      focusing, and top-k when k < K' (aggregation outside).
+      focusing, and top-k when k < K'; the aggregation (``agg``) after each head's rows, as in ``dense_rows``.
     """
     r_ = range(rows)
     # the generated kernels call (and numba inlines) this module's functions: the digest of its source in theirs
     # names a new cached file whenever this module changes (numba's cache would keep the old machine code)
     src = [f'# generated by adasr.ops.pft_kernels.layer_source from module source {_module_digest()}',
            'import numpy as np', 'import numba', '',
-           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _aligned_rows, _exp_shifted, _max16,',
+           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _aggregate, _aligned_rows, _exp_shifted,',
+           '                                  _max16,',
            '                                  _scores16, _select, _select_positive, _softmax_focus,',
            '                                  _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
            '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
-           'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs):',
+           'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs, v, aout, agg):',
            '    heads, n = q.shape[1], q.shape[2]',
            '    shared = bias.shape[0] == 1',
            f'    s = np.empty(({rows}, n), np.float32)',
@@ -807,7 +823,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
         src.append('                if kind != 0:' if masked else '                if kind == 0:')
         if masked:
             src += [f'                    m{r} = mk[i + {r}]' for r in r_]
-        src += _key_pass(rows, d, ' ' * 20, masked)
+        src += _key_pass(rows, d, ' ' * 20, masked, _SCORE_CHAINS if d > _CHAIN_SCORES_FROM_DIM else 0)
     src += ['                if k == 0:  # dense: softmax and the aggregation with every value']
     src += [f'                    tot[{r}] = _exp_shifted(s{r}, n, _max16(s{r}, n), e[{r}], bits)' for r in r_]
     for r in r_:
@@ -824,9 +840,12 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             f'                for r in range({rows}):  # first top-k: selection and the kept weights',
             '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0], bits,',
             '                                                vals[w, hh, i + r], idxs[w, hh, i + r])',
+            '            if agg:  # the head\'s kept weights aggregated while they are in cache',
+            '                _aggregate(vals[w, hh:hh + 1], idxs[w, hh:hh + 1], v[w, hh:hh + 1], aout[w, hh:hh + 1])',
             '    return passes', '', '',
             '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
-            'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs):',
+            'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs, v, aout,',
+            '                agg):',
             '    heads, n = q.shape[1], q.shape[2]',
             '    kk = pidx.shape[3]',
             '    shared = bias.shape[0] == 1',
@@ -876,7 +895,9 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
                 '                        j = np.uint32(prow[t])',
                 f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})']
     src += _sparse_row_tail('i', '                    ')
-    src.append('    return passes')
+    src += ['            if agg:  # the head\'s kept weights aggregated while they are in cache',
+            '                _aggregate(vals[w, hh:hh + 1], idxs[w, hh:hh + 1], v[w, hh:hh + 1], aout[w, hh:hh + 1])',
+            '    return passes']
     return '\n'.join(src) + '\n'
 
 
@@ -960,19 +981,22 @@ class DenseRows(_Layer):
         """Dense softmax attention of windows ``w0:w1`` into ``out`` (:meth:`output`)."""
         self.kernels.dense_rows(_np(self.q), _np(self.kt), _np(self.vt), _np(self.bias), _np(self.masks),
                                 self.kinds, self.times, w0, w1, 0, F32(0.0), F32(1.0), _np(out), _np(_NO_VALUES),
-                                _NO_INDEX)
+                                _NO_INDEX, *_no_aggregation())
 
-    def select(self, w0: int, w1: int, topk: int, values: torch.Tensor, index: torch.Tensor) -> int:
+    def select(self, w0: int, w1: int, topk: int, values: torch.Tensor, index: torch.Tensor,
+               v: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> int:
         """The first top-k layer's selection for windows ``w0:w1``, 0 < topk < n: ``values`` / ``index`` (B, h, n,
         topk) get the kept softmax weights ``exp(s - max) / sum(exp(s - max))`` over the whole row (not
-        renormalised) and their key positions (in no particular order). Returns the counting passes."""
+        renormalised) and their key positions (in no particular order); with values ``v`` (B, h, n, dv) also their
+        aggregation into ``out`` (B, h, n, dv, unit stride along dv: :func:`aggregate`'s numbers), head by head.
+        Returns the counting passes."""
         n = self.shape[2]
         if not 0 < topk < n:
             raise ValueError(f'DenseRows.select: k={topk} must be in [1, {n - 1}]')
         z, dens = normal_guess(topk, n)
         return self.kernels.dense_rows(_np(self.q), _np(self.kt), _np(self.vt), _np(self.bias), _np(self.masks),
                                        self.kinds, self.times, w0, w1, topk, F32(z), F32(dens),
-                                       _np(_NO_VALUES), _np(values), _np(index))
+                                       _np(_NO_VALUES), _np(values), _np(index), *_aggregation(v, out, values))
 
 
 # a sparse layer's products with every key (one vectorised pass over the transposed keys) cost about as much as
@@ -1011,20 +1035,43 @@ class SparseRows(_Layer):
         # lies inside an array
         self.k = self._transposed(k) if self.full else k.detach().contiguous()
 
-    def run(self, w0: int, w1: int, topk: int, training: bool, values: torch.Tensor, index: torch.Tensor) -> int:
+    def run(self, w0: int, w1: int, topk: int, training: bool, values: torch.Tensor, index: torch.Tensor,
+            v: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> int:
         """Windows ``w0:w1``: bias at the keys, softmax, focusing by the inherited weights (training or eval
         formula), then top-k when ``topk < K'``: ``values`` / ``index`` (B, h, n, k) get the kept focused weights (not
         renormalised) and their key positions; else ``values`` (B, h, n, K', may be ``prev_values``) gets the focused
-        weights and ``index`` is unused. Returns the selection's counting passes."""
+        weights and ``index`` must be ``prev_index``. With values ``v`` (B, h, n, dv) also the aggregation of
+        ``values`` at ``index`` into ``out`` (B, h, n, dv, unit stride along dv: :func:`aggregate`'s numbers), head by
+        head. Returns the selection's counting passes."""
         kk = self.prev_index.shape[-1]
         z, dens = normal_guess(min(topk, kk - 1), kk) if kk > 1 else (0.0, 1.0)
         return self.kernels.sparse_rows(_np(self.q), _np(self.k), _np(self.k), _np(self.bias),
                                         _np(self.prev_values), _np(self.prev_index), w0, w1, topk, F32(z), F32(dens),
-                                        bool(training), self.full, _np(values), _np(index))
+                                        bool(training), self.full, _np(values), _np(index),
+                                        *_aggregation(v, out, values))
 
 
 _NO_VALUES = torch.zeros(1, 1, 1, 1)
 _NO_INDEX = np.zeros((1, 1, 1, 1), np.int16)
+
+
+def _no_aggregation() -> Tuple[np.ndarray, np.ndarray, bool]:
+    return _np(_NO_VALUES), _np(_NO_VALUES), False
+
+
+def _aggregation(v: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                 values: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """The layer kernels' aggregation arguments (values, output, flag): ``v`` (B, h, n', dv) float32 and ``out`` (B,
+    h, n, dv) with unit stride along dv, checked against the kept ``values`` (B, h, n, K), or none."""
+    if v is None:
+        return _no_aggregation()
+    nb, h, n = values.shape[:3]
+    if out is None or v.dim() != 4 or tuple(v.shape[:2]) != (nb, h) or v.dtype != torch.float32 or \
+            tuple(out.shape) != (nb, h, n, v.shape[3]) or out.dtype != torch.float32 or out.stride(-1) != 1 or \
+            v.shape[2] == 0:
+        raise ValueError(f'layer aggregation: values {None if v is None else tuple(v.shape)} / output '
+                         f'{None if out is None else tuple(out.shape)} do not fit kept weights {tuple(values.shape)}')
+    return _np(v.detach()), _np(out), True
 
 
 # ---- entry points (torch tensors on the CPU, read and written in place through NumPy views) ------------------------
