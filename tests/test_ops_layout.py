@@ -44,6 +44,8 @@ def test_tokens_to_nchw_keeps_gradients_and_checks_the_size():
     y = tokens_to_nchw(t, 3, 4)
     (y * torch.arange(3.0).view(1, 3, 1, 1)).sum().backward()
     assert torch.equal(t.grad, torch.arange(3.0).expand(2, 12, 3))
+    with torch.no_grad():  # a tensor that requires grad, read without autograd: the copy engines
+        assert torch.equal(tokens_to_nchw(t, 3, 4), t.detach().transpose(1, 2).reshape(2, 3, 3, 4))
     with pytest.raises(ValueError, match='12 tokens do not make a 5x2 map'):
         tokens_to_nchw(t.detach(), 5, 2)
 

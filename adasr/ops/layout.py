@@ -33,7 +33,7 @@ def tokens_to_nchw(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if kernel is not None:
         from adasr.ops.scheduling import parallel_for
 
-        src, dst = t.contiguous().numpy(), out.numpy()
+        src, dst = t.detach().contiguous().numpy(), out.numpy()
         parallel_for(lambda job: kernel(src[job[0]], dst[job[0]], job[1], min(n, job[1] + BLOCK_TOKENS)),
                      [(i, s) for i in range(b) for s in range(0, n, BLOCK_TOKENS)])
         return out.view(b, c, h, w)
