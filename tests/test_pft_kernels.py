@@ -522,7 +522,8 @@ bias = torch.randn(1, 64, 64)
 rows = pft_kernels.DenseRows(q, k, v, bias)  # a first top-k layer: score head dim 26 (FMA chains), scalar compaction
 vals, idx, out = torch.empty(2, 2, 64, 16), torch.empty(2, 2, 64, 16, dtype=torch.int16), torch.empty(2, 2, 64, 13)
 rows.select(0, 2, 16, vals, idx, v=v, out=out)
-assert torch.equal(idx.long().sort(-1).values, (q @ k.transpose(-1, -2) + bias).topk(16).indices.sort(-1).values)
+from tests.test_pft_kernels import _assert_top
+_assert_top(idx, q @ k.transpose(-1, -2) + bias, 16)
 assert torch.equal(out, embedding_bag_av(vals.flatten(0, 1), v.flatten(0, 1), idx.flatten(0, 1)).view(2, 2, 64, 13))
 print('equal')
 """
