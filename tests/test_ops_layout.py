@@ -34,7 +34,7 @@ def test_tile_transpose_moves_a_tile_and_nothing_else():
         pytest.skip('numba does not import')
     x = np.arange(40 * 48, dtype=np.float32).reshape(40, 48)
     y = np.full((48, 40), -1.0, np.float32)
-    kernel(x[:, :32].copy(), y[:32], 16, 32)  # rows 16..31, channels 0..31: two tiles
+    kernel(x[:, :32].copy(), y[:32], 16, 32, 0, 32)  # rows 16..31, channels 0..31: two tiles
     assert np.array_equal(y[:32, 16:32], x[16:32, :32].T)
     assert (y[:32, :16] == -1).all() and (y[:32, 32:] == -1).all() and (y[32:] == -1).all()
 
@@ -85,3 +85,40 @@ def test_rows_to_heads_keeps_gradients_and_checks_its_operands():
         if layout._rows_to_heads_kernel() is not None:
             with pytest.raises(IndexError, match='outside 0 .. 7'):
                 rows_to_heads(x, perm + 1, 2, 1, 4)
+
+
+@pytest.mark.parametrize('tiles', [True, False])
+@pytest.mark.parametrize('b, h, w, c', [(1, 5, 7, 6), (2, 16, 24, 64), (3, 1, 1, 16), (2, 17, 19, 40)])
+def test_nchw_to_tokens_equals_the_plain_transpose(monkeypatch, tiles, b, h, w, c):
+    """Both engines, several tasks (the last partial, ending inside a tile), channels and tokens left over."""
+    monkeypatch.setattr(layout, 'BLOCK_TOKENS', 40)
+    if not tiles:
+        monkeypatch.setattr(layout, '_tile_transpose_kernel', lambda: None)
+    elif layout._tile_transpose_kernel() is None:
+        pytest.skip('numba does not import')
+    x = torch.randn(b, c, h, w)
+    with torch.no_grad():
+        got = layout.nchw_to_tokens(x)
+    assert got.is_contiguous() and got.shape == (b, h * w, c)
+    assert torch.equal(got, x.flatten(2).transpose(1, 2))
+    assert torch.equal(got[b - 1, h * w - 1], x[b - 1, :, h - 1, w - 1])  # hand-picked: the last pixel's channels
+
+
+def test_nchw_to_tokens_channels_last_gradients_and_tile_offsets():
+    """A channels-last map is the tokens' layout already (the same storage, no copy); with autograd the plain
+    transpose (gradients flow); the kernel's column range: tiles at a token offset, nothing else written."""
+    x = torch.randn(2, 16, 4, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t = layout.nchw_to_tokens(x)
+    assert t.data_ptr() == x.data_ptr() and torch.equal(t, x.flatten(2).transpose(1, 2))
+    g = torch.randn(1, 3, 2, 2, requires_grad=True)
+    (layout.nchw_to_tokens(g) * torch.arange(3.0)).sum().backward()
+    assert torch.equal(g.grad, torch.arange(3.0).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    kernel = layout._tile_transpose_kernel()
+    if kernel is None:
+        pytest.skip('numba does not import')
+    x2 = np.arange(32 * 50, dtype=np.float32).reshape(32, 50)  # (C, N)
+    y = np.full((50, 32), -1.0, np.float32)
+    kernel(x2, y, 0, 32, 16, 40)  # channels 0..31, tokens 16..39: two full tiles and 8 tokens left over
+    assert np.array_equal(y[16:40], x2[:, 16:40].T)
+    assert (y[:16] == -1).all() and (y[40:] == -1).all()

@@ -525,6 +525,10 @@ rows.select(0, 2, 16, vals, idx, v=v, out=out)
 from tests.test_pft_kernels import _assert_top
 _assert_top(idx, q @ k.transpose(-1, -2) + bias, 16)
 assert torch.equal(out, embedding_bag_av(vals.flatten(0, 1), v.flatten(0, 1), idx.flatten(0, 1)).view(2, 2, 64, 13))
+from adasr.ops import narrow_conv
+x, w, b = torch.randn(2, 32, 19, 37).tanh(), torch.randn(1, 32, 3, 3), torch.randn(1)
+with torch.no_grad():
+    assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b), torch.nn.functional.conv2d(x, w, b, 1, 1))
 print('equal')
 """
 
@@ -533,7 +537,8 @@ def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
     """The vector IR of the aggregation, of the gathered score step, of the row maximum and of the tile transpose
     lowered for an AVX2-only CPU (numba told to target Haswell, as on the AVX2 machines this suite runs on; the code
     runs here as well): still embedding_bag's numbers, the documented score sums, the maximum, the transposed tokens;
-    and a first top-k layer with its aggregation in the kernel (selection by the scalar compaction there)."""
+    a first top-k layer with its aggregation in the kernel (selection by the scalar compaction there); and the
+    one-channel convolution (8-lane vectors, the same per-output order: oneDNN's numbers)."""
     env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
     proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS], env=env, capture_output=True, text=True,

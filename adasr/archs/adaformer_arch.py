@@ -34,9 +34,9 @@ from adasr.archs.layers import (
     window_partition,
     window_reverse,
 )
-from adasr.ops import cpu_inference, winograd
+from adasr.ops import cpu_inference, narrow_conv, winograd
 from adasr.ops.config import CONV3X3_METHODS, get_option
-from adasr.ops.layout import tokens_to_nchw
+from adasr.ops.layout import nchw_to_tokens, tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
@@ -488,7 +488,7 @@ class AdaM(nn.Module):
         numbers, when the halting record is read (:meth:`last_map`)."""
         b, _, hp, wp = fe.shape
         t = self.embed(fe)
-        t = t.flatten(2).transpose(1, 2).contiguous()  # b, n, c
+        t = nchw_to_tokens(t)  # b, n, c (register-tile transposes; a channels-last map is this layout already)
         score = fe.new_zeros(b, 1, hp, wp)
         threshold = 1 - eps_h
         keep_tok = keep_win = live = None
@@ -538,6 +538,15 @@ class AdaM(nn.Module):
         ids = live.nonzero().squeeze(1)
         return None if 2 * ids.numel() > live.numel() else ids
 
+    def _estimator_logits(self, hidden: torch.Tensor, padding: int, whole: Tuple[int, ...]) -> torch.Tensor:
+        """The estimator's last convolution (hidden -> one logit map) at inference, with the numbers PyTorch gives
+        the whole hidden map of shape ``whole``: where that is oneDNN's, by the compiled kernel of
+        :mod:`adasr.ops.narrow_conv` once it has found oneDNN's summation order (oneDNN pads the one output channel
+        to a vector of 16 or 8 and reorders the input: 6-7x the time), for the whole map as for windows cut from it."""
+        conv2 = self.var[2]
+        return narrow_conv.conv3x3_to_one(hidden, conv2.weight, conv2.bias, padding,
+                                          onednn_order=narrow_conv.pytorch_uses_onednn(whole))
+
     def estimate(self, t: torch.Tensor, hw: Tuple[int, int], windows: Optional[torch.Tensor]) -> torch.Tensor:
         """Estimator logits (B, 1, Hp, Wp) of the tokens t (B, Hp*Wp, C). ``windows``: flat window indices to
         compute (the others get +inf), or None for the whole map (detached input in training, as the authors).
@@ -549,8 +558,8 @@ class AdaM(nn.Module):
         hp, wp = hw
         if windows is None and cpu_inference.onednn_ok(t):
             # the tokens as an NCHW map (a blocked transpose, ops.layout), then oneDNN's blocked layout
-            hidden = _conv_onednn(tokens_to_nchw(t, hp, wp).to_mkldnn(), self.var[0])
-            return self.var[2](self.var[1](hidden.to_dense()))
+            hidden = _conv_onednn(tokens_to_nchw(t, hp, wp).to_mkldnn(), self.var[0]).to_dense()
+            return self._estimator_logits(torch.tanh(hidden, out=hidden), 1, hidden.shape)
         if windows is None:
             # NCHW-contiguous, as the authors' estimator sees it (the reshape alone is a channels_last view, which
             # oneDNN convolves with other rounding at batch > 1)
@@ -563,7 +572,7 @@ class AdaM(nn.Module):
             return logit
         if windows.numel() == 1:  # oneDNN picks another kernel (other rounding) for a batch of one patch
             windows = windows.repeat(2)
-        conv1, conv2 = self.var[0], self.var[2]
+        conv1 = self.var[0]
         bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
         wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
         # the windows with their halo gathered from the token map, zero outside the image (no padded copy of the map)
@@ -578,7 +587,7 @@ class AdaM(nn.Module):
         inside_y = ((wy[:, None] * s + pos) >= 0) & ((wy[:, None] * s + pos) < hp)
         inside_x = ((wx[:, None] * s + pos) >= 0) & ((wx[:, None] * s + pos) < wp)
         hidden = hidden * (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
-        out = F.conv2d(hidden, conv2.weight, conv2.bias)  # n, 1, s, s
+        out = self._estimator_logits(hidden, 0, (b, hidden.shape[1], hp, wp))  # n, 1, s, s
         logit.view(b, nwy, s, nwx, s).permute(0, 1, 3, 2, 4)[bi, wy, wx] = out[:, 0]
         return logit
 

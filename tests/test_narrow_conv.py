@@ -1,0 +1,139 @@
+"""adasr.ops.narrow_conv: a 3x3 convolution to one output channel with oneDNN's numbers, bit for bit."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adasr.ops import narrow_conv
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def _case(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=gen) * 2).tanh()
+    return x, torch.randn(1, shape[1], 3, 3, generator=gen) * 0.3, torch.randn(1, generator=gen)
+
+
+def test_the_order_is_found_where_onednn_convolves():
+    """On a CPU where PyTorch convolves by oneDNN's AVX-512 kernel the order (blocks of 16 summed apart) is found;
+    elsewhere the check finds the order that matches or none (then PyTorch's convolution runs)."""
+    for channels in (32, 64, 16):
+        order = narrow_conv.summation_order(channels)
+        assert order is None or order in narrow_conv.ORDERS
+        if torch.backends.cpu.get_cpu_capability() == 'AVX512' and narrow_conv._kernel() is not None:
+            assert order == (16, False), channels
+    assert narrow_conv.summation_order(20) in (None, (8, True), (8, False))  # 20 is no multiple of 16
+
+
+@pytest.mark.parametrize('shape, padding', [((1, 32, 37, 45), 1), ((2, 32, 20, 33), 1), ((5, 32, 10, 10), 0),
+                                            ((1, 16, 9, 70), 1), ((1, 64, 12, 12), 0), ((3, 32, 3, 3), 1),
+                                            ((1, 32, 20, 32), 1), ((1, 32, 26, 25), 1), ((1, 16, 40, 33), 0)])
+def test_same_numbers_as_pytorch(shape, padding):
+    """Batches, and single maps on both sides of PyTorch's threshold for oneDNN (20480 elements: (1, 32, 20, 32)
+    is PyTorch's own im2col convolution, (1, 32, 26, 25) oneDNN's)."""
+    x, w, b = _case(shape)
+    with torch.no_grad():
+        assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b, padding), F.conv2d(x, w, b, 1, padding))
+        assert torch.equal(narrow_conv.conv3x3_to_one(x, w, None, padding), F.conv2d(x, w, None, 1, padding))
+
+
+def test_pytorchs_dispatch_rule():
+    assert narrow_conv.pytorch_uses_onednn((2, 32, 3, 3)) == torch.backends.mkldnn.is_available()
+    assert not narrow_conv.pytorch_uses_onednn((1, 32, 20, 32))
+    assert narrow_conv.pytorch_uses_onednn((1, 32, 26, 25)) == torch.backends.mkldnn.is_available()
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not narrow_conv.pytorch_uses_onednn((4, 32, 40, 40))
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+def test_patches_give_the_whole_maps_numbers():
+    """What the estimator's window path relies on: a window convolved with its halo (no padding) gets the numbers
+    the whole map's padded convolution has there, for one patch as for many (oneDNN itself takes another kernel for
+    a single small patch; the compiled kernel's order does not depend on the batch)."""
+    x, w, b = _case((1, 32, 24, 32), 3)  # 24576 elements: oneDNN's convolution
+    with torch.no_grad():
+        whole = narrow_conv.conv3x3_to_one(x, w, b, 1)
+        padded = F.pad(x, (1, 1, 1, 1))
+        patches = torch.stack([padded[0, :, y:y + 10, c:c + 10] for y, c in ((0, 0), (8, 16), (14, 22))])
+        got = narrow_conv.conv3x3_to_one(patches, w, b, 0, onednn_order=True)
+        single = narrow_conv.conv3x3_to_one(patches[1:2], w, b, 0, onednn_order=True)
+    if narrow_conv.summation_order(32) is None:
+        pytest.skip('no compiled kernel here: PyTorch convolution')
+    for i, (y, c) in enumerate(((0, 0), (8, 16), (14, 22))):
+        assert torch.equal(got[i, 0], whole[0, 0, y:y + 8, c:c + 8])
+    assert torch.equal(single[0], got[1])
+
+
+def test_threads_do_not_change_the_numbers():
+    x, w, b = _case((1, 32, 70, 41), 5)
+    before = torch.get_num_threads()
+    with torch.no_grad():
+        one = narrow_conv.conv3x3_to_one(x, w, b)
+        torch.set_num_threads(2)
+        try:
+            two = narrow_conv.conv3x3_to_one(x, w, b)
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(one, two) and torch.equal(one, F.conv2d(x, w, b, 1, 1))
+
+
+def test_other_cases_are_pytorchs_convolution():
+    """Channels not a multiple of the width, more output channels, padding 2, float64, autograd: PyTorch's own."""
+    x, w, b = _case((1, 20, 9, 11))
+    with torch.no_grad():
+        assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b), F.conv2d(x, w, b, 1, 1))
+        x, w, b = _case((1, 32, 9, 11))
+        assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b, 2), F.conv2d(x, w, b, 1, 2))
+        assert torch.equal(narrow_conv.conv3x3_to_one(x.double(), w.double(), b.double()),
+                           F.conv2d(x.double(), w.double(), b.double(), 1, 1))
+        w2 = torch.cat([w, w])
+        assert torch.equal(narrow_conv.conv3x3_to_one(x, w2, None), F.conv2d(x, w2, None, 1, 1))
+    x.requires_grad_(True)
+    y = narrow_conv.conv3x3_to_one(x, w, b)
+    y.sum().backward()
+    assert y.grad_fn is not None and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_no_order_found_means_pytorch(monkeypatch):
+    """When no summation order reproduces PyTorch's numbers (simulated: a reference off by one ulp), none is used."""
+    real = F.conv2d
+
+    def off_by_an_ulp(*args, **kwargs):
+        y = real(*args, **kwargs)
+        return torch.nextafter(y, torch.full_like(y, np.inf))
+
+    monkeypatch.setattr(narrow_conv.F, 'conv2d', off_by_an_ulp)
+    assert narrow_conv._find_order(32) is None
+
+
+_AVX2_ONEDNN = """
+import torch
+import torch.nn.functional as F
+from adasr.ops import narrow_conv
+torch.manual_seed(0)
+with torch.no_grad():
+    for shape, pad in (((1, 32, 37, 45), 1), ((4, 32, 10, 10), 0)):
+        x, w, b = torch.randn(*shape).tanh(), torch.randn(1, 32, 3, 3), torch.randn(1)
+        assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b, pad), F.conv2d(x, w, b, 1, pad)), shape
+print('equal', narrow_conv.summation_order(32))
+"""
+
+
+def test_oneDNN_limited_to_avx2_gives_its_avx2_order(tmp_path):
+    """oneDNN told to use AVX2 at most (its kernel of the AVX2 machines: blocks of 8 channels, one chain from the
+    bias) and the kernel compiled for Haswell: that order is found, and the numbers are PyTorch's."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2', NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
+    proc = subprocess.run([sys.executable, '-c', _AVX2_ONEDNN], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith('equal'), proc.stderr[-2000:]
+    if narrow_conv._kernel() is not None:
+        assert proc.stdout.split(None, 1)[1].strip() == '(8, True)', proc.stdout
