@@ -16,10 +16,10 @@ elements (:func:`pytorch_uses_onednn`); smaller single maps get its own im2col a
 windows cut from a large map (with their halo) then get the numbers the whole map's convolution has there.
 
 The order is not assumed: :func:`summation_order` compares the kernel with PyTorch's own convolution on small random
-maps (a batch of two, a single map just above the threshold) once per process and channel count, for each order of
-:data:`ORDERS`. Where none matches (another oneDNN kernel or dispatch rule, a CPU without fused multiply-add, numba
-missing) :func:`conv3x3_to_one` is PyTorch's convolution. Inference only: callers use it without autograd
-(``adasr.ops.cpu_inference.onednn_ok``).
+maps (a batch of two, a single map just above the threshold, rows 1000 wide) once per process and channel count,
+for each order of :data:`ORDERS`. Where none matches (another oneDNN kernel, blocking or dispatch rule, a CPU
+without fused multiply-add, numba missing) :func:`conv3x3_to_one` is PyTorch's convolution. Inference only:
+callers use it without autograd (``adasr.ops.cpu_inference.onednn_ok``).
 """
 import math
 import threading
@@ -130,7 +130,7 @@ def summation_order(channels: int) -> Optional[Tuple[int, bool]]:
     """The summation order ``(block width, chained)`` (:data:`ORDERS`) in which :func:`conv3x3_to_one`'s kernel
     gives PyTorch's CPU float32 convolution of ``channels`` input channels bit for bit (checked once per process
     and channel count on random maps: a batch of two with and without padding, one map just above PyTorch's
-    threshold for oneDNN), or None (then PyTorch's convolution is used)."""
+    threshold for oneDNN, one with rows 1000 wide), or None (then PyTorch's convolution is used)."""
     with _lock:
         if channels not in _orders:
             _orders[channels] = _find_order(channels)
@@ -144,6 +144,7 @@ def _find_order(channels: int) -> Optional[Tuple[int, bool]]:
     side = math.isqrt(ONEDNN_MIN_ELEMENTS // channels) + 1  # a square single map just above the threshold
     cases = [(torch.randn(2, channels, 7, 37, generator=gen).tanh(), pad) for pad in (0, 1)]
     cases.append((torch.randn(1, channels, side, side, generator=gen).tanh(), 1))
+    cases.append((torch.randn(1, channels, 9, 1000, generator=gen).tanh(), 1))  # wide rows, as images have
     w = torch.randn(1, channels, 3, 3, generator=gen) * 0.3
     b = torch.randn(1, generator=gen)
     with torch.no_grad():
