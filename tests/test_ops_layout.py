@@ -122,3 +122,20 @@ def test_nchw_to_tokens_channels_last_gradients_and_tile_offsets():
     kernel(x2, y, 0, 32, 16, 40)  # channels 0..31, tokens 16..39: two full tiles and 8 tokens left over
     assert np.array_equal(y[16:40], x2[:, 16:40].T)
     assert (y[:16] == -1).all() and (y[40:] == -1).all()
+
+
+@pytest.mark.parametrize('tiles', [True, False])
+def test_to_channels_last_is_the_plain_conversion(monkeypatch, tiles):
+    """NCHW maps (both engines), a channels-last map (returned as it is), a strided view: the values and the
+    channels-last layout of ``contiguous(memory_format=torch.channels_last)``."""
+    if not tiles:
+        monkeypatch.setattr(layout, '_tile_transpose_kernel', lambda: None)
+    for x in (torch.randn(2, 40, 17, 19), torch.randn(1, 3, 5, 4)):
+        with torch.no_grad():
+            got = layout.to_channels_last(x)
+        assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, x)
+        assert torch.equal(got.permute(0, 2, 3, 1).reshape(-1), x.permute(0, 2, 3, 1).reshape(-1))
+    cl = torch.randn(1, 16, 6, 7).contiguous(memory_format=torch.channels_last)
+    assert layout.to_channels_last(cl) is cl
+    view = torch.randn(1, 8, 6, 14)[..., ::2]
+    assert torch.equal(layout.to_channels_last(view), view)

@@ -36,7 +36,7 @@ from adasr.archs.layers import (
 )
 from adasr.ops import cpu_inference, narrow_conv, winograd
 from adasr.ops.config import CONV3X3_METHODS, get_option
-from adasr.ops.layout import nchw_to_tokens, tokens_to_nchw
+from adasr.ops.layout import nchw_to_tokens, to_channels_last, tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
@@ -132,7 +132,7 @@ class ResBlocks(nn.Sequential):
         :func:`adasr.ops.winograd.conv3x3` ``method`` (``'direct'``: oneDNN's channels-last convolution, else a
         Winograd variant) with the ReLU fused into the first; returns channels-last for a channels-last input, else
         NCHW."""
-        h = x.contiguous(memory_format=torch.channels_last)
+        h = to_channels_last(x)
         for blk in self:
             out = winograd.conv3x3(h, blk.body[0].weight, blk.body[0].bias, relu=True, method=method)
             out = winograd.conv3x3(out, blk.body[2].weight, blk.body[2].bias, method=method)
@@ -814,14 +814,16 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         if encoder != 'direct' and cpu_inference.onednn_ok(f0):
             # Winograd chains: channels-last from the head to the tail (the tokens are channels-last, the 1x1
             # convolutions and residual additions keep the layout): no layout change between the chains
-            f0 = f0.contiguous(memory_format=torch.channels_last)
+            f0 = to_channels_last(f0)
         fe = self.shollow_feature_extraction(f0)
         fa, logits, g_maps, w_maps, complete, pending = self.body(
             fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps)
         if decoder != 'direct' and cpu_inference.onednn_ok(fa):
             # a Winograd decoder and tail run channels-last (their NCHW transposes cost more than one conversion)
-            fa = fa.contiguous(memory_format=torch.channels_last)
+            fa = to_channels_last(fa)
         fd = self.deep_feature_extraction(fa)
+        if _channels_last(fd) and not _channels_last(f0):
+            f0 = to_channels_last(f0)  # an addition of two layouts walks one of them with large strides
         sr = self.add_mean(self._tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()
 
