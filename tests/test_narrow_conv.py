@@ -87,7 +87,8 @@ def test_threads_do_not_change_the_numbers():
 
 
 def test_other_cases_are_pytorchs_convolution():
-    """Channels not a multiple of the width, more output channels, padding 2, float64, autograd: PyTorch's own."""
+    """Channels not a multiple of the width, more output channels, padding 2, float64, autograd: PyTorch's own
+    (and a tensor that requires grad, read under no_grad, by the kernel: the same numbers)."""
     x, w, b = _case((1, 20, 9, 11))
     with torch.no_grad():
         assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b), F.conv2d(x, w, b, 1, 1))
@@ -97,6 +98,9 @@ def test_other_cases_are_pytorchs_convolution():
                            F.conv2d(x.double(), w.double(), b.double(), 1, 1))
         w2 = torch.cat([w, w])
         assert torch.equal(narrow_conv.conv3x3_to_one(x, w2, None), F.conv2d(x, w2, None, 1, 1))
+    x2 = _case((2, 32, 9, 11))[0].requires_grad_(True)  # a batch: oneDNN's (the kernel's) convolution
+    with torch.no_grad():  # a tensor that requires grad, read without autograd
+        assert torch.equal(narrow_conv.conv3x3_to_one(x2, w, b), F.conv2d(x2, w, b, 1, 1))
     x.requires_grad_(True)
     y = narrow_conv.conv3x3_to_one(x, w, b)
     y.sum().backward()

@@ -116,7 +116,7 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
     out = x.new_empty(n, 1, ho, wo)
     kernel = _kernel()
-    xs, ws, ys = x.numpy(), weight[0].detach().contiguous().numpy(), out.numpy().reshape(n, ho, wo)
+    xs, ws, ys = x.detach().numpy(), weight[0].detach().contiguous().numpy(), out.numpy().reshape(n, ho, wo)
     b = np.float32(bias.item()) if bias is not None else np.float32(0.0)
     if torch.get_num_threads() > 1 and ho > ROWS_PER_TASK:
         parallel_for(lambda r: kernel(xs, ws, b, ys, padding, order[0], order[1], r, min(ho, r + ROWS_PER_TASK)),
