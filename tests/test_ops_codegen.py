@@ -50,3 +50,25 @@ def test_unwritable_cache_dir_compiles_in_memory(tmp_path, monkeypatch):
     module = codegen.load_module('test_kernels', ('twice', 2), 'test_twice', lambda: SOURCE)
     assert module.twice(5) == 10
     assert not hasattr(module, '__file__') or not str(getattr(module, '__file__', '')).startswith(str(blocker))
+
+
+def _fma_row(a, x, y):  # y[j] = a * x[j] + y[j] (compiled with FP contraction: one fused multiply-add each)
+    for j in range(y.shape[0]):
+        y[j] = a * x[j] + y[j]
+
+
+def test_compile_function_compiles_and_falls_back(monkeypatch):
+    """A module function compiled with the options given (here FP contraction: a*x + y rounded once, which an
+    unfused product and sum get wrong by one ulp at these values); None where numba does not import."""
+    import sys
+
+    import numpy as np
+
+    pytest.importorskip('numba')
+    fn = codegen.compile_function(_fma_row, fastmath={'contract'})
+    a, x = np.float32(1 + 2 ** -12), np.array([1 + 2 ** -12], np.float32)
+    y = np.array([-(1 + 2 ** -11)], np.float32)  # a * x = 1 + 2^-11 + 2^-24: only the fused sum keeps 2^-24
+    fn(a, x, y)
+    assert y[0] == np.float32(2 ** -24)
+    monkeypatch.setitem(sys.modules, 'numba', None)  # "import numba" now raises ImportError
+    assert codegen.compile_function(_fma_row) is None

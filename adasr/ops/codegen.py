@@ -7,6 +7,8 @@ a generic loop would not. numba caches compiled code per source *file*, so each 
 own, named after a digest of its text: ``$NUMBA_CACHE_DIR/<kind>`` or ``~/.cache/adasr/<kind>``
 (``XDG_CACHE_HOME``). Compiling takes some seconds the first time, loading from the cache a fraction of one. Without
 a writable directory the source is compiled in memory for the process (``cache=True`` turned off).
+
+Functions written in a module (not generated) are compiled by :func:`compile_function`, with the same fallbacks.
 """
 import hashlib
 import importlib.util
@@ -55,3 +57,17 @@ def load_module(kind: str, key: Hashable, name: str, source) -> types.ModuleType
             exec(compile(src.replace('cache=True', 'cache=False'), full, 'exec'), module.__dict__)
         _modules[(kind, key)] = module
         return module
+
+
+def compile_function(fn, **options):
+    """``numba.njit(nogil=True, cache=True, **options)(fn)`` (compiled on its first call, machine code cached next to
+    the function's source), or None where numba does not import; without a writable cache location the function is
+    compiled per process (``cache=False``)."""
+    try:
+        import numba
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    try:
+        return numba.njit(nogil=True, cache=True, **options)(fn)
+    except RuntimeError:  # no writable cache location (read-only install, no user cache dir)
+        return numba.njit(nogil=True, cache=False, **options)(fn)

@@ -18,6 +18,8 @@ PyTorch reshape is used, so gradients flow as before. Without numba, the PyTorch
 import numpy as np
 import torch
 
+from adasr.ops import codegen
+
 #: tokens per 2-D block: 4096 x 64 floats = 1 MiB, read and written while in L2 (and per task of the tile kernel)
 BLOCK_TOKENS = 4096
 
@@ -146,20 +148,13 @@ _tile16 = None
 
 
 def _tile_transpose_kernel():
-    """``kernel(x, y, r0, r1)``: :func:`_tile_transposes` compiled (numba, on first use; None where numba does not
-    import)."""
+    """``kernel(x, y, r0, r1, c0, c1)``: :func:`_tile_transposes` compiled (numba, on first use; None where numba
+    does not import: the PyTorch blocks)."""
     global _tile_kernel, _tile16
     if _tile_kernel is None:
-        try:
-            import numba
-        except Exception:  # noqa: BLE001 - any import failure: the PyTorch blocks
-            _tile_kernel = False
-            return None
-        _tile16 = _tile_intrinsic()  # (a global of the compiled function: set before it compiles)
-        try:
-            _tile_kernel = numba.njit(nogil=True, cache=True)(_tile_transposes)
-        except RuntimeError:  # no writable cache location: compile per process
-            _tile_kernel = numba.njit(nogil=True, cache=False)(_tile_transposes)
+        _tile_kernel = codegen.compile_function(_tile_transposes) or False
+        if _tile_kernel:
+            _tile16 = _tile_intrinsic()  # (a global of the compiled function: set before its first call compiles it)
     return _tile_kernel or None
 
 
@@ -200,15 +195,7 @@ def _rows_to_heads_kernel():
     """:func:`_rows_to_heads_loops` compiled (numba, on first use; None where numba does not import)."""
     global _kernel
     if _kernel is None:
-        try:
-            import numba
-        except Exception:  # noqa: BLE001 - any import failure: the PyTorch ops
-            _kernel = False
-            return None
-        try:
-            _kernel = numba.njit(nogil=True, cache=True)(_rows_to_heads_loops)
-        except RuntimeError:  # no writable cache location: compile per process
-            _kernel = numba.njit(nogil=True, cache=False)(_rows_to_heads_loops)
+        _kernel = codegen.compile_function(_rows_to_heads_loops) or False
     return _kernel or None
 
 

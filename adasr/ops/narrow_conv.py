@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adasr.ops import codegen
+
 #: the summation orders tried by :func:`summation_order`: (channels per block, one chain through all blocks) --
 #: oneDNN's AVX-512 kernel (blocks of 16 summed apart) and its AVX2 kernel (blocks of 8, one chain from the bias)
 ORDERS = ((16, False), (8, True), (16, True), (8, False))
@@ -94,17 +96,8 @@ def _kernel_rows(x, w, bias, out, pad, block, chained, r0, r1):
 
 def _kernel():
     """The compiled :func:`_kernel_rows` (numba, cached on disk where it can be), or None without numba."""
-    if 'kernel' not in _state:
-        try:
-            import numba
-        except Exception:  # noqa: BLE001 - any import failure: PyTorch's convolution
-            _state['kernel'] = None
-            return None
-        options = dict(nogil=True, fastmath={'contract'})  # fused multiply-adds, nothing reordered
-        try:
-            _state['kernel'] = numba.njit(cache=True, **options)(_kernel_rows)
-        except RuntimeError:  # no writable cache location: compile per process
-            _state['kernel'] = numba.njit(cache=False, **options)(_kernel_rows)
+    if 'kernel' not in _state:  # fused multiply-adds, nothing reordered
+        _state['kernel'] = codegen.compile_function(_kernel_rows, fastmath={'contract'})
     return _state['kernel']
 
 
