@@ -1,9 +1,10 @@
 """adasr.ops.winograd: Winograd 3x3 convolution against F.conv2d in float64 (both tile-transform engines)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from adasr.ops import config, winograd
+from adasr.ops import blas, config, winograd
 
 ENGINES = ['torch', pytest.param('auto', marks=pytest.mark.skipif(not winograd.numba_available(),
                                                                    reason='numba is not installed'))]
@@ -212,3 +213,82 @@ def test_inference_mode_and_strided_input(engine):
         y = winograd.winograd_conv3x3(x, weight, None, relu=True)
     assert y.is_contiguous()
     assert _rel_err(y, _reference(x, weight, None, relu=True)) < REL_TOL[winograd.DEFAULT_VARIANT]
+
+
+def _python_blocks(monkeypatch, fn):
+    """``fn()`` with the compiled block driver turned off (the Python block loop around ``torch.bmm``)."""
+    with monkeypatch.context() as m:
+        m.setattr(winograd, '_blas_matches', lambda *args: False)
+        return fn()
+
+
+needs_blas = pytest.mark.skipif(not winograd.numba_available() or blas.sgemm_symbol() is None,
+                                reason="numba or PyTorch's exported BLAS sgemm_ is missing")
+
+
+@needs_blas
+@pytest.mark.parametrize('variant', ['f2', 'f4'])
+@pytest.mark.parametrize('shape,block_tiles', [((1, 16, 40), 128), ((2, 13, 29), 128), ((1, 12, 16), 18),
+                                               ((1, 9, 7), 2)])
+def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, shape, block_tiles):
+    """The compiled driver (input strip, transforms and BLAS products in one call) gives the Python block loop's
+    numbers bit for bit: whole and partial tiles (odd sizes), a last block of fewer tile rows, batches, ReLU, one and
+    two threads (the worker pool), and it is the path taken for channels-last tensors."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    (n, h, w), c, co = shape, 8, 16
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(co, c, 3, 3, generator=gen) / 8, torch.randn(co, generator=gen)
+    conv = winograd.WinogradConv3x3(weight, bias, variant)
+    monkeypatch.setattr(winograd, '_BLOCK_TILES', block_tiles)
+    calls = []
+    driver = winograd._forward_compiled
+    monkeypatch.setattr(winograd, '_forward_compiled', lambda *a: calls.append(1) or driver(*a))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for relu in (False, True):
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    ref = _python_blocks(monkeypatch, lambda: conv(x, relu))
+                    y = conv(x, relu)
+                    assert y.is_contiguous(memory_format=torch.channels_last)
+                    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 4
+    assert _rel_err(y, _reference(x, weight, bias, relu=True)) < REL_TOL[variant]
+
+
+@needs_blas
+def test_blas_check_rejects_other_numbers_and_falls_back(monkeypatch):
+    """The driver runs only where its products equal torch.bmm's bit for bit: a BLAS giving other numbers (here a
+    stand-in whose products are off by one ulp) or no exported sgemm_ means the Python loop, with its numbers."""
+    plan = winograd._plan('f2')
+    kernels = winograd._kernels(plan, 8, 16)
+
+    class OffByOne:
+        @staticmethod
+        def gemms(v, u, prod, t, params):
+            kernels.gemms(v, u, prod, t, params)
+            prod[0, 0, 0] = torch.nextafter(torch.tensor(prod[0, 0, 0]), torch.tensor(float('inf'))).item()
+
+    monkeypatch.setattr(winograd, '_blas_checked', {})
+    assert winograd._blas_matches(kernels, plan, 8, 16, {24, 0})
+    assert not winograd._blas_matches(OffByOne, plan, 8, 16, {25})
+    assert winograd._blas_checked == {('f2', 8, 16, 24): True, ('f2', 8, 16, 25): False}
+    monkeypatch.setattr(winograd, '_blas_checked', {})
+    monkeypatch.setattr(blas, 'sgemm_symbol', lambda: None)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 8, 10, 50, generator=gen).contiguous(memory_format=torch.channels_last)
+    conv = winograd.WinogradConv3x3(torch.randn(16, 8, 3, 3, generator=gen) / 8, None, 'f2')
+    with torch.no_grad():
+        y = conv(x)
+    assert set(winograd._blas_checked.values()) == {False}
+    with torch.no_grad():
+        torch.testing.assert_close(y, _python_blocks(monkeypatch, lambda: conv(x)), rtol=0, atol=0)
+
+
+def test_sgemm_params_layout():
+    p = blas.sgemm_params(64, 240, 32, 64, 1024, 64)
+    assert chr(p[0]) == 'N' and p[1:7].tolist() == [64, 240, 32, 64, 1024, 64]
+    assert p[7:].view(np.float32).tolist() == [1.0, 0.0]

@@ -39,7 +39,10 @@ unrolled with constant coefficients, vectorised over the channels), specialised 
 numba there (:mod:`adasr.ops.codegen`): some seconds to compile the first time, a fraction of a second after.
 Without numba, the transforms are PyTorch matrix products (slower; see docs/winograd.md). The image runs in blocks
 of whole tile rows, through buffers each thread keeps (a few MB); with more than one PyTorch thread the blocks run
-on the worker pool of :mod:`adasr.ops.scheduling` (option ``threads``).
+on the worker pool of :mod:`adasr.ops.scheduling` (option ``threads``). For channels-last tensors a compiled driver
+runs the blocks (input strip, transforms, and the products by the BLAS routine that ``torch.bmm`` calls, reached
+through :mod:`adasr.ops.blas`) without returning to Python between them: the same numbers, checked once per
+process and shape against ``torch.bmm`` (any difference, or no exported routine, means the Python block loop).
 
 Numerics: Winograd's transforms add rounding error (growing with m, and depending on the points); the float32
 transformed weights are rounded once from float64. ``tests/test_winograd.py`` and ``scripts/benchmark_conv.py``
@@ -54,7 +57,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from adasr.ops import codegen
+from adasr.ops import blas, codegen
 
 # name -> (output tile m, finite interpolation points); each uses the point at infinity too
 VARIANTS: Dict[str, Tuple[int, Tuple[float, ...]]] = {
@@ -171,6 +174,9 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     if nchw_in or nchw_out:
         transposes = _transposes()
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
+    if channels_last and kernels is not None and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq}):
+        _forward_compiled(kernels, xs, ys, conv, relu, rows, nr, nq)
+        return out
     items = [(b, r0, min(rows, nr - r0)) for b in range(n) for r0 in range(0, nr, rows)]
 
     def block(item):
@@ -213,7 +219,70 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     return out
 
 
+def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, rows: int,
+                      nr: int, nq: int) -> None:
+    """:func:`_forward`'s blocks for channels-last x and output (xs, ys: their (N, H, W, C) views) by the compiled
+    ``conv_blocks``: input strip, transform, the products by the BLAS routine ``torch.bmm`` calls
+    (:mod:`adasr.ops.blas`) and the output transform in one call for all blocks of an image (on one thread) or
+    per block on the worker pool; the same numbers as the Python block loop, without its per-block overhead."""
+    n, h, w, c = xs.shape
+    m = conv.plan.m
+    bias = (conv.bias if conv.bias is not None else _zeros(conv.cout)).numpy()
+    u = conv.u.numpy()
+    nblocks = -(-nr // rows)
+
+    def run(b: int, b0: int, b1: int) -> None:
+        strip, v, prod, ostrip, params = _compiled_buffers(rows, nq, m, c, conv.cout)
+        x_rows, y_rows = xs[b].detach().numpy().reshape(h, -1), ys[b].numpy().reshape(h, -1)
+        kernels.conv_blocks(x_rows, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y_rows, ostrip, relu, params)
+
+    from adasr.ops.scheduling import parallel_for
+    if _USE_POOL and torch.get_num_threads() > 1 and n * nblocks > 1:
+        parallel_for(lambda item: run(*item), [(b, k, k + 1) for b in range(n) for k in range(nblocks)])
+    else:
+        for b in range(n):
+            run(b, 0, nblocks)
+
+
+_blas_checked: Dict[Tuple[str, int, int, int], bool] = {}
+
+
+def _blas_matches(kernels, plan: '_Plan', c: int, co: int, tiles) -> bool:
+    """True when the compiled kernels' products by BLAS (:func:`adasr.ops.blas.sgemm_symbol`) give ``torch.bmm``'s
+    numbers bit for bit for blocks of each of ``tiles`` tiles (0: none); checked once per process and shape on random
+    operands. False without the symbol or on any difference: the Python block loop runs (``torch.bmm``)."""
+    ok = True
+    for t in tiles:
+        key = (plan.name, c, co, t)
+        if t and key not in _blas_checked:
+            a2 = (plan.m + 2) ** 2
+            same = False
+            if blas.sgemm_symbol() is not None:
+                g = torch.Generator().manual_seed(t)
+                v, u = torch.randn(t, a2, c, generator=g), torch.randn(a2, c, co, generator=g)
+                prod = torch.empty(a2, t, co)
+                kernels.gemms(v.numpy().reshape(t, -1), u.numpy(), prod.numpy(), t,
+                              blas.sgemm_params(co, t, c, co, a2 * c, co))
+                same = torch.equal(prod, torch.bmm(v.transpose(0, 1), u))
+            _blas_checked[key] = same
+        ok = ok and (not t or _blas_checked[key])
+    return ok
+
+
 _local = threading.local()
+
+
+def _compiled_buffers(rows: int, nq: int, m: int, c: int, co: int):
+    """This thread's block buffers as the NumPy arrays ``conv_blocks`` takes, and its BLAS arguments."""
+    buf = _buffers(rows, nq, m, c, co)
+    views = buf.get('numpy')
+    if views is None:
+        a2 = (m + 2) ** 2
+        views = (buf['in'].numpy().reshape(buf['in'].shape[0], -1), buf['v'].numpy().reshape(buf['v'].shape[0], -1),
+                 buf['prod'].numpy(), buf['out'].numpy().reshape(buf['out'].shape[0], -1),
+                 blas.sgemm_params(co, 0, c, co, a2 * c, co))
+        buf['numpy'] = views
+    return views
 
 
 def _buffers(rows: int, nq: int, m: int, c: int, co: int) -> Dict[str, torch.Tensor]:
@@ -371,6 +440,51 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
                 '    for rr in range(nrb):',
                 '        for q in range(nq):',
                 f'            {name}(prod, rr * nq + q, bias, y, (r0 + rr) * {m}, q * {m * co}, s)']
+    src += ['', '', blas.sgemm_declaration(), '', '',
+            '@numba.njit(nogil=True, cache=True)',
+            'def gemms(v, u, prod, t, params):',
+            f'    """prod[p] = v[:t, p] @ u[p] for the {a * a} points p by BLAS sgemm (the products of torch.bmm):'
+            ' v (T, A A C) tile-major, u (A A, C, Co), prod (A A, t, Co); params: blas.sgemm_params."""',
+            '    ip = params.ctypes.data',
+            '    params[2] = t',
+            f'    for p in range({a * a}):',
+            '        SGEMM(ip, ip, ip + 4, ip + 8, ip + 12, ip + 28, u[p].ctypes.data, ip + 16,',
+            f'              v.ctypes.data + p * {4 * c}, ip + 20, ip + 32, prod[p].ctypes.data, ip + 24)',
+            '', '',
+            '@numba.njit(nogil=True, cache=True)',
+            'def conv_blocks(x, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y, ostrip, relu, params):',
+            '    """Blocks b0 .. b1 - 1 (``rows`` tile rows each, nr in all) of the convolution of one image, as'
+            ' _forward\'s Python block loop computes them: x (H, W C) and y (H, W Co) channels-last rows; strip'
+            ' (rows m + 2, (nq m + 2) C), v (rows nq, A A C), prod (A A rows nq Co,) and ostrip (rows m, nq m Co):'
+            ' buffers; u (A A, C, Co) transformed weights."""',
+            f'    wc = w * {c}',
+            '    for blk in range(b0, b1):',
+            '        r0 = blk * rows',
+            '        nrb = min(rows, nr - r0)',
+            '        t = nrb * nq',
+            f'        for i in range(nrb * {m} + 2):  # input rows r0 m - 1 .., zero outside the image',
+            f'            yy = r0 * {m} - 1 + i',
+            '            row = strip[i]',
+            '            if yy >= 0 and yy < h:',
+            f'                row[:{c}] = 0',
+            f'                row[{c}:{c} + wc] = x[yy, :wc]',
+            f'                row[{c} + wc:] = 0',
+            '            else:',
+            '                row[:] = 0',
+            '        vt = v[:t]',
+            '        input_rows(strip, 0, nrb, nq, vt)',
+            f'        pb = prod[:{a * a * co} * t].reshape({a * a}, t, {co})',
+            '        gemms(vt, u, pb, t, params)',
+            f'        rows_out = min(nrb * {m}, h - r0 * {m})',
+            f'        whole = rows_out == nrb * {m} and w == nq * {m}',
+            f'        dst = y[r0 * {m}:] if whole else ostrip',
+            '        if relu:',
+            '            output_rows_relu(pb, 0, nrb, nq, bias, dst)',
+            '        else:',
+            '            output_rows(pb, 0, nrb, nq, bias, dst)',
+            '        if not whole:',
+            '            for i in range(rows_out):',
+            f'                y[r0 * {m} + i, :w * {co}] = ostrip[i, :w * {co}]']
     return '\n'.join(src) + '\n'
 
 
