@@ -240,6 +240,7 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
     weight, bias = torch.randn(co, c, 3, 3, generator=gen) / 8, torch.randn(co, generator=gen)
     conv = winograd.WinogradConv3x3(weight, bias, variant)
     monkeypatch.setattr(winograd, '_BLOCK_TILES', block_tiles)
+    monkeypatch.setattr(winograd, '_DRIVER_MIN_BLOCKS', 1)
     calls = []
     driver = winograd._forward_compiled
     monkeypatch.setattr(winograd, '_forward_compiled', lambda *a: calls.append(1) or driver(*a))
@@ -277,6 +278,7 @@ def test_blas_check_rejects_other_numbers_and_falls_back(monkeypatch):
     assert not winograd._blas_matches(OffByOne, plan, 8, 16, {25})
     assert winograd._blas_checked == {('f2', 8, 16, 24): True, ('f2', 8, 16, 25): False}
     monkeypatch.setattr(winograd, '_blas_checked', {})
+    monkeypatch.setattr(winograd, '_DRIVER_MIN_BLOCKS', 1)
     monkeypatch.setattr(blas, 'sgemm_symbol', lambda: None)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(1, 8, 10, 50, generator=gen).contiguous(memory_format=torch.channels_last)

@@ -174,7 +174,8 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     if nchw_in or nchw_out:
         transposes = _transposes()
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
-    if channels_last and kernels is not None and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq}):
+    if (channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
+            and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq})):
         _forward_compiled(kernels, xs, ys, conv, relu, rows, nr, nq)
         return out
     items = [(b, r0, min(rows, nr - r0)) for b in range(n) for r0 in range(0, nr, rows)]
@@ -349,6 +350,9 @@ def _zeros(n: int) -> torch.Tensor:
 
 _USE_POOL = True  # blocks on the worker pool when PyTorch has more than one thread (else: multithreaded GEMMs)
 _BLOCK_TILES = 128  # tiles per block (rounded to whole tile rows): the block's transformed tiles stay in L2
+# fewest blocks for the compiled driver: it saves ~50 us of Python a block, and compiling it for a new variant and
+# channel counts takes a few seconds (once per machine: numba's cache)
+_DRIVER_MIN_BLOCKS = 16
 
 
 # ---- compiled tile transforms (numba) ------------------------------------------------------------------------------
