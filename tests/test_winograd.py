@@ -1,4 +1,6 @@
 """adasr.ops.winograd: Winograd 3x3 convolution against F.conv2d in float64 (both tile-transform engines)."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -294,3 +296,19 @@ def test_sgemm_params_layout():
     p = blas.sgemm_params(64, 240, 32, 64, 1024, 64)
     assert chr(p[0]) == 'N' and p[1:7].tolist() == [64, 240, 32, 64, 1024, 64]
     assert p[7:].view(np.float32).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize('driver', [False, True])
+def test_buffers_made_under_inference_mode_serve_later_calls(monkeypatch, engine, driver):
+    """The per-thread block buffers, first made inside ``torch.inference_mode()``, are normal tensors: a later call
+    under ``no_grad`` writes them in place (an inference tensor would raise) and gives the same numbers."""
+    monkeypatch.setattr(winograd, '_local', threading.local())
+    monkeypatch.setattr(winograd, '_DRIVER_MIN_BLOCKS', 1 if driver else 10 ** 9)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 8, 24, 30, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(16, 8, 3, 3, generator=gen) / 8
+    with torch.inference_mode():
+        first = winograd.winograd_conv3x3(x, weight, None, variant='f2')
+    with torch.no_grad():
+        again = winograd.winograd_conv3x3(x, weight, None, variant='f2')
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

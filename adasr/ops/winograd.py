@@ -287,15 +287,18 @@ def _compiled_buffers(rows: int, nq: int, m: int, c: int, co: int):
 
 
 def _buffers(rows: int, nq: int, m: int, c: int, co: int) -> Dict[str, torch.Tensor]:
-    """This thread's block buffers (kept between calls: a fresh large buffer costs its page faults each time)."""
+    """This thread's block buffers (kept between calls: a fresh large buffer costs its page faults each time).
+    Normal tensors even when first made under ``torch.inference_mode()`` (an inference tensor could not be written
+    in place by a later call outside it)."""
     key = (rows, nq, m, c, co)
     cache = getattr(_local, 'buffers', None)
     if cache is None or cache[0] != key:
         a, t = m + 2, rows * nq
-        strip = torch.empty(rows * m + 2, nq * m + 2, c)
-        strip[:, 0].zero_()
-        cache = (key, {'in': strip, 'out': torch.empty(rows * m, nq * m, co), 'v': torch.empty(t, a * a, c),
-                       'prod': torch.empty(a * a * t * co)})
+        with torch.inference_mode(False):
+            strip = torch.empty(rows * m + 2, nq * m + 2, c)
+            strip[:, 0].zero_()
+            cache = (key, {'in': strip, 'out': torch.empty(rows * m, nq * m, co), 'v': torch.empty(t, a * a, c),
+                           'prod': torch.empty(a * a * t * co)})
         _local.buffers = cache
     return cache[1]
 
