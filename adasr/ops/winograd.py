@@ -39,10 +39,11 @@ unrolled with constant coefficients, vectorised over the channels), specialised 
 numba there (:mod:`adasr.ops.codegen`): some seconds to compile the first time, a fraction of a second after.
 Without numba, the transforms are PyTorch matrix products (slower; see docs/winograd.md). The image runs in blocks
 of whole tile rows, through buffers each thread keeps (a few MB); with more than one PyTorch thread the blocks run
-on the worker pool of :mod:`adasr.ops.scheduling` (option ``threads``). For channels-last tensors a compiled driver
-runs the blocks (input strip, transforms, and the products by the BLAS routine that ``torch.bmm`` calls, reached
-through :mod:`adasr.ops.blas`) without returning to Python between them: the same numbers, checked once per
-process and shape against ``torch.bmm`` (any difference, or no exported routine, means the Python block loop).
+on the worker pool of :mod:`adasr.ops.scheduling` (option ``threads``). For channels-last tensors of
+:data:`_DRIVER_MIN_BLOCKS` blocks or more a compiled driver runs them (strip, transforms, and the products by the
+BLAS routine that ``torch.bmm`` calls, reached through :mod:`adasr.ops.blas`) without returning to Python between
+them: the same numbers, checked once per process and shape against ``torch.bmm`` (any difference, or no exported
+routine, means the Python block loop).
 
 Numerics: Winograd's transforms add rounding error (growing with m, and depending on the points); the float32
 transformed weights are rounded once from float64. ``tests/test_winograd.py`` and ``scripts/benchmark_conv.py``
