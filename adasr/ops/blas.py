@@ -1,9 +1,9 @@
 """The BLAS behind PyTorch's CPU matrix products, callable from compiled (numba) kernels.
 
-PyTorch's x86 builds link Intel MKL into ``libtorch_cpu`` and export its Fortran ``sgemm_``; ``torch.bmm`` and
-``torch.mm`` of float32 CPU tensors compute with it. A numba kernel that calls the same routine on the same operands
-gets the same numbers, without returning to Python between the products of a loop (the Winograd convolution's
-per-block products: :mod:`adasr.ops.winograd`).
+PyTorch's x86 builds link Intel MKL into ``libtorch_cpu`` and export its Fortran ``sgemm_``, which ``torch.bmm``
+of float32 CPU tensors reaches (the Winograd products gave the same numbers bit for bit through both). A numba
+kernel that calls the routine on the same operands gets those numbers without returning to Python between the
+products of a loop (the Winograd convolution's per-block products: :mod:`adasr.ops.winograd`).
 
 :func:`sgemm_symbol` registers the routine with LLVM under :data:`SGEMM_SYMBOL` and returns that name (None where
 this PyTorch exports no ``sgemm_``: another BLAS, another platform). Generated kernels declare it with
