@@ -20,9 +20,13 @@ Sections (per thread count):
 * Halting that is real: AdaFormer's exact path with its estimator biased so that a target share of tokens halts per
   block (--halted; benchmarks/halting_rates.py), latency against the shares reached.
 
+``--device cuda`` runs the same sections on a GPU (reduced precision by autocast where the GPU supports it; the
+rows of the CPU convolution engines, conv3x3 direct and winograd, are left out: CUDA convolutions are cuDNN's).
+
 Examples:
     python scripts/speed_report.py --threads 1 2            # the docs' tables (several minutes per thread count)
     python scripts/speed_report.py --quick                  # tiny sizes, one run each, in-process (for tests)
+    python scripts/speed_report.py --device cuda --size 1920x1080 --halted   # 8K output on a GPU
 """
 import argparse
 import os.path as osp
@@ -86,6 +90,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--out', default=None, help='also write the report (Markdown) to this file')
     parser.add_argument('--no-malloc-env', action='store_true', help="keep glibc's default malloc settings")
     parser.add_argument('--timeout', type=float, default=None, help='seconds per configuration')
+    parser.add_argument('--device', default='cpu', help="'cpu' (default) or a CUDA device ('cuda', 'cuda:1')")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.pft_size, args.repeats, args.warmup = '32x24', '24x24', 1, 0
@@ -102,8 +107,14 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     try:
         size, pft_size = parse_size(args.size), parse_size(args.pft_size)
-    except BenchmarkError as e:
+        device = torch.device(args.device)
+    except (BenchmarkError, RuntimeError) as e:
         raise SystemExit(f'error: {e}') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise SystemExit(f'error: --device {args.device}: the report runs on cpu or cuda')
+    cuda = device.type == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f'error: --device {args.device} but torch sees no CUDA device')
     image = args.image if osp.isabs(args.image) else osp.join(REPO, args.image)
     if not osp.isfile(image):
         raise SystemExit(f'error: image not found: {args.image}')
@@ -114,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     reduced, refused = [], []
     for p in args.precisions:
         try:
-            resolve_precision(p, 'cpu')
+            resolve_precision(p, device)
             reduced.append(p)
         except PrecisionError as e:
             refused.append(f'{p}: {e}')
@@ -122,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     def run(label, spec, sz, threads, **kw) -> Dict[str, Any]:
         print(f'  [{threads or "default"} threads] {label} ...', file=sys.stderr, flush=True)
         kwargs = dict(spec=spec, image=image, size=sz, repeats=args.repeats, warmup=args.warmup, threads=threads,
-                      **kw)
+                      device=args.device, **kw)
         if args.quick:
             saved = torch.get_num_threads()
             try:
@@ -140,6 +151,8 @@ def main(argv: Optional[List[str]] = None) -> None:
              f'- load average at start (1, 5, 15 min): {env.get("loadavg", "?")} (shared machine: other jobs run '
              f'alongside, so CPU seconds are the steadier figure)',
              f'- glibc malloc settings: {env["malloc_env"] or "defaults"}',
+             '- device: ' + (f'{torch.cuda.get_device_name(device)} ({args.device}), CUDA {torch.version.cuda}; '
+                              'times include a synchronisation after each call' if cuda else 'cpu'),
              f'- input: centre of {args.image}, mirrored to size; seeded random weights (no checkpoint in the option '
              f'files); median of {args.repeats} after {args.warmup} warm-up; '
              + ('in-process (--quick)' if args.quick else 'each configuration in a fresh process')]
@@ -148,18 +161,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     (h, w), (ph, pw) = size, pft_size
     for threads in args.threads:
         tlabel = f'{threads} thread{"s" if threads != 1 else ""}' if threads else f'{torch.get_num_threads()} threads'
+        if cuda:
+            tlabel = f'{args.device}, {tlabel} on the host'
         ada, swin = specs['AdaFormer'], specs['SwinIR-light']
         exact = run('AdaFormer exact fp32', ada, size, threads)
         rows = [('AdaFormer, exact path (sparse_eval), fp32', exact)]
         direct_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='direct'))
-        rows.append(("AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct)",
-                     run('AdaFormer direct', direct_spec, size, threads)))
+        if not cuda:  # (the CPU convolution engines: on CUDA every convolution is cuDNN's)
+            rows.append(("AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct)",
+                         run('AdaFormer direct', direct_spec, size, threads)))
         for p in reduced:
             rows.append((f'AdaFormer, exact path, {p} (autocast)', run(f'AdaFormer {p}', ada, size, threads,
                                                                            precision=p)))
         wino_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='winograd'))
-        rows.append(('AdaFormer, exact path, fp32, Winograd convolutions (conv3x3=winograd)',
-                     run('AdaFormer winograd', wino_spec, size, threads)))
+        if not cuda:
+            rows.append(('AdaFormer, exact path, fp32, Winograd convolutions (conv3x3=winograd)',
+                         run('AdaFormer winograd', wino_spec, size, threads)))
         dense_spec = dict(ada, network_g=dict(ada['network_g'], sparse_eval=False))
         rows.append(('AdaFormer, dense mode (sparse_eval=False), fp32', run('AdaFormer dense', dense_spec, size,
                                                                              threads)))

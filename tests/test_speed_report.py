@@ -104,3 +104,32 @@ def test_speed_report_quick_end_to_end(tmp_path):
 
     assert ('| AdaFormer, exact path, bf16 (autocast) |' in md) == cpu_bf16_support()[0]
     assert 'refused precisions: fp16: fp16 on the CPU is not supported' in md
+
+
+def test_speed_report_refuses_a_device_it_cannot_use():
+    """--device names the device before any work: not cpu/cuda, or CUDA where torch sees none, is a clear error."""
+    report = _script('speed_report')
+    with pytest.raises(SystemExit, match='runs on cpu or cuda'):
+        report.main(['--quick', '--device', 'xpu'])
+    with pytest.raises(SystemExit, match='error: .*tpu'):
+        report.main(['--quick', '--device', 'tpu'])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='torch sees no CUDA device'):
+            report.main(['--quick', '--device', 'cuda'])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_speed_report_quick_on_cuda(tmp_path):
+    """The report's sections on a GPU: fp16 (and bf16 where supported) by autocast, no CPU convolution-engine rows."""
+    out = tmp_path / 'speed.md'
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'scripts', 'speed_report.py'), '--quick', '--device', 'cuda',
+                           '--halted', '0', '1', '--out', str(out)],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    md = out.read_text()
+    for needle in ('- device: ', '(cuda), CUDA ', '| AdaFormer, exact path (sparse_eval), fp32 |',
+                   '| AdaFormer, exact path, fp16 (autocast) |', '| SwinIR-light, fp32 |', '| PFT-light, fp32 |'):
+        assert needle in md, needle
+    assert 'conv3x3=direct' not in md and 'conv3x3=winograd' not in md
