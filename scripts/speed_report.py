@@ -26,7 +26,7 @@ rows of the CPU convolution engines, conv3x3 direct and winograd, are left out: 
 Examples:
     python scripts/speed_report.py --threads 1 2            # the docs' tables (several minutes per thread count)
     python scripts/speed_report.py --quick                  # tiny sizes, one run each, in-process (for tests)
-    python scripts/speed_report.py --device cuda --size 1920x1080 --halted   # 8K output on a GPU
+    python scripts/speed_report.py --device cuda --size 1920x1080 --halted 0 0.5 1   # 8K output on a GPU
 """
 import argparse
 import os.path as osp
