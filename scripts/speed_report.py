@@ -166,15 +166,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         ada, swin = specs['AdaFormer'], specs['SwinIR-light']
         exact = run('AdaFormer exact fp32', ada, size, threads)
         rows = [('AdaFormer, exact path (sparse_eval), fp32', exact)]
-        direct_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='direct'))
         if not cuda:  # (the CPU convolution engines: on CUDA every convolution is cuDNN's)
+            direct_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='direct'))
             rows.append(("AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct)",
                          run('AdaFormer direct', direct_spec, size, threads)))
         for p in reduced:
             rows.append((f'AdaFormer, exact path, {p} (autocast)', run(f'AdaFormer {p}', ada, size, threads,
                                                                            precision=p)))
-        wino_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='winograd'))
         if not cuda:
+            wino_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='winograd'))
             rows.append(('AdaFormer, exact path, fp32, Winograd convolutions (conv3x3=winograd)',
                          run('AdaFormer winograd', wino_spec, size, threads)))
         dense_spec = dict(ada, network_g=dict(ada['network_g'], sparse_eval=False))

@@ -253,22 +253,25 @@ def _blas_matches(kernels, plan: '_Plan', c: int, co: int, tiles) -> bool:
     """True when the compiled kernels' products by BLAS (:func:`adasr.ops.blas.sgemm_symbol`) give ``torch.bmm``'s
     numbers bit for bit for blocks of each of ``tiles`` tiles (0: none); checked once per process and shape on random
     operands. False without the symbol or on any difference: the Python block loop runs (``torch.bmm``)."""
-    ok = True
-    for t in tiles:
-        key = (plan.name, c, co, t)
-        if t and key not in _blas_checked:
-            a2 = (plan.m + 2) ** 2
-            same = False
+    a2 = (plan.m + 2) ** 2
+    keys = [(plan.name, c, co, t) for t in tiles if t]
+    for key in keys:
+        if key not in _blas_checked:
+            t, same = key[3], False
             if blas.sgemm_symbol() is not None:
                 g = torch.Generator().manual_seed(t)
                 v, u = torch.randn(t, a2, c, generator=g), torch.randn(a2, c, co, generator=g)
                 prod = torch.empty(a2, t, co)
-                kernels.gemms(v.numpy().reshape(t, -1), u.numpy(), prod.numpy(), t,
-                              blas.sgemm_params(co, t, c, co, a2 * c, co))
+                kernels.gemms(v.numpy().reshape(t, -1), u.numpy(), prod.numpy(), t, _gemm_params(a2, c, co))
                 same = torch.equal(prod, torch.bmm(v.transpose(0, 1), u))
             _blas_checked[key] = same
-        ok = ok and (not t or _blas_checked[key])
-    return ok
+    return all(_blas_checked[key] for key in keys)
+
+
+def _gemm_params(a2: int, c: int, co: int):
+    """The BLAS arguments of a block's products (``gemms``: (Co x t) = u[p]^T (Co x C) @ v[:, p]^T (C x t),
+    column-major, v's rows ``a2`` C apart); ``gemms`` sets t."""
+    return blas.sgemm_params(co, 0, c, co, a2 * c, co)
 
 
 _local = threading.local()
@@ -279,10 +282,9 @@ def _compiled_buffers(rows: int, nq: int, m: int, c: int, co: int):
     buf = _buffers(rows, nq, m, c, co)
     views = buf.get('numpy')
     if views is None:
-        a2 = (m + 2) ** 2
         views = (buf['in'].numpy().reshape(buf['in'].shape[0], -1), buf['v'].numpy().reshape(buf['v'].shape[0], -1),
                  buf['prod'].numpy(), buf['out'].numpy().reshape(buf['out'].shape[0], -1),
-                 blas.sgemm_params(co, 0, c, co, a2 * c, co))
+                 _gemm_params((m + 2) ** 2, c, co))
         buf['numpy'] = views
     return views
 
