@@ -122,6 +122,30 @@ def test_map_after_the_last_block_is_computed_only_when_read(paper_net, monkeypa
     assert torch.equal(info.logits[5][done], full.logits[5][done])
 
 
+def test_map_after_the_last_block_under_autocast_read_outside_it(paper_net):
+    """A forward under bf16 autocast (adasr-upscale --precision bf16, the precision report) whose halting record is
+    read after the autocast region: the deferred map after the last block is computed under the call's autocast
+    (it raised a dtype mismatch before), with the numbers of the complete computation under autocast."""
+    x = FIX.guard_input((1, 3, 40, 48), 6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        full_sr, full = _run(paper_net, x, 2.5, 0.3, complete=True)
+    paper_net.eps_h = 0.3
+    try:
+        with torch.no_grad():
+            paper_net.body.var[2].bias.add_(2.5)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                sr = paper_net(x)
+            info = paper_net.last_halting  # read outside the autocast region
+    finally:
+        with torch.no_grad():
+            paper_net.body.var[2].bias.sub_(2.5)
+        paper_net.eps_h = 0.05
+    assert len(info.logits) == 6 and torch.equal(sr, full_sr)
+    assert torch.equal(info.global_keep[-1], full.global_keep[-1])
+    done = info.estimated(5)
+    assert torch.equal(info.logits[5][done], full.logits[5][done])
+
+
 def test_winograd_convolutions_keep_sr_close_and_masks(paper_net, monkeypatch):
     """conv3x3='winograd' (encoder/decoder chains and tail by Winograd F(4x4, 3x3)): SR within float32 noise of the
     direct convolutions, the same halting masks. The default 'auto' runs only the decoder and the tail by Winograd

@@ -229,6 +229,33 @@ def test_val_precision_in_yaml_testing(tmp_path):
         assert _psnr(outs['bf16'], outs['fp32']) > 35
 
 
+@needs_cpu_bf16
+def test_val_precision_bf16_adaformer_halting_record(tmp_path):
+    """AdaFormerModel.test() with val.precision bf16 reads the halting record after the autocast region, which
+    computes the deferred map after the last block then (it raised a dtype mismatch): the test runs, its statistics
+    count every block, and the maps match those the same bf16 forward gives with every map computed in it."""
+    from basicsr.models import build_model
+
+    from adasr.archs.interface import halting_record
+
+    opt = {'name': 'p', 'model_type': 'AdaFormerModel', 'scale': 4, 'num_gpu': 0, 'is_train': False, 'dist': False,
+           'rank': 0, 'world_size': 1, 'network_g': dict(TINY['AdaFormer']),
+           'path': {'pretrain_network_g': None, 'results_root': str(tmp_path), 'visualization': str(tmp_path)},
+           'val': {'precision': 'bf16', 'save_img': False}}
+    torch.manual_seed(0)
+    model = build_model(opt)
+    model.feed_data({'lq': _photo_tensor(40, 48)})
+    model.test()
+    info = halting_record(model.net_g)
+    assert model.output.dtype == torch.float32 and len(info.logits) == TINY['AdaFormer']['depths']
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model.net_g.complete_halting_maps = True
+        model.net_g(model.lq)
+        full = halting_record(model.net_g)
+    for a, b in zip(info.global_keep + info.local_keep, full.global_keep + full.local_keep):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------- benchmark
 
 

@@ -14,6 +14,7 @@ What differs from the authors' code (their batch-1 results on their supported in
   repeats the kept-token list cyclically when fewer tokens remain than the padding needs (theirs crashes).
 * Eval computes the attention only for kept windows and tokens, vectorised over windows and chunks.
 """
+import contextlib
 import math
 from typing import Dict, Literal, Optional, Sequence, Tuple, Union
 
@@ -485,7 +486,7 @@ class AdaM(nn.Module):
         ``skip_dead`` (sparse eval): the estimator runs only on the windows that can still change a decision
         (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete. The map made after the
         last block decides nothing: it is not computed; the returned ``pending`` (else None) computes it, the same
-        numbers, when the halting record is read (:meth:`last_map`)."""
+        numbers, when the halting record is read (:meth:`last_map`), under this call's autocast state."""
         b, _, hp, wp = fe.shape
         t = self.embed(fe)
         t = nchw_to_tokens(t)  # b, n, c (register-tile transposes; a channels-last map is this layout already)
@@ -497,7 +498,10 @@ class AdaM(nn.Module):
         for i, blk in enumerate(self.blocks):
             t = blk(t, (hp, wp), keep_tok, keep_win, split)
             if skip_dead and i == len(self.blocks) - 1:
-                pending = (t, score, live, threshold)  # the tokens are not written after the last block
+                # the tokens are not written after the last block; the record may be read outside this autocast
+                dev = t.device.type
+                amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+                pending = (t, score, live, threshold, amp)
                 break
             logit = self.estimate(t, (hp, wp), live)
             complete.append(live is None)
@@ -517,10 +521,10 @@ class AdaM(nn.Module):
 
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
-        complete), computed as the loop of :meth:`forward` would have (no autograd)."""
-        t, score, live, threshold = pending
+        complete), computed as the loop of :meth:`forward` would have (no autograd; autocast as that call had it)."""
+        t, score, live, threshold, amp = pending
         hp, wp = score.shape[-2:]
-        with torch.no_grad():
+        with torch.no_grad(), (contextlib.nullcontext() if amp is None else torch.autocast(t.device.type, dtype=amp)):
             logit = self.estimate(t, (hp, wp), live)
             score = score + torch.sigmoid(logit)
             return (logit, score < threshold, F.avg_pool2d(score, self.window_size) < threshold, live is None)
