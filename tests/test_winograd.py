@@ -312,3 +312,23 @@ def test_buffers_made_under_inference_mode_serve_later_calls(monkeypatch, engine
     with torch.no_grad():
         again = winograd.winograd_conv3x3(x, weight, None, variant='f2')
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not winograd.numba_available(), reason='numba is not installed')
+def test_nchw_strip_copies_are_compiled_by_codegen(monkeypatch):
+    """The NCHW <-> channels-last strip copies go through codegen.compile_function (its read-only-install fallback)
+    and give the channels-last path's numbers bit for bit (copies)."""
+    from adasr.ops import codegen
+
+    compiled = []
+    real = codegen.compile_function
+    monkeypatch.setattr(codegen, 'compile_function', lambda fn, **kw: compiled.append(fn.__name__) or real(fn, **kw))
+    monkeypatch.delitem(winograd._numba_state, 'transposes', raising=False)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, C, 11, 21, generator=gen)
+    weight, bias = torch.randn(CO, C, 3, 3, generator=gen) / 6, torch.randn(CO, generator=gen)
+    with torch.no_grad():
+        y = winograd.winograd_conv3x3(x, weight, bias)
+        y_cl = winograd.winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), weight, bias)
+    assert sorted(compiled) == ['_planes_to_rows', '_rows_to_planes']
+    assert y.is_contiguous() and torch.equal(y, y_cl)

@@ -55,6 +55,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -498,54 +499,52 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
     return '\n'.join(src) + '\n'
 
 
+def _planes_to_rows(x, lo, hi, strip, y0):
+    """strip[y - y0, 1 + j, c] = x[c, y, j] for lo <= y < hi (numba: compiled by :func:`_transposes`)."""
+    nc, _, w = x.shape
+    tmp = np.empty((16, 16), np.float32)  # 16 x 16 blocks: contiguous reads and writes of 16 floats
+    for y in range(lo, hi):
+        row = strip[y - y0]
+        for c0 in range(0, nc, 16):
+            c1 = min(c0 + 16, nc)
+            for j0 in range(0, w, 16):
+                j1 = min(j0 + 16, w)
+                for c in range(c0, c1):
+                    src, t = x[c, y, j0:j1], tmp[:, c - c0]
+                    for j in range(j1 - j0):
+                        t[j] = src[j]
+                for j in range(j1 - j0):
+                    dst, t = row[j0 + j + 1, c0:c1], tmp[j]
+                    for c in range(c1 - c0):
+                        dst[c] = t[c]
+
+
+def _rows_to_planes(strip, rows, out, y0):
+    """out[c, y0 + r, j] = strip[r, j, c] for r < rows, j < W (numba: compiled by :func:`_transposes`)."""
+    nc, _, w = out.shape
+    tmp = np.empty((16, 16), np.float32)
+    for r in range(rows):
+        row = strip[r]
+        for c0 in range(0, nc, 16):
+            c1 = min(c0 + 16, nc)
+            for j0 in range(0, w, 16):
+                j1 = min(j0 + 16, w)
+                for j in range(j1 - j0):
+                    src, t = row[j0 + j, c0:c1], tmp[:, j]
+                    for c in range(c1 - c0):
+                        t[c] = src[c]
+                for c in range(c1 - c0):
+                    dst, t = out[c0 + c, y0 + r, j0:j1], tmp[c]
+                    for j in range(j1 - j0):
+                        dst[j] = t[j]
+
+
 def _transposes():
-    """Compiled NCHW <-> channels-last strip copies (numba; compiled once, cached next to this file)."""
+    """Compiled NCHW <-> channels-last strip copies (:func:`adasr.ops.codegen.compile_function`: machine code cached
+    next to this file, compiled per process where that is not writable)."""
     if 'transposes' not in _numba_state:
-        import numba
-        import numpy as np
-
-        jit = numba.njit(nogil=True, cache=True)
-
-        @jit
-        def planes_to_rows(x, lo, hi, strip, y0):  # strip[y - y0, 1 + j, c] = x[c, y, j] for lo <= y < hi
-            nc, _, w = x.shape
-            tmp = np.empty((16, 16), np.float32)  # 16 x 16 blocks: contiguous reads and writes of 16 floats
-            for y in range(lo, hi):
-                row = strip[y - y0]
-                for c0 in range(0, nc, 16):
-                    c1 = min(c0 + 16, nc)
-                    for j0 in range(0, w, 16):
-                        j1 = min(j0 + 16, w)
-                        for c in range(c0, c1):
-                            src, t = x[c, y, j0:j1], tmp[:, c - c0]
-                            for j in range(j1 - j0):
-                                t[j] = src[j]
-                        for j in range(j1 - j0):
-                            dst, t = row[j0 + j + 1, c0:c1], tmp[j]
-                            for c in range(c1 - c0):
-                                dst[c] = t[c]
-
-        @jit
-        def rows_to_planes(strip, rows, out, y0):  # out[c, y0 + r, j] = strip[r, j, c] for r < rows, j < W
-            nc, _, w = out.shape
-            tmp = np.empty((16, 16), np.float32)
-            for r in range(rows):
-                row = strip[r]
-                for c0 in range(0, nc, 16):
-                    c1 = min(c0 + 16, nc)
-                    for j0 in range(0, w, 16):
-                        j1 = min(j0 + 16, w)
-                        for j in range(j1 - j0):
-                            src, t = row[j0 + j, c0:c1], tmp[:, j]
-                            for c in range(c1 - c0):
-                                t[c] = src[c]
-                        for c in range(c1 - c0):
-                            dst, t = out[c0 + c, y0 + r, j0:j1], tmp[c]
-                            for j in range(j1 - j0):
-                                dst[j] = t[j]
-
-        _numba_state['transposes'] = types.SimpleNamespace(planes_to_rows=planes_to_rows,
-                                                           rows_to_planes=rows_to_planes)
+        _numba_state['transposes'] = types.SimpleNamespace(planes_to_rows=codegen.compile_function(_planes_to_rows),
+                                                           rows_to_planes=codegen.compile_function(_rows_to_planes))
     return _numba_state['transposes']
 
 
