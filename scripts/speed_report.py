@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""One speed report: AdaFormer (exact path in fp32 and reduced precision, dense mode) against SwinIR-light, PFT-light
-against SwinIR-light, and AdaFormer's latency against the share of tokens halted per block, with the ISA, threads,
-load and malloc settings, in one run.
+"""One speed report: AdaFormer (exact path in fp32, reduced precision and fast convolutions, dense mode) against
+SwinIR-light, PFT-light against SwinIR-light, and AdaFormer's latency against the share of tokens halted per block,
+with the ISA, threads, load and malloc settings, in one run.
 
 Networks come from the benchmark's option files (options/test/test_{AdaFormer,SwinIR_light,PFT_light}_x4.yml) with
 seeded random weights where the file's checkpoint is absent (the same weights in every row of a model); the input is
@@ -14,7 +14,8 @@ Sections (per thread count):
   defaults: halting decisions the authors' bit for bit) fp32, the same with the authors' convolutions everywhere
   (conv3x3=direct: their SR bit for bit), each
   reduced precision the CPU runs (bf16 with avx512_bf16/AMX; refused elsewhere, with the reason), fp32 with the
-  opt-in Winograd convolutions (conv3x3=winograd), dense mode
+  opt-in Winograd convolutions (conv3x3=winograd; other rounding: scripts/precision_report.py counts its halting
+  flips), dense mode
   (sparse_eval=False: every token computed, then masked), SwinIR-light fp32; ratios.
 * PFT-light x4 against SwinIR-light x4 at --pft-size (default 256x256).
 * Halting that is real: AdaFormer's exact path with its estimator biased so that a target share of tokens halts per
@@ -171,11 +172,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows.append(("AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct)",
                          run('AdaFormer direct', direct_spec, size, threads)))
         for p in reduced:
-            rows.append((f'AdaFormer, exact path, {p} (autocast)', run(f'AdaFormer {p}', ada, size, threads,
-                                                                           precision=p)))
+            rows.append((f'AdaFormer, sparse_eval, {p} (autocast; other rounding)',
+                         run(f'AdaFormer {p}', ada, size, threads, precision=p)))
         if not cuda:
             wino_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='winograd'))
-            rows.append(('AdaFormer, exact path, fp32, Winograd convolutions (conv3x3=winograd)',
+            rows.append(('AdaFormer, sparse_eval, fp32, Winograd F(4x4) convolutions everywhere (conv3x3=winograd; '
+                          'other rounding)',
                          run('AdaFormer winograd', wino_spec, size, threads)))
         dense_spec = dict(ada, network_g=dict(ada['network_g'], sparse_eval=False))
         rows.append(('AdaFormer, dense mode (sparse_eval=False), fp32', run('AdaFormer dense', dense_spec, size,

@@ -84,6 +84,24 @@ def test_precision_report_fp32_against_itself_has_no_flips():
     assert halting_record(net).input_size == (32, 32)
 
 
+def test_precision_report_compares_the_winograd_convolutions():
+    """'conv3x3=winograd' runs the AdaFormer chains by Winograd for the call only (other rounding: SR differs, far
+    below a grey level) and leaves the reference fp32 call's method alone; a reduced precision name still works."""
+    pytest.importorskip('numba')
+    from adasr.ops import config
+
+    net = _tiny_adaformer()
+    calibrate_halting(net, read_rgb(PHOTO)[..., :32, :32], 0.5)
+    images = [read_rgb(PHOTO)[..., :24, :40]]
+    report = _script('precision_report')
+    res = report.compare(net, 4, 8, images, ['conv3x3=winograd'], 'cpu', adaptive=True)['conv3x3=winograd']
+    assert 60 < res['psnr'][0] < float('inf') and 0 < res['max_diff'] < 0.05
+    assert res['global'] == res['local'] == [0, 0, 0]
+    assert config.get_option('conv3x3') == 'auto'
+    with pytest.raises(Exception, match='fp16'):
+        report.configuration('fp16', 'cpu')
+
+
 @pytest.mark.slow
 def test_speed_report_quick_end_to_end(tmp_path):
     out = tmp_path / 'speed.md'
@@ -97,12 +115,14 @@ def test_speed_report_quick_end_to_end(tmp_path):
                    '## AdaFormer x4 at 32x24 LR, 1 thread', '| AdaFormer, exact path (sparse_eval), fp32 |',
                    '| AdaFormer, dense mode (sparse_eval=False), fp32 |', '| SwinIR-light, fp32 |',
                    "| AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct) |",
+                   '| AdaFormer, sparse_eval, fp32, Winograd F(4x4) convolutions everywhere (conv3x3=winograd; other '
+                   'rounding) |',
                    '## PFT-light x4 against SwinIR-light x4 at 24x24 LR', '| PFT-light, fp32 |',
                    '| 0% | -20.00 | 0 0 0 0 0 0 |', '| 100% | +20.00 | 0 100 100 100 100 100 |'):
         assert needle in md, needle
     from adasr.inference.precision import cpu_bf16_support
 
-    assert ('| AdaFormer, exact path, bf16 (autocast) |' in md) == cpu_bf16_support()[0]
+    assert ('| AdaFormer, sparse_eval, bf16 (autocast; other rounding) |' in md) == cpu_bf16_support()[0]
     assert 'refused precisions: fp16: fp16 on the CPU is not supported' in md
 
 
@@ -130,6 +150,17 @@ def test_speed_report_quick_on_cuda(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     md = out.read_text()
     for needle in ('- device: ', '(cuda), CUDA ', '| AdaFormer, exact path (sparse_eval), fp32 |',
-                   '| AdaFormer, exact path, fp16 (autocast) |', '| SwinIR-light, fp32 |', '| PFT-light, fp32 |'):
+                   '| AdaFormer, sparse_eval, fp16 (autocast; other rounding) |', '| SwinIR-light, fp32 |',
+                   '| PFT-light, fp32 |'):
         assert needle in md, needle
     assert 'conv3x3=direct' not in md and 'conv3x3=winograd' not in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA: the script would run its GPU steps')
+def test_gpu_checks_script_refuses_without_cuda(tmp_path):
+    """scripts/gpu_checks.sh, without a CUDA device: exit 2 with a message that says so, before any step (no output
+    folder made)."""
+    out = tmp_path / 'gpu'
+    proc = subprocess.run(['bash', osp.join(REPO, 'scripts', 'gpu_checks.sh'), str(out)],
+                          env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'no CUDA device' in proc.stderr and not out.exists()
