@@ -123,8 +123,8 @@ def test_map_after_the_last_block_is_computed_only_when_read(paper_net, monkeypa
 
 
 def test_map_after_the_last_block_under_autocast_read_outside_it(paper_net):
-    """A forward under bf16 autocast (adasr-upscale --precision bf16, the precision report) whose halting record is
-    read after the autocast region: the deferred map after the last block is computed under the call's autocast
+    """A forward under bf16 autocast (YAML testing with val.precision bf16, the precision report) whose halting record
+    is read after the autocast region: the deferred map after the last block is computed under the call's autocast
     (it raised a dtype mismatch before), with the numbers of the complete computation under autocast."""
     x = FIX.guard_input((1, 3, 40, 48), 6)
     with torch.autocast('cpu', dtype=torch.bfloat16):
