@@ -56,7 +56,7 @@ def configuration(name: str, device) -> Callable:
     return wrap
 
 
-def compare(net, scale: int, window: int, images: List, precisions: List[str], device,
+def compare(net, scale: int, window: int, images: List, configs: List[str], device,
             adaptive: bool) -> Dict[str, Dict]:
     """Per configuration (:func:`configuration`): PSNR per photo against fp32, max grey-level difference and
     (adaptive) flips per block."""
@@ -66,13 +66,13 @@ def compare(net, scale: int, window: int, images: List, precisions: List[str], d
     from adasr.inference.tile import padded_forward
 
     fn = padded_forward(net, scale, window)
-    out = {p: {'psnr': [], 'max_diff': 0.0, 'global': None, 'local': None, 'tokens': 0} for p in precisions}
+    out = {p: {'psnr': [], 'max_diff': 0.0, 'global': None, 'local': None, 'tokens': 0} for p in configs}
     for x in images:
         x = x.to(device)
         with torch.no_grad():
             ref = fn(x)
             ref_keep = _keep(halting_record(net)) if adaptive else None
-            for p in precisions:
+            for p in configs:
                 y = configuration(p, device)(fn)(x)
                 r = out[p]
                 r['psnr'].append(_psnr(y, ref))

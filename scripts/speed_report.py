@@ -55,6 +55,11 @@ def _specs() -> Dict[str, Dict[str, Any]]:
     return specs
 
 
+def _net_variant(spec: Dict[str, Any], **network_g) -> Dict[str, Any]:
+    """``spec`` with these ``network_g`` options changed."""
+    return dict(spec, network_g=dict(spec['network_g'], **network_g))
+
+
 def _fmt_shares(values: List[float]) -> str:
     return ' '.join(f'{100 * v:.0f}' for v in values)
 
@@ -168,20 +173,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         exact = run('AdaFormer exact fp32', ada, size, threads)
         rows = [('AdaFormer, exact path (sparse_eval), fp32', exact)]
         if not cuda:  # (the CPU convolution engines: on CUDA every convolution is cuDNN's)
-            direct_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='direct'))
             rows.append(("AdaFormer, exact path, fp32, the authors' convolutions bit for bit (conv3x3=direct)",
-                         run('AdaFormer direct', direct_spec, size, threads)))
+                         run('AdaFormer direct', _net_variant(ada, conv3x3='direct'), size, threads)))
         for p in reduced:
             rows.append((f'AdaFormer, sparse_eval, {p} (autocast; other rounding)',
                          run(f'AdaFormer {p}', ada, size, threads, precision=p)))
         if not cuda:
-            wino_spec = dict(ada, network_g=dict(ada['network_g'], conv3x3='winograd'))
             rows.append(('AdaFormer, sparse_eval, fp32, Winograd F(4x4) convolutions everywhere (conv3x3=winograd; '
                           'other rounding)',
-                         run('AdaFormer winograd', wino_spec, size, threads)))
-        dense_spec = dict(ada, network_g=dict(ada['network_g'], sparse_eval=False))
-        rows.append(('AdaFormer, dense mode (sparse_eval=False), fp32', run('AdaFormer dense', dense_spec, size,
-                                                                             threads)))
+                         run('AdaFormer winograd', _net_variant(ada, conv3x3='winograd'), size, threads)))
+        rows.append(('AdaFormer, dense mode (sparse_eval=False), fp32',
+                     run('AdaFormer dense', _net_variant(ada, sparse_eval=False), size, threads)))
         swin_r = run('SwinIR-light', swin, size, threads)
         rows.append(('SwinIR-light, fp32', swin_r))
         lines += ['', f'## AdaFormer x4 at {w}x{h} LR, {tlabel}', '',
