@@ -160,8 +160,8 @@ def test_winograd_convolutions_keep_sr_close_and_masks(paper_net, monkeypatch):
     assert paper_net.conv3x3 is None and paper_net._conv_methods() == ('direct', 'f2')
     variants = []
     real = winograd._forward
-    monkeypatch.setattr(winograd, '_forward', lambda x, conv, relu: variants.append(conv.variant) or
-                        real(x, conv, relu))
+    monkeypatch.setattr(winograd, '_forward', lambda x, conv, relu, *rest: variants.append(conv.variant) or
+                        real(x, conv, relu, *rest))
     auto_sr, auto = _run(paper_net, x, 2.5, 0.3, complete=True)
     assert variants == ['f2'] * 17  # the decoder's 16 convolutions and the tail's
     try:

@@ -1,4 +1,5 @@
-"""adasr.ops.narrow_conv: a 3x3 convolution to one output channel with oneDNN's numbers, bit for bit."""
+"""adasr.ops.narrow_conv: a 3x3 convolution to one output channel with oneDNN's numbers, and 1x1 convolutions of a
+few channels with PyTorch's, bit for bit."""
 import os
 import os.path as osp
 import subprocess
@@ -128,6 +129,11 @@ with torch.no_grad():
     for shape, pad in (((1, 32, 37, 45), 1), ((4, 32, 10, 10), 0)):
         x, w, b = torch.randn(*shape).tanh(), torch.randn(1, 32, 3, 3), torch.randn(1)
         assert torch.equal(narrow_conv.conv3x3_to_one(x, w, b, pad), F.conv2d(x, w, b, 1, pad)), shape
+    x = torch.rand(1, 3, 70, 400) * 255
+    w1, b1 = torch.eye(3).view(3, 3, 1, 1) + 0.02 * torch.randn(3, 3, 1, 1), torch.randn(3) * 100
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert torch.equal(narrow_conv.conv1x1_narrow(x, w1, b1), F.conv2d(x, w1, b1)), threads
 print('equal', narrow_conv.summation_order(32))
 """
 
@@ -143,3 +149,81 @@ def test_oneDNN_limited_to_avx2_gives_its_avx2_order(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith('equal'), proc.stderr[-2000:]
     if narrow_conv._kernel() is not None:
         assert proc.stdout.split(None, 1)[1].strip() in ('(8, True)', 'None'), proc.stdout
+
+
+# ---- 1x1 convolutions of a few channels ---------------------------------------------------------------------------
+
+
+def _mean_shift_case(shape, seed=0):
+    """A drifted MeanShift (identity plus noise, as trained checkpoints hold) and a 0..255 image with edge values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(*shape, generator=gen) * 600 - 300
+    x.view(-1)[:8] = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1e-7, 114.444])
+    w = torch.eye(shape[1]).view(shape[1], shape[1], 1, 1) + 0.02 * torch.randn(shape[1], shape[1], 1, 1, generator=gen)
+    return x, w, torch.randn(shape[1], generator=gen) * 100
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('shape', [(1, 3, 272, 480), (1, 3, 5, 7), (2, 3, 64, 64), (20, 3, 9, 9), (1, 2, 40, 700)])
+def test_narrow_1x1_gives_pytorchs_numbers(threads, shape):
+    """The compiled 1x1 sums give F.conv2d's numbers bit for bit (as int32 patterns, signed zeros and tiny values
+    included) on both sides of PyTorch's dispatch (its GEMM on one thread, oneDNN from two threads up or for batches
+    of 16), with and without a bias; where numba runs, the GEMM's order is rounded products and oneDNN's fused
+    multiply-adds."""
+    x, w, b = _mean_shift_case(shape)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for bias in (b, None):
+                got, want = narrow_conv.conv1x1_narrow(x, w, bias), F.conv2d(x, w, bias)
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        fused = narrow_conv.mix_order(shape[1], shape[1], shape)
+        if narrow_conv._mix_kernel(True) is not None and torch.backends.cpu.get_cpu_capability() == 'AVX512':
+            assert fused is narrow_conv.pytorch_1x1_uses_onednn(shape)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_narrow_1x1_is_the_path_taken_and_other_cases_are_pytorchs(monkeypatch):
+    """The kernel runs (F.conv2d not called) for a float32 CPU map without autograd; with autograd, wide channels,
+    another dtype or kernel size it is F.conv2d; an order that matches nowhere (a reference one ulp off) means
+    F.conv2d."""
+    x, w, b = _mean_shift_case((1, 3, 50, 60))
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(narrow_conv.F, 'conv2d', lambda *a, **k: calls.append(1) or real(*a, **k))
+    if narrow_conv.mix_order(3, 3, x.shape) is None:
+        pytest.skip('no compiled order here (numba missing or another BLAS/oneDNN)')
+    with torch.no_grad():
+        narrow_conv.conv1x1_narrow(x, w, b)
+        assert not calls
+        narrow_conv.conv1x1_narrow(torch.rand(1, 8, 9, 9), torch.rand(8, 8, 1, 1))
+        narrow_conv.conv1x1_narrow(x.double(), w.double(), b.double())
+        assert len(calls) == 2
+    y = narrow_conv.conv1x1_narrow(x, w.clone().requires_grad_(), b)
+    assert y.grad_fn is not None and len(calls) == 3
+
+    def off_by_an_ulp(*args, **kwargs):
+        y = real(*args, **kwargs)
+        return torch.nextafter(y, torch.full_like(y, np.inf))
+
+    monkeypatch.setattr(narrow_conv.F, 'conv2d', off_by_an_ulp)
+    assert narrow_conv._find_mix_order(3, 3, False, False) is None
+
+
+def test_mean_shift_runs_the_narrow_1x1(monkeypatch):
+    """AdaFormer's MeanShift convolutions at CPU float32 inference go through conv1x1_narrow (same numbers as the
+    module's convolution); under autocast they are the module's bf16 convolution."""
+    from adasr.archs.adaformer_arch import MeanShift
+    shift = MeanShift(3, (0.4488, 0.4371, 0.4040), 255.0, 1)
+    with torch.no_grad():
+        shift.weight.add_(0.01)
+    x = torch.rand(1, 3, 40, 50) * 255
+    calls = []
+    real = narrow_conv.conv1x1_narrow
+    monkeypatch.setattr(narrow_conv, 'conv1x1_narrow', lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        assert torch.equal(shift(x), F.conv2d(x, shift.weight, shift.bias)) and calls == [1]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert shift(x).dtype == torch.bfloat16 and calls == [1]

@@ -247,6 +247,7 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
     driver = winograd._forward_compiled
     monkeypatch.setattr(winograd, '_forward_compiled', lambda *a: calls.append(1) or driver(*a))
     threads = torch.get_num_threads()
+    r = torch.randn(n, co, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
     try:
         with torch.no_grad():
             for relu in (False, True):
@@ -256,9 +257,16 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
                     y = conv(x, relu)
                     assert y.is_contiguous(memory_format=torch.channels_last)
                     torch.testing.assert_close(y, ref, rtol=0, atol=0)
+            for t in (1, 2):  # the residual added in the output transform: the numbers of the addition after it
+                torch.set_num_threads(t)
+                ref = _python_blocks(monkeypatch, lambda: conv(x).add_(r))
+                torch.testing.assert_close(winograd._forward(x, conv, False, r), ref, rtol=0, atol=0)
+                acc = r.clone()
+                assert winograd._forward(x, conv, False, acc, True) is acc
+                torch.testing.assert_close(acc, ref, rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == 4
+    assert len(calls) == 8
     assert _rel_err(y, _reference(x, weight, bias, relu=True)) < REL_TOL[variant]
 
 
@@ -332,3 +340,33 @@ def test_nchw_strip_copies_are_compiled_by_codegen(monkeypatch):
         y_cl = winograd.winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), weight, bias)
     assert sorted(compiled) == ['_planes_to_rows', '_rows_to_planes']
     assert y.is_contiguous() and torch.equal(y, y_cl)
+
+
+@pytest.mark.parametrize('method', ['direct', 'f2', 'f4'])
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last', 'mixed'])
+def test_conv3x3_residual(method, layout):
+    """conv3x3(..., residual=r) is conv3x3(...) + r bit for bit (the addition in the output transform for
+    channels-last Winograd, after it elsewhere), written into r with inplace; ReLU with a residual, the input as the
+    in-place residual and a residual of another shape are refused."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 11, 20, generator=gen)
+    r = torch.randn(2, 16, 11, 20, generator=gen)
+    if layout != 'nchw':
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == 'channels_last':
+        r = r.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 8, 3, 3, generator=gen) / 8, torch.randn(16, generator=gen)
+    with torch.no_grad():
+        want = winograd.conv3x3(x, weight, bias, method=method) + r
+        got = winograd.conv3x3(x, weight, bias, method=method, residual=r)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        acc = r.clone(memory_format=torch.preserve_format)
+        assert winograd.conv3x3(x, weight, bias, method=method, residual=acc, inplace=True) is acc
+        torch.testing.assert_close(acc, want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match='relu and residual'):
+            winograd.conv3x3(x, weight, bias, relu=True, method=method, residual=r)
+        with pytest.raises(ValueError, match='output shape'):
+            winograd.conv3x3(x, weight, bias, method=method, residual=r[:, :8])
+        sq = torch.randn(16, 16, 3, 3, generator=gen)
+        with pytest.raises(ValueError, match='must not be the input'):
+            winograd.conv3x3(r, sq, None, method=method, residual=r, inplace=True)

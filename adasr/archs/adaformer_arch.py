@@ -70,7 +70,7 @@ class ResBlock(nn.Module):
     def forward_mkldnn(self, x: torch.Tensor) -> torch.Tensor:
         """The same block on a oneDNN-layout tensor (no autograd): the convolutions run in the blocked layout that
         oneDNN would reorder an NCHW tensor into and back from, so the result is bit for bit ``forward``'s."""
-        out = _conv_onednn(_conv_onednn(x, self.body[0]).relu_(), self.body[2])
+        out = _conv_onednn(_conv_onednn(x, self.body[0], relu=True), self.body[2])
         if self.res_scale != 1:
             out = out.mul_(self.res_scale)
         return out.add_(x)
@@ -81,9 +81,17 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv`` applied to a oneDNN-layout tensor (see :func:`adasr.ops.cpu_inference.onednn_ok`); returns one."""
-    return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+_CONV_POINTWISE = hasattr(torch.ops.mkldnn, '_convolution_pointwise')  # oneDNN convolution + post-op
+
+
+def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d, relu: bool = False) -> torch.Tensor:
+    """``conv`` (then ReLU when ``relu``: a oneDNN post-op, the same numbers without a pass over the output)
+    applied to a oneDNN-layout tensor (see :func:`adasr.ops.cpu_inference.onednn_ok`); returns one."""
+    if relu and _CONV_POINTWISE:
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, conv.padding, conv.stride,
+                                                       conv.dilation, conv.groups, 'relu', [], '')
+    y = torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    return y.relu_() if relu else y
 
 
 class TokenMlp(Mlp):
@@ -136,24 +144,34 @@ class ResBlocks(nn.Sequential):
         h = to_channels_last(x)
         for blk in self:
             out = winograd.conv3x3(h, blk.body[0].weight, blk.body[0].bias, relu=True, method=method)
+            if blk.res_scale == 1:  # the residual added as the output is written (into h when it is the chain's own)
+                h = winograd.conv3x3(out, blk.body[2].weight, blk.body[2].bias, method=method, residual=h,
+                                     inplace=h is not x)
+                continue
             out = winograd.conv3x3(out, blk.body[2].weight, blk.body[2].bias, method=method)
-            if blk.res_scale != 1:
-                out = out.mul_(blk.res_scale)
-            h = out.add_(h)
+            h = out.mul_(blk.res_scale).add_(h)
         return h if _channels_last(x) else h.contiguous()
 
 
-def _mean_shift(n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int) -> nn.Conv2d:
+class MeanShift(nn.Conv2d):
     """The EDSR MeanShift as a trainable 1x1 conv (identity weight, bias ``sign * img_range * mean``).
 
     The authors' MeanShift parameters are trainable in practice (``requires_grad=False`` is set on the module
-    object, which freezes nothing), so a trained checkpoint may hold drifted values: keep it a real conv.
-    """
-    conv = nn.Conv2d(n_colors, n_colors, 1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.eye(n_colors).view(n_colors, n_colors, 1, 1))
-        conv.bias.copy_(sign * img_range * torch.tensor(rgb_mean, dtype=torch.float32))
-    return conv
+    object, which freezes nothing), so a trained checkpoint may hold drifted values: it stays a real conv. At CPU
+    float32 inference it runs by :func:`adasr.ops.narrow_conv.conv1x1_narrow`: PyTorch's numbers bit for bit without
+    its oneDNN kernel for three channels, which it takes from two threads up (25-120 ms for a 1088 x 1920 image on
+    two cores, the compiled sum 5 ms)."""
+
+    def __init__(self, n_colors: int, rgb_mean: Sequence[float], img_range: float, sign: int):
+        super().__init__(n_colors, n_colors, 1)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(n_colors).view(n_colors, n_colors, 1, 1))
+            self.bias.copy_(sign * img_range * torch.tensor(rgb_mean, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        return narrow_conv.conv1x1_narrow(x, self.weight, self.bias)
 
 
 def region_order(hp: int, wp: int, split: int, device: torch.device) -> torch.Tensor:
@@ -688,8 +706,8 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         self._halting: Optional[HaltingInfo] = None
 
         # registration order = the authors' (their state-dict order)
-        self.sub_mean = _mean_shift(in_chans, rgb_mean, self.img_range, -1)
-        self.add_mean = _mean_shift(in_chans, rgb_mean, self.img_range, 1)
+        self.sub_mean = MeanShift(in_chans, rgb_mean, self.img_range, -1)
+        self.add_mean = MeanShift(in_chans, rgb_mean, self.img_range, 1)
         self.head = nn.Sequential(nn.Conv2d(in_chans, n_feats, 3, 1, 1))
         self.shollow_feature_extraction = ResBlocks(  # sic: the authors' spelling, kept for their checkpoints
             *[ResBlock(n_feats, res_scale) for _ in range(n_resblocks // 2)])

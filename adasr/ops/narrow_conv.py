@@ -1,5 +1,6 @@
-"""3x3 convolutions to a single output channel (AdaFormer's confidence-estimator logits), fast and in oneDNN's
-summation order.
+"""Narrow convolutions in PyTorch's own summation orders, fast: 3x3 convolutions to a single output channel
+(AdaFormer's confidence-estimator logits; oneDNN's order) and 1x1 convolutions of a few channels (the EDSR MeanShift
+at the input and output; :func:`conv1x1_narrow`, below).
 
 oneDNN convolves a map to one output channel with its blocked direct kernel: the output channel padded to a vector
 of 16 (AVX-512) or 8 (AVX2) lanes, so 16 or 8 times the multiply-adds, after a reorder of the input into the blocked
@@ -174,4 +175,148 @@ def conv3x3_to_one(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return F.conv2d(x, weight, bias, 1, padding)
 
 
-__all__ = ['conv3x3_to_one', 'summation_order', 'pytorch_uses_onednn', 'ORDERS', 'ONEDNN_MIN_ELEMENTS']
+# ---- 1x1 convolutions of a few channels ------------------------------------------------------------------------
+#
+# PyTorch convolves a float32 CPU map by a 1x1 kernel with its own GEMM on one thread and with oneDNN from two threads
+# up (``use_mkldnn``, ATen's Convolution.cpp: "for 1x1 filters, MKLDNN is faster than THNN when multi-threaded").
+# With three channels oneDNN's kernel is slow: 25-120 ms for a 3 x 1088 x 1920 image on two AVX-512 cores (its
+# blocked layout pads the channels to a vector), 4-7 ms by the GEMM on one. Each output's sum has a fixed order in
+# both: from the bias through the input channels in order, a product rounded and added (the GEMM, which starts from
+# the bias it was given as its output) or one fused multiply-add (oneDNN) per channel. The kernel below computes
+# either chain over blocks of pixels; which one PyTorch takes for a call is checked, not assumed.
+
+#: most input or output channels for :func:`conv1x1_narrow` (wider 1x1 convolutions are GEMMs PyTorch runs well)
+NARROW_MAX_CHANNELS = 4
+#: pixels per block of the compiled sum (:data:`_MIX_SOURCE`) and per task on the worker pool
+MIX_PIXELS = 4096
+
+_mix_orders: Dict[Tuple[int, int, bool, bool], Optional[bool]] = {}
+
+
+_MIX_SOURCE = """import numpy as np
+import numba
+
+
+@numba.njit(nogil=True, cache=True{options})
+def mix_pixels(x, w, bias, out, p0, p1):
+    \"\"\"out[b, o, p] = bias[o] + w[o, 0] x[b, 0, p] + w[o, 1] x[b, 1, p] + ..., summed in that order, for
+    pixels p0 <= p < p1 of every sample: x (N, C, P), w (Co, C), out (N, Co, P), in blocks of {block} pixels.\"\"\"
+    n, nc, _ = x.shape
+    co = w.shape[0]
+    acc = np.empty({block}, np.float32)
+    for b in range(n):
+        for q0 in range(p0, p1, {block}):
+            q1 = min(p1, q0 + {block})
+            a = acc[:q1 - q0]
+            for o in range(co):
+                bo = bias[o]
+                for j in range(q1 - q0):
+                    a[j] = bo
+                for c in range(nc):
+                    wc, src = w[o, c], x[b, c, q0:q1]
+                    for j in range(q1 - q0):
+                        a[j] = a[j] + wc * src[j]
+                dst = out[b, o, q0:q1]
+                for j in range(q1 - q0):
+                    dst[j] = a[j]
+"""
+
+
+def _mix_kernel(fused: bool):
+    """The compiled sum of :data:`_MIX_SOURCE`: each product rounded and then added, or with ``fused`` one fused
+    multiply-add each (fastmath 'contract'); a generated module per variant (:mod:`adasr.ops.codegen`: numba's
+    cache keeps each one's machine code apart). None without numba."""
+    key = 'mix_fma' if fused else 'mix'
+    if key not in _state:
+        try:
+            import numba  # noqa: F401
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _state[key] = None
+        else:
+            options = ", fastmath={'contract'}" if fused else ''
+            module = codegen.load_module('narrow_conv', key, key,
+                                         lambda: _MIX_SOURCE.format(options=options, block=MIX_PIXELS))
+            _state[key] = module.mix_pixels
+    return _state[key]
+
+
+def pytorch_1x1_uses_onednn(shape) -> bool:
+    """Whether PyTorch convolves a float32 CPU map of ``shape`` (N, C, H, W) by a 1x1 kernel (stride 1) with oneDNN
+    at the current thread count."""
+    n, c, h, w = shape
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and (n >= 16 or torch.get_num_threads() > 1) and (n > 1 or n * c * h * w > ONEDNN_MIN_ELEMENTS))
+
+
+def _mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    from adasr.ops.scheduling import parallel_for
+
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    out = x.new_empty(n, co, h, w)
+    kernel = _mix_kernel(fused)
+    xs, ys = x.detach().reshape(n, c, h * w).numpy(), out.view(n, co, h * w).numpy()
+    ws = weight.detach().reshape(co, c).contiguous().numpy()
+    bs = (bias.detach().contiguous() if bias is not None else torch.zeros(co)).numpy()
+    p = h * w
+    if torch.get_num_threads() > 1 and p > MIX_PIXELS:
+        parallel_for(lambda q: kernel(xs, ws, bs, ys, q, min(p, q + MIX_PIXELS)), list(range(0, p, MIX_PIXELS)))
+    else:
+        kernel(xs, ws, bs, ys, 0, p)
+    return out
+
+
+def mix_order(cin: int, cout: int, shape) -> Optional[bool]:
+    """Whether PyTorch's 1x1 convolution of a map of ``shape`` at the current thread count sums with fused
+    multiply-adds (True) or rounded products (False), as :data:`_MIX_SOURCE` computes them, or None where neither
+    gives its numbers bit for bit. Checked once per process, channel counts and dispatch case (oneDNN or not, batch
+    of 16 or more) on random maps of that case."""
+    onednn, big_batch = pytorch_1x1_uses_onednn(shape), shape[0] >= 16
+    key = (cin, cout, onednn, big_batch)
+    with _lock:
+        if key not in _mix_orders:
+            _mix_orders[key] = _find_mix_order(cin, cout, onednn, big_batch)
+        return _mix_orders[key]
+
+
+def _find_mix_order(cin: int, cout: int, onednn: bool, big_batch: bool) -> Optional[bool]:
+    if _mix_kernel(False) is None or _mix_kernel(True) is None:
+        return None
+    gen = torch.Generator().manual_seed(4321)
+    if big_batch:
+        shapes = [(16, cin, 5, 9)]
+    elif onednn:  # more than one thread here: a batch of two and a single map above the threshold
+        shapes = [(2, cin, 7, 37), (1, cin, 3, ONEDNN_MIN_ELEMENTS // (3 * cin) + 5)]
+    else:
+        shapes = [(1, cin, 7, 37)] + ([(2, cin, 7, 37), (1, cin, 9, 3000)] if torch.get_num_threads() == 1 else [])
+    cases = [torch.randn(s, generator=gen) * 100 for s in shapes]
+    w = torch.randn(cout, cin, 1, 1, generator=gen)
+    b = torch.randn(cout, generator=gen) * 100
+    if any(pytorch_1x1_uses_onednn(x.shape) != onednn for x in cases):
+        return None
+    with torch.no_grad():
+        refs = [F.conv2d(x, w, b) for x in cases]
+    for fused in (True, False):
+        if all(torch.equal(_mix(x, w, b, fused), ref) for x, ref in zip(cases, refs)):
+            return fused
+    return None
+
+
+def conv1x1_narrow(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` of at most :data:`NARROW_MAX_CHANNELS` input and output
+    channels, bit for bit: by the compiled kernel where :func:`mix_order` found PyTorch's order for this call (a
+    float32 CPU map, no autograd), else by ``F.conv2d``."""
+    if (x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and x.shape[1] == weight.shape[1]
+            and max(weight.shape[:2]) <= NARROW_MAX_CHANNELS and x.device.type == 'cpu' and not x.is_mkldnn
+            and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                                  (bias is not None and bias.requires_grad)))
+            and x.numel() > 0 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        fused = mix_order(weight.shape[1], weight.shape[0], x.shape)
+        if fused is not None:
+            return _mix(x.contiguous(), weight, bias, fused)
+    return F.conv2d(x, weight, bias)
+
+
+__all__ = ['conv3x3_to_one', 'summation_order', 'pytorch_uses_onednn', 'ORDERS', 'ONEDNN_MIN_ELEMENTS',
+           'conv1x1_narrow', 'mix_order', 'pytorch_1x1_uses_onednn', 'NARROW_MAX_CHANNELS']

@@ -152,8 +152,10 @@ class WinogradConv3x3:
         return _forward(x, self, relu)
 
 
-def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tensor:
-    """The convolution of (N, Cin, H, W) ``x`` by the prepacked ``conv``, in ``x``'s memory format.
+def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Optional[torch.Tensor] = None,
+             inplace: bool = False) -> torch.Tensor:
+    """The convolution of (N, Cin, H, W) ``x`` by the prepacked ``conv``, in ``x``'s memory format; plus
+    ``residual`` when given (written into it when ``inplace``): see :func:`conv3x3`.
 
     The image runs in blocks of whole tile rows (:data:`_BLOCK_TILES` tiles), each on one thread: the block's input
     rows are copied, zero-padded, into a channels-last strip of the thread's reused buffers (no full padded copy of
@@ -165,21 +167,30 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     n, c, h, w = x.shape
     nr, nq = -(-h // m), -(-w // m)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(n, conv.cout, h, w, dtype=x.dtype,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    xs, ys = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # (N, H, W, C) views
-    direct_out = channels_last and w == nq * m
+    if residual is not None:
+        _check_residual(residual, (n, conv.cout, h, w), relu, x)
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
+    rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
+    compiled = (channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
+                and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq}))
+    # the compiled driver adds a channels-last residual as it writes the output; elsewhere it is added after
+    fuse = compiled and residual is not None and _channels_last(residual)
+    out = residual if fuse and inplace else torch.empty(n, conv.cout, h, w, dtype=x.dtype,
+                                                         memory_format=torch.channels_last if channels_last else
+                                                         torch.contiguous_format)
+    xs, ys = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # (N, H, W, C) views
+    if compiled:
+        if fuse:
+            _forward_compiled(kernels, xs, ys, conv, 2, rows, nr, nq, residual.permute(0, 2, 3, 1))
+            return out
+        _forward_compiled(kernels, xs, ys, conv, int(relu), rows, nr, nq)
+        return _add_residual(out, residual, inplace)
+    direct_out = channels_last and w == nq * m
     # NCHW in / out: the transposing copies of the strips by compiled loops (PyTorch's copy is slow there)
     nchw_in = kernels is not None and x.is_contiguous() and h * w > 1
     nchw_out = kernels is not None and out.is_contiguous() and h * w > 1
     if nchw_in or nchw_out:
         transposes = _transposes()
-    rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
-    if (channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
-            and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq})):
-        _forward_compiled(kernels, xs, ys, conv, relu, rows, nr, nq)
-        return out
     items = [(b, r0, min(rows, nr - r0)) for b in range(n) for r0 in range(0, nr, rows)]
 
     def block(item):
@@ -219,15 +230,24 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool) -> torch.Tens
     else:
         for item in items:
             block(item)
-    return out
+    return _add_residual(out, residual, inplace)
 
 
-def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, rows: int,
-                      nr: int, nq: int) -> None:
+def _add_residual(y: torch.Tensor, residual: Optional[torch.Tensor], inplace: bool) -> torch.Tensor:
+    """``y + residual`` (into ``residual`` when ``inplace``; the same sums either way round), or ``y``."""
+    if residual is None:
+        return y
+    return residual.add_(y) if inplace else y.add_(residual)
+
+
+def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'WinogradConv3x3', mode: int, rows: int,
+                      nr: int, nq: int, rs: Optional[torch.Tensor] = None) -> None:
     """:func:`_forward`'s blocks for channels-last x and output (xs, ys: their (N, H, W, C) views) by the compiled
     ``conv_blocks``: input strip, transform, the products by the BLAS routine ``torch.bmm`` calls
     (:mod:`adasr.ops.blas`) and the output transform in one call for all blocks of an image (on one thread) or
-    per block on the worker pool; the same numbers as the Python block loop, without its per-block overhead."""
+    per block on the worker pool; the same numbers as the Python block loop, without its per-block overhead.
+    ``mode`` 0: the convolution, 1: its ReLU, 2: plus the residual ``rs`` (channels-last, (N, H, W, Co) view; it
+    may be ``ys`` itself), added as each output tile is written (one pass over the output less)."""
     n, h, w, c = xs.shape
     m = conv.plan.m
     bias = (conv.bias if conv.bias is not None else _zeros(conv.cout)).numpy()
@@ -237,7 +257,9 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     def run(b: int, b0: int, b1: int) -> None:
         strip, v, prod, ostrip, params = _compiled_buffers(rows, nq, m, c, conv.cout)
         x_rows, y_rows = xs[b].detach().numpy().reshape(h, -1), ys[b].numpy().reshape(h, -1)
-        kernels.conv_blocks(x_rows, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y_rows, ostrip, relu, params)
+        r_rows = y_rows if rs is None else rs[b].detach().numpy().reshape(h, -1)
+        kernels.conv_blocks(x_rows, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y_rows, ostrip, mode, r_rows,
+                            params)
 
     from adasr.ops.scheduling import parallel_for
     if _USE_POOL and torch.get_num_threads() > 1 and n * nblocks > 1:
@@ -245,6 +267,18 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     else:
         for b in range(n):
             run(b, 0, nblocks)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _check_residual(residual: torch.Tensor, shape: Tuple[int, ...], relu: bool, like: torch.Tensor) -> None:
+    if relu:
+        raise ValueError('conv3x3: relu and residual together are not supported (say which comes first)')
+    if tuple(residual.shape) != shape or residual.dtype != like.dtype or residual.device != like.device:
+        raise ValueError(f'conv3x3: residual must be a {like.dtype} tensor on {like.device} of the output shape '
+                         f'{shape}, got {tuple(residual.shape)} {residual.dtype} on {residual.device}')
 
 
 _blas_checked: Dict[Tuple[str, int, int, int], bool] = {}
@@ -343,7 +377,8 @@ def _block_numba(kernels, xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradCon
     torch.bmm(v.transpose(0, 1), conv.u, out=prod)  # (A B, t, co)
     bias = conv.bias if conv.bias is not None else _zeros(co)
     out_rows = kernels.output_rows_relu if relu else kernels.output_rows
-    out_rows(prod.numpy(), 0, nrb, nq, bias.numpy(), yp.numpy().reshape(yp.shape[0], -1))
+    y_rows = yp.numpy().reshape(yp.shape[0], -1)
+    out_rows(prod.numpy(), 0, nrb, nq, bias.numpy(), y_rows, y_rows)
 
 
 _zero_cache: Dict[int, torch.Tensor] = {}
@@ -427,12 +462,12 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             '    for rr in range(nrb):',
             '        for q in range(nq):',
             f'            input_tile(x, (r0 + rr) * {m}, q * {m * c}, v[rr * nq + q])']
-    for relu in (False, True):
-        name = 'output_tile_relu' if relu else 'output_tile'
+    for mode in ('', '_relu', '_add'):
+        name = 'output_tile' + mode
         src += ['', '', '@numba.njit(nogil=True, cache=True, inline="always")',
-                f'def {name}(prod, t, bias, y, y0, x0, s):',
+                f'def {name}(prod, t, bias, y, y0, x0, s, r):',
                 '    """Tile t of the products prod (A A, T, Co) -> output rows y0.. at element x0 of y (H, W Co);'
-                ' s: scratch."""']
+                ' s: scratch; r: rows like y, added to the output by the _add variant (which may write into r)."""']
         for j in range(a):  # first the transform over the rows of the tile, one column at a time: six rows read
             src += [f'    p{i} = prod[{i * a + j}, t]' for i in range(a)]
             src.append(f'    for k in range({co}):')
@@ -440,17 +475,21 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             src += [f'        s[{(u * a + j) * co} + k] = ' + _lin(at[u], [f'q{i}' for i in range(a)])
                     for u in range(m)]
         for u in range(m):  # then over the columns, one output row at a time
-            src += [f'    yr = y[y0 + {u}, x0:]', f'    for k in range({co}):', '        bk = bias[k]']
+            src += [f'    yr = y[y0 + {u}, x0:]']
+            if mode == '_add':
+                src += [f'    rr = r[y0 + {u}, x0:]']
+            src += [f'    for k in range({co}):', '        bk = bias[k]']
             src += [f'        o{j} = s[{(u * a + j) * co} + k]' for j in range(a)]
             for v in range(m):
                 src.append('        w = bk + (' + _lin(at[v], [f'o{j}' for j in range(a)]) + ')')
-                src.append(f'        yr[{v * co} + k] = ' + ('max(w, F32(0.0))' if relu else 'w'))
+                value = {'': 'w', '_relu': 'max(w, F32(0.0))', '_add': f'w + rr[{v * co} + k]'}[mode]
+                src.append(f'        yr[{v * co} + k] = {value}')
         src += ['', '', '@numba.njit(nogil=True, cache=True)',
-                f'def {name.replace("tile", "rows")}(prod, r0, nrb, nq, bias, y):',
+                f'def {name.replace("tile", "rows")}(prod, r0, nrb, nq, bias, y, r):',
                 f'    s = np.empty({m * a * co}, np.float32)',
                 '    for rr in range(nrb):',
                 '        for q in range(nq):',
-                f'            {name}(prod, rr * nq + q, bias, y, (r0 + rr) * {m}, q * {m * co}, s)']
+                f'            {name}(prod, rr * nq + q, bias, y, (r0 + rr) * {m}, q * {m * co}, s, r)']
     src += ['', '', blas.sgemm_declaration(), '', '',
             '@numba.njit(nogil=True, cache=True)',
             'def gemms(v, u, prod, t, params):',
@@ -463,11 +502,12 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             f'              v.ctypes.data + p * {4 * c}, ip + 20, ip + 32, prod[p].ctypes.data, ip + 24)',
             '', '',
             '@numba.njit(nogil=True, cache=True)',
-            'def conv_blocks(x, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y, ostrip, relu, params):',
+            'def conv_blocks(x, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y, ostrip, mode, r, params):',
             '    """Blocks b0 .. b1 - 1 (``rows`` tile rows each, nr in all) of the convolution of one image, as'
             ' _forward\'s Python block loop computes them: x (H, W C) and y (H, W Co) channels-last rows; strip'
             ' (rows m + 2, (nq m + 2) C), v (rows nq, A A C), prod (A A rows nq Co,) and ostrip (rows m, nq m Co):'
-            ' buffers; u (A A, C, Co) transformed weights."""',
+            ' buffers; u (A A, C, Co) transformed weights; mode 0: y = conv, 1: ReLU(conv), 2: conv + r (r: rows'
+            ' like y, which may be y itself)."""',
             f'    wc = w * {c}',
             '    for blk in range(b0, b1):',
             '        r0 = blk * rows',
@@ -489,13 +529,18 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             f'        rows_out = min(nrb * {m}, h - r0 * {m})',
             f'        whole = rows_out == nrb * {m} and w == nq * {m}',
             f'        dst = y[r0 * {m}:] if whole else ostrip',
-            '        if relu:',
-            '            output_rows_relu(pb, 0, nrb, nq, bias, dst)',
+            '        if mode == 1:',
+            '            output_rows_relu(pb, 0, nrb, nq, bias, dst, dst)',
+            '        elif mode == 2 and whole:',
+            f'            output_rows_add(pb, 0, nrb, nq, bias, dst, r[r0 * {m}:])',
             '        else:',
-            '            output_rows(pb, 0, nrb, nq, bias, dst)',
+            '            output_rows(pb, 0, nrb, nq, bias, dst, dst)',
             '        if not whole:',
             '            for i in range(rows_out):',
-            f'                y[r0 * {m} + i, :w * {co}] = ostrip[i, :w * {co}]']
+            '                if mode == 2:',
+            f'                    y[r0 * {m} + i, :w * {co}] = ostrip[i, :w * {co}] + r[r0 * {m} + i, :w * {co}]',
+            '                else:',
+            f'                    y[r0 * {m} + i, :w * {co}] = ostrip[i, :w * {co}]']
     return '\n'.join(src) + '\n'
 
 
@@ -599,11 +644,18 @@ def winograd_supported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, relu: bool = False,
-            method: Optional[str] = None) -> torch.Tensor:
+            method: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+            inplace: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=1)``, then ReLU when ``relu``, by ``method`` (``None``: option
     ``conv3x3`` / ``ADASR_CONV3X3``): ``'direct'`` (also ``'auto'``: a caller that has a choice of its own resolves
     it before), ``'winograd'`` or a variant of :data:`VARIANTS`. Winograd methods fall back to the direct convolution
-    where Winograd cannot run (:func:`winograd_supported`)."""
+    where Winograd cannot run (:func:`winograd_supported`).
+
+    ``residual`` (not with ``relu``): returns ``conv + residual``, written into ``residual`` when ``inplace`` (which
+    must not be ``x``), the numbers of ``conv3x3(...).add_(residual)``; Winograd methods on channels-last tensors
+    add it in the output transform (no separate pass over the output)."""
+    if residual is not None and inplace and residual is x:
+        raise ValueError('conv3x3: inplace residual must not be the input')
     if method is None:
         from adasr.ops.config import get_option
         method = get_option('conv3x3')
@@ -613,9 +665,12 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
             raise ValueError(f"unknown conv3x3 method {method!r}; choose 'auto', 'direct', 'winograd' or one of "
                              f'{sorted(VARIANTS)}')
         if winograd_supported(x, weight, bias):
-            return _forward(x, _prepacked(weight, bias, variant), relu)
+            return _forward(x, _prepacked(weight, bias, variant), relu, residual, inplace)
     y = F.conv2d(x, weight, bias, 1, 1)
-    return F.relu(y) if relu else y
+    y = F.relu(y) if relu else y
+    if residual is not None:
+        _check_residual(residual, tuple(y.shape), relu, y)
+    return _add_residual(y, residual, inplace)
 
 
 def multiplications(variant: str) -> float:
