@@ -29,10 +29,21 @@ def test_linear_matches_f_linear(shape):
     assert torch.allclose(w.grad, x.reshape(-1, 64).sum(0).expand(96, 64), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize('b, n, rows', [(1, 5000, 2048), (2, 700, 256), (1, 64, 2048)])
-def test_residual_rows_matches_whole_map(b, n, rows):
-    """x += a; x += MLP(LN(x)) in groups of rows = the whole-map computation (a pre-norm MLP block)."""
+@pytest.mark.parametrize('b, n, rows, threads', [(1, 5000, 2048, 1), (2, 700, 256, 1), (1, 64, 2048, 1),
+                                                 (1, 9000, None, 1), (1, 9000, None, 2)])
+def test_residual_rows_matches_whole_map(b, n, rows, threads):
+    """x += a; x += MLP(LN(x)) in groups of rows = the whole-map computation (a pre-norm MLP block); the default
+    groups (2048 rows per thread) too."""
     torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_residual_rows(b, n, rows)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_residual_rows(b, n, rows):
     norm, fc1, fc2 = nn.LayerNorm(64), nn.Linear(64, 128), nn.Linear(128, 64)
 
     def fn(r):

@@ -139,3 +139,27 @@ def test_to_channels_last_is_the_plain_conversion(monkeypatch, tiles):
     assert layout.to_channels_last(cl) is cl
     view = torch.randn(1, 8, 6, 14)[..., ::2]
     assert torch.equal(layout.to_channels_last(view), view)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('shape, scale', [((1, 48, 17, 30), 4), ((2, 12, 7, 9), 2), ((1, 27, 5, 6), 3),
+                                          ((3, 4, 1, 1), 2)])
+def test_pixel_shuffle_nchw_is_the_shuffle_and_copy(threads, shape, scale):
+    """The compiled pass over a channels-last map gives F.pixel_shuffle(x, s).contiguous() (values only moved); an
+    NCHW map, autograd and a channel count that is no multiple of s^2 take or refuse as PyTorch would."""
+    import torch.nn.functional as F
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            got = layout.pixel_shuffle_nchw(x, scale)
+            assert got.is_contiguous() and torch.equal(got, F.pixel_shuffle(x, scale))
+            assert torch.equal(layout.pixel_shuffle_nchw(x.contiguous(), scale), got)
+    finally:
+        torch.set_num_threads(old)
+    xg = x.clone().requires_grad_()
+    layout.pixel_shuffle_nchw(xg, scale).sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))
+    with pytest.raises(ValueError, match='multiple'):
+        layout.pixel_shuffle_nchw(torch.randn(1, 5, 2, 2), 2)

@@ -37,7 +37,7 @@ from adasr.archs.layers import (
 )
 from adasr.ops import cpu_inference, narrow_conv, winograd
 from adasr.ops.config import CONV3X3_METHODS, get_option
-from adasr.ops.layout import nchw_to_tokens, to_channels_last, tokens_to_nchw
+from adasr.ops.layout import nchw_to_tokens, pixel_shuffle_nchw, to_channels_last, tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
@@ -864,7 +864,8 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         conv = self.tail[0]
         # the SR map NCHW, as the authors' (their add_mean convolves NCHW): PyTorch's 1x1 convolution of a
         # channels-last 3-channel 1088 x 1920 map takes ~36 ms on one core, the conversion and an NCHW one ~9 ms
-        return self.tail[1](winograd.conv3x3(x, conv.weight, conv.bias, method=method)).contiguous()
+        return pixel_shuffle_nchw(winograd.conv3x3(x, conv.weight, conv.bias, method=method),
+                                  self.tail[1].upscale_factor)
 
     def _record(self, logits, g_maps, w_maps, complete, size, padded, split, pending) -> HaltingInfo:
         s = self.window_size
