@@ -269,7 +269,7 @@ def pixel_shuffle_nchw(x: torch.Tensor, scale: int) -> torch.Tensor:
     kernel = None
     if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and x.device.type == 'cpu'
             and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())):
         if _shuffle_kernel is None:
             _shuffle_kernel = codegen.compile_function(_shuffle_rows) or False
         kernel = _shuffle_kernel or None

@@ -311,7 +311,8 @@ def conv1x1_narrow(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                                   (bias is not None and bias.requires_grad)))
-            and x.numel() > 0 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            and x.numel() > 0 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                                       or torch.onnx.is_in_onnx_export())):
         fused = mix_order(weight.shape[1], weight.shape[0], x.shape)
         if fused is not None:
             return _mix(x.contiguous(), weight, bias, fused)
