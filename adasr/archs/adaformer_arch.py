@@ -37,7 +37,7 @@ from adasr.archs.layers import (
 )
 from adasr.ops import cpu_inference, narrow_conv, winograd
 from adasr.ops.config import CONV3X3_METHODS, get_option
-from adasr.ops.layout import nchw_to_tokens, pixel_shuffle_nchw, to_channels_last, tokens_to_nchw
+from adasr.ops.layout import is_channels_last, nchw_to_tokens, pixel_shuffle_nchw, to_channels_last, tokens_to_nchw
 from adasr.utils.checks import check_int, check_positive, is_real
 
 _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global branch
@@ -74,11 +74,6 @@ class ResBlock(nn.Module):
         if self.res_scale != 1:
             out = out.mul_(self.res_scale)
         return out.add_(x)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """A 4-D tensor laid out channels-last (and not also NCHW-contiguous, as with one channel or one pixel)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 _CONV_POINTWISE = hasattr(torch.ops.mkldnn, '_convolution_pointwise')  # oneDNN convolution + post-op
@@ -150,7 +145,7 @@ class ResBlocks(nn.Sequential):
                 continue
             out = winograd.conv3x3(out, blk.body[2].weight, blk.body[2].bias, method=method)
             h = out.mul_(blk.res_scale).add_(h)
-        return h if _channels_last(x) else h.contiguous()
+        return h if is_channels_last(x) else h.contiguous()
 
 
 class MeanShift(nn.Conv2d):
@@ -533,7 +528,7 @@ class AdaM(nn.Module):
             g_maps.append(g)
             w_maps.append(w)
         # NCHW by a blocked transpose; for a channels-last fe (Winograd chains) the tokens are that layout already
-        out = fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if _channels_last(fe)
+        out = fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if is_channels_last(fe)
                                 else tokens_to_nchw(t, hp, wp))
         return out, logits, g_maps, w_maps, complete, pending
 
@@ -844,7 +839,7 @@ class AdaFormer(SRArch, Exportable, nn.Module):
             # a Winograd decoder and tail run channels-last (their NCHW transposes cost more than one conversion)
             fa = to_channels_last(fa)
         fd = self.deep_feature_extraction(fa)
-        if _channels_last(fd) and not _channels_last(f0):
+        if is_channels_last(fd) and not is_channels_last(f0):
             f0 = to_channels_last(f0)  # an addition of two layouts walks one of them with large strides
         sr = self.add_mean(self._tail(fd.add_(f0)))  # fd is the decoder's own output: in place is safe
         sr = (sr[..., :h * self.upscale, :w * self.upscale] / self.img_range).contiguous()

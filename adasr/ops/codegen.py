@@ -59,6 +59,22 @@ def load_module(kind: str, key: Hashable, name: str, source) -> types.ModuleType
         return module
 
 
+_numba_ok = None
+
+
+def numba_available() -> bool:
+    """True when numba imports (checked once): the kernels of :mod:`adasr.ops` compile; else their PyTorch
+    fallbacks run."""
+    global _numba_ok
+    if _numba_ok is None:
+        try:
+            import numba  # noqa: F401
+            _numba_ok = True
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _numba_ok = False
+    return _numba_ok
+
+
 def compile_function(fn, **options):
     """``numba.njit(nogil=True, cache=True, **options)(fn)`` (compiled on its first call, machine code cached next to
     the function's source), or None where numba does not import; without a writable cache location the function is

@@ -71,6 +71,11 @@ def nchw_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also NCHW-contiguous, as with one channel or one pixel)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x.contiguous(memory_format=torch.channels_last)`` for a (B, C, H, W) map: the same values, the NCHW map copied
     by the register tiles of :func:`nchw_to_tokens` where they run (a 1 x 64 x 272 x 480 map: ~17 ms -> ~5 ms on one
@@ -267,7 +272,7 @@ def pixel_shuffle_nchw(x: torch.Tensor, scale: int) -> torch.Tensor:
     if c % (scale * scale):
         raise ValueError(f'pixel_shuffle_nchw: {c} channels are not a multiple of {scale}^2')
     kernel = None
-    if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and x.device.type == 'cpu'
+    if (is_channels_last(x) and x.device.type == 'cpu'
             and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
             and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())):
         if _shuffle_kernel is None:

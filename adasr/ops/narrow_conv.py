@@ -228,15 +228,9 @@ def _mix_kernel(fused: bool):
     cache keeps each one's machine code apart). None without numba."""
     key = 'mix_fma' if fused else 'mix'
     if key not in _state:
-        try:
-            import numba  # noqa: F401
-        except Exception:  # noqa: BLE001 - any import failure means "not available"
-            _state[key] = None
-        else:
-            options = ", fastmath={'contract'}" if fused else ''
-            module = codegen.load_module('narrow_conv', key, key,
-                                         lambda: _MIX_SOURCE.format(options=options, block=MIX_PIXELS))
-            _state[key] = module.mix_pixels
+        options = ", fastmath={'contract'}" if fused else ''
+        _state[key] = codegen.load_module('narrow_conv', key, key, lambda: _MIX_SOURCE.format(
+            options=options, block=MIX_PIXELS)).mix_pixels if codegen.numba_available() else None
     return _state[key]
 
 

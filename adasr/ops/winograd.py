@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from adasr.ops import blas, codegen
+from adasr.ops.layout import is_channels_last
 
 # name -> (output tile m, finite interpolation points); each uses the point at infinity too
 VARIANTS: Dict[str, Tuple[int, Tuple[float, ...]]] = {
@@ -166,7 +167,7 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
     m = p.m
     n, c, h, w = x.shape
     nr, nq = -(-h // m), -(-w // m)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = is_channels_last(x)
     if residual is not None:
         _check_residual(residual, (n, conv.cout, h, w), relu, x)
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
@@ -174,7 +175,7 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
     compiled = (channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
                 and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq}))
     # the compiled driver adds a channels-last residual as it writes the output; elsewhere it is added after
-    fuse = compiled and residual is not None and _channels_last(residual)
+    fuse = compiled and residual is not None and is_channels_last(residual)
     out = residual if fuse and inplace else torch.empty(n, conv.cout, h, w, dtype=x.dtype,
                                                          memory_format=torch.channels_last if channels_last else
                                                          torch.contiguous_format)
@@ -267,10 +268,6 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     else:
         for b in range(n):
             run(b, 0, nblocks)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _check_residual(residual: torch.Tensor, shape: Tuple[int, ...], relu: bool, like: torch.Tensor) -> None:
@@ -405,13 +402,7 @@ _numba_state: Dict[str, object] = {}
 def numba_available() -> bool:
     """True when numba imports (the Winograd tile transforms are then compiled on first use; else PyTorch runs
     them, several times slower)."""
-    if 'ok' not in _numba_state:
-        try:
-            import numba  # noqa: F401
-            _numba_state['ok'] = True
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            _numba_state['ok'], _numba_state['error'] = False, exc
-    return bool(_numba_state['ok'])
+    return codegen.numba_available()
 
 
 def _engine() -> str:
