@@ -205,5 +205,17 @@ def environment_summary() -> Dict[str, Any]:
     return info
 
 
+def environment_line(threads: Optional[int] = None) -> str:
+    """:func:`environment_summary` as the one line printed with a benchmark figure: the CPU model and count, the ISA
+    PyTorch dispatches to (with the cpuinfo flags that matter), torch, the threads (``threads`` or PyTorch's), the
+    load average and whether the malloc settings are on."""
+    env = environment_summary()
+    flags = f" ({', '.join(env['cpu_flags'])})" if env['cpu_flags'] else ''
+    return (f"{env.get('cpu_model') or 'CPU'}, {env['cpu_count']} CPUs, PyTorch ISA {env['isa']}{flags}, "
+            f"torch {env['torch']}, {threads or env['threads']} threads, load {env.get('loadavg_1m', '?')}, "
+            f"malloc env {'on' if env['malloc_env'] else 'off'}")
+
+
 __all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',
-           'run_isolated', 'memory_mark', 'memory_growth', 'cpu_model', 'environment_summary']
+           'run_isolated', 'memory_mark', 'memory_growth', 'cpu_model', 'environment_summary',
+           'environment_line']

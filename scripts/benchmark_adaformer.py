@@ -132,11 +132,9 @@ def compare(args) -> None:
 
 
 def _environment(args) -> str:
-    from benchmarks.profiling import environment_summary
+    from benchmarks.profiling import environment_line
 
-    env = environment_summary()
-    return (f'torch {env["torch"]}, {args.threads or env["threads"]} threads, {env["cpu_count"]} CPUs, '
-            f'load {env.get("loadavg_1m", "?")}, malloc env {"on" if env["malloc_env"] else "off"}')
+    return environment_line(args.threads)
 
 
 def measure(setting: Dict[str, float], sparse: bool, size, repeats: int, warmup: int, device: str,
@@ -209,7 +207,7 @@ def main(argv=None) -> None:
     from benchmarks.profiling import ensure_malloc_env
 
     ensure_malloc_env(disable=args.no_malloc_env or args.device != 'cpu')
-    from benchmarks.profiling import environment_summary, run_isolated
+    from benchmarks.profiling import run_isolated
 
     if args.compare:
         compare(args)
@@ -242,11 +240,8 @@ def main(argv=None) -> None:
         rows[-2]['cpu_speedup_vs_dense'] = result['dense']['cpu_median_s'] / result['sparse']['cpu_median_s']
         rows[-1]['speedup_vs_dense'] = rows[-1]['cpu_speedup_vs_dense'] = 1.0
 
-    env = environment_summary()
     print(f'AdaFormer x4, input 1x3x{args.size[0]}x{args.size[1]}, {args.device}, '
-          f'{"seeded random weights" if not args.weights else args.weights}; '
-          f'torch {env["torch"]}, {args.threads or env["threads"]} threads, {env["cpu_count"]} CPUs, '
-          f'load {env.get("loadavg_1m", "?")}, malloc env {"on" if env["malloc_env"] else "off"}; '
+          f'{"seeded random weights" if not args.weights else args.weights}; {_environment(args)}; '
           f'median of {args.repeats} after {args.warmup} warm-up\n')
     print('| setting | mode | wall s, median (spread) | CPU s | dense / sparse (wall, CPU) | peak MB '
           '| GMACs (authors\' count) | global halted per block | local halted per block |')

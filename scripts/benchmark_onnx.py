@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import os.path as osp
-import platform
 import statistics
 import subprocess
 import sys
@@ -94,8 +93,9 @@ def main() -> int:
             continue
         print(line, flush=True)
         rows.append(json.loads(line))
-    print(f'\n{platform.processor() or platform.machine()}, {args.threads} thread(s), load average '
-          f'{os.getloadavg()[0]:.1f}')
+    from benchmarks.profiling import environment_line
+
+    print(f'\n{environment_line(args.threads)} (each model in a fresh process)')
     print('| model | params | export (s) | file (MiB) | PyTorch (s) | onnxruntime (s) | max abs diff | PSNR (dB) |')
     print('|---|---|---|---|---|---|---|---|')
     for r in rows:

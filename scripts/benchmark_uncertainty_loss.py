@@ -53,7 +53,9 @@ def main() -> None:
             t = time.perf_counter()
             fn(logits, sr, hr).backward()
             times[name].append(time.perf_counter() - t)
-    print(f'B={b}, LR {h}x{h}, x{args.scale}, {args.layers} layers, {torch.get_num_threads()} thread(s)\n')
+    from benchmarks.profiling import environment_line
+
+    print(f'B={b}, LR {h}x{h}, x{args.scale}, {args.layers} layers; {environment_line()}\n')
     print('| loss | min (ms) | median (ms) |\n|---|---:|---:|')
     for name, ts in times.items():
         ts = sorted(ts[1:])  # the first call warms up

@@ -301,3 +301,13 @@ def test_cpu_fused_attention_is_counted():
 
     macs, method, _ = count_macs(Attention(), torch.rand(2, 4, 64, 13))
     assert method == 'torch' and macs == 2 * 4 * 64 * 64 * (13 + 13)
+
+
+def test_environment_line_names_the_isa_threads_and_load(monkeypatch):
+    """Every benchmark figure is printed with the ISA PyTorch dispatches to, the threads and the load."""
+    from benchmarks.profiling import environment_line
+
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    line = environment_line(3)
+    assert 'PyTorch ISA AVX2' in line and '3 threads' in line and 'load ' in line and 'malloc env ' in line
+    assert f'{torch.get_num_threads()} threads' in environment_line()
