@@ -10,7 +10,8 @@ Each measurement runs in a fresh process (``benchmarks.profiling.run_isolated``)
       peak memory growth of one forward per LR pixel (what each arch declares as ArchTraits.bytes_per_pixel).
   python scripts/benchmark_upscale.py memory --opt X.yml --input IMG [-- extra adasr-upscale flags]
       run adasr-upscale on one image; report wall time, peak RSS of the whole process and the growth during the run.
-  python scripts/benchmark_upscale.py tiling --opt X.yml --weights W --lr LR.png --hr HR.png [--tile 128 --tile_pad 32]
+  python scripts/benchmark_upscale.py tiling --opt X.yml --weights W --lr LR.png --hr HR.png
+      [--tiles 128 256 --tile_pad 32]
       whole-image against tiled output: PSNR of each against HR (Y, border = scale) and their difference.
 
 ``--opt`` may also be ``arch:NAME:SCALE`` (e.g. ``arch:Bicubic:4``).

@@ -155,6 +155,8 @@ def test_save_halting_images(tmp_path):
     model = AdaFormerModel(_opt(tmp_path, is_train=False, val={'save_img': True, 'save_halting': True,
                                                                'suffix': None}))
     model.validation(_val_loader(), current_iter='test', tb_logger=None, save_img=True)
+    # the complete maps were for the pictures only: the network skips the work that decides nothing again
+    assert model.get_bare_model(model.net_g).complete_halting_maps is False
     folder = osp.join(str(tmp_path), 'visualization', 'demo_val')
     for stem in ('chelsea', 'grace_hopper'):
         conf = cv2.imread(osp.join(folder, f'{stem}_unit_confidence.png'))

@@ -228,3 +228,18 @@ def test_one_safe_loader_reads_every_option_file():
             with open(path, encoding='utf-8') as f:
                 found += [f'{osp.relpath(path, REPO)}:{i}' for i, line in enumerate(f, 1) if unsafe.search(line)]
     assert not found, found
+
+
+@pytest.mark.parametrize('kind,flags', [('train', ['--auto_resume', '--force_yml']),
+                                        ('test', ['--sets', '--force_yml'])])
+def test_help_lists_basicsr_and_adasr_flags_and_runs_nothing(kind, flags, capsys):
+    """``adasr-train -h`` / ``adasr-test -h`` print the flags (BasicSR's and adasr's) and exit 0 without an option
+    file; nothing is read or run."""
+    from adasr.cli.entry import run
+
+    with pytest.raises(SystemExit) as exc:
+        run(kind, ['-h'])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f'usage: adasr-{kind}' in out and '-opt FILE' in out and '--launcher' in out
+    assert all(flag in out for flag in flags)

@@ -740,6 +740,9 @@ class AdaFormer(SRArch, Exportable, nn.Module):
     def set_halting_threshold(self, value: float) -> None:
         self.eps_h = value
 
+    def get_complete_halting_maps(self) -> bool:
+        return self.complete_halting_maps
+
     def set_complete_halting_maps(self, value: bool) -> None:
         self.complete_halting_maps = bool(value)
 

@@ -93,6 +93,9 @@ class SRArch:
     def set_halting_threshold(self, value: float) -> None:
         raise ValueError(f'{type(self).__name__} is not adaptive: it has no halting threshold')
 
+    def get_complete_halting_maps(self) -> bool:
+        raise ValueError(f'{type(self).__name__} is not adaptive: it keeps no halting maps')
+
     def set_complete_halting_maps(self, value: bool) -> None:
         """Make the halting record's maps complete (every token scored) for pictures, or let the arch skip work that
         decides nothing (its default); outputs and decisions are the same either way."""
@@ -178,6 +181,11 @@ def set_complete_halting_maps(net: nn.Module, value: bool = True) -> None:
     """Ask an adaptive network for complete halting maps (for pictures of its confidence): see
     :meth:`SRArch.set_complete_halting_maps`."""
     _adaptive(net).set_complete_halting_maps(value)
+
+
+def complete_halting_maps(net: nn.Module) -> bool:
+    """Whether an adaptive network makes complete halting maps (:func:`set_complete_halting_maps`)."""
+    return _adaptive(net).get_complete_halting_maps()
 
 
 def halting_threshold(net: nn.Module) -> float:

@@ -209,9 +209,35 @@ def apply_basicsr_dist_shim() -> None:
     BaseModel.model_to_device = model_to_device
 
 
+def help_parser(kind: str) -> argparse.ArgumentParser:
+    """The flags of ``adasr-train`` / ``adasr-test`` as ``-h`` shows them: BasicSR's own (which its pipeline
+    parses) and adasr's (taken out before it does)."""
+    parser = argparse.ArgumentParser(
+        prog=f'adasr-{kind}', description=f"BasicSR's {kind} pipeline with adasr's archs, models and datasets "
+        'registered; outputs (experiments/, results/, tb_logger/) under the current directory.')
+    parser.add_argument('-opt', required=True, metavar='FILE', help='option YAML file (read as data: safe YAML, '
+                        'checked before anything runs)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='job launcher (pytorch: torchrun; gloo on CPUs, NCCL on GPUs)')
+    if kind == 'train':
+        parser.add_argument('--auto_resume', action='store_true',
+                            help='resume from the newest training state that can be read, with its network file')
+    parser.add_argument('--debug', action='store_true', help="BasicSR's debug mode")
+    parser.add_argument('--local_rank', type=int, default=0, help='set by older launchers')
+    parser.add_argument('--force_yml', nargs='+', metavar='KEY=VALUE',
+                        help='override option keys, e.g. train:ema_decay=0.999 (values parsed as YAML data)')
+    if kind == 'test':
+        parser.add_argument('--sets', nargs='+', metavar='NAME',
+                            help="test only these datasets of the option file (their 'name' values)")
+    return parser
+
+
 def run(kind: str, argv: Optional[List[str]] = None) -> None:
     """Run BasicSR's train or test pipeline with adasr registered and outputs under the current directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if '-h' in argv or '--help' in argv:
+        help_parser(kind).print_help()
+        raise SystemExit(0)
     # adasr/__init__ has already run (this module is inside the package): shim applied, everything registered
     from basicsr import test as basicsr_test
     from basicsr import train as basicsr_train

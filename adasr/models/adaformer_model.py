@@ -11,6 +11,7 @@ from basicsr.utils import get_root_logger, imwrite
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from adasr.archs.interface import (
+    complete_halting_maps,
     halting_record,
     halting_threshold,
     is_adaptive,
@@ -82,15 +83,16 @@ class AdaFormerModel(AdaSRModel):
     def test(self):
         net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         val_opt = self.opt.get('val') or {}
-        trained_eps = halting_threshold(net)
+        trained_eps, complete = halting_threshold(net), complete_halting_maps(net)
         if val_opt.get('eps_h') is not None:
             set_halting_threshold(net, val_opt['eps_h'])
         if val_opt.get('save_halting'):  # pictures show the confidence of every token (the same SR and decisions)
             set_complete_halting_maps(net, True)
         try:
             super().test()
-        finally:
+        finally:  # the network as it was (training and later tests skip the work that decides nothing again)
             set_halting_threshold(net, trained_eps)
+            set_complete_halting_maps(net, complete)
         halting = halting_record(net)
         if self._val_state is not None and halting is not None:
             state = self._val_state
