@@ -269,6 +269,34 @@ def test_interrupted_lmdb_leaves_no_lmdb_behind(tmp_path, monkeypatch):
     assert not (tmp_path / 'out.partial.lmdb').exists()
 
 
+def test_lmdb_of_a_folder_with_a_broken_image_names_it(tmp_path):
+    """A truncated image stops the LMDB with its name (no partial LMDB left); --overwrite replaces only an LMDB."""
+    src = tmp_path / 'imgs'
+    src.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(src / f'{i}.png'), np.full((8, 8, 3), 40 * i, np.uint8))
+    data = (src / '1.png').read_bytes()
+    (src / '1.png').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r'1\.png: cannot be decoded'):
+        folder_to_lmdb(str(src), str(tmp_path / 'out.lmdb'))
+    assert not (tmp_path / 'out.lmdb').exists() and not (tmp_path / 'out.partial.lmdb').exists()
+    (tmp_path / 'file.lmdb').write_text('not an lmdb')
+    with pytest.raises(ValueError, match='is not an LMDB'):
+        folder_to_lmdb(str(src), str(tmp_path / 'file.lmdb'), overwrite=True)
+    assert (tmp_path / 'file.lmdb').read_text() == 'not an lmdb'
+
+
+def test_outputs_never_go_into_an_input_folder(tmp_path):
+    hr = tmp_path / 'hr'
+    hr.mkdir()
+    cv2.imwrite(str(hr / 'a.png'), np.full((16, 16, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match='is the input folder'):
+        generate_bicubic_lr(str(hr), {2: str(hr)})
+    with pytest.raises(ValueError, match='is the input folder'):
+        extract_subimages(str(hr), str(hr), crop_size=8, step=8)
+    assert os.listdir(hr) == ['a.png']
+
+
 def test_div2k_pipeline_makes_matching_lmdbs_and_resumes(tmp_path):
     root = tmp_path / 'datasets'
     hr_dir = root / 'DIV2K' / 'DIV2K_train_HR'

@@ -135,6 +135,25 @@ def _with_orientation(path: str, img_bgr: np.ndarray, orientation: int, fmt: str
     Image.fromarray(np.ascontiguousarray(img_bgr[..., ::-1])).save(path, fmt, exif=exif.tobytes(), **kwargs)
 
 
+def test_test_pair_whose_lr_is_of_another_scale_is_named(tiny_pairs, tmp_path):
+    """A GT smaller than LR x scale (here the LR of another scale) is named with both sizes, not an assertion deep
+    in BasicSR's metric code."""
+    from adasr.data.paired_dataset import PairedSRDataset
+
+    hr, lr = tiny_pairs
+    big_lr = tmp_path / 'lr'
+    big_lr.mkdir()
+    for name in os.listdir(lr):
+        cv2.imwrite(str(big_lr / name), cv2.resize(cv2.imread(osp.join(lr, name)), (20, 20)))
+    def opt(lq):
+        return {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lq, 'phase': 'val',
+                'scale': 4, 'io_backend': {'type': 'disk'}}
+
+    with pytest.raises(DatasetError, match=r'is 48x48 but its LR .* is 20x20: at x4 the GT must be at least 80x80'):
+        PairedSRDataset(opt(str(big_lr)))[0]
+    assert tuple(PairedSRDataset(opt(lr))[0]['gt'].shape) == (3, 48, 48)
+
+
 @pytest.mark.parametrize('fmt', ['JPEG', 'PNG', 'WEBP', 'TIFF'])
 def test_exif_orientation_as_basicsr_reads_it(tmp_path, fmt):
     """Every reader (upscale CLI, data preparation, benchmark harness) sees what BasicSR's datasets see:

@@ -88,6 +88,27 @@ def test_cli_refuses_untrained_network_without_random_weights(tmp_path, capsys):
     assert not (tmp_path / 'x.onnx').exists()
 
 
+def test_cli_checks_the_output_before_building_anything(tmp_path, capsys):
+    """An existing output is kept unless --overwrite; the checkpoint being read is never the output; a folder, a
+    missing folder: named before the network is built (exit status 2)."""
+    weights = tmp_path / 'w.pth'
+    weights.write_bytes(b'checkpoint bytes')
+    existing = tmp_path / 'old.onnx'
+    existing.write_bytes(b'old graph')
+    cases = [(['--weights', str(weights), '-o', str(weights), '--overwrite'], 'is the --weights file'),
+             (['--arch', 'Bicubic', '--scale', '2', '-o', str(existing)], 'pass --overwrite'),
+             (['--arch', 'Bicubic', '--scale', '2', '-o', str(tmp_path)], 'is a folder'),
+             (['--arch', 'Bicubic', '--scale', '2', '-o', str(tmp_path / 'nope' / 'x.onnx')], 'does not exist')]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert words in capsys.readouterr().err, argv
+    assert weights.read_bytes() == b'checkpoint bytes' and existing.read_bytes() == b'old graph'
+    assert main(['--arch', 'Bicubic', '--scale', '2', '-o', str(existing), '--overwrite', '--no-check']) == 0
+    assert existing.read_bytes() != b'old graph'
+
+
 @pytest.mark.slow
 def test_swinir_harness_padding(tmp_path):
     """basicsr's SwinIR does not pad itself: the graph includes the harness's reflect padding to the window."""

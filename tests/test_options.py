@@ -124,6 +124,38 @@ def base_train_opt(base_test_opt, tiny_pairs):
     return opt
 
 
+@pytest.mark.parametrize('name', ['../../escape', 'a/b', '..', '', 7])
+def test_experiment_name_is_a_plain_folder_name(base_test_opt, name):
+    base_test_opt['name'] = name
+    with pytest.raises(OptionsError, match='name must be a plain folder name'):
+        check_options(base_test_opt, is_train=False)
+
+
+def test_network_argument_values_are_checked_by_building(base_test_opt):
+    from adasr.cli.options import check_network_builds
+
+    check_network_builds(base_test_opt['network_g'])
+    base_test_opt['network_g'] = dict(base_test_opt['network_g'], upscale='four')
+    with pytest.raises(OptionsError, match=r'cannot build network_g \(\w+\) with these arguments'):
+        check_network_builds(base_test_opt['network_g'])
+
+
+def test_seed_and_io_backend_are_checked(base_test_opt):
+    base_test_opt['manual_seed'] = 'ten'
+    with pytest.raises(OptionsError, match='manual_seed must be a non-negative integer'):
+        check_options(base_test_opt, is_train=False)
+    base_test_opt['manual_seed'] = 10
+    next(iter(base_test_opt['datasets'].values()))['io_backend'] = {'type': 'dsk'}
+    with pytest.raises(OptionsError, match="io_backend.type: 'dsk' is not supported"):
+        check_options(base_test_opt, is_train=False)
+
+
+def test_test_option_file_needs_val(base_test_opt):
+    base_test_opt.pop('val')
+    with pytest.raises(OptionsError, match='a test option file needs a "val" section'):
+        check_options(base_test_opt, is_train=False)
+
+
 def test_training_option_checks(base_train_opt):
     opt = base_train_opt
     check_options(opt, is_train=True)
@@ -160,6 +192,23 @@ BAD_NUMBERS = [
     (lambda o: o['train'].update(ema_decay=1.0), ['train.ema_decay must be a number in [0, 1)']),
     (lambda o: o['train']['scheduler'].update(milestones=[0]), ['train.scheduler.milestones[0]']),
     (lambda o: o['train']['scheduler'].update(gamma=-0.5), ['train.scheduler.gamma']),
+    (lambda o: o['train']['optim_g'].update(lr=float('nan')), ['train.optim_g.lr must be a positive number', 'nan']),
+    (lambda o: o['train']['optim_g'].update(lr=float('inf')), ['train.optim_g.lr', 'inf']),
+    # what BasicSR would otherwise stop on with a traceback after the experiment folder exists
+    (lambda o: o['train']['optim_g'].update(type='Adamm'), ["train.optim_g.type: 'Adamm'", "did you mean 'Adam'"]),
+    (lambda o: o['train']['optim_g'].update(lrr=1e-3), ['train.optim_g (AdamW)', 'lrr']),
+    (lambda o: o['train']['optim_g'].update(betas=0.9), ['train.optim_g.betas must be two numbers']),
+    (lambda o: o['train']['optim_g'].pop('lr'), ['train.optim_g: missing lr']),
+    (lambda o: o['train'].pop('optim_g'), ['train: missing optim_g']),
+    (lambda o: o['train']['scheduler'].update(type='MultiStepLRR'), ["'MultiStepLRR'", "did you mean 'MultiStepLR'"]),
+    (lambda o: o['train']['scheduler'].update(gama=0.5), ['train.scheduler (MultiStepLR)', 'gama']),
+    (lambda o: o['train']['scheduler'].update(milestones=9), ['train.scheduler.milestones must be a list']),
+    (lambda o: o['train']['scheduler'].pop('milestones'), ['missing milestones']),
+    (lambda o: o['train'].update(scheduler=None), ['train.scheduler must be a mapping with a type']),
+    (lambda o: o['train'].pop('pixel_opt'), ['no pixel_opt or perceptual_opt']),
+    (lambda o: o['train'].update(pixel_opt='L1Loss'), ['train.pixel_opt must be a mapping']),
+    (lambda o: o['train']['pixel_opt'].update(loss_weight=float('nan')), ['pixel_opt.loss_weight must be a finite']),
+    (lambda o: o['train']['pixel_opt'].update(loss_weight=-1.0), ['pixel_opt.loss_weight must be a finite', '-1.0']),
 ]
 
 

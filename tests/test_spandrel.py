@@ -396,7 +396,15 @@ def test_upscale_with_weights_alone(kind, tmp_path, capsys, spandrel_files):
 def test_upscale_weights_alone_errors(tmp_path, capsys, spandrel_files):
     _save_photo(tmp_path / 'a.png', 8, 8)
     torch.save({'params': {'foo.weight': torch.zeros(2)}}, tmp_path / 'unknown.pth')
+    from safetensors.torch import save_file
+
+    save_file(torch.load(spandrel_files['SPAN'], weights_only=True)['params_ema'], str(tmp_path / 'cut.safetensors'))
+    good = (tmp_path / 'cut.safetensors').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(good[:len(good) // 2])  # a download cut short
+    (tmp_path / 'empty.safetensors').write_bytes(b'')
     for extra, message in ((['--weights', str(tmp_path / 'unknown.pth')], 'recognises no architecture'),
+                           (['--weights', str(tmp_path / 'cut.safetensors')], 'not a readable safetensors file'),
+                           (['--weights', str(tmp_path / 'empty.safetensors')], 'not a readable safetensors file'),
                            (['--weights', spandrel_files['SPAN'], '--scale', '4'], 'but scale 4 was given'),
                            ([], 'give --opt (an option file), --arch (an arch name) or --weights')):
         assert upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), *extra]) == 2

@@ -255,6 +255,13 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, registered_test_n
     assert main(['-i', str(tmp_path / 'missing'), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic',
                  '--scale', '2']) == 2
     assert 'input not found' in capsys.readouterr().err
+    (tmp_path / 'empty').mkdir()
+    assert main(['-i', str(tmp_path / 'empty'), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic', '--scale', '2']) == 2
+    assert 'no images in' in capsys.readouterr().err
+    (tmp_path / 'zero.pth').write_bytes(b'')
+    assert main(['-i', a, '-o', str(tmp_path / 'o'), '--arch', 'Bicubic', '--scale', '2', '--weights',
+                 str(tmp_path / 'zero.pth')]) == 2
+    assert 'is empty (0 bytes)' in capsys.readouterr().err
     # a checkpoint that does not match is reported by key
     torch.save({'params': {'conv_first.weight': torch.zeros(1)}}, tmp_path / 'bad.pth')
     opt = {'scale': 2, 'network_g': {'type': 'SwinIR', **TINY_SWINIR}}
@@ -264,6 +271,36 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, registered_test_n
     err = capsys.readouterr().err
     assert 'missing keys' in err and 'conv_first.weight (1,) vs (12, 3, 3, 3)' in err
     assert not osp.exists(tmp_path / 'o' / 'a_out.png')
+    # scale and network_g.upscale that disagree would crop the network's output wrongly; a network_g that is no
+    # mapping: both named before anything is built
+    for bad, words in (({'scale': 2, 'network_g': {'type': 'Bicubic', 'upscale': 4}},
+                        'scale: 2 but network_g.upscale: 4'),
+                       ({'scale': 2, 'network_g': [1, 2]}, 'network_g must be a mapping')):
+        (tmp_path / 'bad.yml').write_text(yaml.safe_dump(bad))
+        assert main(['-i', a, '-o', str(tmp_path / 'o'), '--opt', str(tmp_path / 'bad.yml')]) == 2
+        assert words in capsys.readouterr().err
+    assert not osp.exists(tmp_path / 'o' / 'a_out.png')
+
+
+def test_colliding_output_names_stop_before_anything_is_written(tmp_path, capsys):
+    """a.png and a.jpg would both become a_out.png; an output may not be another input; a suffix is no path."""
+    src = tmp_path / 'in'
+    src.mkdir()
+    cv2.imwrite(str(src / 'a.png'), photo(8, 8))
+    cv2.imwrite(str(src / 'a.jpg'), photo(8, 8))
+    cv2.imwrite(str(src / 'a_out.png'), photo(8, 8))
+    base = ['--arch', 'Bicubic', '--scale', '2', '-q']
+    assert main(['-i', str(src), '-o', str(tmp_path / 'o'), '--ext', 'png', *base]) == 2
+    assert 'would both be written to' in capsys.readouterr().err
+    assert main(['-i', str(src), '-o', str(src), '--ext', 'jpg', '--overwrite', *base]) == 2
+    err = capsys.readouterr().err
+    assert 'would both be written to' in err or 'would replace the input' in err
+    assert main(['-i', str(src / 'a.png'), '-o', str(tmp_path / 'o'), '--suffix', '../x', *base]) == 2
+    assert 'no path separator' in capsys.readouterr().err
+    assert not osp.exists(tmp_path / 'o' / 'a_out.png') and not osp.exists(tmp_path / 'x.png')
+    # png and jpg outputs keep them apart
+    assert main(['-i', str(src), '-o', str(tmp_path / 'o'), *base]) == 0
+    assert sorted(os.listdir(tmp_path / 'o')) == ['a_out.jpg', 'a_out.png', 'a_out_out.png']
 
 
 def test_read_image_types(tmp_path):

@@ -86,6 +86,13 @@ def test_save_halting_pictures_from_the_cli(tmp_path, repo_root):
     same = (np.abs(g1 - src).max(axis=2) <= 1).mean()
     assert same == pytest.approx(1 - keep, abs=0.02)
     assert cv2.imread(str(folder / 'sparsity.png')).shape[0] > 100
+    # a run stopped between the image and its pictures: the re-run redoes the image instead of skipping it
+    import shutil
+
+    shutil.rmtree(folder)
+    assert main(['-i', str(tmp_path / 'cat.png'), '-o', str(tmp_path / 'out'), '--opt', str(tmp_path / 'opt.yml'),
+                 '--weights', str(tmp_path / 'w.pth'), '--save-halting', '-q']) == 0
+    assert (folder / 'halting.json').exists() and (folder / 'overview.png').exists()
 
 
 def test_pictures_get_complete_maps(monkeypatch, tmp_path, repo_root):

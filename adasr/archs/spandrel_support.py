@@ -267,7 +267,11 @@ def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescr
     if osp.splitext(path)[1].lower() == '.safetensors':
         if not osp.isfile(path):
             raise CheckpointError(f'checkpoint not found: {path}')
-        state = ModelLoader().load_state_dict_from_file(path)
+        try:
+            state = ModelLoader().load_state_dict_from_file(path)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise CheckpointError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e}); the file may '
+                                  'be truncated or not a checkpoint') from None
     else:
         state = read_checkpoint(path)
         if isinstance(state.get(param_key), Mapping):
@@ -277,7 +281,8 @@ def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescr
     except UnsupportedModelError:
         raise CheckpointError(f'{path}: spandrel {_spandrel_version()} (with adasr\'s PFT and AdaFormer) recognises '
                               'no architecture in this checkpoint') from None
-    except (KeyError, ValueError, RuntimeError, AssertionError) as e:
+    except (KeyError, ValueError, RuntimeError, AssertionError, AttributeError, TypeError) as e:
+        # (a value that is no tensor where a weight belongs ends in AttributeError / TypeError inside spandrel)
         raise CheckpointError(f'{path}: spandrel detected an architecture but could not load it: {e}') from e
     check_finite_state(descriptor.model.state_dict(), f'checkpoint {path}')
     if not isinstance(descriptor, ImageModelDescriptor):

@@ -39,7 +39,7 @@ def _split_adasr_args(argv: List[str], kind: str):
 
 
 def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
-    from adasr.cli.options import OptionsError, check_options, load_yaml
+    from adasr.cli.options import OptionsError, check_network_builds, check_options, load_yaml
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('-opt', required=True)
@@ -50,6 +50,7 @@ def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
         raise SystemExit(f'error: {e}') from None
     try:
         check_options(opt, is_train=is_train)
+        check_network_builds(opt['network_g'])
     except OptionsError as e:
         raise SystemExit(f'error: {known.opt}: {e}') from None
 

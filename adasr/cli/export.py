@@ -9,6 +9,8 @@ writing the file, the graph is run with onnxruntime on the CPU and compared with
 arguments or a network that cannot be exported. See docs/onnx.md.
 """
 import argparse
+import os
+import os.path as osp
 import sys
 from types import SimpleNamespace
 from typing import Optional, Sequence
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                '  adasr-export --arch Bicubic --scale 4 -o bicubic_x4.onnx --check-image photo.png',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output file')
     add_model_args(p)
     graph = p.add_argument_group('graph')
     graph.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
@@ -59,6 +62,26 @@ def _check_input(args, in_channels: int):
     return torch.rand(1, in_channels, h, w, generator=torch.Generator().manual_seed(0))
 
 
+def _output_problem(args) -> Optional[str]:
+    """Why ``--output`` cannot be written (checked before the network is built), or None."""
+    out = args.output
+    if not out or out.endswith(os.sep) or (os.altsep and out.endswith(os.altsep)):
+        return f'--output {out!r} is a folder name; give the .onnx file to write'
+    if osp.isdir(out):
+        return f'--output {out} is a folder; give the .onnx file to write'
+    for label, path in (('--weights', args.weights), ('--opt', args.opt)):
+        if path and osp.exists(out) and osp.exists(path) and osp.samefile(out, path):
+            return f'--output {out} is the {label} file; it would be replaced by the ONNX graph'
+    folder = osp.dirname(osp.abspath(out))
+    if not osp.isdir(folder):
+        return f'--output {out}: the folder {folder} does not exist'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'--output {out}: the folder {folder} is not writable'
+    if osp.exists(out) and not args.overwrite:
+        return f'--output {out} exists; pass --overwrite to replace it'
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns (and, as a console script, exits with) the status."""
     parser = build_parser()
@@ -68,6 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f'{name} must be positive, got {pair}')
     if args.tolerance <= 0:
         parser.error('--tolerance must be positive')
+    problem = _output_problem(args)
+    if problem:
+        parser.error(problem)
 
     import adasr  # noqa: F401  (shim + registration)
     from adasr.cli.upscale import UsageError, build_model

@@ -10,6 +10,7 @@ ordered mappings), which refuses the tags that build Python objects.
 """
 import difflib
 import inspect
+import math
 import os.path as osp
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -86,10 +87,91 @@ def check_network_opt(net_opt: Mapping, section: str = 'network_g') -> None:
                 constructor_keys(cls))
 
 
+def check_network_builds(net_opt: Mapping, section: str = 'network_g') -> None:
+    """Build the network once without weights (on PyTorch's meta device, which allocates nothing; on the CPU for
+    archs whose constructors compute with tensor values) so that a bad argument value is reported, naming
+    ``section``, before the pipeline makes its folders. The class is called directly: BasicSR's ``build_network``
+    logs, and its first log call would set up BasicSR's logger before the pipeline gives it its log file."""
+    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
+    cls = ARCH_REGISTRY.get(net_opt['type'])
+    try:
+        try:
+            with torch.device('meta'):
+                cls(**kwargs)
+        except (RuntimeError, NotImplementedError) as e:
+            if 'meta' not in str(e):
+                raise
+            cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - any constructor failure is a problem of these arguments
+        raise OptionsError(f'cannot build {section} ({net_opt.get("type")}) with these arguments: '
+                           f'{type(e).__name__}: {e}') from None
+
+
 def check_loss_opt(loss_opt: Mapping, section: str) -> None:
+    if not isinstance(loss_opt, Mapping):
+        raise OptionsError(f'{section} must be a mapping (type: ..., its arguments), got {loss_opt!r}')
     cls = _registered(LOSS_REGISTRY, loss_opt.get('type'), section)
     _check_keys(f"{section} ({loss_opt['type']})", {k: v for k, v in loss_opt.items() if k != 'type'},
                 constructor_keys(cls))
+    weight = loss_opt.get('loss_weight', 1.0)
+    if not (is_real(weight) and math.isfinite(weight) and weight >= 0):
+        # a negative weight trains by gradient ascent, a NaN one skips every step
+        raise OptionsError(f'{section}.loss_weight must be a finite number >= 0, got {weight!r}')
+
+
+#: BasicSR's schedulers by the names its ``setup_schedulers`` accepts
+SCHEDULERS = {'MultiStepLR': 'MultiStepRestartLR', 'MultiStepRestartLR': 'MultiStepRestartLR',
+              'CosineAnnealingRestartLR': 'CosineAnnealingRestartLR'}
+
+
+def check_training_setup(train: Mapping) -> None:
+    """The optimizer (``train.optim_g``, ``optim_d``: a ``torch.optim`` class by name with its own arguments), the
+    scheduler (one BasicSR builds, with its arguments) and the losses (a pixel or perceptual loss to train with)."""
+    for key in ('optim_g', 'optim_d'):
+        optim = train.get(key)
+        if optim is None:
+            if key == 'optim_g':
+                raise OptionsError('train: missing optim_g (e.g. {type: Adam, lr: 2.0e-4})')
+            continue
+        if not isinstance(optim, Mapping) or 'type' not in optim:
+            raise OptionsError(f'train.{key} must be a mapping with a type (a torch.optim optimizer), got {optim!r}')
+        cls = getattr(torch.optim, str(optim['type']), None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                     and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != 'Optimizer']
+            close = difflib.get_close_matches(str(optim['type']), names, n=1)
+            raise OptionsError(f'train.{key}.type: {optim["type"]!r} is not a torch.optim optimizer'
+                               + (f"; did you mean '{close[0]}'?" if close else f'; choose one of {names}'))
+        _check_keys(f'train.{key} ({optim["type"]})', {k: v for k, v in optim.items() if k not in ('type', 'lr')},
+                    set(constructor_keys(cls)) - {'params'})
+        if 'lr' not in optim:
+            raise OptionsError(f'train.{key}: missing lr')
+        betas = optim.get('betas')
+        if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                                      and all(is_real(b) and 0 <= b < 1 for b in betas)):
+            raise OptionsError(f'train.{key}.betas must be two numbers in [0, 1), got {betas!r}')
+    scheduler = train.get('scheduler')
+    if not isinstance(scheduler, Mapping) or 'type' not in scheduler:
+        raise OptionsError('train.scheduler must be a mapping with a type (one of '
+                           f'{sorted(SCHEDULERS)}), got {scheduler!r}')
+    if scheduler['type'] not in SCHEDULERS:
+        close = difflib.get_close_matches(str(scheduler['type']), list(SCHEDULERS), n=1)
+        raise OptionsError(f'train.scheduler.type: {scheduler["type"]!r} is not a scheduler BasicSR builds'
+                           + (f"; did you mean '{close[0]}'?" if close else f'; choose one of {sorted(SCHEDULERS)}'))
+    from basicsr.models import lr_scheduler
+
+    cls = getattr(lr_scheduler, SCHEDULERS[scheduler['type']])
+    _check_keys(f'train.scheduler ({scheduler["type"]})', {k: v for k, v in scheduler.items() if k != 'type'},
+                set(constructor_keys(cls)) - {'optimizer', 'last_epoch'})
+    for key in ('milestones', 'periods', 'restarts', 'restart_weights'):
+        if key in scheduler and not isinstance(scheduler[key], (list, tuple)):
+            raise OptionsError(f'train.scheduler.{key} must be a list, got {scheduler[key]!r}')
+    required = 'milestones' if SCHEDULERS[scheduler['type']] == 'MultiStepRestartLR' else 'periods'
+    if required not in scheduler:
+        raise OptionsError(f'train.scheduler ({scheduler["type"]}): missing {required}')
+    if not (train.get('pixel_opt') or train.get('perceptual_opt')):
+        raise OptionsError('train: no pixel_opt or perceptual_opt: nothing to train with (e.g. pixel_opt: '
+                           '{type: L1Loss, loss_weight: 1.0})')
 
 
 def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None:
@@ -102,6 +184,8 @@ def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None
     io = ds.get('io_backend')
     if not isinstance(io, Mapping) or 'type' not in io:
         raise OptionsError(f'{section}: io_backend must be a mapping with a type (disk or lmdb)')
+    if io['type'] not in ('disk', 'lmdb'):
+        raise OptionsError(f"{section}.io_backend.type: {io['type']!r} is not supported; choose disk or lmdb")
     for root in ('dataroot_gt', 'dataroot_lq'):
         if not check_paths:
             break
@@ -150,9 +234,16 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
     for key in ('name', 'model_type', 'datasets', 'network_g'):
         if key not in opt:
             raise OptionsError(f'the option file has no "{key}"')
+    name = opt['name']
+    if not isinstance(name, str) or not name.strip() or name in ('.', '..') or '/' in name or '\\' in name:
+        # BasicSR makes experiments/<name> and results/<name>: a path there would write elsewhere
+        raise OptionsError(f'name must be a plain folder name (no path separator, not . or ..), got {name!r}')
     model_cls = _registered(MODEL_REGISTRY, opt['model_type'], 'model_type')
     check_network_opt(opt['network_g'], 'network_g')
 
+    seed = opt.get('manual_seed')
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise OptionsError(f'manual_seed must be a non-negative integer, got {seed!r}')
     num_gpu = opt.get('num_gpu', 'auto')
     if num_gpu != 'auto' and (not isinstance(num_gpu, int) or num_gpu < 0):
         raise OptionsError(f'num_gpu must be a non-negative integer or "auto", got {num_gpu!r}')
@@ -178,6 +269,11 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
             raise OptionsError(f'path.{key} does not exist: {path[key]}')
 
     val = opt.get('val')
+    if val is None and not is_train:  # BasicSR's test pipeline reads val (metrics, save_img) for every set
+        raise OptionsError('a test option file needs a "val" section (e.g. val: {save_img: true, metrics: {psnr: '
+                           '{type: calculate_psnr, crop_border: 4, test_y_channel: true}}})')
+    if val is not None and not isinstance(val, Mapping):
+        raise OptionsError(f'val must be a mapping, got {val!r}')
     if val is not None:
         _check_keys('val', val, VAL_KEYS | _declared_keys(model_cls, 'val_option_keys'))
         for key in ('tile', 'tile_pad'):  # AdaSRModel's tiled testing, in LR pixels; checked before training starts
@@ -208,6 +304,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
                 check_loss_opt(train[key], f'train.{key}')
         if 'total_iter' not in train:
             raise OptionsError('train: missing total_iter')
+        check_training_setup(train)
     check_numbers(opt, is_train)
 
 

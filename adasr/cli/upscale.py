@@ -22,7 +22,7 @@ import os.path as osp
 import sys
 import time
 from dataclasses import dataclass, field, fields
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from adasr.ops.config import CONV3X3_METHODS, set_option
 
@@ -169,11 +169,18 @@ def build_model(args) -> Upscaler:
             opt = load_yaml(args.opt)
         except OptionsError as e:  # the message names the file (and the line)
             raise UsageError(str(e)) from None
+        if not isinstance(opt.get('network_g'), dict):
+            raise UsageError(f'{args.opt}: network_g must be a mapping (type: ..., its arguments), got '
+                             f'{type(opt.get("network_g")).__name__}')
         try:
-            net_opt = dict(opt.get('network_g') or {})
+            net_opt = dict(opt['network_g'])
             check_network_opt(net_opt, 'network_g')
         except OptionsError as e:
             raise UsageError(f'{args.opt}: {e}') from None
+        if opt.get('scale') is not None and net_opt.get('upscale') is not None \
+                and opt['scale'] != net_opt['upscale']:
+            raise UsageError(f'{args.opt}: scale: {opt["scale"]} but network_g.upscale: {net_opt["upscale"]}; '
+                             'they must agree')
         scale = opt.get('scale') or net_opt.get('upscale')
         if args.scale is not None and scale is not None and args.scale != scale:
             raise UsageError(f'--scale {args.scale} but {args.opt} is a x{scale} model')
@@ -289,8 +296,11 @@ def list_inputs(path: str) -> List[str]:
     from adasr.utils.image_io import is_image_file
 
     if osp.isdir(path):
-        return sorted(osp.join(path, f) for f in os.listdir(path)
-                      if is_image_file(f) and osp.isfile(osp.join(path, f)) and not f.startswith('.'))
+        found = sorted(osp.join(path, f) for f in os.listdir(path)
+                       if is_image_file(f) and osp.isfile(osp.join(path, f)) and not f.startswith('.'))
+        if not found:
+            raise UsageError(f'no images in {path} (looked for files with an image extension)')
+        return found
     if osp.exists(path):
         return [path]
     raise UsageError(f'input not found: {path}')
@@ -311,6 +321,31 @@ def output_ext(input_path: str, ext: str) -> str:
 def output_path(input_path: str, out_dir: str, ext: str, suffix: str) -> str:
     stem = osp.splitext(osp.basename(input_path))[0]
     return osp.join(out_dir, f'{stem}_{suffix}.{ext}' if suffix else f'{stem}.{ext}')
+
+
+def check_output_names(paths: Sequence[str], args) -> None:
+    """Every input gets an output of its own: no two inputs map to one output (or, with ``--save-halting``, to one
+    halting folder), and no output is another input; checked before the model is built (UsageError naming them)."""
+    if args.suffix and (os.sep in args.suffix or (os.altsep and os.altsep in args.suffix)):
+        raise UsageError(f'--suffix {args.suffix!r} must be a plain name part (no path separator)')
+    inputs = {osp.abspath(p): p for p in paths}
+    seen: Dict[str, str] = {}
+    folders: Dict[str, str] = {}
+    for path in paths:
+        dst = osp.abspath(output_path(path, args.output, output_ext(path, args.ext), args.suffix))
+        if dst in seen:
+            raise UsageError(f'{seen[dst]} and {path} would both be written to {dst}: give them different names, '
+                             'or upscale them into different folders')
+        other = inputs.get(dst)
+        if other is not None and other != path:
+            raise UsageError(f'the output of {path} would replace the input {other} (use another -o or --suffix)')
+        seen[dst] = path
+        if args.save_halting:
+            stem = osp.splitext(osp.basename(path))[0]
+            if stem in folders:
+                raise UsageError(f'{folders[stem]} and {path} would share the halting folder '
+                                 f'{osp.join(args.output, "halting", stem)}: give them different names')
+            folders[stem] = path
 
 
 @dataclass
@@ -412,7 +447,11 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
         if osp.abspath(dst) == osp.abspath(path):
             report.failed.append((path, 'the output would replace the input (use another -o or --suffix)'))
             continue
-        if osp.exists(dst) and not args.overwrite:
+        halting_dir = osp.join(args.output, 'halting', osp.splitext(name)[0])
+        # a re-run resumes: an image is done when its output is there, and its halting pictures where asked for
+        # (halting.json is written last: a run stopped between the image and its pictures redoes the image)
+        if osp.exists(dst) and not args.overwrite and (
+                not args.save_halting or osp.exists(osp.join(halting_dir, 'halting.json'))):
             report.skipped.append(dst)
             log(f'skip {name}: {dst} exists')
             continue
@@ -430,8 +469,7 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
                 report.notes.append(f'{name}: .{ext} cannot hold alpha; alpha dropped')
             write_image(dst, to_stored(out, dtype))
             if collector is not None:
-                folder = osp.join(args.output, 'halting', osp.splitext(name)[0])
-                save_halting_pictures(folder, img.color, collector, title=name, zoom=args.halting_zoom)
+                save_halting_pictures(halting_dir, img.color, collector, title=name, zoom=args.halting_zoom)
         except ImageReadError as e:
             reason = str(e).removeprefix(f'{path}: ')  # the summary names the path itself
             report.failed.append((path, reason))
@@ -462,8 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              ('--halting-zoom', args.halting_zoom, 1)):
         if value is not None and value < low:
             parser.error(f'{name} must be >= {low}, got {value}')
-    if args.max_memory is not None and args.max_memory <= 0:
-        parser.error('--max-memory must be positive (GiB)')
+    if args.max_memory is not None and not 0 < args.max_memory < float('inf'):
+        parser.error(f'--max-memory must be a positive number of GiB, got {args.max_memory}')
     from adasr.utils import distributed
 
     if args.conv3x3 is not None:
@@ -494,6 +532,7 @@ def _upscale(args, rank: int, world_size: int) -> int:
         paths = list_inputs(args.input)
         if args.ext != 'auto':
             output_ext('x.png', args.ext)  # validate early
+        check_output_names(paths, args)
         try:  # before the model is built: a folder that cannot hold the outputs stops the run at once
             orphans = prepare_output_folder(args.output)
         except OutputFolderError as e:

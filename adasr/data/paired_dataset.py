@@ -96,12 +96,20 @@ class PairedSRDataset(PairedImageDataset):
 
     def __getitem__(self, index):
         try:
-            return super().__getitem__(index)
+            sample = super().__getitem__(index)
         except Exception as e:  # noqa: BLE001 - re-raised with the file that caused it
             bad = self._unreadable(index)
             if bad is None:
                 raise
             raise DatasetError(f'cannot read image {bad}') from e
+        if self.opt['phase'] != 'train':  # BasicSR crops GT to LQ x scale; a GT smaller than that fails in a metric
+            scale = self.opt['scale']
+            lq, gt = tuple(sample['lq'].shape[-2:]), tuple(sample['gt'].shape[-2:])
+            if gt != (lq[0] * scale, lq[1] * scale):
+                raise DatasetError(f"{sample['gt_path']} is {gt[0]}x{gt[1]} but its LR {sample['lq_path']} is "
+                                   f'{lq[0]}x{lq[1]}: at x{scale} the GT must be at least {lq[0] * scale}x'
+                                   f'{lq[1] * scale} (is this the LR of another scale?)')
+        return sample
 
     def _unreadable(self, index):
         """Return the first of the pair's paths that does not decode, or None."""

@@ -60,6 +60,9 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
         raise ValueError(f'no images in {folder}')
     if osp.exists(lmdb_path) and not overwrite:
         raise FileExistsError(f'{lmdb_path} exists; pass --overwrite to replace it')
+    if osp.exists(lmdb_path) and not osp.isfile(osp.join(lmdb_path, 'data.mdb')):
+        raise ValueError(f'{lmdb_path} exists and is not an LMDB (no data.mdb in it); --overwrite replaces only an '
+                         'LMDB: move it away first')
     keys = lmdb_keys(paths, strip_suffix)
     total = sum(osp.getsize(osp.join(folder, p)) for p in paths)
     map_size = max(10 * total, 1 << 26)  # PNG level 1 re-encoding can be several times larger than the source
@@ -69,11 +72,39 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
     if osp.exists(partial):
         shutil.rmtree(partial)
     os.makedirs(osp.dirname(osp.abspath(lmdb_path)), exist_ok=True)
-    make_lmdb_from_imgs(folder, partial, paths, keys, compress_level=compress_level, map_size=map_size)
+    try:
+        make_lmdb_from_imgs(folder, partial, paths, keys, compress_level=compress_level, map_size=map_size)
+    except Exception:
+        shutil.rmtree(partial, ignore_errors=True)
+        bad = _undecodable(folder, paths)  # looked for only now: a good folder is not decoded twice
+        if bad is None:
+            raise
+        raise ValueError(f'{osp.join(folder, bad)}: cannot be decoded as an image (truncated or not an image); '
+                         'no LMDB was written') from None
     if osp.exists(lmdb_path):
         shutil.rmtree(lmdb_path)
     os.replace(partial, lmdb_path)
     return len(paths), lmdb_path
+
+
+def _check_separate(inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """No output folder is an input folder (its files would be mixed with the user's images)."""
+    ins = {osp.realpath(p): p for p in inputs}
+    for out in outputs:
+        if osp.realpath(out) in ins:
+            raise ValueError(f'the output folder {out} is the input folder {ins[osp.realpath(out)]}: write into '
+                             'another folder')
+
+
+def _undecodable(folder: str, paths: Sequence[str]) -> Optional[str]:
+    """The first of ``paths`` (relative to ``folder``) that OpenCV cannot decode, or None."""
+    import cv2
+
+    for p in paths:
+        img = cv2.imread(osp.join(folder, p), cv2.IMREAD_UNCHANGED)
+        if img is None or img.size == 0:
+            return p
+    return None
 
 
 def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
@@ -168,6 +199,7 @@ def generate_bicubic_lr(hr_folder: str, out_folders: Mapping[int, str], suffix_t
     HR images whose sides are not multiples of the scale are mod-cropped first. Existing outputs are kept, so an
     interrupted run resumes where it stopped.
     """
+    _check_separate([hr_folder], list(out_folders.values()))
     names = list_images(hr_folder)
     if not names:
         raise ValueError(f'no images in {hr_folder}')
@@ -284,6 +316,7 @@ def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tup
     Each finished image leaves a marker under ``<hr_out>/.done/``; a re-run skips those images (resumable).
     """
     lr = dict(lr or {})
+    _check_separate([hr_folder] + [f for f, _ in lr.values()], [hr_out] + [o for _, o in lr.values()])
     for s in lr:
         if not isinstance(s, int) or s < 1 or crop_size % s or step % s:
             raise ValueError(f'crop_size {crop_size} and step {step} must be multiples of every scale, got x{s}')

@@ -43,10 +43,14 @@ def read_checkpoint(path: str) -> Mapping:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted download or copy?')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True: {e}') from e
+        detail = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
+        raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True ({detail}); the file may be '
+                              'truncated or not a PyTorch checkpoint') from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, not a state dict')
     return obj

@@ -1,4 +1,5 @@
 """Argument checks shared by every layer: each raises a ValueError that names the option (or the data)."""
+import math
 from typing import Tuple
 
 
@@ -15,8 +16,8 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 
 
 def check_positive(name: str, value) -> float:
-    """Return ``value`` as a float if it is a number > 0, else raise a ValueError naming the option."""
-    if not is_real(value) or value <= 0:
+    """Return ``value`` as a float if it is a finite number > 0, else raise a ValueError naming the option."""
+    if not is_real(value) or not 0 < value < math.inf:
         raise ValueError(f'{name} must be a positive number, got {value!r}')
     return float(value)
 
