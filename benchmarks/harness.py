@@ -241,13 +241,14 @@ def _sparse_flop_formulas() -> Dict:
 
 
 def _sequential_attention() -> contextlib.AbstractContextManager:
-    """Run adasr's tiled attention in the calling thread (``adasr.ops.config`` option ``threads=0``), where the
-    FLOP counter sees every operation, for the duration."""
+    """Run adasr's tiled attention in the calling thread (``adasr.ops.config`` option ``threads=0``) and PFT's layers
+    by PyTorch's operators (``pft_kernel='torch'``: the compiled kernels do the same products, invisibly to the
+    counter), where the FLOP counter sees every operation, for the duration."""
     try:
         from adasr.ops import config
     except ImportError:  # a checkout without adasr.ops
         return contextlib.nullcontext()
-    return config.options(threads=0)
+    return config.options(threads=0, pft_kernel='torch')
 
 
 def count_macs(net, x, window_size: int = 1, scale: int = 1) -> Tuple[float, str, Dict[str, float]]:

@@ -311,3 +311,20 @@ def test_environment_line_names_the_isa_threads_and_load(monkeypatch):
     line = environment_line(3)
     assert 'PyTorch ISA AVX2' in line and '3 threads' in line and 'load ' in line and 'malloc env ' in line
     assert f'{torch.get_num_threads()} threads' in environment_line()
+
+
+def test_pft_macs_are_counted_whatever_kernel_runs():
+    """PFT's compiled layer kernels do their products out of the counter's sight: the harness counts PFT by
+    PyTorch's operators, so the count is the same whichever kernel the option picks."""
+    from adasr.archs.pft_arch import PFT
+    from adasr.ops import config
+    from tests.helpers import pft_fixtures as fixtures
+
+    torch.manual_seed(0)
+    net = PFT(**fixtures.GUARDS['light_x4']).eval()
+    x = torch.rand(1, 3, 16, 16)
+    counts = []
+    for kernel in ('numba', 'torch'):
+        with config.options(pft_kernel=kernel):
+            counts.append(count_macs(net, x)[0])
+    assert counts[0] == counts[1] > 0
