@@ -42,6 +42,13 @@ def test_missing_file_and_wrong_entries(tmp_path):
     torch.save({'optimizer': {'lr': 1.0}, 'epoch': 3}, tmp_path / 'state.pth')
     with pytest.raises(CheckpointError, match="top-level keys are \\['epoch', 'optimizer'\\]"):
         load_checkpoint(str(tmp_path / 'state.pth'))
+    # an entry asked for by name (a typo, say) is not replaced by another; params and params_ema stand in for each other
+    torch.save({'params': _net().state_dict()}, tmp_path / 'params.pth')
+    with pytest.raises(CheckpointError, match="no entry 'parmas'; its top-level keys are \\['params'\\]"):
+        load_checkpoint(str(tmp_path / 'params.pth'), 'parmas')
+    (tmp_path / 'zero.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='is empty'):
+        load_checkpoint(str(tmp_path / 'zero.pth'))
 
 
 def test_mismatch_names_keys_and_shapes(tmp_path):

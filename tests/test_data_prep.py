@@ -294,7 +294,18 @@ def test_outputs_never_go_into_an_input_folder(tmp_path):
         generate_bicubic_lr(str(hr), {2: str(hr)})
     with pytest.raises(ValueError, match='is the input folder'):
         extract_subimages(str(hr), str(hr), crop_size=8, step=8)
-    assert os.listdir(hr) == ['a.png']
+    cv2.imwrite(str(hr / 'dot.png'), np.full((1, 1, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match='dot.png is 1x1: too small for an x2 LR image'):
+        generate_bicubic_lr(str(hr), {2: str(tmp_path / 'lr')}, progress=False)
+    assert sorted(os.listdir(hr)) == ['a.png', 'dot.png']
+
+
+def test_subimages_of_images_smaller_than_a_crop_are_an_error(tmp_path):
+    hr = tmp_path / 'hr'
+    hr.mkdir()
+    cv2.imwrite(str(hr / 'a.png'), np.full((64, 64, 3), 90, np.uint8))
+    with pytest.raises(SystemExit, match='no sub-image was written: every image .* is smaller than --crop-size 480'):
+        load_script('extract_subimages').main(['--hr', str(hr), '--hr-out', str(tmp_path / 'out')])
 
 
 def test_div2k_pipeline_makes_matching_lmdbs_and_resumes(tmp_path):

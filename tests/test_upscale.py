@@ -275,7 +275,9 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, registered_test_n
     # mapping: both named before anything is built
     for bad, words in (({'scale': 2, 'network_g': {'type': 'Bicubic', 'upscale': 4}},
                         'scale: 2 but network_g.upscale: 4'),
-                       ({'scale': 2, 'network_g': [1, 2]}, 'network_g must be a mapping')):
+                       ({'scale': 2, 'network_g': [1, 2]}, 'network_g must be a mapping'),
+                       ({'scale': 2, 'pth': {}, 'network_g': {'type': 'Bicubic', 'upscale': 2}},
+                        "unknown key 'pth' in the option file (did you mean 'path'?)")):
         (tmp_path / 'bad.yml').write_text(yaml.safe_dump(bad))
         assert main(['-i', a, '-o', str(tmp_path / 'o'), '--opt', str(tmp_path / 'bad.yml')]) == 2
         assert words in capsys.readouterr().err

@@ -56,7 +56,7 @@ def _suggest(key: str, known: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _check_keys(section: str, given: Mapping, known: Iterable[str]) -> None:
+def check_keys(section: str, given: Mapping, known: Iterable[str]) -> None:
     known = set(known)
     for key in given:
         if key not in known:
@@ -83,7 +83,7 @@ def check_network_opt(net_opt: Mapping, section: str = 'network_g') -> None:
     if not isinstance(net_opt, Mapping):
         raise OptionsError(f'{section} must be a mapping with a "type"')
     cls = _registered(ARCH_REGISTRY, net_opt.get('type'), section)
-    _check_keys(f"{section} ({net_opt['type']})", {k: v for k, v in net_opt.items() if k != 'type'},
+    check_keys(f"{section} ({net_opt['type']})", {k: v for k, v in net_opt.items() if k != 'type'},
                 constructor_keys(cls))
 
 
@@ -111,7 +111,7 @@ def check_loss_opt(loss_opt: Mapping, section: str) -> None:
     if not isinstance(loss_opt, Mapping):
         raise OptionsError(f'{section} must be a mapping (type: ..., its arguments), got {loss_opt!r}')
     cls = _registered(LOSS_REGISTRY, loss_opt.get('type'), section)
-    _check_keys(f"{section} ({loss_opt['type']})", {k: v for k, v in loss_opt.items() if k != 'type'},
+    check_keys(f"{section} ({loss_opt['type']})", {k: v for k, v in loss_opt.items() if k != 'type'},
                 constructor_keys(cls))
     weight = loss_opt.get('loss_weight', 1.0)
     if not (is_real(weight) and math.isfinite(weight) and weight >= 0):
@@ -142,7 +142,7 @@ def check_training_setup(train: Mapping) -> None:
             close = difflib.get_close_matches(str(optim['type']), names, n=1)
             raise OptionsError(f'train.{key}.type: {optim["type"]!r} is not a torch.optim optimizer'
                                + (f"; did you mean '{close[0]}'?" if close else f'; choose one of {names}'))
-        _check_keys(f'train.{key} ({optim["type"]})', {k: v for k, v in optim.items() if k not in ('type', 'lr')},
+        check_keys(f'train.{key} ({optim["type"]})', {k: v for k, v in optim.items() if k not in ('type', 'lr')},
                     set(constructor_keys(cls)) - {'params'})
         if 'lr' not in optim:
             raise OptionsError(f'train.{key}: missing lr')
@@ -161,7 +161,7 @@ def check_training_setup(train: Mapping) -> None:
     from basicsr.models import lr_scheduler
 
     cls = getattr(lr_scheduler, SCHEDULERS[scheduler['type']])
-    _check_keys(f'train.scheduler ({scheduler["type"]})', {k: v for k, v in scheduler.items() if k != 'type'},
+    check_keys(f'train.scheduler ({scheduler["type"]})', {k: v for k, v in scheduler.items() if k != 'type'},
                 set(constructor_keys(cls)) - {'optimizer', 'last_epoch'})
     for key in ('milestones', 'periods', 'restarts', 'restart_weights'):
         if key in scheduler and not isinstance(scheduler[key], (list, tuple)):
@@ -180,7 +180,7 @@ def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None
         raise OptionsError(f'{section} must be a mapping')
     cls = _registered(DATASET_REGISTRY, ds.get('type'), section)
     if cls.__name__ in ('PairedImageDataset', 'PairedSRDataset'):
-        _check_keys(section, ds, PAIRED_DATASET_KEYS)
+        check_keys(section, ds, PAIRED_DATASET_KEYS)
     io = ds.get('io_backend')
     if not isinstance(io, Mapping) or 'type' not in io:
         raise OptionsError(f'{section}: io_backend must be a mapping with a type (disk or lmdb)')
@@ -230,7 +230,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
 
     With ``check_paths`` off, only the structure is checked (dataset roots and checkpoints may be absent).
     """
-    _check_keys('the option file', opt, TOP_KEYS)
+    check_keys('the option file', opt, TOP_KEYS)
     for key in ('name', 'model_type', 'datasets', 'network_g'):
         if key not in opt:
             raise OptionsError(f'the option file has no "{key}"')
@@ -263,7 +263,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
         raise OptionsError('a training option file needs datasets.train')
 
     path = opt.get('path') or {}
-    _check_keys('path', path, PATH_KEYS)
+    check_keys('path', path, PATH_KEYS)
     for key in ('pretrain_network_g', 'pretrain_network_d', 'resume_state'):
         if check_paths and path.get(key) and not osp.isfile(osp.expanduser(path[key])):
             raise OptionsError(f'path.{key} does not exist: {path[key]}')
@@ -275,7 +275,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
     if val is not None and not isinstance(val, Mapping):
         raise OptionsError(f'val must be a mapping, got {val!r}')
     if val is not None:
-        _check_keys('val', val, VAL_KEYS | _declared_keys(model_cls, 'val_option_keys'))
+        check_keys('val', val, VAL_KEYS | _declared_keys(model_cls, 'val_option_keys'))
         for key in ('tile', 'tile_pad'):  # AdaSRModel's tiled testing, in LR pixels; checked before training starts
             value = val.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -284,11 +284,11 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
             check_precision_opt(val['precision'], num_gpu, check_device=check_paths)
         for name, m in (val.get('metrics') or {}).items():
             _registered(METRIC_REGISTRY, m.get('type'), f'val.metrics.{name}')
-            _check_keys(f'val.metrics.{name}', m, METRIC_KEYS)
+            check_keys(f'val.metrics.{name}', m, METRIC_KEYS)
 
     logger = opt.get('logger')
     if logger is not None:
-        _check_keys('logger', logger, LOGGER_KEYS)
+        check_keys('logger', logger, LOGGER_KEYS)
 
     if is_train:
         train = opt.get('train')
@@ -297,7 +297,7 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
         if logger is None:
             raise OptionsError('a training option file needs a "logger" section')
         loss_keys = {k for k in train if k.endswith('_opt')}
-        _check_keys('train', {k: v for k, v in train.items() if k not in loss_keys},
+        check_keys('train', {k: v for k, v in train.items() if k not in loss_keys},
                     TRAIN_KEYS | _declared_keys(model_cls, 'train_option_keys'))
         for key in sorted(loss_keys):
             if train[key] is not None:

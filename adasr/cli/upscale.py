@@ -150,7 +150,7 @@ def build_model(args) -> Upscaler:
     from basicsr.utils.registry import ARCH_REGISTRY
 
     from adasr.archs.interface import arch_traits
-    from adasr.cli.options import OptionsError, check_network_opt, load_yaml
+    from adasr.cli.options import TOP_KEYS, OptionsError, check_keys, check_network_opt, load_yaml
     from adasr.inference.precision import PrecisionError, resolve_precision
     from adasr.utils.checkpoint import CheckpointError, load_weights
 
@@ -169,6 +169,10 @@ def build_model(args) -> Upscaler:
             opt = load_yaml(args.opt)
         except OptionsError as e:  # the message names the file (and the line)
             raise UsageError(str(e)) from None
+        try:  # a misspelt top-level key (pth: for path:) would otherwise be ignored without a word
+            check_keys('the option file', opt, TOP_KEYS)
+        except OptionsError as e:
+            raise UsageError(f'{args.opt}: {e}') from None
         if not isinstance(opt.get('network_g'), dict):
             raise UsageError(f'{args.opt}: network_g must be a mapping (type: ..., its arguments), got '
                              f'{type(opt.get("network_g")).__name__}')

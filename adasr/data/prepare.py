@@ -188,6 +188,8 @@ def _lr_job(job) -> int:
         return -1
     hr = read_uint8(src)
     for s, p in todo:
+        if min(hr.shape[:2]) < s:
+            raise ValueError(f'{src} is {hr.shape[0]}x{hr.shape[1]}: too small for an x{s} LR image')
         write_image(p, bicubic_lr(hr, s), compress_level=3)
     return len(todo)
 

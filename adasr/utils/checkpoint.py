@@ -21,7 +21,8 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
 
     Accepts BasicSR files (``{'params': ..., 'params_ema': ...}``) and bare state dicts (the AdaFormer authors'
     ``model_x4.pt`` layout). ``param_key`` picks the entry; when it is missing, ``params_ema`` falls back to
-    ``params`` and vice versa, and a bare state dict is used as it is. A ``module.`` prefix (DataParallel) is
+    ``params`` and vice versa (another name missing is an error: no other entry stands in for it), and a bare state
+    dict is used as it is. A ``module.`` prefix (DataParallel) is
     removed.
 
     Raises:
@@ -94,6 +95,9 @@ def _pick_entry(obj: Mapping, param_key: Optional[str], path: str) -> Mapping:
             order.append('params')
         elif param_key == 'params':
             order.append('params_ema')
+        elif not isinstance(obj.get(param_key), Mapping):  # an entry asked for by name: no other one stands in
+            raise CheckpointError(f'checkpoint {path} has no entry {param_key!r}; its top-level keys are '
+                                  f'{sorted(obj)}')
     order += [k for k in PARAM_KEYS if k not in order]
     for key in order:
         if key in obj and isinstance(obj[key], Mapping):

@@ -45,6 +45,9 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}') from None
     print(f'sub-images: {report}')
+    if report.processed and not report.written:  # every image smaller than one crop: nothing to train on
+        raise SystemExit(f'error: no sub-image was written: every image in {args.hr} is smaller than --crop-size '
+                         f'{args.crop_size}')
 
 
 if __name__ == '__main__':
