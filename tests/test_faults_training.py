@@ -11,6 +11,8 @@ import sys
 import time
 from collections import Counter
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -207,7 +209,8 @@ def test_option_files_cannot_run_code(tmp_path, monkeypatch, capsys):
                           text=True, timeout=600)
     assert proc.returncode != 0 and f'{evil}, line 5' in proc.stderr and 'Traceback' not in proc.stderr
 
-    assert upscale(['-i', str(tmp_path), '-o', str(tmp_path / 'out'), '--opt', str(evil), '-q']) != 0
+    cv2.imwrite(str(tmp_path / 'a.png'), np.zeros((8, 8, 3), np.uint8))  # an input, so the option file is what stops
+    assert upscale(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'out'), '--opt', str(evil), '-q']) != 0
     assert f'adasr-upscale: error: {evil}, line 5: ' in capsys.readouterr().err
 
     monkeypatch.setattr(sys, 'argv', ['train.py', '-opt', str(evil)])
