@@ -329,7 +329,7 @@ def output_path(input_path: str, out_dir: str, ext: str, suffix: str) -> str:
 
 def check_output_names(paths: Sequence[str], args) -> None:
     """Every input gets an output of its own: no two inputs map to one output (or, with ``--save-halting``, to one
-    halting folder), and no output is another input; checked before the model is built (UsageError naming them)."""
+    halting folder), and no output is an input; checked before the model is built (UsageError naming them)."""
     if args.suffix and (os.sep in args.suffix or (os.altsep and os.altsep in args.suffix)):
         raise UsageError(f'--suffix {args.suffix!r} must be a plain name part (no path separator)')
     inputs = {osp.abspath(p): p for p in paths}
@@ -341,7 +341,7 @@ def check_output_names(paths: Sequence[str], args) -> None:
             raise UsageError(f'{seen[dst]} and {path} would both be written to {dst}: give them different names, '
                              'or upscale them into different folders')
         other = inputs.get(dst)
-        if other is not None and other != path:
+        if other is not None:
             raise UsageError(f'the output of {path} would replace the input {other} (use another -o or --suffix)')
         seen[dst] = path
         if args.save_halting:
@@ -448,9 +448,6 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
         name = osp.basename(path)
         ext = output_ext(path, args.ext)
         dst = output_path(path, args.output, ext, args.suffix)
-        if osp.abspath(dst) == osp.abspath(path):
-            report.failed.append((path, 'the output would replace the input (use another -o or --suffix)'))
-            continue
         halting_dir = osp.join(args.output, 'halting', osp.splitext(name)[0])
         # a re-run resumes: an image is done when its output is there, and its halting pictures where asked for
         # (halting.json is written last: a run stopped between the image and its pictures redoes the image)

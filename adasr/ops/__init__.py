@@ -38,8 +38,6 @@ from adasr.ops.sparse_attention import (
     torch_sparse_qk,
 )
 
-_triton_ok: Optional[bool] = None
-
 
 def get_backend() -> str:
     """The backend in force: set by :func:`set_backend`, else ``ADASR_SPARSE_BACKEND``, else ``'auto'``."""
@@ -60,14 +58,9 @@ def backend(name: str) -> Iterator[None]:
 
 def triton_available() -> bool:
     """True when the ``triton`` package imports (checked once, lazily)."""
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            import triton  # noqa: F401
-            _triton_ok = True
-        except Exception:  # noqa: BLE001 - any import failure means "not available"
-            _triton_ok = False
-    return _triton_ok
+    from adasr.ops.codegen import importable
+
+    return importable('triton')
 
 
 def resolve_backend(device: torch.device) -> str:

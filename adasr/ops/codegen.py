@@ -10,7 +10,9 @@ a writable directory the source is compiled in memory for the process (``cache=T
 
 Functions written in a module (not generated) are compiled by :func:`compile_function`, with the same fallbacks.
 """
+import functools
 import hashlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -59,20 +61,21 @@ def load_module(kind: str, key: Hashable, name: str, source) -> types.ModuleType
         return module
 
 
-_numba_ok = None
+@functools.lru_cache(maxsize=None)
+def importable(module: str) -> bool:
+    """True when the optional dependency ``module`` imports (checked once per process); any import failure means
+    not available."""
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
 
 
 def numba_available() -> bool:
     """True when numba imports (checked once): the kernels of :mod:`adasr.ops` compile; else their PyTorch
     fallbacks run."""
-    global _numba_ok
-    if _numba_ok is None:
-        try:
-            import numba  # noqa: F401
-            _numba_ok = True
-        except Exception:  # noqa: BLE001 - any import failure means "not available"
-            _numba_ok = False
-    return _numba_ok
+    return importable('numba')
 
 
 def compile_function(fn, **options):
