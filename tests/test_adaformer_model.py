@@ -110,8 +110,13 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
 
     before, steps = snapshot(), model.optimizer_g.state_dict()['state']
     model.feed_data(bad)
-    with caplog.at_level(logging.WARNING, logger='basicsr'):
-        model.optimize_parameters(1)
+    logger = logging.getLogger('basicsr')  # BasicSR's root logger does not propagate once it is set up
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger='basicsr'):
+            model.optimize_parameters(1)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert 'iter 1: the loss is not finite (l_pix: nan' in caplog.text and '1 in a row' in caplog.text
     for old, new in zip(before, snapshot()):
         assert all(torch.equal(old[k], new[k]) for k in old)
@@ -123,6 +128,26 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
     model.optimize_parameters(3)
     with pytest.raises(TrainingDivergedError, match='not finite for 2 steps in a row'):
         model.optimize_parameters(4)
+
+
+def test_a_run_that_applied_no_step_fails_at_its_last_step(tmp_path):
+    """A run shorter than max_nonfinite_steps whose every loss was NaN changed nothing: its last step raises
+    (before: it ended with exit 0); one applied step makes a skipped last step a warning only."""
+    from adasr.models.adasr_model import TrainingDivergedError
+
+    bad = _batch()
+    bad['gt'][0, 0, 0, 0] = float('nan')
+    model = AdaFormerModel(_opt(tmp_path, train={'total_iter': 3, 'max_nonfinite_steps': 10}))
+    model.feed_data(bad)
+    model.optimize_parameters(1)
+    model.optimize_parameters(2)
+    with pytest.raises(TrainingDivergedError, match='not finite for 3 steps in a row .*no step of this run did'):
+        model.optimize_parameters(3)
+    model = AdaFormerModel(_opt(tmp_path, train={'total_iter': 2, 'max_nonfinite_steps': 10}))
+    model.feed_data(_batch())
+    model.optimize_parameters(1)
+    model.feed_data(bad)
+    model.optimize_parameters(2)  # skipped with a warning; step 1 trained
 
 
 def test_nonfinite_weights_are_never_saved(tmp_path):

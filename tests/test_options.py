@@ -249,6 +249,21 @@ def test_safe_loader_keeps_basicsr_types_and_refuses_python_tags(tmp_path):
     assert not marker.exists()
 
 
+def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently (a pasted block with ``lr: 2e-4`` and later ``lr: 2e-3``
+    would train with one of them unseen): refused, naming the file and both lines. A merged anchor's key may still
+    be overridden, as YAML allows."""
+    twice = tmp_path / 'twice.yml'
+    twice.write_text('name: x\ntrain:\n  total_iter: 10\n  optim_g: {type: Adam}\n  total_iter: 20\n')
+    with pytest.raises(OptionsError) as err:
+        load_yaml(str(twice))
+    assert f'{twice}, line 5' in str(err.value) and "'total_iter' appears twice" in str(err.value)
+    assert 'first on line 3' in str(err.value) and 'python/' not in str(err.value)
+    merged = tmp_path / 'merged.yml'
+    merged.write_text('base: &b {lr: 1, gamma: 2}\ntrain:\n  <<: *b\n  lr: 3\n')
+    assert load_yaml(str(merged))['train'] == {'lr': 3, 'gamma': 2}
+
+
 def test_force_yml_values_are_parsed_as_data(tmp_path):
     from adasr.cli.options import apply_overrides, parse_overrides
 

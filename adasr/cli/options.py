@@ -385,7 +385,21 @@ class OptionLoader(yaml.SafeLoader):
     (``!!python/object/apply:os.system``) have no constructor here and are refused."""
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping of an option file names one key twice (PyYAML would keep the last value without a word)."""
+
+
 def _ordered_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> OrderedDict:
+    seen = {}
+    for key_node, _ in node.value:  # the mapping's own keys; a merged anchor's keys may be overridden (YAML 1.1)
+        if key_node.tag == 'tag:yaml.org,2002:merge' or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise DuplicateKeyError(None, None, f'key {key!r} appears twice in one mapping (first on line '
+                                    f'{seen[key] + 1}); PyYAML would keep the second silently',
+                                    key_node.start_mark)
+        seen[key] = key_node.start_mark.line
     loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
     return OrderedDict(loader.construct_pairs(node))
 
@@ -481,7 +495,8 @@ def load_yaml(path: str, overrides: Sequence[Override] = ()) -> dict:
     """Read an option file with :class:`OptionLoader` (then apply ``overrides``); errors name the file and line.
 
     Raises:
-        OptionsError: the file is missing, is not YAML, holds a Python tag, or is not a mapping.
+        OptionsError: the file is missing, is not YAML, holds a Python tag or a key twice in one mapping, or is not
+            a mapping.
     """
     if not osp.isfile(path):
         raise OptionsError(f'option file not found: {path}')
@@ -490,8 +505,9 @@ def load_yaml(path: str, overrides: Sequence[Override] = ()) -> dict:
             opt = yaml.load(f, Loader=OptionLoader)
     except yaml.constructor.ConstructorError as e:
         line = f', line {e.problem_mark.line + 1}' if e.problem_mark else ''
-        raise OptionsError(f'{path}{line}: {e.problem}; option files are plain data and tags that build Python '
-                           'objects (!!python/...) are refused') from None
+        why = '' if isinstance(e, DuplicateKeyError) else ('; option files are plain data and tags that build '
+                                                           'Python objects (!!python/...) are refused')
+        raise OptionsError(f'{path}{line}: {e.problem}{why}') from None
     except yaml.YAMLError as e:
         raise OptionsError(f'{path} is not valid YAML: {e}') from e
     if not isinstance(opt, Mapping):

@@ -47,7 +47,8 @@ class AdaSRModel(SRModel):
     * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`);
     * finite or stop: a step whose loss is NaN or inf is skipped (no optimizer step, no EMA update) with a warning,
       and ``train.max_nonfinite_steps`` (default 10) such steps in a row stop the run with
-      :class:`TrainingDivergedError`; weights with NaN or inf are never saved;
+      :class:`TrainingDivergedError`, as does a run that reaches ``total_iter`` without applying one step; weights
+      with NaN or inf are never saved;
     * checkpoints (``net_g_*.pth``, ``*.state``) written atomically, and a failed write stops the run with an error
       naming the file (BasicSR logs "Just ignore it" and goes on);
     * validation refuses, before running the network, a ground truth too small for a metric (SSIM needs 11 pixels
@@ -86,6 +87,7 @@ class AdaSRModel(SRModel):
         super().init_training_settings()
         self.max_nonfinite_steps = self.opt['train'].get('max_nonfinite_steps', MAX_NONFINITE_STEPS)
         self.nonfinite_run = 0  # steps in a row whose loss was not finite
+        self.applied_steps = 0  # steps of this process that changed the weights
 
     def optimize_parameters(self, current_iter):
         self.optimizer_g.zero_grad()
@@ -127,14 +129,17 @@ class AdaSRModel(SRModel):
             torch.distributed.all_reduce(bad)
         if not bad.item():
             self.nonfinite_run = 0
+            self.applied_steps += 1
             return True
         self.nonfinite_run += 1
         terms = ', '.join(f'{k}: {v:.4g}' for k, v in self.log_dict.items())
-        if self.nonfinite_run >= self.max_nonfinite_steps:
+        last_step = current_iter >= self.opt['train'].get('total_iter', float('inf'))
+        if self.nonfinite_run >= self.max_nonfinite_steps or (last_step and not self.applied_steps):
             message = (
                 f'training diverged: the loss was not finite for {self.nonfinite_run} steps in a row (iter '
-                f'{current_iter}; {terms}); these steps did not change the weights. Lower train.optim_g.lr or check '
-                'the data (train.max_nonfinite_steps sets the limit)')
+                f'{current_iter}; {terms}); these steps did not change the weights'
+                f'{"" if self.applied_steps else ", and no step of this run did"}. Lower train.optim_g.lr or '
+                'check the data (train.max_nonfinite_steps sets the limit)')
             get_root_logger().error(message)
             raise TrainingDivergedError(message)
         get_root_logger().warning(f'iter {current_iter}: the loss is not finite ({terms}); step skipped '
