@@ -140,6 +140,20 @@ def test_network_argument_values_are_checked_by_building(base_test_opt):
         check_network_builds(base_test_opt['network_g'])
 
 
+@pytest.mark.parametrize('net, hint', [
+    ({'type': 'SwinIR', 'embed_dim': 'twelve'}, "network_g.embed_dim is 'twelve' where SwinIR's default is 96"),
+    ({'type': 'HAT', 'depths': 6}, "network_g.depths is 6 where HAT's default is (6, 6, 6, 6, 6, 6)"),
+])
+def test_a_failed_build_names_the_argument_unlike_its_default(net, hint):
+    """A constructor's own message may say nothing of the key ("not all arguments converted during string
+    formatting" for SwinIR's embed_dim: twelve): the error adds each value of another kind than the default."""
+    from adasr.cli.options import check_network_builds
+
+    with pytest.raises(OptionsError) as err:
+        check_network_builds(net)
+    assert hint in str(err.value)
+
+
 def test_seed_and_io_backend_are_checked(base_test_opt):
     base_test_opt['manual_seed'] = 'ten'
     with pytest.raises(OptionsError, match='manual_seed must be a non-negative integer'):

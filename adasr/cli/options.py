@@ -103,8 +103,37 @@ def check_network_builds(net_opt: Mapping, section: str = 'network_g') -> None:
                 raise
             cls(**kwargs)
     except Exception as e:  # noqa: BLE001 - any constructor failure is a problem of these arguments
+        hint = ''.join(f'; {section}.{k} is {v!r} where {net_opt.get("type")}\'s default is {d!r}'
+                       for k, v, d in _unlike_defaults(cls, kwargs))
         raise OptionsError(f'cannot build {section} ({net_opt.get("type")}) with these arguments: '
-                           f'{type(e).__name__}: {e}') from None
+                           f'{type(e).__name__}: {e}{hint}') from None
+
+
+def _unlike_defaults(cls: type, kwargs: Mapping) -> List[Tuple[str, Any, Any]]:
+    """(key, value, default) for each argument whose value is of another kind than the constructor's default: text
+    for a number, a scalar for a list, a number or text for a flag. Only a hint for a failed build: constructors
+    may accept more than their default's type."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return []
+
+    def kind(x):
+        if isinstance(x, bool):
+            return 'flag'
+        if is_real(x):
+            return 'number'
+        return 'text' if isinstance(x, str) else 'list' if isinstance(x, (list, tuple)) else None
+
+    found = []
+    for key, value in kwargs.items():
+        param = params.get(key)
+        if param is None or param.default is inspect.Parameter.empty or kind(param.default) is None:
+            continue
+        want, got = kind(param.default), kind(value)
+        if got != want and not (want == 'list' and got is None):
+            found.append((key, value, param.default))
+    return found
 
 
 def check_loss_opt(loss_opt: Mapping, section: str) -> None:
