@@ -116,6 +116,19 @@ def test_extract_subimages_resumes_and_rejects_wrong_lr(tmp_path):
     os.remove(tmp_path / 'sub' / '.done' / 'b')  # an image interrupted half-way is done again
     assert extract_subimages(*args, crop_size=24, step=12, progress=False).processed == 1
 
+    # a scale added later is cut from the same positions, the HR crops kept; other crop settings are refused
+    os.makedirs(tmp_path / 'X2')
+    cv2.imwrite(str(tmp_path / 'X2' / 'a.png'), bicubic_lr(hr, 2))
+    cv2.imwrite(str(tmp_path / 'X2' / 'b.png'), bicubic_lr(hr[:, ::-1], 2))
+    both = {**args[2], 2: (str(tmp_path / 'X2'), str(tmp_path / 'sub2'))}
+    added = extract_subimages(args[0], args[1], both, crop_size=24, step=12, progress=False)
+    assert (added.processed, added.written) == (2, 2 * 9) and os.path.getmtime(tmp_path / 'sub' / 'a_s001.png') == mtime
+    assert sorted(os.listdir(tmp_path / 'sub2')) == sorted(f for f in os.listdir(tmp_path / 'sub') if f != '.done')
+    assert extract_subimages(args[0], args[1], both, crop_size=24, step=12, progress=False).skipped == 2
+    with pytest.raises(ValueError, match=r"cut with \{'crop_size': 24, 'step': 12, 'thresh_size': 0\}, not "
+                                         r"\{'crop_size': 16"):
+        extract_subimages(*args, crop_size=16, step=8, progress=False)
+
     cv2.imwrite(str(tmp_path / 'X4' / 'a.png'), bicubic_lr(hr, 2))  # an x2 file in the x4 folder
     with pytest.raises(ValueError, match=r'X4/a.png is 24x24 but its HR .*a.png is 48x48: not an x4 pair'):
         extract_subimages(str(tmp_path / 'HR'), str(tmp_path / 'other'),
@@ -240,8 +253,32 @@ def test_div8k_test_sets_sizes_names_and_resume(tmp_path):
 def test_lmdb_keys_strip_suffix_and_reject_duplicates():
     assert lmdb_keys(['X4/0001x4.png', 'X4/0002x4.png'], 'x4') == ['0001', '0002']
     assert lmdb_keys(['0001_s001.png'], 'x4') == ['0001_s001']  # no suffix: unchanged
-    with pytest.raises(ValueError, match='duplicate LMDB keys'):
+    with pytest.raises(ValueError, match='unique without their extension and x4.*: a/0001x4.png and b/0001.png'):
         lmdb_keys(['a/0001x4.png', 'b/0001.png'], 'x4')
+    # BasicSR reads meta_info.txt keys up to the first dot: img.v1 would be read as img and never found
+    with pytest.raises(ValueError, match=r'up to the first dot: rename img.v1.png'):
+        lmdb_keys(['img.v1.png', 'b.png'])
+
+
+def test_lmdb_map_is_sized_from_the_decoded_images(tmp_path):
+    """A noisy JPEG re-encoded as PNG grows far beyond 10x its file (the old map size: MDB_MAP_FULL on a JPEG
+    folder); the map is bounded by the decoded size instead."""
+    from adasr.data.prepare import _raw_bytes
+
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    path = str(tmp_path / 'noise.jpg')
+    cv2.imwrite(path, noise, [cv2.IMWRITE_JPEG_QUALITY, 20])
+    png = cv2.imencode('.png', cv2.imread(path), [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].size
+    assert png > 10 * os.path.getsize(path) and png <= _raw_bytes(path)
+
+
+def test_bicubic_lr_refuses_two_images_of_one_name(tmp_path):
+    os.makedirs(tmp_path / 'hr')
+    cv2.imwrite(str(tmp_path / 'hr' / '0001.png'), photo(16, 16))
+    cv2.imwrite(str(tmp_path / 'hr' / '0001.jpg'), photo(16, 16, top=20))
+    with pytest.raises(ValueError, match='0001.jpg and 0001.png'):
+        generate_bicubic_lr(str(tmp_path / 'hr'), {4: str(tmp_path / 'lr')}, progress=False)
+    assert not os.path.exists(tmp_path / 'lr')
 
 
 def test_interrupted_lmdb_leaves_no_lmdb_behind(tmp_path, monkeypatch):

@@ -73,3 +73,75 @@ def test_grayscale_alpha_and_16bit_inputs_become_rgb(tiny_pairs):
     g, c = ds[_by_name(ds, 'astronaut')], ds[_by_name(ds, 'coffee')]
     assert g['gt'].shape == (3, 48, 48) and c['gt'].shape == (3, 48, 48)
     assert (g['gt'][0] - g['gt'][1]).abs().max() == 0  # gray replicated into three channels
+
+
+def test_training_set_smaller_than_a_batch_is_refused(tiny_pairs):
+    """Two pairs and batch_size_per_gpu 4: BasicSR's loader drops the incomplete batch, every epoch is empty and the
+    run ends at once with untrained weights and exit 0 (before); refused with the numbers to change."""
+    hr, lr = tiny_pairs
+    opt = dict(_opt(hr, lr, phase='train'), batch_size_per_gpu=4)
+    with pytest.raises(DatasetError, match='2 image pairs x dataset_enlarge_ratio 1 over 1 process.*fewer than '
+                                           'batch_size_per_gpu 4'):
+        PairedSRDataset(opt)
+    assert len(PairedSRDataset(dict(opt, dataset_enlarge_ratio=2))) == 2
+
+
+def test_lmdb_key_mismatch_and_meta_info_file_are_named(tiny_pairs, tmp_path):
+    hr, lr = tiny_pairs
+    folder_to_lmdb(hr, str(tmp_path / 'hr.lmdb'))
+    os.remove(osp.join(lr, 'coffee.png'))
+    folder_to_lmdb(lr, str(tmp_path / 'lr.lmdb'))
+    opt = _opt(str(tmp_path / 'hr.lmdb'), str(tmp_path / 'lr.lmdb'), backend='lmdb')
+    with pytest.raises(DatasetError, match=r'hold different keys: only in the LR one: none; only in the GT one: '
+                                           r'coffee'):
+        PairedSRDataset(opt)
+    with pytest.raises(DatasetError, match='meta_info_file is not used with io_backend lmdb'):
+        PairedSRDataset(dict(opt, meta_info_file=str(tmp_path / 'meta.txt')))
+
+
+def test_lr_pngs_of_jpeg_gts_are_paired_by_name(tiny_pairs, tmp_path):
+    """generate_bicubic_lr.py writes the LR of 0001.jpg as 0001.png; BasicSR pairs by the whole file name and
+    failed with "astronaut.jpg is not in lq_paths"."""
+    hr, lr = tiny_pairs
+    for name in ('astronaut', 'coffee'):
+        img = cv2.imread(osp.join(hr, f'{name}.png'))
+        os.remove(osp.join(hr, f'{name}.png'))
+        cv2.imwrite(osp.join(hr, f'{name}.jpg'), img, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    ds = PairedSRDataset(_opt(hr, lr))
+    assert [(osp.basename(p['gt_path']), osp.basename(p['lq_path'])) for p in ds.paths] == [
+        ('astronaut.jpg', 'astronaut.png'), ('coffee.jpg', 'coffee.png')]
+    assert ds[0]['gt'].shape == (3, 48, 48)
+    os.remove(osp.join(lr, 'coffee.png'))
+    cv2.imwrite(osp.join(lr, 'other.png'), np.zeros((12, 12, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r'coffee.jpg has no LR image named coffee.\* in'):
+        PairedSRDataset(_opt(hr, lr))
+
+
+def test_training_pair_of_another_scale_is_named(tiny_pairs):
+    hr, lr = tiny_pairs
+    img = cv2.imread(osp.join(hr, 'coffee.png'))
+    cv2.imwrite(osp.join(lr, 'coffee.png'), cv2.resize(img, (24, 24), interpolation=cv2.INTER_AREA))  # an x2 LR
+    ds = PairedSRDataset(dict(_opt(hr, lr, phase='train'), batch_size_per_gpu=1))
+    with pytest.raises(DatasetError, match=r'training pair .*coffee.png / .*coffee.png .*Scale mismatches'):
+        ds[_by_name(ds, 'coffee')]
+
+
+def test_worker_errors_keep_their_own_message():
+    """A DataLoader re-raises a worker's error with its whole traceback in the text; the entry prints the worker's
+    message alone."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from adasr.cli.entry import worker_message
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise DatasetError('cannot read image /data/x.png')
+
+    with pytest.raises(DatasetError) as err:
+        next(iter(DataLoader(Broken(), num_workers=1, multiprocessing_context='fork')))
+    assert 'Original Traceback' in str(err.value)
+    assert worker_message(err.value) == 'cannot read image /data/x.png'
+    assert worker_message(DatasetError('plain')) == 'plain'

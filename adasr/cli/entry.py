@@ -27,6 +27,20 @@ def _argv(argv: List[str]):
         sys.argv = saved
 
 
+def worker_message(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised by a DataLoader from a worker process (its text is "Caught X in
+    DataLoader worker process N." and the worker's whole traceback), the worker's own message."""
+    text = str(e)
+    if not text.startswith('Caught ') or 'Original Traceback' not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f'{type(e).__module__}.{type(e).__name__}: '
+    for p in (prefix, f'{type(e).__name__}: '):
+        if last.startswith(p):
+            return last[len(p):]
+    return last
+
+
 def _split_adasr_args(argv: List[str], kind: str):
     """Take ``--force_yml a:b=v ...`` (BasicSR would ``exec`` it) and, for testing, adasr's ``--sets NAME ...`` out
     of ``argv``; return (rest, force_yml entries, set names or None)."""
@@ -268,7 +282,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
             else:
                 basicsr_test.test_pipeline(root)
     except (CheckpointError, DatasetError, NonFiniteError, ResumeError, TrainingDivergedError) as e:  # names the cause
-        raise SystemExit(f'error: {e}') from None
+        raise SystemExit(f'error: {worker_message(e)}') from None
     # under torchrun: leave together (process 0 may still be saving or validating when another one finishes; a
     # process that exits with its group open can abort the others' gloo connections)
     barrier()

@@ -1,9 +1,12 @@
 """BasicSR's PairedImageDataset with checks that name the file when something is wrong."""
+import math
+import os
 import os.path as osp
-from typing import Iterable
+from typing import Iterable, List
 
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils import imfrombytes
+from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import DATASET_REGISTRY
 
 
@@ -62,6 +65,49 @@ def check_lmdb(path: str, keys: Iterable[str], what: str) -> None:
                            f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}; {remake}')
 
 
+def _meta_keys(path: str) -> List[str]:
+    """The keys of a BasicSR LMDB's ``meta_info.txt``, read as BasicSR reads them (up to the first dot)."""
+    with open(osp.join(path, 'meta_info.txt')) as f:
+        return [line.split('.')[0] for line in f]
+
+
+def _check_same_keys(lq: str, gt: str, name: str) -> None:
+    """The LR and GT LMDBs list the same keys; otherwise an error naming both and some keys of each side."""
+    lq_keys, gt_keys = set(_meta_keys(lq)), set(_meta_keys(gt))
+    if lq_keys != gt_keys:
+        def some(keys):
+            keys = sorted(keys)
+            return ', '.join(keys[:5]) + (' ...' if len(keys) > 5 else '') if keys else 'none'
+
+        raise DatasetError(f'{name}: the LMDBs {lq} and {gt} hold different keys: only in the LR one: '
+                           f'{some(lq_keys - gt_keys)}; only in the GT one: {some(gt_keys - lq_keys)}')
+
+
+def _pair_by_stem(lq_folder: str, gt_folder: str, tmpl: str, name: str) -> List[dict]:
+    """Pairs of images whose names match without their extension (``0001.jpg`` with ``0001.png``: the bicubic LR
+    that ``generate_bicubic_lr.py`` writes of a JPEG), for folders whose extensions differ; BasicSR pairs by the
+    whole name. Each GT needs exactly one LR image named ``filename_tmpl`` of its stem."""
+    from adasr.utils.image_io import IMAGE_EXTENSIONS
+
+    def images(folder):
+        return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
+                      and osp.isfile(osp.join(folder, f)))
+
+    by_stem: dict = {}
+    for f in images(lq_folder):
+        by_stem.setdefault(osp.splitext(f)[0], []).append(f)
+    paths = []
+    for f in images(gt_folder):
+        want = tmpl.format(osp.splitext(f)[0])
+        found = by_stem.get(want, [])
+        if len(found) != 1:
+            raise DatasetError(f'{name}: {osp.join(gt_folder, f)} has {"no" if not found else len(found)} LR '
+                               f'image{"s" if found else ""} named {want}.* in {lq_folder}'
+                               f'{": " + ", ".join(found) if found else ""}')
+        paths.append({'lq_path': osp.join(lq_folder, found[0]), 'gt_path': osp.join(gt_folder, f)})
+    return paths
+
+
 @DATASET_REGISTRY.register()
 class PairedSRDataset(PairedImageDataset):
     """Paired LR/HR images from folders, a meta-info file or LMDBs: exactly BasicSR's ``PairedImageDataset``
@@ -74,7 +120,12 @@ class PairedSRDataset(PairedImageDataset):
       it is an error naming the file, before any training step;
     * an image that cannot be decoded fails with its path (BasicSR raises ``'NoneType' object has no attribute
       'astype'``);
-    * grayscale and RGBA files are read as 3-channel colour (BasicSR's ``imfrombytes`` default, made explicit).
+    * grayscale and RGBA files are read as 3-channel colour (BasicSR's ``imfrombytes`` default, made explicit);
+    * LR and GT files whose names differ only in their extension are paired (BasicSR pairs by the whole name);
+    * LMDBs whose keys differ are named with the keys, ``meta_info_file`` with LMDBs is refused (BasicSR ignores it),
+      a training set with fewer samples per process than ``batch_size_per_gpu`` is refused (BasicSR would run empty
+      epochs and end without a step), and a training pair that cannot be cropped (an LR of another scale, smaller
+      than ``gt_size / scale``) is named.
     """
 
     def __init__(self, opt):
@@ -83,25 +134,49 @@ class PairedSRDataset(PairedImageDataset):
         check_data_root(opt.get('dataroot_gt'), backend, f'{name}: dataroot_gt')
         check_data_root(opt.get('dataroot_lq'), backend, f'{name}: dataroot_lq')
         if backend == 'lmdb':
+            if opt.get('meta_info_file'):
+                raise DatasetError(f'{name}: meta_info_file is not used with io_backend lmdb (BasicSR lists the '
+                                   "LMDB's own meta_info.txt): remove it, or train on the image folders (io_backend "
+                                   'disk) to use a subset')
+            _check_same_keys(opt['dataroot_lq'], opt['dataroot_gt'], name)
             opt['io_backend'].update(readonly=True, lock=False)
         try:
             super().__init__(opt)
-        except (AssertionError, ValueError) as e:
+        except AssertionError as e:
+            if backend != 'disk' or opt.get('meta_info_file') or 'is not in' not in str(e):
+                raise DatasetError(f'{name}: {e}') from e
+            self.paths = _pair_by_stem(opt['dataroot_lq'], opt['dataroot_gt'], self.filename_tmpl, name)
+        except ValueError as e:
             raise DatasetError(f'{name}: {e}') from e
         if len(self.paths) == 0:
             raise DatasetError(f"{name} is empty: {opt['dataroot_lq']}")
         if backend == 'lmdb':
             for key in ('gt', 'lq'):
                 check_lmdb(opt[f'dataroot_{key}'], [p[f'{key}_path'] for p in self.paths], f'{name}: dataroot_{key}')
+        if opt.get('phase') == 'train' and opt.get('batch_size_per_gpu'):
+            # BasicSR's sampler gives each process ceil(n x ratio / world) samples and its loader drops an
+            # incomplete batch: fewer samples than a batch make empty epochs, and the run ends without a step
+            ratio, world = opt.get('dataset_enlarge_ratio', 1), get_dist_info()[1]
+            per_process = math.ceil(len(self.paths) * ratio / world)
+            if per_process < opt['batch_size_per_gpu']:
+                raise DatasetError(
+                    f"{name}: {len(self.paths)} image pairs x dataset_enlarge_ratio {ratio} over {world} "
+                    f"process(es) give {per_process} samples per process, fewer than batch_size_per_gpu "
+                    f"{opt['batch_size_per_gpu']}: no batch would ever be full (BasicSR drops incomplete ones) and no "
+                    'training step would run; lower batch_size_per_gpu or raise dataset_enlarge_ratio')
 
     def __getitem__(self, index):
         try:
             sample = super().__getitem__(index)
         except Exception as e:  # noqa: BLE001 - re-raised with the file that caused it
             bad = self._unreadable(index)
-            if bad is None:
-                raise
-            raise DatasetError(f'cannot read image {bad}') from e
+            if bad is not None:
+                raise DatasetError(f'cannot read image {bad}') from e
+            if isinstance(e, ValueError):  # BasicSR's crop: an LR of another scale, or smaller than gt_size / scale
+                where = self.paths[index]
+                raise DatasetError(f"training pair {where['gt_path']} / {where['lq_path']} (dataroot_gt "
+                                   f"{self.opt['dataroot_gt']}): {e}") from e
+            raise
         if self.opt['phase'] != 'train':  # BasicSR crops GT to LQ x scale; a GT smaller than that fails in a metric
             scale = self.opt['scale']
             lq, gt = tuple(sample['lq'].shape[-2:]), tuple(sample['gt'].shape[-2:])

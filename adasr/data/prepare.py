@@ -1,4 +1,5 @@
 """Dataset preparation helpers used by ``scripts/data_preparation`` (argparse CLIs) and the tests."""
+import json
 import math
 import os
 import os.path as osp
@@ -10,6 +11,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from adasr.utils.files import atomic_write_bytes
 from adasr.utils.image_io import IMAGE_EXTENSIONS, read_uint8, write_image
 from adasr.utils.matlab_resize import imresize_uint8
 
@@ -29,19 +31,50 @@ def list_images(folder: str, recursive: bool = False) -> List[str]:
     return sorted(out)
 
 
-def lmdb_keys(paths: List[str], strip_suffix: Optional[str] = None) -> List[str]:
-    """LMDB keys: the file name without extension (and without ``strip_suffix``, e.g. ``x4`` of DIV2K's
-    ``0001x4.png``, so that LR and HR keys match as ``PairedImageDataset`` requires)."""
-    keys = []
+def file_stems(paths: List[str], strip_suffix: Optional[str] = None) -> List[str]:
+    """The file names without extension (and without ``strip_suffix``, e.g. ``x4`` of DIV2K's ``0001x4.png``), which
+    name the outputs made from them; two files with one stem (``0001.png`` and ``0001.jpg``) are an error naming
+    both: their outputs would overwrite each other."""
+    stems = []
     for p in paths:
-        key = osp.splitext(osp.basename(p))[0]
-        if strip_suffix and key.endswith(strip_suffix):
-            key = key[:-len(strip_suffix)]
-        keys.append(key)
-    dup = sorted(k for k, n in Counter(keys).items() if n > 1)
+        stem = osp.splitext(osp.basename(p))[0]
+        if strip_suffix and stem.endswith(strip_suffix):
+            stem = stem[:-len(strip_suffix)]
+        stems.append(stem)
+    dup = [k for k, n in Counter(stems).items() if n > 1]
     if dup:
-        raise ValueError(f'duplicate LMDB keys (file names must be unique): {dup[:5]}')
+        clashes = '; '.join(' and '.join(p for p, k in zip(paths, stems) if k == d) for d in sorted(dup)[:3])
+        without = 'their extension' + (f' and {strip_suffix}' if strip_suffix else '')
+        raise ValueError(f'file names must be unique without {without} (the outputs are named by it): {clashes}'
+                         f'{" ..." if len(dup) > 3 else ""}')
+    return stems
+
+
+def lmdb_keys(paths: List[str], strip_suffix: Optional[str] = None) -> List[str]:
+    """LMDB keys: :func:`file_stems` (so that LR and HR keys match as ``PairedImageDataset`` requires), without a
+    dot: BasicSR reads the keys of ``meta_info.txt`` up to the first ``.`` (``img.v1.png`` would be read as ``img``
+    and never found)."""
+    keys = file_stems(paths, strip_suffix)
+    dotted = [p for p, k in zip(paths, keys) if '.' in k]
+    if dotted:
+        raise ValueError(f'LMDB keys are the file names without extension and BasicSR reads them up to the first '
+                         f'dot: rename {", ".join(dotted[:5])}{" ..." if len(dotted) > 5 else ""} (no dot before the '
+                         'extension)')
     return keys
+
+
+def _raw_bytes(path: str) -> int:
+    """An upper bound of an image's decoded size in bytes (from its header; PNG at any level stays below it by a
+    few hundred bytes), or 10x the file size when the header does not read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            wide = im.mode.startswith('I;16') or im.mode in ('I', 'F')
+            return w * h * max(len(im.getbands()), 3) * (4 if wide else 1) + 4096
+    except Exception:  # noqa: BLE001 - an undecodable file is named by the writer's failure
+        return 10 * osp.getsize(path)
 
 
 def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = None, overwrite: bool = False,
@@ -64,8 +97,9 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
         raise ValueError(f'{lmdb_path} exists and is not an LMDB (no data.mdb in it); --overwrite replaces only an '
                          'LMDB: move it away first')
     keys = lmdb_keys(paths, strip_suffix)
-    total = sum(osp.getsize(osp.join(folder, p)) for p in paths)
-    map_size = max(10 * total, 1 << 26)  # PNG level 1 re-encoding can be several times larger than the source
+    # the decoded sizes bound the PNG re-encoding (a JPEG folder can grow 20x; the map is virtual memory and the
+    # file grows only as written)
+    map_size = max(int(1.05 * sum(_raw_bytes(osp.join(folder, p)) for p in paths)), 1 << 26)
     # built under a temporary name and renamed when complete, so an existing LMDB path always means a finished one
     # (basicsr writes meta_info.txt before the images, so its presence proves nothing)
     partial = lmdb_path[:-len('.lmdb')] + '.partial.lmdb'
@@ -205,6 +239,7 @@ def generate_bicubic_lr(hr_folder: str, out_folders: Mapping[int, str], suffix_t
     names = list_images(hr_folder)
     if not names:
         raise ValueError(f'no images in {hr_folder}')
+    file_stems(names)  # 0001.png and 0001.jpg would both make 0001.png
     for s in out_folders:
         if not isinstance(s, int) or s < 2:
             raise ValueError(f'scales must be integers >= 2, got {s!r}')
@@ -253,13 +288,25 @@ def _find_lr(folder: str, stem: str, scale: int, alt_stem: Optional[str] = None)
 
 def _subimage_job(job) -> int:
     (hr_path, stem, hr_out, lr_jobs, crop_size, step, thresh_size, compress_level) = job
-    # the expected outputs are known only after reading the size; a done-marker keeps re-runs cheap
+    # the expected outputs are known only after reading the size; a done-marker keeps re-runs cheap. It records the
+    # crop settings and the LR outputs made: other settings are refused (their crops would be mixed with these),
+    # a scale added later is cut from the same positions (the HR crops are kept)
     marker = osp.join(hr_out, '.done', stem)
-    if osp.isfile(marker):
-        return -1
+    settings = {'crop_size': crop_size, 'step': step, 'thresh_size': thresh_size}
+    record = _read_marker(marker, settings, hr_out, [osp.abspath(o) for _, _, o in lr_jobs])
+    made = None if record is None else record['lr_outputs']
+    grid = math.lcm(*[s for s, _, _ in lr_jobs])
+    if record is not None:
+        lr_jobs = [j for j in lr_jobs if osp.abspath(j[2]) not in made]
+        if not lr_jobs:
+            return -1
+        # the positions of the kept HR crops: a new scale must divide the grid they were cut on
+        grid = record.get('grid') or grid
+        for s, _, _ in lr_jobs:
+            if grid % s:
+                raise ValueError(f'{hr_out} was cut for scales whose positions do not fit x{s} (grid {grid}): cut '
+                                 f'all scales again into new folders, or x{s} alone into its own HR folder')
     hr = read_uint8(hr_path)
-    scales = [s for s, _, _ in lr_jobs]
-    grid = math.lcm(*scales)
     h, w = hr.shape[:2]
     hg, wg = h - h % grid, w - w % grid  # crop positions on the HR cut to a multiple of every scale
     ys = subimage_positions(hg, crop_size, step, thresh_size)
@@ -278,9 +325,10 @@ def _subimage_job(job) -> int:
         for x in xs:
             index += 1
             name = subimage_name(stem, index)
-            write_image(osp.join(hr_out, name), np.ascontiguousarray(hr[y:y + crop_size, x:x + crop_size]),
-                        compress_level=compress_level)
-            written += 1
+            if made is None:
+                write_image(osp.join(hr_out, name), np.ascontiguousarray(hr[y:y + crop_size, x:x + crop_size]),
+                            compress_level=compress_level)
+                written += 1
             for s, lr, lr_out in lrs:
                 c = crop_size // s
                 write_image(osp.join(lr_out, name),
@@ -288,9 +336,33 @@ def _subimage_job(job) -> int:
                             compress_level=compress_level)
                 written += 1
     os.makedirs(osp.dirname(marker), exist_ok=True)
-    with open(marker, 'w') as f:
-        f.write(f'{index}\n')
+    done = dict(settings, grid=grid, crops=index,
+                lr_outputs=sorted(set(made or ()) | {osp.abspath(o) for _, _, o in lrs}))
+    atomic_write_bytes(marker, json.dumps(done).encode())
     return written
+
+
+def _read_marker(marker: str, settings: Mapping, hr_out: str, lr_outs: List[str]) -> Optional[Dict]:
+    """A finished image's marker (None: none): the settings, ``grid`` and ``lr_outputs`` (the LR sub-image folders
+    made), after checking that it was cut with ``settings``. A marker of an older adasr (the crop count only)
+    counts as done for ``lr_outs``."""
+    if not osp.isfile(marker):
+        return None
+    with open(marker) as f:
+        text = f.read()
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):  # the crop count of an older marker
+        return {'lr_outputs': lr_outs} if text.strip().isdigit() else None
+    old = {k: record.get(k) for k in settings}
+    if old != dict(settings):
+        raise ValueError(f'{hr_out} holds sub-images cut with {old}, not {dict(settings)}: their crops would be '
+                         f'mixed; write into another folder, or delete {hr_out}, its .done folder and the LR '
+                         'sub-image folders to cut them again')
+    record.setdefault('lr_outputs', [])
+    return record
 
 
 def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tuple[str, str]]] = None,
@@ -325,7 +397,7 @@ def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tup
     names = list_images(hr_folder)
     if not names:
         raise ValueError(f'no images in {hr_folder}')
-    stems = lmdb_keys(names, strip_suffix or None)
+    stems = file_stems(names, strip_suffix or None)
     jobs = [(osp.join(hr_folder, n), stem, hr_out, [(s, f, o) for s, (f, o) in sorted(lr.items())], crop_size,
              step, thresh_size, compress_level) for n, stem in zip(names, stems)]
     return _run_jobs(_subimage_job, jobs, n_workers, 'sub-images', progress)
@@ -373,7 +445,7 @@ def prepare_benchmark_set(hr_folders: Mapping[int, str], out_root: str, lr_folde
         names = list_images(folder)
         if not names:
             raise ValueError(f'no images in {folder}')
-        for n, stem in zip(names, lmdb_keys(names, strip_suffix or None)):
+        for n, stem in zip(names, file_stems(names, strip_suffix or None)):
             key = (osp.join(folder, n), stem)
             job = jobs.setdefault(key, (key[0], stem, [], dict(lr_folders or {})))
             job[2].append((s, osp.join(out_root, f'GTmod{s}', stem + '.png'),
