@@ -281,6 +281,25 @@ def test_own_archs_through_spandrel_keep_their_interface(tmp_path):
     assert halting_record(net) is not None and net.flops(8, 8) > 0
 
 
+def test_adaformer_through_spandrel_saves_halting_exports_and_keeps_its_entry(tmp_path, capsys):
+    """--weights alone (spandrel detects AdaFormer): --save-halting works (it raised "Spandrel is not adaptive");
+    the ONNX export takes AdaFormer's export form (it failed tracing the wrapper); --param-key names an entry that
+    must exist (it was ignored here, an error with --opt)."""
+    from adasr.cli.export import main as export_main
+
+    cfg = dict(ADAFORMER_SMALL, in_chans=3, rgb_mean=[0.4488, 0.4371, 0.4040])
+    torch.save({'params': AdaFormer(**cfg).state_dict()}, tmp_path / 'ada.pth')
+    cv2.imwrite(str(tmp_path / 'a.png'), (photo(12, 10).numpy()[0].transpose(1, 2, 0) * 255).astype(np.uint8))
+    base = ['-i', str(tmp_path / 'a.png'), '--weights', str(tmp_path / 'ada.pth')]
+    assert upscale_main([*base, '-o', str(tmp_path / 'o'), '--save-halting']) == 0
+    assert os.listdir(tmp_path / 'o' / 'halting' / 'a')
+    assert upscale_main([*base, '-o', str(tmp_path / 'p'), '--param-key', 'foo']) == 2
+    assert "has no entry 'foo'" in capsys.readouterr().err
+    onnx = str(tmp_path / 'ada.onnx')
+    assert export_main(['--weights', str(tmp_path / 'ada.pth'), '-o', onnx, '--check-size', '9', '11']) == 0
+    assert ': ok' in capsys.readouterr().out
+
+
 def _write_test_yaml(path, hr, lr, weights, extra_path=None):
     opt = {'name': 'spandrel_span', 'model_type': 'AdaSRModel', 'scale': 2, 'num_gpu': 0,
            'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,

@@ -171,8 +171,8 @@ def test_interrupted_run_loses_nothing(tmp_path, monkeypatch, capsys):
         return real_replace(a, b)
 
     monkeypatch.setattr(files.os, 'replace', flaky_replace)
-    with pytest.raises(KeyboardInterrupt):
-        main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q'])
+    assert main(['-i', str(src), '-o', str(out), '--arch', 'Bicubic', '--scale', '2', '-q']) == 130
+    assert 'interrupted; the images written' in capsys.readouterr().err  # no traceback
     assert os.listdir(out) == ['im0_out.png']  # no truncated im1, no temporary file
     assert cv2.imread(str(out / 'im0_out.png')).shape == (16, 16, 3)
     monkeypatch.undo()
@@ -282,6 +282,36 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, registered_test_n
         assert main(['-i', a, '-o', str(tmp_path / 'o'), '--opt', str(tmp_path / 'bad.yml')]) == 2
         assert words in capsys.readouterr().err
     assert not osp.exists(tmp_path / 'o' / 'a_out.png')
+
+
+def test_a_run_into_the_input_folder_can_be_run_again(tmp_path, capsys):
+    """-o the input folder: the second run skips the first run's outputs as inputs (it refused, because
+    a_out.png's output a_out_out.png ... counted as an input replaced)."""
+    cv2.imwrite(str(tmp_path / 'a.png'), photo(8, 8))
+    argv = ['-i', str(tmp_path), '-o', str(tmp_path), '--arch', 'Bicubic', '--scale', '2']
+    assert main(argv) == 0 and main(argv) == 0
+    out = capsys.readouterr().out
+    assert 'are outputs of other inputs' in out and 'done: 0 written, 1 skipped' in out
+    assert sorted(os.listdir(tmp_path)) == ['a.png', 'a_out.png']
+
+
+def test_scale_device_and_format_are_refused_up_front(tmp_path, capsys):
+    """An option file whose scale is not the built network's (SwinIR without upscale is x2) failed every image
+    after building; --device xpu was a traceback; --ext ppm failed for each gray image after the model ran."""
+    cv2.imwrite(str(tmp_path / 'a.png'), photo(8, 8))
+    a, out = str(tmp_path / 'a.png'), str(tmp_path / 'o')
+    noup = {k: v for k, v in TINY_SWINIR.items() if k != 'upscale'}
+    (tmp_path / 'noup.yml').write_text(yaml.safe_dump({'scale': 4, 'network_g': {'type': 'SwinIR', **noup}}))
+    for extra, words in ((['--opt', str(tmp_path / 'noup.yml'), '--random-weights'],
+                          'the network built is x2, but x4 was given'),
+                         (['--arch', 'Bicubic', '--scale', '2', '--device', 'xpu'], 'runs on cpu, cuda or mps'),
+                         (['--arch', 'Bicubic', '--scale', '2', '--ext', 'ppm'], 'ppm is written only for ppm inputs')):
+        assert main(['-i', a, '-o', out, *extra]) == 2
+        assert words in capsys.readouterr().err, extra
+    assert not osp.exists(osp.join(out, 'a_out.png'))
+    (tmp_path / 'none.yml').write_text(yaml.safe_dump({'network_g': {'type': 'SwinIR', **noup}}))
+    assert main(['-i', a, '-o', out, '--opt', str(tmp_path / 'none.yml'), '--random-weights']) == 0
+    assert cv2.imread(osp.join(out, 'a_out.png')).shape == (16, 16, 3)  # x2, measured from the network
 
 
 def test_colliding_output_names_stop_before_anything_is_written(tmp_path, capsys):

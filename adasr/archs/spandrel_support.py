@@ -42,6 +42,7 @@ from spandrel.util import KeyCondition, get_pixelshuffle_params, get_scale_and_o
 from torch import nn
 
 from adasr.archs.adaformer_arch import AdaFormer
+from adasr.archs.exportable import Exportable, export_module
 from adasr.archs.halting import HaltingInfo
 from adasr.archs.interface import ArchTraits, SRArch, arch_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN
@@ -253,12 +254,13 @@ register()
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescriptor:
+def load_descriptor(path: str, param_key: str = 'params_ema', strict_key: bool = False) -> ImageModelDescriptor:
     """Detect and load the model in ``path`` with spandrel's registry (adasr's additions included).
 
     ``.pth``/``.pt``/``.ckpt`` files are read with ``torch.load(weights_only=True)`` (:func:`read_checkpoint`),
     ``.safetensors`` with spandrel's loader. ``param_key`` picks that entry when the file has it; otherwise spandrel
-    unwraps the file as it does (``params_ema``, ``params``, ``state_dict``, ``model``, ... and a ``module.`` prefix).
+    unwraps the file as it does (``params_ema``, ``params``, ``state_dict``, ``model``, ... and a ``module.`` prefix),
+    except that with ``strict_key`` an entry other than ``params`` / ``params_ema`` that the file lacks is an error.
 
     Raises:
         CheckpointError: unreadable file, an architecture spandrel does not know, NaN/inf in the weights, or not an
@@ -276,6 +278,11 @@ def load_descriptor(path: str, param_key: str = 'params_ema') -> ImageModelDescr
         state = read_checkpoint(path)
         if isinstance(state.get(param_key), Mapping):
             state = state[param_key]
+        elif strict_key and param_key not in ('params', 'params_ema') and not all(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            # an entry asked for by name is never replaced by another (as for option-file checkpoints)
+            raise CheckpointError(f'checkpoint {path} has no entry {param_key!r}; its top-level keys are '
+                                  f'{sorted(state)}')
     try:
         descriptor = MAIN_REGISTRY.load(state)
     except UnsupportedModelError:
@@ -298,7 +305,7 @@ def _spandrel_version() -> str:
 
 
 @ARCH_REGISTRY.register()
-class Spandrel(SRArch, nn.Module):
+class Spandrel(SRArch, Exportable, nn.Module):
     """Any model spandrel recognises (``network_g: {type: Spandrel, path: X.pth}``), for testing and upscaling.
 
     The checkpoint is loaded here (so the option file needs no ``path.pretrain_network_g``; one given there must hold
@@ -314,15 +321,16 @@ class Spandrel(SRArch, nn.Module):
         path (str): the checkpoint (.pth, .pt, .ckpt or .safetensors).
         scale (int, optional): the expected scale; a :class:`CheckpointError` if the checkpoint's differs.
             Default: not checked.
-        param_key (str): the checkpoint entry to use when the file has it (else spandrel's unwrapping: params_ema,
-            params, state_dict, ...). Default: 'params_ema'.
+        param_key (str, optional): the checkpoint entry to use (params and params_ema stand in for each other, as in
+            BasicSR; another name the file lacks is an error). Default: params_ema when the file has it, else
+            spandrel's unwrapping (params, state_dict, ...).
     """
 
-    def __init__(self, *, path: str, scale: Optional[int] = None, param_key: str = 'params_ema'):
+    def __init__(self, *, path: str, scale: Optional[int] = None, param_key: Optional[str] = None):
         super().__init__()
         if not isinstance(path, str) or not path:
             raise ValueError(f'path must be a checkpoint file, got {path!r}')
-        descriptor = load_descriptor(osp.expanduser(path), param_key)
+        descriptor = load_descriptor(osp.expanduser(path), param_key or 'params_ema', strict_key=bool(param_key))
         if scale is not None and scale != descriptor.scale:
             raise CheckpointError(f'{path} holds a x{descriptor.scale} {descriptor.architecture.name} model, '
                                   f'but scale {scale} was given')
@@ -416,6 +424,17 @@ class Spandrel(SRArch, nn.Module):
 
     def set_halting_threshold(self, value: float) -> None:
         self._adaptive().set_halting_threshold(value)
+
+    def get_complete_halting_maps(self) -> bool:
+        return self._adaptive().get_complete_halting_maps()
+
+    def set_complete_halting_maps(self, value: bool) -> None:
+        self._adaptive().set_complete_halting_maps(value)
+
+    def export_module(self) -> nn.Module:
+        """Own networks: their export form (:mod:`adasr.archs.exportable`); others: this wrapper."""
+        own = self._own()
+        return self if own is None else export_module(own)
 
     def _adaptive(self) -> SRArch:
         own = self._own()

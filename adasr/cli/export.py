@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph = p.add_argument_group('graph')
     graph.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                        help='fixed input height and width (default: dynamic height and width)')
-    graph.add_argument('--opset', type=int, default=None, help='ONNX opset (default: 18)')
+    graph.add_argument('--opset', type=int, default=None, help='ONNX opset, 18 or later (default: 18)')
     check = p.add_argument_group('check with onnxruntime')
     check.add_argument('--check-image', help='image whose top-left crop is upscaled by both (default: random)')
     check.add_argument('--check-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
@@ -62,6 +62,19 @@ def _check_input(args, in_channels: int):
     return torch.rand(1, in_channels, h, w, generator=torch.Generator().manual_seed(0))
 
 
+def _option_file_weights(opt_path: Optional[str]):
+    """(label, path) of the checkpoint an option file names (``path.pretrain_network_g``), if it reads."""
+    if not opt_path or not osp.isfile(opt_path):
+        return []
+    from adasr.cli.options import OptionsError, load_yaml
+
+    try:
+        path = (load_yaml(opt_path).get('path') or {}).get('pretrain_network_g')
+    except (OptionsError, AttributeError):  # reported when the model is built
+        return []
+    return [(f'{opt_path} path.pretrain_network_g', path)] if isinstance(path, str) else []
+
+
 def _output_problem(args) -> Optional[str]:
     """Why ``--output`` cannot be written (checked before the network is built), or None."""
     out = args.output
@@ -69,7 +82,7 @@ def _output_problem(args) -> Optional[str]:
         return f'--output {out!r} is a folder name; give the .onnx file to write'
     if osp.isdir(out):
         return f'--output {out} is a folder; give the .onnx file to write'
-    for label, path in (('--weights', args.weights), ('--opt', args.opt)):
+    for label, path in (('--weights', args.weights), ('--opt', args.opt), *_option_file_weights(args.opt)):
         if path and osp.exists(out) and osp.exists(path) and osp.samefile(out, path):
             return f'--output {out} is the {label} file; it would be replaced by the ONNX graph'
     folder = osp.dirname(osp.abspath(out))
@@ -89,8 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, pair in (('--size', args.size), ('--check-size', args.check_size)):
         if pair is not None and min(pair) < 1:
             parser.error(f'{name} must be positive, got {pair}')
-    if args.tolerance <= 0:
-        parser.error('--tolerance must be positive')
+    if not (0 < args.tolerance < float('inf')):
+        parser.error(f'--tolerance must be a positive number, got {args.tolerance}')
+    if args.size and args.check_size and tuple(args.size) != tuple(args.check_size):
+        parser.error(f'--check-size {args.check_size[0]} {args.check_size[1]}: a graph of fixed size '
+                     f'{args.size[0]}x{args.size[1]} (--size) takes only that size')
     problem = _output_problem(args)
     if problem:
         parser.error(problem)
@@ -114,8 +130,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'exported in {result.seconds:.1f} s')
     if args.no_check:
         return 0
-    runner = OnnxRunner(args.output, threads=args.threads)
-    cmp = compare(padded_forward(up.net, up.scale, up.multiple), runner, x)
+    try:
+        runner = OnnxRunner(args.output, threads=args.threads)
+        cmp = compare(padded_forward(up.net, up.scale, up.multiple), runner, x)
+    except Exception as e:  # noqa: BLE001 - the file is written; its check failed (non-finite outputs, onnxruntime)
+        print(f'adasr-export: the check of {args.output} failed: {type(e).__name__}: {e}', file=sys.stderr)
+        return 1
     ok = cmp.max_abs <= args.tolerance
     print(f'check on {"a crop of " + args.check_image if args.check_image else "a random image"} '
           f'{x.shape[2]}x{x.shape[3]}: max |onnxruntime - PyTorch| = {cmp.max_abs:.2e} (0..1 range), '

@@ -217,6 +217,12 @@ def build_model(args) -> Upscaler:
             raise UsageError(f'cannot build {args.arch} with {kwargs} and its defaults: {e}; use --opt') from None
         scale, name = args.scale, args.arch
         traits = arch_traits(net)
+    measured = _measured_scale(net, traits)
+    if measured is not None:
+        if scale is not None and scale != measured:
+            raise UsageError(f'{name}: the network built is x{measured}, but x{scale} was given (scale / --scale); '
+                             'set its scale argument (network_g.upscale) to match')
+        scale = measured
     if not isinstance(scale, int) or scale < 1:
         raise UsageError(f'the model has no valid scale ({scale!r}); give --scale')
 
@@ -247,13 +253,29 @@ def build_model(args) -> Upscaler:
                     f'{name}, x{scale}, {device}, {precision.name}', traits.tiling)
 
 
+def _measured_scale(net, traits) -> Optional[int]:
+    """The scale of the network as built, measured: the size of its output for one small input (a side of the
+    arch's window, at least its minimum), so that an option file's ``scale`` can never disagree with it (a
+    network_g without its scale argument takes the constructor's default). None when the probe does not run."""
+    import torch
+
+    side = traits.window * -(-max(traits.min_window or 1, 8) // traits.window)
+    try:
+        with torch.no_grad():
+            y = net.eval()(torch.zeros(1, _in_channels(net), side, side))
+    except Exception:  # noqa: BLE001 - the declared scale stands; the real run reports a network that fails
+        return None
+    h, w = y.shape[-2:]
+    return h // side if h == w and h % side == 0 and h >= side else None
+
+
 def _detected_model(weights: str, param_key: Optional[str], scale: Optional[int]):
     """The network of a checkpoint whose architecture spandrel detects, and its description."""
     from adasr.archs.spandrel_support import Spandrel
     from adasr.utils.checkpoint import CheckpointError
 
     try:
-        net = Spandrel(path=weights, scale=scale, param_key=param_key or 'params_ema')
+        net = Spandrel(path=weights, scale=scale, param_key=param_key)
     except (CheckpointError, ValueError) as e:
         raise UsageError(f'--weights {weights}: {e}') from None
     return net, f'detected by spandrel in {weights}: {net.describe()}'
@@ -279,6 +301,10 @@ def _pick_device(name: str):
         raise UsageError(f'--device {name}: {e}') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError('--device cuda but CUDA is not available')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise UsageError('--device mps but MPS (Apple GPUs) is not available')
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        raise UsageError(f'--device {name}: adasr-upscale runs on cpu, cuda or mps')
     return device
 
 
@@ -310,13 +336,20 @@ def list_inputs(path: str) -> List[str]:
     raise UsageError(f'input not found: {path}')
 
 
+#: formats that hold one kind of image only (ppm colour, pgm gray): written for inputs of that format (--ext auto)
+SAME_KIND_ONLY = {'ppm', 'pgm'}
+
+
 def output_ext(input_path: str, ext: str) -> str:
     from adasr.utils.image_io import WRITABLE
 
     if ext != 'auto':
         ext = ext.lower().lstrip('.')
-        if ext not in WRITABLE:
-            raise UsageError(f'--ext {ext} is not supported; choose one of auto, {", ".join(sorted(WRITABLE))}')
+        chosen = sorted(set(WRITABLE) - SAME_KIND_ONLY)
+        if ext not in chosen:
+            raise UsageError(f'--ext {ext} is not supported; choose one of auto, {", ".join(chosen)}'
+                             + (f' ({ext} is written only for {ext} inputs, with --ext auto: it holds only '
+                                f'{"colour" if ext == "ppm" else "gray"} images)' if ext in SAME_KIND_ONLY else ''))
         return ext
     in_ext = osp.splitext(input_path)[1].lower().lstrip('.')
     return in_ext if in_ext in WRITABLE else 'png'
@@ -325,6 +358,15 @@ def output_ext(input_path: str, ext: str) -> str:
 def output_path(input_path: str, out_dir: str, ext: str, suffix: str) -> str:
     stem = osp.splitext(osp.basename(input_path))[0]
     return osp.join(out_dir, f'{stem}_{suffix}.{ext}' if suffix else f'{stem}.{ext}')
+
+
+def without_own_outputs(paths: Sequence[str], args) -> List[str]:
+    """``paths`` without the files that are another input's output (``-o`` into the input folder: a re-run would
+    otherwise take the first run's ``a_out.png`` as an input, whose output ``a_out_out.png`` ... )."""
+    outputs = {}
+    for p in paths:
+        outputs.setdefault(osp.abspath(output_path(p, args.output, output_ext(p, args.ext), args.suffix)), p)
+    return [p for p in paths if outputs.get(osp.abspath(p), p) == p]
 
 
 def check_output_names(paths: Sequence[str], args) -> None:
@@ -508,7 +550,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.conv3x3 is not None:
         set_option('conv3x3', args.conv3x3)
     if not distributed.launched_by_torchrun():
-        return _upscale(args, rank=0, world_size=1)
+        try:
+            return _upscale(args, rank=0, world_size=1)
+        except KeyboardInterrupt:  # the images written are whole (atomic writes); a re-run skips them
+            print(f'adasr-upscale: interrupted; the images written to {args.output} are complete: run the same '
+                  'command again to go on (finished images are skipped)', file=sys.stderr)
+            return 130
     # the summary waits for the slowest share; torchrun stops every process when one fails
     rank, world_size = distributed.init_from_env(timeout=DIST_TIMEOUT)
     try:
@@ -533,6 +580,11 @@ def _upscale(args, rank: int, world_size: int) -> int:
         paths = list_inputs(args.input)
         if args.ext != 'auto':
             output_ext('x.png', args.ext)  # validate early
+        kept = without_own_outputs(paths, args)
+        if len(kept) < len(paths):
+            log(f'note: {len(paths) - len(kept)} file(s) of the input folder are outputs of other inputs (a run into '
+                'the input folder) and are not upscaled again')
+        paths = kept
         check_output_names(paths, args)
         try:  # before the model is built: a folder that cannot hold the outputs stops the run at once
             orphans = prepare_output_folder(args.output)

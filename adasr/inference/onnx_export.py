@@ -135,6 +135,10 @@ def export_onnx(net: nn.Module, path: str, scale: int, *, in_channels: int = 3,
         hint = '' if not dynamic else ' Its Python code may fix sizes while tracing: export a fixed size (size=(H, W)).'
         raise ExportError(f'cannot export {type(net).__name__} to ONNX ({"dynamic" if dynamic else f"{h}x{w}"}): '
                           f'{summary[:500]}.{hint}') from e
+    written = next((o.version for o in program.model_proto.opset_import if o.domain in ('', 'ai.onnx')), None)
+    if written != opset:
+        raise ExportError(f'the exporter wrote ONNX opset {written}, not the requested {opset} (the dynamo exporter '
+                          f'writes opset {OPSET} and later)')
     data = program.model_proto.SerializeToString()
     seconds = time.perf_counter() - start
     atomic_write_bytes(path, data)
