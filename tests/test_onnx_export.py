@@ -5,8 +5,8 @@ import os.path as osp
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from basicsr.archs import build_network
 
 from adasr.archs.bicubic_arch import Bicubic
