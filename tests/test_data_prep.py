@@ -270,6 +270,10 @@ def test_lmdb_map_is_sized_from_the_decoded_images(tmp_path):
     cv2.imwrite(path, noise, [cv2.IMWRITE_JPEG_QUALITY, 20])
     png = cv2.imencode('.png', cv2.imread(path), [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].size
     assert png > 10 * os.path.getsize(path) and png <= _raw_bytes(path)
+    wide = str(tmp_path / 'wide.png')  # 16-bit RGB: Pillow reads it as 8-bit, the LMDB writer (OpenCV) as 16
+    cv2.imwrite(wide, np.random.default_rng(1).integers(0, 65536, (50, 60, 3), dtype=np.uint16))
+    png = cv2.imencode('.png', cv2.imread(wide, cv2.IMREAD_UNCHANGED), [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].size
+    assert png <= _raw_bytes(wide)
 
 
 def test_bicubic_lr_refuses_two_images_of_one_name(tmp_path):

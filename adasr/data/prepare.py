@@ -65,14 +65,16 @@ def lmdb_keys(paths: List[str], strip_suffix: Optional[str] = None) -> List[str]
 
 def _raw_bytes(path: str) -> int:
     """An upper bound of an image's decoded size in bytes (from its header; PNG at any level stays below it by a
-    few hundred bytes), or 10x the file size when the header does not read."""
+    few hundred bytes), or 10x the file size when the header does not read. Two bytes a sample unless JPEG (Pillow
+    opens a 16-bit RGB PNG as 8-bit RGB; OpenCV, which the LMDB writer reads with, keeps 16 bits)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             w, h = im.size
             wide = im.mode.startswith('I;16') or im.mode in ('I', 'F')
-            return w * h * max(len(im.getbands()), 3) * (4 if wide else 1) + 4096
+            depth = 4 if wide else 1 if im.format == 'JPEG' else 2
+            return w * h * max(len(im.getbands()), 3) * depth + 4096
     except Exception:  # noqa: BLE001 - an undecodable file is named by the writer's failure
         return 10 * osp.getsize(path)
 
