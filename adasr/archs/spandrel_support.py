@@ -47,7 +47,7 @@ from adasr.archs.halting import HaltingInfo
 from adasr.archs.interface import ArchTraits, SRArch, arch_traits
 from adasr.archs.layers import DIV2K_RGB_MEAN
 from adasr.archs.pft_arch import PFT
-from adasr.utils.checkpoint import CheckpointError, check_finite_state, read_checkpoint
+from adasr.utils.checkpoint import CheckpointError, check_finite_state, pick_entry, read_checkpoint
 
 #: PFT's heads when the state dict cannot tell (embed_dim <= 100: one bias column shared by all heads): PFT-light's.
 PFT_LIGHT_HEADS = 4
@@ -260,7 +260,8 @@ def load_descriptor(path: str, param_key: str = 'params_ema', strict_key: bool =
     ``.pth``/``.pt``/``.ckpt`` files are read with ``torch.load(weights_only=True)`` (:func:`read_checkpoint`),
     ``.safetensors`` with spandrel's loader. ``param_key`` picks that entry when the file has it; otherwise spandrel
     unwraps the file as it does (``params_ema``, ``params``, ``state_dict``, ``model``, ... and a ``module.`` prefix),
-    except that with ``strict_key`` an entry other than ``params`` / ``params_ema`` that the file lacks is an error.
+    except that with ``strict_key`` another name than ``params`` / ``params_ema`` that the file lacks is an error
+    (:func:`adasr.utils.checkpoint.pick_entry`, as for every checkpoint reader).
 
     Raises:
         CheckpointError: unreadable file, an architecture spandrel does not know, NaN/inf in the weights, or not an
@@ -278,11 +279,8 @@ def load_descriptor(path: str, param_key: str = 'params_ema', strict_key: bool =
         state = read_checkpoint(path)
         if isinstance(state.get(param_key), Mapping):
             state = state[param_key]
-        elif strict_key and param_key not in ('params', 'params_ema') and not all(
-                isinstance(v, torch.Tensor) for v in state.values()):
-            # an entry asked for by name is never replaced by another (as for option-file checkpoints)
-            raise CheckpointError(f'checkpoint {path} has no entry {param_key!r}; its top-level keys are '
-                                  f'{sorted(state)}')
+        elif strict_key and param_key not in ('params', 'params_ema'):
+            state = pick_entry(state, param_key, path)  # a name the file lacks: the readers' error (bare dicts pass)
     try:
         descriptor = MAIN_REGISTRY.load(state)
     except UnsupportedModelError:

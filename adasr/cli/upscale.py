@@ -360,12 +360,17 @@ def output_path(input_path: str, out_dir: str, ext: str, suffix: str) -> str:
     return osp.join(out_dir, f'{stem}_{suffix}.{ext}' if suffix else f'{stem}.{ext}')
 
 
+def destination(input_path: str, args) -> str:
+    """The output file of ``input_path`` under the CLI's ``-o``, ``--ext`` and ``--suffix``."""
+    return output_path(input_path, args.output, output_ext(input_path, args.ext), args.suffix)
+
+
 def without_own_outputs(paths: Sequence[str], args) -> List[str]:
     """``paths`` without the files that are another input's output (``-o`` into the input folder: a re-run would
     otherwise take the first run's ``a_out.png`` as an input, whose output ``a_out_out.png`` ... )."""
     outputs = {}
     for p in paths:
-        outputs.setdefault(osp.abspath(output_path(p, args.output, output_ext(p, args.ext), args.suffix)), p)
+        outputs.setdefault(osp.abspath(destination(p, args)), p)
     return [p for p in paths if outputs.get(osp.abspath(p), p) == p]
 
 
@@ -378,7 +383,7 @@ def check_output_names(paths: Sequence[str], args) -> None:
     seen: Dict[str, str] = {}
     folders: Dict[str, str] = {}
     for path in paths:
-        dst = osp.abspath(output_path(path, args.output, output_ext(path, args.ext), args.suffix))
+        dst = osp.abspath(destination(path, args))
         if dst in seen:
             raise UsageError(f'{seen[dst]} and {path} would both be written to {dst}: give them different names, '
                              'or upscale them into different folders')
@@ -489,7 +494,7 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
     for path in bar:
         name = osp.basename(path)
         ext = output_ext(path, args.ext)
-        dst = output_path(path, args.output, ext, args.suffix)
+        dst = destination(path, args)
         halting_dir = osp.join(args.output, 'halting', osp.splitext(name)[0])
         # a re-run resumes: an image is done when its output is there, and its halting pictures where asked for
         # (halting.json is written last: a run stopped between the image and its pictures redoes the image)

@@ -1,6 +1,5 @@
 """BasicSR's PairedImageDataset with checks that name the file when something is wrong."""
 import math
-import os
 import os.path as osp
 from typing import Iterable, List
 
@@ -87,17 +86,13 @@ def _pair_by_stem(lq_folder: str, gt_folder: str, tmpl: str, name: str) -> List[
     """Pairs of images whose names match without their extension (``0001.jpg`` with ``0001.png``: the bicubic LR
     that ``generate_bicubic_lr.py`` writes of a JPEG), for folders whose extensions differ; BasicSR pairs by the
     whole name. Each GT needs exactly one LR image named ``filename_tmpl`` of its stem."""
-    from adasr.utils.image_io import IMAGE_EXTENSIONS
-
-    def images(folder):
-        return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
-                      and osp.isfile(osp.join(folder, f)))
+    from adasr.data.prepare import list_images
 
     by_stem: dict = {}
-    for f in images(lq_folder):
+    for f in list_images(lq_folder):
         by_stem.setdefault(osp.splitext(f)[0], []).append(f)
     paths = []
-    for f in images(gt_folder):
+    for f in list_images(gt_folder):
         want = tmpl.format(osp.splitext(f)[0])
         found = by_stem.get(want, [])
         if len(found) != 1:

@@ -28,7 +28,7 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
     Raises:
         CheckpointError: the file is missing, unreadable, has none of the expected entries, or holds NaN/inf.
     """
-    state = _pick_entry(read_checkpoint(path), param_key, path)
+    state = pick_entry(read_checkpoint(path), param_key, path)
     check_finite_state(state, f'checkpoint {path}')
     out = OrderedDict()
     for k, v in state.items():
@@ -85,7 +85,9 @@ def save_checkpoint(obj: Any, path: str) -> None:
         raise CheckpointError(f'cannot save {path}: {e}') from e
 
 
-def _pick_entry(obj: Mapping, param_key: Optional[str], path: str) -> Mapping:
+def pick_entry(obj: Mapping, param_key: Optional[str], path: str) -> Mapping:
+    """The state dict of a checkpoint's entry ``param_key`` (``params`` and ``params_ema`` stand in for each other;
+    another name the file lacks is an error), else the first of :data:`PARAM_KEYS`; a bare state dict as it is."""
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj  # a bare state dict
     order: List[str] = []
