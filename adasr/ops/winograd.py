@@ -262,9 +262,14 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
         kernels.conv_blocks(x_rows, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y_rows, ostrip, mode, r_rows,
                             params)
 
+    from adasr.ops.config import worker_threads
     from adasr.ops.scheduling import parallel_for
     if _USE_POOL and torch.get_num_threads() > 1 and n * nblocks > 1:
-        parallel_for(lambda item: run(*item), [(b, k, k + 1) for b in range(n) for k in range(nblocks)])
+        # contiguous runs of blocks, a few per worker: one compiled call each (a call costs ~50 us of argument
+        # checks; one per block made a two-thread decoder 7% slower)
+        parts = min(nblocks, _PARTS_PER_THREAD * max(1, worker_threads() or 1))
+        bounds = [k * nblocks // parts for k in range(parts + 1)]
+        parallel_for(lambda item: run(*item), [(b, bounds[k], bounds[k + 1]) for b in range(n) for k in range(parts)])
     else:
         for b in range(n):
             run(b, 0, nblocks)
@@ -388,6 +393,7 @@ def _zeros(n: int) -> torch.Tensor:
 
 
 _USE_POOL = True  # blocks on the worker pool when PyTorch has more than one thread (else: multithreaded GEMMs)
+_PARTS_PER_THREAD = 2  # the compiled driver's runs of blocks per worker thread (balance against call overhead)
 _BLOCK_TILES = 128  # tiles per block (rounded to whole tile rows): the block's transformed tiles stay in L2
 # fewest blocks for the compiled driver: it saves ~50 us of Python a block, and compiling it for a new variant and
 # channel counts takes a few seconds (once per machine: numba's cache)
