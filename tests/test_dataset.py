@@ -126,6 +126,26 @@ def test_training_pair_of_another_scale_is_named(tiny_pairs):
         ds[_by_name(ds, 'coffee')]
 
 
+def test_lmdb_training_pairs_that_cannot_be_cropped_are_named_at_construction(tiny_pairs, tmp_path):
+    """The sizes in meta_info.txt are checked before any sample is read: a GT smaller than gt_size, or an LR of
+    another scale, is an error naming the key (folders: when the pair is drawn, the test above)."""
+    hr, lr = tiny_pairs
+    folder_to_lmdb(hr, str(tmp_path / 'hr.lmdb'))
+    folder_to_lmdb(lr, str(tmp_path / 'lr.lmdb'))
+    opt = dict(_opt(str(tmp_path / 'hr.lmdb'), str(tmp_path / 'lr.lmdb'), backend='lmdb', phase='train'),
+               batch_size_per_gpu=1)
+    assert len(PairedSRDataset(opt)) == 2  # 48x48 GTs, gt_size 32
+    with pytest.raises(DatasetError, match=r"key 'astronaut' of .*hr.lmdb/meta_info.txt is 48x48, smaller than "
+                                           r'gt_size 64'):
+        PairedSRDataset(dict(opt, gt_size=64))
+    assert len(PairedSRDataset(dict(opt, gt_size=64, phase='val'))) == 2  # no crop outside training
+    img = cv2.imread(osp.join(hr, 'coffee.png'))
+    cv2.imwrite(osp.join(lr, 'coffee.png'), cv2.resize(img, (24, 24), interpolation=cv2.INTER_AREA))  # an x2 LR
+    folder_to_lmdb(lr, str(tmp_path / 'lr2.lmdb'))
+    with pytest.raises(DatasetError, match=r"key 'coffee' .* is 48x48 but its LR in .*lr2.lmdb is 24x24: not x4"):
+        PairedSRDataset(dict(opt, dataroot_lq=str(tmp_path / 'lr2.lmdb')))
+
+
 def test_worker_errors_keep_their_own_message():
     """A DataLoader re-raises a worker's error with its whole traceback in the text; the entry prints the worker's
     message alone."""

@@ -1,7 +1,8 @@
 """BasicSR's PairedImageDataset with checks that name the file when something is wrong."""
 import math
 import os.path as osp
-from typing import Iterable, List
+import re
+from typing import Dict, Iterable, List, Tuple
 
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils import imfrombytes
@@ -70,6 +71,39 @@ def _meta_keys(path: str) -> List[str]:
         return [line.split('.')[0] for line in f]
 
 
+_SIZE = re.compile(r'\((\d+),\s*(\d+)(?:,\s*\d+)?\)')
+
+
+def _meta_sizes(path: str) -> Dict[str, Tuple[int, int]]:
+    """(height, width) of each key of a BasicSR LMDB's ``meta_info.txt`` (lines ``name.png (h,w,c) level``); keys
+    whose line holds no size are left out."""
+    sizes = {}
+    with open(osp.join(path, 'meta_info.txt')) as f:
+        for line in f:
+            found = _SIZE.search(line)
+            if found:
+                sizes[line.split('.')[0]] = (int(found.group(1)), int(found.group(2)))
+    return sizes
+
+
+def _check_crop_sizes(lq: str, gt: str, scale: int, gt_size: int, name: str) -> None:
+    """Every LMDB training pair can be cropped as BasicSR's ``paired_random_crop`` will: the GT is ``scale`` times
+    its LR and at least ``gt_size`` on each side. Sizes come from the two ``meta_info.txt`` files (no image is
+    read), so a bad pair is named at construction instead of at the step that first draws it."""
+    lq_sizes, gt_sizes = _meta_sizes(lq), _meta_sizes(gt)
+    for key, (h, w) in sorted(gt_sizes.items()):
+        if key not in lq_sizes:
+            continue
+        lh, lw = lq_sizes[key]
+        where = f'{name}: key {key!r} of {osp.join(gt, "meta_info.txt")}'
+        if (h, w) != (lh * scale, lw * scale):
+            raise DatasetError(f'{where} is {h}x{w} but its LR in {lq} is {lh}x{lw}: not x{scale} (is this the LR of '
+                               'another scale?)')
+        if min(h, w) < gt_size:
+            raise DatasetError(f'{where} is {h}x{w}, smaller than gt_size {gt_size}: no {gt_size}x{gt_size} '
+                               'training crop fits; lower gt_size or leave the image out')
+
+
 def _check_same_keys(lq: str, gt: str, name: str) -> None:
     """The LR and GT LMDBs list the same keys; otherwise an error naming both and some keys of each side."""
     lq_keys, gt_keys = set(_meta_keys(lq)), set(_meta_keys(gt))
@@ -120,7 +154,8 @@ class PairedSRDataset(PairedImageDataset):
     * LMDBs whose keys differ are named with the keys, ``meta_info_file`` with LMDBs is refused (BasicSR ignores it),
       a training set with fewer samples per process than ``batch_size_per_gpu`` is refused (BasicSR would run empty
       epochs and end without a step), and a training pair that cannot be cropped (an LR of another scale, smaller
-      than ``gt_size / scale``) is named.
+      than ``gt_size / scale``) is named: for LMDBs at construction (the sizes in ``meta_info.txt``), for folders
+      when the pair is first drawn.
     """
 
     def __init__(self, opt):
@@ -148,6 +183,8 @@ class PairedSRDataset(PairedImageDataset):
         if backend == 'lmdb':
             for key in ('gt', 'lq'):
                 check_lmdb(opt[f'dataroot_{key}'], [p[f'{key}_path'] for p in self.paths], f'{name}: dataroot_{key}')
+            if opt.get('phase') == 'train' and opt.get('gt_size'):
+                _check_crop_sizes(opt['dataroot_lq'], opt['dataroot_gt'], opt['scale'], opt['gt_size'], name)
         if opt.get('phase') == 'train' and opt.get('batch_size_per_gpu'):
             # BasicSR's sampler gives each process ceil(n x ratio / world) samples and its loader drops an
             # incomplete batch: fewer samples than a batch make empty epochs, and the run ends without a step
