@@ -246,7 +246,7 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     """:func:`_forward`'s blocks for channels-last x and output (xs, ys: their (N, H, W, C) views) by the compiled
     ``conv_blocks``: input strip, transform, the products by the BLAS routine ``torch.bmm`` calls
     (:mod:`adasr.ops.blas`) and the output transform in one call for all blocks of an image (on one thread) or
-    per block on the worker pool; the same numbers as the Python block loop, without its per-block overhead.
+    one call per contiguous run of blocks on the worker pool (:data:`_PARTS_PER_THREAD` runs per worker); the same numbers as the Python block loop, without its per-block overhead.
     ``mode`` 0: the convolution, 1: its ReLU, 2: plus the residual ``rs`` (channels-last, (N, H, W, Co) view; it
     may be ``ys`` itself), added as each output tile is written (one pass over the output less)."""
     n, h, w, c = xs.shape
