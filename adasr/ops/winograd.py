@@ -246,7 +246,8 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     """:func:`_forward`'s blocks for channels-last x and output (xs, ys: their (N, H, W, C) views) by the compiled
     ``conv_blocks``: input strip, transform, the products by the BLAS routine ``torch.bmm`` calls
     (:mod:`adasr.ops.blas`) and the output transform in one call for all blocks of an image (on one thread) or
-    one call per contiguous run of blocks on the worker pool (:data:`_PARTS_PER_THREAD` runs per worker); the same numbers as the Python block loop, without its per-block overhead.
+    one call per contiguous run of blocks on the worker pool (:data:`_PARTS_PER_THREAD` runs per worker); the
+    same numbers as the Python block loop, without its per-block overhead.
     ``mode`` 0: the convolution, 1: its ReLU, 2: plus the residual ``rs`` (channels-last, (N, H, W, Co) view; it
     may be ``ys`` itself), added as each output tile is written (one pass over the output less)."""
     n, h, w, c = xs.shape
@@ -266,8 +267,8 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     from adasr.ops.scheduling import parallel_for
     if _USE_POOL and torch.get_num_threads() > 1 and n * nblocks > 1:
         # contiguous runs of blocks, a few per worker: one compiled call each (a call costs ~50 us of argument
-        # checks; one per block made a two-thread decoder 7% slower)
-        parts = min(nblocks, _PARTS_PER_THREAD * max(1, worker_threads() or 1))
+        # checks: one call per block cost AdaFormer's two-thread decoder ~0.1 s of CPU)
+        parts = min(nblocks, _PARTS_PER_THREAD * max(1, worker_threads()))
         bounds = [k * nblocks // parts for k in range(parts + 1)]
         parallel_for(lambda item: run(*item), [(b, bounds[k], bounds[k + 1]) for b in range(n) for k in range(parts)])
     else:
