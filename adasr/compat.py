@@ -4,7 +4,7 @@
 torchvision 0.17 renamed to ``torchvision.transforms._functional_tensor``. Because ``basicsr/__init__.py``
 imports every sub-package, that one import breaks ``import basicsr`` entirely. We register the old name as
 an alias of the renamed module before basicsr is first imported. Nothing else in basicsr is patched here;
-the CPU resume fix lives in :mod:`adasr.train`, where it is used.
+the CPU resume fix lives in :mod:`adasr.cli.entry` (``load_resume_state``), where it is used.
 """
 import importlib
 import sys

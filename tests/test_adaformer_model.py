@@ -150,6 +150,38 @@ def test_a_run_that_applied_no_step_fails_at_its_last_step(tmp_path):
     model.optimize_parameters(2)  # skipped with a warning; step 1 trained
 
 
+def test_resume_checks_the_optimizer_and_counts_the_earlier_steps(tmp_path, caplog):
+    """A state saved by Adam resumed with SGD is refused by name (before: a raw KeyError at the first step); other
+    values of the same settings are kept from the state with a warning naming them (before: silently); a resumed
+    run's non-finite last step is a skipped step, not "diverged" (before: no step "of this run" had applied)."""
+    from adasr.models.adasr_model import ResumeMismatchError
+
+    model = AdaFormerModel(_opt(tmp_path, train={'total_iter': 5}))
+    model.feed_data(_batch())
+    model.optimize_parameters(1)
+    state = {'iter': 4, 'optimizers': [o.state_dict() for o in model.optimizers],
+             'schedulers': [s.state_dict() for s in model.schedulers]}
+    sgd = AdaFormerModel(_opt(tmp_path, train={'optim_g': {'type': 'SGD', 'lr': 1e-3, 'momentum': 0.9}}))
+    with pytest.raises(ResumeMismatchError, match=r'iteration 4 was saved by another optimizer than train.optim_g '
+                                                  r"\(SGD\) makes: settings only in the state: \['amsgrad', 'betas'"):
+        sgd.resume_training(state)
+    other = AdaFormerModel(_opt(tmp_path, train={'total_iter': 5, 'optim_g': {'type': 'Adam', 'lr': 2e-4,
+                                                                              'weight_decay': 0.5}}))
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger='basicsr'):
+            other.resume_training(state)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "weight_decay: 0 in the state, 0.5 in the option file" in caplog.text
+    assert other.optimizer_g.param_groups[0]['weight_decay'] == 0  # BasicSR's resume keeps the state's
+    bad = _batch()
+    bad['gt'][0, 0, 0, 0] = float('nan')
+    other.feed_data(bad)
+    other.optimize_parameters(5)  # the last step, skipped with a warning: steps 1-4 trained the resumed weights
+
+
 def test_nonfinite_weights_are_never_saved(tmp_path):
     model = AdaFormerModel(_opt(tmp_path))
     with torch.no_grad():

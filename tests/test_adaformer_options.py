@@ -8,7 +8,7 @@ import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 
-from adasr.cli.options import check_options, load_yaml
+from adasr.cli.options import OptionsError, check_options, load_yaml
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FILES = sorted(glob.glob(osp.join(REPO, 'options', '*', '*AdaFormer*.yml')))
@@ -67,3 +67,18 @@ def test_pixel_loss_weight_reproduces_the_authors_gradient():
     loss_01 = 255 * build_loss({'type': 'L1Loss', 'loss_weight': 1.0})((w * 100 / 255)[None], (hr / 255)[None])
     g_01, = torch.autograd.grad(loss_01, w)
     assert torch.allclose(g_255, g_01, rtol=1e-5)
+
+
+def test_a_misspelled_loss_section_is_an_error():
+    """A ``train.*_opt`` that the model never reads would train without that loss (the halting estimator untrained
+    for ``uncertanty_opt``): refused with the model's own loss keys; AdaSRModel does not read uncertainty_opt."""
+    opt = load_yaml(osp.join(REPO, 'options', 'train', 'train_AdaFormer_x4.yml'))
+    opt['train']['uncertanty_opt'] = opt['train'].pop('uncertainty_opt')
+    with pytest.raises(OptionsError, match=r"unknown key 'uncertanty_opt' in train \(the losses AdaFormerModel "
+                                           r"reads\) \(did you mean 'uncertainty_opt'"):
+        check_options(opt, is_train=True, check_paths=False)
+    opt['train']['uncertainty_opt'] = opt['train'].pop('uncertanty_opt')
+    check_options(opt, is_train=True, check_paths=False)
+    opt['model_type'] = 'AdaSRModel'
+    with pytest.raises(OptionsError, match=r"unknown key 'uncertainty_opt' in train \(the losses AdaSRModel reads"):
+        check_options(opt, is_train=True, check_paths=False)

@@ -64,6 +64,12 @@ def test_mismatch_names_keys_and_shapes(tmp_path):
     assert '0.bias (5,) vs (4,)' in msg
     kept = check_state_dict(net, sd, strict=False)
     assert '0.bias' not in kept and '0.weight' in kept
+    # strict_load false with nothing that loads (another prefix, say) is a wrong file, not a fine-tuning start
+    prefixed = {f'generator.{k}': v for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r'ckpt.pth does not match Sequential: none of its 4 entries loads '
+                                              r'\(4 of the network\'s 4 missing, e.g. 0.bias, 0.weight, 1.bias, '
+                                              r'\.\.\. \(1 more\); unexpected: generator.0.bias'):
+        check_state_dict(net, prefixed, strict=False, source='ckpt.pth')
 
 
 def test_load_weights_roundtrip(tmp_path):

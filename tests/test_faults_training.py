@@ -138,6 +138,19 @@ def _resume_opt(tmp_path):
             'path': {'resume_state': None, 'models': str(tmp_path / 'experiments' / NAME / 'models')}}
 
 
+def test_resume_state_of_another_experiment_is_named(tmp_path):
+    """``path.resume_state`` from another experiment: BasicSR would load this experiment's net_g_<iter>.pth (or
+    fail in a raw traceback copying the option file into a folder that does not exist); refused naming both."""
+    states = tmp_path / 'experiments' / 'other' / 'training_states'
+    states.mkdir(parents=True)
+    torch.save({'iter': 4, 'optimizers': [], 'schedulers': []}, states / '4.state')
+    opt = dict(_resume_opt(tmp_path), auto_resume=False)
+    opt['path']['resume_state'] = str(states / '4.state')
+    with pytest.raises(ResumeError, match=rf"4.state is iteration 4, but experiment '{NAME}' has no "
+                                          rf".*experiments/{NAME}/models/net_g_4.pth: a run resumes in its own"):
+        load_resume_state(opt)
+
+
 @pytest.mark.slow
 def test_auto_resume_skips_unreadable_states_newest_first(tiny_pairs, tmp_path, capsys):
     """A truncated newest state, a state whose network file is truncated, one whose network holds a NaN, and an

@@ -223,6 +223,14 @@ BAD_NUMBERS = [
     (lambda o: o['train'].update(pixel_opt='L1Loss'), ['train.pixel_opt must be a mapping']),
     (lambda o: o['train']['pixel_opt'].update(loss_weight=float('nan')), ['pixel_opt.loss_weight must be a finite']),
     (lambda o: o['train']['pixel_opt'].update(loss_weight=-1.0), ['pixel_opt.loss_weight must be a finite', '-1.0']),
+    (lambda o: o['train']['pixel_opt'].update(reduction='none'), ["train.pixel_opt.reduction must be 'mean' or 'sum'"]),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [2, 2]}, total_iter=6),
+     ['train.scheduler.periods [2, 2] add up to 4 iterations, fewer than train.total_iter 6']),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [3, 3],
+                                            'restart_weights': [1]}, total_iter=6),
+     ['train.scheduler.restart_weights has 1 entries and periods 2']),
+    (lambda o: o['train'].update(pixl_opt=o['train'].pop('pixel_opt')),
+     ["unknown key 'pixl_opt' in train (the losses AdaSRModel reads)", "did you mean 'pixel_opt'"]),
 ]
 
 

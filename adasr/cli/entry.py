@@ -165,6 +165,12 @@ def load_resume_state(opt: dict) -> Optional[dict]:
             state = _read_state(opt['path']['resume_state'], device)
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise ResumeError(f"path.resume_state {opt['path']['resume_state']} cannot be read: {e}") from e
+        # BasicSR resumes the network of the experiment the option file names, into its folder
+        net = osp.join(opt['path']['models'], f"net_g_{state['iter']}.pth")
+        if not osp.isfile(net):
+            raise ResumeError(f"path.resume_state {opt['path']['resume_state']} is iteration {state['iter']}, but "
+                              f"experiment {opt['name']!r} has no {net}: a run resumes in its own experiment "
+                              '(give its name), or starts from other weights with path.pretrain_network_g')
     if state is None:
         return None
     check_resume(opt, state['iter'])
@@ -259,7 +265,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
 
     from adasr.cli.options import OptionsError, parse_overrides, select_test_sets
     from adasr.data.paired_dataset import DatasetError
-    from adasr.models.adasr_model import TrainingDivergedError
+    from adasr.models.adasr_model import ResumeMismatchError, TrainingDivergedError
     from adasr.utils.checkpoint import CheckpointError
     from adasr.utils.checks import NonFiniteError
     from adasr.utils.distributed import barrier, destroy
@@ -281,7 +287,8 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
                 basicsr_train.train_pipeline(root)
             else:
                 basicsr_test.test_pipeline(root)
-    except (CheckpointError, DatasetError, NonFiniteError, ResumeError, TrainingDivergedError) as e:  # names the cause
+    except (CheckpointError, DatasetError, NonFiniteError, ResumeError, ResumeMismatchError,
+            TrainingDivergedError) as e:  # names the cause
         raise SystemExit(f'error: {worker_message(e)}') from None
     # under torchrun: leave together (process 0 may still be saving or validating when another one finishes; a
     # process that exits with its group open can abort the others' gloo connections)

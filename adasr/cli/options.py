@@ -146,6 +146,9 @@ def check_loss_opt(loss_opt: Mapping, section: str) -> None:
     if not (is_real(weight) and math.isfinite(weight) and weight >= 0):
         # a negative weight trains by gradient ascent, a NaN one skips every step
         raise OptionsError(f'{section}.loss_weight must be a finite number >= 0, got {weight!r}')
+    if loss_opt.get('reduction', 'mean') not in ('mean', 'sum'):  # 'none' leaves a map, and backward needs a number
+        raise OptionsError(f"{section}.reduction must be 'mean' or 'sum' for a training loss, got "
+                           f"{loss_opt['reduction']!r}")
 
 
 #: BasicSR's schedulers by the names its ``setup_schedulers`` accepts
@@ -328,6 +331,9 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
         loss_keys = {k for k in train if k.endswith('_opt')}
         check_keys('train', {k: v for k, v in train.items() if k not in loss_keys},
                     TRAIN_KEYS | _declared_keys(model_cls, 'train_option_keys'))
+        declared = _declared_keys(model_cls, 'loss_option_keys')
+        if declared:  # a model that lists the losses it reads: any other *_opt is a typo that would train without it
+            check_keys(f"train (the losses {opt['model_type']} reads)", {k: train[k] for k in loss_keys}, declared)
         for key in sorted(loss_keys):
             if train[key] is not None:
                 check_loss_opt(train[key], f'train.{key}')
@@ -404,6 +410,16 @@ def check_numbers(opt: Mapping, is_train: bool) -> None:
     for key in ('milestones', 'periods'):
         for i, step in enumerate(scheduler.get(key) or ()):
             _count(f'train.scheduler.{key}[{i}]', step)
+    periods = scheduler.get('periods')
+    if periods:  # BasicSR's cosine schedules have no rate after their periods: the step past them fails in a traceback
+        total = train.get('total_iter')
+        if is_real(total) and sum(periods) < total:
+            raise OptionsError(f'train.scheduler.periods {list(periods)} add up to {sum(periods)} iterations, fewer '
+                               f'than train.total_iter {total}: the schedule has no learning rate after them')
+        weights = scheduler.get('restart_weights')
+        if weights is not None and len(weights) != len(periods):
+            raise OptionsError(f'train.scheduler.restart_weights has {len(weights)} entries and periods '
+                               f'{len(periods)}: give one weight per period')
     if 'gamma' in scheduler:
         _number(check_positive, 'train.scheduler.gamma', scheduler['gamma'])
 

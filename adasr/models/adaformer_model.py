@@ -44,6 +44,7 @@ class AdaFormerModel(AdaSRModel):
     """
 
     val_option_keys = {'eps_h', 'save_halting'}
+    loss_option_keys = {'uncertainty_opt'}
 
     def __init__(self, opt):
         super().__init__(opt)

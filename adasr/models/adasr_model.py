@@ -32,6 +32,20 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
+class ResumeMismatchError(RuntimeError):
+    """A training state that the run's optimizers cannot take (saved by another optimizer type)."""
+
+
+def _same_setting(a, b) -> bool:
+    """Optimizer settings compared as values (a YAML list and a saved tuple of the same betas are the same)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # tensors of other shapes
+        return False
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss was not finite for ``train.max_nonfinite_steps`` training steps in a row."""
 
@@ -62,6 +76,7 @@ class AdaSRModel(SRModel):
 
     val_option_keys = {'tile', 'tile_pad', 'precision'}
     train_option_keys = {'max_nonfinite_steps'}
+    loss_option_keys = {'pixel_opt', 'perceptual_opt'}  # the train.*_opt sections this model reads (SRModel's)
     _share_means: Optional[dict] = None  # while this process validates its share: the means it would have logged
     _lq_path: Optional[str] = None
     _gt: Optional[Tuple[str, int, int]] = None  # (path, height, width) of the ground truth fed with the image
@@ -88,6 +103,34 @@ class AdaSRModel(SRModel):
         self.max_nonfinite_steps = self.opt['train'].get('max_nonfinite_steps', MAX_NONFINITE_STEPS)
         self.nonfinite_run = 0  # steps in a row whose loss was not finite
         self.applied_steps = 0  # steps of this process that changed the weights
+
+    def resume_training(self, resume_state):
+        """BasicSR's resume (optimizer and scheduler states), after checking that the saved optimizers are the ones
+        ``train.optim_g`` makes: another type (other settings) is a :class:`ResumeMismatchError`; other values of the
+        same settings are kept from the state, as BasicSR does, with a warning naming them. The steps before the
+        resumed iteration count as applied (a non-finite last step does not make the run "diverged")."""
+        it = resume_state.get('iter')
+        for i, (saved, optimizer) in enumerate(zip(resume_state.get('optimizers', []), self.optimizers)):
+            key = 'train.optim_g' if i == 0 else f'optimizer {i}'
+            was, now = saved.get('param_groups', []), optimizer.param_groups
+            if len(was) != len(now):
+                raise ResumeMismatchError(f'the training state of iteration {it} holds {len(was)} parameter groups '
+                                          f'for {key}, the network now has {len(now)}')
+            for g_was, g_now in zip(was, now):
+                k_was, k_now = set(g_was) - {'params'}, set(g_now) - {'params'}
+                if k_was - k_now:  # (settings only in the option file: a newer PyTorch's, filled in by default)
+                    raise ResumeMismatchError(
+                        f'the training state of iteration {it} was saved by another optimizer than {key} '
+                        f'({type(optimizer).__name__}) makes: settings only in the state: {sorted(k_was - k_now)}, '
+                        f'only in the option file: {sorted(k_now - k_was)}; resume with the optimizer the run '
+                        'started with, or start a new run from its weights (path.pretrain_network_g)')
+                changed = [f'{k}: {g_was[k]!r} in the state, {g_now[k]!r} in the option file' for k in sorted(k_was)
+                           if k != 'lr' and not _same_setting(g_was[k], g_now[k])]
+                if changed:
+                    get_root_logger().warning(f'resuming iteration {it}: {key} keeps the saved settings, not the '
+                                              f'option file\'s ({"; ".join(changed)})')
+        super().resume_training(resume_state)
+        self.applied_steps = max(self.applied_steps, int(it or 0))
 
     def optimize_parameters(self, current_iter):
         self.optimizer_g.zero_grad()
@@ -184,8 +227,11 @@ class AdaSRModel(SRModel):
         logger = get_root_logger()
         net = self.get_bare_model(net)
         incompatible = load_weights(net, load_path, param_key, strict)
-        logger.info(f'Loaded {net.__class__.__name__} from {load_path} [{param_key}]'
-                    + ('' if strict else f'; not loaded: {sorted(incompatible.missing_keys)}'))
+        logger.info(f'Loaded {net.__class__.__name__} from {load_path} [{param_key}]')
+        if not strict and (incompatible.missing_keys or incompatible.unexpected_keys):
+            logger.warning(f'{load_path} [{param_key}] loaded in part (strict_load: false): network entries left as '
+                           f'initialised: {sorted(incompatible.missing_keys)}; checkpoint entries not used: '
+                           f'{sorted(incompatible.unexpected_keys)}')
 
     def test(self):
         self.check_metric_sizes()

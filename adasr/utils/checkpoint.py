@@ -136,6 +136,11 @@ def check_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], strict: 
             lines.append(f'  shape mismatches ({len(mismatched)}; checkpoint vs network): ' + ', '.join(detail))
         lines.append('  (check network_g against the checkpoint, or set strict_load_g: false to fine-tune)')
         raise CheckpointError('\n'.join(lines))
+    if own and not set(own) & set(state) - mismatched:  # nothing would load: not a fine-tuning start but a wrong file
+        raise CheckpointError(f'{source} does not match {net.__class__.__name__}: none of its {len(state)} entries '
+                              f'loads ({len(missing)} of the network\'s {len(own)} missing, e.g. '
+                              f'{_summarise(missing, 3)}; unexpected: {_summarise(unexpected, 3) or "none"}; shape '
+                              f'mismatches: {len(mismatched)}); check network_g and param_key against the checkpoint')
     return OrderedDict((k, v) for k, v in state.items() if k not in mismatched)
 
 
