@@ -114,7 +114,9 @@ def base_train_opt(base_test_opt, tiny_pairs):
     opt = dict(base_test_opt)
     opt['datasets'] = {'train': {'name': 't', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
                                  'io_backend': {'type': 'disk'}, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
-                                 'batch_size_per_gpu': 2, 'num_worker_per_gpu': 0}}
+                                 'batch_size_per_gpu': 2, 'num_worker_per_gpu': 0},
+                       'val': {'name': 'v', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
+                               'io_backend': {'type': 'disk'}}}
     opt['network_g'] = {'type': 'SwinIR', 'upscale': 4, 'embed_dim': 12, 'depths': [1], 'num_heads': [2],
                         'window_size': 4, 'upsampler': 'pixelshuffledirect'}
     opt['train'] = {'optim_g': {'type': 'AdamW', 'lr': 1e-3}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [9],
@@ -223,6 +225,8 @@ BAD_NUMBERS = [
     (lambda o: o['train'].update(pixel_opt='L1Loss'), ['train.pixel_opt must be a mapping']),
     (lambda o: o['train']['pixel_opt'].update(loss_weight=float('nan')), ['pixel_opt.loss_weight must be a finite']),
     (lambda o: o['train']['pixel_opt'].update(loss_weight=-1.0), ['pixel_opt.loss_weight must be a finite', '-1.0']),
+    (lambda o: o.pop('val'), ['datasets.val is given but there is no "val" section: validation would never run']),
+    (lambda o: o['datasets'].pop('val'), ['a "val" section but no validation dataset']),
     (lambda o: o['train']['pixel_opt'].update(reduction='none'), ["train.pixel_opt.reduction must be 'mean' or 'sum'"]),
     (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [2, 2]}, total_iter=6),
      ['train.scheduler.periods [2, 2] add up to 4 iterations, fewer than train.total_iter 6']),

@@ -293,6 +293,14 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
         check_dataset_opt(phase, ds, check_paths)
     if is_train and 'train' not in datasets:
         raise OptionsError('a training option file needs datasets.train')
+    if is_train:  # BasicSR validates only with both: either one alone is a run that never validates, silently
+        val_sets = [p for p in datasets if p.split('_')[0] != 'train']
+        if val_sets and opt.get('val') is None:
+            raise OptionsError(f'datasets.{val_sets[0]} is given but there is no "val" section: validation would '
+                               'never run (add val: {val_freq: ..., metrics: ...}, or remove the dataset)')
+        if opt.get('val') is not None and not val_sets:
+            raise OptionsError('a "val" section but no validation dataset (datasets.val): validation would never '
+                               'run (add one, or remove the val section)')
 
     path = opt.get('path') or {}
     check_keys('path', path, PATH_KEYS)
