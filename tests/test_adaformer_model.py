@@ -130,6 +130,39 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
         model.optimize_parameters(4)
 
 
+def test_a_step_with_nonfinite_gradients_and_a_finite_loss_is_skipped(tmp_path, caplog):
+    """A finite loss whose gradients hold inf (here: sqrt at 0 of the output) is skipped like a NaN loss: the
+    weights and the optimizer state stay, with a warning; before, Adam stepped and the weights became NaN."""
+    torch.manual_seed(0)
+    model = AdaFormerModel(_opt(tmp_path, train={'max_nonfinite_steps': 2}))
+    model.feed_data(_batch())
+    real = model.training_losses
+
+    def sqrt_at_zero():
+        l_total, terms = real()
+        return l_total + (model.output.flatten()[0] * 0).sqrt(), terms  # value 0, gradient inf
+
+    model.training_losses = sqrt_at_zero
+    before = {k: v.clone() for k, v in model.net_g.state_dict().items()}
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger='basicsr'):
+            model.optimize_parameters(1)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert 'iter 1: the gradient is not finite' in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in model.net_g.state_dict().items())
+    assert model.optimizer_g.state_dict()['state'] == {}
+    from adasr.models.adasr_model import TrainingDivergedError
+    with pytest.raises(TrainingDivergedError, match='the gradient was not finite for 2 steps in a row'):
+        model.optimize_parameters(2)
+    model.training_losses = real
+    model.nonfinite_run = 0
+    model.optimize_parameters(3)  # a finite step trains
+    assert model.applied_steps == 1 and any(not torch.equal(before[k], v) for k, v in model.net_g.state_dict().items())
+
+
 def test_a_run_that_applied_no_step_fails_at_its_last_step(tmp_path):
     """A run shorter than max_nonfinite_steps whose every loss was NaN changed nothing: its last step raises
     (before: it ended with exit 0); one applied step makes a skipped last step a warning only."""

@@ -47,7 +47,7 @@ def _same_setting(a, b) -> bool:
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss was not finite for ``train.max_nonfinite_steps`` training steps in a row."""
+    """The loss or its gradients were not finite for ``train.max_nonfinite_steps`` training steps in a row."""
 
 
 @MODEL_REGISTRY.register()
@@ -59,8 +59,8 @@ class AdaSRModel(SRModel):
     * ``test()`` that pads the input to the arch's window (reflect, as BasicSR's ``SwinIRModel``) unless the arch
       pads inside ``forward`` (``arch_traits(net).pads_input``), so SwinIR, HAT and our archs share one harness;
     * tiled testing for big images: ``val: {tile: 256, tile_pad: 32}`` (LR pixels; see :mod:`adasr.inference.tile`);
-    * finite or stop: a step whose loss is NaN or inf is skipped (no optimizer step, no EMA update) with a warning,
-      and ``train.max_nonfinite_steps`` (default 10) such steps in a row stop the run with
+    * finite or stop: a step whose loss or gradients hold NaN or inf is skipped (no optimizer step, no EMA update)
+      with a warning, and ``train.max_nonfinite_steps`` (default 10) such steps in a row stop the run with
       :class:`TrainingDivergedError`, as does a run that reaches ``total_iter`` without applying one step; weights
       with NaN or inf are never saved;
     * checkpoints (``net_g_*.pth``, ``*.state``) written atomically, and a failed write stops the run with an error
@@ -136,12 +136,24 @@ class AdaSRModel(SRModel):
         self.optimizer_g.zero_grad()
         l_total, loss_dict = self.training_losses()
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        if not self._loss_is_finite(l_total, current_iter):
+        if not self._is_finite(l_total, current_iter, 'loss'):
             return
         l_total.backward()
+        if not self._is_finite(self._gradient_norm(), current_iter, 'gradient'):  # a finite loss, inf/NaN gradients
+            self.optimizer_g.zero_grad()
+            return
         self.optimizer_g.step()
+        self.nonfinite_run = 0
+        self.applied_steps += 1
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def _gradient_norm(self) -> torch.Tensor:
+        """The sum of the gradients' norms: finite exactly when every gradient is (one small pass over them)."""
+        grads = [p.grad for group in self.optimizer_g.param_groups for p in group['params'] if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).sum()
 
     def training_losses(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Run the network on the batch (sets ``self.output``); return the total loss and its named terms."""
@@ -164,28 +176,27 @@ class AdaSRModel(SRModel):
                     loss_dict[name] = value
         return l_total, loss_dict
 
-    def _loss_is_finite(self, l_total: torch.Tensor, current_iter: int) -> bool:
-        """True when ``l_total`` is finite on every process; otherwise count the step as skipped, warn, and raise
-        :class:`TrainingDivergedError` after ``max_nonfinite_steps`` skipped steps in a row."""
-        bad = torch.logical_not(torch.isfinite(l_total.detach()).all()).float()
+    def _is_finite(self, value: torch.Tensor, current_iter: int, what: str) -> bool:
+        """True when ``value`` (the ``what``: loss, gradient) is finite on every process; otherwise count the step
+        as skipped, warn, and raise :class:`TrainingDivergedError` after ``max_nonfinite_steps`` skipped steps in a
+        row (or at the last step when no step of this run applied)."""
+        bad = torch.logical_not(torch.isfinite(value.detach()).all()).float()
         if self.opt.get('dist'):  # every process skips the same steps, or DDP's gradient reduction would hang
             torch.distributed.all_reduce(bad)
         if not bad.item():
-            self.nonfinite_run = 0
-            self.applied_steps += 1
             return True
         self.nonfinite_run += 1
         terms = ', '.join(f'{k}: {v:.4g}' for k, v in self.log_dict.items())
         last_step = current_iter >= self.opt['train'].get('total_iter', float('inf'))
         if self.nonfinite_run >= self.max_nonfinite_steps or (last_step and not self.applied_steps):
             message = (
-                f'training diverged: the loss was not finite for {self.nonfinite_run} steps in a row (iter '
+                f'training diverged: the {what} was not finite for {self.nonfinite_run} steps in a row (iter '
                 f'{current_iter}; {terms}); these steps did not change the weights'
                 f'{"" if self.applied_steps else ", and no step of this run did"}. Lower train.optim_g.lr or '
                 'check the data (train.max_nonfinite_steps sets the limit)')
             get_root_logger().error(message)
             raise TrainingDivergedError(message)
-        get_root_logger().warning(f'iter {current_iter}: the loss is not finite ({terms}); step skipped '
+        get_root_logger().warning(f'iter {current_iter}: the {what} is not finite ({terms}); step skipped '
                                   f'({self.nonfinite_run} in a row; the run stops at {self.max_nonfinite_steps}, '
                                   'train.max_nonfinite_steps)')
         return False
