@@ -1,5 +1,6 @@
 """AdaFormerModel: training with L1 + uncertainty loss, EMA, validation halting statistics, test-time eps_h, halting
 images, and a whole train-then-test run through the command-line pipelines on tiny crops of the demo photos."""
+import contextlib
 import logging
 import os
 import os.path as osp
@@ -43,6 +44,18 @@ def _opt(tmp_path, is_train=True, **sections):
         else:
             opt[key] = value
     return opt
+
+
+@contextlib.contextmanager
+def _basicsr_warnings(caplog):
+    """caplog gets BasicSR's warnings (its root logger does not propagate once it is set up)."""
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger='basicsr'):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def _batch(size=16, n=2):
@@ -110,13 +123,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
 
     before, steps = snapshot(), model.optimizer_g.state_dict()['state']
     model.feed_data(bad)
-    logger = logging.getLogger('basicsr')  # BasicSR's root logger does not propagate once it is set up
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger='basicsr'):
-            model.optimize_parameters(1)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with _basicsr_warnings(caplog):
+        model.optimize_parameters(1)
     assert 'iter 1: the loss is not finite (l_pix: nan' in caplog.text and '1 in a row' in caplog.text
     for old, new in zip(before, snapshot()):
         assert all(torch.equal(old[k], new[k]) for k in old)
@@ -144,13 +152,8 @@ def test_a_step_with_nonfinite_gradients_and_a_finite_loss_is_skipped(tmp_path, 
 
     model.training_losses = sqrt_at_zero
     before = {k: v.clone() for k, v in model.net_g.state_dict().items()}
-    logger = logging.getLogger('basicsr')
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger='basicsr'):
-            model.optimize_parameters(1)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with _basicsr_warnings(caplog):
+        model.optimize_parameters(1)
     assert 'iter 1: the gradient is not finite' in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.net_g.state_dict().items())
     assert model.optimizer_g.state_dict()['state'] == {}
@@ -200,13 +203,8 @@ def test_resume_checks_the_optimizer_and_counts_the_earlier_steps(tmp_path, capl
         sgd.resume_training(state)
     other = AdaFormerModel(_opt(tmp_path, train={'total_iter': 5, 'optim_g': {'type': 'Adam', 'lr': 2e-4,
                                                                               'weight_decay': 0.5}}))
-    logger = logging.getLogger('basicsr')
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger='basicsr'):
-            other.resume_training(state)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with _basicsr_warnings(caplog):
+        other.resume_training(state)
     assert "weight_decay: 0 in the state, 0.5 in the option file" in caplog.text
     assert other.optimizer_g.param_groups[0]['weight_decay'] == 0  # BasicSR's resume keeps the state's
     bad = _batch()

@@ -2,7 +2,7 @@
 import math
 import os.path as osp
 import re
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils import imfrombytes
@@ -65,25 +65,24 @@ def check_lmdb(path: str, keys: Iterable[str], what: str) -> None:
                            f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}; {remake}')
 
 
-def _meta_keys(path: str) -> List[str]:
-    """The keys of a BasicSR LMDB's ``meta_info.txt``, read as BasicSR reads them (up to the first dot)."""
-    with open(osp.join(path, 'meta_info.txt')) as f:
-        return [line.split('.')[0] for line in f]
-
-
 _SIZE = re.compile(r'\((\d+),\s*(\d+)(?:,\s*\d+)?\)')
 
 
-def _meta_sizes(path: str) -> Dict[str, Tuple[int, int]]:
-    """(height, width) of each key of a BasicSR LMDB's ``meta_info.txt`` (lines ``name.png (h,w,c) level``); keys
-    whose line holds no size are left out."""
-    sizes = {}
+def _meta_info(path: str) -> List[Tuple[str, Optional[Tuple[int, int]]]]:
+    """(key, (height, width) or None) of each line of a BasicSR LMDB's ``meta_info.txt`` (``name.png (h,w,c)
+    level``), the key read as BasicSR reads it (up to the first dot)."""
     with open(osp.join(path, 'meta_info.txt')) as f:
-        for line in f:
-            found = _SIZE.search(line)
-            if found:
-                sizes[line.split('.')[0]] = (int(found.group(1)), int(found.group(2)))
-    return sizes
+        lines = [(line.split('.')[0], _SIZE.search(line)) for line in f]
+    return [(key, (int(m.group(1)), int(m.group(2))) if m else None) for key, m in lines]
+
+
+def _meta_keys(path: str) -> List[str]:
+    return [key for key, _ in _meta_info(path)]
+
+
+def _meta_sizes(path: str) -> Dict[str, Tuple[int, int]]:
+    """(height, width) of each key whose ``meta_info.txt`` line gives it."""
+    return {key: size for key, size in _meta_info(path) if size is not None}
 
 
 def _check_crop_sizes(lq: str, gt: str, scale: int, gt_size: int, name: str) -> None:

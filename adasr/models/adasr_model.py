@@ -101,8 +101,8 @@ class AdaSRModel(SRModel):
     def init_training_settings(self):
         super().init_training_settings()
         self.max_nonfinite_steps = self.opt['train'].get('max_nonfinite_steps', MAX_NONFINITE_STEPS)
-        self.nonfinite_run = 0  # steps in a row whose loss was not finite
-        self.applied_steps = 0  # steps of this process that changed the weights
+        self.nonfinite_run = 0  # steps in a row whose loss or gradients were not finite
+        self.applied_steps = 0  # steps that changed the weights (a resumed run counts the earlier ones)
 
     def resume_training(self, resume_state):
         """BasicSR's resume (optimizer and scheduler states), after checking that the saved optimizers are the ones
@@ -153,7 +153,7 @@ class AdaSRModel(SRModel):
         grads = [p.grad for group in self.optimizer_g.param_groups for p in group['params'] if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).sum()
+        return torch.stack(torch._foreach_norm(grads)).sum()
 
     def training_losses(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Run the network on the batch (sets ``self.output``); return the total loss and its named terms."""
