@@ -285,3 +285,62 @@ def test_diverging_run_stops_and_saves_no_nonfinite_weights(tiny_pairs, tmp_path
                                                    if f.endswith('.log'))
     assert _final_files_read(exp) == [1, 2, 3]
     assert not osp.exists(osp.join(exp, 'models', 'net_g_latest.pth'))
+
+
+PERCEPTUAL = {'type': 'PerceptualLoss', 'layer_weights': {'conv5_4': 1.0}, 'vgg_type': 'vgg19',
+              'perceptual_weight': 1.0, 'style_weight': 0.0, 'criterion': 'l1'}
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """torch.hub's cache in an empty folder, the run's directory without BasicSR's VGG file, downloads that fail."""
+    from urllib.error import URLError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    calls = []
+
+    def offline(url, dst, *args, **kwargs):
+        calls.append((url, dst))
+        raise URLError('[Errno -3] Temporary failure in name resolution')
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    return calls
+
+
+def test_perceptual_loss_without_its_vgg_weights_stops_before_any_work(tiny_pairs, tmp_path, empty_hub):
+    """Offline, BasicSR's PerceptualLoss tried to download torchvision's VGG19 after the experiment's folders
+    were made and the log opened, and died in a URLError; the pre-flight now fetches the file first or names it."""
+    opt_path = write_yaml(tmp_path / 'percep.yml', train_opt(*tiny_pairs, perceptual_opt=dict(PERCEPTUAL)))
+    with pytest.raises(SystemExit) as err:
+        entry_run('train', ['-opt', opt_path])
+    expected = osp.join(str(tmp_path / 'hub'), 'checkpoints', 'vgg19-dcbb9e9d.pth')
+    message = str(err.value)
+    assert message.startswith(f'error: {opt_path}: train.perceptual_opt: ')
+    for words in (expected, 'https://download.pytorch.org/models/vgg19-dcbb9e9d.pth', 'URLError',
+                  'experiments/pretrained_models/vgg19-dcbb9e9d.pth'):
+        assert words in message, message
+    assert empty_hub == [('https://download.pytorch.org/models/vgg19-dcbb9e9d.pth', expected)]
+    assert not (tmp_path / 'experiments').exists()
+
+
+def test_perceptual_weights_found_cut_short_or_misnamed(tmp_path, empty_hub):
+    from adasr.cli.options import OptionsError, ensure_perceptual_weights
+
+    path = tmp_path / 'hub' / 'checkpoints' / 'vgg16-397923af.pth'
+    path.parent.mkdir(parents=True)
+    torch.save({'features.0.weight': torch.zeros(1)}, path)
+    train = {'perceptual_opt': dict(PERCEPTUAL, vgg_type='vgg16')}
+    ensure_perceptual_weights(train)  # in torch.hub's cache: nothing downloaded
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a copy cut short
+    with pytest.raises(OptionsError, match=f'train.perceptual_opt: {path} is not a whole PyTorch weights file'):
+        ensure_perceptual_weights(train)
+    path.unlink()
+    local = tmp_path / 'experiments' / 'pretrained_models' / 'vgg19-dcbb9e9d.pth'  # BasicSR's own place comes first
+    local.parent.mkdir(parents=True)
+    torch.save({}, local)
+    ensure_perceptual_weights(train)
+    with pytest.raises(OptionsError, match="vgg_type: 'vgg91' is not a VGG BasicSR builds.*did you mean 'vgg19'"):
+        ensure_perceptual_weights({'perceptual_opt': dict(PERCEPTUAL, vgg_type='vgg91')})
+    assert empty_hub == []

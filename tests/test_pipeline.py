@@ -99,12 +99,18 @@ def test_train_lmdb_and_disk_save_auto_resume_then_test(tiny_pairs, tmp_path):
     assert (exp / 'models' / 'net_g_2.pth').is_file() and (exp / 'training_states' / '2.state').is_file()
     first = torch.load(exp / 'models' / 'net_g_2.pth', weights_only=True)
     assert set(first) == {'params', 'params_ema'}
+    # validated once, at iteration 2: BasicSR's loop validated the same weights again as "iter 3"
+    log = ''.join(open(p).read() for p in glob.glob(str(exp / 'train_*.log')))
+    assert log.count('Validation tiny_val') == 1 and '@ 2 iter' in log and '@ 3 iter' not in log
+    assert 'tiny_val: validated at iter 2 already (the same weights): the final validation is not repeated' in log
 
     # resume from the saved iteration and continue to 4 (BasicSR 1.4.2 cannot resume on a CPU; adasr can)
     out = run(TRAIN, opt_path, tmp_path, '--auto_resume', '--force_yml', 'train:total_iter=4')
     log = out.stdout + out.stderr + ''.join(open(p).read() for p in glob.glob(str(exp / 'train_*.log')))
     assert 'Resuming training from epoch' in log and 'iter: 2.' in log
     assert (exp / 'models' / 'net_g_4.pth').is_file()
+    logs = ''.join(open(p).read() for p in glob.glob(str(exp / 'train_*.log')))  # both runs' log files
+    assert logs.count('Validation tiny_val') == 2 and '@ 4 iter' in logs and '@ 5 iter' not in logs
     assert not any(p.endswith('_archived') for p in os.listdir(tmp_path / 'experiments'))
     resumed = torch.load(exp / 'models' / 'net_g_4.pth', weights_only=True)['params']
     assert any(not torch.equal(resumed[k], first['params'][k]) for k in resumed)  # it trained further

@@ -53,7 +53,13 @@ def _split_adasr_args(argv: List[str], kind: str):
 
 
 def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
-    from adasr.cli.options import OptionsError, check_network_builds, check_options, load_yaml
+    from adasr.cli.options import (
+        OptionsError,
+        check_network_builds,
+        check_options,
+        ensure_perceptual_weights,
+        load_yaml,
+    )
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('-opt', required=True)
@@ -65,6 +71,8 @@ def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
     try:
         check_options(opt, is_train=is_train)
         check_network_builds(opt['network_g'])
+        if is_train:
+            ensure_perceptual_weights(opt['train'])
     except OptionsError as e:
         raise SystemExit(f'error: {known.opt}: {e}') from None
 

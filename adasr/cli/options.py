@@ -206,6 +206,59 @@ def check_training_setup(train: Mapping) -> None:
                            '{type: L1Loss, loss_weight: 1.0})')
 
 
+#: the VGG networks BasicSR's ``PerceptualLoss`` accepts as ``vgg_type`` (torchvision's, by name)
+VGG_TYPES = ('vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn')
+
+
+def perceptual_weights(loss_opt: Mapping, section: str = 'train.perceptual_opt') -> Tuple[str, str, str]:
+    """Where BasicSR's ``PerceptualLoss`` takes its ImageNet VGG weights from: (the file it loads, the address
+    torchvision downloads it from, BasicSR's own ``VGG_PRETRAIN_PATH``). BasicSR loads ``VGG_PRETRAIN_PATH``
+    (relative to the current directory) when it exists, else torchvision's ``pretrained=True`` reads its cache
+    (``torch.hub.get_dir()/checkpoints``) or downloads there."""
+    import torchvision
+    from basicsr.archs import vgg_arch
+
+    vgg_type = loss_opt.get('vgg_type', 'vgg19')
+    if vgg_type not in VGG_TYPES:
+        raise OptionsError(f'{section}.vgg_type: {vgg_type!r} is not a VGG BasicSR builds; choose one of '
+                           f'{list(VGG_TYPES)}' + _suggest(str(vgg_type), VGG_TYPES))
+    if osp.exists(vgg_arch.VGG_PRETRAIN_PATH):
+        return vgg_arch.VGG_PRETRAIN_PATH, '', vgg_arch.VGG_PRETRAIN_PATH
+    weights = getattr(torchvision.models, f'{vgg_type.upper()}_Weights').IMAGENET1K_V1
+    path = osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(weights.url))
+    return path, weights.url, vgg_arch.VGG_PRETRAIN_PATH
+
+
+def ensure_perceptual_weights(train: Mapping, download: Optional[Callable[[str, str], None]] = None) -> None:
+    """Before a run makes its folders: the VGG weights of ``train.perceptual_opt`` are on disk, downloaded now
+    (where BasicSR's loss would download them on building, after the experiment's folders exist) or refused with
+    the file to provide. A file that is not a whole PyTorch archive (a copy cut short) is refused too."""
+    import zipfile
+
+    loss_opt = train.get('perceptual_opt')
+    if not isinstance(loss_opt, Mapping):
+        return
+    path, url, basicsr_path = perceptual_weights(loss_opt)
+    if not osp.exists(path):
+        import re
+
+        digest = re.search(r'-([0-9a-f]{6,})\.', osp.basename(path))
+        try:
+            if download is None:
+                torch.hub.download_url_to_file(url, path, hash_prefix=digest.group(1) if digest else None,
+                                               progress=False)
+            else:
+                download(url, path)
+        except Exception as e:  # noqa: BLE001 - offline, refused, a wrong hash: the same advice
+            raise OptionsError(
+                f'train.perceptual_opt: the ImageNet weights of its VGG ({loss_opt.get("vgg_type", "vgg19")}) are '
+                f'not at {path} and downloading them from {url} failed ({type(e).__name__}: {e}); copy that file '
+                f'there (or to {basicsr_path} under the directory you run from) and start again') from None
+    if not zipfile.is_zipfile(path):
+        raise OptionsError(f'train.perceptual_opt: {path} is not a whole PyTorch weights file (cut short or '
+                           'damaged?); delete it and start again (it is downloaded again) or copy a good one there')
+
+
 def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None:
     section = f'datasets.{phase}'
     if not isinstance(ds, Mapping):

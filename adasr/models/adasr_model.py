@@ -70,6 +70,8 @@ class AdaSRModel(SRModel):
       network output with NaN or infinite values (BasicSR would write a black image and average NaN): both are
       errors naming the image;
     * validation and testing under ``torchrun`` shared between the processes (:meth:`dist_validation`);
+    * the validation after the last iteration numbered ``total_iter`` (BasicSR: one more), and not repeated for a
+      set validated at ``total_iter`` (:meth:`validation`);
     * reduced-precision testing: ``val: {precision: bf16}`` (fp32 default, bf16, fp16; autocast, see
       :mod:`adasr.inference.precision`; checked against the device before anything runs).
     """
@@ -289,6 +291,27 @@ class AdaSRModel(SRModel):
         if collector is not None:  # adaptive archs: the halting record of the whole image, not of the last tile
             set_halting_record(unwrap(net), collector.to_info())
         return out
+
+    # -- validation ----------------------------------------------------------------------------------------------------
+
+    _validated_last: Optional[set] = None  # ids of the loaders validated at train.total_iter in this process
+
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False):
+        """BasicSR's validation, numbered as the weights it measures. BasicSR's training loop validates once more
+        after its last iteration with its counter one past ``total_iter`` (images saved as ``*_{total_iter + 1}``,
+        the log's iteration off by one), even for a set it has just validated at ``total_iter`` with the same
+        weights. Here that final validation carries ``total_iter`` and is skipped (with a line in the log) for a
+        set this process has already validated at ``total_iter``."""
+        total = (self.opt.get('train') or {}).get('total_iter') if self.is_train else None
+        if isinstance(total, int) and current_iter > total:
+            current_iter = total
+            if id(dataloader) in (self._validated_last or ()):
+                get_root_logger().info(f'{dataloader.dataset.opt.get("name")}: validated at iter {total} already '
+                                       '(the same weights): the final validation is not repeated')
+                return
+        super().validation(dataloader, current_iter, tb_logger, save_img)
+        if current_iter == total:
+            self._validated_last = (self._validated_last or set()) | {id(dataloader)}
 
     # -- validation shared between processes -------------------------------------------------------------------------
 
