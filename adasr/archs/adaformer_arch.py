@@ -173,6 +173,10 @@ class MeanShift(nn.Conv2d):
 #: map's, measured at 270 x 480, S = 8, one thread: 900 of 2040 windows took 78 ms, the whole map 73 ms, 73 windows
 #: 6.9 ms (0.087-0.094 ms against 0.036 ms per window: 2.5x, of which the halo is 2.25x)
 WINDOW_PATH_COST = 1.1
+#: cost of the estimator's token path per token (its 5 x 5 patch gathered, the hidden 3 x 3 around it, the logit)
+#: against the whole map's per pixel (:meth:`AdaM.live_windows`); measured at 270 x 480 for 206 to 19790 tokens:
+#: 15.6-18.9 on one thread (1628 tokens 17.2 ms, the whole map 82.7 ms), 16.4-23.8 on two
+TOKEN_PATH_COST = 20.0
 
 
 def region_order(hp: int, wp: int, split: int, device: torch.device) -> torch.Tensor:
@@ -548,19 +552,28 @@ class AdaM(nn.Module):
             score = score + torch.sigmoid(logit)
             return (logit, score < threshold, F.avg_pool2d(score, self.window_size) < threshold, live is None)
 
-    def live_windows(self, g: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-        """Flat indices (over B x window grid) of the windows whose estimator output can still change a decision,
-        or None when the whole map is cheaper: a window is convolved with its halo, (S+4)^2 pixels for S^2 (2.25x
-        at S = 8), and gathering it costs about a tenth more (:data:`WINDOW_PATH_COST`).
+    def live_windows(self, g: torch.Tensor, w: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Where the estimator's next output can still change a decision, as (flat window indices over B x window
+        grid, flat token indices over B x Hp x Wp), or None when the whole map is cheaper.
 
         The accumulated score only grows (sigmoid > 0), so a token at or above the threshold stays halted, and so
-        does a window whose mean score is. A window is dead when it and every token in it have halted: no later
-        mask can change there. g: token keep map (B, 1, Hp, Wp); w: window keep map (B, 1, Hp/S, Wp/S)."""
+        does a window whose mean score is. A window still kept needs every token's logit (its mean decides); in a
+        halted window only the tokens still kept need theirs. Costs against the whole map, per pixel: a window is
+        convolved with its halo, (S+4)^2 pixels for S^2 (2.25x at S = 8), plus gathering it
+        (:data:`WINDOW_PATH_COST`); a token alone takes its 5 x 5 patch and the 3 x 3 hidden values around it
+        (:data:`TOKEN_PATH_COST`). g: token keep map (B, 1, Hp, Wp); w: window keep map (B, 1, Hp/S, Wp/S)."""
         b, _, nwy, nwx = w.shape
         s = self.window_size
-        live = g.view(b, nwy, s, nwx, s).any(4).any(2).logical_or_(w.view(b, nwy, nwx)).flatten()
-        ids = live.nonzero().squeeze(1)
-        return None if ids.numel() * (s + 4) ** 2 * WINDOW_PATH_COST >= live.numel() * s * s else ids
+        wins = w.flatten().nonzero().squeeze(1)
+        cost = wins.numel() * (s + 4) ** 2 * WINDOW_PATH_COST
+        whole = w.numel() * s * s
+        if cost >= whole:
+            return None
+        # kept tokens of halted windows
+        alone = g.view(b, nwy, s, nwx, s).logical_and(~w.view(b, nwy, 1, nwx, 1)).flatten().nonzero().squeeze(1)
+        if cost + alone.numel() * TOKEN_PATH_COST >= whole:
+            return None
+        return wins, alone
 
     def _estimator_logits(self, hidden: torch.Tensor, padding: int, whole: Tuple[int, ...]) -> torch.Tensor:
         """The estimator's last convolution (hidden -> one logit map) at inference, with the numbers PyTorch gives
@@ -571,49 +584,65 @@ class AdaM(nn.Module):
         return narrow_conv.conv3x3_to_one(hidden, conv2.weight, conv2.bias, padding,
                                           onednn_order=narrow_conv.pytorch_uses_onednn(whole))
 
-    def estimate(self, t: torch.Tensor, hw: Tuple[int, int], windows: Optional[torch.Tensor]) -> torch.Tensor:
-        """Estimator logits (B, 1, Hp, Wp) of the tokens t (B, Hp*Wp, C). ``windows``: flat window indices to
-        compute (the others get +inf), or None for the whole map (detached input in training, as the authors).
+    def estimate(self, t: torch.Tensor, hw: Tuple[int, int],
+                 live: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Estimator logits (B, 1, Hp, Wp) of the tokens t (B, Hp*Wp, C). ``live``: (flat window indices, flat
+        token indices) to compute (:meth:`live_windows`; the others get +inf), or None for the whole map (detached
+        input in training, as the authors).
 
-        The window path convolves each window with a halo of two pixels (one per 3x3 conv, zero outside the
-        image, the hidden map zeroed outside the image as the padding of the second conv): the same sums as the
-        whole-map convolutions, bit for bit."""
+        The window path convolves each window with a halo of two pixels, the token path each token's 5 x 5 patch
+        (one pixel per 3x3 conv; zero outside the image, the hidden map zeroed outside the image as the padding of
+        the second conv): the same sums as the whole-map convolutions, bit for bit."""
         b, n, c = t.shape
         hp, wp = hw
-        if windows is None and cpu_inference.onednn_ok(t):
+        if live is None and cpu_inference.onednn_ok(t):
             # the tokens as an NCHW map (a blocked transpose, ops.layout), then oneDNN's blocked layout
             hidden = _conv_onednn(tokens_to_nchw(t, hp, wp).to_mkldnn(), self.var[0]).to_dense()
             return self._estimator_logits(torch.tanh(hidden, out=hidden), 1, hidden.shape)
-        if windows is None:
+        if live is None:
             # NCHW-contiguous, as the authors' estimator sees it (the reshape alone is a channels_last view, which
             # oneDNN convolves with other rounding at batch > 1)
             feat = tokens_to_nchw(t, hp, wp).contiguous()
             return self.var(feat.detach() if self.training else feat)
+        windows, tokens = live
         s = self.window_size
-        nwy, nwx = hp // s, wp // s
         logit = t.new_full((b, 1, hp, wp), float('inf'))
-        if windows.numel() == 0:
-            return logit
-        if windows.numel() == 1:  # oneDNN picks another kernel (other rounding) for a batch of one patch
-            windows = windows.repeat(2)
-        conv1 = self.var[0]
-        bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
-        wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
-        # the windows with their halo gathered from the token map, zero outside the image (no padded copy of the map)
-        pos = torch.arange(-2, s + 2, device=t.device)
-        ys, xs = wy[:, None] * s + pos, wx[:, None] * s + pos  # n, s+4
-        inside = ((ys >= 0) & (ys < hp))[:, :, None] & ((xs >= 0) & (xs < wp))[:, None, :]
-        patches = t.view(b, hp, wp, c)[bi[:, None, None], ys.clamp(0, hp - 1)[:, :, None],
-                                       xs.clamp(0, wp - 1)[:, None, :]]  # n, s+4, s+4, c
-        patches = patches.masked_fill_(~inside[..., None], 0).permute(0, 3, 1, 2).contiguous()  # n, c, s+4, s+4
-        hidden = self.var[1](F.conv2d(patches, conv1.weight, conv1.bias))  # n, hidden, s+2, s+2
-        pos = torch.arange(-1, s + 1, device=t.device)
-        inside_y = ((wy[:, None] * s + pos) >= 0) & ((wy[:, None] * s + pos) < hp)
-        inside_x = ((wx[:, None] * s + pos) >= 0) & ((wx[:, None] * s + pos) < wp)
-        hidden = hidden * (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
-        out = self._estimator_logits(hidden, 0, (b, hidden.shape[1], hp, wp))  # n, 1, s, s
-        logit.view(b, nwy, s, nwx, s).permute(0, 1, 3, 2, 4)[bi, wy, wx] = out[:, 0]
+        if windows.numel():
+            nwy, nwx = hp // s, wp // s
+            bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
+            wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
+            out = self._patch_logits(t, hw, bi, wy * s, wx * s, s)  # n, 1, s, s
+            logit.view(b, nwy, s, nwx, s).permute(0, 1, 3, 2, 4)[bi, wy, wx] = out[:, 0]
+        if tokens.numel():
+            bi, rest = tokens.div(hp * wp, rounding_mode='floor'), tokens.remainder(hp * wp)
+            ys, xs = rest.div(wp, rounding_mode='floor'), rest.remainder(wp)
+            logit.view(-1)[tokens] = self._patch_logits(t, hw, bi, ys, xs, 1).view(-1)
         return logit
+
+    def _patch_logits(self, t: torch.Tensor, hw: Tuple[int, int], bi: torch.Tensor, y0: torch.Tensor,
+                      x0: torch.Tensor, size: int) -> torch.Tensor:
+        """Estimator logits (n, 1, size, size) of the size x size squares of tokens at rows y0, columns x0 of image
+        bi (tokens t (B, Hp*Wp, C)), each convolved from its patch with a two-pixel halo. oneDNN convolves a batch
+        of one patch with another kernel (other rounding) and PyTorch's tanh takes the scalar function for the
+        last elements of a thread's share that do not fill two vectors: the batch is padded (repeating the first
+        patch) to a multiple of twice the thread count, so every patch gets the whole map's numbers."""
+        n, (hp, wp), c = bi.numel(), hw, t.shape[-1]
+        extra = -n % (2 * max(1, torch.get_num_threads()))
+        if extra:
+            bi, y0, x0 = (torch.cat([v, v[:1].expand(extra)]) for v in (bi, y0, x0))
+        conv1 = self.var[0]
+        # the squares with their halo gathered from the token map, zero outside the image (no padded copy of the map)
+        pos = torch.arange(-2, size + 2, device=t.device)
+        ys, xs = y0[:, None] + pos, x0[:, None] + pos  # m, size+4
+        inside = ((ys >= 0) & (ys < hp))[:, :, None] & ((xs >= 0) & (xs < wp))[:, None, :]
+        patches = t.view(-1, hp, wp, c)[bi[:, None, None], ys.clamp(0, hp - 1)[:, :, None],
+                                        xs.clamp(0, wp - 1)[:, None, :]]  # m, size+4, size+4, c
+        patches = patches.masked_fill_(~inside[..., None], 0).permute(0, 3, 1, 2).contiguous()  # m, c, .., ..
+        hidden = self.var[1](F.conv2d(patches, conv1.weight, conv1.bias))  # m, hidden, size+2, size+2
+        inside = inside[:, 1:-1, 1:-1]
+        hidden = hidden * inside[:, None]
+        out = self._estimator_logits(hidden, 0, (t.shape[0], hidden.shape[1], hp, wp))  # m, 1, size, size
+        return out[:n]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
