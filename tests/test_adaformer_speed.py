@@ -27,8 +27,9 @@ def _run(net, x, bias, eps_h, complete, grad=False):
 
 @pytest.mark.parametrize('shape, eps_h, bias', [((1, 3, 64, 64), 0.2, 4.0), ((2, 3, 70, 75), 0.3, 2.5)])
 def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
-    """The estimator skips windows whose tokens and window have all halted: SR and every mask are bit for bit those of
-    the complete computation, the computed logits too, and only dead windows are skipped."""
+    """The estimator skips halted tokens of halted windows: SR and every mask are bit for bit those of the complete
+    computation, the computed logits too, only such tokens are skipped, and kept tokens of halted windows are
+    computed alone (the token path)."""
     x = FIX.guard_input(shape, 3)
     full_sr, full = _run(paper_net, x, bias, eps_h, complete=True)
     sr, info = _run(paper_net, x, bias, eps_h, complete=False)
@@ -36,8 +37,11 @@ def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
     assert torch.equal(sr, full_sr)
     for a, b in zip(info.global_keep + info.local_keep, full.global_keep + full.local_keep):
         assert torch.equal(a, b)
+    alone = 0  # entries computed by the token path: kept tokens of halted windows
     for i in range(len(info.logits)):
         done = info.estimated(i)
+        if not info.complete[i]:
+            alone += int((done & (info.local_keep[i - 1] == 0)).sum())
         assert torch.equal(info.logits[i][done], full.logits[i][done])
         assert torch.isposinf(info.logits[i][~done]).all() and (info.confidence[i][~done] == 1).all()
         if not info.complete[i]:
@@ -46,6 +50,7 @@ def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
             assert bool(dead[~done].all())
         else:
             assert bool(done.all())
+    assert alone > 0
 
 
 @pytest.mark.parametrize('size,seed,split', [((16, 24), 2, 1), ((45, 61), 4, 1), ((96, 136), 7, 2)])

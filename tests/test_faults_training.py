@@ -324,23 +324,65 @@ def test_perceptual_loss_without_its_vgg_weights_stops_before_any_work(tiny_pair
     assert not (tmp_path / 'experiments').exists()
 
 
-def test_perceptual_weights_found_cut_short_or_misnamed(tmp_path, empty_hub):
+def _named_by_hash(folder, stem, legacy=False):
+    """A small weights file named as torch.hub names them (``stem-<first 8 hex of its SHA-256>.pth``)."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / 'tmp.pth'
+    torch.save({'features.0.weight': torch.arange(6.0)}, tmp, _use_new_zipfile_serialization=not legacy)
+    path = folder / f'{stem}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth'
+    tmp.rename(path)
+    return path
+
+
+def test_perceptual_weights_downloaded_into_a_new_cache_and_checked(tmp_path, empty_hub, monkeypatch):
+    """The real download (torch.hub's, from a file:// address) into a cache folder that does not exist yet, the file
+    checked against the hash in its name: the pre-2020 (non-zip) format of torchvision's VGG files is accepted, a
+    copy cut short or a download with another hash is refused by name."""
+    from adasr.cli import options
+
+    monkeypatch.undo()  # the real torch.hub.download_url_to_file
+    monkeypatch.chdir(tmp_path)
+    src = _named_by_hash(tmp_path / 'server', 'vgg19', legacy=True)
+    dst = tmp_path / 'hub' / 'checkpoints' / src.name  # neither folder exists
+    monkeypatch.setattr(options, 'perceptual_weights', lambda opt: (str(dst), src.as_uri(), 'local.pth'))
+    train = {'perceptual_opt': dict(PERCEPTUAL)}
+    options.ensure_perceptual_weights(train)
+    assert dst.read_bytes() == src.read_bytes()
+    options.ensure_perceptual_weights(train)  # found: checked, not downloaded again
+    dst.write_bytes(src.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(options.OptionsError, match=f'{dst} is damaged or cut short .*does not begin with'):
+        options.ensure_perceptual_weights(train)
+    dst.unlink()
+    wrong = dst.with_name('vgg19-00000000.pth')
+    monkeypatch.setattr(options, 'perceptual_weights', lambda opt: (str(wrong), src.as_uri(), 'local.pth'))
+    with pytest.raises(options.OptionsError, match='downloading them from file:.*failed \\(RuntimeError: invalid hash'):
+        options.ensure_perceptual_weights(train)
+    assert not wrong.exists()
+
+
+def test_perceptual_weights_cases_without_download(tmp_path, empty_hub, monkeypatch):
+    from adasr.cli import options
     from adasr.cli.options import OptionsError, ensure_perceptual_weights
 
-    path = tmp_path / 'hub' / 'checkpoints' / 'vgg16-397923af.pth'
-    path.parent.mkdir(parents=True)
-    torch.save({'features.0.weight': torch.zeros(1)}, path)
+    real = options.perceptual_weights
+    cached = _named_by_hash(tmp_path / 'hub' / 'checkpoints', 'vgg16')
+    monkeypatch.setattr(options, 'perceptual_weights', lambda opt: (str(cached), 'https://x/' + cached.name, 'l'))
     train = {'perceptual_opt': dict(PERCEPTUAL, vgg_type='vgg16')}
-    ensure_perceptual_weights(train)  # in torch.hub's cache: nothing downloaded
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])  # a copy cut short
-    with pytest.raises(OptionsError, match=f'train.perceptual_opt: {path} is not a whole PyTorch weights file'):
-        ensure_perceptual_weights(train)
-    path.unlink()
-    local = tmp_path / 'experiments' / 'pretrained_models' / 'vgg19-dcbb9e9d.pth'  # BasicSR's own place comes first
-    local.parent.mkdir(parents=True)
-    torch.save({}, local)
-    ensure_perceptual_weights(train)
+    ensure_perceptual_weights(train)  # in torch.hub's cache, whole: nothing downloaded
+    monkeypatch.setattr(options, 'perceptual_weights', real)
+    for section in ({}, {'type': 'L1Loss', 'loss_weight': 1.0}):  # no VGG built: nothing asked for
+        ensure_perceptual_weights({'perceptual_opt': section})
+    monkeypatch.setenv('LOCAL_RANK', '1')  # under torchrun only local rank 0 downloads
+    ensure_perceptual_weights({'perceptual_opt': dict(PERCEPTUAL)})
+    monkeypatch.delenv('LOCAL_RANK')
     with pytest.raises(OptionsError, match="vgg_type: 'vgg91' is not a VGG BasicSR builds.*did you mean 'vgg19'"):
         ensure_perceptual_weights({'perceptual_opt': dict(PERCEPTUAL, vgg_type='vgg91')})
+    local = tmp_path / 'experiments' / 'pretrained_models' / 'vgg19-dcbb9e9d.pth'  # BasicSR's own place comes first
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b'not checked here: a hash we cannot match')
+    with pytest.raises(OptionsError, match='vgg_type is vgg16, but BasicSR loads experiments/pretrained_models/'
+                                           'vgg19-dcbb9e9d.pth .* for every vgg_type'):
+        ensure_perceptual_weights(train)
     assert empty_hub == []

@@ -183,3 +183,33 @@ def test_test_runs_only_the_sets_asked_for(tiny_pairs, tmp_path):
     assert 'Validation tiny' in text and 'Urban100' not in text.split('Validation tiny', 1)[1]
     proc = run(TEST, path, tmp_path, '--sets', 'Set5', check=False)
     assert proc.returncode != 0 and 'no dataset named Set5 in the option file (it has: tiny, Urban100)' in proc.stderr
+
+
+@pytest.mark.parametrize('total, trained, calls, measured', [
+    (4, 4, [2, 4, 5], [2, 4]),  # the loop stopped at total_iter: its final call (5) repeats 4
+    (4, 4, [4, 6], [4]),  # ... one past it for each epoch it had planned after the last one (BasicSR)
+    (4.0, 4, [4, 5], [4]),  # total_iter a whole float (YAML's !!float 4)
+    (4, 4, [3, 5], [3, 4]),  # not validated at 4 in the loop: the final call measures 4
+    (2, 2, [2, 2], [2]),  # the loop ran out of epochs at total_iter (the loader drops short batches)
+    (4, 6, [7], [6]),  # resumed at 6, past total_iter: nothing trained, the weights of iteration 6
+])
+def test_final_validation_numbered_by_its_weights_and_not_repeated(total, trained, calls, measured):
+    """BasicSR's training loop validates after its last iteration with its counter one past it; adasr numbers that
+    validation as the iteration whose weights it measures and skips it for a set already validated there."""
+    import types
+
+    from adasr.models.adasr_model import AdaSRModel
+
+    model = object.__new__(AdaSRModel)
+    model.is_train, model.opt = True, {'dist': False, 'train': {'total_iter': total}}
+    model.trained_iter = trained  # (set by optimize_parameters and resume_training)
+    seen = []
+    model.nondist_validation = lambda loader, it, tb, save: seen.append((loader.dataset.opt['name'], it))
+    loaders = [types.SimpleNamespace(dataset=types.SimpleNamespace(opt={'name': n})) for n in ('a', 'b')]
+    for it in calls:
+        for loader in loaders:
+            model.validation(loader, it, None, False)
+    assert seen == [(n, it) for it in measured for n in ('a', 'b')]
+    model.is_train = False  # testing: BasicSR's numbering ('' or a name) untouched, nothing skipped
+    model.validation(loaders[0], calls[-1], None, False)
+    assert seen[-1] == ('a', calls[-1])

@@ -694,9 +694,9 @@ class AdaFormer(SRArch, Exportable, nn.Module):
         sparse_eval (bool): eval computes attention for kept windows/tokens only. ``False`` computes every token
             and masks (the training computation, whole-image global), for comparisons. Default: True.
         complete_halting_maps (bool): sparse eval runs the confidence estimator on every token, as the authors.
-            ``False`` skips the 8x8 windows where it can no longer change a decision (every token and the window
-            itself halted; ``HaltingInfo.complete`` flags such maps, whose skipped entries hold logit +inf); masks
-            and SR are the same bit for bit. Can be changed after construction. Default: False.
+            ``False`` skips the tokens where it can no longer change a decision (halted tokens of halted windows;
+            ``HaltingInfo.complete`` flags such maps, whose skipped entries hold logit +inf); masks and SR are the
+            same bit for bit. Can be changed after construction. Default: False.
     """
 
     def __init__(self, *, upscale: int = 4, in_chans: int = 3, n_feats: int = 64, embed_dim: int = 64,

@@ -24,10 +24,11 @@ class HaltingInfo:
             (float 0/1, (B, 1, Hp, Wp)). The paper's halting mask M is ``1 - global_keep``.
         local_keep: 1 where the token's 8x8 window still runs window attention in the next block, repeated over
             the window's pixels (float 0/1, (B, 1, Hp, Wp)).
-        complete: per mask index, True when the estimator ran on every token. Sparse eval skips the 8x8 windows
-            where no later decision can change (the window and every token in it halted: the accumulated score only
-            grows); their entries hold logit +inf (confidence 1), and :meth:`estimated` tells them apart. Masks are
-            always complete.
+        complete: per mask index, True when the estimator ran on every token. Sparse eval skips the tokens whose
+            logit can no longer change a decision: the accumulated score only grows, so a halted token stays halted
+            and so does a halted 8x8 window; a kept window's tokens are all computed (its mean decides), in a halted
+            window only the kept tokens. Skipped entries hold logit +inf (confidence 1), and :meth:`estimated` tells
+            them apart. Masks are always complete.
         input_size: unpadded LR size (H, W); crop maps with ``[..., :H, :W]`` to align them with the image.
         padded_size: (Hp, Wp), the size the maps have.
         mode: ``'sparse'`` (eval, gathered attention) or ``'dense'`` (training, or eval with ``sparse_eval=False``:

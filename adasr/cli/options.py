@@ -213,8 +213,8 @@ VGG_TYPES = ('vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16', 'vgg16_bn', 'vgg
 def perceptual_weights(loss_opt: Mapping, section: str = 'train.perceptual_opt') -> Tuple[str, str, str]:
     """Where BasicSR's ``PerceptualLoss`` takes its ImageNet VGG weights from: (the file it loads, the address
     torchvision downloads it from, BasicSR's own ``VGG_PRETRAIN_PATH``). BasicSR loads ``VGG_PRETRAIN_PATH``
-    (relative to the current directory) when it exists, else torchvision's ``pretrained=True`` reads its cache
-    (``torch.hub.get_dir()/checkpoints``) or downloads there."""
+    (VGG19's weights, relative to the current directory) when it exists, whatever ``vgg_type``; else torchvision's
+    ``pretrained=True`` reads its cache (``torch.hub.get_dir()/checkpoints``) or downloads there."""
     import torchvision
     from basicsr.archs import vgg_arch
 
@@ -222,41 +222,65 @@ def perceptual_weights(loss_opt: Mapping, section: str = 'train.perceptual_opt')
     if vgg_type not in VGG_TYPES:
         raise OptionsError(f'{section}.vgg_type: {vgg_type!r} is not a VGG BasicSR builds; choose one of '
                            f'{list(VGG_TYPES)}' + _suggest(str(vgg_type), VGG_TYPES))
-    if osp.exists(vgg_arch.VGG_PRETRAIN_PATH):
-        return vgg_arch.VGG_PRETRAIN_PATH, '', vgg_arch.VGG_PRETRAIN_PATH
+    local = vgg_arch.VGG_PRETRAIN_PATH
+    if osp.exists(local):
+        if vgg_type != 'vgg19':
+            raise OptionsError(f'{section}.vgg_type is {vgg_type}, but BasicSR loads {local} (under the directory '
+                               'you run from: VGG19 weights) for every vgg_type, and they do not fit: move that file '
+                               'away or use vgg_type: vgg19')
+        return local, '', local
     weights = getattr(torchvision.models, f'{vgg_type.upper()}_Weights').IMAGENET1K_V1
     path = osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(weights.url))
-    return path, weights.url, vgg_arch.VGG_PRETRAIN_PATH
+    return path, weights.url, local
+
+
+def _hash_prefix(path: str) -> Optional[str]:
+    """The SHA-256 prefix in a weights file's name (``vgg19-dcbb9e9d.pth``: torch.hub's convention), or None."""
+    import re
+
+    match = re.search(r'-([0-9a-f]{6,})\.', osp.basename(path))
+    return match.group(1) if match else None
 
 
 def ensure_perceptual_weights(train: Mapping, download: Optional[Callable[[str, str], None]] = None) -> None:
-    """Before a run makes its folders: the VGG weights of ``train.perceptual_opt`` are on disk, downloaded now
-    (where BasicSR's loss would download them on building, after the experiment's folders exist) or refused with
-    the file to provide. A file that is not a whole PyTorch archive (a copy cut short) is refused too."""
-    import zipfile
+    """Before a run makes its folders: the VGG weights of ``train.perceptual_opt`` (a ``PerceptualLoss``) are on
+    disk, downloaded now (BasicSR's loss would download them when built, after the experiment's folders exist) or
+    refused with the file to provide. A file whose SHA-256 does not start with the prefix in its name (a copy cut
+    short or damaged) is refused too. Under ``torchrun`` only local rank 0 downloads; the other processes wait for
+    it in ``init_process_group`` (and would download for themselves, atomically, if they ever got there first)."""
+    import hashlib
+    import os
 
     loss_opt = train.get('perceptual_opt')
-    if not isinstance(loss_opt, Mapping):
-        return
-    path, url, basicsr_path = perceptual_weights(loss_opt)
+    if not (isinstance(loss_opt, Mapping) and loss_opt and loss_opt.get('type') == 'PerceptualLoss'):
+        return  # BasicSR builds no VGG for an empty section; another loss type loads no VGG here
+    path, url, local = perceptual_weights(loss_opt)
+    vgg_type = loss_opt.get('vgg_type', 'vgg19')
+    digest = _hash_prefix(path)
     if not osp.exists(path):
-        import re
-
-        digest = re.search(r'-([0-9a-f]{6,})\.', osp.basename(path))
+        if os.environ.get('LOCAL_RANK', '0') != '0':
+            return
         try:
+            os.makedirs(osp.dirname(path), exist_ok=True)
             if download is None:
-                torch.hub.download_url_to_file(url, path, hash_prefix=digest.group(1) if digest else None,
-                                               progress=False)
+                torch.hub.download_url_to_file(url, path, hash_prefix=digest, progress=False)
             else:
                 download(url, path)
         except Exception as e:  # noqa: BLE001 - offline, refused, a wrong hash: the same advice
+            also = f' (or, for vgg19, to {local} under the directory you run from)' if vgg_type == 'vgg19' else ''
             raise OptionsError(
-                f'train.perceptual_opt: the ImageNet weights of its VGG ({loss_opt.get("vgg_type", "vgg19")}) are '
-                f'not at {path} and downloading them from {url} failed ({type(e).__name__}: {e}); copy that file '
-                f'there (or to {basicsr_path} under the directory you run from) and start again') from None
-    if not zipfile.is_zipfile(path):
-        raise OptionsError(f'train.perceptual_opt: {path} is not a whole PyTorch weights file (cut short or '
-                           'damaged?); delete it and start again (it is downloaded again) or copy a good one there')
+                f'train.perceptual_opt: the ImageNet weights of its VGG ({vgg_type}) are not at {path} and '
+                f'downloading them from {url} failed ({type(e).__name__}: {e}); copy that file there{also} and '
+                'start again') from None
+    if digest:
+        sha = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 22), b''):
+                sha.update(block)
+        if not sha.hexdigest().startswith(digest):
+            raise OptionsError(f'train.perceptual_opt: {path} is damaged or cut short (its SHA-256 does not begin '
+                               f'with {digest}, as its name says); delete it and start again (it is downloaded '
+                               'again) or copy a good one there')
 
 
 def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None:

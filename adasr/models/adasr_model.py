@@ -70,8 +70,8 @@ class AdaSRModel(SRModel):
       network output with NaN or infinite values (BasicSR would write a black image and average NaN): both are
       errors naming the image;
     * validation and testing under ``torchrun`` shared between the processes (:meth:`dist_validation`);
-    * the validation after the last iteration numbered ``total_iter`` (BasicSR: one more), and not repeated for a
-      set validated at ``total_iter`` (:meth:`validation`);
+    * the validation after the last iteration numbered as that iteration (BasicSR: one more), and not repeated for
+      a set validated there (:meth:`validation`);
     * reduced-precision testing: ``val: {precision: bf16}`` (fp32 default, bf16, fp16; autocast, see
       :mod:`adasr.inference.precision`; checked against the device before anything runs).
     """
@@ -133,8 +133,10 @@ class AdaSRModel(SRModel):
                                               f'option file\'s ({"; ".join(changed)})')
         super().resume_training(resume_state)
         self.applied_steps = max(self.applied_steps, int(it or 0))
+        self.trained_iter = it
 
     def optimize_parameters(self, current_iter):
+        self.trained_iter = current_iter
         self.optimizer_g.zero_grad()
         l_total, loss_dict = self.training_losses()
         self.log_dict = self.reduce_loss_dict(loss_dict)
@@ -294,24 +296,28 @@ class AdaSRModel(SRModel):
 
     # -- validation ----------------------------------------------------------------------------------------------------
 
-    _validated_last: Optional[set] = None  # ids of the loaders validated at train.total_iter in this process
+    _validated: Optional[dict] = None  # id of a loader -> the iteration this process last validated it at
+    trained_iter: Optional[int] = None  # the iteration of the weights: the last one trained, or the one resumed
 
     def validation(self, dataloader, current_iter, tb_logger, save_img=False):
-        """BasicSR's validation, numbered as the weights it measures. BasicSR's training loop validates once more
-        after its last iteration with its counter one past ``total_iter`` (images saved as ``*_{total_iter + 1}``,
-        the log's iteration off by one), even for a set it has just validated at ``total_iter`` with the same
-        weights. Here that final validation carries ``total_iter`` and is skipped (with a line in the log) for a
-        set this process has already validated at ``total_iter``."""
-        total = (self.opt.get('train') or {}).get('total_iter') if self.is_train else None
-        if isinstance(total, int) and current_iter > total:
-            current_iter = total
-            if id(dataloader) in (self._validated_last or ()):
-                get_root_logger().info(f'{dataloader.dataset.opt.get("name")}: validated at iter {total} already '
-                                       '(the same weights): the final validation is not repeated')
+        """BasicSR's validation, numbered as the weights it measures, and not repeated for the same weights. After
+        its last iteration BasicSR's training loop validates once more, with its counter one past that iteration
+        when it stopped at ``total_iter`` (plus one for each epoch it had planned after that one: images saved as
+        ``*_{total_iter + 1}`` or more, the log's iteration off), even when it has just validated the same
+        weights. Here a call past ``total_iter`` is numbered as the weights' iteration (the last one trained, or
+        the one resumed), and a set this process has validated at that iteration already is skipped, with a line
+        in the log (also when the loop ran out of epochs at an iteration it had validated)."""
+        if self.is_train and isinstance(current_iter, int):
+            total = (self.opt.get('train') or {}).get('total_iter')
+            if total is not None and current_iter > total:
+                current_iter = self.trained_iter if self.trained_iter is not None else int(total)
+            done = self._validated or {}
+            if done.get(id(dataloader)) == current_iter:
+                get_root_logger().info(f'{dataloader.dataset.opt.get("name")}: validated at iter {current_iter} '
+                                       'already (the same weights): the final validation is not repeated')
                 return
+            self._validated = {**done, id(dataloader): current_iter}
         super().validation(dataloader, current_iter, tb_logger, save_img)
-        if current_iter == total:
-            self._validated_last = (self._validated_last or set()) | {id(dataloader)}
 
     # -- validation shared between processes -------------------------------------------------------------------------
 
