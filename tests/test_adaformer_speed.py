@@ -253,7 +253,6 @@ def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch
             assert torch.equal(attn.forward_sparse(u, hw, keep, none, split), plain_g + u)
 
 
-
 @pytest.mark.parametrize('threads', [1, 2])
 def test_estimator_window_and_token_paths_give_the_whole_maps_numbers(paper_net, threads):
     """Logits computed for chosen windows (with their halo) and single tokens (their 5 x 5 patch) are the whole

@@ -242,7 +242,7 @@ def _hash_prefix(path: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def ensure_perceptual_weights(train: Mapping, download: Optional[Callable[[str, str], None]] = None) -> None:
+def ensure_perceptual_weights(train: Mapping) -> None:
     """Before a run makes its folders: the VGG weights of ``train.perceptual_opt`` (a ``PerceptualLoss``) are on
     disk, downloaded now (BasicSR's loss would download them when built, after the experiment's folders exist) or
     refused with the file to provide. A file whose SHA-256 does not start with the prefix in its name (a copy cut
@@ -262,10 +262,7 @@ def ensure_perceptual_weights(train: Mapping, download: Optional[Callable[[str, 
             return
         try:
             os.makedirs(osp.dirname(path), exist_ok=True)
-            if download is None:
-                torch.hub.download_url_to_file(url, path, hash_prefix=digest, progress=False)
-            else:
-                download(url, path)
+            torch.hub.download_url_to_file(url, path, hash_prefix=digest, progress=False)
         except Exception as e:  # noqa: BLE001 - offline, refused, a wrong hash: the same advice
             also = f' (or, for vgg19, to {local} under the directory you run from)' if vgg_type == 'vgg19' else ''
             raise OptionsError(
