@@ -608,14 +608,11 @@ class AdaM(nn.Module):
         s = self.window_size
         logit = t.new_full((b, 1, hp, wp), float('inf'))
         if windows.numel():
-            nwy, nwx = hp // s, wp // s
-            bi, rest = windows.div(nwy * nwx, rounding_mode='floor'), windows.remainder(nwy * nwx)
-            wy, wx = rest.div(nwx, rounding_mode='floor'), rest.remainder(nwx)
+            bi, wy, wx = torch.unravel_index(windows, (b, hp // s, wp // s))
             out = self._patch_logits(t, hw, bi, wy * s, wx * s, s)  # n, 1, s, s
-            logit.view(b, nwy, s, nwx, s).permute(0, 1, 3, 2, 4)[bi, wy, wx] = out[:, 0]
+            logit.view(b, hp // s, s, wp // s, s).permute(0, 1, 3, 2, 4)[bi, wy, wx] = out[:, 0]
         if tokens.numel():
-            bi, rest = tokens.div(hp * wp, rounding_mode='floor'), tokens.remainder(hp * wp)
-            ys, xs = rest.div(wp, rounding_mode='floor'), rest.remainder(wp)
+            bi, ys, xs = torch.unravel_index(tokens, (b, hp, wp))
             logit.view(-1)[tokens] = self._patch_logits(t, hw, bi, ys, xs, 1).view(-1)
         return logit
 

@@ -234,14 +234,6 @@ def perceptual_weights(loss_opt: Mapping, section: str = 'train.perceptual_opt')
     return path, weights.url, local
 
 
-def _hash_prefix(path: str) -> Optional[str]:
-    """The SHA-256 prefix in a weights file's name (``vgg19-dcbb9e9d.pth``: torch.hub's convention), or None."""
-    import re
-
-    match = re.search(r'-([0-9a-f]{6,})\.', osp.basename(path))
-    return match.group(1) if match else None
-
-
 def ensure_perceptual_weights(train: Mapping) -> None:
     """Before a run makes its folders: the VGG weights of ``train.perceptual_opt`` (a ``PerceptualLoss``) are on
     disk, downloaded now (BasicSR's loss would download them when built, after the experiment's folders exist) or
@@ -256,7 +248,8 @@ def ensure_perceptual_weights(train: Mapping) -> None:
         return  # BasicSR builds no VGG for an empty section; another loss type loads no VGG here
     path, url, local = perceptual_weights(loss_opt)
     vgg_type = loss_opt.get('vgg_type', 'vgg19')
-    digest = _hash_prefix(path)
+    found = torch.hub.HASH_REGEX.search(osp.basename(path))  # torch.hub's: the SHA-256 prefix in the name
+    digest = found.group(1) if found else None
     if not osp.exists(path):
         if os.environ.get('LOCAL_RANK', '0') != '0':
             return

@@ -311,12 +311,13 @@ class AdaSRModel(SRModel):
             total = (self.opt.get('train') or {}).get('total_iter')
             if total is not None and current_iter > total:
                 current_iter = self.trained_iter if self.trained_iter is not None else int(total)
-            done = self._validated or {}
-            if done.get(id(dataloader)) == current_iter:
+            if self._validated is None:
+                self._validated = {}
+            if self._validated.get(id(dataloader)) == current_iter:
                 get_root_logger().info(f'{dataloader.dataset.opt.get("name")}: validated at iter {current_iter} '
                                        'already (the same weights): the final validation is not repeated')
                 return
-            self._validated = {**done, id(dataloader): current_iter}
+            self._validated[id(dataloader)] = current_iter
         super().validation(dataloader, current_iter, tb_logger, save_img)
 
     # -- validation shared between processes -------------------------------------------------------------------------
