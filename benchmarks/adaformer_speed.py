@@ -2,7 +2,8 @@
 
 * :func:`stage_profile`: per-stage wall and CPU time of the eval forward (head, encoder, each TSAB's LayerNorms,
   local and global attention, MLP, the confidence estimator, decoder, tail; the rest is *glue*: token/map
-  transposes, residual additions, halting bookkeeping).
+  transposes, residual additions, halting bookkeeping); :func:`paired_stage_profile` does it for this tree's
+  network and the authors' (:func:`authors_adaformer`, the same stage labels) in one process, calls in turns.
 * :func:`side_by_side`: several implementations on the same seeded weights and input, each in its own process,
   called in turns (round robin, the order rotating every round) so that a shared machine's load hits them alike:
   adasr from this tree, adasr from another tree (e.g. a checkout of ``main``), the authors' code from a folder
@@ -82,50 +83,112 @@ class _StageTimer:
         self._restore.clear()
 
 
-def _wrap_adaformer(timer: _StageTimer, net) -> None:
-    timer.wrap(net.sub_mean, 'forward', 'input: mean shift + head conv')
-    timer.wrap(net.head, 'forward', 'input: mean shift + head conv')
-    timer.wrap(net.shollow_feature_extraction, 'forward', 'encoder: 8 ResBlocks (16 conv3x3)')
-    timer.wrap(net.body.embed, 'forward', 'AdaM embed + unembed (1x1 convs)')
-    timer.wrap(net.body.unembed, 'forward', 'AdaM embed + unembed (1x1 convs)')
-    timer.wrap(net.body.var, 'forward', 'confidence estimator (6x)')
-    if hasattr(net.body, 'estimate'):  # (the window path calls the convs directly)
-        timer.wrap(net.body, 'estimate', 'confidence estimator (6x)')
+#: stage labels shared by this tree's network and the authors' (one table compares them)
+INPUT = 'input: mean shift + head conv'
+ENCODER = 'encoder: 8 ResBlocks (16 conv3x3)'
+EMBED = 'AdaM embed + unembed (1x1 convs)'
+ESTIMATOR = 'confidence estimator (6x)'
+LN1 = 'LayerNorm 1 (6x)'
+LOCAL = 'local attention (window gather, qkv, softmax, scatter)'
+GLOBAL = 'global attention (gather, qkv, prototypes, scatter)'
+MLP = 'LayerNorm 2 + MLP (6x)'
+DECODER = 'decoder: 8 ResBlocks (16 conv3x3)'
+TAIL = 'tail conv3x3 + pixel shuffle + mean shift'
+GLUE = 'glue (padding, transposes, residual adds, halting bookkeeping, crop)'
+
+
+def _wrap_common(timer: _StageTimer, net) -> None:
+    """The modules both implementations share by name (the authors' state-dict names)."""
+    timer.wrap(net.sub_mean, 'forward', INPUT)
+    timer.wrap(net.head, 'forward', INPUT)
+    timer.wrap(net.shollow_feature_extraction, 'forward', ENCODER)
+    timer.wrap(net.body.embed, 'forward', EMBED)
+    timer.wrap(net.body.unembed, 'forward', EMBED)
+    timer.wrap(net.body.var, 'forward', ESTIMATOR)
     for blk in net.body.blocks:
-        timer.wrap(blk.norm1, 'forward', 'LayerNorm 1 (6x)')
-        timer.wrap(blk.attn, 'forward', 'local attention (window gather, qkv, softmax, scatter)')
+        timer.wrap(blk.norm1, 'forward', LN1)
+        timer.wrap(blk.attn, 'forward', LOCAL)  # local, with the global branch nested (timed apart)
+        timer.wrap(blk.norm2, 'forward', MLP)
+        timer.wrap(blk.mlp, 'forward', MLP)
+    timer.wrap(net.deep_feature_extraction, 'forward', DECODER)
+    timer.wrap(net.tail, 'forward', TAIL)
+    timer.wrap(net.add_mean, 'forward', TAIL)
+    timer.wrap(net, 'forward', GLUE)
+
+
+def _wrap_adaformer(timer: _StageTimer, net) -> None:
+    _wrap_common(timer, net)
+    if hasattr(net, '_tail'):  # (a Winograd tail calls the convolution directly, not the tail module)
+        timer.wrap(net, '_tail', TAIL)
+    if hasattr(net.body, 'estimate'):  # (the window path calls the convs directly)
+        timer.wrap(net.body, 'estimate', ESTIMATOR)
+    for blk in net.body.blocks:
         for name in ('global_sparse', 'global_dense'):
-            timer.wrap(blk.attn, name, 'global attention (gather, qkv, prototypes, scatter)')
-        timer.wrap(blk.norm2, 'forward', 'LayerNorm 2 + MLP (6x)')
-        timer.wrap(blk.mlp, 'forward', 'LayerNorm 2 + MLP (6x)')
-    timer.wrap(net.deep_feature_extraction, 'forward', 'decoder: 8 ResBlocks (16 conv3x3)')
-    timer.wrap(net.tail, 'forward', 'tail conv3x3 + pixel shuffle + mean shift')
-    timer.wrap(net.add_mean, 'forward', 'tail conv3x3 + pixel shuffle + mean shift')
-    timer.wrap(net, 'forward', 'glue (padding, transposes, residual adds, halting bookkeeping, crop)')
+            timer.wrap(blk.attn, name, GLOBAL)
 
 
-def stage_profile(net, x: torch.Tensor, repeats: int = 3, warmup: int = 1) -> Dict[str, Any]:
+def _wrap_authors(timer: _StageTimer, net) -> None:
+    """The authors' ``AdaFormer`` (xiaotongtt/AdaFormer, ``model/adaformer.py``) under the same stage labels: their
+    ``LightViTAttention.forward_local`` / ``forward_global`` are the two branches; their block's token/map
+    rearranges, the copy of each block's output and the mask updates fall in the glue."""
+    _wrap_common(timer, net)
+    for blk in net.body.blocks:
+        timer.wrap(blk.attn, 'forward_local', LOCAL)
+        timer.wrap(blk.attn, 'forward_global', GLOBAL)
+
+
+def stage_profile(net, x: torch.Tensor, repeats: int = 3, warmup: int = 1,
+                  wrap: Callable[[_StageTimer, Any], None] = _wrap_adaformer) -> Dict[str, Any]:
     """Per-stage time of ``net(x)`` (eval, no grad): for each stage the median over ``repeats`` calls of its wall
-    and process-CPU seconds, exclusive of the stages nested in it; ``total`` is the whole call."""
+    and process-CPU seconds, exclusive of the stages nested in it; ``total`` is the whole call. ``wrap`` puts the
+    stage timers on ``net`` (:func:`_wrap_authors` for the authors' model)."""
+    return paired_stage_profile([(net, x, wrap)], repeats, warmup)[0]
+
+
+def paired_stage_profile(models: Sequence[Tuple[Any, torch.Tensor, Callable[[_StageTimer, Any], None]]],
+                         repeats: int = 3, warmup: int = 1) -> List[Dict[str, Any]]:
+    """:func:`stage_profile` of several ``(net, x, wrap)`` in one process, their calls in turns (round by round, so
+    that a shared machine's drift hits them alike); one result per model. ``sparsity`` is the network's halting
+    record (None for a network without one)."""
+    runs: List[list] = [[] for _ in models]
     with torch.no_grad():
-        for _ in range(warmup):
-            net(x)
-        runs = []
-        for _ in range(repeats):
-            timer = _StageTimer()
-            _wrap_adaformer(timer, net)
-            try:
-                w0, c0 = time.perf_counter(), time.process_time()
+        for net, x, _ in models:
+            for _ in range(warmup):
                 net(x)
-                total = (time.perf_counter() - w0, time.process_time() - c0)
-            finally:
-                timer.remove()
-            runs.append((dict(timer.wall), dict(timer.cpu), total))
-    stages = list(runs[0][0])
-    return {'stages': {s: (statistics.median(r[0][s] for r in runs), statistics.median(r[1][s] for r in runs))
-                       for s in stages},
-            'total': (statistics.median(r[2][0] for r in runs), statistics.median(r[2][1] for r in runs)),
-            'sparsity': net.last_halting.sparsity}
+        for _ in range(repeats):
+            for i, (net, x, wrap) in enumerate(models):
+                timer = _StageTimer()
+                wrap(timer, net)
+                try:
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    net(x)
+                    total = (time.perf_counter() - w0, time.process_time() - c0)
+                finally:
+                    timer.remove()
+                runs[i].append((dict(timer.wall), dict(timer.cpu), total))
+    results = []
+    for (net, _, _), rs in zip(models, runs):
+        stages = list(rs[0][0])
+        halting = getattr(net, 'last_halting', None)
+        results.append({
+            'stages': {s: (statistics.median(r[0].get(s, 0.0) for r in rs),
+                           statistics.median(r[1].get(s, 0.0) for r in rs)) for s in stages},
+            'total': (statistics.median(r[2][0] for r in rs), statistics.median(r[2][1] for r in rs)),
+            'sparsity': None if halting is None else halting.sparsity})
+    return results
+
+
+def authors_adaformer(authors_dir: str, net, eps_h: float):
+    """The authors' ``AdaFormer`` (their code, imported from ``authors_dir``, a scratch folder outside the
+    repository) in eval mode with ``net``'s weights. Call it on 0..255 input; it returns (SR 0..255, logits,
+    global masks, local masks)."""
+    if authors_dir not in sys.path:
+        sys.path.insert(0, authors_dir)
+    from model.adaformer import AdaFormer as AuthorsAdaFormer
+
+    theirs = AuthorsAdaFormer(Namespace(threshold_eps=eps_h, **AUTHORS_ARGS)).eval()
+    theirs.load_state_dict(net.state_dict(), strict=True)  # their loader: copies every key, raises on unknown ones
+    return theirs
 
 
 # ---------------------------------------------------------------------------------------------------- side by side
@@ -158,11 +221,7 @@ def _build(kind: str, tree: Optional[str], authors_dir: Optional[str], size: Tup
         return lambda: net(x)
     if kind != 'authors':
         raise ValueError(f'unknown contender kind {kind!r}')
-    sys.path.insert(0, authors_dir)
-    from model.adaformer import AdaFormer as AuthorsAdaFormer  # the authors' code, from a scratch folder
-
-    theirs = AuthorsAdaFormer(Namespace(threshold_eps=eps_h, **AUTHORS_ARGS)).eval()
-    theirs.load_state_dict(net.state_dict(), strict=True)  # their loader: copies every key, raises on unknown ones
+    theirs = authors_adaformer(authors_dir, net, eps_h)
     x255 = x * 255
     return lambda: theirs(x255)[0] / 255
 

@@ -19,7 +19,9 @@ CUDA allocation above the level before the first call. Prints a Markdown table; 
 Two other modes (docs/adaformer.md, *Speed*):
 
 * ``--profile``: where the time of one sparse-eval call goes, stage by stage (encoder, decoder, estimator, attention
-  branches, MLP, glue), per setting, in a fresh process; ``--complete-maps`` runs the estimator on every token.
+  branches, MLP, glue), per setting, in a fresh process; ``--complete-maps`` runs the estimator on every token;
+  with ``--authors DIR`` the authors' network on the same weights and input too (the same stages, calls in turns in
+  one process) and a table of where the speed-up comes from.
 * ``--compare``: implementations side by side on the same seeded weights and input, each in its own process, called
   in turns: this tree, ``--baseline TREE`` (another adasr checkout, e.g. ``main``), ``--authors DIR`` (the authors'
   code, xiaotongtt/AdaFormer, from a folder outside the repository; needs ``timm`` and ``einops``) and SwinIR-light.
@@ -30,6 +32,7 @@ Examples (the docs' tables):
     # latency against the share of tokens halted per block (the speed of adaptive inference before trained weights)
     python scripts/benchmark_adaformer.py --settings halt=0 halt=0.25 halt=0.5 halt=0.75 halt=0.9 halt=1
     python scripts/benchmark_adaformer.py --profile --threads 1 --settings eps=0.05 bias=-20
+    python scripts/benchmark_adaformer.py --profile --threads 1 --repeats 5 --settings eps=0.05 --authors AUTHORS_DIR
     python scripts/benchmark_adaformer.py --compare --threads 1 --repeats 5 --authors AUTHORS_DIR --baseline MAIN_TREE
     python scripts/benchmark_adaformer.py --compare --conv3x3 direct --threads 1 --repeats 5 --authors AUTHORS_DIR
     python scripts/benchmark_adaformer.py --compare --winograd --threads 1 --repeats 5 --authors AUTHORS_DIR
@@ -88,6 +91,42 @@ def profile(setting: Dict[str, float], size, repeats: int, warmup: int, weights:
     net.complete_halting_maps = complete_maps
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
     return stage_profile(net, x, repeats=repeats, warmup=warmup)
+
+
+def profile_against_authors(setting: Dict[str, float], size, repeats: int, warmup: int, weights: Optional[str],
+                            seed: int, threads: Optional[int], complete_maps: bool, authors: str
+                            ) -> List[Dict[str, Any]]:
+    """Stage breakdown of this tree's network and the authors' on the same weights and input, in one (fresh)
+    process, their calls in turns (benchmarks.adaformer_speed.paired_stage_profile)."""
+    import torch
+
+    from benchmarks.adaformer_speed import _wrap_adaformer, _wrap_authors, authors_adaformer, paired_stage_profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    net = _network(setting, weights, seed)
+    net.complete_halting_maps = complete_maps
+    theirs = authors_adaformer(authors, net, net.eps_h)
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
+    return paired_stage_profile([(net, x, _wrap_adaformer), (theirs, x * 255, _wrap_authors)], repeats=repeats,
+                                warmup=warmup)
+
+
+def print_profile_pair(ours: Dict[str, Any], theirs: Dict[str, Any], label: str) -> None:
+    """One table: each stage's CPU time in the authors' code and in this tree, their ratio, and the stage's part in
+    the difference of the totals."""
+    (tw, tc), (ow, oc) = theirs['total'], ours['total']
+    print(f'\n{label}: this tree {ow:.2f} s wall, {oc:.2f} s CPU; the authors\' {tw:.2f} s wall, {tc:.2f} s CPU '
+          f'(medians): {tw / ow:.2f}x wall, {tc / oc:.2f}x CPU; global halted per block (this tree) '
+          f'{_fmt(ours["sparsity"]["global_consumed"])}\n')
+    print('| stage | authors\' CPU s | this tree CPU s | authors / this tree | share of the time saved |')
+    print('|---|---|---|---|---|')
+    stages = sorted(set(ours['stages']) | set(theirs['stages']), key=lambda s: -theirs['stages'].get(s, (0, 0))[1])
+    for stage in stages:
+        t, o = theirs['stages'].get(stage, (0.0, 0.0))[1], ours['stages'].get(stage, (0.0, 0.0))[1]
+        ratio = f'{t / o:.2f}x' if o > 0 else '-'
+        print(f'| {stage} | {t:.3f} | {o:.3f} | {ratio} | {100 * (t - o) / (tc - oc):.0f}% |')
+    print(f'| **total** | {tc:.3f} | {oc:.3f} | {tc / oc:.2f}x | 100% |')
 
 
 def print_profile(result: Dict[str, Any], label: str) -> None:
@@ -200,7 +239,8 @@ def main(argv=None) -> None:
                              'numbers bit for bit)')
     parser.add_argument('--baseline', default=None, help='with --compare: another adasr tree (e.g. a main checkout)')
     parser.add_argument('--authors', default=None,
-                        help='with --compare: folder holding the authors\' code (xiaotongtt/AdaFormer, model/...)')
+                        help='with --compare: folder holding the authors\' code (xiaotongtt/AdaFormer, model/...); '
+                             'with --profile: also their stages, in the same process, calls in turns')
     parser.add_argument('--eps', type=float, default=0.05, help='with --compare: eps_h of the AdaFormer rows')
     args = parser.parse_args(argv)
 
@@ -219,6 +259,13 @@ def main(argv=None) -> None:
               f'{"seeded random weights" if not args.weights else args.weights}; {_environment(args)}; '
               f'median of {args.repeats} after {args.warmup} warm-up')
         for setting in settings:
+            if args.authors:
+                ours, theirs = run_isolated(profile_against_authors, setting=setting, size=tuple(args.size),
+                                            repeats=args.repeats, warmup=args.warmup, weights=args.weights,
+                                            seed=args.seed, threads=args.threads,
+                                            complete_maps=args.complete_maps, authors=args.authors)
+                print_profile_pair(ours, theirs, ', '.join(f'{k}={v:g}' for k, v in setting.items()))
+                continue
             r = run_isolated(profile, setting=setting, size=tuple(args.size), repeats=args.repeats,
                              warmup=args.warmup, weights=args.weights, seed=args.seed, threads=args.threads,
                              complete_maps=args.complete_maps)
