@@ -26,6 +26,14 @@ def repo_root() -> str:
 
 
 @pytest.fixture
+def torch_threads():
+    """``torch_threads(n)`` sets PyTorch's intra-op thread count for the test; the count is restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def reference_dir() -> str:
     """Folder with the authors' oracle outputs (``*_oracle.pt``): set ADASR_REFERENCE_DIR to run these tests.
 

@@ -1,6 +1,7 @@
 """AdaFormer's fast eval paths give the straightforward computation's numbers; the speed tooling runs."""
 import pytest
 import torch
+from torch import nn
 
 from tests.helpers import adaformer_fixtures as FIX
 
@@ -85,6 +86,68 @@ def test_stage_profile_names_every_stage_and_unwraps(paper_net):
     assert any(k.startswith('global attention') for k in stages) and any(k.startswith('glue') for k in stages)
     assert all(w >= 0 and c >= 0 for w, c in stages.values()) and len(result['sparsity']['global_consumed']) == 6
     assert 'forward' not in vars(paper_net) and 'estimate' not in vars(paper_net.body)  # timers removed
+
+
+class _AuthorsLikeAttention(nn.Module):
+    """The authors' ``LightViTAttention`` call structure: forward = forward_local + forward_global."""
+
+    def forward_local(self, x):
+        return x * 2
+
+    def forward_global(self, x):
+        return x + 1
+
+    def forward(self, x):
+        return self.forward_local(x) + self.forward_global(x)
+
+
+class _AuthorsLikeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(4), _AuthorsLikeAttention(), nn.LayerNorm(4), \
+            nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _AuthorsLikeNet(nn.Module):
+    """A stand-in with the module names of the authors' AdaFormer (their code is not part of the tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub_mean, self.head, self.add_mean = nn.Identity(), nn.Linear(4, 4), nn.Identity()
+        self.shollow_feature_extraction, self.deep_feature_extraction = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.tail = nn.Linear(4, 4)
+        self.body = nn.Module()
+        self.body.embed, self.body.unembed, self.body.var = nn.Identity(), nn.Identity(), nn.Linear(4, 1)
+        self.body.blocks = nn.ModuleList(_AuthorsLikeBlock() for _ in range(2))
+
+    def forward(self, x):
+        x = self.body.embed(self.shollow_feature_extraction(self.head(self.sub_mean(x))))
+        for blk in self.body.blocks:
+            x = blk(x)
+            self.body.var(x)
+        return self.add_mean(self.tail(self.deep_feature_extraction(self.body.unembed(x))))
+
+
+def test_paired_stage_profile_times_both_networks_by_the_same_stages(paper_net):
+    """This tree's network and one with the authors' module names, profiled in turns under one set of stage labels
+    (the authors' two attention branches by their method names); this tree's Winograd tail is its own stage, not
+    glue; every timer is removed afterwards."""
+    from benchmarks.adaformer_speed import GLOBAL, LOCAL, TAIL, _wrap_adaformer, _wrap_authors, paired_stage_profile
+
+    theirs = _AuthorsLikeNet()
+    ours_r, theirs_r = paired_stage_profile([(paper_net, FIX.guard_input((1, 3, 16, 24), 5), _wrap_adaformer),
+                                             (theirs, torch.randn(3, 4), _wrap_authors)], repeats=2, warmup=1)
+    assert {LOCAL, GLOBAL, TAIL} <= set(theirs_r['stages']) and theirs_r['sparsity'] is None
+    assert set(theirs_r['stages']) <= set(ours_r['stages'])
+    assert ours_r['stages'][TAIL][1] > 0 and len(ours_r['sparsity']['global_consumed']) == 6
+    for r in (ours_r, theirs_r):
+        assert all(w >= 0 and c >= 0 for w, c in r['stages'].values()) and r['total'][0] > 0
+    assert 'forward' not in vars(theirs) and '_tail' not in vars(paper_net)
+    assert not {'forward', 'forward_local', 'forward_global'} & set(vars(theirs.body.blocks[0].attn))
 
 
 @pytest.mark.slow
@@ -227,10 +290,18 @@ def _plain_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize('keep_share', [None, 1.0, 0.6, 0.3, 0.01])
-def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch, keep_share):
-    """CPU inference computes the global chunks of at least 1024 tokens one at a time and the window attention in
-    groups of windows read from the raster qkv map: bit for bit the batched computation (random keep maps, split 2,
-    chunks from 40 to 8192 tokens; every window kept, so that the local branch takes the raster path)."""
+@pytest.mark.parametrize('threads', [1, 2])
+def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch, keep_share, threads,
+                                                         torch_threads):
+    """CPU inference computes the global chunks of at least 1024 tokens one at a time on one thread (steps of whole
+    chunks up to _GLOBAL_STEP_TOKENS on more; here 7500: at 30% kept a step of three chunks, then the last, padded
+    one) and the window attention in groups of windows read from the raster qkv map: bit for bit the batched
+    computation (random keep maps, split 2, chunks from 40 to 8192 tokens; every window kept, so that the local
+    branch takes the raster path)."""
+    from adasr.archs import adaformer_arch
+
+    monkeypatch.setattr(adaformer_arch, '_GLOBAL_STEP_TOKENS', 7500)
+    torch_threads(threads)
     attn = paper_net.body.blocks[1].attn
     hw, split = (128, 256), 2
     u = torch.randn(2, hw[0] * hw[1], 64, generator=torch.Generator().manual_seed(11))

@@ -45,6 +45,12 @@ _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global br
 # same numbers: measured bit for bit from 16 tokens up, tiny chunks take other product kernels in a batch of one;
 # below ~1000 tokens the per-chunk calls cost more than the cache saves)
 _CHUNKWISE_MIN = 1024
+# ... on one thread. With more, each step takes whole chunks up to this many tokens (a 64 MB qkv): a chunk's dozen
+# small operators, each split over the threads, spend their time forking and joining, and stall whenever the other
+# core is busy. 270 x 480, 64 chunks of 2040 tokens, two threads, one core free: 62-79 ms against 94-114 ms a block;
+# with another process on the second core 186 ms against 390 ms (one thread: 134 ms). The same numbers: the
+# operators batch the chunks (a batched product runs each matrix's kernel)
+_GLOBAL_STEP_TOKENS = 65536
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -398,22 +404,24 @@ class AdaFormerAttention(nn.Module):
 
     def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: torch.Tensor, groups: int,
                             qp: torch.Tensor, out: torch.Tensor, plus_u: bool = False) -> None:
-        """:meth:`global_sparse` for one sample, one chunk at a time (CPU inference): each chunk's tokens are
-        gathered, projected, aggregated, broadcast and written back while they are in cache. Every chunk's numbers
-        are those of the batched computation over all chunks. u, out (N, C); idx: the kept-token list in region
-        order; padded: that list padded to ``groups`` equal chunks; ``plus_u``: writes ``global + u``."""
+        """:meth:`global_sparse` for one sample, one chunk at a time on one thread (CPU inference): each chunk's
+        tokens are gathered, projected, aggregated, broadcast and written back while they are in cache; with more
+        threads, whole chunks of up to :data:`_GLOBAL_STEP_TOKENS` tokens at a time. Every chunk's numbers are those
+        of the batched computation over all chunks. u, out (N, C); idx: the kept-token list in region order;
+        padded: that list padded to ``groups`` equal chunks; ``plus_u``: writes ``global + u``."""
         c = u.shape[-1]
         num, chunk = idx.numel(), padded.numel() // groups
-        for j in range(groups):
-            start = j * chunk
-            valid = min(chunk, num - start)
+        step = 1 if torch.get_num_threads() == 1 else max(1, _GLOBAL_STEP_TOKENS // chunk)
+        for j in range(0, groups, step):
+            start, n = j * chunk, min(step, groups - j)
+            valid = min(n * chunk, num - start)
             if valid <= 0:
                 break
-            x = u.index_select(0, padded[start:start + chunk])
+            x = u.index_select(0, padded[start:start + n * chunk])
             qkv = self._qkv_scaled(self.qkv, x)
-            q, k, v = self._heads(qkv.view(1, chunk, 3 * c), 3)  # 1, h, chunk, hd
-            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # 1, M, c
-            y = self._broadcast(q, agg).view(chunk, c)[:valid]
+            q, k, v = self._heads(qkv.view(n, chunk, 3 * c), 3)  # n, h, chunk, hd
+            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # n, M, c
+            y = self._broadcast(q, agg).reshape(n * chunk, c)[:valid]
             out.index_copy_(0, idx[start:start + valid], y.add_(x[:valid]) if plus_u else y)
 
     def forward_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor],

@@ -23,9 +23,11 @@ from torch.nn import functional as F
 
 _HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
 
-#: rows per group and thread in :func:`residual_rows_` (2048 x 128 hidden floats = 1 MiB, a core's L2); with two
-#: threads groups of 4096 rows (each thread's share 2048): 38-42 ms against 44-52 ms per AdaFormer block at
-#: 130560 tokens on two AVX-512 cores, the same on one
+#: rows per group in :func:`residual_rows_` on one thread (2048 x 128 hidden floats = 1 MiB, a core's L2); with
+#: more threads twice that per thread (each operator's fork and join, and its wait for a busy core, come half as
+#: often). AdaFormer block at 130560 tokens on two AVX-512 cores: 4096-row groups 38-42 ms against 44-52 ms for
+#: 2048; 8192 rows 38 ms against 38 ms for 4096 with the second core free, 81 ms against 104 ms with another process
+#: on it; on one thread 2048 rows 67 ms against 73 ms for 8192
 ROWS = 2048
 #: fewest rows for :func:`linear`'s oneDNN product (measured equal to ``F.linear`` from 4 rows up)
 LINEAR_MIN_ROWS = 16
@@ -57,12 +59,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], a: Optional[torch.Tensor] = None,
                    rows: Optional[int] = None) -> torch.Tensor:
     """``x += a`` (if given), then ``x += fn(x)``, in place on (..., N, C) ``x``, computed in groups of ``rows`` rows
-    of the last-but-one axis (default :data:`ROWS` per PyTorch thread). ``fn`` must act on each row on its own
-    (LayerNorm, linears, pointwise functions): its output for a group is then its output for those rows of the whole
-    map, whatever the group size. Returns ``x``."""
+    of the last-but-one axis (default :data:`ROWS` on one PyTorch thread, twice that per thread on more). ``fn``
+    must act on each row on its own (LayerNorm, linears, pointwise functions): its output for a group is then its
+    output for those rows of the whole map, whatever the group size. Returns ``x``."""
     if x.dim() < 2:
         raise ValueError(f'residual_rows_ needs (..., N, C) rows, got shape {tuple(x.shape)}')
-    rows = rows or ROWS * max(1, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    rows = rows or (ROWS if threads <= 1 else 2 * ROWS * threads)
     flat = x.view(-1, x.shape[-2], x.shape[-1])
     fa = None if a is None else a.expand_as(x).reshape(flat.shape)
     for i in range(flat.shape[0]):
