@@ -297,7 +297,8 @@ def empty_hub(tmp_path, monkeypatch):
     from urllib.error import URLError
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))  # torch.hub's cache: $TORCH_HOME/hub
+    assert torch.hub.get_dir() == str(tmp_path / 'hub')
     calls = []
 
     def offline(url, dst, *args, **kwargs):
