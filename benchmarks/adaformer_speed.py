@@ -78,9 +78,13 @@ class _StageTimer:
         self._restore.append((obj, attr))
 
     def remove(self) -> None:
-        for obj, attr in self._restore:
-            delattr(obj, attr)  # the instance attribute shadowed the class's method
-        self._restore.clear()
+        """Every timer this object put, last first (also after a wrap that failed part of the way)."""
+        while self._restore:
+            obj, attr = self._restore.pop()
+            try:
+                delattr(obj, attr)  # the instance attribute shadowed the class's method
+            except AttributeError:
+                pass
 
 
 #: stage labels shared by this tree's network and the authors' (one table compares them)
@@ -147,19 +151,21 @@ def stage_profile(net, x: torch.Tensor, repeats: int = 3, warmup: int = 1,
 
 def paired_stage_profile(models: Sequence[Tuple[Any, torch.Tensor, Callable[[_StageTimer, Any], None]]],
                          repeats: int = 3, warmup: int = 1) -> List[Dict[str, Any]]:
-    """:func:`stage_profile` of several ``(net, x, wrap)`` in one process, their calls in turns (round by round, so
-    that a shared machine's drift hits them alike); one result per model. ``sparsity`` is the network's halting
-    record (None for a network without one)."""
+    """:func:`stage_profile` of several ``(net, x, wrap)`` in one process, their calls in turns (round by round, the
+    order rotating, so that a shared machine's drift hits them alike); one result per model. ``sparsity`` is the
+    network's halting record (None for a network without one)."""
     runs: List[list] = [[] for _ in models]
     with torch.no_grad():
         for net, x, _ in models:
             for _ in range(warmup):
                 net(x)
-        for _ in range(repeats):
-            for i, (net, x, wrap) in enumerate(models):
+        for r in range(repeats):
+            for k in range(len(models)):
+                i = (r + k) % len(models)
+                net, x, wrap = models[i]
                 timer = _StageTimer()
-                wrap(timer, net)
                 try:
+                    wrap(timer, net)
                     w0, c0 = time.perf_counter(), time.process_time()
                     net(x)
                     total = (time.perf_counter() - w0, time.process_time() - c0)
@@ -168,7 +174,7 @@ def paired_stage_profile(models: Sequence[Tuple[Any, torch.Tensor, Callable[[_St
                 runs[i].append((dict(timer.wall), dict(timer.cpu), total))
     results = []
     for (net, _, _), rs in zip(models, runs):
-        stages = list(rs[0][0])
+        stages = list(dict.fromkeys(s for r in rs for s in r[0]))
         halting = getattr(net, 'last_halting', None)
         results.append({
             'stages': {s: (statistics.median(r[0].get(s, 0.0) for r in rs),

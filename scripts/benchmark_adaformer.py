@@ -78,18 +78,30 @@ def _network(setting: Dict[str, float], weights: Optional[str], seed: int):
     return net
 
 
-def profile(setting: Dict[str, float], size, repeats: int, warmup: int, weights: Optional[str], seed: int,
-            threads: Optional[int], complete_maps: bool) -> Dict[str, Any]:
-    """Stage breakdown of one setting (in a fresh process), see benchmarks.adaformer_speed.stage_profile."""
+def _profiled(setting: Dict[str, float], size, weights: Optional[str], seed: int, threads: Optional[int],
+              complete_maps: bool):
+    """The network and input of a profile (a ``halt=`` setting calibrated on the input's centre crop, as the
+    table's rows)."""
     import torch
 
-    from benchmarks.adaformer_speed import stage_profile
+    from benchmarks.halting_rates import calibrate_on_centre
 
     if threads:
         torch.set_num_threads(threads)
     net = _network(setting, weights, seed)
-    net.complete_halting_maps = complete_maps
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
+    if 'halt' in setting:
+        calibrate_on_centre(net, x, setting['halt'])
+    net.complete_halting_maps = complete_maps
+    return net, x
+
+
+def profile(setting: Dict[str, float], size, repeats: int, warmup: int, weights: Optional[str], seed: int,
+            threads: Optional[int], complete_maps: bool) -> Dict[str, Any]:
+    """Stage breakdown of one setting (in a fresh process), see benchmarks.adaformer_speed.stage_profile."""
+    from benchmarks.adaformer_speed import stage_profile
+
+    net, x = _profiled(setting, size, weights, seed, threads, complete_maps)
     return stage_profile(net, x, repeats=repeats, warmup=warmup)
 
 
@@ -98,35 +110,32 @@ def profile_against_authors(setting: Dict[str, float], size, repeats: int, warmu
                             ) -> List[Dict[str, Any]]:
     """Stage breakdown of this tree's network and the authors' on the same weights and input, in one (fresh)
     process, their calls in turns (benchmarks.adaformer_speed.paired_stage_profile)."""
-    import torch
-
     from benchmarks.adaformer_speed import _wrap_adaformer, _wrap_authors, authors_adaformer, paired_stage_profile
 
-    if threads:
-        torch.set_num_threads(threads)
-    net = _network(setting, weights, seed)
-    net.complete_halting_maps = complete_maps
+    net, x = _profiled(setting, size, weights, seed, threads, complete_maps)
     theirs = authors_adaformer(authors, net, net.eps_h)
-    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
     return paired_stage_profile([(net, x, _wrap_adaformer), (theirs, x * 255, _wrap_authors)], repeats=repeats,
                                 warmup=warmup)
 
 
 def print_profile_pair(ours: Dict[str, Any], theirs: Dict[str, Any], label: str) -> None:
     """One table: each stage's CPU time in the authors' code and in this tree, their ratio, and the stage's part in
-    the difference of the totals."""
+    the difference (the sum of the stages' differences: each stage is a median of its own, so their sum is not
+    quite the difference of the median totals)."""
     (tw, tc), (ow, oc) = theirs['total'], ours['total']
     print(f'\n{label}: this tree {ow:.2f} s wall, {oc:.2f} s CPU; the authors\' {tw:.2f} s wall, {tc:.2f} s CPU '
           f'(medians): {tw / ow:.2f}x wall, {tc / oc:.2f}x CPU; global halted per block (this tree) '
           f'{_fmt(ours["sparsity"]["global_consumed"])}\n')
-    print('| stage | authors\' CPU s | this tree CPU s | authors / this tree | share of the time saved |')
+    print('| stage | authors\' CPU s | this tree CPU s | authors / this tree | part of the difference |')
     print('|---|---|---|---|---|')
     stages = sorted(set(ours['stages']) | set(theirs['stages']), key=lambda s: -theirs['stages'].get(s, (0, 0))[1])
-    for stage in stages:
-        t, o = theirs['stages'].get(stage, (0.0, 0.0))[1], ours['stages'].get(stage, (0.0, 0.0))[1]
+    cpu = {s: (theirs['stages'].get(s, (0.0, 0.0))[1], ours['stages'].get(s, (0.0, 0.0))[1]) for s in stages}
+    diff = sum(t - o for t, o in cpu.values())
+    shares = abs(diff) > 1e-3 * max(tc, oc)  # no parts of a difference that is not there
+    for stage, (t, o) in cpu.items():
         ratio = f'{t / o:.2f}x' if o > 0 else '-'
-        print(f'| {stage} | {t:.3f} | {o:.3f} | {ratio} | {100 * (t - o) / (tc - oc):.0f}% |')
-    print(f'| **total** | {tc:.3f} | {oc:.3f} | {tc / oc:.2f}x | 100% |')
+        print(f'| {stage} | {t:.3f} | {o:.3f} | {ratio} | {f"{100 * (t - o) / diff:.0f}%" if shares else "-"} |')
+    print(f'| **total** | {tc:.3f} | {oc:.3f} | {tc / oc:.2f}x | {"100%" if shares else "-"} |')
 
 
 def print_profile(result: Dict[str, Any], label: str) -> None:

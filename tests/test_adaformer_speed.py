@@ -136,18 +136,28 @@ def test_paired_stage_profile_times_both_networks_by_the_same_stages(paper_net):
     """This tree's network and one with the authors' module names, profiled in turns under one set of stage labels
     (the authors' two attention branches by their method names); this tree's Winograd tail is its own stage, not
     glue; every timer is removed afterwards."""
-    from benchmarks.adaformer_speed import GLOBAL, LOCAL, TAIL, _wrap_adaformer, _wrap_authors, paired_stage_profile
+    from benchmarks import adaformer_speed as S
 
     theirs = _AuthorsLikeNet()
-    ours_r, theirs_r = paired_stage_profile([(paper_net, FIX.guard_input((1, 3, 16, 24), 5), _wrap_adaformer),
-                                             (theirs, torch.randn(3, 4), _wrap_authors)], repeats=2, warmup=1)
-    assert {LOCAL, GLOBAL, TAIL} <= set(theirs_r['stages']) and theirs_r['sparsity'] is None
+    x = FIX.guard_input((1, 3, 16, 24), 5)
+    ours_r, theirs_r = S.paired_stage_profile([(paper_net, x, S._wrap_adaformer),
+                                               (theirs, torch.randn(3, 4), S._wrap_authors)], repeats=2, warmup=1)
+    assert {S.LOCAL, S.GLOBAL, S.TAIL} <= set(theirs_r['stages']) and theirs_r['sparsity'] is None
     assert set(theirs_r['stages']) <= set(ours_r['stages'])
-    assert ours_r['stages'][TAIL][1] > 0 and len(ours_r['sparsity']['global_consumed']) == 6
+    assert ours_r['stages'][S.TAIL][1] > 0 and len(ours_r['sparsity']['global_consumed']) == 6
+    timer = S._StageTimer()
+    S._wrap_adaformer(timer, paper_net)
+    wrapped = set(vars(paper_net))
+    timer.remove()
+    assert '_tail' in wrapped and '_tail' not in vars(paper_net)  # the Winograd tail timed as the tail
     for r in (ours_r, theirs_r):
         assert all(w >= 0 and c >= 0 for w, c in r['stages'].values()) and r['total'][0] > 0
     assert 'forward' not in vars(theirs) and '_tail' not in vars(paper_net)
     assert not {'forward', 'forward_local', 'forward_global'} & set(vars(theirs.body.blocks[0].attn))
+    # a wrap that fails part of the way (this tree's attention has no forward_local) leaves no timer behind
+    with pytest.raises(AttributeError, match='forward_local'):
+        S.paired_stage_profile([(paper_net, x, S._wrap_authors)], repeats=1, warmup=0)
+    assert not any('forward' in vars(m) for m in paper_net.modules()) and 'forward' not in vars(paper_net)
 
 
 @pytest.mark.slow
@@ -290,31 +300,43 @@ def _plain_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize('keep_share', [None, 1.0, 0.6, 0.3, 0.01])
-@pytest.mark.parametrize('threads', [1, 2])
-def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch, keep_share, threads,
+@pytest.mark.parametrize('threads, step_tokens', [(1, 7500), (2, 5000), (3, 10 ** 9)])
+def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch, keep_share, threads, step_tokens,
                                                          torch_threads):
-    """CPU inference computes the global chunks of at least 1024 tokens one at a time on one thread (steps of whole
-    chunks up to _GLOBAL_STEP_TOKENS on more; here 7500: at 30% kept a step of three chunks, then the last, padded
-    one) and the window attention in groups of windows read from the raster qkv map: bit for bit the batched
-    computation (random keep maps, split 2, chunks from 40 to 8192 tokens; every window kept, so that the local
-    branch takes the raster path)."""
+    """CPU inference computes the global chunks of at least 1024 tokens one at a time on one thread and in steps of
+    whole chunks up to _GLOBAL_STEP_TOKENS on more (here 5000: at 30% kept two steps of two chunks, the padded one
+    in the second; 10 ** 9: one step of all four), and the window attention in groups of windows read from the
+    raster qkv map: bit for bit the batched computation (random keep maps, split 2, chunks from 40 to 8192 tokens;
+    every window kept, so that the local branch takes the raster path). The steps are counted."""
     from adasr.archs import adaformer_arch
 
-    monkeypatch.setattr(adaformer_arch, '_GLOBAL_STEP_TOKENS', 7500)
+    monkeypatch.setattr(adaformer_arch, '_GLOBAL_STEP_TOKENS', step_tokens)
     torch_threads(threads)
     attn = paper_net.body.blocks[1].attn
     hw, split = (128, 256), 2
     u = torch.randn(2, hw[0] * hw[1], 64, generator=torch.Generator().manual_seed(11))
     keep = None if keep_share is None else torch.rand(2, u.shape[1], generator=torch.Generator().manual_seed(12)) \
         < keep_share
+    steps = []
     with torch.no_grad():
-        fast_g = attn.global_sparse(u, hw, keep, split)
+        with monkeypatch.context() as m:  # the rows projected per call of the global branch: one call per step
+            m.setattr(attn, '_qkv_scaled', lambda lin, x, real=attn._qkv_scaled: steps.append(len(x)) or real(lin, x))
+            fast_g = attn.global_sparse(u, hw, keep, split)
         fast = attn.forward_sparse(u, hw, keep, None, split)
         with monkeypatch.context() as m:
             _plain_cpu(m)
             plain_g = attn.global_sparse(u, hw, keep, split)
             plain = attn.forward_sparse(u, hw, keep, None, split)
     assert torch.equal(fast_g, plain_g) and torch.equal(fast, plain)
+    kept = [u.shape[1]] * 2 if keep is None else keep.sum(1).tolist()
+    chunks = [-(-k // 4) for k in kept]  # split 2: four chunks per sample, the list padded to whole chunks
+    if chunks[0] < 1024:  # below _CHUNKWISE_MIN: one batched call per sample
+        assert steps == [4 * c for c in chunks]
+    else:
+        per_step = [1 if threads == 1 else max(1, step_tokens // c) for c in chunks]
+        assert steps == [min(n, 4 - j) * c for c, n in zip(chunks, per_step) for j in range(0, 4, n)]
+        if threads > 1 and keep_share == 0.3:  # steps of several chunks, the padded last one among them
+            assert len(steps) < 8 and min(steps) >= 2 * chunks[0]
     # no window attends: global + u, the sum computed while the global branch writes its tokens
     none = torch.zeros(2 * (hw[0] // 8) * (hw[1] // 8), dtype=torch.bool)
     with torch.no_grad():
@@ -325,7 +347,7 @@ def test_chunkwise_global_and_grouped_local_match_batched(paper_net, monkeypatch
 
 
 @pytest.mark.parametrize('threads', [1, 2])
-def test_estimator_window_and_token_paths_give_the_whole_maps_numbers(paper_net, threads):
+def test_estimator_window_and_token_paths_give_the_whole_maps_numbers(paper_net, threads, torch_threads):
     """Logits computed for chosen windows (with their halo) and single tokens (their 5 x 5 patch) are the whole
     map's bit for bit, at the image's edges and corners too, for one patch and odd counts, on one and two threads
     (oneDNN's kernel for a batch of one and PyTorch's scalar tanh for a share's last elements would round otherwise);
@@ -338,21 +360,17 @@ def test_estimator_window_and_token_paths_give_the_whole_maps_numbers(paper_net,
     cases = [(torch.tensor([0, 7, nwin + 29]), none),
              (none, torch.tensor([0, 5, wp - 1, hp * wp - 1, hp * wp + 3 * wp + 47, 2 * hp * wp - wp])),
              (torch.tensor([1]), torch.tensor([3 * wp + 20])), (none, torch.tensor([17])), (none, none)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            whole = adam.estimate(t, (hp, wp), None)
-            for wins, toks in cases:
-                out = adam.estimate(t, (hp, wp), (wins, toks))
-                expected = torch.zeros(b, hp // s, wp // s, s, s, dtype=torch.bool)
-                expected.view(-1, s, s)[wins] = True
-                expected = expected.permute(0, 1, 3, 2, 4).reshape(b, 1, hp, wp)
-                expected.view(-1)[toks] = True
-                assert torch.equal(~torch.isposinf(out), expected)
-                assert torch.equal(out[expected], whole[expected])
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    with torch.no_grad():
+        whole = adam.estimate(t, (hp, wp), None)
+        for wins, toks in cases:
+            out = adam.estimate(t, (hp, wp), (wins, toks))
+            expected = torch.zeros(b, hp // s, wp // s, s, s, dtype=torch.bool)
+            expected.view(-1, s, s)[wins] = True
+            expected = expected.permute(0, 1, 3, 2, 4).reshape(b, 1, hp, wp)
+            expected.view(-1)[toks] = True
+            assert torch.equal(~torch.isposinf(out), expected)
+            assert torch.equal(out[expected], whole[expected])
 
 
 def test_live_windows_lists_kept_windows_whole_and_kept_tokens_of_halted_windows(paper_net):

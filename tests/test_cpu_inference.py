@@ -44,15 +44,18 @@ def test_residual_rows_matches_whole_map(b, n, rows, threads, torch_threads):
             fc2.weight, fc2.bias, 'none', [], '')
 
     x, a = torch.randn(b, n, 64, generator=_gen(3)), torch.randn(b, n, 64, generator=_gen(4))
+    groups = []
     with torch.no_grad():
         ref = x + a
         ref = ref + fn(ref)
         out = x.clone()
-        assert ci.residual_rows_(out, fn, a, rows=rows) is out
+        assert ci.residual_rows_(out, lambda r: groups.append(len(r)) or fn(r), a, rows=rows) is out
         assert torch.equal(out, ref)
         plain = x.clone()
         ci.residual_rows_(plain, lambda r: fc2(F.gelu(fc1(norm(r)))), rows=rows)
         assert torch.equal(plain, x + fc2(F.gelu(fc1(norm(x)))))
+    size = rows or (2048 if threads == 1 else 4096 * threads)
+    assert groups == [min(size, n - s) for _ in range(b) for s in range(0, n, size)]
 
 
 def _plain_window_attention(qkv, bias, heads):

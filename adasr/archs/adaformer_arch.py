@@ -45,10 +45,12 @@ _POLICY_EPS = 1e-6  # the masked softmax of the authors' training-mode global br
 # same numbers: measured bit for bit from 16 tokens up, tiny chunks take other product kernels in a batch of one;
 # below ~1000 tokens the per-chunk calls cost more than the cache saves)
 _CHUNKWISE_MIN = 1024
-# ... on one thread. With more, each step takes whole chunks up to this many tokens (a 64 MB qkv): a chunk's dozen
-# small operators, each split over the threads, spend their time forking and joining, and stall whenever the other
-# core is busy. 270 x 480, 64 chunks of 2040 tokens, two threads, one core free: 62-79 ms against 94-114 ms a block;
-# with another process on the second core 186 ms against 390 ms (one thread: 134 ms). The same numbers: the
+# ... on one thread. With more, each step takes whole chunks up to this many tokens (a 48 MiB qkv; a step holds one
+# chunk or this many tokens, whichever is larger): a chunk's dozen small operators, each split over the threads,
+# spend their time forking and joining, and stall whenever another core is busy. Measured on two cores, 270 x 480
+# (64 chunks of 2040 tokens), one block: all chunks at once 62-79 ms against 94-114 ms one at a time with the second
+# core free, 186 ms against 390 ms with another process on it (one thread, one at a time: 134 ms); this rule (two
+# steps of 32 chunks there) in the whole forward: docs/adaformer.md, *Twelfth round*. The same numbers: the
 # operators batch the chunks (a batched product runs each matrix's kernel)
 _GLOBAL_STEP_TOKENS = 65536
 

@@ -24,10 +24,11 @@ from torch.nn import functional as F
 _HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
 
 #: rows per group in :func:`residual_rows_` on one thread (2048 x 128 hidden floats = 1 MiB, a core's L2); with
-#: more threads twice that per thread (each operator's fork and join, and its wait for a busy core, come half as
-#: often). AdaFormer block at 130560 tokens on two AVX-512 cores: 4096-row groups 38-42 ms against 44-52 ms for
-#: 2048; 8192 rows 38 ms against 38 ms for 4096 with the second core free, 81 ms against 104 ms with another process
-#: on it; on one thread 2048 rows 67 ms against 73 ms for 8192
+#: more threads 2 x ROWS per thread (a thread's share then leaves L2, but each operator's fork and join, and its
+#: wait for a busy core, come half as often). Measured on two AVX-512 cores, one AdaFormer block of 130560 tokens:
+#: groups of 4096 rows 38-42 ms against 44-52 ms for 2048; 8192 rows 40.9 ms against 42.3 ms for 4096 with the
+#: second core free (25 rounds), 81 ms against 104 ms with another process on it; on one thread 2048 rows 67 ms
+#: against 73 ms for 8192
 ROWS = 2048
 #: fewest rows for :func:`linear`'s oneDNN product (measured equal to ``F.linear`` from 4 rows up)
 LINEAR_MIN_ROWS = 16
