@@ -386,45 +386,41 @@ class AdaFormerAttention(nn.Module):
                 continue
             whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
             pos = chunk_padding_positions(num, groups, u.device)
+            padded = None if whole else idx if pos.numel() == num else idx[pos]
+            step = groups  # every chunk in one step: the batched computation
             if not whole and pos.numel() >= _CHUNKWISE_MIN * groups and cpu_inference.fast_path_ok(u):
-                self._global_chunks_into(u[i], idx, idx if pos.numel() == num else idx[pos], groups, qp, out[i],
-                                         plus_u)
-                continue
-            # the padded list is gathered before the projection (the same rows, one copy of qkv less)
-            x = u[i] if whole else u[i].index_select(0, idx if pos.numel() == num else idx[pos])
-            qkv = self._qkv_scaled(self.qkv, x)
-            q, k, v = self._heads(qkv.view(groups, -1, 3 * c), 3)  # groups, h, chunk, hd
-            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # groups, M, c
-            y = self._broadcast(q, agg).reshape(-1, c)[:num]
-            if plus_u:
-                y = y + x[:num]  # (x: the kept tokens in list order, then the padding)
-            if whole:
-                out[i] = y
-            else:
-                out[i].index_copy_(0, idx, y)
+                # CPU inference: one chunk a step in cache on one thread, steps of whole chunks on more
+                step = 1 if torch.get_num_threads() == 1 else max(1, _GLOBAL_STEP_TOKENS * groups // pos.numel())
+            self._global_chunks_into(u[i], idx, padded, groups, qp, out[i], plus_u, step)
         return out
 
-    def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: torch.Tensor, groups: int,
-                            qp: torch.Tensor, out: torch.Tensor, plus_u: bool = False) -> None:
-        """:meth:`global_sparse` for one sample, one chunk at a time on one thread (CPU inference): each chunk's
-        tokens are gathered, projected, aggregated, broadcast and written back while they are in cache; with more
-        threads, whole chunks of up to :data:`_GLOBAL_STEP_TOKENS` tokens at a time. Every chunk's numbers are those
-        of the batched computation over all chunks. u, out (N, C); idx: the kept-token list in region order;
-        padded: that list padded to ``groups`` equal chunks; ``plus_u``: writes ``global + u``."""
+    def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: Optional[torch.Tensor], groups: int,
+                            qp: torch.Tensor, out: torch.Tensor, plus_u: bool, step: int) -> None:
+        """:meth:`global_sparse` for one sample, ``step`` chunks at a time: their tokens gathered (the padded list
+        before the projection: the same rows, one copy of qkv less), projected, aggregated, broadcast and written
+        back. Every chunk's numbers are those of the batched computation over all chunks (``step = groups``).
+        u, out (N, C); idx: the kept-token list in region order; padded: that list padded to ``groups`` equal
+        chunks, or None when idx is every token in raster order (no gather, no scatter); ``plus_u``: writes
+        ``global + u``."""
         c = u.shape[-1]
-        num, chunk = idx.numel(), padded.numel() // groups
-        step = 1 if torch.get_num_threads() == 1 else max(1, _GLOBAL_STEP_TOKENS // chunk)
+        num = idx.numel()
+        chunk = (num if padded is None else padded.numel()) // groups
         for j in range(0, groups, step):
-            start, n = j * chunk, min(step, groups - j)
-            valid = min(n * chunk, num - start)
+            start, m = j * chunk, min(step, groups - j)
+            valid = min(m * chunk, num - start)
             if valid <= 0:
                 break
-            x = u.index_select(0, padded[start:start + n * chunk])
+            x = u[start:start + m * chunk] if padded is None else u.index_select(0, padded[start:start + m * chunk])
             qkv = self._qkv_scaled(self.qkv, x)
-            q, k, v = self._heads(qkv.view(n, chunk, 3 * c), 3)  # n, h, chunk, hd
-            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # n, M, c
-            y = self._broadcast(q, agg).reshape(n * chunk, c)[:valid]
-            out.index_copy_(0, idx[start:start + valid], y.add_(x[:valid]) if plus_u else y)
+            q, k, v = self._heads(qkv.view(m, chunk, 3 * c), 3)  # m, h, chunk, hd
+            agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # m, M, c
+            y = self._broadcast(q, agg).reshape(m * chunk, c)[:valid]
+            if plus_u:
+                y = y + x[:valid]  # (x: the kept tokens in list order, then the padding)
+            if padded is None:
+                out[start:start + valid] = y
+            else:
+                out.index_copy_(0, idx[start:start + valid], y)
 
     def forward_sparse(self, u: torch.Tensor, hw: Tuple[int, int], keep_tok: Optional[torch.Tensor],
                        keep_win: Optional[torch.Tensor], split: int) -> torch.Tensor:
