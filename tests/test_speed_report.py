@@ -122,8 +122,13 @@ def test_speed_report_quick_end_to_end(tmp_path):
         assert needle in md, needle
     from adasr.inference.precision import cpu_bf16_support
 
-    assert ('| AdaFormer, sparse_eval, bf16 (autocast; other rounding) |' in md) == cpu_bf16_support()[0]
-    assert 'refused precisions: fp16: fp16 on the CPU is not supported' in md
+    native_bf16 = cpu_bf16_support()[0]
+    assert ('| AdaFormer, sparse_eval, bf16 (autocast; other rounding) |' in md) == native_bf16
+    refused = next(line for line in md.splitlines() if line.startswith('- refused precisions: '))
+    assert 'fp16: fp16 on the CPU is not supported' in refused
+    assert ('bf16: ' in refused) != native_bf16  # refused, with its reason, exactly where the CPU lacks native bf16
+    if not native_bf16:
+        assert 'no native bfloat16 arithmetic' in refused, refused
 
 
 def test_speed_report_refuses_a_device_it_cannot_use():
