@@ -414,34 +414,43 @@ def _scores_case(n, d, kk, dtype, seed=0):
 
 
 @functools.cache
-def _scores_kernel():
+def _scores_kernel(form='_scores16'):
     import numba
+
+    step = getattr(pft_kernels, form)
 
     @numba.njit
     def row(kp, q16, brow, pos, x):
         for t0 in range(0, pos.shape[0], 16):
-            pft_kernels._scores16(kp, q16, brow, pos, t0, pos.shape[0], x)
+            step(kp, q16, brow, pos, t0, pos.shape[0], x)
 
     return row
 
 
-def _scores_row(kp, q16, brow, pos, fill=np.nan):
-    """One row's scores by _scores16, 16 keys per step, into a buffer 16 longer than the keys (filled with ``fill``)."""
+def _scores_row(kp, q16, brow, pos, fill=np.nan, form='_scores16'):
+    """One row's scores by _scores16 (or the named form of it), 16 keys per step, into a buffer 16 longer than the
+    keys (filled with ``fill``)."""
     x = np.full(pos.shape[0] + 16, fill, np.float32)
-    _scores_kernel()(kp, q16, brow, pos, x)
+    _scores_kernel(form)(kp, q16, brow, pos, x)
     return x
 
 
+@pytest.mark.parametrize('form', ['_scores16_wide', '_scores16_halves'])
 @pytest.mark.parametrize('n,d,kk,dtype', [
     (1024, 13, 256, np.int16), (1024, 13, 128, np.int16), (1024, 13, 32, np.int16),  # PFT-light's sparse layers
-    (64, 16, 17, np.int32), (64, 3, 40, np.int64), (9, 1, 5, np.int16), (50, 13, 1, np.int64)])
-def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype):
-    """The vectorised score step: bias plus q . k at 16 gathered keys per step, summed in the documented order (the
-    same float32 numbers as its NumPy emulation), within float rounding of the float64 products, and nothing written
-    past the keys (the last step's store is masked)."""
+    (64, 16, 17, np.int32), (64, 3, 40, np.int64), (9, 1, 5, np.int16), (50, 13, 1, np.int64),
+    (1024, 13, 7, np.int16), (64, 13, 24, np.int32)])
+def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype, form):
+    """The vectorised score step in both its forms (16-lane registers, the AVX-512 one; two transposed groups of
+    eight, the AVX2 one): bias plus q . k at 16 gathered keys per step, summed in the documented order (the same
+    float32 numbers as its NumPy emulation, bit for bit, signed zeros included), within float rounding of the float64
+    products, and nothing written past the keys (the last step's store is masked; 7 and 24 keys end inside the
+    first and the second group of eight)."""
     kp, q16, brow, pos = _scores_case(n, d, kk, dtype)
-    x = _scores_row(kp, q16, brow, pos)
-    assert np.array_equal(x[:kk], _scores_in_order(kp, q16, brow, pos.astype(np.int64)))
+    kp[::7, 0] = -0.0
+    x = _scores_row(kp, q16, brow, pos, form=form)
+    want = _scores_in_order(kp, q16, brow, pos.astype(np.int64))
+    assert np.array_equal(x[:kk].view(np.int32), want.view(np.int32))
     exact = brow[pos].astype(np.float64) + kp[pos].astype(np.float64) @ q16.astype(np.float64)
     np.testing.assert_allclose(x[:kk], exact, rtol=1e-5, atol=1e-5)
     assert np.isnan(x[kk:]).all()

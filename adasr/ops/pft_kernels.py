@@ -5,7 +5,8 @@ with the row in L1 cache.
   largest scores of each row and their softmax weights over the whole row, not renormalised). The products with
   every key are one vectorised pass over the transposed keys per pair of query rows; no n x n map is written.
 * :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (16 gathered
-  key rows per vectorised step, :func:`_scores_intrinsic`, for head dims up to 16; or with every key, read at the
+  key rows per vectorised step, :func:`_scores_intrinsic` where numba targets AVX-512, else two transposed groups of
+  eight, :func:`_scores_halves_intrinsic`: the same numbers, for head dims up to 16; or with every key, read at the
   keys, when K' is a large share of the window), the bias at the keys, softmax, progressive focusing by the
   inherited weights and top-k when k < K', written into the layer's state.
 * :func:`aggregate`: the aggregation of both, sum_t w_t v[idx_t] per query row, vectorised across the head dim by
@@ -485,6 +486,91 @@ def _scores_intrinsic():
     return _scores16
 
 
+def _scores_halves_intrinsic():
+    """``_scores16`` (same signature, the same numbers bit for bit) for CPUs without AVX-512: the 16 keys as two groups
+    of eight, each group's key rows transposed in 8-lane registers (two 8 x 8 transposes by unpack, shuffle and
+    128-bit lane permutes: register d then holds dim d of the eight keys), so that each key's sum is computed in its
+    own lane by the very operations of :func:`_scores_intrinsic`: ``p_c = fma(k_2c, q_2c, k_2c+1 q_2c+1)`` for the
+    eight dim pairs, then ``(p_0 + p_1) + (p_2 + p_3)`` and ``(p_4 + p_5) + (p_6 + p_7)``, their sum, the bias
+    added. On AVX2 the 16-lane form's cross-register shuffle network splits into many two-register permutes; this
+    one needs 48 in-lane shuffles per eight keys and no bias lane inserts into 16-lane registers. The stores are
+    plain where the eight keys all lie before ``kk``, masked for the last group."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
+        floats = (kp, q16, brow, x)
+        if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
+                and q16.ndim == brow.ndim == x.ndim == 1 and q16.layout == x.layout == 'C'
+                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)):
+            return None
+        sig = types.none(kp, q16, brow, prow, t0, kk, x)
+
+        def codegen(context, builder, signature, args):
+            sa = signature.args
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            v8f, v8i, v8b = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.IntType(1), 8)
+            kpa, qa, ba, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 6))
+            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (4, 5))
+            last = builder.sub(builder.extract_value(kpa.shape, 0), ir.Constant(i64, 1))
+            kstride = builder.sdiv(builder.extract_value(kpa.strides, 0), ir.Constant(i64, 4))
+            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[3].dtype.bitwidth // 8))
+            bstride = builder.sdiv(builder.extract_value(ba.strides, 0), ir.Constant(i64, 4))
+            fma = _declare(builder, 'llvm.fma.v8f32', v8f, [v8f, v8f, v8f])
+            store = _declare(builder, 'llvm.masked.store.v8f32.p0', ir.VoidType(), [v8f, v8f.as_pointer(), i32, v8b])
+            qd = [_splat(builder, builder.load(builder.gep(qa.data, [ir.Constant(i64, d)])), v8f) for d in range(16)]
+
+            def shuffle(a, b, lanes):
+                return builder.shuffle_vector(a, b, ir.Constant(v8i, lanes))
+
+            def transpose(rows):  # 8 registers of 8 floats: row l lane d -> register d lane l
+                t = [shuffle(rows[2 * p], rows[2 * p + 1], lanes) for p in range(4)
+                     for lanes in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
+                lo, hi = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+                u = [shuffle(t[a], t[a + 2], lanes) for a in (0, 1, 4, 5) for lanes in (lo, hi)]
+                # u: dims (0,4), (1,5), (2,6), (3,7) of keys 0-3 (u[0..3]) and of keys 4-7 (u[4..7])
+                first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+                return ([shuffle(u[i], u[i + 4], first) for i in range(4)]
+                        + [shuffle(u[i], u[i + 4], second) for i in range(4)])
+
+            for group in (0, 8):
+                g0 = builder.add(t0v, ir.Constant(i64, group))
+                low, high, bias = [], [], ir.Constant(v8f, ir.Undefined)
+                for lane in range(8):
+                    t = builder.add(g0, ir.Constant(i64, lane))
+                    t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the step's first
+                    j = _clamped_row(builder, builder.load(builder.gep(pa.data, [builder.mul(t, pstride)])),
+                                     sa[3].dtype.signed, last)
+                    row = builder.gep(kpa.data, [builder.mul(j, kstride)])
+                    low.append(builder.load(builder.bitcast(row, v8f.as_pointer()), align=4))
+                    high.append(builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 8)]),
+                                                             v8f.as_pointer()), align=4))
+                    bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
+                                                  ir.Constant(i32, lane))
+                dims = transpose(low) + transpose(high)
+                p = [builder.call(fma, [dims[2 * c], qd[2 * c], builder.fmul(dims[2 * c + 1], qd[2 * c + 1])])
+                     for c in range(8)]
+                while len(p) > 1:
+                    p = [builder.fadd(p[2 * c], p[2 * c + 1]) for c in range(len(p) // 2)]
+                scores = builder.fadd(bias, p[0])
+                dst = builder.bitcast(builder.gep(xa.data, [g0]), v8f.as_pointer())
+                count = builder.sub(kkv, g0)
+                with builder.if_else(builder.icmp_signed('>=', count, ir.Constant(i64, 8))) as (whole, part):
+                    with whole:
+                        builder.store(scores, dst, align=4)
+                    with part:
+                        mask = builder.icmp_signed('<', ir.Constant(v8i, list(range(8))),
+                                                   _splat(builder, builder.trunc(count, i32), v8i))
+                        builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _scores16
+
+
 if numba is not None:
     @_jit(_ORDERED)
     def _aligned_rows(m, width):
@@ -495,7 +581,9 @@ if numba is not None:
         return flat[off:off + m * width].reshape(m, width)
 
     _max16 = _max_intrinsic()
-    _scores16 = _scores_intrinsic()
+    _scores16_wide = _scores_intrinsic()
+    _scores16_halves = _scores_halves_intrinsic()
+    _scores16 = _scores16_wide if _avx512_target() else _scores16_halves  # the same numbers; each where it is faster
     _bag_rows = _bag_intrinsic(_BAG_ROWS)
     _bag_row = _bag_intrinsic(1)
 
