@@ -492,9 +492,10 @@ def _scores_halves_intrinsic():
     128-bit lane permutes: register d then holds dim d of the eight keys), so that each key's sum is computed in its
     own lane by the very operations of :func:`_scores_intrinsic`: ``p_c = fma(k_2c, q_2c, k_2c+1 q_2c+1)`` for the
     eight dim pairs, then ``(p_0 + p_1) + (p_2 + p_3)`` and ``(p_4 + p_5) + (p_6 + p_7)``, their sum, the bias
-    added. On AVX2 the 16-lane form's cross-register shuffle network splits into many two-register permutes; this
-    one needs 48 in-lane shuffles per eight keys and no bias lane inserts into 16-lane registers. The stores are
-    plain where the eight keys all lie before ``kk``, masked for the last group."""
+    added. On AVX2 each 16-lane register of the other form is split in two, its shuffle network and lane inserts with
+    it; this form takes 48 shuffles per eight keys (unpacks, in-lane shuffles, 128-bit lane permutes) and measured
+    1.27-1.34x faster on an AVX2 core (docs/pft.md). The stores are plain where the eight keys all lie before
+    ``kk``, masked for the last group."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
