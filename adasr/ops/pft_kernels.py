@@ -408,6 +408,55 @@ _KEY_LANES = 16  # the padded width of the key rows of the gathered score produc
 GATHERED_SCORES_MAX_DIM = _KEY_LANES
 
 
+def _scores_step_intrinsic(emit):
+    """An intrinsic with ``_scores16``'s signature and argument checks (:func:`_scores_intrinsic`) whose code is written
+    by ``emit(builder, q, x, t0, kk, gather)``: q, x the data pointers of q16 and x, t0 and kk as intp, and
+    ``gather(g0, lanes)`` -> (row pointers, bias vector): the key rows and the biases of the ``lanes`` keys at list
+    positions g0, g0 + 1, ... (a position at or past kk reads the step's first key t0; a key position outside the rows
+    of kp the last row: never a read out of bounds)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
+        floats = (kp, q16, brow, x)
+        if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
+                and q16.ndim == brow.ndim == x.ndim == 1 and q16.layout == x.layout == 'C'
+                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)):
+            return None
+        sig = types.none(kp, q16, brow, prow, t0, kk, x)
+
+        def codegen(context, builder, signature, args):
+            sa = signature.args
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            kpa, qa, ba, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 6))
+            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (4, 5))
+            last = builder.sub(builder.extract_value(kpa.shape, 0), ir.Constant(i64, 1))
+            kstride = builder.sdiv(builder.extract_value(kpa.strides, 0), ir.Constant(i64, 4))
+            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[3].dtype.bitwidth // 8))
+            bstride = builder.sdiv(builder.extract_value(ba.strides, 0), ir.Constant(i64, 4))
+
+            def gather(g0, lanes):
+                rows, bias = [], ir.Constant(ir.VectorType(ir.FloatType(), lanes), ir.Undefined)
+                for lane in range(lanes):
+                    t = builder.add(g0, ir.Constant(i64, lane))
+                    t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the step's first
+                    j = _clamped_row(builder, builder.load(builder.gep(pa.data, [builder.mul(t, pstride)])),
+                                     sa[3].dtype.signed, last)
+                    rows.append(builder.gep(kpa.data, [builder.mul(j, kstride)]))
+                    bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
+                                                  ir.Constant(i32, lane))
+                return rows, bias
+
+            emit(builder, qa.data, xa.data, t0v, kkv, gather)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _scores16
+
+
 def _scores_intrinsic():
     """``_scores16(kp, q16, brow, prow, t0, kk, x)``: the scores of one query row at 16 of its inherited keys,
     ``x[t0 + l] = brow[j] + sum_c q16[c] kp[j, c]`` with ``j = prow[t0 + l]``, for ``l < min(16, kk - t0)`` (the
@@ -424,66 +473,37 @@ def _scores_intrinsic():
     registers where there are some, AVX2 halves elsewhere); numba alone cannot vectorise it (per key it is a
     reduction over a gathered row)."""
     from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
 
-    @intrinsic
-    def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
-        floats = (kp, q16, brow, x)
-        if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
-                and q16.ndim == brow.ndim == x.ndim == 1 and q16.layout == x.layout == 'C'
-                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)):
-            return None
-        sig = types.none(kp, q16, brow, prow, t0, kk, x)
+    def emit(builder, qp, xp, t0v, kkv, gather):
+        i32 = ir.IntType(32)
+        v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+        v16b = ir.VectorType(ir.IntType(1), 16)
 
-        def codegen(context, builder, signature, args):
-            sa = signature.args
-            i32, i64 = ir.IntType(32), ir.IntType(64)
-            v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
-            v16b = ir.VectorType(ir.IntType(1), 16)
-            kpa, qa, ba, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 6))
-            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (4, 5))
-            last = builder.sub(builder.extract_value(kpa.shape, 0), ir.Constant(i64, 1))
-            kstride = builder.sdiv(builder.extract_value(kpa.strides, 0), ir.Constant(i64, 4))
-            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[3].dtype.bitwidth // 8))
-            bstride = builder.sdiv(builder.extract_value(ba.strides, 0), ir.Constant(i64, 4))
+        def shuffle(a, b, lanes):
+            return builder.shuffle_vector(a, b, ir.Constant(v16i, lanes))
 
-            def shuffle(a, b, lanes):
-                return builder.shuffle_vector(a, b, ir.Constant(v16i, lanes))
+        even, odd = list(range(0, 32, 2)), list(range(1, 32, 2))
+        q = builder.load(builder.bitcast(qp, v16f.as_pointer()), align=4)
+        q_even, q_odd = shuffle(q, q, even[:8] * 2), shuffle(q, q, odd[:8] * 2)
+        ptrs, bias = gather(t0v, 16)
+        rows = [builder.load(builder.bitcast(r, v16f.as_pointer()), align=4) for r in ptrs]
+        fma = _declare(builder, 'llvm.fma.v16f32', v16f, [v16f, v16f, v16f])
+        # level 1: keys 2p and 2p + 1 in one register, 8 lanes each: dims (2c, 2c + 1) by one FMA
+        level = [builder.call(fma, [shuffle(rows[2 * p], rows[2 * p + 1], even), q_even,
+                                    builder.fmul(shuffle(rows[2 * p], rows[2 * p + 1], odd), q_odd)])
+                 for p in range(8)]
+        while len(level) > 1:  # neighbouring partial sums added: 4, 8, 16 keys per register
+            level = [builder.fadd(shuffle(level[2 * p], level[2 * p + 1], even),
+                                  shuffle(level[2 * p], level[2 * p + 1], odd)) for p in range(len(level) // 2)]
+        scores = builder.fadd(bias, level[0])
+        count = _splat(builder, builder.trunc(builder.sub(kkv, t0v), i32), v16i)
+        mask = builder.icmp_signed('<', ir.Constant(v16i, list(range(16))), count)
+        store = _declare(builder, 'llvm.masked.store.v16f32.p0', ir.VoidType(),
+                         [v16f, v16f.as_pointer(), i32, v16b])
+        dst = builder.bitcast(builder.gep(xp, [t0v]), v16f.as_pointer())
+        builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
 
-            even, odd = list(range(0, 32, 2)), list(range(1, 32, 2))
-            q = builder.load(builder.bitcast(qa.data, v16f.as_pointer()), align=4)
-            q_even, q_odd = shuffle(q, q, even[:8] * 2), shuffle(q, q, odd[:8] * 2)
-            rows, bias = [], ir.Constant(v16f, ir.Undefined)
-            for lane in range(16):
-                t = builder.add(t0v, ir.Constant(i64, lane))
-                t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the group's first
-                j = _clamped_row(builder, builder.load(builder.gep(pa.data, [builder.mul(t, pstride)])),
-                                 sa[3].dtype.signed, last)
-                row = builder.gep(kpa.data, [builder.mul(j, kstride)])
-                rows.append(builder.load(builder.bitcast(row, v16f.as_pointer()), align=4))
-                bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
-                                              ir.Constant(i32, lane))
-            fma = _declare(builder, 'llvm.fma.v16f32', v16f, [v16f, v16f, v16f])
-            # level 1: keys 2p and 2p + 1 in one register, 8 lanes each: dims (2c, 2c + 1) by one FMA
-            level = [builder.call(fma, [shuffle(rows[2 * p], rows[2 * p + 1], even), q_even,
-                                        builder.fmul(shuffle(rows[2 * p], rows[2 * p + 1], odd), q_odd)])
-                     for p in range(8)]
-            while len(level) > 1:  # neighbouring partial sums added: 4, 8, 16 keys per register
-                level = [builder.fadd(shuffle(level[2 * p], level[2 * p + 1], even),
-                                      shuffle(level[2 * p], level[2 * p + 1], odd)) for p in range(len(level) // 2)]
-            scores = builder.fadd(bias, level[0])
-            count = _splat(builder, builder.trunc(builder.sub(kkv, t0v), i32), v16i)
-            mask = builder.icmp_signed('<', ir.Constant(v16i, list(range(16))), count)
-            store = _declare(builder, 'llvm.masked.store.v16f32.p0', ir.VoidType(),
-                             [v16f, v16f.as_pointer(), i32, v16b])
-            dst = builder.bitcast(builder.gep(xa.data, [t0v]), v16f.as_pointer())
-            builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return _scores16
+    return _scores_step_intrinsic(emit)
 
 
 def _scores_halves_intrinsic():
@@ -497,79 +517,51 @@ def _scores_halves_intrinsic():
     1.27-1.34x faster on an AVX2 core (docs/pft.md). The stores are plain where the eight keys all lie before
     ``kk``, masked for the last group."""
     from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
 
-    @intrinsic
-    def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
-        floats = (kp, q16, brow, x)
-        if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
-                and q16.ndim == brow.ndim == x.ndim == 1 and q16.layout == x.layout == 'C'
-                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)):
-            return None
-        sig = types.none(kp, q16, brow, prow, t0, kk, x)
+    def emit(builder, qp, xp, t0v, kkv, gather):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v8f, v8i, v8b = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.IntType(1), 8)
+        fma = _declare(builder, 'llvm.fma.v8f32', v8f, [v8f, v8f, v8f])
+        store = _declare(builder, 'llvm.masked.store.v8f32.p0', ir.VoidType(), [v8f, v8f.as_pointer(), i32, v8b])
+        qd = [_splat(builder, builder.load(builder.gep(qp, [ir.Constant(i64, d)])), v8f) for d in range(16)]
 
-        def codegen(context, builder, signature, args):
-            sa = signature.args
-            i32, i64 = ir.IntType(32), ir.IntType(64)
-            v8f, v8i, v8b = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.IntType(1), 8)
-            kpa, qa, ba, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 6))
-            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (4, 5))
-            last = builder.sub(builder.extract_value(kpa.shape, 0), ir.Constant(i64, 1))
-            kstride = builder.sdiv(builder.extract_value(kpa.strides, 0), ir.Constant(i64, 4))
-            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[3].dtype.bitwidth // 8))
-            bstride = builder.sdiv(builder.extract_value(ba.strides, 0), ir.Constant(i64, 4))
-            fma = _declare(builder, 'llvm.fma.v8f32', v8f, [v8f, v8f, v8f])
-            store = _declare(builder, 'llvm.masked.store.v8f32.p0', ir.VoidType(), [v8f, v8f.as_pointer(), i32, v8b])
-            qd = [_splat(builder, builder.load(builder.gep(qa.data, [ir.Constant(i64, d)])), v8f) for d in range(16)]
+        def shuffle(a, b, lanes):
+            return builder.shuffle_vector(a, b, ir.Constant(v8i, lanes))
 
-            def shuffle(a, b, lanes):
-                return builder.shuffle_vector(a, b, ir.Constant(v8i, lanes))
+        def transpose(rows):  # 8 registers of 8 floats: row l lane d -> register d lane l
+            t = [shuffle(rows[2 * p], rows[2 * p + 1], lanes) for p in range(4)
+                 for lanes in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
+            lo, hi = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+            u = [shuffle(t[a], t[a + 2], lanes) for a in (0, 1, 4, 5) for lanes in (lo, hi)]
+            # u: dims (0,4), (1,5), (2,6), (3,7) of keys 0-3 (u[0..3]) and of keys 4-7 (u[4..7])
+            first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+            return ([shuffle(u[i], u[i + 4], first) for i in range(4)]
+                    + [shuffle(u[i], u[i + 4], second) for i in range(4)])
 
-            def transpose(rows):  # 8 registers of 8 floats: row l lane d -> register d lane l
-                t = [shuffle(rows[2 * p], rows[2 * p + 1], lanes) for p in range(4)
-                     for lanes in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
-                lo, hi = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-                u = [shuffle(t[a], t[a + 2], lanes) for a in (0, 1, 4, 5) for lanes in (lo, hi)]
-                # u: dims (0,4), (1,5), (2,6), (3,7) of keys 0-3 (u[0..3]) and of keys 4-7 (u[4..7])
-                first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-                return ([shuffle(u[i], u[i + 4], first) for i in range(4)]
-                        + [shuffle(u[i], u[i + 4], second) for i in range(4)])
+        def load8(ptr):
+            return builder.load(builder.bitcast(ptr, v8f.as_pointer()), align=4)
 
-            for group in (0, 8):
-                g0 = builder.add(t0v, ir.Constant(i64, group))
-                low, high, bias = [], [], ir.Constant(v8f, ir.Undefined)
-                for lane in range(8):
-                    t = builder.add(g0, ir.Constant(i64, lane))
-                    t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the step's first
-                    j = _clamped_row(builder, builder.load(builder.gep(pa.data, [builder.mul(t, pstride)])),
-                                     sa[3].dtype.signed, last)
-                    row = builder.gep(kpa.data, [builder.mul(j, kstride)])
-                    low.append(builder.load(builder.bitcast(row, v8f.as_pointer()), align=4))
-                    high.append(builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 8)]),
-                                                             v8f.as_pointer()), align=4))
-                    bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
-                                                  ir.Constant(i32, lane))
-                dims = transpose(low) + transpose(high)
-                p = [builder.call(fma, [dims[2 * c], qd[2 * c], builder.fmul(dims[2 * c + 1], qd[2 * c + 1])])
-                     for c in range(8)]
-                while len(p) > 1:
-                    p = [builder.fadd(p[2 * c], p[2 * c + 1]) for c in range(len(p) // 2)]
-                scores = builder.fadd(bias, p[0])
-                dst = builder.bitcast(builder.gep(xa.data, [g0]), v8f.as_pointer())
-                count = builder.sub(kkv, g0)
-                with builder.if_else(builder.icmp_signed('>=', count, ir.Constant(i64, 8))) as (whole, part):
-                    with whole:
-                        builder.store(scores, dst, align=4)
-                    with part:
-                        mask = builder.icmp_signed('<', ir.Constant(v8i, list(range(8))),
-                                                   _splat(builder, builder.trunc(count, i32), v8i))
-                        builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
-            return context.get_dummy_value()
+        for group in (0, 8):
+            g0 = builder.add(t0v, ir.Constant(i64, group))
+            ptrs, bias = gather(g0, 8)
+            dims = (transpose([load8(r) for r in ptrs])
+                    + transpose([load8(builder.gep(r, [ir.Constant(i64, 8)])) for r in ptrs]))
+            p = [builder.call(fma, [dims[2 * c], qd[2 * c], builder.fmul(dims[2 * c + 1], qd[2 * c + 1])])
+                 for c in range(8)]
+            while len(p) > 1:
+                p = [builder.fadd(p[2 * c], p[2 * c + 1]) for c in range(len(p) // 2)]
+            scores = builder.fadd(bias, p[0])
+            dst = builder.bitcast(builder.gep(xp, [g0]), v8f.as_pointer())
+            count = builder.sub(kkv, g0)
+            with builder.if_else(builder.icmp_signed('>=', count, ir.Constant(i64, 8))) as (whole, part):
+                with whole:
+                    builder.store(scores, dst, align=4)
+                with part:
+                    mask = builder.icmp_signed('<', ir.Constant(v8i, list(range(8))),
+                                               _splat(builder, builder.trunc(count, i32), v8i))
+                    builder.call(store, [scores, dst, ir.Constant(i32, 4), mask])
 
-        return sig, codegen
-
-    return _scores16
+    return _scores_step_intrinsic(emit)
 
 
 if numba is not None:
