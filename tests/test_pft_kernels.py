@@ -196,14 +196,51 @@ def test_layer_kernels_reject_mismatched_operands():
 
 def test_layer_source_is_specialised_to_the_head_dims():
     src = pft_kernels.layer_source(13, 13)
-    assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src and 'o1_12 +=' in src
+    assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src and '_dot16(e[1], vtw[12], n)' in src
     assert '_scores16(kp, q16, brow, prow, t0, kk, x)' in src  # head dim 13: the vectorised gathered scores
     # the module's digest in the source: a changed module gets new cached kernels (numba inlines its functions)
     assert pft_kernels._module_digest() in src.splitlines()[0]
     src = pft_kernels.layer_source(26, 13)
-    assert 'k25 = ktw[25, j]' in src and 'u12 = vtw[12, j]' in src and 'u13' not in src
+    assert 'k25 = ktw[25, j]' in src and 'vtw[12]' in src and 'vtw[13]' not in src
     assert '_scores16(' not in src and 'a25 * kw[j, 25]' in src  # above 16: scalar gathered products
     compile(src, 'layer_source', 'exec')
+
+
+def _documented_sum(x: np.ndarray, m: int):
+    """The kernels' sum of x[:m] in its documented order (:func:`pft_kernels._sum_intrinsic`), step by step in
+    x's dtype: 16 running lane sums over the whole chunks, folded onto the lower half (8, 4, 2, 1), the tail in
+    order."""
+    lanes = np.zeros(16, x.dtype)
+    whole = m - m % 16
+    for c in range(0, whole, 16):
+        lanes = lanes + x[c:c + 16]
+    for half in (8, 4, 2, 1):
+        lanes = np.concatenate([lanes[:half] + lanes[half:2 * half], lanes[half:]])
+    total = lanes[0]
+    for j in range(whole, m):
+        total = total + x[j]
+    return total
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_sums_are_in_the_documented_order(dtype):
+    """The loop sums of the kernels (softmax totals, focusing's denominators, the selection's moments, the dense
+    aggregation) are 16-lane running sums in a fixed order: the same bits as the documented order written out in
+    NumPy, for lengths with and without a tail; the products' form (fused multiply-adds) by ones is the sum."""
+    import numba
+
+    sum16 = numba.njit(lambda x, m: pft_kernels._sum16(x, m))
+    dot16 = numba.njit(lambda x, y, m: pft_kernels._dot16(x, y, m))
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(1030) * np.exp(rng.uniform(-6, 6, 1030))).astype(dtype)  # terms of many magnitudes
+    ones = np.ones_like(x)
+    for m in (0, 1, 15, 16, 37, 1024, 1030):
+        want = _documented_sum(x, m)  # (numba returns the float32 sums as Python floats: exact)
+        assert dtype(sum16(x, m)).tobytes() == want.tobytes(), m
+        assert dtype(dot16(x, ones, m)).tobytes() == want.tobytes(), m
+    # products: exact small-integer terms, any order gives the exact sum
+    a, b = rng.integers(-8, 9, 100).astype(dtype), rng.integers(-8, 9, 100).astype(dtype)
+    assert dot16(a, b, 100) == float(a.astype(np.int64) @ b.astype(np.int64))
 
 
 def test_exp_is_within_an_ulp_or_two_of_float32_exp():
@@ -553,3 +590,60 @@ def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
     proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS], env=env, capture_output=True, text=True,
                           timeout=300, cwd=osp.dirname(osp.dirname(osp.abspath(__file__))))
     assert proc.returncode == 0 and proc.stdout.strip() == 'equal', proc.stderr[-2000:]
+
+
+# every compiled kernel on one small case (a 64-token window, head dims 5 / 7): the results saved for comparison
+_CACHE_PROBE = r'''
+import sys
+import torch
+from adasr.ops import pft_kernels as P
+torch.manual_seed(3)
+nb, h, n, d, dv = 3, 2, 64, 5, 7
+q, k, v = torch.randn(nb, h, n, d), torch.randn(nb, h, n, d), torch.randn(nb, h, n, dv)
+bias = torch.randn(1, n, n)
+masks = torch.cat([torch.zeros(1, n, n), (torch.rand(1, n, n) < 0.4).float() * -100])
+got = {}
+s = torch.randn(40, 300) * 3 - 200 * (torch.rand(40, 300) < 0.3)
+got['topk_vals'], got['topk_pos'] = P.topk_softmax(s, 37)
+rows = P.DenseRows(q, k, v, bias, masks, [0, 1, 1], 2)
+out = rows.output()
+rows.run(0, nb, out)
+got['dense'] = out
+for name, agg in (('first', False), ('first_agg', True)):
+    vals, idx = torch.empty(nb, h, n, 24), torch.empty(nb, h, n, 24, dtype=torch.int16)
+    aout = torch.empty(nb, n, h, dv).permute(0, 2, 1, 3)
+    rows.select(0, nb, 24, vals, idx, **(dict(v=v, out=aout) if agg else {}))
+    got[name], got[name + '_idx'] = vals, idx
+    if agg:
+        got[name + '_out'] = aout.contiguous()
+for full in (False, True):
+    for training in (False, True):
+        sparse = P.SparseRows(q, k, bias, got['first'], got['first_idx'], full=full)
+        vals, at = torch.empty(nb, h, n, 9), torch.empty(nb, h, n, 9, dtype=torch.int16)
+        aout = torch.empty(nb, n, h, dv).permute(0, 2, 1, 3)
+        sparse.run(0, nb, 9, training, vals, at, v=v, out=aout)
+        got[f'sparse_{full}_{training}'], got[f'sparse_{full}_{training}_out'] = vals, aout.contiguous()
+torch.save(got, sys.argv[1])
+'''
+
+
+def test_numbers_do_not_depend_on_the_compilation_cache(tmp_path):
+    """Every kernel gives the same bits compiled in the process and loaded from numba's cache: one process compiles
+    them into an empty cache directory, a second one loads them from it (checked in numba's cache log). With LLVM
+    free to reassociate the loop sums (fast-math 'reassoc', before) the two differed by an ulp on an AVX2 machine:
+    the first top-k layer's weights, so a network's output depended on whether its kernels had been compiled."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / 'cache'), NUMBA_DEBUG_CACHE='1')
+    logs = {}
+    for run in ('compiled', 'cached'):
+        proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, str(tmp_path / f'{run}.pt')], env=env,
+                              cwd=osp.dirname(osp.dirname(osp.abspath(__file__))), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[run] = proc.stdout
+    assert 'data saved' in logs['compiled'] and 'data saved' not in logs['cached'] and 'data loaded' in logs['cached']
+    a, b = (torch.load(tmp_path / f'{run}.pt', weights_only=True) for run in ('compiled', 'cached'))
+    assert a.keys() == b.keys() and len(a) == 16
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the fused aggregation leaves the kept weights as they are
+    assert torch.equal(a['first'], a['first_agg']) and torch.equal(a['first_idx'], a['first_agg_idx'])

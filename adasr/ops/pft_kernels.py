@@ -29,6 +29,10 @@ positions per step by AVX-512 compression, where numba targets AVX-512F; else :f
 code pass and a branch-free scalar loop). The kept set is exact, as ``torch.topk`` / ``numpy.argpartition`` (ties
 at the k-th value broken arbitrarily; positions in no order).
 
+Every sum is in an order fixed by the code (16-lane running sums folded in a fixed order, :func:`_sum_intrinsic`;
+no fast-math reassociation), so the numbers are the same whether a kernel was compiled in the process or loaded
+from the cache (with LLVM free to reassociate they differed by an ulp).
+
 ``exp`` is a vectorisable float32 routine (:func:`_exp_shifted`: Cody-Waite range reduction and a degree-7
 polynomial; relative error below 3e-7, within an ulp or two of ``torch.exp``); ``exp(y) = 0`` below y = -87.68, as
 flushed denormals.
@@ -74,10 +78,10 @@ _CANDIDATES = 16  # the selection brackets the k-th value until at most this man
 # 1024; m / 64, at least 2, in shorter rows, where a counting pass costs less than ordering the candidates)
 _MAX_PASSES = 48
 
-# float reductions may be reassociated (vectorised sums, dot products); no assumption about NaN / inf
-_FASTMATH = {'reassoc', 'contract', 'nsz'}
-# the kernels whose loops must not be vectorised across keys (they gather rows: LLVM would emit slow gathers, and
-# reductions in another order) keep FP contraction only
+# FP contraction (a * b + c as one FMA) and no signed zeros; no 'reassoc': every sum is in an order the code fixes
+# (the loop reductions are the intrinsics' 16-lane sums, :func:`_sum_intrinsic`), so the numbers do not depend on
+# how LLVM compiled a kernel (with 'reassoc' they differed by an ulp between a kernel compiled in the process and the
+# same kernel loaded from numba's cache); no assumption about NaN / inf
 _ORDERED = {'contract', 'nsz'}
 
 
@@ -90,7 +94,7 @@ def unavailable_reason() -> str:
     return '' if numba is not None else f'numba cannot be imported: {_NUMBA_ERROR!r}'
 
 
-def _jit(fastmath=_FASTMATH):
+def _jit(fastmath=_ORDERED):
     def wrap(fn):
         if numba is None:
             return fn
@@ -106,7 +110,7 @@ def _jit(fastmath=_FASTMATH):
 @_jit()
 def _exp_shifted(x, m, shift, out, bits):
     """out[j] = exp(x[j] - shift) for j < m (float32, x[j] <= shift; ``out`` apart from ``x``, else the loop runs
-    scalar); bits: int32 scratch of length >= m. Returns the sum of out[:m]."""
+    scalar); bits: int32 scratch of length >= m. Returns the sum of out[:m] (:func:`_sum_intrinsic`'s order)."""
     for j in range(m):
         y = max(x[j] - shift, _LOWEST)
         nf = np.floor(y * _LOG2E + _HALF)
@@ -115,12 +119,9 @@ def _exp_shifted(x, m, shift, out, bits):
         out[j] = p
         bits[j] = (np.int32(nf) + np.int32(127)) << np.int32(23)  # 2**nf as float32 bits (0.0 for nf = -127)
     scale = bits.view(np.float32)
-    total = _ZERO
     for j in range(m):
-        v = out[j] * scale[j]
-        out[j] = v
-        total += v
-    return total
+        out[j] = out[j] * scale[j]
+    return _sum16(out, m)
 
 
 @_jit()
@@ -133,13 +134,7 @@ def _count_above(x, m, t):
 
 @_jit()
 def _moments(x, m):
-    s = _ZERO
-    s2 = _ZERO
-    for j in range(m):
-        v = x[j]
-        s += v
-        s2 += v * v
-    return s, s2
+    return _sum16(x, m), _dot16(x, x, m)
 
 
 _SLACK = 16  # extra entries of the selection's position scratch (the vector compaction stores 16 at a time)
@@ -403,6 +398,81 @@ def _max_intrinsic():
     return _max16
 
 
+def _sum_intrinsic(products: bool):
+    """``_sum16(x, m)`` (``products`` False): x[0] + ... + x[m - 1]; ``_dot16(x, y, m)`` (True): the sum of
+    x[j] * y[j] by fused multiply-adds. x (and y): 1-D contiguous float32 or float64 with at least m entries. The
+    order is fixed by the IR: 16 running lane sums (lane l takes j = l mod 16 of the whole chunks, in order), folded
+    onto the lower half three times and then lanes 0 + 1, then the tail j >= 16 * (m // 16) added in order. No
+    fast-math flag, so LLVM keeps that order whatever the context it is compiled in; a loop reduction under
+    'reassoc' does not (its numbers differed by an ulp between a kernel compiled in the process and the same
+    kernel loaded from numba's cache). 16-lane registers on AVX-512, two halves on AVX2: the same numbers."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    def vector_row(a):
+        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == 'C' and a.dtype in (types.float32,
+                                                                                              types.float64)
+
+    def build(context, builder, arrays, m, dtype):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        et = ir.FloatType() if dtype == types.float32 else ir.DoubleType()
+        vt, vi = ir.VectorType(et, 16), ir.VectorType(i32, 16)
+        name = 'f32' if dtype == types.float32 else 'f64'
+        fma_v = _declare(builder, f'llvm.fma.v16{name}', vt, [vt, vt, vt])
+        fma_s = _declare(builder, f'llvm.fma.{name}', et, [et, et, et])
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * 16))
+        chunks = builder.sdiv(m, ir.Constant(i64, 16))
+        with cgutils.for_range(builder, chunks) as loop:
+            at = builder.mul(loop.index, ir.Constant(i64, 16))
+            vs = [builder.load(builder.bitcast(builder.gep(ptr, [at]), vt.as_pointer()), align=dtype.bitwidth // 8)
+                  for ptr in arrays]
+            a = builder.load(acc)
+            builder.store(builder.call(fma_v, [vs[0], vs[1], a]) if products else builder.fadd(a, vs[0]), acc)
+        a = builder.load(acc)
+        for half in (8, 4, 2, 1):  # lanes folded onto the lower half
+            b = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined),
+                                       ir.Constant(vi, [h + half if h < half else h for h in range(16)]))
+            a = builder.fadd(a, b)
+        total = cgutils.alloca_once_value(builder, builder.extract_element(a, ir.Constant(i32, 0)))
+        with cgutils.for_range_slice(builder, builder.mul(chunks, ir.Constant(i64, 16)), m,
+                                     ir.Constant(i64, 1), inc=True) as (t, _):
+            xs = [builder.load(builder.gep(ptr, [t])) for ptr in arrays]
+            r = builder.load(total)
+            builder.store(builder.call(fma_s, [xs[0], xs[1], r]) if products else builder.fadd(r, xs[0]), total)
+        return builder.load(total)
+
+    if products:
+        @intrinsic
+        def _dot16(typingctx, x, y, m):
+            if not (vector_row(x) and vector_row(y) and x.dtype == y.dtype and isinstance(m, types.Integer)):
+                return None
+
+            def codegen(context, builder, signature, args):
+                xa, ya = (context.make_array(a)(context, builder, v) for a, v in zip(signature.args[:2], args[:2]))
+                mv = context.cast(builder, args[2], signature.args[2], types.intp)
+                return build(context, builder, (xa.data, ya.data), mv, signature.args[0].dtype)
+
+            return x.dtype(x, y, m), codegen
+
+        return _dot16
+
+    @intrinsic
+    def _sum16(typingctx, x, m):
+        if not (vector_row(x) and isinstance(m, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xa = context.make_array(signature.args[0])(context, builder, args[0])
+            mv = context.cast(builder, args[1], signature.args[1], types.intp)
+            return build(context, builder, (xa.data,), mv, signature.args[0].dtype)
+
+        return x.dtype(x, m), codegen
+
+    return _sum16
+
+
 _KEY_LANES = 16  # the padded width of the key rows of the gathered score products (one 16-lane load per key)
 #: head dims up to this use the vectorised gathered score products (:func:`_scores_intrinsic`); larger ones the scalar
 GATHERED_SCORES_MAX_DIM = _KEY_LANES
@@ -574,6 +644,8 @@ if numba is not None:
         return flat[off:off + m * width].reshape(m, width)
 
     _max16 = _max_intrinsic()
+    _sum16 = _sum_intrinsic(False)
+    _dot16 = _sum_intrinsic(True)
     _scores16_wide = _scores_intrinsic()
     _scores16_halves = _scores_halves_intrinsic()
     _scores16 = _scores16_wide if _avx512_target() else _scores16_halves  # the same numbers; each where it is faster
@@ -748,19 +820,16 @@ def _softmax_focus(x, kk, p, training, a, bits):
     Hadamard product with the inherited weights p, renormalised with PFA's epsilon (training or eval formula)."""
     mx = _max16(x, kk)
     total = _exp_shifted(x, kk, mx, a, bits)
-    den = _ZERO
     if training:  # (a p + eps) / (sum a p + eps)
         for t in range(kk):
             a[t] = a[t] / total * p[t]
-            den += a[t]
-        den += _EPS
+        den = _sum16(a, kk) + _EPS
         for t in range(kk):
             a[t] = (a[t] + _EPS) / den
     else:  # (a p + eps) / (sum (a p + eps) + eps)
         for t in range(kk):
             a[t] = a[t] / total * p[t] + _EPS
-            den += a[t]
-        den += _EPS
+        den = _sum16(a, kk) + _EPS
         for t in range(kk):
             a[t] = a[t] / den
 
@@ -859,8 +928,9 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     * ``dense_rows``: dense and first top-k layers. The products q.k of ``rows`` query rows with every key,
       vectorised over the keys (keys transposed, (d, n) per window and head) with the bias (and shift mask) added
       in the same pass (head dims above :data:`_CHAIN_SCORES_FROM_DIM` summed by FMA chains), the rows in L1
-      cache; then per row either softmax and the aggregation with every value
-      (values transposed (dv, n)), or the top-k selection and the softmax weights of the kept keys over the whole
+      cache; then per row either softmax and the aggregation with every value (values transposed (dv, n): one
+      16-lane dot product per head channel, :func:`_sum_intrinsic`), or the top-k selection and the softmax weights
+      of the kept keys over the whole
       row, their aggregation (``agg``: :func:`_aggregate` over the values ``v`` into ``aout``) after each head's
       rows, while its kept weights and positions are in cache.
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
@@ -874,11 +944,11 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     # names a new cached file whenever this module changes (numba's cache would keep the old machine code)
     src = [f'# generated by adasr.ops.pft_kernels.layer_source from module source {_module_digest()}',
            'import numpy as np', 'import numba', '',
-           'from adasr.ops.pft_kernels import (_FASTMATH, _ORDERED, _SLACK, _aggregate, _aligned_rows, _exp_shifted,',
+           'from adasr.ops.pft_kernels import (_ORDERED, _SLACK, _aggregate, _aligned_rows, _dot16, _exp_shifted,',
            '                                  _max16, _scores16, _select, _select_positive, _softmax_focus,',
            '                                  _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
-           '@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)',
+           '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
            'def dense_rows(q, kt, vt, bias, masks, kinds, times, w0, w1, k, z, dens, out, vals, idxs, v, aout, agg):',
            '    heads, n = q.shape[1], q.shape[2]',
            '    shared = bias.shape[0] == 1',
@@ -907,15 +977,8 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     src += ['                if k == 0:  # dense: softmax and the aggregation with every value']
     src += [f'                    tot[{r}] = _exp_shifted(s{r}, n, _max16(s{r}, n), e[{r}], bits)' for r in r_]
     for r in r_:
-        src += [f'                    e{r} = e[{r}]'] + [f'                    o{r}_{c} = F32(0.0)' for c in range(dv)]
-    src.append('                    for j in range(n):')
-    src += [f'                        u{c} = vtw[{c}, j]' for c in range(dv)]
-    for r in r_:
-        src.append(f'                        p{r} = e{r}[j]')
-        src += [f'                        o{r}_{c} += p{r} * u{c}' for c in range(dv)]
-    for r in r_:
         src.append(f'                    t{r} = tot[{r}]')
-        src += [f'                    out[w, i + {r}, hh, {c}] = o{r}_{c} / t{r}' for c in range(dv)]
+        src += [f'                    out[w, i + {r}, hh, {c}] = _dot16(e[{r}], vtw[{c}], n) / t{r}' for c in range(dv)]
     src += ['                    continue',
             f'                for r in range({rows}):  # first top-k: selection and the kept weights',
             '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0], bits,',
