@@ -930,9 +930,8 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
       in the same pass (head dims above :data:`_CHAIN_SCORES_FROM_DIM` summed by FMA chains), the rows in L1
       cache; then per row either softmax and the aggregation with every value (values transposed (dv, n): one
       16-lane dot product per head channel, :func:`_sum_intrinsic`), or the top-k selection and the softmax weights
-      of the kept keys over the whole
-      row, their aggregation (``agg``: :func:`_aggregate` over the values ``v`` into ``aout``) after each head's
-      rows, while its kept weights and positions are in cache.
+      of the kept keys over the whole row, their aggregation (``agg``: :func:`_aggregate` over the values ``v`` into
+      ``aout``) after each head's rows, while its kept weights and positions are in cache.
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
       key rows: 16 per vectorised step, :func:`_scores_intrinsic`, for d up to :data:`GATHERED_SCORES_MAX_DIM`,
       over key rows padded to 16 floats; scalar code above) or, where K' is a large share of the window, with every
