@@ -266,7 +266,13 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
                 torch.testing.assert_close(acc, ref, rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == 8
+    # the driver runs where this BLAS gives torch.bmm's numbers for the blocks' tile counts (MKL on an AMX Xeon does
+    # not below 4 tiles: there the Python loop runs, with the same numbers, as asserted above)
+    nr, nq = -(-h // conv.plan.m), -(-w // conv.plan.m)
+    rows = max(1, block_tiles // nq)
+    driven = winograd._blas_matches(winograd._kernels(conv.plan, c, co), conv.plan, c, co,
+                                    {rows * nq, nr % rows * nq})
+    assert len(calls) == (8 if driven else 0)
     assert _rel_err(y, _reference(x, weight, bias, relu=True)) < REL_TOL[variant]
 
 
