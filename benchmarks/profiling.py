@@ -184,6 +184,7 @@ def environment_summary() -> Dict[str, Any]:
     """What a benchmark table must say about where it was measured: torch, threads, CPUs, the CPU model, the vector
     ISA PyTorch dispatches to and the relevant cpuinfo flags, the malloc settings, the GPU, the load average."""
     from adasr.inference.precision import cpu_flags
+    from adasr.ops.codegen import configure_numba
 
     flags = cpu_flags()
     info = {
@@ -195,6 +196,7 @@ def environment_summary() -> Dict[str, Any]:
         'cpu_flags': [f for f in ISA_FLAGS if f in flags],
         'malloc_env': {k: os.environ.get(k) for k in MALLOC_ENV if os.environ.get(k)},
         'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        'numba_target': configure_numba(),
     }
     try:
         load = os.getloadavg()
@@ -213,7 +215,7 @@ def environment_line(threads: Optional[int] = None) -> str:
     flags = f" ({', '.join(env['cpu_flags'])})" if env['cpu_flags'] else ''
     return (f"{env.get('cpu_model') or 'CPU'}, {env['cpu_count']} CPUs, PyTorch ISA {env['isa']}{flags}, "
             f"torch {env['torch']}, {threads or env['threads']} threads, load {env.get('loadavg_1m', '?')}, "
-            f"malloc env {'on' if env['malloc_env'] else 'off'}")
+            f"malloc env {'on' if env['malloc_env'] else 'off'}, numba compiles for {env['numba_target']}")
 
 
 __all__ = ['MALLOC_ENV', 'Timing', 'ensure_malloc_env', 'time_fn', 'rss_peak_bytes', 'current_rss_bytes',

@@ -72,3 +72,46 @@ def test_compile_function_compiles_and_falls_back(monkeypatch):
     assert y[0] == np.float32(2 ** -24)
     monkeypatch.setitem(sys.modules, 'numba', None)  # "import numba" now raises ImportError
     assert codegen.compile_function(_fma_row) is None
+
+
+_TARGET_PROBE = """
+import sys
+if sys.argv[1] == 'numba-first':  # another package compiles with numba before adasr does
+    import numba
+    numba.njit(lambda x: x + 1)(1)
+from numba.core import config
+from adasr.ops import codegen
+print(repr(codegen.configure_numba()))
+print(repr(config.CPU_FEATURES))
+"""
+
+
+@pytest.mark.parametrize('case', ['default', 'off', 'user-features', 'numba-first'])
+def test_numba_compiles_with_wide_vectors_on_avx512_hosts_only_when_free_to(case):
+    """:func:`codegen.configure_numba`: on an AVX-512 host numba's features become the host's with LLVM's 256-bit
+    preference off; left as they are with ``ADASR_NUMBA_WIDE=0``, with ``NUMBA_CPU_FEATURES`` set by the user, on
+    hosts without AVX-512, and when numba's CPU target was made before adasr's first kernel (each case in its own
+    process: the setting is process-wide)."""
+    pytest.importorskip('numba')
+    import subprocess
+    import sys
+
+    from llvmlite import binding
+
+    host = binding.get_host_cpu_features()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('NUMBA_CPU', 'ADASR_NUMBA'))}
+    env.update({'off': {'ADASR_NUMBA_WIDE': '0'}, 'user-features': {'NUMBA_CPU_FEATURES': '+avx,+avx2'}}.get(case, {}))
+    proc = subprocess.run([sys.executable, '-c', _TARGET_PROBE, case], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    note, features = (eval(line) for line in proc.stdout.split('\n')[-3:-1])  # noqa: S307 - our own repr output
+    if case == 'user-features':
+        assert features == '+avx,+avx2' and 'as set' in note
+    elif case == 'off':
+        assert features is None and 'ADASR_NUMBA_WIDE=0' in note
+    elif not host.get('avx512f', False):
+        assert features is None and 'no AVX-512' in note
+    elif case == 'numba-first':
+        assert features is None and 'before adasr' in note
+    else:
+        assert features == f'{host.flatten()},{codegen.WIDE_FEATURE}' and '512-bit vectors' in note

@@ -624,14 +624,23 @@ for full in (False, True):
         sparse.run(0, nb, 9, training, vals, at, v=v, out=aout)
         got[f'sparse_{full}_{training}'], got[f'sparse_{full}_{training}_out'] = vals, aout.contiguous()
 torch.save(got, sys.argv[1])
+print('numba compiles for:', P.codegen.configure_numba())
 '''
+
+
+def _host_avx512() -> bool:
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get('avx512f', False))
 
 
 def test_numbers_do_not_depend_on_the_compilation_cache(tmp_path):
     """Every kernel gives the same bits compiled in the process and loaded from numba's cache: one process compiles
     them into an empty cache directory, a second one loads them from it (checked in numba's cache log). With LLVM
     free to reassociate the loop sums (fast-math 'reassoc', before) the two differed by an ulp on an AVX2 machine:
-    the first top-k layer's weights, so a network's output depended on whether its kernels had been compiled."""
+    the first top-k layer's weights, so a network's output depended on whether its kernels had been compiled.
+    On an AVX-512 CPU, a third process compiles them with LLVM's default vector width for the host
+    (``ADASR_NUMBA_WIDE=0``; adasr turns the 256-bit preference off): the same bits."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / 'cache'), NUMBA_DEBUG_CACHE='1')
     logs = {}
     for run in ('compiled', 'cached'):
@@ -641,9 +650,20 @@ def test_numbers_do_not_depend_on_the_compilation_cache(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs[run] = proc.stdout
     assert 'data saved' in logs['compiled'] and 'data saved' not in logs['cached'] and 'data loaded' in logs['cached']
-    a, b = (torch.load(tmp_path / f'{run}.pt', weights_only=True) for run in ('compiled', 'cached'))
-    assert a.keys() == b.keys() and len(a) == 16
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    runs = ['compiled', 'cached']
+    if _host_avx512():  # and compiled with LLVM's default vector width for the host (adasr's wide vectors off)
+        assert '512-bit vectors' in logs['compiled']
+        proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, str(tmp_path / 'narrow.pt')],
+                              env=dict(env, NUMBA_CACHE_DIR=str(tmp_path / 'narrow'), ADASR_NUMBA_WIDE='0'),
+                              cwd=osp.dirname(osp.dirname(osp.abspath(__file__))), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0 and 'ADASR_NUMBA_WIDE=0' in proc.stdout, proc.stderr[-3000:]
+        runs.append('narrow')
+    a, *others = (torch.load(tmp_path / f'{run}.pt', weights_only=True) for run in runs)
+    assert len(a) == 16
+    for b in others:
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
     # the fused aggregation leaves the kept weights as they are
     assert torch.equal(a['first'], a['first_agg']) and torch.equal(a['first_idx'], a['first_agg_idx'])

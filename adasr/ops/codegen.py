@@ -20,8 +20,14 @@ import threading
 import types
 from typing import Dict, Hashable, Tuple
 
+from adasr.ops.config import get_option
+
 _lock = threading.Lock()
 _modules: Dict[Tuple[str, Hashable], types.ModuleType] = {}
+_numba_lock = threading.Lock()
+_numba_target: Dict[str, str] = {}
+#: the LLVM subtarget feature turned off on AVX-512 CPUs (:func:`configure_numba`)
+WIDE_FEATURE = '-prefer-256-bit'
 
 
 def cache_dir(kind: str) -> str:
@@ -38,6 +44,7 @@ def load_module(kind: str, key: Hashable, name: str, source) -> types.ModuleType
         module = _modules.get((kind, key))
         if module is not None:
             return module
+        configure_numba()
         src = source()
         digest = hashlib.sha1(src.encode()).hexdigest()[:12]
         full = f'adasr_{name}_{digest}'
@@ -86,7 +93,49 @@ def compile_function(fn, **options):
         import numba
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
+    configure_numba()
     try:
         return numba.njit(nogil=True, cache=True, **options)(fn)
     except RuntimeError:  # no writable cache location (read-only install, no user cache dir)
         return numba.njit(nogil=True, cache=False, **options)(fn)
+
+
+def configure_numba() -> str:
+    """Once per process, before adasr's first numba function: on a CPU with AVX-512F, numba compiles for the host's
+    features with LLVM's ``prefer-256-bit`` tuning turned off (:data:`WIDE_FEATURE`), so that the loops it vectorises
+    use 512-bit registers. Returns what numba compiles for, in words (the benchmarks print it).
+
+    LLVM tunes Intel's AVX-512 cores from Ice Lake on (Rocket Lake, Sapphire Rapids, ...) to prefer 256-bit vectors:
+    numba's loop vectoriser then fills ymm registers, and adasr's kernels lose up to half their vector width. On an AMX
+    Xeon (LLVM host ``rocketlake``) PFT-light's attention layers ran 8-16% faster with it, the network 8-12%
+    (docs/pft.md, *On an Intel AMX Xeon*). No number changes: the kernels' sums run in an order fixed by their code
+    (no fast-math reassociation), so the width of an element-wise loop changes no result.
+
+    Numba is left as it is when the option ``numba_wide`` is off (``ADASR_NUMBA_WIDE=0``), when ``NUMBA_CPU_NAME`` or
+    ``NUMBA_CPU_FEATURES`` is set, on CPUs without AVX-512F (or ``NUMBA_ENABLE_AVX=0``), and when numba's CPU target
+    already exists in this process (something compiled with numba before adasr did: its features are fixed then).
+    The setting is process-wide: numba functions of other packages compiled later in the process get it too."""
+    with _numba_lock:
+        note = _numba_target.get('note')
+        if note is None:
+            note = _numba_target['note'] = _configure_numba()
+        return note
+
+
+def _configure_numba() -> str:
+    try:
+        from llvmlite import binding
+        from numba.core import config, registry
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return 'not available'
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return 'NUMBA_CPU_NAME / NUMBA_CPU_FEATURES as set'
+    if not get_option('numba_wide'):
+        return "the host's defaults (ADASR_NUMBA_WIDE=0)"
+    features = binding.get_host_cpu_features()
+    if not config.ENABLE_AVX or not features.get('avx512f', False):
+        return "the host's defaults (no AVX-512)"
+    if '_toplevel_target_context' in vars(registry.cpu_target):
+        return "the host's defaults (numba's CPU target was made before adasr's first kernel)"
+    config.CPU_FEATURES = f'{features.flatten()},{WIDE_FEATURE}'
+    return f'the host, 512-bit vectors ({WIDE_FEATURE})'

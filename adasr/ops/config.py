@@ -35,6 +35,10 @@ option                 environment variable      default     meaning
                                                              ``'numba'`` (compiled layer kernels,
                                                              :mod:`adasr.ops.pft_kernels`), ``'torch'`` (PyTorch /
                                                              NumPy ops), ``'auto'`` (numba when it imports)
+``numba_wide``         ``ADASR_NUMBA_WIDE``      ``True``    on CPUs with AVX-512: numba vectorises adasr's loops in
+                                                             512-bit registers where LLVM's tuning for the CPU prefers
+                                                             256 (:func:`adasr.ops.codegen.configure_numba`; read once,
+                                                             before the first compilation of the process)
 =====================  ========================  ==========  =========================================================
 """
 import contextlib
@@ -116,6 +120,7 @@ _OPTIONS: Dict[str, _Option] = {
     'torch_topk': _Option('ADASR_TORCH_TOPK', False, _flag),
     'conv3x3': _Option('ADASR_CONV3X3', 'auto', _conv3x3),
     'pft_kernel': _Option('ADASR_PFT_KERNEL', 'auto', _pft_kernel),
+    'numba_wide': _Option('ADASR_NUMBA_WIDE', True, _flag),
 }
 _overrides: Dict[str, Any] = {}
 

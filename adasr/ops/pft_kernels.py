@@ -59,6 +59,7 @@ from adasr.ops.sparse_attention import _BAG as _EBAG_KEYS  # embedding_bag_av's 
 try:
     import numba
     _NUMBA_ERROR: Optional[BaseException] = None
+    codegen.configure_numba()  # before the first decorated function below makes numba's CPU target
 except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
     numba = None
     _NUMBA_ERROR = exc
