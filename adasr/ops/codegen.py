@@ -107,7 +107,7 @@ def configure_numba() -> str:
 
     LLVM tunes Intel's AVX-512 cores from Ice Lake on (Rocket Lake, Sapphire Rapids, ...) to prefer 256-bit vectors:
     numba's loop vectoriser then fills ymm registers, and adasr's kernels lose up to half their vector width. On an AMX
-    Xeon (LLVM host ``rocketlake``) PFT-light's attention layers ran 8-16% faster with it, the network 8-12%
+    Xeon (LLVM host ``rocketlake``) PFT-light's attention layers ran 9-16% faster with it, the network 8-15%
     (docs/pft.md, *On an Intel AMX Xeon*). No number changes: the kernels' sums run in an order fixed by their code
     (no fast-math reassociation), so the width of an element-wise loop changes no result.
 
