@@ -628,12 +628,6 @@ print('numba compiles for:', P.codegen.configure_numba())
 '''
 
 
-def _host_avx512() -> bool:
-    from llvmlite import binding
-
-    return bool(binding.get_host_cpu_features().get('avx512f', False))
-
-
 def test_numbers_do_not_depend_on_the_compilation_cache(tmp_path):
     """Every kernel gives the same bits compiled in the process and loaded from numba's cache: one process compiles
     them into an empty cache directory, a second one loads them from it (checked in numba's cache log). With LLVM
@@ -651,7 +645,7 @@ def test_numbers_do_not_depend_on_the_compilation_cache(tmp_path):
         logs[run] = proc.stdout
     assert 'data saved' in logs['compiled'] and 'data saved' not in logs['cached'] and 'data loaded' in logs['cached']
     runs = ['compiled', 'cached']
-    if _host_avx512():  # and compiled with LLVM's default vector width for the host (adasr's wide vectors off)
+    if pft_kernels._avx512_target():  # and with LLVM's default vector width (wide vectors off)
         assert '512-bit vectors' in logs['compiled']
         proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, str(tmp_path / 'narrow.pt')],
                               env=dict(env, NUMBA_CACHE_DIR=str(tmp_path / 'narrow'), ADASR_NUMBA_WIDE='0'),
