@@ -294,9 +294,11 @@ LIGHT_PARITY = [(1024, 'dense (0-1)'), (256, 'first top-k 1024 -> 256 (2-3)'), (
 
 def layers_case(windows: int, heads: int, head_dim: int, repeats: int) -> Dict[str, Dict[str, List[float]]]:
     """One parity of PFT-light's attention layers through ``pft_engine.attend`` (no autograd, eval focusing): random
-    q, k, v per layer, each layer fed the state of the one before; the compiled kernels and the PyTorch path
+    q, k, v per layer, each layer fed the state of the one before, the bias as the network gives it (a random table
+    shared by the heads, Swin's index: :class:`pft_engine.RelativeBias`); the compiled kernels and the PyTorch path
     (option ``pft_kernel``) alternately, ``repeats`` chains each after a warm-up. Returns CPU seconds per layer."""
     from adasr.archs import pft_engine
+    from adasr.archs.layers import relative_position_index
     from adasr.ops import config
 
     g = torch.Generator().manual_seed(0)
@@ -304,7 +306,7 @@ def layers_case(windows: int, heads: int, head_dim: int, repeats: int) -> Dict[s
     shape = (windows, heads, n, head_dim)
     qkv = [[torch.randn(shape, generator=g) * (head_dim ** -0.5 if i == 0 else 1) for i in range(3)]
            for _ in LIGHT_PARITY]
-    bias = torch.randn(1, n, n, generator=g)
+    table = torch.randn(1, 63 * 63, generator=g)
     times: Dict[str, Dict[str, List[float]]] = {p: defaultdict(list) for p in ('compiled', 'torch')}
     with torch.no_grad():
         for rep in range(repeats + 1):
@@ -312,6 +314,7 @@ def layers_case(windows: int, heads: int, head_dim: int, repeats: int) -> Dict[s
                 with config.options(pft_kernel='numba' if path == 'compiled' else 'torch'):
                     state = None
                     for (k, label), (q, kk, v) in zip(LIGHT_PARITY, qkv):
+                        bias = pft_engine.RelativeBias(table, relative_position_index(32))  # (a layer's own)
                         t = time.process_time()
                         _, state = pft_engine.attend(q, kk, v, bias, None, state, k, False)
                         if rep:

@@ -5,12 +5,14 @@ import os
 import os.path as osp
 import subprocess
 import sys
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
 from adasr.archs import pft_engine
+from adasr.archs.layers import relative_position_index
 from adasr.ops import config, pft_kernels
 from adasr.ops import embedding_bag_av as ops_embedding_bag_av
 from benchmarks import pft_oracle as verify
@@ -149,6 +151,41 @@ def test_dense_rows_selection_is_softmax_at_the_top_k(d, masked, k):
         rows.select(0, nb, k, vals, idx, v=v, out=out[..., :5])
 
 
+@pytest.mark.parametrize('d,shared', [(13, False), (5, True), (20, False)])
+def test_sparse_rows_read_a_relative_bias_table_with_the_bias_rows_numbers(d, shared):
+    """A relative-position bias table (Swin's index, 8 x 8 windows) in place of the (n, n) bias rows: the same bits
+    in every form of a sparse layer's scores (16-key gathered steps, scalar gathered products above head dim 16,
+    products with every key), with and without a selection, with the aggregation; operands that do not fit are
+    refused."""
+    torch.manual_seed(5)
+    nb, h, ws, kk = 2, 3, 8, 20
+    n = ws * ws
+    q, k, v = torch.randn(nb, h, n, d) * 0.4, torch.randn(nb, h, n, d), torch.randn(nb, h, n, d)
+    table = torch.randn(1 if shared else h, (2 * ws - 1) ** 2)
+    bias = table[:, relative_position_index(ws)]
+    index = torch.stack([torch.randperm(n)[:kk] for _ in range(nb * h * n)]).view(nb, h, n, kk).to(torch.int16)
+    prev = torch.rand(nb, h, n, kk)
+    for full in (False, True):
+        results = []
+        for given in (dict(bias=bias), dict(bias=None, table=table)):
+            rows = pft_kernels.SparseRows(q, k, prev_values=prev, prev_index=index, full=full, **given)
+            got = []
+            for topk in (kk, 8):
+                vals = prev.clone() if topk == kk else torch.empty(nb, h, n, topk)
+                at = index if topk == kk else torch.empty(nb, h, n, topk, dtype=torch.int16)
+                out = torch.empty(nb, n, h, d).permute(0, 2, 1, 3)
+                rows.run(0, nb, topk, True, vals, at, v=v, out=out)
+                got += [vals, at, out]
+            results.append(got)
+        assert all(torch.equal(a, b) for a, b in zip(*results)), full
+    with pytest.raises(ValueError, match='either'):
+        pft_kernels.SparseRows(q, k, bias, prev, index, table=table)
+    with pytest.raises(ValueError, match='does not fit'):
+        pft_kernels.SparseRows(q, k, None, prev, index, table=torch.randn(h, 14 * 14))
+    with pytest.raises(ValueError, match='is not'):
+        pft_kernels.SparseRows(q, k, None, prev, index, table=torch.randn(h + 1, 15 * 15))
+
+
 @pytest.mark.parametrize('d,kk', [(13, 20), (16, 33), (3, 9), (17, 20)])
 def test_sparse_rows_products_with_every_key_or_at_the_keys_agree(d, kk):
     """Both forms of a sparse layer's scores (with every key; at the gathered keys: by the vectorised 16-key steps
@@ -196,8 +233,10 @@ def test_layer_kernels_reject_mismatched_operands():
 
 def test_layer_source_is_specialised_to_the_head_dims():
     src = pft_kernels.layer_source(13, 13)
-    assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src and '_dot16(e[1], vtw[12], n)' in src
-    assert '_scores16(kp, q16, brow, prow, t0, kk, x)' in src  # head dim 13: the vectorised gathered scores
+    assert 'a1_12 = q[w, hh, i + 1, 12]' in src and 'a1_13' not in src
+    # the dense aggregation: both rows by a few value channels per pass, the last channel alone
+    assert '(o0_12, o1_12) = _dots16((e[0], e[1]), (vtw[12],), n)' in src and '_dot16(' not in src
+    assert '_scores16(kp, q16, brow, boff, prow, t0, kk, x)' in src  # head dim 13: the vectorised gathered scores
     # the module's digest in the source: a changed module gets new cached kernels (numba inlines its functions)
     assert pft_kernels._module_digest() in src.splitlines()[0]
     src = pft_kernels.layer_source(26, 13)
@@ -226,7 +265,8 @@ def _documented_sum(x: np.ndarray, m: int):
 def test_sums_are_in_the_documented_order(dtype):
     """The loop sums of the kernels (softmax totals, focusing's denominators, the selection's moments, the dense
     aggregation) are 16-lane running sums in a fixed order: the same bits as the documented order written out in
-    NumPy, for lengths with and without a tail; the products' form (fused multiply-adds) by ones is the sum."""
+    NumPy, for lengths with and without a tail; the products' form (fused multiply-adds) by ones is the sum, and
+    several products computed in one pass are each the single product's bits."""
     import numba
 
     sum16 = numba.njit(lambda x, m: pft_kernels._sum16(x, m))
@@ -241,32 +281,45 @@ def test_sums_are_in_the_documented_order(dtype):
     # products: exact small-integer terms, any order gives the exact sum
     a, b = rng.integers(-8, 9, 100).astype(dtype), rng.integers(-8, 9, 100).astype(dtype)
     assert dot16(a, b, 100) == float(a.astype(np.int64) @ b.astype(np.int64))
+    # several products in one pass (_dots16): each one _dot16's bits
+    dots = numba.njit(lambda x0, x1, y0, y1, y2, m: pft_kernels._dots16((x0, x1), (y0, y1, y2), m))
+    rows = (rng.standard_normal((5, 1030)) * np.exp(rng.uniform(-6, 6, (5, 1030)))).astype(dtype)
+    for m in (0, 1, 15, 16, 37, 1024, 1030):
+        got = dots(*rows, m)
+        want = [dot16(rows[i], rows[j], m) for i in (0, 1) for j in (2, 3, 4)]
+        assert np.array(got, dtype).tobytes() == np.array(want, dtype).tobytes(), m
 
 
 def test_exp_is_within_an_ulp_or_two_of_float32_exp():
     y = np.concatenate([np.linspace(-87.3, 0, 200001), -np.geomspace(1e-8, 1, 1001)]).astype(np.float32)
     out = np.empty_like(y)
-    bits = np.empty(y.shape[0], np.int32)
-    total = pft_kernels._exp_shifted(y, y.shape[0], np.float32(0), out, bits)
+    total = pft_kernels._exp_shifted(y, y.shape[0], np.float32(0), out)
     want = np.exp(y.astype(np.float64))
     assert np.max(np.abs(out / want - 1)) < 3e-7
     assert abs(total / want.sum() - 1) < 1e-5
     under = np.array([-87.7, -100, -1e4, -np.inf], np.float32)
-    pft_kernels._exp_shifted(under, 4, np.float32(0), out, bits)
+    pft_kernels._exp_shifted(under, 4, np.float32(0), out)
     assert np.all(out[:4] == 0)
 
 
-def _chain(kernel: str, mask: bool, training: bool, d: int = 5):
+def _chain(kernel: str, mask: bool, training: bool, d: int = 5, relative: Optional[str] = None):
     """One parity of a PFA stack on hand-sized windows: dense, first top-k, sparse (k = K', then smaller). Compiled
     path: sparse products with every key at K' = 24 (>= n / 4) and at the keys at K' = 12; head dims 5 and 13: dense
     and first top-k layers (score dims 10, 26) on the dense-row kernel, 20: SDPA and BLAS scores (first top-k score
-    dim 40 > DENSE_ROWS_MAX_DIM) with the per-row top-k kernel."""
+    dim 40 > DENSE_ROWS_MAX_DIM) with the per-row top-k kernel. ``relative``: the bias from a relative-position
+    table and Swin's index ('swin') or another one ('other') as a :class:`pft_engine.RelativeBias`, or as the bias
+    rows built from them ('swin rows', 'other rows')."""
     torch.manual_seed(3)
     nb, h, n = 6, 2, 64
     ks = [64, 24, 24, 12, 5]
     labels = pft_engine.shift_labels(16, 24, 8, 'cpu') if mask else None
     shift = pft_engine.ShiftMask(labels) if mask else None
     bias = torch.randn(h, n, n) * 0.3
+    if relative is not None:
+        table, index = torch.randn(h, 15 * 15) * 0.3, relative_position_index(8)
+        index = index.flip(1) if relative.startswith('other') else index
+        bias = table[:, index] if relative.endswith('rows') else pft_engine.RelativeBias(table, index)
+        assert relative.endswith('rows') or (bias.swin_table() is table) == (relative == 'swin')
     outs, prev = [], None
     with config.options(pft_kernel=kernel), torch.no_grad():
         for k in ks:
@@ -288,6 +341,17 @@ def test_engine_kernels_match_the_torch_path(mask, training, d):
         order1, order2 = i1.long().argsort(-1), i2.long().argsort(-1)
         assert torch.equal(torch.gather(i1.long(), -1, order1), torch.gather(i2.long(), -1, order2))
         torch.testing.assert_close(torch.gather(v1, -1, order1), torch.gather(v2, -1, order2), rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize('kernel', ['numba', 'torch'])
+def test_engine_reads_a_relative_bias_from_its_table_with_the_rows_numbers(kernel):
+    """The bias as a table and its index (:class:`pft_engine.RelativeBias`, what the network passes): the compiled
+    sparse layers read the table where the index is Swin's, the bias rows built from it elsewhere (another index,
+    dense and first top-k layers, the PyTorch path): the numbers of the bias given as rows, bit for bit."""
+    for relative in ('swin', 'other'):
+        want = _chain(kernel, True, False, 13, relative=relative + ' rows')
+        for got, ref in zip(_chain(kernel, True, False, 13, relative=relative), want):
+            assert all(a is b is None or torch.equal(a, b) for a, b in zip(got, ref)), relative
 
 
 def test_switch_and_fallbacks(monkeypatch):
@@ -457,18 +521,19 @@ def _scores_kernel(form='_scores16'):
     step = getattr(pft_kernels, form)
 
     @numba.njit
-    def row(kp, q16, brow, pos, x):
+    def row(kp, q16, brow, boff, pos, x):
         for t0 in range(0, pos.shape[0], 16):
-            step(kp, q16, brow, pos, t0, pos.shape[0], x)
+            step(kp, q16, brow, boff, pos, t0, pos.shape[0], x)
 
     return row
 
 
-def _scores_row(kp, q16, brow, pos, fill=np.nan, form='_scores16'):
+def _scores_row(kp, q16, brow, pos, fill=np.nan, form='_scores16', boff=None):
     """One row's scores by _scores16 (or the named form of it), 16 keys per step, into a buffer 16 longer than the
-    keys (filled with ``fill``)."""
+    keys (filled with ``fill``); the bias of key j at ``brow[boff[j]]`` (default: ``brow[j]``)."""
     x = np.full(pos.shape[0] + 16, fill, np.float32)
-    _scores_kernel(form)(kp, q16, brow, pos, x)
+    boff = np.arange(kp.shape[0], dtype=np.int32) if boff is None else boff
+    _scores_kernel(form)(kp, q16, brow, boff, pos, x)
     return x
 
 
@@ -539,6 +604,11 @@ def test_gathered_scores_hand_computed_and_clamped():
     # positions outside the rows read the last row, never memory outside the keys
     x = _scores_row(kp, q16, brow, np.array([7, -1], np.int64))
     assert x[:2].tolist() == [357.5, 357.5]
+    # the bias of key j read at brow[boff[j]] (a relative-position table's layout, pft_kernels._bias_layout)
+    for form in ('_scores16_wide', '_scores16_halves'):
+        x = _scores_row(kp, q16, brow, np.array([1, 0, 1, 2], np.int16), form=form,
+                        boff=np.array([2, 0, 1], np.int32))
+        assert x[:4].tolist() == [101.0, 305.75, 101.0, 257.5]
 
 
 _AVX2_KERNELS = """
@@ -571,6 +641,11 @@ rows.select(0, 2, 16, vals, idx, v=v, out=out)
 from tests.test_pft_kernels import _assert_top
 _assert_top(idx, q @ k.transpose(-1, -2) + bias, 16)
 assert torch.equal(out, embedding_bag_av(vals.flatten(0, 1), v.flatten(0, 1), idx.flatten(0, 1)).view(2, 2, 64, 13))
+import sys
+dense = pft_kernels.DenseRows(q[..., :13].contiguous(), k[..., :13].contiguous(), v, bias)  # 13 value channels
+out = dense.output()
+dense.run(0, 2, out)
+torch.save(dict(q=q, k=k, v=v, bias=bias, dense=out), sys.argv[1])  # compared with this CPU's build by the test
 from adasr.ops import narrow_conv
 x, w, b = torch.randn(2, 32, 19, 37).tanh(), torch.randn(1, 32, 3, 3), torch.randn(1)
 with torch.no_grad():
@@ -583,13 +658,21 @@ def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
     """The vector IR of the aggregation, of the gathered score step, of the row maximum and of the tile transpose
     lowered for an AVX2-only CPU (numba told to target Haswell, as on the AVX2 machines this suite runs on; the code
     runs here as well): still embedding_bag's numbers, the documented score sums, the maximum, the transposed tokens;
-    a first top-k layer with its aggregation in the kernel (selection by the scalar compaction there); and the
+    a first top-k layer with its aggregation in the kernel (selection by the scalar compaction there); a dense layer
+    (its aggregation in passes of half as many value channels there): the bits of this CPU's build; and the
     one-channel convolution (8-lane vectors, the same per-output order: oneDNN's numbers)."""
     env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES='+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+lzcnt,+movbe')
-    proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=osp.dirname(osp.dirname(osp.abspath(__file__))))
+    proc = subprocess.run([sys.executable, '-c', _AVX2_KERNELS, str(tmp_path / 'avx2.pt')], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          cwd=osp.dirname(osp.dirname(osp.abspath(__file__))))
     assert proc.returncode == 0 and proc.stdout.strip() == 'equal', proc.stderr[-2000:]
+    got = torch.load(tmp_path / 'avx2.pt', weights_only=True)
+    dense = pft_kernels.DenseRows(got['q'][..., :13].contiguous(), got['k'][..., :13].contiguous(), got['v'],
+                                  got['bias'])
+    out = dense.output()
+    dense.run(0, 2, out)
+    assert torch.equal(out, got['dense'])
 
 
 # every compiled kernel on one small case (a 64-token window, head dims 5 / 7): the results saved for comparison

@@ -34,6 +34,7 @@ from adasr.archs.layers import (
 )
 from adasr.archs.pft_engine import (
     DenseMap,
+    RelativeBias,
     ShiftMask,
     SparseMap,
     attend,
@@ -144,10 +145,11 @@ class PFAttention(nn.Module):
         """q (pre-scaled), k, v: (B_, h, n, d); ``prev``: state of the previous layer of the same shift parity;
         ``labels``: region labels (or :class:`~adasr.archs.pft_engine.ShiftMask`) of a shifted layer, else None.
         Returns (out (B_, h, n, d), state for the next same-parity layer)."""
-        bias = self.bias(rpi).float()
         mask = labels if labels is None or isinstance(labels, ShiftMask) else ShiftMask(labels)
-        if not torch.is_grad_enabled():
-            return attend(q, k, v, bias, mask, prev, topk, self.training)
+        if not torch.is_grad_enabled():  # the (h, n, n) bias built only where a layer needs it
+            table = self.relative_position_bias_table.t().float()
+            return attend(q, k, v, RelativeBias(table, rpi), mask, prev, topk, self.training)
+        bias = self.bias(rpi).float()
         nb, h, n, _ = q.shape
         sparse_in = prev is not None and prev.kind == 'sparse'
         keys = prev.keys if sparse_in else n

@@ -11,12 +11,14 @@ layer of the same shift parity (:class:`SparseMap`); on the CPU the tiles run on
 This module also holds what the engine shares with the autograd formulation in :mod:`adasr.archs.pft_arch`: the
 arithmetic of one chunk (:func:`dense_scores`, :func:`softmax`, :func:`focus`), the shift mask and the states.
 """
-from typing import List, Optional, Tuple
+import math
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from adasr.archs.layers import window_partition
+from adasr.archs.layers import relative_position_index, window_partition
 from adasr.ops import parallel_for, pft_kernels, sparse_av, sparse_qk, topk_positions
 from adasr.ops.config import tile_bytes
 
@@ -24,6 +26,46 @@ EPS = 1e-20  # PFA's epsilon in the Hadamard renormalisation (float32 in the aut
 MASK_VALUE = -100.0  # shift-mask value for keys of another region (not -inf, as upstream)
 
 Tile = Tuple[slice, slice]  # (windows, query rows)
+
+
+# ---- relative-position bias ----------------------------------------------------------------------------------------
+
+class RelativeBias:
+    """A layer's relative-position bias as its table (h or 1, E) and the window's index (n, n): the (h or 1, n, n)
+    bias is built on first use (dense layers, the PyTorch path); the compiled sparse layers read the table itself
+    when the index is Swin's (:func:`adasr.archs.layers.relative_position_index`, what PFT's checkpoints hold), the
+    same numbers from 16 KB a head instead of the 4 MB of (n, n) bias rows (``pft_kernels.SparseRows(table=)``)."""
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor):
+        self.table, self.index = table, index
+        self._dense: Optional[torch.Tensor] = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.table[:, self.index].contiguous()
+        return self._dense
+
+    def swin_table(self) -> Optional[torch.Tensor]:
+        """The table, when the index is Swin's for a square window (checked once per index tensor and version)."""
+        index = self.index
+        seen = _SWIN_INDEX.get(id(index))
+        if seen is None or seen[0]() is not index or seen[1] != index._version:
+            n = index.shape[-1]
+            ws = math.isqrt(n)
+            ok = (index.shape == (n, n) and ws * ws == n and self.table.shape[1] == (2 * ws - 1) ** 2
+                  and torch.equal(index.cpu(), relative_position_index(ws)))
+            if len(_SWIN_INDEX) > 64:
+                _SWIN_INDEX.clear()
+            seen = _SWIN_INDEX[id(index)] = (weakref.ref(index), index._version, ok)
+        return self.table if seen[2] else None
+
+
+# id of an index tensor -> (a weak reference to it, its version, whether it is Swin's index)
+_SWIN_INDEX: Dict[int, Tuple[weakref.ref, int, bool]] = {}
+
+
+def _dense_bias(bias) -> torch.Tensor:
+    return bias.dense() if isinstance(bias, RelativeBias) else bias
 
 
 # ---- shift mask ----------------------------------------------------------------------------------------------------
@@ -251,14 +293,14 @@ def tile_plan(nb: int, h: int, n: int, keys: int, sparse_in: bool) -> Tuple[int,
     return 1, max(1, target // per_row)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: Optional[ShiftMask], prev,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias, mask: Optional[ShiftMask], prev,
            topk: int, training: bool):
     """One PFA layer without autograd.
 
     Args:
         q: (B_, h, n, d) queries, already scaled.
         k, v: (B_, h, n, d) keys and values.
-        bias: (h or 1, n, n) float32 relative-position bias.
+        bias: (h or 1, n, n) float32 relative-position bias, or a :class:`RelativeBias` (float32 table).
         mask: the shift mask of a shifted layer, else None.
         prev: state of the previous layer of the same parity (:class:`DenseScores`, :class:`SparseMap`) or None.
         topk: this layer's k (``>= n``: dense).
@@ -275,7 +317,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     if mask is not None and any(mask.kind):
         mask.masks()  # build once, before the tiles run in parallel
     if prev is None or prev.kind == 'dense':
-        scores = _start(prev, q, k, bias, mask)
+        scores = _start(prev, q, k, _dense_bias(bias), mask)
         if topk >= n:
             return dense_attention(scores, v), scores
         return _first_topk(scores, v, topk)
@@ -381,13 +423,16 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     out = _output(v)
     if pft_kernels.enabled(q, k, v, prev.values):  # one compiled pass per row (products, softmax, focusing, top-k),
         # each head's aggregation after its rows (pft_kernels.aggregate's numbers, embedding_bag's), a window a tile
-        rows = pft_kernels.SparseRows(q, k, bias, prev.values, prev.index)
+        table = bias.swin_table() if isinstance(bias, RelativeBias) else None
+        rows = (pft_kernels.SparseRows(q, k, None, prev.values, prev.index, table=table) if table is not None else
+                pft_kernels.SparseRows(q, k, _dense_bias(bias), prev.values, prev.index))
 
         def run_window(w: int) -> None:  # focusing, top-k and aggregation head by head in one call
             rows.run(w, w + 1, topk, training, vals, idxs, v=v, out=out)
 
         _run(run_window, range(nb), q.device)
         return out, SparseMap(vals, idxs)
+    bias = _dense_bias(bias)
     wstep, rstep = tile_plan(nb, h, n, keys, True)
 
     def run_tile(tile: Tile) -> None:

@@ -109,19 +109,17 @@ def _jit(fastmath=_ORDERED):
 # ---- row primitives ------------------------------------------------------------------------------------------------
 
 @_jit()
-def _exp_shifted(x, m, shift, out, bits):
+def _exp_shifted(x, m, shift, out):
     """out[j] = exp(x[j] - shift) for j < m (float32, x[j] <= shift; ``out`` apart from ``x``, else the loop runs
-    scalar); bits: int32 scratch of length >= m. Returns the sum of out[:m] (:func:`_sum_intrinsic`'s order)."""
+    scalar). Returns the sum of out[:m] (:func:`_sum_intrinsic`'s order). One vectorised loop: 2**nf is built from
+    its float32 bits in the loop (0.0 for nf = -127); it was written to an int32 scratch and multiplied in a
+    second loop, 1.4x the time (the same numbers)."""
     for j in range(m):
         y = max(x[j] - shift, _LOWEST)
         nf = np.floor(y * _LOG2E + _HALF)
         r = (y - nf * _LN2_HI) - nf * _LN2_LO
         p = _ONE + r * (_ONE + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * _C7))))))
-        out[j] = p
-        bits[j] = (np.int32(nf) + np.int32(127)) << np.int32(23)  # 2**nf as float32 bits (0.0 for nf = -127)
-    scale = bits.view(np.float32)
-    for j in range(m):
-        out[j] = out[j] * scale[j]
+        out[j] = p * _f32_bits((np.int32(nf) + np.int32(127)) << np.int32(23))
     return _sum16(out, m)
 
 
@@ -352,6 +350,25 @@ def _bag_intrinsic(rows: int):
     return _bag
 
 
+def _fold16(builder, a, vt, combine=None):
+    """Lane 0 + ... + lane 15 of the 16-lane vector ``a`` (or another ``combine(builder, b, a)`` of the lanes):
+    folded onto the lower half three times, then lanes 0 + 1."""
+    from llvmlite import ir
+
+    i32 = ir.IntType(32)
+    vi = ir.VectorType(i32, 16)
+    for half in (8, 4, 2, 1):
+        b = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined),
+                                   ir.Constant(vi, [h + half if h < half else h for h in range(16)]))
+        a = builder.fadd(a, b) if combine is None else combine(builder, b, a)
+    return builder.extract_element(a, ir.Constant(i32, 0))
+
+
+def _larger(builder, b, a):
+    """b where b > a, else a (lane by lane; a NaN in b is skipped)."""
+    return builder.select(builder.fcmp_ordered('>', b, a), b, a)
+
+
 def _max_intrinsic():
     """``_max16(x, m)``: the largest of x[:m] (float32, contiguous, m >= 1) by 16-lane vector compares, then a
     reduction of the 16 lanes and a scalar tail (a maximum is exact in any order; NaN entries are skipped unless
@@ -370,8 +387,8 @@ def _max_intrinsic():
         sig = types.float32(x, m)
 
         def codegen(context, builder, signature, args):
-            i32, i64 = ir.IntType(32), ir.IntType(64)
-            v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+            i64 = ir.IntType(64)
+            v16f = ir.VectorType(ir.FloatType(), 16)
             xa = context.make_array(signature.args[0])(context, builder, args[0])
             mv = context.cast(builder, args[1], signature.args[1], types.intp)
             acc = cgutils.alloca_once_value(builder, _splat(builder, builder.load(xa.data), v16f))
@@ -379,24 +396,62 @@ def _max_intrinsic():
             with cgutils.for_range(builder, chunks) as loop:
                 ptr = builder.gep(xa.data, [builder.mul(loop.index, ir.Constant(i64, 16))])
                 v = builder.load(builder.bitcast(ptr, v16f.as_pointer()), align=4)
-                a = builder.load(acc)
-                builder.store(builder.select(builder.fcmp_ordered('>', v, a), v, a), acc)
-            a = builder.load(acc)
-            for half in (8, 4, 2, 1):  # lanes folded onto the lower half
-                b = builder.shuffle_vector(a, ir.Constant(v16f, ir.Undefined),
-                                           ir.Constant(v16i, [h + half if h < half else h for h in range(16)]))
-                a = builder.select(builder.fcmp_ordered('>', b, a), b, a)
-            best = cgutils.alloca_once_value(builder, builder.extract_element(a, ir.Constant(i32, 0)))
+                builder.store(_larger(builder, v, builder.load(acc)), acc)
+            best = cgutils.alloca_once_value(builder, _fold16(builder, builder.load(acc), v16f, _larger))
             with cgutils.for_range_slice(builder, builder.mul(chunks, ir.Constant(i64, 16)), mv,
                                          ir.Constant(i64, 1), inc=True) as (t, _):
                 v = builder.load(builder.gep(xa.data, [t]))
-                r = builder.load(best)
-                builder.store(builder.select(builder.fcmp_ordered('>', v, r), v, r), best)
+                builder.store(_larger(builder, v, builder.load(best)), best)
             return builder.load(best)
 
         return sig, codegen
 
     return _max16
+
+
+def _lane_sums(builder, xs, ys, m, dtype):
+    """The 16-lane sums of :func:`_sum_intrinsic`: for every pair (x, y) of the pointers ``xs`` x ``ys`` (x-major) the
+    sum of x[j] * y[j], j < m (``ys`` empty: of x[j]), each in its own running lane sums over one pass through the
+    whole chunks (every x and y chunk loaded once for all pairs: independent FMA chains), then its fold and tail."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+
+    i64 = ir.IntType(64)
+    et = ir.FloatType() if dtype == types.float32 else ir.DoubleType()
+    vt = ir.VectorType(et, 16)
+    name = 'f32' if dtype == types.float32 else 'f64'
+    fma_v = _declare(builder, f'llvm.fma.v16{name}', vt, [vt, vt, vt])
+    fma_s = _declare(builder, f'llvm.fma.{name}', et, [et, et, et])
+    pairs = [(x, y) for x in xs for y in ys] if ys else [(x, None) for x in xs]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * 16)) for _ in pairs]
+    chunks = builder.sdiv(m, ir.Constant(i64, 16))
+    with cgutils.for_range(builder, chunks) as loop:
+        at = builder.mul(loop.index, ir.Constant(i64, 16))
+        chunk = {id(ptr): builder.load(builder.bitcast(builder.gep(ptr, [at]), vt.as_pointer()),
+                                       align=dtype.bitwidth // 8) for ptr in list(xs) + list(ys)}
+        for (x, y), acc in zip(pairs, accs):
+            a = builder.load(acc)
+            builder.store(builder.fadd(a, chunk[id(x)]) if y is None else
+                          builder.call(fma_v, [chunk[id(x)], chunk[id(y)], a]), acc)
+    totals = []
+    for (x, y), acc in zip(pairs, accs):
+        total = cgutils.alloca_once_value(builder, _fold16(builder, builder.load(acc), vt))
+        with cgutils.for_range_slice(builder, builder.mul(chunks, ir.Constant(i64, 16)), m,
+                                     ir.Constant(i64, 1), inc=True) as (t, _):
+            r = builder.load(total)
+            xt = builder.load(builder.gep(x, [t]))
+            builder.store(builder.fadd(r, xt) if y is None else
+                          builder.call(fma_s, [xt, builder.load(builder.gep(y, [t])), r]), total)
+        totals.append(builder.load(total))
+    return totals
+
+
+def _vector_row(a) -> bool:
+    from numba import types
+
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == 'C' and a.dtype in (types.float32,
+                                                                                           types.float64)
 
 
 def _sum_intrinsic(products: bool):
@@ -407,53 +462,22 @@ def _sum_intrinsic(products: bool):
     fast-math flag, so LLVM keeps that order whatever the context it is compiled in; a loop reduction under
     'reassoc' does not (its numbers differed by an ulp between a kernel compiled in the process and the same
     kernel loaded from numba's cache). 16-lane registers on AVX-512, two halves on AVX2: the same numbers."""
-    from llvmlite import ir
     from numba import types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
-    def vector_row(a):
-        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == 'C' and a.dtype in (types.float32,
-                                                                                              types.float64)
-
-    def build(context, builder, arrays, m, dtype):
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        et = ir.FloatType() if dtype == types.float32 else ir.DoubleType()
-        vt, vi = ir.VectorType(et, 16), ir.VectorType(i32, 16)
-        name = 'f32' if dtype == types.float32 else 'f64'
-        fma_v = _declare(builder, f'llvm.fma.v16{name}', vt, [vt, vt, vt])
-        fma_s = _declare(builder, f'llvm.fma.{name}', et, [et, et, et])
-        acc = cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * 16))
-        chunks = builder.sdiv(m, ir.Constant(i64, 16))
-        with cgutils.for_range(builder, chunks) as loop:
-            at = builder.mul(loop.index, ir.Constant(i64, 16))
-            vs = [builder.load(builder.bitcast(builder.gep(ptr, [at]), vt.as_pointer()), align=dtype.bitwidth // 8)
-                  for ptr in arrays]
-            a = builder.load(acc)
-            builder.store(builder.call(fma_v, [vs[0], vs[1], a]) if products else builder.fadd(a, vs[0]), acc)
-        a = builder.load(acc)
-        for half in (8, 4, 2, 1):  # lanes folded onto the lower half
-            b = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined),
-                                       ir.Constant(vi, [h + half if h < half else h for h in range(16)]))
-            a = builder.fadd(a, b)
-        total = cgutils.alloca_once_value(builder, builder.extract_element(a, ir.Constant(i32, 0)))
-        with cgutils.for_range_slice(builder, builder.mul(chunks, ir.Constant(i64, 16)), m,
-                                     ir.Constant(i64, 1), inc=True) as (t, _):
-            xs = [builder.load(builder.gep(ptr, [t])) for ptr in arrays]
-            r = builder.load(total)
-            builder.store(builder.call(fma_s, [xs[0], xs[1], r]) if products else builder.fadd(r, xs[0]), total)
-        return builder.load(total)
+    def pointers(context, builder, tys, vals):
+        return [context.make_array(t)(context, builder, v).data for t, v in zip(tys, vals)]
 
     if products:
         @intrinsic
         def _dot16(typingctx, x, y, m):
-            if not (vector_row(x) and vector_row(y) and x.dtype == y.dtype and isinstance(m, types.Integer)):
+            if not (_vector_row(x) and _vector_row(y) and x.dtype == y.dtype and isinstance(m, types.Integer)):
                 return None
 
             def codegen(context, builder, signature, args):
-                xa, ya = (context.make_array(a)(context, builder, v) for a, v in zip(signature.args[:2], args[:2]))
+                xp, yp = pointers(context, builder, signature.args[:2], args[:2])
                 mv = context.cast(builder, args[2], signature.args[2], types.intp)
-                return build(context, builder, (xa.data, ya.data), mv, signature.args[0].dtype)
+                return _lane_sums(builder, [xp], [yp], mv, signature.args[0].dtype)[0]
 
             return x.dtype(x, y, m), codegen
 
@@ -461,17 +485,68 @@ def _sum_intrinsic(products: bool):
 
     @intrinsic
     def _sum16(typingctx, x, m):
-        if not (vector_row(x) and isinstance(m, types.Integer)):
+        if not (_vector_row(x) and isinstance(m, types.Integer)):
             return None
 
         def codegen(context, builder, signature, args):
-            xa = context.make_array(signature.args[0])(context, builder, args[0])
+            xp, = pointers(context, builder, signature.args[:1], args[:1])
             mv = context.cast(builder, args[1], signature.args[1], types.intp)
-            return build(context, builder, (xa.data,), mv, signature.args[0].dtype)
+            return _lane_sums(builder, [xp], [], mv, signature.args[0].dtype)[0]
 
         return x.dtype(x, m), codegen
 
     return _sum16
+
+
+def _dots_intrinsic():
+    """``_dots16(xs, ys, m)``: the tuple of every :func:`_sum_intrinsic` ``_dot16(x, y, m)`` of the tuples of rows
+    ``xs`` x ``ys`` (x-major), each bit for bit ``_dot16``'s, in one pass over the rows (each chunk of x and y loaded
+    once for all products; the independent FMA chains keep the vector units busy where one chain waits for the
+    latency of its last FMA): a dense layer's aggregation, two query rows by a few value channels."""
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _dots16(typingctx, xs, ys, m):
+        if not (isinstance(xs, types.UniTuple) and isinstance(ys, types.UniTuple) and _vector_row(xs.dtype)
+                and xs.dtype == ys.dtype and isinstance(m, types.Integer)):
+            return None
+        dtype = xs.dtype.dtype
+        sig = types.UniTuple(dtype, len(xs) * len(ys))(xs, ys, m)
+
+        def codegen(context, builder, signature, args):
+            rows = [[context.make_array(t.dtype)(context, builder, v).data for v in cgutils.unpack_tuple(builder, a)]
+                    for t, a in zip(signature.args[:2], args[:2])]
+            mv = context.cast(builder, args[2], signature.args[2], types.intp)
+            totals = _lane_sums(builder, rows[0], rows[1], mv, dtype)
+            return context.make_tuple(builder, signature.return_type, totals)
+
+        return sig, codegen
+
+    return _dots16
+
+
+def _bits_intrinsic():
+    """``_f32_bits(i)``: the float32 whose bits are the low 32 bits of the integer i (a vectorisable bit cast)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _f32_bits(typingctx, i):
+        if not isinstance(i, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = args[0]
+            if v.type.width != 32:
+                v = builder.trunc(v, ir.IntType(32))
+            return builder.bitcast(v, ir.FloatType())
+
+        return types.float32(i), codegen
+
+    return _f32_bits
 
 
 _KEY_LANES = 16  # the padded width of the key rows of the gathered score products (one 16-lane load per key)
@@ -484,29 +559,31 @@ def _scores_step_intrinsic(emit):
     by ``emit(builder, q, x, t0, kk, gather)``: q, x the data pointers of q16 and x, t0 and kk as intp, and
     ``gather(g0, lanes)`` -> (row pointers, bias vector): the key rows and the biases of the ``lanes`` keys at list
     positions g0, g0 + 1, ... (a position at or past kk reads the step's first key t0; a key position outside the rows
-    of kp the last row: never a read out of bounds)."""
+    of kp the last row: never a read out of bounds; the bias of key j is ``brow[boff[j]]``)."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
 
     @intrinsic
-    def _scores16(typingctx, kp, q16, brow, prow, t0, kk, x):
+    def _scores16(typingctx, kp, q16, brow, boff, prow, t0, kk, x):
         floats = (kp, q16, brow, x)
         if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in floats) and kp.ndim == 2
                 and q16.ndim == brow.ndim == x.ndim == 1 and q16.layout == x.layout == 'C'
-                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)):
+                and isinstance(prow, types.Array) and prow.ndim == 1 and isinstance(prow.dtype, types.Integer)
+                and isinstance(boff, types.Array) and boff.ndim == 1 and boff.dtype == types.int32):
             return None
-        sig = types.none(kp, q16, brow, prow, t0, kk, x)
+        sig = types.none(kp, q16, brow, boff, prow, t0, kk, x)
 
         def codegen(context, builder, signature, args):
             sa = signature.args
             i32, i64 = ir.IntType(32), ir.IntType(64)
-            kpa, qa, ba, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 6))
-            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (4, 5))
+            kpa, qa, ba, oa, pa, xa = (context.make_array(sa[k])(context, builder, args[k]) for k in (0, 1, 2, 3, 4, 7))
+            t0v, kkv = (context.cast(builder, args[k], sa[k], types.intp) for k in (5, 6))
             last = builder.sub(builder.extract_value(kpa.shape, 0), ir.Constant(i64, 1))
             kstride = builder.sdiv(builder.extract_value(kpa.strides, 0), ir.Constant(i64, 4))
-            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[3].dtype.bitwidth // 8))
+            pstride = builder.sdiv(builder.extract_value(pa.strides, 0), ir.Constant(i64, sa[4].dtype.bitwidth // 8))
             bstride = builder.sdiv(builder.extract_value(ba.strides, 0), ir.Constant(i64, 4))
+            ostride = builder.sdiv(builder.extract_value(oa.strides, 0), ir.Constant(i64, 4))
 
             def gather(g0, lanes):
                 rows, bias = [], ir.Constant(ir.VectorType(ir.FloatType(), lanes), ir.Undefined)
@@ -514,9 +591,10 @@ def _scores_step_intrinsic(emit):
                     t = builder.add(g0, ir.Constant(i64, lane))
                     t = builder.select(builder.icmp_signed('<', t, kkv), t, t0v)  # past the end: the step's first
                     j = _clamped_row(builder, builder.load(builder.gep(pa.data, [builder.mul(t, pstride)])),
-                                     sa[3].dtype.signed, last)
+                                     sa[4].dtype.signed, last)
                     rows.append(builder.gep(kpa.data, [builder.mul(j, kstride)]))
-                    bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(j, bstride)])),
+                    b = builder.sext(builder.load(builder.gep(oa.data, [builder.mul(j, ostride)])), i64)
+                    bias = builder.insert_element(bias, builder.load(builder.gep(ba.data, [builder.mul(b, bstride)])),
                                                   ir.Constant(i32, lane))
                 return rows, bias
 
@@ -529,11 +607,13 @@ def _scores_step_intrinsic(emit):
 
 
 def _scores_intrinsic():
-    """``_scores16(kp, q16, brow, prow, t0, kk, x)``: the scores of one query row at 16 of its inherited keys,
-    ``x[t0 + l] = brow[j] + sum_c q16[c] kp[j, c]`` with ``j = prow[t0 + l]``, for ``l < min(16, kk - t0)`` (the
-    other entries of x are not written). kp: (n, 16) float32 key rows zero-padded to 16 floats (unit stride along the
-    row); q16: the query zero-padded to 16 floats (contiguous); brow: the bias row (n); prow: the key positions
-    (any integer type; outside ``[0, n)`` clamped to the last row: never a read out of bounds); x: contiguous.
+    """``_scores16(kp, q16, brow, boff, prow, t0, kk, x)``: the scores of one query row at 16 of its inherited keys,
+    ``x[t0 + l] = brow[boff[j]] + sum_c q16[c] kp[j, c]`` with ``j = prow[t0 + l]``, for ``l < min(16, kk - t0)``
+    (the other entries of x are not written). kp: (n, 16) float32 key rows zero-padded to 16 floats (unit stride
+    along the row); q16: the query zero-padded to 16 floats (contiguous); brow, boff: the bias row and the int32
+    offsets (n) of the keys' biases in it (``arange(n)`` for a row of the (n, n) bias; a relative-position table's
+    layout, :func:`_bias_layout`; the caller keeps them inside brow); prow: the key positions (any integer type;
+    outside ``[0, n)`` clamped to the last row: never a read out of bounds); x: contiguous.
 
     The 16 key rows are loaded as 16-lane vectors and reduced together by a shuffle network: the first level pairs
     the dims (2c, 2c + 1) by one fused multiply-add (``fma(k_2c, q_2c, k_2c+1 q_2c+1)``) for two keys per register,
@@ -647,6 +727,8 @@ if numba is not None:
     _max16 = _max_intrinsic()
     _sum16 = _sum_intrinsic(False)
     _dot16 = _sum_intrinsic(True)
+    _dots16 = _dots_intrinsic()
+    _f32_bits = _bits_intrinsic()
     _scores16_wide = _scores_intrinsic()
     _scores16_halves = _scores_halves_intrinsic()
     _scores16 = _scores16_wide if _avx512_target() else _scores16_halves  # the same numbers; each where it is faster
@@ -789,11 +871,11 @@ def _select_positive(x, m, k, z, dens, sel, cand, code, y):
 # ---- tile kernels --------------------------------------------------------------------------------------------------
 
 @_jit()
-def _topk_softmax_row(x, n, k, z, dens, sel, cand, code, e, bits, vrow, irow):
+def _topk_softmax_row(x, n, k, z, dens, sel, cand, code, e, vrow, irow):
     """One row of scores x[:n]: the positions of its k largest into irow, their softmax weights over the whole row
-    (``exp(s - max) / sum(exp(s - max))``, not renormalised) into vrow; e, bits: exp scratch. Returns the passes."""
+    (``exp(s - max) / sum(exp(s - max))``, not renormalised) into vrow; e: exp scratch. Returns the passes."""
     passes = _select(x, n, k, z, dens, sel, cand, code)
-    total = _exp_shifted(x, n, _max16(x, n), e, bits)  # (the row maximum is among the kept)
+    total = _exp_shifted(x, n, _max16(x, n), e)  # (the row maximum is among the kept)
     for t in range(k):
         j = sel[t]
         vrow[t] = e[j] / total
@@ -805,22 +887,21 @@ def _topk_softmax_row(x, n, k, z, dens, sel, cand, code, e, bits, vrow, irow):
 def _topk_softmax(x, k, z, dens, vals, pos):
     rows, n = x.shape
     e = np.empty(n, np.float32)
-    bits = np.empty(n, np.int32)
     sel = np.empty(n + _SLACK, np.int32)
     cand = np.empty(n + _SLACK, np.int32)
     code = np.empty(n, np.uint8)
     passes = 0
     for i in range(rows):
-        passes += _topk_softmax_row(x[i], n, k, z, dens, sel, cand, code, e, bits, vals[i], pos[i])
+        passes += _topk_softmax_row(x[i], n, k, z, dens, sel, cand, code, e, vals[i], pos[i])
     return passes
 
 
 @_jit()
-def _softmax_focus(x, kk, p, training, a, bits):
+def _softmax_focus(x, kk, p, training, a):
     """a[:kk] = the focused weights of a sparse layer's row: softmax of the scores x[:kk] (bias included), then the
     Hadamard product with the inherited weights p, renormalised with PFA's epsilon (training or eval formula)."""
     mx = _max16(x, kk)
-    total = _exp_shifted(x, kk, mx, a, bits)
+    total = _exp_shifted(x, kk, mx, a)
     if training:  # (a p + eps) / (sum a p + eps)
         for t in range(kk):
             a[t] = a[t] / total * p[t]
@@ -853,6 +934,9 @@ def _select_rows(x, k, z, dens, pos):
 # ---- whole layers: generated per head dim --------------------------------------------------------------------------
 
 _ROWS = 2  # query rows per pass over the keys in the dense-row kernel (each key column loaded once for both)
+# value channels per pass of a dense layer's aggregation where numba targets AVX-512 (rows x ways 16-lane running sums
+# in registers; half as many with 16 ymm registers): 2.4x faster than a _dot16 per row and channel on an AMX Xeon
+_DOT_WAYS = 4
 # the dense-row kernel keeps 2 rows x d query values in registers: beyond this score head dim it spills and loses to
 # BLAS products (PFT's head dim 40: 3x slower; PFT-light's 13 and its chains' 26 are below)
 DENSE_ROWS_MAX_DIM = 32
@@ -871,12 +955,18 @@ def _dot(a: str, row: str, d: int, stride: str = '') -> str:
     return _tree([f'{a}{c} * {row}[{c}{", " + stride if stride else ""}]' for c in range(d)])
 
 
-def _query_rows(rows: int, d: int, ind: str) -> List[str]:
-    """Loads of ``rows`` query rows from row i on: a{r}_{c} (their values), b{r} (bias rows), s{r} (score rows)."""
+def _tuple(items: List[str]) -> str:
+    """A tuple's source: ``(a, b)``, ``(a,)``."""
+    return '(' + ', '.join(items) + (',)' if len(items) == 1 else ')')
+
+
+def _query_rows(rows: int, d: int, ind: str, bias_rows: bool = True) -> List[str]:
+    """Loads of ``rows`` query rows from row i on: a{r}_{c} (their values), b{r} (bias rows, unless not
+    ``bias_rows``), s{r} (score rows)."""
     src = []
     for r in range(rows):
         src += [f'{ind}a{r}_{c} = q[w, hh, i + {r}, {c}]' for c in range(d)]
-        src += [f'{ind}b{r} = bh[i + {r}]', f'{ind}s{r} = s[{r}]']
+        src += ([f'{ind}b{r} = bh[i + {r}]'] if bias_rows else []) + [f'{ind}s{r} = s[{r}]']
     return src
 
 
@@ -908,7 +998,7 @@ def _key_pass(rows: int, d: int, ind: str, masked: bool = False, chains: int = 0
 def _sparse_row_tail(row: str, ind: str) -> List[str]:
     """The rest of a sparse layer's row once its scores at the K' keys are in ``x``: softmax, focusing, top-k."""
     return [ind + line for line in (
-        f'_softmax_focus(x, kk, pv[w, hh, {row}], training, a, bits)',
+        f'_softmax_focus(x, kk, pv[w, hh, {row}], training, a)',
         f'vrow = vals[w, hh, {row}]',
         'if do_topk:',
         '    passes += _select_positive(a, kk, topk, z, dens, sel, cand, code, y)',
@@ -944,7 +1034,7 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
     # names a new cached file whenever this module changes (numba's cache would keep the old machine code)
     src = [f'# generated by adasr.ops.pft_kernels.layer_source from module source {_module_digest()}',
            'import numpy as np', 'import numba', '',
-           'from adasr.ops.pft_kernels import (_ORDERED, _SLACK, _aggregate, _aligned_rows, _dot16, _exp_shifted,',
+           'from adasr.ops.pft_kernels import (_ORDERED, _SLACK, _aggregate, _aligned_rows, _dots16, _exp_shifted,',
            '                                  _max16, _scores16, _select, _select_positive, _softmax_focus,',
            '                                  _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
@@ -955,7 +1045,6 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
            f'    s = np.empty(({rows}, n), np.float32)',
            f'    e = np.empty(({rows}, n), np.float32)',
            f'    tot = np.empty({rows}, np.float32)',
-           '    bits = np.empty(n, np.int32)',
            '    sel = np.empty(n + _SLACK, np.int32)',
            '    cand = np.empty(n + _SLACK, np.int32)',
            '    code = np.empty(n, np.uint8)',
@@ -975,28 +1064,33 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             src += [f'                    m{r} = mk[i + {r}]' for r in r_]
         src += _key_pass(rows, d, ' ' * 20, masked, _SCORE_CHAINS if d > _CHAIN_SCORES_FROM_DIM else 0)
     src += ['                if k == 0:  # dense: softmax and the aggregation with every value']
-    src += [f'                    tot[{r}] = _exp_shifted(s{r}, n, _max16(s{r}, n), e[{r}], bits)' for r in r_]
-    for r in r_:
-        src.append(f'                    t{r} = tot[{r}]')
-        src += [f'                    out[w, i + {r}, hh, {c}] = _dot16(e[{r}], vtw[{c}], n) / t{r}' for c in range(dv)]
+    src += [f'                    tot[{r}] = _exp_shifted(s{r}, n, _max16(s{r}, n), e[{r}])' for r in r_]
+    src += [f'                    t{r} = tot[{r}]' for r in r_]
+    ways = _DOT_WAYS if _avx512_target() else _DOT_WAYS // 2
+    for c0 in range(0, dv, ways):  # the aggregation: every row by a few value channels in one pass (_dots16)
+        cs = range(c0, min(c0 + ways, dv))
+        src.append(f'                    {_tuple([f"o{r}_{c}" for r in r_ for c in cs])} = '
+                   f'_dots16({_tuple([f"e[{r}]" for r in r_])}, {_tuple([f"vtw[{c}]" for c in cs])}, n)')
+        src += [f'                    out[w, i + {r}, hh, {c}] = o{r}_{c} / t{r}' for r in r_ for c in cs]
     src += ['                    continue',
             f'                for r in range({rows}):  # first top-k: selection and the kept weights',
-            '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0], bits,',
+            '                    passes += _topk_softmax_row(s[r], n, k, z, dens, sel, cand, code, e[0],',
             '                                                vals[w, hh, i + r], idxs[w, hh, i + r])',
             '            if agg:  # the head\'s kept weights aggregated while they are in cache',
             '                _aggregate(vals[w, hh:hh + 1], idxs[w, hh:hh + 1], v[w, hh:hh + 1], aout[w, hh:hh + 1])',
             '    return passes', '', '',
             '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
-            'def sparse_rows(q, kt, k, bias, pv, pidx, w0, w1, topk, z, dens, training, full, vals, idxs, v, aout,',
-            '                agg):',
+            'def sparse_rows(q, kt, k, bias, rstart, boff, pv, pidx, w0, w1, topk, z, dens, training, full, vals,',
+            '                idxs, v, aout, agg):',
+            '    # the bias of query i and key j: bias[0 or head, rstart[i] + boff[j]] (pft_kernels._bias_layout)',
             '    heads, n = q.shape[1], q.shape[2]',
             '    kk = pidx.shape[3]',
             '    shared = bias.shape[0] == 1',
             '    do_topk = topk < kk',
             f'    s = np.empty(({rows}, n), np.float32)',
+            f'    bs = np.empty(({rows}, n), np.float32)',
             '    x = np.empty(kk, np.float32)',
             '    a = np.empty(kk, np.float32)',
-            '    bits = np.empty(kk, np.int32)',
             '    sel = np.empty(kk + _SLACK, np.int32)',
             '    cand = np.empty(kk + _SLACK, np.int32)',
             '    code = np.empty(kk, np.uint8)',
@@ -1012,7 +1106,13 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '            if full:  # products with every key and the bias rows: one vectorised pass for',
             f'                # {rows} rows (the keys read once for all), read at the inherited keys',
             f'                for i in range(0, n, {rows}):']
-    src += _query_rows(rows, d, ' ' * 20) + _key_pass(rows, d, ' ' * 20)
+    src += _query_rows(rows, d, ' ' * 20, bias_rows=False)
+    for r in r_:  # the bias rows of the pass, in key order
+        src += [f'                    br = bh[rstart[i + {r}]:]',
+                f'                    b{r} = bs[{r}]',
+                '                    for j in range(n):',
+                f'                        b{r}[j] = br[boff[j]]']
+    src += _key_pass(rows, d, ' ' * 20)
     for r in r_:
         src += [f'                    prow = pidx[w, hh, i + {r}]',
                 '                    for t in range(kk):',
@@ -1024,19 +1124,19 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
                 f'                kp[:, :{d}] = kw',
                 '                for i in range(n):']
         src += [f'                    q16[{c}] = q[w, hh, i, {c}]' for c in range(d)]
-        src += ['                    brow = bh[i]',
+        src += ['                    brow = bh[rstart[i]:]',
                 '                    prow = pidx[w, hh, i]',
                 f'                    for t0 in range(0, kk, {_KEY_LANES}):',
-                '                        _scores16(kp, q16, brow, prow, t0, kk, x)']
+                '                        _scores16(kp, q16, brow, boff, prow, t0, kk, x)']
     else:
         src += ['            else:  # products at the inherited keys only (gathered key rows)',
                 '                for i in range(n):']
         src += [f'                    a{c} = q[w, hh, i, {c}]' for c in range(d)]
-        src += ['                    brow = bh[i]',
+        src += ['                    brow = bh[rstart[i]:]',
                 '                    prow = pidx[w, hh, i]',
                 '                    for t in range(kk):',
                 '                        j = np.uint32(prow[t])',
-                f'                        x[t] = brow[j] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})']
+                f'                        x[t] = brow[boff[j]] + ({_tree([f"a{c} * kw[j, {c}]" for c in range(d)])})']
     src += _sparse_row_tail('i', '                    ')
     src += ['            if agg:  # the head\'s kept weights aggregated while they are in cache',
             '                _aggregate(vals[w, hh:hh + 1], idxs[w, hh:hh + 1], v[w, hh:hh + 1], aout[w, hh:hh + 1])',
@@ -1066,14 +1166,16 @@ class _Layer:
     queries contiguous, keys transposed to (d, n) per window and head with padded rows (for the vectorised passes
     over the keys) or contiguous (for gathered key rows)."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, dv: int):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], dv: int):
         _check()
         nb, h, n, d = q.shape
-        if k.shape != q.shape or bias.dim() != 3 or bias.shape[0] not in (1, h) or bias.shape[1:] != (n, n):
-            raise ValueError(f'PFT layer kernels: q {tuple(q.shape)}, k {tuple(k.shape)}, bias {tuple(bias.shape)} '
-                             'do not fit (B, h, n, d), (B, h, n, d), (h or 1, n, n)')
+        if k.shape != q.shape or bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, h)
+                                                       or bias.shape[1:] != (n, n)):
+            raise ValueError(f'PFT layer kernels: q {tuple(q.shape)}, k {tuple(k.shape)}, bias '
+                             f'{None if bias is None else tuple(bias.shape)} do not fit (B, h, n, d), (B, h, n, d), '
+                             '(h or 1, n, n)')
         self.q = q.detach().contiguous()
-        self.bias = bias.detach().contiguous()
+        self.bias = bias.detach().contiguous() if bias is not None else None
         self.shape = (nb, h, n, d, dv)
         self.kernels = _layer_kernels(d, dv)
 
@@ -1159,12 +1261,22 @@ class SparseRows(_Layer):
         prev_values, prev_index: (B, h, n, K') the inherited weights and key positions.
         full: products with every key, read at the inherited keys (None: when K' >= n / 2 for head dims up to
             :data:`GATHERED_SCORES_MAX_DIM`, else when K' >= n / 4).
+        table: instead of ``bias`` (None then), a relative-position bias table (h or 1, (2 ws - 1)^2) of a square
+            window of ws x ws = n tokens (row-major) with Swin's index: the bias of query i and key j is
+            ``table[:, (dy + ws - 1) (2 ws - 1) + dx + ws - 1]`` for (dy, dx) = position of i - position of j, the
+            same numbers as ``bias`` built from it. The kernel
+            reads it (16 KB a head for 32 x 32 windows, in L1 cache) instead of the (n, n) bias rows (4 MB a
+            head): at K' gathered keys a row of those touches up to K' cache lines, fetched from memory, the
+            layers' largest cost before (docs/pft.md).
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, prev_values: torch.Tensor,
-                 prev_index: torch.Tensor, full: Optional[bool] = None):
-        super().__init__(q, k, bias, q.shape[-1])
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], prev_values: torch.Tensor,
+                 prev_index: torch.Tensor, full: Optional[bool] = None, table: Optional[torch.Tensor] = None):
         nb, h, n, _ = q.shape
+        if (bias is None) == (table is None):
+            raise ValueError('SparseRows: give either the bias or its table')
+        super().__init__(q, k, bias, q.shape[-1])
+        self.bias, self.rstart, self.boff = _bias_layout(self.bias, table, n, h)
         kk = prev_index.shape[-1]
         if tuple(prev_index.shape) != (nb, h, n, kk) or prev_values.shape != prev_index.shape:
             raise ValueError(f'SparseRows: inherited weights {tuple(prev_values.shape)} / positions '
@@ -1188,10 +1300,41 @@ class SparseRows(_Layer):
         head. Returns the selection's counting passes."""
         kk = self.prev_index.shape[-1]
         z, dens = normal_guess(min(topk, kk - 1), kk) if kk > 1 else (0.0, 1.0)
-        return self.kernels.sparse_rows(_np(self.q), _np(self.k), _np(self.k), _np(self.bias),
-                                        _np(self.prev_values), _np(self.prev_index), w0, w1, topk, F32(z), F32(dens),
-                                        bool(training), self.full, _np(values), _np(index),
+        return self.kernels.sparse_rows(_np(self.q), _np(self.k), _np(self.k), _np(self.bias), self.rstart,
+                                        self.boff, _np(self.prev_values), _np(self.prev_index), w0, w1, topk, F32(z),
+                                        F32(dens), bool(training), self.full, _np(values), _np(index),
                                         *_aggregation(v, out, values))
+
+
+def _window_side(n: int, entries: int) -> int:
+    ws = math.isqrt(n)
+    if ws * ws != n or entries != (2 * ws - 1) ** 2:
+        raise ValueError(f'SparseRows: a bias table of {entries} entries does not fit windows of {n} tokens '
+                         '((2 ws - 1)^2 entries for ws x ws tokens)')
+    return ws
+
+
+def _check_table(table: torch.Tensor, n: int, h: int) -> int:
+    if table.dim() != 2 or table.shape[0] not in (1, h):
+        raise ValueError(f'SparseRows: bias table {tuple(table.shape)} is not (h or 1, (2 ws - 1)^2)')
+    return _window_side(n, table.shape[1])
+
+
+def _bias_layout(bias: Optional[torch.Tensor], table: Optional[torch.Tensor], n: int,
+                 h: int) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(rows, rstart, boff) of the sparse-row kernel: the bias of query i and key j is
+    ``rows[0 or head, rstart[i] + boff[j]]``. From an (h or 1, n, n) bias: its rows flattened, i n + j. From a
+    table T (h or 1, E): the table reversed, R[e] = T[E - 1 - e] (E entries), so that the index ``base(i) - off(j)``
+    (base(i) = (y_i + ws - 1)(2 ws - 1) + x_i + ws - 1, off(j) = y_j (2 ws - 1) + x_j) becomes the non-negative
+    ``E - 1 - base(i) + off(j)``."""
+    if table is None:
+        return bias.reshape(bias.shape[0], n * n), np.arange(n, dtype=np.int64) * n, np.arange(n, dtype=np.int32)
+    ws = _check_table(table, n, h)
+    entries = table.shape[1]
+    y, x = np.divmod(np.arange(n), ws)
+    base = (y + ws - 1) * (2 * ws - 1) + x + ws - 1
+    return (table.detach().float().flip(1).contiguous(), (entries - 1 - base).astype(np.int64),
+            (y * (2 * ws - 1) + x).astype(np.int32))
 
 
 _NO_VALUES = torch.zeros(1, 1, 1, 1)
