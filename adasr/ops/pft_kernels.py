@@ -7,8 +7,9 @@ with the row in L1 cache.
 * :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (16 gathered
   key rows per vectorised step, :func:`_scores_intrinsic` where numba targets AVX-512, else two transposed groups of
   eight, :func:`_scores_halves_intrinsic`: the same numbers, for head dims up to 16; or with every key, read at the
-  keys, when K' is a large share of the window), the bias at the keys, softmax, progressive focusing by the
-  inherited weights and top-k when k < K', written into the layer's state.
+  keys, when K' is a large share of the window), the bias at the keys (from the (n, n) bias rows, or from the
+  layer's relative-position table, 16 KB in cache instead of 4 MB of rows: :func:`_bias_layout`), softmax,
+  progressive focusing by the inherited weights and top-k when k < K', written into the layer's state.
 * :func:`aggregate`: the aggregation of both, sum_t w_t v[idx_t] per query row, vectorised across the head dim by
   an LLVM-IR intrinsic (:func:`_bag_intrinsic`: a masked 16-lane load of each gathered value row and one fused
   multiply-add per key, four query rows per pass; numba alone cannot vectorise it: it vectorises innermost loops
