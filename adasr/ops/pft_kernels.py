@@ -1265,10 +1265,9 @@ class SparseRows(_Layer):
         table: instead of ``bias`` (None then), a relative-position bias table (h or 1, (2 ws - 1)^2) of a square
             window of ws x ws = n tokens (row-major) with Swin's index: the bias of query i and key j is
             ``table[:, (dy + ws - 1) (2 ws - 1) + dx + ws - 1]`` for (dy, dx) = position of i - position of j, the
-            same numbers as ``bias`` built from it. The kernel
-            reads it (16 KB a head for 32 x 32 windows, in L1 cache) instead of the (n, n) bias rows (4 MB a
-            head): at K' gathered keys a row of those touches up to K' cache lines, fetched from memory, the
-            layers' largest cost before (docs/pft.md).
+            same numbers as ``bias`` built from it. The kernel reads it (16 KB a head for 32 x 32 windows, in L1
+            cache) instead of the (n, n) bias rows (4 MB a head), of which a row's K' gathered keys touch up to K'
+            cache lines, fetched from memory (docs/pft.md, *Eighth round*).
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], prev_values: torch.Tensor,
