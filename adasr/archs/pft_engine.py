@@ -423,9 +423,9 @@ def _sparse(q, k, v, bias, prev: SparseMap, topk: int, training: bool):
     out = _output(v)
     if pft_kernels.enabled(q, k, v, prev.values):  # one compiled pass per row (products, softmax, focusing, top-k),
         # each head's aggregation after its rows (pft_kernels.aggregate's numbers, embedding_bag's), a window a tile
-        table = bias.swin_table() if isinstance(bias, RelativeBias) else None
-        rows = (pft_kernels.SparseRows(q, k, None, prev.values, prev.index, table=table) if table is not None else
-                pft_kernels.SparseRows(q, k, _dense_bias(bias), prev.values, prev.index))
+        table = bias.swin_table() if isinstance(bias, RelativeBias) else None  # else the bias rows
+        rows = pft_kernels.SparseRows(q, k, _dense_bias(bias) if table is None else None, prev.values, prev.index,
+                                      table=table)
 
         def run_window(w: int) -> None:  # focusing, top-k and aggregation head by head in one call
             rows.run(w, w + 1, topk, training, vals, idxs, v=v, out=out)

@@ -1306,18 +1306,15 @@ class SparseRows(_Layer):
                                         *_aggregation(v, out, values))
 
 
-def _window_side(n: int, entries: int) -> int:
-    ws = math.isqrt(n)
-    if ws * ws != n or entries != (2 * ws - 1) ** 2:
-        raise ValueError(f'SparseRows: a bias table of {entries} entries does not fit windows of {n} tokens '
-                         '((2 ws - 1)^2 entries for ws x ws tokens)')
-    return ws
-
-
-def _check_table(table: torch.Tensor, n: int, h: int) -> int:
+def _window_side(table: torch.Tensor, n: int, h: int) -> int:
+    """ws of the ws x ws windows (n tokens) whose relative-position table (h or 1, (2 ws - 1)^2) ``table`` is."""
     if table.dim() != 2 or table.shape[0] not in (1, h):
         raise ValueError(f'SparseRows: bias table {tuple(table.shape)} is not (h or 1, (2 ws - 1)^2)')
-    return _window_side(n, table.shape[1])
+    ws = math.isqrt(n)
+    if ws * ws != n or table.shape[1] != (2 * ws - 1) ** 2:
+        raise ValueError(f'SparseRows: a bias table of {table.shape[1]} entries does not fit windows of {n} tokens '
+                         '((2 ws - 1)^2 entries for ws x ws tokens)')
+    return ws
 
 
 def _bias_layout(bias: Optional[torch.Tensor], table: Optional[torch.Tensor], n: int,
@@ -1329,7 +1326,7 @@ def _bias_layout(bias: Optional[torch.Tensor], table: Optional[torch.Tensor], n:
     ``E - 1 - base(i) + off(j)``."""
     if table is None:
         return bias.reshape(bias.shape[0], n * n), np.arange(n, dtype=np.int64) * n, np.arange(n, dtype=np.int32)
-    ws = _check_table(table, n, h)
+    ws = _window_side(table, n, h)
     entries = table.shape[1]
     y, x = np.divmod(np.arange(n), ws)
     base = (y + ws - 1) * (2 * ws - 1) + x + ws - 1
