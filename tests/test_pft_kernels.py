@@ -391,29 +391,52 @@ def test_oracle_light_x4_on_both_paths(reference_dir, kernel):
     assert res['passed'], res
 
 
-@pytest.mark.parametrize('dtype', [np.float32, np.float64])
-@pytest.mark.parametrize('m', [1024, 256, 47, 16, 5])
-def test_vector_compaction_is_the_scalar_one(dtype, m):
-    """The selection's compaction by AVX-512 compression (where numba targets AVX-512) writes the positions above the
-    bracket and inside it, in order, as the scalar loop does: NaN in neither, ties at the bracket's ends, blocks of
-    16 and a scalar tail, into scratch with its spare entries; the selection uses the vector one there."""
-    if pft_kernels._compact_avx512 is None:
-        assert pft_kernels._compact is pft_kernels._compact_scalar
-        pytest.skip('numba does not target AVX-512 here')
-    assert pft_kernels._compact is pft_kernels._compact_avx512
+def _compaction_matches_the_scalar_one(dtype, m):
+    """The vector compaction against the scalar loop and numpy on a row with NaN, ties at both ends of the bracket,
+    blocks of 16 and a scalar tail, into scratch with its spare entries (also run by the AVX2 child process)."""
     rng = np.random.default_rng(m)
     x = rng.standard_normal(m).astype(dtype)
     x[::7] = 0.5  # ties with lo
     x[1::11] = 0.75  # ties with hi
     x[min(3, m - 1)] = np.nan
-    lo, hi = np.float32(0.5), np.float32(0.75)
-    got = [np.full(m + pft_kernels._SLACK, -1, np.int32) for _ in range(2)]
-    want = [np.full(m + 1, -1, np.int32) for _ in range(2)]
-    code = np.empty(m, np.uint8)
-    ns, nc = pft_kernels._compact_avx512(x, m, lo, hi, got[0], got[1], code)
-    assert (ns, nc) == pft_kernels._compact_scalar(x, m, lo, hi, want[0], want[1], code)
-    assert np.array_equal(got[0][:ns], np.flatnonzero(x > hi)) and np.array_equal(want[0][:ns], got[0][:ns])
-    assert np.array_equal(got[1][:nc], np.flatnonzero((x <= hi) & (x > lo)))
+    for lo, hi in ((0.5, 0.75), (-np.inf, 0.75), (0.5, np.inf), (-9.0, 9.0)):
+        lo, hi = np.float32(lo), np.float32(hi)
+        got = [np.full(m + pft_kernels._SLACK, -1, np.int32) for _ in range(2)]
+        want = [np.full(m + 1, -1, np.int32) for _ in range(2)]
+        code = np.empty(m, np.uint8)
+        ns, nc = pft_kernels._compact_vector(x, m, lo, hi, got[0], got[1], code)
+        assert (ns, nc) == pft_kernels._compact_scalar(x, m, lo, hi, want[0], want[1], code), (dtype, m, lo, hi)
+        assert np.array_equal(got[0][:ns], np.flatnonzero(x > hi)) and np.array_equal(want[0][:ns], got[0][:ns])
+        assert np.array_equal(got[1][:nc], np.flatnonzero((x <= hi) & (x > lo))), (dtype, m, lo, hi)
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('m', [1024, 256, 47, 16, 5])
+def test_vector_compaction_is_the_scalar_one(dtype, m):
+    """The selection's compaction 16 positions at a time (AVX-512 compression, or AVX2's table of lane permutations:
+    this CPU's form here, the AVX2 form in the AVX2 child process) writes the positions above the bracket and inside
+    it, in order, as the scalar loop does; the selection uses the vector one there."""
+    if pft_kernels._compact_vector is None:
+        assert pft_kernels._compact is pft_kernels._compact_scalar
+        pytest.skip('numba targets neither AVX-512 nor AVX2 here')
+    assert pft_kernels._compact is pft_kernels._compact_vector
+    _compaction_matches_the_scalar_one(dtype, m)
+
+
+def test_left_pack_table_packs_each_mask_s_lanes_to_the_front():
+    """The AVX2 compaction's permutation table, by hand for a few masks and for all 256 against the set bits."""
+    import llvmlite.ir as ir
+
+    module = ir.Module()
+    builder = ir.IRBuilder(ir.Function(module, ir.FunctionType(ir.VoidType(), []), 'f').append_basic_block())
+    table = pft_kernels._left_pack_table(builder)
+    assert pft_kernels._left_pack_table(builder) is table  # one table per module
+    rows = np.array([c.constant for c in table.initializer.constant], np.uint8).reshape(256, 8)
+    assert rows[0].tolist() == [0] * 8 and rows[255].tolist() == list(range(8))
+    assert rows[0b10100110].tolist() == [1, 2, 5, 7, 0, 0, 0, 0] and rows[0b10000000].tolist()[0] == 7
+    for b in range(256):
+        lanes = [lane for lane in range(8) if b >> lane & 1]
+        assert rows[b, :len(lanes)].tolist() == lanes
 
 
 @pytest.mark.parametrize('g,n,m,d,kk,dtype', [
@@ -635,7 +658,12 @@ with torch.no_grad():
     assert torch.equal(layout.tokens_to_nchw(t, 37, 45), t.transpose(1, 2).reshape(2, 40, 37, 45))
 q, k, v = torch.randn(2, 2, 64, 26) * 0.2, torch.randn(2, 2, 64, 26), torch.randn(2, 2, 64, 13)
 bias = torch.randn(1, 64, 64)
-rows = pft_kernels.DenseRows(q, k, v, bias)  # a first top-k layer: score head dim 26 (FMA chains), scalar compaction
+from tests.test_pft_kernels import _compaction_matches_the_scalar_one
+assert pft_kernels._avx2_target() and pft_kernels._compact is pft_kernels._compact_vector
+for dtype in (np.float32, np.float64):
+    for m in (1024, 256, 47, 16, 5, 1):
+        _compaction_matches_the_scalar_one(dtype, m)
+rows = pft_kernels.DenseRows(q, k, v, bias)  # a first top-k layer: score head dim 26 (FMA chains), AVX2 compaction
 vals, idx, out = torch.empty(2, 2, 64, 16), torch.empty(2, 2, 64, 16, dtype=torch.int16), torch.empty(2, 2, 64, 13)
 rows.select(0, 2, 16, vals, idx, v=v, out=out)
 from tests.test_pft_kernels import _assert_top
@@ -657,8 +685,9 @@ print('equal')
 def test_vector_kernels_compiled_for_avx2_give_the_same_numbers(tmp_path):
     """The vector IR of the aggregation, of the gathered score step, of the row maximum and of the tile transpose
     lowered for an AVX2-only CPU (numba told to target Haswell, as on the AVX2 machines this suite runs on; the code
-    runs here as well): still embedding_bag's numbers, the documented score sums, the maximum, the transposed tokens;
-    a first top-k layer with its aggregation in the kernel (selection by the scalar compaction there); a dense layer
+    runs here as well): still embedding_bag's numbers, the documented score sums, the maximum, the transposed tokens,
+    the selection's compaction (AVX2's permutation table) as the scalar loop; a first top-k layer with its
+    aggregation in the kernel; a dense layer
     (its aggregation in passes of half as many value channels there): the bits of this CPU's build; and the
     one-channel convolution (8-lane vectors, the same per-output order: oneDNN's numbers)."""
     env = dict(os.environ, NUMBA_CPU_NAME='haswell', NUMBA_CACHE_DIR=str(tmp_path),
