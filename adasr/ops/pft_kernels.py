@@ -141,30 +141,28 @@ def _moments(x, m):
 _SLACK = 16  # extra entries of the selection's position scratch (the vector compaction stores 16 at a time)
 
 
-def _avx512_target() -> bool:
-    """Whether numba compiles for a CPU with AVX-512F (the host's, unless ``NUMBA_CPU_NAME`` names another)."""
+def _target_has(feature: str) -> bool:
+    """Whether numba compiles for a CPU with ``feature`` (LLVM's name: 'avx512f', 'avx2'; the host's CPU, unless
+    ``NUMBA_CPU_NAME`` names another)."""
     if numba is None:
         return False
     from numba.core import config as numba_config
 
     if numba_config.CPU_NAME and numba_config.CPU_NAME != 'host':
-        return '+avx512f' in (numba_config.CPU_FEATURES or '')
+        return f'+{feature}' in (numba_config.CPU_FEATURES or '')
     from llvmlite import binding
 
-    return bool(binding.get_host_cpu_features().get('avx512f', False))
+    return bool(binding.get_host_cpu_features().get(feature, False))
+
+
+def _avx512_target() -> bool:
+    """Whether numba compiles for a CPU with AVX-512F."""
+    return _target_has('avx512f')
 
 
 def _avx2_target() -> bool:
-    """Whether numba compiles for a CPU with AVX2 (the host's, unless ``NUMBA_CPU_NAME`` names another)."""
-    if numba is None:
-        return False
-    from numba.core import config as numba_config
-
-    if numba_config.CPU_NAME and numba_config.CPU_NAME != 'host':
-        return '+avx2' in (numba_config.CPU_FEATURES or '')
-    from llvmlite import binding
-
-    return bool(binding.get_host_cpu_features().get('avx2', False))
+    """Whether numba compiles for a CPU with AVX2."""
+    return _target_has('avx2')
 
 
 # ---- LLVM IR pieces of the intrinsics below (llvmlite imported only when numba is) ---------------------------------
