@@ -217,8 +217,9 @@ def latency_input(lr_path: str, h: int, w: int):
 def _sparse_flop_formulas() -> Dict:
     """FlopCounterMode formulas (2 flops per multiply-add) for the products of PFT's CPU path that torch's counter
     does not know: ``sparse_sampled_addmm`` (one d-long dot product per stored entry), embedding-bag sums with
-    per-sample weights (one weighted d-long row per index) and the CPU flash attention of its dense layers
-    (``q @ k^T`` and ``attn @ v``: n*m*(d + dv) per head)."""
+    per-sample weights (one weighted d-long row per index), the CPU flash attention of its dense layers
+    (``q @ k^T`` and ``attn @ v``: n*m*(d + dv) per head) and the oneDNN linears of CPU inference
+    (``adasr.ops.cpu_inference.linear``: rows x in x out)."""
     import torch
 
     aten = torch.ops.aten
@@ -229,6 +230,9 @@ def _sparse_flop_formulas() -> Dict:
     def embedding_bag(weight, indices, *args, out_val=None, **kwargs):
         return 2 * indices.numel() * weight.shape[-1]
 
+    def onednn_linear(x, w, *args, out_shape=None, **kwargs):  # x (..., in), w (out, in): one product per weight
+        return 2 * math.prod(x[:-1]) * w[0] * w[1]
+
     def cpu_flash_attention(q, k, v, *args, out_shape=None, **kwargs):  # shapes (b, h, n, d), (b, h, m, d), ...
         return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
 
@@ -237,6 +241,8 @@ def _sparse_flop_formulas() -> Dict:
     for fn in formulas.values():
         fn._get_raw = True  # FlopCounterMode passes the tensors themselves (nnz is not in a shape)
     formulas[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_flash_attention  # given shapes
+    if hasattr(torch.ops.mkldnn, '_linear_pointwise'):  # adasr.ops.cpu_inference's oneDNN linears
+        formulas[torch.ops.mkldnn._linear_pointwise] = onednn_linear
     return formulas
 
 

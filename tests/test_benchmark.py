@@ -328,3 +328,21 @@ def test_pft_macs_are_counted_whatever_kernel_runs():
         with config.options(pft_kernel=kernel):
             counts.append(count_macs(net, x)[0])
     assert counts[0] == counts[1] > 0
+
+
+def test_pft_macs_count_the_onednn_linears(monkeypatch):
+    """At CPU inference PFT's linear layers run as oneDNN linears (adasr.ops.cpu_inference.linear), an operator
+    PyTorch's counter does not know: the harness counts them (rows x in x out), so the count is the plain
+    operators' (the engines off)."""
+    from adasr.archs.pft_arch import PFT
+    from adasr.ops import cpu_inference
+    from tests.helpers import pft_fixtures as fixtures
+
+    torch.manual_seed(0)
+    net = PFT(**fixtures.GUARDS['light_x4']).eval()
+    x = torch.rand(1, 3, 16, 16)
+    macs, _, per_op = count_macs(net, x)
+    monkeypatch.setattr(cpu_inference, 'fast_path_ok', lambda t: False)
+    plain, _, plain_op = count_macs(net, x)
+    assert macs == plain and per_op.get('aten.addmm', 0) + per_op.get('mkldnn._linear_pointwise', 0) == \
+        plain_op['aten.addmm'] > 0

@@ -100,12 +100,13 @@ def _conv_onednn(x: torch.Tensor, conv: nn.Conv2d, relu: bool = False) -> torch.
 class TokenMlp(Mlp):
     """The TSAB MLP (``fc1``, exact GELU, ``fc2``). At CPU float32 inference ``fc1`` and the GELU run as one oneDNN
     linear with a GELU post-op (the same numbers without a pass over the hidden activations), and ``fc2`` as a
-    oneDNN linear with its bias in the product (the same numbers without a pass that copies the bias)."""
+    oneDNN linear with its bias in the product (the same numbers without a pass that copies the bias):
+    :func:`adasr.ops.cpu_inference.linear_gelu` and ``linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (cpu_inference.fast_path_ok(x) and self.act.approximate == 'none'):
             return super().forward(x)
-        hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
+        hidden = cpu_inference.linear_gelu(x, self.fc1.weight, self.fc1.bias)
         return cpu_inference.linear(hidden, self.fc2.weight, self.fc2.bias)
 
 

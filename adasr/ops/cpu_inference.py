@@ -5,10 +5,18 @@ A transformer block at inference on one CPU core is mostly memory traffic: a 130
 engines below cut the work into groups of rows or windows whose intermediates stay in the core's L2 cache and run the
 same operators on them, in the same order: every output element is computed by the same kernel with the same
 operands, so the results are the plain PyTorch results bit for bit (checked by ``tests/test_cpu_inference.py`` and
-the AdaFormer equivalence tests). No autograd: callers use them when gradients are off (:func:`fast_path_ok`).
+the AdaFormer equivalence tests). That holds where PyTorch's BLAS gives a matrix product the same numbers whatever
+the rows or batch around it (:func:`blas_batch_invariant`, a check of this machine). Intel's MKL in its AVX2 code
+(Intel CPUs without AVX-512, or ``MKL_ENABLE_INSTRUCTIONS=AVX2``) does not: it picks other kernels for a few rows,
+a smaller batch or a share of rows per thread, and rounds some shapes (a 64 -> 128 linear, the GELU) otherwise
+than oneDNN. There the plain computation's own numbers depend on how a product is cut, the engines' numbers are
+the plain ones within float32 rounding (a few 1e-7 relative), and oneDNN's linears still give every row the same
+numbers in any group of rows, at any thread count. No autograd: callers use them when gradients are off
+(:func:`fast_path_ok`).
 
 * :func:`linear`: ``F.linear`` as a oneDNN linear with the bias in the product (PyTorch's ``addmm`` first copies
-  the bias into the whole output, a pass over it).
+  the bias into the whole output, a pass over it); :func:`linear_gelu`: ``F.gelu(F.linear(...))`` as one oneDNN
+  linear with a GELU post-op (no pass over the hidden activations).
 * :func:`residual_rows_`: ``x += a; x += fn(x)`` in groups of rows (a pre-norm MLP: LayerNorm, fc1, activation,
   fc2 and both residual additions while a group is in cache).
 * :func:`window_attention`: multi-head attention inside windows (relative-position bias, softmax) computed for
@@ -16,7 +24,8 @@ the AdaFormer equivalence tests). No autograd: callers use them when gradients a
 * :func:`window_attention_add_`: the same for every window of a raster token map, read from a raster-order qkv
   map and added straight into a raster-order destination (no window partition or reverse copies).
 """
-from typing import Callable, Optional
+import threading
+from typing import Callable, Dict, Optional
 
 import torch
 from torch.nn import functional as F
@@ -48,13 +57,52 @@ def fast_path_ok(x: torch.Tensor) -> bool:
     return _HAS_LINEAR_POINTWISE and onednn_ok(x)
 
 
+_lock = threading.Lock()
+_invariant: Dict[int, bool] = {}
+
+
+def blas_batch_invariant() -> bool:
+    """Whether PyTorch's float32 CPU products give a matrix the same numbers computed alone as within a larger
+    product at the current thread count: a linear of 16 and of 808 rows against the same rows of 64 and 9000, a
+    batched product of one (4 x 1024 x 16) @ (16 x 16) against it within a batch of four. Where they do, the engines
+    here give the plain computation's numbers bit for bit; where not (module docstring), within float32 rounding.
+    Checked once per process and thread count."""
+    threads = torch.get_num_threads()
+    with _lock:
+        if threads not in _invariant:
+            _invariant[threads] = _batch_invariant()
+        return _invariant[threads]
+
+
+def _batch_invariant() -> bool:
+    gen = torch.Generator().manual_seed(2025)
+    with torch.no_grad():
+        for rows, part, k, n in ((64, 16, 64, 128), (9000, 808, 128, 64), (9000, 808, 64, 128)):
+            x = torch.randn(rows, k, generator=gen)
+            w, b = torch.randn(n, k, generator=gen) * k ** -0.5, torch.randn(n, generator=gen)
+            if not torch.equal(F.linear(x[:part], w, b), F.linear(x, w, b)[:part]):
+                return False
+        q, kp = torch.randn(4, 4, 1024, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen)
+        return torch.equal(q[:1] @ kp[:1], (q @ kp)[:1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; under :func:`fast_path_ok`, from :data:`LINEAR_MIN_ROWS` rows, a oneDNN linear
     with the bias in the product (the same numbers, without the pass that copies the bias into the output; with
-    fewer rows the BLAS behind ``F.linear`` takes other kernels, whose rounding differs)."""
+    fewer rows the BLAS behind ``F.linear`` takes other kernels, whose rounding differs). Groups of at least that
+    many rows get the whole map's numbers."""
     if bias is None or x.numel() < LINEAR_MIN_ROWS * x.shape[-1] or not fast_path_ok(x):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.gelu(F.linear(x, weight, bias))`` (the exact GELU); under :func:`fast_path_ok` one oneDNN linear with the
+    GELU as a post-op, at any row count (the same numbers, without a pass over the hidden activations; a group of
+    rows gets the whole map's numbers)."""
+    if bias is None or not fast_path_ok(x):
+        return F.gelu(F.linear(x, weight, bias))
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu', [], 'none')
 
 
 def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], a: Optional[torch.Tensor] = None,
