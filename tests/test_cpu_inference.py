@@ -127,7 +127,7 @@ def test_residual_rows_matches_whole_map(b, n, rows, threads, torch_threads):
         ref = ref + fn(ref)
         out = x.clone()
         assert ci.residual_rows_(out, lambda r: groups.append(len(r)) or fn(r), a, rows=rows) is out
-        assert_same_numbers(out, ref)  # (oneDNN's products, or the BLAS's where they would round otherwise)
+        assert torch.equal(out, ref)  # oneDNN's linears: a row's numbers whatever the group, on every CPU
         plain = x.clone()
         ci.residual_rows_(plain, lambda r: fc2(F.gelu(fc1(norm(r)))), rows=rows)
         assert_same_numbers(plain, x + fc2(F.gelu(fc1(norm(x)))))
