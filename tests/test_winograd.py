@@ -230,18 +230,21 @@ needs_blas = pytest.mark.skipif(not winograd.numba_available() or blas.sgemm_sym
 
 @needs_blas
 @pytest.mark.parametrize('variant', ['f2', 'f4'])
-@pytest.mark.parametrize('shape,block_tiles', [((1, 16, 40), 128), ((2, 13, 29), 128), ((1, 12, 16), 18),
-                                               ((1, 9, 7), 2)])
-def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, shape, block_tiles):
+@pytest.mark.parametrize('shape,block_tiles,group_tiles', [((1, 16, 40), 128, 64), ((2, 13, 29), 128, 64),
+                                                           ((1, 12, 16), 18, 64), ((1, 9, 7), 2, 64),
+                                                           ((1, 16, 40), 128, 7), ((2, 13, 29), 40, 12)])
+def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, shape, block_tiles, group_tiles):
     """The compiled driver (input strip, transforms and BLAS products in one call) gives the Python block loop's
-    numbers bit for bit: whole and partial tiles (odd sizes), a last block of fewer tile rows, batches, ReLU, one and
-    two threads (the worker pool), and it is the path taken for channels-last tensors."""
+    numbers bit for bit: whole and partial tiles (odd sizes), a last block of fewer tile rows, product groups within
+    a tile row and across tile rows with a last smaller group, batches, ReLU, one and two threads (the worker pool),
+    and it is the path taken for channels-last tensors."""
     gen = torch.Generator().manual_seed(sum(shape))
     (n, h, w), c, co = shape, 8, 16
     x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(co, c, 3, 3, generator=gen) / 8, torch.randn(co, generator=gen)
     conv = winograd.WinogradConv3x3(weight, bias, variant)
     monkeypatch.setattr(winograd, '_BLOCK_TILES', block_tiles)
+    monkeypatch.setattr(winograd, '_GROUP_TILES', group_tiles)
     monkeypatch.setattr(winograd, '_DRIVER_MIN_BLOCKS', 1)
     calls = []
     driver = winograd._forward_compiled
@@ -271,7 +274,7 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
     nr, nq = -(-h // conv.plan.m), -(-w // conv.plan.m)
     rows = max(1, block_tiles // nq)
     driven = winograd._blas_matches(winograd._kernels(conv.plan, c, co), conv.plan, c, co,
-                                    {rows * nq, nr % rows * nq})
+                                    winograd._group_sizes({rows * nq, nr % rows * nq}))
     assert len(calls) == (8 if driven else 0)
     assert _rel_err(y, _reference(x, weight, bias, relu=True)) < REL_TOL[variant]
 
@@ -310,6 +313,14 @@ def test_sgemm_params_layout():
     p = blas.sgemm_params(64, 240, 32, 64, 1024, 64)
     assert chr(p[0]) == 'N' and p[1:7].tolist() == [64, 240, 32, 64, 1024, 64]
     assert p[7:].view(np.float32).tolist() == [1.0, 0.0]
+
+
+def test_product_groups_of_blocks(monkeypatch):
+    """A block's tiles are multiplied ``_GROUP_TILES`` at a time; the BLAS check covers every group size."""
+    monkeypatch.setattr(winograd, '_GROUP_TILES', 64)
+    assert winograd._group_sizes({240, 0}) == {64, 48}  # F(2x2) at width 480: 3 groups of 64 and one of 48
+    assert winograd._group_sizes({128, 64}) == {64}
+    assert winograd._group_sizes({30, 120}) == {30, 64, 56}
 
 
 @pytest.mark.parametrize('driver', [False, True])

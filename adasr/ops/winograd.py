@@ -160,9 +160,10 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
 
     The image runs in blocks of whole tile rows (:data:`_BLOCK_TILES` tiles), each on one thread: the block's input
     rows are copied, zero-padded, into a channels-last strip of the thread's reused buffers (no full padded copy of
-    the input, no page faults of fresh buffers), transformed, multiplied (one batched GEMM over the (m + 2)^2
-    points) and transformed back, straight into the output where it is channels-last and made of whole tiles, else
-    through an output strip."""
+    the input, no page faults of fresh buffers), then its tiles :data:`_GROUP_TILES` at a time are transformed,
+    multiplied (one batched GEMM over the (m + 2)^2 points) and transformed back (the group's transformed tiles and
+    products stay in L2), straight into the output where it is channels-last and made of whole tiles, else through
+    an output strip."""
     p = conv.plan
     m = p.m
     n, c, h, w = x.shape
@@ -173,7 +174,7 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
     compiled = (channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
-                and _blas_matches(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq}))
+                and _blas_matches(kernels, p, c, conv.cout, _group_sizes({rows * nq, nr % rows * nq})))
     # the compiled driver adds a channels-last residual as it writes the output; elsewhere it is added after
     fuse = compiled and residual is not None and is_channels_last(residual)
     out = residual if fuse and inplace else torch.empty(n, conv.cout, h, w, dtype=x.dtype,
@@ -261,7 +262,7 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
         x_rows, y_rows = xs[b].detach().numpy().reshape(h, -1), ys[b].numpy().reshape(h, -1)
         r_rows = y_rows if rs is None else rs[b].detach().numpy().reshape(h, -1)
         kernels.conv_blocks(x_rows, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y_rows, ostrip, mode, r_rows,
-                            params)
+                            params, _GROUP_TILES)
 
     from adasr.ops.config import worker_threads
     from adasr.ops.scheduling import parallel_for
@@ -306,6 +307,11 @@ def _blas_matches(kernels, plan: '_Plan', c: int, co: int, tiles) -> bool:
     return all(_blas_checked[key] for key in keys)
 
 
+def _group_sizes(block_tiles) -> set:
+    """The tile counts of the product groups of blocks of ``block_tiles`` tiles (:data:`_GROUP_TILES` at a time)."""
+    return {size for t in block_tiles if t for size in (min(t, _GROUP_TILES), t % _GROUP_TILES) if size}
+
+
 def _gemm_params(a2: int, c: int, co: int):
     """The BLAS arguments of a block's products (``gemms``: (Co x t) = u[p]^T (Co x C) @ v[:, p]^T (C x t),
     column-major, v's rows ``a2`` C apart); ``gemms`` sets t."""
@@ -331,10 +337,10 @@ def _buffers(rows: int, nq: int, m: int, c: int, co: int) -> Dict[str, torch.Ten
     """This thread's block buffers (kept between calls: a fresh large buffer costs its page faults each time).
     Normal tensors even when first made under ``torch.inference_mode()`` (an inference tensor could not be written
     in place by a later call outside it)."""
-    key = (rows, nq, m, c, co)
+    key = (rows, nq, m, c, co, _GROUP_TILES)
     cache = getattr(_local, 'buffers', None)
     if cache is None or cache[0] != key:
-        a, t = m + 2, rows * nq
+        a, t = m + 2, min(rows * nq, _GROUP_TILES)
         with torch.inference_mode(False):
             strip = torch.empty(rows * m + 2, nq * m + 2, c)
             strip[:, 0].zero_()
@@ -368,20 +374,23 @@ def _block_torch(xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', nr
 
 def _block_numba(kernels, xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', nrb: int, relu: bool,
                  buf: Dict[str, torch.Tensor]) -> None:
-    """The same block with the compiled tile transforms (:func:`_kernels`) around one batched GEMM."""
+    """The same block with the compiled tile transforms (:func:`_kernels`) around batched GEMMs, the block's tiles
+    :data:`_GROUP_TILES` at a time as the compiled driver takes them."""
     p = conv.plan
     m, a = p.m, p.m + 2
     co = conv.cout
     nq = (xp.shape[1] - 2) // m
+    x_rows, y_rows = xp.numpy().reshape(xp.shape[0], -1), yp.numpy().reshape(yp.shape[0], -1)
+    bias = (conv.bias if conv.bias is not None else _zeros(co)).numpy()
+    out_tiles = kernels.output_tiles_relu if relu else kernels.output_tiles
     t = nrb * nq
-    v = buf['v'][:t]  # tile-major: the transform writes each tile's (A B, c) block contiguously
-    kernels.input_rows(xp.numpy().reshape(xp.shape[0], -1), 0, nrb, nq, v.numpy().reshape(t, -1))
-    prod = buf['prod'][:a * a * t * co].view(a * a, t, co)
-    torch.bmm(v.transpose(0, 1), conv.u, out=prod)  # (A B, t, co)
-    bias = conv.bias if conv.bias is not None else _zeros(co)
-    out_rows = kernels.output_rows_relu if relu else kernels.output_rows
-    y_rows = yp.numpy().reshape(yp.shape[0], -1)
-    out_rows(prod.numpy(), 0, nrb, nq, bias.numpy(), y_rows, y_rows)
+    for i0 in range(0, t, _GROUP_TILES):
+        g = min(t, i0 + _GROUP_TILES) - i0
+        v = buf['v'][:g]  # tile-major: the transform writes each tile's (A B, c) block contiguously
+        kernels.input_tiles(x_rows, i0, i0 + g, nq, v.numpy().reshape(g, -1))
+        prod = buf['prod'][:a * a * g * co].view(a * a, g, co)
+        torch.bmm(v.transpose(0, 1), conv.u, out=prod)  # (A B, g, co)
+        out_tiles(prod.numpy(), i0, i0 + g, nq, bias, y_rows, y_rows)
 
 
 _zero_cache: Dict[int, torch.Tensor] = {}
@@ -395,7 +404,10 @@ def _zeros(n: int) -> torch.Tensor:
 
 _USE_POOL = True  # blocks on the worker pool when PyTorch has more than one thread (else: multithreaded GEMMs)
 _PARTS_PER_THREAD = 2  # the compiled driver's runs of blocks per worker thread (balance against call overhead)
-_BLOCK_TILES = 128  # tiles per block (rounded to whole tile rows): the block's transformed tiles stay in L2
+_BLOCK_TILES = 128  # tiles per block (rounded up to whole tile rows): one input strip, copied once
+# tiles per product group within a block: transformed, multiplied and transformed back while in L2 (F(2x2) at
+# 272 x 480: 240-tile blocks took 80 ms a convolution on an AMX Xeon, groups of 64 tiles 62 ms; docs/winograd.md)
+_GROUP_TILES = 64
 # fewest blocks for the compiled driver: it saves ~50 us of Python a block, and compiling it for a new variant and
 # channel counts takes a few seconds (once per machine: numba's cache)
 _DRIVER_MIN_BLOCKS = 16
@@ -456,10 +468,11 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             for i in range(a) for j in range(a)]
     src += ['', '',
             '@numba.njit(nogil=True, cache=True)',
-            'def input_rows(x, r0, nrb, nq, v):',
-            '    for rr in range(nrb):',
-            '        for q in range(nq):',
-            f'            input_tile(x, (r0 + rr) * {m}, q * {m * c}, v[rr * nq + q])']
+            'def input_tiles(x, i0, i1, nq, v):',
+            '    """Tiles i0 .. i1 - 1 of a block (tile i: tile row i // nq, column i % nq of the strip x) -> v[0 ..'
+            ' i1 - i0)."""',
+            '    for i in range(i0, i1):',
+            f'        input_tile(x, (i // nq) * {m}, (i % nq) * {m * c}, v[i - i0])']
     for mode in ('', '_relu', '_add'):
         name = 'output_tile' + mode
         src += ['', '', '@numba.njit(nogil=True, cache=True, inline="always")',
@@ -483,11 +496,12 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
                 value = {'': 'w', '_relu': 'max(w, F32(0.0))', '_add': f'w + rr[{v * co} + k]'}[mode]
                 src.append(f'        yr[{v * co} + k] = {value}')
         src += ['', '', '@numba.njit(nogil=True, cache=True)',
-                f'def {name.replace("tile", "rows")}(prod, r0, nrb, nq, bias, y, r):',
+                f'def {name.replace("tile", "tiles")}(prod, i0, i1, nq, bias, y, r):',
+                '    """Tiles i0 .. i1 - 1 of a block (their products: prod[:, 0 .. i1 - i0)) -> the block\'s output'
+                ' rows y."""',
                 f'    s = np.empty({m * a * co}, np.float32)',
-                '    for rr in range(nrb):',
-                '        for q in range(nq):',
-                f'            {name}(prod, rr * nq + q, bias, y, (r0 + rr) * {m}, q * {m * co}, s, r)']
+                '    for i in range(i0, i1):',
+                f'        {name}(prod, i - i0, bias, y, (i // nq) * {m}, (i % nq) * {m * co}, s, r)']
     src += ['', '', blas.sgemm_declaration(), '', '',
             '@numba.njit(nogil=True, cache=True)',
             'def gemms(v, u, prod, t, params):',
@@ -500,12 +514,14 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             f'              v.ctypes.data + p * {4 * c}, ip + 20, ip + 32, prod[p].ctypes.data, ip + 24)',
             '', '',
             '@numba.njit(nogil=True, cache=True)',
-            'def conv_blocks(x, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y, ostrip, mode, r, params):',
+            'def conv_blocks(x, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y, ostrip, mode, r, params,'
+            ' group):',
             '    """Blocks b0 .. b1 - 1 (``rows`` tile rows each, nr in all) of the convolution of one image, as'
             ' _forward\'s Python block loop computes them: x (H, W C) and y (H, W Co) channels-last rows; strip'
-            ' (rows m + 2, (nq m + 2) C), v (rows nq, A A C), prod (A A rows nq Co,) and ostrip (rows m, nq m Co):'
+            ' (rows m + 2, (nq m + 2) C), v (group, A A C), prod (A A group Co,) and ostrip (rows m, nq m Co):'
             ' buffers; u (A A, C, Co) transformed weights; mode 0: y = conv, 1: ReLU(conv), 2: conv + r (r: rows'
-            ' like y, which may be y itself)."""',
+            ' like y, which may be y itself). A block\'s tiles are transformed, multiplied and transformed back'
+            ' ``group`` at a time (:func:`_groups`)."""',
             f'    wc = w * {c}',
             '    for blk in range(b0, b1):',
             '        r0 = blk * rows',
@@ -520,19 +536,21 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             f'                row[{c} + wc:] = 0',
             '            else:',
             '                row[:] = 0',
-            '        vt = v[:t]',
-            '        input_rows(strip, 0, nrb, nq, vt)',
-            f'        pb = prod[:{a * a * co} * t].reshape({a * a}, t, {co})',
-            '        gemms(vt, u, pb, t, params)',
             f'        rows_out = min(nrb * {m}, h - r0 * {m})',
             f'        whole = rows_out == nrb * {m} and w == nq * {m}',
             f'        dst = y[r0 * {m}:] if whole else ostrip',
-            '        if mode == 1:',
-            '            output_rows_relu(pb, 0, nrb, nq, bias, dst, dst)',
-            '        elif mode == 2 and whole:',
-            f'            output_rows_add(pb, 0, nrb, nq, bias, dst, r[r0 * {m}:])',
-            '        else:',
-            '            output_rows(pb, 0, nrb, nq, bias, dst, dst)',
+            '        for i0 in range(0, t, group):',
+            '            i1 = min(t, i0 + group)',
+            '            vt = v[:i1 - i0]',
+            '            input_tiles(strip, i0, i1, nq, vt)',
+            f'            pb = prod[:{a * a * co} * (i1 - i0)].reshape({a * a}, i1 - i0, {co})',
+            '            gemms(vt, u, pb, i1 - i0, params)',
+            '            if mode == 1:',
+            '                output_tiles_relu(pb, i0, i1, nq, bias, dst, dst)',
+            '            elif mode == 2 and whole:',
+            f'                output_tiles_add(pb, i0, i1, nq, bias, dst, r[r0 * {m}:])',
+            '            else:',
+            '                output_tiles(pb, i0, i1, nq, bias, dst, dst)',
             '        if not whole:',
             '            for i in range(rows_out):',
             '                if mode == 2:',
