@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from adasr.ops import blas, config, winograd
+from tests.helpers.numerics import assert_same_numbers
 
 ENGINES = ['torch', pytest.param('auto', marks=pytest.mark.skipif(not winograd.numba_available(),
                                                                    reason='numba is not installed'))]
@@ -117,7 +118,8 @@ def test_engines_agree_and_threads_give_the_same_numbers():
     finally:
         torch.set_num_threads(threads)
         winograd._BLOCK_TILES = old_block
-    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    # other blocks, so other product groups: bit for bit where the BLAS multiplies a tile alike in any group
+    assert_same_numbers(two, one)
     winograd.set_engine('torch')
     try:
         with torch.no_grad():
@@ -217,10 +219,13 @@ def test_inference_mode_and_strided_input(engine):
     assert _rel_err(y, _reference(x, weight, None, relu=True)) < REL_TOL[winograd.DEFAULT_VARIANT]
 
 
-def _python_blocks(monkeypatch, fn):
-    """``fn()`` with the compiled block driver turned off (the Python block loop around ``torch.bmm``)."""
+def _python_blocks(monkeypatch, fn, group=None):
+    """``fn()`` with the compiled block driver turned off (the Python block loop around ``torch.bmm``), its product
+    groups of ``group`` tiles when given."""
     with monkeypatch.context() as m:
         m.setattr(winograd, '_blas_matches', lambda *args: False)
+        if group:
+            m.setattr(winograd, '_GROUP_TILES', group)
         return fn()
 
 
@@ -246,6 +251,11 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
     monkeypatch.setattr(winograd, '_BLOCK_TILES', block_tiles)
     monkeypatch.setattr(winograd, '_GROUP_TILES', group_tiles)
     monkeypatch.setattr(winograd, '_DRIVER_MIN_BLOCKS', 1)
+    nr, nq = -(-h // conv.plan.m), -(-w // conv.plan.m)
+    rows = max(1, block_tiles // nq)
+    # the driver's product groups: group_tiles, else a fallback size or whole blocks the BLAS check passes
+    group = winograd._driver_group(winograd._kernels(conv.plan, c, co), conv.plan, c, co,
+                                   {rows * nq, nr % rows * nq})
     calls = []
     driver = winograd._forward_compiled
     monkeypatch.setattr(winograd, '_forward_compiled', lambda *a: calls.append(1) or driver(*a))
@@ -256,26 +266,22 @@ def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, sha
             for relu in (False, True):
                 for t in (1, 2):
                     torch.set_num_threads(t)
-                    ref = _python_blocks(monkeypatch, lambda: conv(x, relu))
+                    ref = _python_blocks(monkeypatch, lambda: conv(x, relu), group)
                     y = conv(x, relu)
                     assert y.is_contiguous(memory_format=torch.channels_last)
                     torch.testing.assert_close(y, ref, rtol=0, atol=0)
             for t in (1, 2):  # the residual added in the output transform: the numbers of the addition after it
                 torch.set_num_threads(t)
-                ref = _python_blocks(monkeypatch, lambda: conv(x).add_(r))
+                ref = _python_blocks(monkeypatch, lambda: conv(x).add_(r), group)
                 torch.testing.assert_close(winograd._forward(x, conv, False, r), ref, rtol=0, atol=0)
                 acc = r.clone()
                 assert winograd._forward(x, conv, False, acc, True) is acc
                 torch.testing.assert_close(acc, ref, rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
-    # the driver runs where this BLAS gives torch.bmm's numbers for the blocks' tile counts (MKL on an AMX Xeon does
+    # the driver runs where this BLAS gives torch.bmm's numbers for the groups' tile counts (MKL on an AMX Xeon does
     # not below 4 tiles: there the Python loop runs, with the same numbers, as asserted above)
-    nr, nq = -(-h // conv.plan.m), -(-w // conv.plan.m)
-    rows = max(1, block_tiles // nq)
-    driven = winograd._blas_matches(winograd._kernels(conv.plan, c, co), conv.plan, c, co,
-                                    winograd._group_sizes({rows * nq, nr % rows * nq}))
-    assert len(calls) == (8 if driven else 0)
+    assert len(calls) == (0 if group is None else 8)
     assert _rel_err(y, _reference(x, weight, bias, relu=True)) < REL_TOL[variant]
 
 
@@ -321,6 +327,28 @@ def test_product_groups_of_blocks(monkeypatch):
     assert winograd._group_sizes({240, 0}) == {64, 48}  # F(2x2) at width 480: 3 groups of 64 and one of 48
     assert winograd._group_sizes({128, 64}) == {64}
     assert winograd._group_sizes({30, 120}) == {30, 64, 56}
+    assert winograd._group_sizes({240}, 56) == {56, 16}
+
+
+def test_driver_groups_fall_back_where_the_blas_check_fails(monkeypatch):
+    """Where the BLAS multiplies some group size otherwise than torch.bmm (Intel's MKL in AVX2 code: 64 and 32
+    columns), the driver takes the next size whose groups all pass, then whole blocks, then none."""
+    plan = winograd._plan('f2')
+    failing = set()
+    monkeypatch.setattr(winograd, '_GROUP_TILES', 64)
+    monkeypatch.setattr(winograd, '_GROUP_FALLBACKS', (60, 56, 48))
+    monkeypatch.setattr(winograd, '_blas_matches', lambda k, p, c, co, sizes: not sizes & failing)
+    assert winograd._driver_group(None, plan, 8, 16, {240, 0}) == 64
+    failing = {64}
+    assert winograd._driver_group(None, plan, 8, 16, {240, 0}) == 60  # four groups of 60
+    failing = {64, 60}
+    assert winograd._driver_group(None, plan, 8, 16, {240, 0}) == 56  # four of 56 and one of 16
+    failing = {16}  # the last group of 64 (48 tiles) passes, 56's last (16) fails: still 64
+    assert winograd._driver_group(None, plan, 8, 16, {240, 0}) == 64
+    failing = {64, 60, 56, 48}
+    assert winograd._driver_group(None, plan, 8, 16, {240, 120}) == 240  # whole blocks: groups of 240 and 120
+    failing = {64, 60, 56, 48, 240}
+    assert winograd._driver_group(None, plan, 8, 16, {240, 120}) is None
 
 
 @pytest.mark.parametrize('driver', [False, True])

@@ -173,8 +173,10 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
         _check_residual(residual, (n, conv.cout, h, w), relu, x)
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
-    compiled = (channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
-                and _blas_matches(kernels, p, c, conv.cout, _group_sizes({rows * nq, nr % rows * nq})))
+    group = None  # tiles per product group: the compiled driver's where it runs
+    if channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS:
+        group = _driver_group(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq})
+    compiled, group = group is not None, group or _GROUP_TILES
     # the compiled driver adds a channels-last residual as it writes the output; elsewhere it is added after
     fuse = compiled and residual is not None and is_channels_last(residual)
     out = residual if fuse and inplace else torch.empty(n, conv.cout, h, w, dtype=x.dtype,
@@ -183,9 +185,9 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
     xs, ys = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # (N, H, W, C) views
     if compiled:
         if fuse:
-            _forward_compiled(kernels, xs, ys, conv, 2, rows, nr, nq, residual.permute(0, 2, 3, 1))
+            _forward_compiled(kernels, xs, ys, conv, 2, rows, nr, nq, group, residual.permute(0, 2, 3, 1))
             return out
-        _forward_compiled(kernels, xs, ys, conv, int(relu), rows, nr, nq)
+        _forward_compiled(kernels, xs, ys, conv, int(relu), rows, nr, nq, group)
         return _add_residual(out, residual, inplace)
     direct_out = channels_last and w == nq * m
     # NCHW in / out: the transposing copies of the strips by compiled loops (PyTorch's copy is slow there)
@@ -197,7 +199,7 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
 
     def block(item):
         b, r0, nrb = item
-        buf = _buffers(rows, nq, m, c, conv.cout)
+        buf = _buffers(rows, nq, m, c, conv.cout, group)
         # input rows r0 m - 1 .. (r0 + nrb) m + 1, columns -1 .. nq m + 1, zero outside the image
         y0, y1 = r0 * m - 1, (r0 + nrb) * m + 1
         strip = buf['in'][:nrb * m + 2]
@@ -217,7 +219,7 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
         in_place = direct_out and rows_out == nrb * m
         target = ys[b, r0 * m:r0 * m + rows_out] if in_place else buf['out'][:nrb * m]
         if kernels is not None:
-            _block_numba(kernels, strip, target, conv, nrb, relu, buf)
+            _block_numba(kernels, strip, target, conv, nrb, relu, buf, group)
         else:
             _block_torch(strip, target, conv, nrb, relu)
         if not in_place:
@@ -243,7 +245,7 @@ def _add_residual(y: torch.Tensor, residual: Optional[torch.Tensor], inplace: bo
 
 
 def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'WinogradConv3x3', mode: int, rows: int,
-                      nr: int, nq: int, rs: Optional[torch.Tensor] = None) -> None:
+                      nr: int, nq: int, group: int, rs: Optional[torch.Tensor] = None) -> None:
     """:func:`_forward`'s blocks for channels-last x and output (xs, ys: their (N, H, W, C) views) by the compiled
     ``conv_blocks``: input strip, transform, the products by the BLAS routine ``torch.bmm`` calls
     (:mod:`adasr.ops.blas`) and the output transform in one call for all blocks of an image (on one thread) or
@@ -258,11 +260,11 @@ def _forward_compiled(kernels, xs: torch.Tensor, ys: torch.Tensor, conv: 'Winogr
     nblocks = -(-nr // rows)
 
     def run(b: int, b0: int, b1: int) -> None:
-        strip, v, prod, ostrip, params = _compiled_buffers(rows, nq, m, c, conv.cout)
+        strip, v, prod, ostrip, params = _compiled_buffers(rows, nq, m, c, conv.cout, group)
         x_rows, y_rows = xs[b].detach().numpy().reshape(h, -1), ys[b].numpy().reshape(h, -1)
         r_rows = y_rows if rs is None else rs[b].detach().numpy().reshape(h, -1)
         kernels.conv_blocks(x_rows, h, w, b0, b1, rows, nr, nq, strip, v, prod, u, bias, y_rows, ostrip, mode, r_rows,
-                            params, _GROUP_TILES)
+                            params, group)
 
     from adasr.ops.config import worker_threads
     from adasr.ops.scheduling import parallel_for
@@ -307,9 +309,22 @@ def _blas_matches(kernels, plan: '_Plan', c: int, co: int, tiles) -> bool:
     return all(_blas_checked[key] for key in keys)
 
 
-def _group_sizes(block_tiles) -> set:
-    """The tile counts of the product groups of blocks of ``block_tiles`` tiles (:data:`_GROUP_TILES` at a time)."""
-    return {size for t in block_tiles if t for size in (min(t, _GROUP_TILES), t % _GROUP_TILES) if size}
+def _group_sizes(block_tiles, group: Optional[int] = None) -> set:
+    """The tile counts of the product groups of blocks of ``block_tiles`` tiles (``group``, by default
+    :data:`_GROUP_TILES`, at a time)."""
+    g = group or _GROUP_TILES
+    return {size for t in block_tiles if t for size in (min(t, g), t % g) if size}
+
+
+def _driver_group(kernels, plan: '_Plan', c: int, co: int, block_tiles) -> Optional[int]:
+    """Tiles per product group for the compiled driver on blocks of ``block_tiles`` tiles: the first of
+    :data:`_GROUP_TILES`, :data:`_GROUP_FALLBACKS` and whole blocks whose group sizes all pass :func:`_blas_matches`
+    (Intel's MKL in AVX2 code multiplies 64 columns by sgemm_ and 32 by torch.bmm otherwise than the same columns
+    within other sizes); None when none does (the Python block loop runs)."""
+    for group in (_GROUP_TILES, *_GROUP_FALLBACKS, max(block_tiles)):
+        if _blas_matches(kernels, plan, c, co, _group_sizes(block_tiles, group)):
+            return group
+    return None
 
 
 def _gemm_params(a2: int, c: int, co: int):
@@ -321,9 +336,9 @@ def _gemm_params(a2: int, c: int, co: int):
 _local = threading.local()
 
 
-def _compiled_buffers(rows: int, nq: int, m: int, c: int, co: int):
+def _compiled_buffers(rows: int, nq: int, m: int, c: int, co: int, group: int):
     """This thread's block buffers as the NumPy arrays ``conv_blocks`` takes, and its BLAS arguments."""
-    buf = _buffers(rows, nq, m, c, co)
+    buf = _buffers(rows, nq, m, c, co, group)
     views = buf.get('numpy')
     if views is None:
         views = (buf['in'].numpy().reshape(buf['in'].shape[0], -1), buf['v'].numpy().reshape(buf['v'].shape[0], -1),
@@ -333,14 +348,14 @@ def _compiled_buffers(rows: int, nq: int, m: int, c: int, co: int):
     return views
 
 
-def _buffers(rows: int, nq: int, m: int, c: int, co: int) -> Dict[str, torch.Tensor]:
+def _buffers(rows: int, nq: int, m: int, c: int, co: int, group: int) -> Dict[str, torch.Tensor]:
     """This thread's block buffers (kept between calls: a fresh large buffer costs its page faults each time).
     Normal tensors even when first made under ``torch.inference_mode()`` (an inference tensor could not be written
     in place by a later call outside it)."""
-    key = (rows, nq, m, c, co, _GROUP_TILES)
+    key = (rows, nq, m, c, co, group)
     cache = getattr(_local, 'buffers', None)
     if cache is None or cache[0] != key:
-        a, t = m + 2, min(rows * nq, _GROUP_TILES)
+        a, t = m + 2, min(rows * nq, group)
         with torch.inference_mode(False):
             strip = torch.empty(rows * m + 2, nq * m + 2, c)
             strip[:, 0].zero_()
@@ -373,9 +388,9 @@ def _block_torch(xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', nr
 
 
 def _block_numba(kernels, xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradConv3x3', nrb: int, relu: bool,
-                 buf: Dict[str, torch.Tensor]) -> None:
+                 buf: Dict[str, torch.Tensor], group: int) -> None:
     """The same block with the compiled tile transforms (:func:`_kernels`) around batched GEMMs, the block's tiles
-    :data:`_GROUP_TILES` at a time as the compiled driver takes them."""
+    ``group`` at a time as the compiled driver takes them."""
     p = conv.plan
     m, a = p.m, p.m + 2
     co = conv.cout
@@ -384,8 +399,8 @@ def _block_numba(kernels, xp: torch.Tensor, yp: torch.Tensor, conv: 'WinogradCon
     bias = (conv.bias if conv.bias is not None else _zeros(co)).numpy()
     out_tiles = kernels.output_tiles_relu if relu else kernels.output_tiles
     t = nrb * nq
-    for i0 in range(0, t, _GROUP_TILES):
-        g = min(t, i0 + _GROUP_TILES) - i0
+    for i0 in range(0, t, group):
+        g = min(t, i0 + group) - i0
         v = buf['v'][:g]  # tile-major: the transform writes each tile's (A B, c) block contiguously
         kernels.input_tiles(x_rows, i0, i0 + g, nq, v.numpy().reshape(g, -1))
         prod = buf['prod'][:a * a * g * co].view(a * a, g, co)
@@ -408,6 +423,7 @@ _BLOCK_TILES = 128  # tiles per block (rounded up to whole tile rows): one input
 # tiles per product group within a block: transformed, multiplied and transformed back while in L2 (F(2x2) at
 # 272 x 480: 240-tile blocks took 80 ms a convolution on an AMX Xeon, groups of 64 tiles 62 ms; docs/winograd.md)
 _GROUP_TILES = 64
+_GROUP_FALLBACKS = (60, 56, 48)  # where the BLAS check fails for 64-tile groups (:func:`_driver_group`)
 # fewest blocks for the compiled driver: it saves ~50 us of Python a block, and compiling it for a new variant and
 # channel counts takes a few seconds (once per machine: numba's cache)
 _DRIVER_MIN_BLOCKS = 16
