@@ -537,7 +537,7 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             ' (rows m + 2, (nq m + 2) C), v (group, A A C), prod (A A group Co,) and ostrip (rows m, nq m Co):'
             ' buffers; u (A A, C, Co) transformed weights; mode 0: y = conv, 1: ReLU(conv), 2: conv + r (r: rows'
             ' like y, which may be y itself). A block\'s tiles are transformed, multiplied and transformed back'
-            ' ``group`` at a time (:func:`_groups`)."""',
+            ' ``group`` at a time (:func:`_driver_group`)."""',
             f'    wc = w * {c}',
             '    for blk in range(b0, b1):',
             '        r0 = blk * rows',
