@@ -330,6 +330,28 @@ def test_product_groups_of_blocks(monkeypatch):
     assert winograd._group_sizes({240}, 56) == {56, 16}
 
 
+@needs_blas
+def test_driver_and_python_loop_take_the_same_groups(monkeypatch):
+    """Where groups of 64 fail the BLAS check (a stand-in for Intel's MKL in AVX2 code), the driver (channels-last,
+    enough blocks) and the Python block loop (NCHW) both multiply in the fallback groups of 60: a tile's numbers do
+    not depend on the memory format."""
+    monkeypatch.setattr(winograd, '_blas_checked', {})
+    monkeypatch.setattr(winograd, '_blas_matches', lambda k, p, c, co, sizes: 64 not in sizes)
+    seen = {}
+    driver, loop = winograd._forward_compiled, winograd._block_numba
+    monkeypatch.setattr(winograd, '_forward_compiled',
+                        lambda *a: seen.setdefault('driver', a[8]) and driver(*a))
+    monkeypatch.setattr(winograd, '_block_numba', lambda *a: seen.setdefault('loop', a[7]) and loop(*a))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 40, 240, generator=gen)  # F(2x2): 120-tile blocks, groups of 64 + 56 fail, 60 + 60 pass
+    conv = winograd.WinogradConv3x3(torch.randn(16, 8, 3, 3, generator=gen) / 8, None, 'f2')
+    with torch.no_grad():
+        y_cl = conv(x.contiguous(memory_format=torch.channels_last))
+        y = conv(x)
+    assert seen == {'driver': 60, 'loop': 60}
+    assert torch.equal(y, y_cl)
+
+
 def test_driver_groups_fall_back_where_the_blas_check_fails(monkeypatch):
     """Where the BLAS multiplies some group size otherwise than torch.bmm (Intel's MKL in AVX2 code: 64 and 32
     columns), the driver takes the next size whose groups all pass, then whole blocks, then none."""

@@ -173,10 +173,11 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
         _check_residual(residual, (n, conv.cout, h, w), relu, x)
     kernels = _kernels(p, c, conv.cout) if _engine() == 'numba' else None
     rows = max(1, _BLOCK_TILES // nq)  # tile rows per block
-    group = None  # tiles per product group: the compiled driver's where it runs
-    if channels_last and kernels is not None and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS:
-        group = _driver_group(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq})
-    compiled, group = group is not None, group or _GROUP_TILES
+    # tiles per product group, the same for the compiled driver and the Python block loop (the numbers of a tile's
+    # products may depend on the group size: they must not depend on the memory format or the number of blocks)
+    group = None if kernels is None else _driver_group(kernels, p, c, conv.cout, {rows * nq, nr % rows * nq})
+    compiled = group is not None and channels_last and n * -(-nr // rows) >= _DRIVER_MIN_BLOCKS
+    group = group or _GROUP_TILES
     # the compiled driver adds a channels-last residual as it writes the output; elsewhere it is added after
     fuse = compiled and residual is not None and is_channels_last(residual)
     out = residual if fuse and inplace else torch.empty(n, conv.cout, h, w, dtype=x.dtype,
