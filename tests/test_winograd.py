@@ -237,12 +237,16 @@ needs_blas = pytest.mark.skipif(not winograd.numba_available() or blas.sgemm_sym
 @pytest.mark.parametrize('variant', ['f2', 'f4'])
 @pytest.mark.parametrize('shape,block_tiles,group_tiles', [((1, 16, 40), 128, 64), ((2, 13, 29), 128, 64),
                                                            ((1, 12, 16), 18, 64), ((1, 9, 7), 2, 64),
-                                                           ((1, 16, 40), 128, 7), ((2, 13, 29), 40, 12)])
+                                                           ((1, 16, 40), 128, 7), ((2, 13, 29), 40, 12),
+                                                           ((1, 32, 1), 4, 64), ((1, 48, 3), 4, 64),
+                                                           ((2, 30, 11), 12, 4)])
 def test_compiled_blocks_give_the_python_loops_numbers(monkeypatch, variant, shape, block_tiles, group_tiles):
     """The compiled driver (input strip, transforms and BLAS products in one call) gives the Python block loop's
     numbers bit for bit: whole and partial tiles (odd sizes), a last block of fewer tile rows, product groups within
     a tile row and across tile rows with a last smaller group, batches, ReLU, one and two threads (the worker pool),
-    and it is the path taken for channels-last tensors."""
+    and it is the path taken for channels-last tensors. Blocks inside the image read their inner tiles from the
+    input itself and the first and last tile column from zero-padded edge strips: images one to three tile columns
+    wide (one column: the edge strip is cut at the image's right edge too) and wider ones."""
     gen = torch.Generator().manual_seed(sum(shape))
     (n, h, w), c, co = shape, 8, 16
     x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -313,6 +317,35 @@ def test_blas_check_rejects_other_numbers_and_falls_back(monkeypatch):
     assert set(winograd._blas_checked.values()) == {False}
     with torch.no_grad():
         torch.testing.assert_close(y, _python_blocks(monkeypatch, lambda: conv(x)), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not winograd.numba_available(), reason='numba is not installed')
+@pytest.mark.parametrize('variant', ['f2', 'f4'])
+@pytest.mark.parametrize('w', [1, 2, 3, 7, 8, 13])
+def test_tiles_read_inside_the_image_equal_the_strips(variant, w):
+    """``input_tiles_image`` (a block inside the image: inner tile columns read from the image rows, the first and
+    the last from zero-padded edge strips) gives ``input_tiles``' transformed tiles of the zero-padded strip bit for
+    bit, for images one tile column wide (the first column is also the last: its strip is cut at the right edge),
+    two, and more, whole and partial last tiles, and tile groups starting inside a tile row."""
+    plan = winograd._plan(variant)
+    m, a, c = plan.m, plan.m + 2, 3
+    k = winograd._kernels(plan, c, 5)
+    nq, nrb, y0 = -(-w // m), 2, 3  # a block of two tile rows reading image rows 3 .. 3 + 2 m + 1
+    h = y0 + nrb * m + 3
+    x = torch.randn(h, w, c, generator=torch.Generator().manual_seed(w)).numpy()
+    strip = np.zeros((nrb * m + 2, (nq * m + 2) * c), np.float32)
+    strip.reshape(nrb * m + 2, nq * m + 2, c)[:, 1:w + 1] = x[y0:y0 + nrb * m + 2]
+    left, right = (np.zeros((nrb * m + 2, a * c), np.float32) for _ in range(2))
+    for edge, q in ((left, 0), (right, nq - 1)):  # pixel columns q m - 1 .. q m + m, zero outside the image
+        for j in range(a):
+            if 0 <= q * m - 1 + j < w:
+                edge.reshape(nrb * m + 2, a, c)[:, j] = x[y0:y0 + nrb * m + 2, q * m - 1 + j]
+    t = nrb * nq
+    for i0, i1 in ((0, t), (1, t), (nq - 1, min(t, nq + 1))):
+        ref, got = (np.full((i1 - i0, a * a * c), np.nan, np.float32) for _ in range(2))
+        k.input_tiles(strip, i0, i1, nq, ref)
+        k.input_tiles_image(x.reshape(h, -1), y0, left, right, i0, i1, nq, got)
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_sgemm_params_layout():

@@ -40,10 +40,11 @@ numba there (:mod:`adasr.ops.codegen`): some seconds to compile the first time, 
 Without numba, the transforms are PyTorch matrix products (slower; see docs/winograd.md). The image runs in blocks
 of whole tile rows, through buffers each thread keeps (a few MB); with more than one PyTorch thread the blocks run
 on the worker pool of :mod:`adasr.ops.scheduling` (option ``threads``). For channels-last tensors of
-:data:`_DRIVER_MIN_BLOCKS` blocks or more a compiled driver runs them (strip, transforms, and the products by the
-BLAS routine that ``torch.bmm`` calls, reached through :mod:`adasr.ops.blas`) without returning to Python between
-them: the same numbers, checked once per process and shape against ``torch.bmm`` (any difference, or no exported
-routine, means the Python block loop).
+:data:`_DRIVER_MIN_BLOCKS` blocks or more a compiled driver runs them (transforms, and the products by the BLAS
+routine that ``torch.bmm`` calls, reached through :mod:`adasr.ops.blas`) without returning to Python between them
+and without the strip copy for blocks inside the image (their inner tiles read from the input itself): the same
+numbers, checked once per process and shape against ``torch.bmm`` (any difference, or no exported routine, means
+the Python block loop).
 
 Numerics: Winograd's transforms add rounding error (growing with m, and depending on the points); the float32
 transformed weights are rounded once from float64. ``tests/test_winograd.py`` and ``scripts/benchmark_conv.py``
@@ -160,10 +161,10 @@ def _forward(x: torch.Tensor, conv: 'WinogradConv3x3', relu: bool, residual: Opt
 
     The image runs in blocks of whole tile rows (:data:`_BLOCK_TILES` tiles), each on one thread: the block's input
     rows are copied, zero-padded, into a channels-last strip of the thread's reused buffers (no full padded copy of
-    the input, no page faults of fresh buffers), then its tiles :data:`_GROUP_TILES` at a time are transformed,
-    multiplied (one batched GEMM over the (m + 2)^2 points) and transformed back (the group's transformed tiles and
-    products stay in L2), straight into the output where it is channels-last and made of whole tiles, else through
-    an output strip."""
+    the input, no page faults of fresh buffers; the compiled driver copies only the edges of blocks inside the
+    image), then its tiles :data:`_GROUP_TILES` at a time are transformed, multiplied (one batched GEMM over the
+    (m + 2)^2 points) and transformed back (the group's transformed tiles and products stay in L2), straight into
+    the output where it is channels-last and made of whole tiles, else through an output strip."""
     p = conv.plan
     m = p.m
     n, c, h, w = x.shape
@@ -489,7 +490,21 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             '    """Tiles i0 .. i1 - 1 of a block (tile i: tile row i // nq, column i % nq of the strip x) -> v[0 ..'
             ' i1 - i0)."""',
             '    for i in range(i0, i1):',
-            f'        input_tile(x, (i // nq) * {m}, (i % nq) * {m * c}, v[i - i0])']
+            f'        input_tile(x, (i // nq) * {m}, (i % nq) * {m * c}, v[i - i0])',
+            '', '',
+            '@numba.njit(nogil=True, cache=True)',
+            'def input_tiles_image(x, y0, left, right, i0, i1, nq, v):',
+            '    """input_tiles for a block whose input rows y0 .. lie inside the image rows x (H, W C): the inner'
+            ' tile columns read x itself, the first and the last column their zero-padded strips left and right'
+            ' (rows m + 2, A C)."""',
+            '    for i in range(i0, i1):',
+            '        r, q = i // nq, i % nq',
+            '        if q == 0:',
+            f'            input_tile(left, r * {m}, 0, v[i - i0])',
+            '        elif q == nq - 1:',
+            f'            input_tile(right, r * {m}, 0, v[i - i0])',
+            '        else:',
+            f'            input_tile(x, y0 + r * {m}, (q * {m} - 1) * {c}, v[i - i0])']
     for mode in ('', '_relu', '_add'):
         name = 'output_tile' + mode
         src += ['', '', '@numba.njit(nogil=True, cache=True, inline="always")',
@@ -538,28 +553,50 @@ def kernel_source(plan: '_Plan', c: int, co: int) -> str:
             ' (rows m + 2, (nq m + 2) C), v (group, A A C), prod (A A group Co,) and ostrip (rows m, nq m Co):'
             ' buffers; u (A A, C, Co) transformed weights; mode 0: y = conv, 1: ReLU(conv), 2: conv + r (r: rows'
             ' like y, which may be y itself). A block\'s tiles are transformed, multiplied and transformed back'
-            ' ``group`` at a time (:func:`_driver_group`)."""',
+            ' ``group`` at a time (:func:`_driver_group`). A block whose input rows lie inside the image is not'
+            ' copied: its inner tiles are read from x, its first and last tile column from zero-padded strips of'
+            ' them (the same numbers, a pass over the input less)."""',
             f'    wc = w * {c}',
+            f'    left = np.empty((rows * {m} + 2, {a * c}), np.float32)',
+            f'    right = np.empty((rows * {m} + 2, {a * c}), np.float32)',
             '    for blk in range(b0, b1):',
             '        r0 = blk * rows',
             '        nrb = min(rows, nr - r0)',
             '        t = nrb * nq',
-            f'        for i in range(nrb * {m} + 2):  # input rows r0 m - 1 .., zero outside the image',
-            f'            yy = r0 * {m} - 1 + i',
-            '            row = strip[i]',
-            '            if yy >= 0 and yy < h:',
-            f'                row[:{c}] = 0',
-            f'                row[{c}:{c} + wc] = x[yy, :wc]',
-            f'                row[{c} + wc:] = 0',
-            '            else:',
-            '                row[:] = 0',
+            f'        y0 = r0 * {m} - 1  # the block reads input rows y0 .. y0 + nrb m + 1',
+            f'        inside = y0 >= 0 and y0 + nrb * {m} + 1 < h',
+            '        if inside:  # strips of the first and the last tile column only, zero outside the image',
+            f'            for i in range(nrb * {m} + 2):',
+            f'                for j in range({a}):',
+            f'                    xl, xr = j - 1, (nq - 1) * {m} - 1 + j',
+            '                    if xl >= 0 and xl < w:',
+            f'                        left[i, j * {c}:(j + 1) * {c}] = x[y0 + i, xl * {c}:(xl + 1) * {c}]',
+            '                    else:',
+            f'                        left[i, j * {c}:(j + 1) * {c}] = 0',
+            '                    if xr >= 0 and xr < w:',
+            f'                        right[i, j * {c}:(j + 1) * {c}] = x[y0 + i, xr * {c}:(xr + 1) * {c}]',
+            '                    else:',
+            f'                        right[i, j * {c}:(j + 1) * {c}] = 0',
+            '        else:',
+            f'            for i in range(nrb * {m} + 2):  # the whole strip, zero outside the image',
+            '                yy = y0 + i',
+            '                row = strip[i]',
+            '                if yy >= 0 and yy < h:',
+            f'                    row[:{c}] = 0',
+            f'                    row[{c}:{c} + wc] = x[yy, :wc]',
+            f'                    row[{c} + wc:] = 0',
+            '                else:',
+            '                    row[:] = 0',
             f'        rows_out = min(nrb * {m}, h - r0 * {m})',
             f'        whole = rows_out == nrb * {m} and w == nq * {m}',
             f'        dst = y[r0 * {m}:] if whole else ostrip',
             '        for i0 in range(0, t, group):',
             '            i1 = min(t, i0 + group)',
             '            vt = v[:i1 - i0]',
-            '            input_tiles(strip, i0, i1, nq, vt)',
+            '            if inside:',
+            '                input_tiles_image(x, y0, left, right, i0, i1, nq, vt)',
+            '            else:',
+            '                input_tiles(strip, i0, i1, nq, vt)',
             f'            pb = prod[:{a * a * co} * (i1 - i0)].reshape({a * a}, i1 - i0, {co})',
             '            gemms(vt, u, pb, i1 - i0, params)',
             '            if mode == 1:',
