@@ -421,7 +421,7 @@ def _zeros(n: int) -> torch.Tensor:
 
 _USE_POOL = True  # blocks on the worker pool when PyTorch has more than one thread (else: multithreaded GEMMs)
 _PARTS_PER_THREAD = 2  # the compiled driver's runs of blocks per worker thread (balance against call overhead)
-_BLOCK_TILES = 128  # tiles per block (rounded up to whole tile rows): one input strip, copied once
+_BLOCK_TILES = 128  # tiles per block (rounded up to whole tile rows): one input strip where it is copied
 # tiles per product group within a block: transformed, multiplied and transformed back while in L2 (F(2x2) at
 # 272 x 480: 240-tile blocks took 80 ms a convolution on an AMX Xeon, groups of 64 tiles 62 ms; docs/winograd.md)
 _GROUP_TILES = 64
