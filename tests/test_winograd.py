@@ -328,8 +328,8 @@ def test_tiles_read_inside_the_image_equal_the_strips(variant, w):
     bit, for images one tile column wide (the first column is also the last: its strip is cut at the right edge),
     two, and more, whole and partial last tiles, and tile groups starting inside a tile row."""
     plan = winograd._plan(variant)
-    m, a, c = plan.m, plan.m + 2, 3
-    k = winograd._kernels(plan, c, 5)
+    m, a, c = plan.m, plan.m + 2, C
+    k = winograd._kernels(plan, C, CO)
     nq, nrb, y0 = -(-w // m), 2, 3  # a block of two tile rows reading image rows 3 .. 3 + 2 m + 1
     h = y0 + nrb * m + 3
     x = torch.randn(h, w, c, generator=torch.Generator().manual_seed(w)).numpy()
