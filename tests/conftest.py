@@ -10,6 +10,9 @@ import torch
 import adasr  # noqa: F401  (shim + registration before anything imports basicsr)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# the CLIs called in this process (and the processes tests start) keep glibc's malloc as it is: tuning it would
+# change memory figures across tests; tests/test_malloc.py checks the tuning with an environment of its own
+os.environ.setdefault('ADASR_MALLOC', 'default')
 
 
 @pytest.fixture(autouse=True)

@@ -550,8 +550,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f'{name} must be >= {low}, got {value}')
     if args.max_memory is not None and not 0 < args.max_memory < float('inf'):
         parser.error(f'--max-memory must be a positive number of GiB, got {args.max_memory}')
-    from adasr.utils import distributed
+    from adasr.utils import distributed, malloc
 
+    try:  # freed feature maps kept for the next image and tile (no page faults each forward): docs/upscale.md
+        malloc.tune()
+    except ValueError as e:
+        parser.error(str(e))
     if args.conv3x3 is not None:
         set_option('conv3x3', args.conv3x3)
     if not distributed.launched_by_torchrun():
