@@ -124,7 +124,9 @@ class ResBlocks(nn.Sequential):
     variant of :data:`adasr.ops.winograd.VARIANTS` runs the convolutions there by Winograd's algorithm instead,
     channels-last from end to end with the ReLU in the first convolution's output transform (about 1.8x faster on
     one AVX-512 core for F(4x4, 3x3), 1.2x for F(2x2, 3x3); other rounding, docs/winograd.md); ``'auto'`` is the
-    chain's :attr:`auto` method (AdaFormer: ``'direct'`` in the encoder, ``'f2'`` in the decoder)."""
+    chain's :attr:`auto` method (AdaFormer: ``'direct'`` in the encoder, ``'f2'`` in the decoder). Under CPU
+    autocast (``--precision bf16``, no autograd) the chain runs channels-last from end to end instead: oneDNN's bf16
+    convolutions then take their input as it is, without reordering NCHW in and out of every call."""
 
     conv3x3: Optional[str] = None
     auto: str = 'direct'
