@@ -335,8 +335,8 @@ def test_tiles_read_inside_the_image_equal_the_strips(variant, w):
     x = torch.randn(h, w, c, generator=torch.Generator().manual_seed(w)).numpy()
     strip = np.zeros((nrb * m + 2, (nq * m + 2) * c), np.float32)
     strip.reshape(nrb * m + 2, nq * m + 2, c)[:, 1:w + 1] = x[y0:y0 + nrb * m + 2]
-    left, right = (np.zeros((nrb * m + 2, a * c), np.float32) for _ in range(2))
-    for edge, q in ((left, 0), (right, nq - 1)):  # pixel columns q m - 1 .. q m + m, zero outside the image
+    edges = np.zeros((2, nrb * m + 2, a * c), np.float32)
+    for edge, q in ((edges[0], 0), (edges[1], nq - 1)):  # pixel columns q m - 1 .. q m + m, zero outside the image
         for j in range(a):
             if 0 <= q * m - 1 + j < w:
                 edge.reshape(nrb * m + 2, a, c)[:, j] = x[y0:y0 + nrb * m + 2, q * m - 1 + j]
@@ -344,7 +344,7 @@ def test_tiles_read_inside_the_image_equal_the_strips(variant, w):
     for i0, i1 in ((0, t), (1, t), (nq - 1, min(t, nq + 1))):
         ref, got = (np.full((i1 - i0, a * a * c), np.nan, np.float32) for _ in range(2))
         k.input_tiles(strip, i0, i1, nq, ref)
-        k.input_tiles_image(x.reshape(h, -1), y0, left, right, i0, i1, nq, got)
+        k.input_tiles_image(x.reshape(h, -1), y0, edges, i0, i1, nq, got)
         np.testing.assert_array_equal(got, ref)
 
 
