@@ -55,6 +55,47 @@ def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
     assert alone > 0
 
 
+@pytest.mark.parametrize('shape, bias', [((1, 3, 64, 64), 20.0), ((2, 3, 40, 56), 8.0)])
+def test_halted_blocks_fused_into_the_mlp_groups_change_nothing(paper_net, shape, bias, monkeypatch):
+    """A block whose tokens and windows have all halted runs LN1 and its doubled residual in the MLP's row groups:
+    SR, every logit and mask bit for bit those of the path through the attention module (which returns u + u)."""
+    from adasr.archs import adaformer_arch as arch
+    from adasr.ops import cpu_inference
+
+    calls = []
+    fused = cpu_inference.residual_rows_
+
+    def spy(x, fn, a=None, rows=None, twice=None):
+        calls.append(twice is not None)
+        return fused(x, fn, a, rows, twice)
+
+    monkeypatch.setattr(cpu_inference, 'residual_rows_', spy)
+    x = FIX.guard_input(shape, 5)
+    sr, info = _run(paper_net, x, bias, 0.05, complete=True)
+    assert any(calls) and not all(calls)  # block 0 attends; later blocks halted
+    with monkeypatch.context() as m:
+        m.setattr(arch, '_all_halted', lambda keep_tok, keep_win: False)
+        ref_sr, ref = _run(paper_net, x, bias, 0.05, complete=True)
+    assert torch.equal(sr, ref_sr)
+    for a, b in zip(info.logits + info.global_keep + info.local_keep, ref.logits + ref.global_keep + ref.local_keep):
+        assert torch.equal(a, b)
+
+
+def test_residual_rows_twice_is_the_doubled_sum():
+    from adasr.ops import cpu_inference
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3000, 16, generator=gen) * 100
+    norm = nn.LayerNorm(16)
+    with torch.no_grad():
+        ref = x + (norm(x) + norm(x))
+        ref = ref + torch.tanh(ref)
+        out = cpu_inference.residual_rows_(x.clone(), torch.tanh, rows=700, twice=norm)
+        assert torch.equal(out, ref)
+        with pytest.raises(ValueError, match='not both'):
+            cpu_inference.residual_rows_(x.clone(), torch.tanh, x, twice=norm)
+
+
 @pytest.mark.parametrize('size,seed,split', [((16, 24), 2, 1), ((45, 61), 4, 1), ((96, 136), 7, 2)])
 def test_onednn_inference_paths_match_plain_pytorch(paper_net, size, seed, split):
     """Without autograd on the CPU the ResBlock chains, the estimator and the MLP run on oneDNN layouts and fused

@@ -166,6 +166,26 @@ def test_window_attention_add_matches_partition_and_reverse(b, h, w, windows):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize('compiled', [True, False])
+def test_window_attention_by_head_layout_and_pytorch_views_agree(compiled, monkeypatch):
+    """Both engines (q, k, v copied by head by the compiled kernels, or PyTorch's 4-D views) give the plain
+    numbers, written or added into windows of a list and of a raster map, with a last group of fewer windows."""
+    if compiled and ci._kernel(ci._windows_to_heads) is None:
+        pytest.skip('numba is not available')
+    if not compiled:
+        monkeypatch.setitem(ci._kernels, '_windows_to_heads', False)
+    assert ci._WindowGroups.available(torch.zeros(1)) is compiled
+    s, c = 8, 64
+    qkv = torch.randn(2, 16, 56, 3 * c, generator=_gen(10))
+    bias = torch.randn(4, s * s, s * s, generator=_gen(11))
+    dst = torch.randn(2, 16 * 56, c, generator=_gen(12))
+    with torch.no_grad():
+        listed = window_partition(qkv, s)  # 28 windows
+        assert torch.equal(ci.window_attention(listed, bias, 4, 12), _plain_window_attention(listed, bias, 4))
+        ref = window_reverse(_plain_window_attention(listed, bias, 4), s, 16, 56).view(2, -1, c) + dst
+        assert torch.equal(ci.window_attention_add_(qkv, bias, 4, s, dst.clone(), 4), ref)
+
+
 def test_fast_path_only_without_autograd():
     x = torch.randn(4, 8)
     assert not ci.fast_path_ok(x)  # grad mode on

@@ -481,6 +481,11 @@ class AdaFormerAttention(nn.Module):
         return self.forward_sparse(u, hw, keep_tok, keep_win, split)
 
 
+def _all_halted(keep_tok: Optional[torch.Tensor], keep_win: Optional[torch.Tensor]) -> bool:
+    """No token and no window of any sample kept (``None`` means all kept)."""
+    return keep_tok is not None and keep_win is not None and not bool(keep_tok.any()) and not bool(keep_win.any())
+
+
 class TSAB(nn.Module):
     """Token-selective attention block, pre-norm: ``x + attn(LN1 x)`` then ``x + MLP(LN2 x)``.
 
@@ -497,6 +502,11 @@ class TSAB(nn.Module):
         self.mlp = TokenMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok=None, keep_win=None, split=None) -> torch.Tensor:
+        if split is not None and _all_halted(keep_tok, keep_win) and cpu_inference.fast_path_ok(x):
+            # sparse eval, every token and window halted: both branches give u = LN1(x), the block is
+            # x + (u + u) then the MLP; LN1 and the doubled residual run in the MLP's row groups (no map of u or of
+            # u + u: the same numbers, cpu_inference.residual_rows_)
+            return cpu_inference.residual_rows_(x, lambda r: self.mlp(self.norm2(r)), twice=self.norm1)
         a = self.attn(self.norm1(x), hw, keep_tok, keep_win, split)
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             x = x + a

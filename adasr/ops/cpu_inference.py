@@ -18,9 +18,11 @@ numbers in any group of rows, at any thread count. No autograd: callers use them
   the bias into the whole output, a pass over it); :func:`linear_gelu`: ``F.gelu(F.linear(...))`` as one oneDNN
   linear with a GELU post-op (no pass over the hidden activations).
 * :func:`residual_rows_`: ``x += a; x += fn(x)`` in groups of rows (a pre-norm MLP: LayerNorm, fc1, activation,
-  fc2 and both residual additions while a group is in cache).
+  fc2 and both residual additions while a group is in cache); ``x += 2 twice(x)`` instead of ``x += a`` for a block
+  whose attention returns ``u + u`` (a block whose every token halted).
 * :func:`window_attention`: multi-head attention inside windows (relative-position bias, softmax) computed for
-  groups of windows, the softmax in place.
+  groups of windows, the softmax in place; each group's q, k and v laid out by head and the result written back
+  by compiled copies (numba, :class:`_WindowGroups`), so that the batched products take their operands as they are.
 * :func:`window_attention_add_`: the same for every window of a raster token map, read from a raster-order qkv
   map and added straight into a raster-order destination (no window partition or reverse copies).
 """
@@ -106,11 +108,16 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], a: Optional[torch.Tensor] = None,
-                   rows: Optional[int] = None) -> torch.Tensor:
+                   rows: Optional[int] = None,
+                   twice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``x += a`` (if given), then ``x += fn(x)``, in place on (..., N, C) ``x``, computed in groups of ``rows`` rows
     of the last-but-one axis (default :data:`ROWS` on one PyTorch thread, twice that per thread on more). ``fn``
     must act on each row on its own (LayerNorm, linears, pointwise functions): its output for a group is then its
-    output for those rows of the whole map, whatever the group size. Returns ``x``."""
+    output for those rows of the whole map, whatever the group size. ``twice`` (instead of ``a``; acting on each
+    row on its own too): ``x += twice(x) + twice(x)``, as ``x += 2 twice(x)`` (doubling is exact, so one rounding
+    either way: the same numbers without a map of ``twice(x)`` or of the sum). Returns ``x``."""
+    if a is not None and twice is not None:
+        raise ValueError('residual_rows_: give a or twice, not both')
     if x.dim() < 2:
         raise ValueError(f'residual_rows_ needs (..., N, C) rows, got shape {tuple(x.shape)}')
     threads = torch.get_num_threads()
@@ -122,8 +129,66 @@ def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], 
             part = flat[i, s:s + rows]
             if fa is not None:
                 part.add_(fa[i, s:s + rows])
+            elif twice is not None:
+                part.add_(twice(part), alpha=2)
             part.add_(fn(part))
     return x
+
+
+def _windows_to_heads(src, a0, da, b0, db, m, heads, hd, out):
+    """out[p, w heads + hh, ry S + rx, e] = src[a0 + w da, ry, (b0 + w db) S + rx, p C + hh hd + e] for windows
+    w < m: src (A, S, B S, 3C) holds the windows (a window row of a raster map: A the window rows, da = 0, db = 1; a
+    list of windows: B = 1, da = 1, db = 0), out (3, >= m heads, S*S, hd): each window's q, k and v split into heads,
+    every head's rows contiguous (compiled by numba; C-contiguous arrays, so the copies are vector moves)."""
+    s = src.shape[1]
+    c = heads * hd
+    for w in range(m):
+        a, b = a0 + w * da, (b0 + w * db) * s
+        for ry in range(s):
+            for rx in range(s):
+                px = src[a, ry, b + rx]
+                t = ry * s + rx
+                for p in range(3):
+                    for hh in range(heads):
+                        dst = out[p, w * heads + hh, t]
+                        base = p * c + hh * hd
+                        for e in range(hd):
+                            dst[e] = px[base + e]
+
+
+def _heads_to_windows(o, heads, hd, dst, a0, da, b0, db, m, accumulate):
+    """The way back of :func:`_windows_to_heads` (one kernel for both directions, a branch on the direction in its
+    loops, took about 1.1x the time in AVX2 code): dst[a0 + w da, ry, (b0 + w db) S + rx, hh hd + e] = o[w heads + hh,
+    ry S + rx, e] for windows w < m (``accumulate``: +=, one float32 addition each, the numbers of PyTorch's
+    ``add_``); dst (A, S, B S, C), o (m heads, S*S, hd) (compiled by numba)."""
+    s = dst.shape[1]
+    for w in range(m):
+        a, b = a0 + w * da, (b0 + w * db) * s
+        for ry in range(s):
+            for rx in range(s):
+                px = dst[a, ry, b + rx]
+                t = ry * s + rx
+                for hh in range(heads):
+                    src = o[w * heads + hh, t]
+                    base = hh * hd
+                    if accumulate:
+                        for e in range(hd):
+                            px[base + e] += src[e]
+                    else:
+                        for e in range(hd):
+                            px[base + e] = src[e]
+
+
+_kernels: Dict[str, object] = {}
+
+
+def _kernel(fn):
+    """``fn`` compiled by numba (on first use), or None where numba does not import."""
+    name = fn.__name__
+    if name not in _kernels:
+        from adasr.ops import codegen
+        _kernels[name] = codegen.compile_function(fn) or False
+    return _kernels[name] or None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -139,6 +204,41 @@ def _heads(qkv: torch.Tensor, heads: int):
     return qkv.view(m, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+class _WindowGroups:
+    """Window attention of groups of windows with q, k and v laid out by head (one compiled copy a group): every
+    head's rows contiguous, so that PyTorch's batched products take them as they are (``q @ k^T`` on 4-D views
+    copies q and k, ``attn @ v`` copies v) and the result is written or added straight into its windows by a
+    compiled pass (PyTorch walks the window layout with rows of ``hd`` floats). The products, the bias addition and
+    the softmax are PyTorch's on the same operands: the numbers of :func:`_attend` bit for bit
+    (tests/test_cpu_inference.py)."""
+
+    def __init__(self, like: torch.Tensor, windows: int, heads: int, n: int, hd: int):
+        self.heads, self.n, self.hd = heads, n, hd
+        self.gather, self.scatter = _kernel(_windows_to_heads), _kernel(_heads_to_windows)
+        self.buf = like.new_empty(3, windows * heads, n, hd)
+        self.attn = like.new_empty(windows * heads, n, n)
+        self.out = like.new_empty(windows * heads, n, hd)
+
+    def __call__(self, src, dst, where: tuple, m: int, bias: torch.Tensor, accumulate: bool) -> None:
+        """Window attention of m windows of ``src`` (numpy (A, S, B S, 3C), q already scaled) written into
+        (``accumulate``: added to) the same windows of ``dst`` (numpy (A, S, B S, C)); ``where``: (a0, da, b0, db),
+        window w at [a0 + w da, :, (b0 + w db) S : ...] (:func:`_windows_to_heads`)."""
+        heads, n, hd = self.heads, self.n, self.hd
+        mh = m * heads
+        t = self.buf[:, :mh]
+        self.gather(src, *where, m, heads, hd, t.numpy())
+        attn = torch.bmm(t[0], t[1].transpose(1, 2), out=self.attn[:mh])
+        attn.view(m, heads, n, n).add_(bias)
+        torch.softmax(attn, -1, out=attn)
+        o = torch.bmm(attn, t[2], out=self.out[:mh])
+        self.scatter(o.numpy(), heads, hd, dst, *where, m, accumulate)
+
+    @staticmethod
+    def available(x: torch.Tensor) -> bool:
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and _kernel(_windows_to_heads) is not None
+                and _kernel(_heads_to_windows) is not None)
+
+
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, windows: int = WINDOWS) -> torch.Tensor:
     """Windowed multi-head attention: qkv (nW, n, 3C) with channels [q|k|v][head][hd] and q already scaled, bias
     (heads, n, n) -> (nW, n, C), computed ``windows`` windows at a time (the plain ``softmax(q k^T + bias) v`` of
@@ -146,10 +246,17 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, windows:
     nw, n, c3 = qkv.shape
     c = c3 // 3
     out = qkv.new_empty(nw, n, c)
-    for s in range(0, nw, windows):
-        q, k, v = _heads(qkv[s:s + windows], heads)
+    s = int(round(n ** 0.5))
+    if s * s == n and _WindowGroups.available(qkv):
+        run = _WindowGroups(qkv, min(windows, nw), heads, n, c // heads)
+        src, dst = qkv.contiguous().view(nw, s, s, c3).numpy(), out.view(nw, s, s, c).numpy()
+        for w0 in range(0, nw, windows):
+            run(src, dst, (w0, 1, 0, 0), min(windows, nw - w0), bias, False)
+        return out
+    for w0 in range(0, nw, windows):
+        q, k, v = _heads(qkv[w0:w0 + windows], heads)
         o = _attend(q, k, v, bias)  # m, heads, n, hd
-        out[s:s + windows].view(-1, n, heads, c // heads).copy_(o.transpose(1, 2))
+        out[w0:w0 + windows].view(-1, n, heads, c // heads).copy_(o.transpose(1, 2))
     return out
 
 
@@ -166,6 +273,14 @@ def window_attention_add_(qkv: torch.Tensor, bias: torch.Tensor, heads: int, win
     hd = c // heads
     per_row = -(-nwx // windows)
     group = -(-nwx // per_row)  # balanced groups along a window row
+    if _WindowGroups.available(qkv) and qkv.is_contiguous() and dst.is_contiguous():
+        run = _WindowGroups(qkv, group, heads, s * s, hd)
+        for i in range(b):
+            src, out = qkv[i].view(nwy, s, w, c3).numpy(), dst[i].view(nwy, s, w, c).numpy()
+            for wy in range(nwy):
+                for x0 in range(0, nwx, group):
+                    run(src, out, (wy, 0, x0, 1), min(group, nwx - x0), bias, True)
+        return dst
     src = qkv.view(b, nwy, s, nwx, s, c3)
     out = dst.view(b, nwy, s, nwx, s, heads, hd)
     for i in range(b):
