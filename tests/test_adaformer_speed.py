@@ -55,27 +55,38 @@ def test_skipping_dead_windows_changes_nothing(paper_net, shape, eps_h, bias):
     assert alone > 0
 
 
-@pytest.mark.parametrize('shape, bias', [((1, 3, 64, 64), 20.0), ((2, 3, 40, 56), 8.0)])
-def test_halted_blocks_fused_into_the_mlp_groups_change_nothing(paper_net, shape, bias, monkeypatch):
-    """A block whose tokens and windows have all halted runs LN1 and its doubled residual in the MLP's row groups:
-    SR, every logit and mask bit for bit those of the path through the attention module (which returns u + u)."""
+@pytest.mark.parametrize('shape, bias, eps_h, kinds', [
+    ((1, 3, 64, 64), 20.0, 0.05, {'attention', 'halted'}),
+    ((1, 3, 64, 64), 3.0, 0.3, {'attention', 'kept tokens'}),
+    ((1, 3, 64, 64), 6.0, 0.05, {'attention', 'kept tokens', 'halted'}),  # one kept token: the list wraps around
+    ((2, 3, 40, 56), 6.0, 0.3, {'attention', 'kept tokens', 'halted'}),
+])
+def test_blocks_without_windows_in_the_mlp_groups_change_nothing(paper_net, shape, bias, eps_h, kinds, monkeypatch):
+    """A block where no window attends runs LN1 and its doubled residual in the MLP's row groups, the kept tokens'
+    global branch from their own LN1 rows: SR, every logit and mask bit for bit those of the path through the
+    attention module (u + u at halted tokens, global + u at kept ones), with every token halted, a few kept, one
+    kept (fewer than the chunk padding: the list repeats cyclically), and per sample in a batch of two."""
     from adasr.archs import adaformer_arch as arch
     from adasr.ops import cpu_inference
 
-    calls = []
+    seen = []
     fused = cpu_inference.residual_rows_
 
-    def spy(x, fn, a=None, rows=None, twice=None):
-        calls.append(twice is not None)
-        return fused(x, fn, a, rows, twice)
+    def spy(x, fn, a=None, rows=None, twice=None, patch=None):
+        seen.append('attention' if twice is None else 'halted' if patch is None else 'kept tokens')
+        if patch is not None and len(patch[0]) == 1:
+            seen.append('one kept')
+        return fused(x, fn, a, rows, twice, patch)
 
     monkeypatch.setattr(cpu_inference, 'residual_rows_', spy)
     x = FIX.guard_input(shape, 5)
-    sr, info = _run(paper_net, x, bias, 0.05, complete=True)
-    assert any(calls) and not all(calls)  # block 0 attends; later blocks halted
+    sr, info = _run(paper_net, x, bias, eps_h, complete=True)
+    assert kinds <= set(seen)
+    if bias == 6.0 and eps_h == 0.05:
+        assert 'one kept' in seen
     with monkeypatch.context() as m:
-        m.setattr(arch, '_all_halted', lambda keep_tok, keep_win: False)
-        ref_sr, ref = _run(paper_net, x, bias, 0.05, complete=True)
+        m.setattr(arch, '_windows_halted', lambda keep_tok, keep_win: False)
+        ref_sr, ref = _run(paper_net, x, bias, eps_h, complete=True)
     assert torch.equal(sr, ref_sr)
     for a, b in zip(info.logits + info.global_keep + info.local_keep, ref.logits + ref.global_keep + ref.local_keep):
         assert torch.equal(a, b)
@@ -91,6 +102,14 @@ def test_residual_rows_twice_is_the_doubled_sum():
         ref = x + (norm(x) + norm(x))
         ref = ref + torch.tanh(ref)
         out = cpu_inference.residual_rows_(x.clone(), torch.tanh, rows=700, twice=norm)
+        assert torch.equal(out, ref)
+        # patched rows (flat over both samples, across group boundaries) take the given values before fn
+        rows = torch.tensor([0, 699, 700, 2999, 3000, 5999])
+        values = torch.randn(6, 16, generator=gen)
+        ref = x + (norm(x) + norm(x))
+        ref.view(-1, 16)[rows] = values
+        ref = ref + torch.tanh(ref)
+        out = cpu_inference.residual_rows_(x.clone(), torch.tanh, rows=700, twice=norm, patch=(rows, values))
         assert torch.equal(out, ref)
         with pytest.raises(ValueError, match='not both'):
             cpu_inference.residual_rows_(x.clone(), torch.tanh, x, twice=norm)

@@ -389,50 +389,81 @@ class AdaFormerAttention(nn.Module):
         if keep is not None and not bool(keep.any()):
             return u + u if plus_u else u
         groups = split * split
-        order = region_order(hw[0], hw[1], split, u.device)
         qp = self._prototype_queries() * self.scale  # h, M, hd
         # every token of a sample whose tokens are all kept is overwritten below: no copy of u needed
         partial = keep is not None and not bool(keep.all())
         out = (u + u if plus_u else u.clone()) if partial else torch.empty_like(u)
-        for i in range(b):
+        for i, idx, padded, step in self._kept_lists(u, hw, keep, split):
+            self._global_chunks_into(u[i], idx, padded, groups, qp, out[i], plus_u, step)
+        return out
+
+    def _kept_lists(self, u: torch.Tensor, hw: Tuple[int, int], keep: Optional[torch.Tensor], split: int):
+        """Per sample with a kept token: (sample, its kept-token list in region order, that list padded to
+        split**2 equal chunks or None when it is every token in raster order (no gather or scatter), chunks a
+        step) for :meth:`_global_chunks_into`."""
+        groups = split * split
+        order = region_order(hw[0], hw[1], split, u.device)
+        for i in range(u.shape[0]):
             idx = order if keep is None else order[keep[i][order]]
             num = idx.numel()
             if num == 0:
                 continue
-            whole = num == n and split == 1  # all kept, one chunk in raster order: no gather
+            whole = num == u.shape[1] and split == 1  # all kept, one chunk in raster order: no gather
             pos = chunk_padding_positions(num, groups, u.device)
             padded = None if whole else idx if pos.numel() == num else idx[pos]
             step = groups  # every chunk in one step: the batched computation
             if not whole and pos.numel() >= _CHUNKWISE_MIN * groups and cpu_inference.fast_path_ok(u):
                 # CPU inference: one chunk a step in cache on one thread, steps of whole chunks on more
                 step = 1 if torch.get_num_threads() == 1 else max(1, _GLOBAL_STEP_TOKENS * groups // pos.numel())
-            self._global_chunks_into(u[i], idx, padded, groups, qp, out[i], plus_u, step)
-        return out
+            yield i, idx, padded, step
+
+    def global_plus_u_kept(self, x: torch.Tensor, norm: nn.Module, hw: Tuple[int, int], keep: torch.Tensor,
+                           split: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``global + u`` (:meth:`global_sparse` with ``plus_u``) at the kept tokens only, u = ``norm(x)`` computed
+        for the rows the branch reads and no others (a LayerNorm acts on each row on its own: the numbers of
+        normalising the whole map). Returns (flat row indices over B x N, ascending; their values (k, C)). No
+        autograd (sparse eval on the CPU)."""
+        b, n, c = x.shape
+        groups = split * split
+        qp = self._prototype_queries() * self.scale
+        rows, values = [], []
+        for i, idx, padded, step in self._kept_lists(x, hw, keep, split):
+            gathered = norm(x[i] if padded is None else x[i].index_select(0, padded))  # the list order (padded)
+            vals = x.new_empty(idx.numel(), c)
+            self._global_chunks_into(gathered, idx, padded, groups, qp, vals, True, step, gathered=True)
+            rows.append(idx + i * n)
+            values.append(vals)
+        rows, values = torch.cat(rows), torch.cat(values)
+        rows, perm = rows.sort()
+        return rows, values[perm]
 
     def _global_chunks_into(self, u: torch.Tensor, idx: torch.Tensor, padded: Optional[torch.Tensor], groups: int,
-                            qp: torch.Tensor, out: torch.Tensor, plus_u: bool, step: int) -> None:
+                            qp: torch.Tensor, out: torch.Tensor, plus_u: bool, step: int,
+                            gathered: bool = False) -> None:
         """:meth:`global_sparse` for one sample, ``step`` chunks at a time: their tokens gathered (the padded list
         before the projection: the same rows, one copy of qkv less), projected, aggregated, broadcast and written
         back. Every chunk's numbers are those of the batched computation over all chunks (``step = groups``).
         u, out (N, C); idx: the kept-token list in region order; padded: that list padded to ``groups`` equal
         chunks, or None when idx is every token in raster order (no gather, no scatter); ``plus_u``: writes
-        ``global + u``."""
+        ``global + u``. ``gathered``: ``u`` holds the rows of the padded list in its order already and ``out`` (the
+        list's length) receives the list's values in its order."""
         c = u.shape[-1]
         num = idx.numel()
         chunk = (num if padded is None else padded.numel()) // groups
+        in_order = padded is None or gathered
         for j in range(0, groups, step):
             start, m = j * chunk, min(step, groups - j)
             valid = min(m * chunk, num - start)
             if valid <= 0:
                 break
-            x = u[start:start + m * chunk] if padded is None else u.index_select(0, padded[start:start + m * chunk])
+            x = u[start:start + m * chunk] if in_order else u.index_select(0, padded[start:start + m * chunk])
             qkv = self._qkv_scaled(self.qkv, x)
             q, k, v = self._heads(qkv.view(m, chunk, 3 * c), 3)  # m, h, chunk, hd
             agg = self._merge((qp @ k.transpose(-2, -1)).softmax(-1) @ v)  # m, M, c
             y = self._broadcast(q, agg).reshape(m * chunk, c)[:valid]
             if plus_u:
                 y = y + x[:valid]  # (x: the kept tokens in list order, then the padding)
-            if padded is None:
+            if in_order:
                 out[start:start + valid] = y
             else:
                 out.index_copy_(0, idx[start:start + valid], y)
@@ -481,9 +512,9 @@ class AdaFormerAttention(nn.Module):
         return self.forward_sparse(u, hw, keep_tok, keep_win, split)
 
 
-def _all_halted(keep_tok: Optional[torch.Tensor], keep_win: Optional[torch.Tensor]) -> bool:
-    """No token and no window of any sample kept (``None`` means all kept)."""
-    return keep_tok is not None and keep_win is not None and not bool(keep_tok.any()) and not bool(keep_win.any())
+def _windows_halted(keep_tok: Optional[torch.Tensor], keep_win: Optional[torch.Tensor]) -> bool:
+    """No window of any sample kept (``None`` means all kept)."""
+    return keep_tok is not None and keep_win is not None and not bool(keep_win.any())
 
 
 class TSAB(nn.Module):
@@ -502,11 +533,8 @@ class TSAB(nn.Module):
         self.mlp = TokenMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok=None, keep_win=None, split=None) -> torch.Tensor:
-        if split is not None and _all_halted(keep_tok, keep_win) and cpu_inference.fast_path_ok(x):
-            # sparse eval, every token and window halted: both branches give u = LN1(x), the block is
-            # x + (u + u) then the MLP; LN1 and the doubled residual run in the MLP's row groups (no map of u or of
-            # u + u: the same numbers, cpu_inference.residual_rows_)
-            return cpu_inference.residual_rows_(x, lambda r: self.mlp(self.norm2(r)), twice=self.norm1)
+        if split is not None and _windows_halted(keep_tok, keep_win) and cpu_inference.fast_path_ok(x):
+            return self._forward_windows_halted(x, hw, keep_tok, split)
         a = self.attn(self.norm1(x), hw, keep_tok, keep_win, split)
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             x = x + a
@@ -516,6 +544,20 @@ class TSAB(nn.Module):
             return cpu_inference.residual_rows_(x, lambda r: self.mlp(self.norm2(r)), a)
         x = x.add_(a)  # no autograd: update the token stream in place (it is this block's own tensor)
         return x.add_(self.mlp(self.norm2(x)))
+
+
+    def _forward_windows_halted(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok: torch.Tensor,
+                                split: int) -> torch.Tensor:
+        """Sparse eval on the CPU when no window attends: the local branch gives u = LN1(x) everywhere and the
+        global branch u at halted tokens, so the attention is u + u there and ``global + u`` at the kept tokens.
+        LN1 and the doubled residual run in the MLP's row groups (no map of u or of the attention); the kept tokens'
+        rows get ``x + (global + u)``, computed from their LN1 rows alone (:meth:`AdaFormerAttention.
+        global_plus_u_kept`). The numbers of :meth:`forward` through the attention module, bit for bit."""
+        patch = None
+        if bool(keep_tok.any()):
+            rows, values = self.attn.global_plus_u_kept(x, self.norm1, hw, keep_tok, split)
+            patch = (rows, x.view(-1, x.shape[-1]).index_select(0, rows).add_(values))
+        return cpu_inference.residual_rows_(x, lambda r: self.mlp(self.norm2(r)), twice=self.norm1, patch=patch)
 
 
 class AdaM(nn.Module):

@@ -27,7 +27,7 @@ numbers in any group of rows, at any thread count. No autograd: callers use them
   map and added straight into a raster-order destination (no window partition or reverse copies).
 """
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -109,13 +109,16 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], a: Optional[torch.Tensor] = None,
                    rows: Optional[int] = None,
-                   twice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                   twice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   patch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``x += a`` (if given), then ``x += fn(x)``, in place on (..., N, C) ``x``, computed in groups of ``rows`` rows
     of the last-but-one axis (default :data:`ROWS` on one PyTorch thread, twice that per thread on more). ``fn``
     must act on each row on its own (LayerNorm, linears, pointwise functions): its output for a group is then its
     output for those rows of the whole map, whatever the group size. ``twice`` (instead of ``a``; acting on each
     row on its own too): ``x += twice(x) + twice(x)``, as ``x += 2 twice(x)`` (doubling is exact, so one rounding
-    either way: the same numbers without a map of ``twice(x)`` or of the sum). Returns ``x``."""
+    either way: the same numbers without a map of ``twice(x)`` or of the sum). ``patch`` (rows, values): after that
+    first update the rows ``rows`` (flat indices over the leading dimensions and N, ascending) are set to ``values``
+    instead (rows whose update the caller computed otherwise), before ``fn``. Returns ``x``."""
     if a is not None and twice is not None:
         raise ValueError('residual_rows_: give a or twice, not both')
     if x.dim() < 2:
@@ -124,13 +127,24 @@ def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], 
     rows = rows or (ROWS if threads <= 1 else 2 * ROWS * threads)
     flat = x.view(-1, x.shape[-2], x.shape[-1])
     fa = None if a is None else a.expand_as(x).reshape(flat.shape)
+    n = flat.shape[1]
+    if patch is not None:  # the patch rows of each group: bounds from one search
+        starts = torch.arange(0, flat.shape[0] * n + 1, n, device=x.device)
+        starts = (starts[:-1, None] + torch.arange(0, n, rows, device=x.device)).flatten()
+        bounds = torch.searchsorted(patch[0], torch.cat([starts, starts.new_tensor([flat.shape[0] * n])])).tolist()
+    g = 0
     for i in range(flat.shape[0]):
-        for s in range(0, flat.shape[1], rows):
+        for s in range(0, n, rows):
             part = flat[i, s:s + rows]
             if fa is not None:
                 part.add_(fa[i, s:s + rows])
             elif twice is not None:
                 part.add_(twice(part), alpha=2)
+            if patch is not None:
+                lo, hi = bounds[g], bounds[g + 1]
+                if hi > lo:
+                    part.index_copy_(0, patch[0][lo:hi] - (i * n + s), patch[1][lo:hi])
+            g += 1
             part.add_(fn(part))
     return x
 
