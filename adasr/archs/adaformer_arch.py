@@ -545,7 +545,6 @@ class TSAB(nn.Module):
         x = x.add_(a)  # no autograd: update the token stream in place (it is this block's own tensor)
         return x.add_(self.mlp(self.norm2(x)))
 
-
     def _forward_windows_halted(self, x: torch.Tensor, hw: Tuple[int, int], keep_tok: torch.Tensor,
                                 split: int) -> torch.Tensor:
         """Sparse eval on the CPU when no window attends: the local branch gives u = LN1(x) everywhere and the

@@ -19,7 +19,7 @@ numbers in any group of rows, at any thread count. No autograd: callers use them
   linear with a GELU post-op (no pass over the hidden activations).
 * :func:`residual_rows_`: ``x += a; x += fn(x)`` in groups of rows (a pre-norm MLP: LayerNorm, fc1, activation,
   fc2 and both residual additions while a group is in cache); ``x += 2 twice(x)`` instead of ``x += a`` for a block
-  whose attention returns ``u + u`` (a block whose every token halted).
+  whose attention returns ``u + u`` (where every window halted), with ``patch`` for the rows computed otherwise.
 * :func:`window_attention`: multi-head attention inside windows (relative-position bias, softmax) computed for
   groups of windows, the softmax in place; each group's q, k and v laid out by head and the result written back
   by compiled copies (numba, :class:`_WindowGroups`), so that the batched products take their operands as they are.
