@@ -385,7 +385,6 @@ class AdaFormerAttention(nn.Module):
         Returns ``u`` itself when no token of any sample is kept, else a new tensor (halted tokens = ``u``).
         ``plus_u``: returns ``global + u`` instead, always a new tensor (what :meth:`forward_sparse` returns where no
         window attends; one pass over the map less than adding ``u`` afterwards, the same sums)."""
-        b, n, c = u.shape
         if keep is not None and not bool(keep.any()):
             return u + u if plus_u else u
         groups = split * split
@@ -423,7 +422,7 @@ class AdaFormerAttention(nn.Module):
         for the rows the branch reads and no others (a LayerNorm acts on each row on its own: the numbers of
         normalising the whole map). Returns (flat row indices over B x N, ascending; their values (k, C)). No
         autograd (sparse eval on the CPU)."""
-        b, n, c = x.shape
+        n, c = x.shape[1:]
         groups = split * split
         qp = self._prototype_queries() * self.scale
         rows, values = [], []
