@@ -126,6 +126,9 @@ def _wrap_adaformer(timer: _StageTimer, net) -> None:
         timer.wrap(net, '_tail', TAIL)
     if hasattr(net.body, 'estimate'):  # (the window path calls the convs directly)
         timer.wrap(net.body, 'estimate', ESTIMATOR)
+    for name in ('embed_tokens', 'unembed_add'):  # (as linears of the tokens at CPU inference, with the residual)
+        if hasattr(net.body, name):
+            timer.wrap(net.body, name, EMBED)
     for blk in net.body.blocks:
         for name in ('global_sparse', 'global_dense'):
             timer.wrap(blk.attn, name, GLOBAL)

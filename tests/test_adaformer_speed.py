@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+from adasr.ops import cpu_inference
+from adasr.ops.layout import is_channels_last
 from tests.helpers import adaformer_fixtures as FIX
 from tests.helpers.numerics import assert_same_numbers
 
@@ -136,6 +138,27 @@ def test_onednn_inference_paths_match_plain_pytorch(paper_net, size, seed, split
     for key in ('logits', 'global_keep', 'local_keep'):
         for a, b in zip(getattr(fast, key), getattr(plain, key)):
             assert_same_numbers(a, b, key)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_adam_channels_last_output_is_the_nchw_output(paper_net, threads, torch_threads):
+    """AdaM for a channels-last decoder: the unembedding and the module residual as one oneDNN linear with the
+    addition as a post-op give the map of the 1x1 convolution plus ``fe`` in the decoder's layout (bit for bit
+    where PyTorch's convolution is that GEMM, as the check of the embedding's convolution of the same shapes found:
+    here one thread; else within float32 rounding), and the same logits and masks."""
+    torch_threads(threads)
+    adam = paper_net.body
+    fe = torch.randn(1, adam.embed.in_channels, 48, 64, generator=torch.Generator().manual_seed(5)) * 20
+    with torch.no_grad():
+        runs = [adam(fe, 0.05, 1, channels_last=cl) for cl in (False, True)]
+    (nchw, *rest_n), (cl, *rest_c) = runs
+    assert nchw.is_contiguous() and is_channels_last(cl)
+    if cpu_inference._pointwise_same[(tuple(fe.shape), tuple(adam.unembed.weight.shape), threads)]:
+        assert torch.equal(cl, nchw)
+    else:
+        torch.testing.assert_close(cl, nchw, rtol=1e-6, atol=1e-6 * float(nchw.abs().max()))
+    for a, b in zip(rest_n[:4], rest_c[:4]):  # logits, global and window keep maps, complete flags
+        assert len(a) == len(b) and all(torch.equal(p, q) if torch.is_tensor(p) else p == q for p, q in zip(a, b))
 
 
 def test_stage_profile_names_every_stage_and_unwraps(paper_net):

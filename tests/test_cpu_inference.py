@@ -186,6 +186,54 @@ def test_window_attention_by_head_layout_and_pytorch_views_agree(compiled, monke
         assert torch.equal(ci.window_attention_add_(qkv, bias, 4, s, dst.clone(), 4), ref)
 
 
+@pytest.mark.parametrize('b, h, w, threads', [(1, 24, 40, 1), (2, 9, 13, 1), (1, 24, 40, 2)])
+def test_conv1x1_tokens_gives_the_convolution_s_numbers(b, h, w, threads, torch_threads, monkeypatch):
+    """A 1x1 convolution as tokens: the convolution's numbers bit for bit at any shape and thread count. The first
+    call of a shape runs both and remembers whether oneDNN's linear matches PyTorch's choice of GEMM; later calls
+    run the linear alone where it did, the convolution where it did not."""
+    torch_threads(threads)
+    monkeypatch.setattr(ci, '_pointwise_same', {})
+    x = torch.randn(b, 64, h, w, generator=_gen(20)) * 20
+    wt, bias = torch.randn(48, 64, 1, 1, generator=_gen(21)) * 0.1, torch.randn(48, generator=_gen(22))
+    ref = F.conv2d(x, wt, bias).flatten(2).transpose(1, 2)
+    tokens = x.flatten(2).transpose(1, 2).contiguous()
+    with torch.no_grad():
+        first = ci.conv1x1_tokens(x, tokens, wt, bias)
+        (key, same), = ci._pointwise_same.items()
+        assert key == ((b, 64, h, w), (48, 64, 1, 1), threads) and isinstance(same, bool)
+        assert torch.equal(first, ref) and first.is_contiguous()
+        calls, linear, conv2d = [], ci.linear, F.conv2d
+        monkeypatch.setattr(ci, 'linear', lambda *a: calls.append('linear') or linear(*a))
+        monkeypatch.setattr(ci.F, 'conv2d', lambda *a: calls.append('conv') or conv2d(*a))
+        assert torch.equal(ci.conv1x1_tokens(x, tokens, wt, bias), ref)
+        assert calls == (['linear'] if same else ['conv'])
+        monkeypatch.setitem(ci._pointwise_same, key, False)  # a machine whose GEMMs round otherwise
+        calls.clear()
+        assert torch.equal(ci.conv1x1_tokens(x, tokens, wt, bias), ref) and calls == ['conv']
+    # under autograd: the convolution itself, gradients flow
+    wt.requires_grad_(True)
+    y = ci.conv1x1_tokens(x, tokens, wt, bias)
+    y.sum().backward()
+    assert wt.grad is not None and wt.grad.shape == wt.shape
+
+
+@pytest.mark.parametrize('shape', [(2, 64), (300, 64), (2, 2049, 64)])
+def test_linear_add_is_the_linear_plus_the_other(shape):
+    """``F.linear(x) + other`` with the addition as oneDNN's post-op: the two roundings of the plain computation
+    (oneDNN's linear as :func:`linear`), any row count; without the fast path the plain operators."""
+    x = torch.randn(*shape, generator=_gen(23))
+    w, b = torch.randn(32, 64, generator=_gen(24)) * 0.1, torch.randn(32, generator=_gen(25))
+    other = torch.randn(*shape[:-1], 32, generator=_gen(26)) * 50
+    with torch.no_grad():
+        assert torch.equal(ci.linear_add(x, other, w, b), ci.linear(x, w, b) + other)
+        assert_same_numbers(ci.linear_add(x, other, w, b), F.linear(x, w, b) + other)
+        strided = other.transpose(-2, -1).contiguous().transpose(-2, -1)  # not contiguous: the plain operators
+        assert_same_numbers(ci.linear_add(x, strided, w, b), F.linear(x, w, b) + other)
+    y = ci.linear_add(x, other, w.requires_grad_(True), b)
+    y.sum().backward()
+    assert w.grad is not None
+
+
 def test_fast_path_only_without_autograd():
     x = torch.randn(4, 8)
     assert not ci.fast_path_ok(x)  # grad mode on

@@ -573,17 +573,23 @@ class AdaM(nn.Module):
                                  nn.Conv2d(estimator_hidden, 1, 3, 1, 1))
         self.unembed = nn.Conv2d(embed_dim, n_feats, 1)
 
-    def forward(self, fe: torch.Tensor, eps_h: float, split: Optional[int], skip_dead: bool = False):
+    def forward(self, fe: torch.Tensor, eps_h: float, split: Optional[int], skip_dead: bool = False,
+                channels_last: bool = False):
         """fe (B, n_feats, Hp, Wp). Returns (output, logits, global keep maps, window keep maps (B, 1, Hp/S, Wp/S),
         complete flags, pending), maps as bool, logits live (they carry the estimator's graph in training).
 
         ``skip_dead`` (sparse eval): the estimator runs only on the windows that can still change a decision
         (:meth:`live_windows`); the others get logit +inf and their map is flagged incomplete. The map made after the
         last block decides nothing: it is not computed; the returned ``pending`` (else None) computes it, the same
-        numbers, when the halting record is read (:meth:`last_map`), under this call's autocast state."""
+        numbers, when the halting record is read (:meth:`last_map`), under this call's autocast state.
+
+        At CPU float32 inference an NCHW ``fe`` is taken as tokens once: the embedding is a oneDNN linear of them
+        where that gives the convolution's numbers (:func:`adasr.ops.cpu_inference.conv1x1_tokens`, checked per
+        shape); with ``channels_last`` (the decoder's layout) the output is channels-last, the unembedding and the
+        module residual one oneDNN linear of the tokens with the addition as a post-op (the same sums as the 1x1
+        convolution plus ``fe``, in the decoder's layout without a copy)."""
         b, _, hp, wp = fe.shape
-        t = self.embed(fe)
-        t = nchw_to_tokens(t)  # b, n, c (register-tile transposes; a channels-last map is this layout already)
+        t, fe_tokens = self.embed_tokens(fe)
         score = fe.new_zeros(b, 1, hp, wp)
         threshold = 1 - eps_h
         keep_tok = keep_win = live = None
@@ -608,10 +614,28 @@ class AdaM(nn.Module):
             logits.append(logit)
             g_maps.append(g)
             w_maps.append(w)
+        return self.unembed_add(t, fe, fe_tokens, channels_last), logits, g_maps, w_maps, complete, pending
+
+    def embed_tokens(self, fe: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The embedding of fe (B, n_feats, Hp, Wp) as tokens (B, Hp*Wp, C), and fe's own tokens where they were
+        made (an NCHW fe at CPU float32 inference: the embedding is then a linear of them), else None."""
+        if cpu_inference.fast_path_ok(fe) and not is_channels_last(fe) and not _cpu_autocast_inference(fe):
+            fe_tokens = nchw_to_tokens(fe)
+            return cpu_inference.conv1x1_tokens(fe, fe_tokens, self.embed.weight, self.embed.bias), fe_tokens
+        return nchw_to_tokens(self.embed(fe)), None  # (register-tile transposes; channels-last: no copy)
+
+    def unembed_add(self, t: torch.Tensor, fe: torch.Tensor, fe_tokens: Optional[torch.Tensor],
+                    channels_last: bool) -> torch.Tensor:
+        """``fe + unembed(tokens t as a map)``: channels-last from one linear of the tokens with the addition of fe's
+        tokens as its post-op where those were made and ``channels_last`` is asked for; else by the convolution,
+        NCHW for an NCHW fe."""
+        b, _, hp, wp = fe.shape
+        if fe_tokens is not None and channels_last:
+            out = cpu_inference.linear_add(t, fe_tokens, self.unembed.weight.flatten(1), self.unembed.bias)
+            return out.view(b, hp, wp, -1).permute(0, 3, 1, 2)
         # NCHW by a blocked transpose; for a channels-last fe (Winograd chains) the tokens are that layout already
-        out = fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if is_channels_last(fe)
-                                else tokens_to_nchw(t, hp, wp))
-        return out, logits, g_maps, w_maps, complete, pending
+        return fe + self.unembed(t.transpose(1, 2).reshape(b, -1, hp, wp) if is_channels_last(fe)
+                                 else tokens_to_nchw(t, hp, wp))
 
     def last_map(self, pending: tuple) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The map after the last block that sparse eval deferred: (logit, token keep map, window keep map,
@@ -941,7 +965,8 @@ class AdaFormer(SRArch, Exportable, nn.Module):
             f0 = to_channels_last(f0)
         fe = self.shollow_feature_extraction(f0)
         fa, logits, g_maps, w_maps, complete, pending = self.body(
-            fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps)
+            fe, self._eps_h, split, skip_dead=split is not None and not self.complete_halting_maps,
+            channels_last=decoder != 'direct')
         if decoder != 'direct' and cpu_inference.onednn_ok(fa):
             # a Winograd decoder and tail run channels-last (their NCHW transposes cost more than one conversion)
             fa = to_channels_last(fa)

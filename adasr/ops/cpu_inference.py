@@ -17,6 +17,9 @@ numbers in any group of rows, at any thread count. No autograd: callers use them
 * :func:`linear`: ``F.linear`` as a oneDNN linear with the bias in the product (PyTorch's ``addmm`` first copies
   the bias into the whole output, a pass over it); :func:`linear_gelu`: ``F.gelu(F.linear(...))`` as one oneDNN
   linear with a GELU post-op (no pass over the hidden activations).
+* :func:`conv1x1_tokens`: a 1x1 convolution of a map as a oneDNN linear of its tokens, where a check of the
+  shape finds the convolution's numbers; :func:`linear_add`: ``F.linear(...) + other`` with the addition as a
+  post-op.
 * :func:`residual_rows_`: ``x += a; x += fn(x)`` in groups of rows (a pre-norm MLP: LayerNorm, fc1, activation,
   fc2 and both residual additions while a group is in cache); ``x += 2 twice(x)`` instead of ``x += a`` for a block
   whose attention returns ``u + u`` (where every window halted), with ``patch`` for the rows computed otherwise.
@@ -31,6 +34,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
+
+from adasr.ops.layout import nchw_to_tokens
 
 _HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
 
@@ -105,6 +110,49 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if bias is None or not fast_path_ok(x):
         return F.gelu(F.linear(x, weight, bias))
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu', [], 'none')
+
+
+_pointwise_same: Dict[tuple, bool] = {}
+
+
+def conv1x1_tokens(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` (a 1x1 convolution of the (B, Cin, H, W) map ``x``) as contiguous (B, H*W,
+    Cout) tokens in raster order, given ``tokens``, ``x`` as (B, H*W, Cin) tokens. Under :func:`fast_path_ok` a
+    oneDNN linear of the tokens (no transposes of the output, no pass that copies the bias into it) wherever it
+    gives the convolution's numbers bit for bit: PyTorch's 1x1 convolution is a GEMM of its own choosing (by batch,
+    thread count and shape), so the first call of each shape and thread count runs both and compares; a difference
+    keeps the convolution for that shape in this process. Otherwise the convolution and a transpose."""
+    def conv() -> torch.Tensor:
+        return nchw_to_tokens(F.conv2d(x, weight, bias))
+
+    if bias is None or not (fast_path_ok(x) and fast_path_ok(tokens)) or x.dim() != 4:
+        return conv()
+    key = (tuple(x.shape), tuple(weight.shape), torch.get_num_threads())
+    same = _pointwise_same.get(key)
+    if same is False:
+        return conv()
+    out = linear(tokens, weight.flatten(1), bias)
+    if same is None:
+        ref = conv()
+        with _lock:
+            _pointwise_same[key] = same = torch.equal(out, ref)
+        return out if same else ref
+    return out
+
+
+_HAS_LINEAR_BINARY = _HAS_LINEAR_POINTWISE and hasattr(torch.ops.mkldnn._linear_pointwise, 'binary')
+
+
+def linear_add(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + other`` (``other`` of the output's shape); under :func:`fast_path_ok` one
+    oneDNN linear with the addition as a post-op (the bias added to each sum, then ``other``: the same two
+    roundings, without a pass over the output)."""
+    if (bias is None or not _HAS_LINEAR_BINARY or not fast_path_ok(x) or not other.is_contiguous()
+            or x.numel() < LINEAR_MIN_ROWS * x.shape[-1] or other.shape != x.shape[:-1] + weight.shape[:1]):
+        return F.linear(x, weight, bias) + other
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, 'add')
 
 
 def residual_rows_(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], a: Optional[torch.Tensor] = None,
