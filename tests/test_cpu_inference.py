@@ -197,7 +197,12 @@ def test_conv1x1_tokens_gives_the_convolution_s_numbers(b, h, w, threads, torch_
     wt, bias = torch.randn(48, 64, 1, 1, generator=_gen(21)) * 0.1, torch.randn(48, generator=_gen(22))
     ref = F.conv2d(x, wt, bias).flatten(2).transpose(1, 2)
     tokens = x.flatten(2).transpose(1, 2).contiguous()
-    with torch.no_grad():
+    with torch.no_grad():  # a first map with a NaN decides nothing (NaN never equals itself); its NaNs pass through
+        bad = x.clone()
+        bad[0, 3, 1, 2] = float('nan')
+        got = ci.conv1x1_tokens(bad, bad.flatten(2).transpose(1, 2).contiguous(), wt, bias)
+        assert ci._pointwise_same == {} and torch.equal(got.isnan(), F.conv2d(bad, wt, bias).flatten(2).transpose(
+            1, 2).isnan())
         first = ci.conv1x1_tokens(x, tokens, wt, bias)
         (key, same), = ci._pointwise_same.items()
         assert key == ((b, 64, h, w), (48, 64, 1, 1), threads) and isinstance(same, bool)

@@ -121,8 +121,9 @@ def conv1x1_tokens(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
     Cout) tokens in raster order, given ``tokens``, ``x`` as (B, H*W, Cin) tokens. Under :func:`fast_path_ok` a
     oneDNN linear of the tokens (no transposes of the output, no pass that copies the bias into it) wherever it
     gives the convolution's numbers bit for bit: PyTorch's 1x1 convolution is a GEMM of its own choosing (by batch,
-    thread count and shape), so the first call of each shape and thread count runs both and compares; a difference
-    keeps the convolution for that shape in this process. Otherwise the convolution and a transpose."""
+    thread count and shape), so the first call of each shape and thread count runs both and compares (a map with a
+    non-finite value decides nothing); a difference keeps the convolution for that shape in this process. Otherwise
+    the convolution and a transpose."""
     def conv() -> torch.Tensor:
         return nchw_to_tokens(F.conv2d(x, weight, bias))
 
@@ -135,6 +136,8 @@ def conv1x1_tokens(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
     out = linear(tokens, weight.flatten(1), bias)
     if same is None:
         ref = conv()
+        if not bool(torch.isfinite(ref).all()):  # (NaN never equals itself: no verdict from such a map)
+            return ref
         with _lock:
             _pointwise_same[key] = same = torch.equal(out, ref)
         return out if same else ref
