@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adasr.archs.layers import window_partition, window_reverse
+from adasr.ops import codegen
 from adasr.ops import cpu_inference as ci
 from tests.helpers.numerics import assert_same_numbers
 
@@ -170,10 +171,11 @@ def test_window_attention_add_matches_partition_and_reverse(b, h, w, windows):
 def test_window_attention_by_head_layout_and_pytorch_views_agree(compiled, monkeypatch):
     """Both engines (q, k, v copied by head by the compiled kernels, or PyTorch's 4-D views) give the plain
     numbers, written or added into windows of a list and of a raster map, with a last group of fewer windows."""
-    if compiled and ci._kernel(ci._windows_to_heads) is None:
+    if compiled and codegen.compiled(ci._windows_to_heads) is None:
         pytest.skip('numba is not available')
     if not compiled:
-        monkeypatch.setitem(ci._kernels, '_windows_to_heads', False)
+        real = codegen.compiled
+        monkeypatch.setattr(codegen, 'compiled', lambda fn: None if fn is ci._windows_to_heads else real(fn))
     assert ci._WindowGroups.available(torch.zeros(1)) is compiled
     s, c = 8, 64
     qkv = torch.randn(2, 16, 56, 3 * c, generator=_gen(10))

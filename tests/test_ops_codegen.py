@@ -115,3 +115,18 @@ def test_numba_compiles_with_wide_vectors_on_avx512_hosts_only_when_free_to(case
         assert features is None and 'before adasr' in note
     else:
         assert features == f'{host.flatten()},{codegen.WIDE_FEATURE}' and '512-bit vectors' in note
+
+
+def test_compiled_is_compiled_once_per_process(monkeypatch):
+    """``compiled(fn)``: one compilation per function and process (the same dispatcher every call), None where numba
+    does not import."""
+    calls = []
+    real = codegen.compile_function
+    monkeypatch.setattr(codegen, 'compile_function', lambda fn: calls.append(fn) or real(fn))
+    codegen.compiled.cache_clear()
+    try:
+        first = codegen.compiled(_fma_row)
+        assert codegen.compiled(_fma_row) is first and calls == [_fma_row]
+        assert (first is None) == (not codegen.numba_available())
+    finally:
+        codegen.compiled.cache_clear()

@@ -100,6 +100,13 @@ def compile_function(fn, **options):
         return numba.njit(nogil=True, cache=False, **options)(fn)
 
 
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """:func:`compile_function` of ``fn`` (no options) once per process: the same dispatcher on every call, or None
+    where numba does not import (the caller's PyTorch fallback)."""
+    return compile_function(fn)
+
+
 def configure_numba() -> str:
     """Once per process, before adasr's first numba function: on a CPU with AVX-512F, numba compiles for the host's
     features with LLVM's ``prefer-256-bit`` tuning turned off (:data:`WIDE_FEATURE`), so that the loops it vectorises

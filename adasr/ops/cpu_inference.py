@@ -35,6 +35,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
+from adasr.ops import codegen
 from adasr.ops.layout import nchw_to_tokens
 
 _HAS_LINEAR_POINTWISE = hasattr(torch.ops.mkldnn, '_linear_pointwise')  # oneDNN linear + post-op (torch >= 2.0)
@@ -244,18 +245,6 @@ def _heads_to_windows(o, heads, hd, dst, a0, da, b0, db, m, accumulate):
                             px[base + e] = src[e]
 
 
-_kernels: Dict[str, object] = {}
-
-
-def _kernel(fn):
-    """``fn`` compiled by numba (on first use), or None where numba does not import."""
-    name = fn.__name__
-    if name not in _kernels:
-        from adasr.ops import codegen
-        _kernels[name] = codegen.compile_function(fn) or False
-    return _kernels[name] or None
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T + bias) v for (..., heads, n, hd) q, k, v and a (heads, n, n) bias, softmax in place."""
     attn = (q @ k.transpose(-2, -1)).add_(bias)
@@ -279,7 +268,7 @@ class _WindowGroups:
 
     def __init__(self, like: torch.Tensor, windows: int, heads: int, n: int, hd: int):
         self.heads, self.n, self.hd = heads, n, hd
-        self.gather, self.scatter = _kernel(_windows_to_heads), _kernel(_heads_to_windows)
+        self.gather, self.scatter = codegen.compiled(_windows_to_heads), codegen.compiled(_heads_to_windows)
         self.buf = like.new_empty(3, windows * heads, n, hd)
         self.attn = like.new_empty(windows * heads, n, n)
         self.out = like.new_empty(windows * heads, n, hd)
@@ -300,8 +289,8 @@ class _WindowGroups:
 
     @staticmethod
     def available(x: torch.Tensor) -> bool:
-        return (x.device.type == 'cpu' and x.dtype == torch.float32 and _kernel(_windows_to_heads) is not None
-                and _kernel(_heads_to_windows) is not None)
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and codegen.compiled(_windows_to_heads) is not None
+                and codegen.compiled(_heads_to_windows) is not None)
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, windows: int = WINDOWS) -> torch.Tensor:

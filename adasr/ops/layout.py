@@ -195,15 +195,9 @@ def _rows_to_heads_loops(x, perm, j0, j1, parts, heads, d, n, scale, out):
                     dst[e] = row[base + e]
 
 
-_kernel = None
-
-
 def _rows_to_heads_kernel():
     """:func:`_rows_to_heads_loops` compiled (numba, on first use; None where numba does not import)."""
-    global _kernel
-    if _kernel is None:
-        _kernel = codegen.compile_function(_rows_to_heads_loops) or False
-    return _kernel or None
+    return codegen.compiled(_rows_to_heads_loops)
 
 
 def rows_to_heads(x: torch.Tensor, perm: torch.Tensor, parts: int, heads: int, n: int,
@@ -260,14 +254,10 @@ def _shuffle_rows(x, s, out, i0, i1):
                             dst[j * s + k] = px[ch + k]
 
 
-_shuffle_kernel = None
-
-
 def pixel_shuffle_nchw(x: torch.Tensor, scale: int) -> torch.Tensor:
     """``F.pixel_shuffle(x, scale).contiguous()``: an NCHW-contiguous image with the same values. For a channels-last
     float32 CPU map without autograd one compiled pass (PyTorch's shuffle of a channels-last 48 x 272 x 480 map and
     the NCHW copy after it take ~19 ms on one AVX-512 core; the pass ~4 ms); else PyTorch's operations."""
-    global _shuffle_kernel
     n, c, h, w = x.shape
     if c % (scale * scale):
         raise ValueError(f'pixel_shuffle_nchw: {c} channels are not a multiple of {scale}^2')
@@ -275,9 +265,7 @@ def pixel_shuffle_nchw(x: torch.Tensor, scale: int) -> torch.Tensor:
     if (is_channels_last(x) and x.device.type == 'cpu'
             and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
             and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())):
-        if _shuffle_kernel is None:
-            _shuffle_kernel = codegen.compile_function(_shuffle_rows) or False
-        kernel = _shuffle_kernel or None
+        kernel = codegen.compiled(_shuffle_rows)
     if kernel is None:
         return F.pixel_shuffle(x, scale).contiguous()
     from adasr.ops.scheduling import parallel_for
