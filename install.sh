@@ -5,7 +5,8 @@
 #      throw-away build environment);
 #   3. adasr itself, editable, with the test tools.
 # Environment overrides: PYTHON (default python3), VENV (default .venv),
-#   TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"; any torch >= 2.1 with its torchvision works),
+#   TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"; any torch >= 2.5, as pyproject.toml requires,
+#   with its torchvision),
 #   TORCH_INDEX_URL (default: PyPI; e.g. PyTorch's CPU-only wheel index, see README "Installing by hand").
 set -euo pipefail
 cd "$(dirname "$0")"

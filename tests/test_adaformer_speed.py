@@ -314,7 +314,8 @@ def test_winograd_convolutions_keep_sr_close_and_masks(paper_net, monkeypatch):
     F(2x2, 3x3): logits and masks are the direct path's bit for bit (the encoder and estimator run directly), SR
     moves less than with 'winograd'. 'direct' gives the direct numbers; under autograd the convolutions run
     directly."""
-    pytest.importorskip('numba')
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
+
     from adasr.ops import winograd
 
     monkeypatch.delenv('ADASR_CONV3X3', raising=False)
@@ -356,7 +357,7 @@ def test_winograd_against_the_authors_oracle(reference_dir):
     default 'auto' 3.4e-4; the faithful tolerance is 1e-3, which is why 'winograd' stays opt-in)."""
     import os.path as osp
 
-    pytest.importorskip('numba')
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
     path = osp.join(reference_dir, 'adaformer_x4_oracle.pt')
     if not osp.isfile(path):
         pytest.skip(f'{path} not found')

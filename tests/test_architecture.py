@@ -2,9 +2,10 @@
 
 * Each subpackage imports only itself and the layers below it (lazy imports inside functions count too).
 * Nothing in ``adasr`` imports the tooling outside it (``benchmarks``, ``scripts``, ``tests``).
-* Generic code (tiling, memory planning, the generic model class, the CLIs, the benchmark harness) never imports a
-  network module (``adasr.archs.*_arch``) and never probes a network's attributes with ``getattr``/``hasattr``: it asks
-  the declared interface (``adasr.archs.interface``).
+* Generic code (tiling, memory planning, the generic model class, the CLIs, data, the benchmark harness) never
+  imports a network module (``adasr.archs.*_arch``) or class, never tests ``isinstance`` against a network class or
+  compares a class name with one, and never probes a network's attributes with ``getattr``/``hasattr``: it asks the
+  declared interface (``adasr.archs.interface``) and builds networks by their registered names.
 """
 import ast
 import os
@@ -29,7 +30,7 @@ LAYERS = {
     'adasr': 6,  # adasr/__init__.py, adasr/train.py, adasr/test.py: the entry files
 }
 
-GENERIC = ['adasr/inference', 'adasr/models/adasr_model.py', 'adasr/cli', 'benchmarks/harness.py']
+GENERIC = ['adasr/inference', 'adasr/models/adasr_model.py', 'adasr/cli', 'adasr/data', 'benchmarks/harness.py']
 
 #: What an arch declares through the interface; generic code must not look for these by name.
 ARCH_ATTRIBUTES = {'pads_input', 'window_size', 'last_halting', 'eps_h', 'flops', 'preferred_half', 'embed_dim',
@@ -125,16 +126,69 @@ def test_checker_sees_an_upward_import(tmp_path, monkeypatch):
     assert len(found) == 1 and 'adasr/utils/bad.py:2 imports adasr.models.adasr_model' in found[0]
 
 
-@pytest.mark.parametrize('path', [osp.relpath(p, REPO) for p in _python_files(*GENERIC)])
-def test_generic_code_asks_the_interface(path):
-    """No network module imported, no arch attribute probed by name, in code that serves every arch."""
-    tree = ast.parse(open(osp.join(REPO, path), encoding='utf-8').read())
+def _arch_class_names() -> set:
+    """The names of every network class in BasicSR's registry once adasr registered its own (AdaFormer, PFT, Spandrel,
+    Bicubic, HAT, ATD, SwinIR, ...)."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import adasr  # noqa: F401 - registers
+
+    return set(ARCH_REGISTRY.keys())
+
+
+def _names_in(node: ast.AST) -> Iterator[str]:
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            yield sub.id
+        elif isinstance(sub, ast.Attribute):
+            yield sub.attr
+
+
+def _generic_code_problems(path: str, arch_names: set) -> List[str]:
+    tree = ast.parse(open(path, encoding='utf-8').read())
     problems = []
-    for line, name in _imports(osp.join(REPO, path)):
-        if name.startswith('adasr.archs.') and name.split('.')[2].endswith('_arch'):
+    for line, name in _imports(path):
+        parts = name.split('.')
+        if name.startswith('adasr.archs.') and parts[2].endswith('_arch'):
             problems.append(f'line {line}: imports network module {name}')
+        elif name.startswith('adasr.archs.') and parts[-1] in arch_names:
+            problems.append(f'line {line}: imports network class {parts[-1]} (build it by its registered name)')
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ('getattr', 'hasattr'):
             if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in ARCH_ATTRIBUTES:
                 problems.append(f'line {node.lineno}: {node.func.id}(..., {node.args[1].value!r})')
+        called = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+        if called in ('isinstance', 'issubclass'):
+            classes = set(_names_in(node.args[1])) & arch_names if len(node.args) == 2 else set()
+            if classes:
+                problems.append(f'line {node.lineno}: {called}(..., {sorted(classes)})')
+        if isinstance(node, ast.Compare) and any(isinstance(sub, ast.Attribute) and sub.attr == '__name__'
+                                                 for side in [node.left, *node.comparators] for sub in ast.walk(side)):
+            named = {c.value for side in [node.left, *node.comparators] for c in ast.walk(side)
+                     if isinstance(c, ast.Constant) and isinstance(c.value, str)} & arch_names
+            if named:
+                problems.append(f'line {node.lineno}: compares a class name with {sorted(named)}')
+    return problems
+
+
+@pytest.mark.parametrize('path', [osp.relpath(p, REPO) for p in _python_files(*GENERIC)])
+def test_generic_code_asks_the_interface(path):
+    """No network module or class imported, no isinstance test or class-name comparison against a network class, no
+    arch attribute probed by name, in code that serves every arch."""
+    problems = _generic_code_problems(osp.join(REPO, path), _arch_class_names())
     assert problems == [], f'{path}: {problems}'
+
+
+def test_generic_code_checker_sees_a_class_named(tmp_path):
+    """The check itself works: each way of naming a network class in generic code is reported."""
+    bad = tmp_path / 'bad.py'
+    bad.write_text('from adasr.archs.spandrel_support import Spandrel\n'
+                   'from adasr.archs import pft_arch\n'
+                   'def f(net):\n'
+                   '    if isinstance(net, (pft_arch.PFT, int)):\n'
+                   '        return 1\n'
+                   "    if type(net).__name__ == 'AdaFormer':\n"
+                   '        return 2\n'
+                   "    return getattr(net, 'window_size', 8)\n")
+    found = _generic_code_problems(str(bad), _arch_class_names())
+    assert [p.split(':')[0] for p in found] == ['line 1', 'line 2', 'line 4', 'line 6', 'line 8'], found

@@ -2,6 +2,7 @@
 standard configurations, checkpoint layout, padding through the model class, round trips and reference outputs."""
 import os.path as osp
 
+import numpy as np
 import pytest
 import spandrel
 import torch
@@ -120,13 +121,19 @@ def test_odd_size_input_through_the_model_class_pads_like_the_authors(name, pad)
     assert (other - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize('name', ['HAT', 'ATD'])
-def test_inputs_smaller_than_the_window(name):
+@pytest.mark.parametrize('name, mode', [('HAT', 'reflect'), ('ATD', 'symmetric')])
+def test_inputs_smaller_than_the_window(name, mode):
+    """A pad larger than the image (3 rows on a 1-row image, 3 columns on 2: F.pad and the authors' flip-concat
+    cannot): the output is the network's on the input mirror-padded as NumPy's ``np.pad`` continues the mirror
+    (reflect for HAT, edge repeated for ATD), cropped."""
     net = _tiny(name)
-    x = fixtures.demo_input()[..., :1, :3]  # pad of 3 rows on a 1-row image: F.pad/flip-concat cannot
-    with torch.no_grad():
-        y = net(x)
-    assert y.shape == (1, 3, 4, 12) and torch.isfinite(y).all()
+    for h, w in ((1, 3), (2, 1), (3, 2)):
+        x = fixtures.demo_input()[..., :h, :w]
+        padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (0, -h % 4), (0, -w % 4)), mode=mode))
+        with torch.no_grad():
+            y, expected = net(x), net(padded)[..., :4 * h, :4 * w]
+        assert y.shape == (1, 3, 4 * h, 4 * w)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['HAT', 'ATD'])

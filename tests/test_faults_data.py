@@ -212,13 +212,16 @@ def test_orphan_temporary_files_are_removed_but_live_ones_kept(tmp_path, capsys)
     out = tmp_path / 'o'
     out.mkdir()
     old = time.time() - 3600
-    orphan = out / '.a_out.png.k1ll3d.tmp'  # what a kill -9 during atomic_write_bytes leaves
+    orphan = out / '.a_out.png.k1ll3d.adasr-tmp'  # what a kill -9 during atomic_write_bytes leaves
     orphan.write_bytes(b'half an image')
-    live = out / '.b_out.png.wr1t1ng.tmp'  # another process is writing this one right now
+    live = out / '.b_out.png.wr1t1ng.adasr-tmp'  # another process is writing this one right now
     live.write_bytes(b'being written')
-    fresh = out / '.c_out.png.n3w.tmp'  # created an instant ago, not yet locked by its writer
+    fresh = out / '.c_out.png.n3w.adasr-tmp'  # created an instant ago, not yet locked by its writer
     fresh.write_bytes(b'')
-    for p in (orphan, live):
+    users = [out / '.mydraft.tmp', out / '.~lock.report.odt.tmp', out / '.a_out.png.x.tmp']  # not ours: never touched
+    for p in users:
+        p.write_bytes(b'the user\'s')
+    for p in (orphan, live, *users):
         os.utime(p, (old, old))
     with open(live, 'rb') as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -226,6 +229,7 @@ def test_orphan_temporary_files_are_removed_but_live_ones_kept(tmp_path, capsys)
         assert 'removed 1 temporary file(s) left by an interrupted run' in capsys.readouterr().out
     assert not orphan.exists() and live.exists() and fresh.exists() and (out / 'a_out.png').is_file()
     assert len(remove_orphan_temporaries(str(out), min_age=0)) == 2  # once their writers are gone
+    assert all(p.read_bytes() == b'the user\'s' for p in users)
 
 
 # ----------------------------------------------------------------------------------------------- finite numbers

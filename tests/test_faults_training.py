@@ -19,6 +19,7 @@ import torch
 from adasr.cli.entry import ResumeError, load_resume_state
 from adasr.cli.entry import run as entry_run
 from adasr.utils.checkpoint import check_finite_state
+from adasr.utils.files import TEMP_SUFFIX
 from tests.test_pipeline import REPO, TINY_SWINIR, TRAIN, run, write_yaml
 
 NAME = 'faults'
@@ -52,7 +53,7 @@ def _listdir(folder):
 
 
 def _iteration(name):
-    """The iteration a checkpoint file (or its temporary file ``.net_g_5.pth.xyz.tmp``) belongs to, or None."""
+    """The iteration a checkpoint file (or its temporary file ``.net_g_5.pth.xyz.adasr-tmp``) belongs to, or None."""
     stem = name.lstrip('.').split('.')[0]
     stem = stem[len('net_g_'):] if stem.startswith('net_g_') else stem
     return int(stem) if stem.isdigit() else None
@@ -79,7 +80,7 @@ def _final_files_read(exp):
 
 
 def _temp_files(exp):
-    return [n for sub in ('models', 'training_states') for n in _listdir(osp.join(exp, sub)) if n.endswith('.tmp')]
+    return [n for sub in ('models', 'training_states') for n in _listdir(osp.join(exp, sub)) if n.endswith(TEMP_SUFFIX)]
 
 
 @pytest.mark.slow
@@ -164,7 +165,7 @@ def test_auto_resume_skips_unreadable_states_newest_first(tiny_pairs, tmp_path, 
     saved = torch.load(models / 'net_g_2.pth', weights_only=True)
     next(iter(saved['params'].values())).view(-1)[0] = float('nan')
     torch.save(saved, models / 'net_g_2.pth')
-    orphan = states / '.5.state.abc123.tmp'
+    orphan = states / '.5.state.abc123.adasr-tmp'
     orphan.write_bytes(b'partial')
 
     opt = _resume_opt(tmp_path)

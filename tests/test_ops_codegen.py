@@ -21,7 +21,7 @@ def _fresh(monkeypatch, folder):
 
 
 def test_source_is_written_once_and_imported_from_the_cache_dir(tmp_path, monkeypatch):
-    pytest.importorskip('numba')
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
     _fresh(monkeypatch, tmp_path)
     calls = []
 
@@ -43,13 +43,29 @@ def test_source_is_written_once_and_imported_from_the_cache_dir(tmp_path, monkey
 
 
 def test_unwritable_cache_dir_compiles_in_memory(tmp_path, monkeypatch):
-    pytest.importorskip('numba')
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
     _fresh(monkeypatch, blocker)  # makedirs fails under a regular file
     module = codegen.load_module('test_kernels', ('twice', 2), 'test_twice', lambda: SOURCE)
     assert module.twice(5) == 10
     assert not hasattr(module, '__file__') or not str(getattr(module, '__file__', '')).startswith(str(blocker))
+
+
+def test_a_cache_numba_refuses_compiles_in_memory_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """numba raises RuntimeError ('cannot cache function') where the cache folder exists but cannot be written: the
+    source is then compiled in memory, no half-imported module stays in sys.modules and no temporary file in the
+    folder."""
+    import sys
+
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
+    _fresh(monkeypatch, tmp_path)
+    refusing = SOURCE.replace('import numba\n', "import numba\nif dict(cache=True)['cache']:\n"
+                              "    raise RuntimeError('cannot cache function: no locator available')\n")
+    module = codegen.load_module('test_kernels', ('twice', 3), 'test_refused', lambda: refusing)
+    assert module.twice(4) == 8 and not getattr(module, '__file__', None)
+    assert not [name for name in sys.modules if name.startswith('adasr_test_refused_')]
+    assert [f for f in os.listdir(tmp_path / 'test_kernels') if not f.endswith('.py')] in ([], ['__pycache__'])
 
 
 def _fma_row(a, x, y):  # y[j] = a * x[j] + y[j] (compiled with FP contraction: one fused multiply-add each)
@@ -62,9 +78,8 @@ def test_compile_function_compiles_and_falls_back(monkeypatch):
     unfused product and sum get wrong by one ulp at these values); None where numba does not import."""
     import sys
 
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
     import numpy as np
-
-    pytest.importorskip('numba')
     fn = codegen.compile_function(_fma_row, fastmath={'contract'})
     a, x = np.float32(1 + 2 ** -12), np.array([1 + 2 ** -12], np.float32)
     y = np.array([-(1 + 2 ** -11)], np.float32)  # a * x = 1 + 2^-11 + 2^-24: only the fused sum keeps 2^-24
@@ -92,10 +107,10 @@ def test_numba_compiles_with_wide_vectors_on_avx512_hosts_only_when_free_to(case
     preference off; left as they are with ``ADASR_NUMBA_WIDE=0``, with ``NUMBA_CPU_FEATURES`` set by the user, on
     hosts without AVX-512, and when numba's CPU target was made before adasr's first kernel (each case in its own
     process: the setting is process-wide)."""
-    pytest.importorskip('numba')
     import subprocess
     import sys
 
+    import numba  # noqa: F401 - a declared dependency: a broken install fails here, never skips
     from llvmlite import binding
 
     host = binding.get_host_cpu_features()

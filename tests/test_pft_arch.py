@@ -2,6 +2,7 @@
 import json
 import os.path as osp
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,10 +269,15 @@ def test_small_and_odd_inputs(size):
 
 
 def test_window_32_input_smaller_than_half_a_window():
+    """Pads of 22 rows and 20 columns on a 10 x 12 input (the authors' flip-concat cannot pad that far): the network's
+    output on the input mirror-padded as NumPy continues the mirror (edge repeated), cropped."""
     net = PFT(**dict(LIGHT, depths=[2], num_topk=[1024, 1024])).eval()
+    x = torch.rand(1, 3, 10, 12)
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (0, 22), (0, 20)), mode='symmetric'))
     with torch.no_grad():
-        out = net(torch.rand(1, 3, 10, 12))
-    assert out.shape == (1, 3, 40, 48) and torch.isfinite(out).all()
+        out, full = net(x), net(padded)
+    assert out.shape == (1, 3, 40, 48)
+    torch.testing.assert_close(out, full[..., :40, :48], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_on_cpu():

@@ -14,7 +14,7 @@ from basicsr.archs.swinir_arch import SwinIR
 
 from adasr.cli.upscale import main
 from adasr.utils import files, image_io
-from adasr.utils.files import atomic_write_bytes
+from adasr.utils.files import TEMP_SUFFIX, atomic_write_bytes
 from adasr.utils.image_io import read_image
 from adasr.utils.matlab_resize import imresize
 
@@ -96,7 +96,7 @@ def test_folder_of_odd_images(odd_folder, tmp_path, capsys):
     assert tiny.shape == (6, 10, 3)
     assert np.array_equal(tiny, bicubic_u8(photo(3, 5), 2))
     assert cv2.imread(str(out / 'palette_out.png')).shape == (40, 48, 3)
-    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    assert not [f for f in os.listdir(out) if f.endswith(TEMP_SUFFIX)]
 
 
 def test_arch_bicubic_equals_imresize_whole_and_tiled(tmp_path):

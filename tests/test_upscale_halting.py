@@ -8,11 +8,10 @@ import pytest
 import torch
 import yaml
 
+from adasr.archs.adaformer_arch import AdaFormer
 from adasr.cli.upscale import main
 from adasr.inference.halting import HaltingCollector
 from adasr.inference.tile import tiled_forward
-
-AdaFormer = pytest.importorskip('adasr.archs.adaformer_arch', reason='AdaFormer is not merged yet').AdaFormer
 
 TINY = dict(upscale=2, n_feats=16, embed_dim=16, n_resblocks=2, depths=3, num_heads=2, num_prototypes=4,
             window_size=8, eps_h=0.05)

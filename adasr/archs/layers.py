@@ -89,9 +89,9 @@ def _symmetric_pad_dim(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: PadMode = 'reflect') -> Tuple[torch.Tensor, int, int]:
     """Pad (B, C, H, W) at the bottom and right so that H and W are multiples of ``multiple``.
 
-    ``reflect`` falls back to ``symmetric`` semantics extended periodically when the pad is not smaller than
-    the side (``F.pad`` would raise); the authors' models never see such inputs, so the faithful path is
-    unchanged.
+    When the pad is not smaller than the side (``F.pad`` would raise), ``reflect`` is continued periodically: the
+    reflection without repeating the edge sample, period ``2 * (side - 1)`` (a side of 1 is repeated); the
+    authors' models never see such inputs, so the faithful path is unchanged.
 
     Returns:
         (padded tensor, pad_h, pad_w).

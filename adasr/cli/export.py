@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='Examples:\n'
                '  adasr-export --opt options/test/test_PFT_light_x4.yml -o pft_light_x4.onnx\n'
                '  adasr-export --opt options/test/test_AdaFormer_x4.yml --weights model_x4.pt -o adaformer.onnx\n'
-               '  adasr-export --arch Bicubic --scale 4 -o bicubic_x4.onnx --check-image photo.png',
+               '  adasr-export --arch Bicubic --scale 4 -o bicubic_x4.onnx --check-image photo.png\n'
+               "(option files such as options/test/*.yml are in adasr's repository; with the package alone, name\n"
+               ' the network with --arch)',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output file')

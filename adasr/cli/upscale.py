@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                '  adasr-upscale -i photo.png -o out --arch Bicubic --scale 4\n'
                '  adasr-upscale -i photos/ -o out --opt options/test/test_SwinIR_light_x4.yml --weights w.pth\n'
                '  adasr-upscale -i photo.png -o out --weights any_spandrel_model.pth\n'
-               '  adasr-upscale -i big.png -o out --opt X.yml --tile 256 --save-halting',
+               '  adasr-upscale -i big.png -o out --opt X.yml --tile 256 --save-halting\n'
+               "(option files such as options/test/*.yml are in adasr's repository; with the package alone, name\n"
+               ' the network with --arch, or give spandrel-detectable --weights)',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-i', '--input', required=True, help='an image file or a folder of images (not recursive)')
     p.add_argument('-o', '--output', default='results/upscale', help='output folder. Default: results/upscale')
@@ -270,12 +272,14 @@ def _measured_scale(net, traits) -> Optional[int]:
 
 
 def _detected_model(weights: str, param_key: Optional[str], scale: Optional[int]):
-    """The network of a checkpoint whose architecture spandrel detects, and its description."""
-    from adasr.archs.spandrel_support import Spandrel
+    """The network of a checkpoint whose architecture spandrel detects (the registered arch ``Spandrel``, built as a
+    YAML ``type: Spandrel`` would be), and its description."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
     from adasr.utils.checkpoint import CheckpointError
 
     try:
-        net = Spandrel(path=weights, scale=scale, param_key=param_key)
+        net = ARCH_REGISTRY.get('Spandrel')(path=weights, scale=scale, param_key=param_key)
     except (CheckpointError, ValueError) as e:
         raise UsageError(f'--weights {weights}: {e}') from None
     return net, f'detected by spandrel in {weights}: {net.describe()}'

@@ -9,6 +9,10 @@ from basicsr.utils import imfrombytes
 from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import DATASET_REGISTRY
 
+#: how an LMDB is made, in errors: the repository's script, or the same function from an installed package
+_MAKE_LMDB = ("scripts/data_preparation/create_lmdb.py (adasr's repository) or "
+              'adasr.data.prepare.folder_to_lmdb(folder, lmdb_path)')
+
 
 class DatasetError(RuntimeError):
     """A dataset folder, LMDB or image that cannot be used."""
@@ -24,7 +28,7 @@ def check_data_root(path: str, io_backend: str, what: str) -> None:
         for name in ('data.mdb', 'meta_info.txt'):
             if not osp.isfile(osp.join(path, name)):
                 raise DatasetError(f'{what} is not a BasicSR LMDB (no {name}): {path}; '
-                                   'make one with scripts/data_preparation/create_lmdb.py')
+                                   f'make one with {_MAKE_LMDB}')
 
 
 def check_lmdb(path: str, keys: Iterable[str], what: str) -> None:
@@ -42,7 +46,7 @@ def check_lmdb(path: str, keys: Iterable[str], what: str) -> None:
 
     data = osp.join(path, 'data.mdb')
     size = osp.getsize(data)
-    remake = 'make it again with scripts/data_preparation/create_lmdb.py'
+    remake = f'make it again with {_MAKE_LMDB}'
     if size == 0:
         raise DatasetError(f'{what}: {data} is empty (0 bytes); {remake}')
     try:

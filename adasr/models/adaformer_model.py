@@ -39,7 +39,7 @@ class AdaFormerModel(AdaSRModel):
             part in, scaled to 0..255) next to the SR images. Default: false.
 
     Validation also logs the per-block halted fractions (``global_consumed`` / ``local_consumed`` of
-    :func:`~adasr.archs.adaformer_arch.halting_sparsity`, averaged over the images) and keeps them in
+    :func:`~adasr.archs.halting.halting_sparsity`, averaged over the images) and keeps them in
     ``self.halting_results[dataset_name]``.
     """
 

@@ -254,10 +254,12 @@ class AdaSRModel(SRModel):
         net = unwrap(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         was_training = net.training
         net.eval()
-        with torch.no_grad():
-            self.output = self.inference(net, self.lq)
-        if was_training:
-            net.train()
+        try:
+            with torch.no_grad():
+                self.output = self.inference(net, self.lq)
+        finally:  # an error (out of memory, a bad image) must not leave the training network in eval mode
+            if was_training:
+                net.train()
         check_finite(f'the network output for {self._lq_path or "the test batch"}', self.output)
 
     def check_metric_sizes(self) -> None:

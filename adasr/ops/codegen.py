@@ -54,14 +54,22 @@ def load_module(kind: str, key: Hashable, name: str, source) -> types.ModuleType
             path = os.path.join(folder, full + '.py')
             if not os.path.exists(path):
                 tmp = f'{path}.{os.getpid()}.tmp'
-                with open(tmp, 'w') as f:
-                    f.write(src)
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, 'w') as f:
+                        f.write(src)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
             spec = importlib.util.spec_from_file_location(full, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[full] = module  # numba's cache finds the module of its functions by name
-            spec.loader.exec_module(module)
-        except OSError:
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(full, None)
+                raise
+        except (OSError, RuntimeError):  # no writable folder; numba: "cannot cache function" in a read-only one
             module = types.ModuleType(full)
             exec(compile(src.replace('cache=True', 'cache=False'), full, 'exec'), module.__dict__)
         _modules[(kind, key)] = module

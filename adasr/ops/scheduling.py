@@ -8,7 +8,7 @@ on the pool; :func:`parallel_map` splits one NumPy call over it.
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, List, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -17,9 +17,9 @@ from adasr.ops.config import worker_threads
 T = TypeVar('T')
 R = TypeVar('R')
 
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_key: Tuple[int, int] = (0, 0)  # (process id, threads): a forked child or a new thread count gets a new pool
+_pools: Dict[Tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads) -> pool
 _local = threading.local()
+_pool_lock = threading.Lock()
 
 
 def _init_worker() -> None:
@@ -31,12 +31,17 @@ def _init_worker() -> None:
 
 
 def _worker_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_key
-    key = (os.getpid(), threads)
-    if _pool is None or _pool_key != key:
-        _pool, _pool_key = ThreadPoolExecutor(threads, thread_name_prefix='adasr-attn', initializer=_init_worker), key
-    return _pool
-
+    """The pool of ``threads`` workers of this process: one per thread count ever asked for (a caller may still be
+    submitting to one while another asks for a new count, so none is shut down); a forked child drops its parent's."""
+    pid = os.getpid()
+    with _pool_lock:
+        for key in [key for key in _pools if key[0] != pid]:
+            del _pools[key]  # the parent's: their threads do not exist in this process
+        pool = _pools.get((pid, threads))
+        if pool is None:
+            pool = _pools[(pid, threads)] = ThreadPoolExecutor(threads, thread_name_prefix='adasr-attn',
+                                                               initializer=_init_worker)
+        return pool
 
 def in_worker() -> bool:
     """True on a pool worker thread (nested parallel calls run sequentially there)."""
@@ -60,7 +65,8 @@ def parallel_for(fn: Callable[[T], None], items: Sequence[T]) -> None:
     :func:`adasr.ops.config.worker_threads` threads, each running single-threaded torch / numpy operations with
     denormals flushed to zero.
 
-    While the tiles run, PyTorch's intra-op thread count is 1 (MKL's is process-wide; restored afterwards). Without
+    While the tiles run, the calling thread's PyTorch intra-op thread count is 1 (restored afterwards; PyTorch keeps
+    it per thread, so calls from several threads at once do not disturb each other's). Without
     autograd only. Nested calls run sequentially in the calling worker; option ``threads=0``
     (``ADASR_ATTN_THREADS=0``) runs everything sequentially in the calling thread (denormals as the caller has them).
     """
@@ -75,7 +81,7 @@ def parallel_for(fn: Callable[[T], None], items: Sequence[T]) -> None:
     per_task = max(1, len(items) // (4 * threads))  # a few tasks per thread: balance with little overhead
     tasks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
     inference = torch.is_inference_mode_enabled()
-    intra = torch.get_num_threads()
+    intra = torch.get_num_threads()  # this thread's (OpenMP's and MKL's counts are per thread in PyTorch)
     if intra > 1:
         torch.set_num_threads(1)
     try:

@@ -738,11 +738,5 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     return _add_residual(y, residual, inplace)
 
 
-def multiplications(variant: str) -> float:
-    """Multiplications per output pixel and channel pair (direct: 9)."""
-    m = VARIANTS[variant][0]
-    return (m + 2) ** 2 / m ** 2
-
-
 __all__ = ['VARIANTS', 'DEFAULT_VARIANT', 'transform_matrices', 'WinogradConv3x3', 'winograd_conv3x3', 'conv3x3',
-           'winograd_supported', 'multiplications']
+           'winograd_supported']

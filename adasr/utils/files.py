@@ -1,6 +1,7 @@
 """Atomic file writes: a file appears under its final name complete or not at all.
 
-The data goes to a temporary file in the destination folder (``.<name>.<random>.tmp``), is flushed and fsynced, and
+The data goes to a temporary file in the destination folder (``.<name>.<random>.adasr-tmp``: a suffix only adasr
+writes, so the cleanup never touches another program's ``.tmp`` files), is flushed and fsynced, and
 is then renamed over the destination with ``os.replace`` (atomic on POSIX and on Windows within one volume). A write
 that fails (a full disk, a file-size limit, an exception in the writer) removes the temporary file and re-raises; a
 process killed mid-write leaves only the temporary file, which :func:`remove_orphan_temporaries` deletes later. The
@@ -20,7 +21,7 @@ try:
 except ImportError:  # Windows: an open file cannot be deleted there, which protects live temporary files instead
     fcntl = None
 
-TEMP_SUFFIX = '.tmp'  # the temporary files of atomic writes: .<name>.<random>.tmp
+TEMP_SUFFIX = '.adasr-tmp'  # the temporary files of atomic writes: .<name>.<random>.adasr-tmp (ours alone)
 
 
 class OutputFolderError(OSError):
@@ -28,6 +29,15 @@ class OutputFolderError(OSError):
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (Linux: ``/proc/self/status``);
+    elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -87,8 +97,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def remove_orphan_temporaries(folder: str, min_age: float = 60.0) -> List[str]:
-    """Delete the temporary files (``.<name>.*.tmp``) that interrupted :func:`atomic_write` calls left in ``folder``;
-    returns the paths removed (a missing folder is not an error).
+    """Delete the temporary files (``.<name>.*.adasr-tmp``) that interrupted :func:`atomic_write` calls left in
+    ``folder``; returns the paths removed (a missing folder is not an error). Other programs' files, ``.tmp`` ones
+    included, are never touched.
 
     A file is removed only when no process holds its lock (its writer is gone) and it was last modified more than
     ``min_age`` seconds ago (which covers the instants before the lock is taken and between closing and renaming).

@@ -6,8 +6,9 @@ Images are decoded with OpenCV (``IMREAD_UNCHANGED``, so 16-bit and alpha surviv
 what OpenCV cannot decode. The EXIF orientation of JPEG, PNG and WebP files is applied as OpenCV's ``IMREAD_COLOR``
 (what BasicSR's ``imfrombytes`` and so its datasets use) applies it; ``IMREAD_UNCHANGED`` alone would ignore it.
 Float images with NaN or infinite samples are refused. Writes are atomic: the encoded bytes go to a temporary file
-``.<name>.<random>.tmp`` in the destination folder, which is then renamed over the destination, so an interrupted run
-never leaves a truncated image behind (:mod:`adasr.utils.files`, which also cleans up after interrupted runs).
+``.<name>.<random>.adasr-tmp`` in the destination folder, which is then renamed over the destination, so an
+interrupted run never leaves a truncated image behind (:mod:`adasr.utils.files`, which also cleans up after
+interrupted runs).
 """
 import os.path as osp
 from dataclasses import dataclass
