@@ -1,4 +1,6 @@
 """Checkpoints: weights_only loading, BasicSR and bare layouts, and mismatches reported by key name."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -30,10 +32,51 @@ class _NotAllowed:
     pass
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return os.system, ('echo never run',)
+
+
 def test_weights_only_refuses_pickled_objects(tmp_path):
+    """Named, never built, and without PyTorch's advice to load the file with weights_only=False (which would run
+    it)."""
     torch.save({'params': _net().state_dict(), 'extra': _NotAllowed()}, tmp_path / 'evil.pth')
-    with pytest.raises(CheckpointError, match='weights_only=True'):
+    with pytest.raises(CheckpointError, match=r'evil.pth is not plain data: it asks to build '
+                                              r'tests.test_checkpoint._NotAllowed; .*weights_only=True') as err:
         load_checkpoint(str(tmp_path / 'evil.pth'))
+    assert 'False' not in str(err.value)
+    torch.save({'params': _net().state_dict(), 'extra': _RunsCode()}, tmp_path / 'code.pth')
+    with pytest.raises(CheckpointError, match=r'code.pth is not plain data: it asks to build (posix|os).system') as err:
+        load_checkpoint(str(tmp_path / 'code.pth'))
+    assert 'False' not in str(err.value)
+
+
+def test_a_checkpoint_damaged_in_the_middle_is_refused_by_its_crc(tmp_path):
+    """A flipped byte inside a tensor's record: torch.load reads it without complaint (it does not check the zip
+    CRCs); adasr names the file and the record. A file saved without CRCs still loads."""
+    sd = {'weight': torch.arange(4096, dtype=torch.float32)}
+    torch.save({'params': sd}, tmp_path / 'w.pth')
+    data = bytearray((tmp_path / 'w.pth').read_bytes())
+    at = data.index(torch.tensor([1000.0, 1001.0]).numpy().tobytes())
+    data[at + 2] ^= 0x10
+    (tmp_path / 'w.pth').write_bytes(bytes(data))
+    assert not torch.equal(torch.load(tmp_path / 'w.pth', weights_only=True)['params']['weight'], sd['weight'])
+    with pytest.raises(CheckpointError, match=r'w.pth is damaged: Bad CRC-32 for file .*data/0'):
+        load_checkpoint(str(tmp_path / 'w.pth'))
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({'params': sd}, tmp_path / 'nocrc.pth')
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_checkpoint(str(tmp_path / 'nocrc.pth'))['weight'], sd['weight'])
+
+
+def test_an_entry_that_is_not_a_tensor_is_named(tmp_path):
+    sd = dict(_net().state_dict())
+    sd['1.bias'] = 'hello'
+    torch.save({'params_ema': sd}, tmp_path / 'strval.pth')
+    with pytest.raises(CheckpointError, match=r'strval.pth: entries that are not tensors \(1\): 1.bias'):
+        load_checkpoint(str(tmp_path / 'strval.pth'), 'params_ema')
 
 
 def test_missing_file_and_wrong_entries(tmp_path):

@@ -230,6 +230,21 @@ def test_orphan_temporary_files_are_removed_but_live_ones_kept(tmp_path, capsys)
     assert not orphan.exists() and live.exists() and fresh.exists() and (out / 'a_out.png').is_file()
     assert len(remove_orphan_temporaries(str(out), min_age=0)) == 2  # once their writers are gone
     assert all(p.read_bytes() == b'the user\'s' for p in users)
+    # the halting pictures' folders, and an ONNX export's folder, are cleaned too
+    deep = out / 'halting' / 'a'
+    deep.mkdir(parents=True)
+    (deep / '.layer0.png.x1.adasr-tmp').write_bytes(b'half')
+    (tmp_path / '.b.onnx.x2.adasr-tmp').write_bytes(b'half')
+    for p in (deep / '.layer0.png.x1.adasr-tmp', tmp_path / '.b.onnx.x2.adasr-tmp'):
+        os.utime(p, (old, old))
+    assert upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(out), '--arch', 'Bicubic', '--scale', '2',
+                         '-q']) == 0
+    assert not (deep / '.layer0.png.x1.adasr-tmp').exists()
+    from adasr.cli.export import main as export_main
+
+    assert export_main(['--arch', 'Bicubic', '--scale', '2', '-o', str(tmp_path / 'b.onnx'), '--no-check']) == 0
+    assert 'left by an interrupted export' in capsys.readouterr().out
+    assert not (tmp_path / '.b.onnx.x2.adasr-tmp').exists() and (tmp_path / 'b.onnx').is_file()
 
 
 # ----------------------------------------------------------------------------------------------- finite numbers

@@ -6,6 +6,7 @@ import os.path as osp
 import random
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -152,16 +153,29 @@ def test_resume_state_of_another_experiment_is_named(tmp_path):
         load_resume_state(opt)
 
 
+def _flip_a_byte_inside_the_largest_record(path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from('<HH', data, info.header_offset + 26)  # the local header's own lengths
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.compress_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.slow
 def test_auto_resume_skips_unreadable_states_newest_first(tiny_pairs, tmp_path, capsys):
-    """A truncated newest state, a state whose network file is truncated, one whose network holds a NaN, and an
-    orphan temporary file: --auto_resume warns about each by name and resumes from the newest usable pair; with none
-    usable it stops with a message."""
+    """A truncated newest state, a state whose network file has a flipped byte (its CRC fails), one whose network
+    holds a NaN, and an orphan temporary file: --auto_resume warns about each by name and resumes from the newest
+    usable pair; with none usable it stops with a message."""
     run(TRAIN, write_yaml(tmp_path / 'train.yml', train_opt(*tiny_pairs, total_iter=4)), tmp_path)
     exp = tmp_path / 'experiments' / NAME
     states, models = exp / 'training_states', exp / 'models'
-    for path in (states / '4.state', models / 'net_g_3.pth'):  # what a kill during BasicSR's torch.save leaves
-        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    path = states / '4.state'  # what a kill during BasicSR's torch.save leaves
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    _flip_a_byte_inside_the_largest_record(models / 'net_g_3.pth')  # a bad disk or copy: torch.load reads it
     saved = torch.load(models / 'net_g_2.pth', weights_only=True)
     next(iter(saved['params'].values())).view(-1)[0] = float('nan')
     torch.save(saved, models / 'net_g_2.pth')
@@ -175,7 +189,7 @@ def test_auto_resume_skips_unreadable_states_newest_first(tiny_pairs, tmp_path, 
     assert opt['path']['pretrain_network_g'] == str(models / 'net_g_1.pth')
     for it in (4, 3, 2):
         assert f'skipping {states / f"{it}.state"}' in err
-    assert 'net_g_3.pth' in err and 'net_g_2.pth holds non-finite' in err
+    assert 'net_g_3.pth is damaged: Bad CRC-32' in err and 'net_g_2.pth holds non-finite' in err
     assert f'removed {orphan}' in err and not orphan.exists()
 
     (states / '1.state').write_bytes(b'')

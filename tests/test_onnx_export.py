@@ -111,8 +111,8 @@ def test_cli_checks_the_output_before_building_anything(tmp_path, capsys):
 
 def test_cli_refuses_before_exporting_what_it_cannot_honour(tmp_path, capsys):
     """The option file's own checkpoint is never the output; a NaN tolerance, a check size that a fixed-size graph
-    cannot take: usage errors; an opset the exporter does not write is refused (it printed the opset asked for and
-    wrote 18); an option file whose scale is not the network's (SwinIR without upscale is x2) is named."""
+    cannot take, an opset below 18 (the exporter writes nothing older), negative threads: usage errors before
+    anything is built; an option file whose scale is not the network's (SwinIR without upscale is x2) is named."""
     weights = tmp_path / 'w.pth'
     weights.write_bytes(b'checkpoint bytes')
     opt = tmp_path / 'opt.yml'
@@ -122,13 +122,14 @@ def test_cli_refuses_before_exporting_what_it_cannot_honour(tmp_path, capsys):
     for argv, words in ((['--opt', str(opt), '-o', str(weights), '--overwrite'], 'path.pretrain_network_g file'),
                         ([*base, '-o', str(tmp_path / 'a.onnx'), '--tolerance', 'nan'], 'positive number, got nan'),
                         ([*base, '-o', str(tmp_path / 'a.onnx'), '--size', '16', '16', '--check-size', '20', '24'],
-                         'takes only that size')):
+                         'takes only that size'),
+                        ([*base, '-o', str(tmp_path / 'a.onnx'), '--opset', '7', '--no-check'],
+                         '--opset 7: the exporter writes opset 18 or later'),
+                        ([*base, '-o', str(tmp_path / 'a.onnx'), '--threads', '-3'], '--threads must be 0')):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and words in capsys.readouterr().err, argv
     assert weights.read_bytes() == b'checkpoint bytes' and not (tmp_path / 'a.onnx').exists()
-    assert main([*base, '-o', str(tmp_path / 'a.onnx'), '--opset', '7', '--no-check']) == 2
-    assert 'wrote ONNX opset 18, not the requested 7' in capsys.readouterr().err
     noup = tmp_path / 'noup.yml'
     noup.write_text(yaml.safe_dump({'scale': 4, 'network_g': {'type': 'SwinIR', 'img_size': 16, 'window_size': 8,
                                                               'depths': [1], 'embed_dim': 12, 'num_heads': [2],

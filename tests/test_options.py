@@ -3,6 +3,8 @@ bad option files fail with a message that names the key or the path."""
 import glob
 import os.path as osp
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -254,6 +256,25 @@ def test_unreadable_or_missing_yaml(tmp_path):
     bad.write_text('name: [unclosed\n')
     with pytest.raises(OptionsError, match='bad.yml is not valid YAML'):
         load_yaml(str(bad))
+    binary = tmp_path / 'binary.yml'
+    binary.write_bytes(b'\xff\xfe\x00garbage')  # a UTF-16 mark, or any binary file given by mistake
+    with pytest.raises(OptionsError, match=r'binary.yml is not a text file in UTF-8 \(byte 0'):
+        load_yaml(str(binary))
+    with pytest.raises(OptionsError, match='is a folder'):
+        load_yaml(str(tmp_path))
+
+
+def test_cli_option_file_that_is_not_text_exits_2_naming_it(tmp_path, capsys):
+    from adasr.cli.export import main as export_main
+    from adasr.cli.upscale import main as upscale_main
+
+    binary = tmp_path / 'binary.yml'
+    binary.write_bytes(b'\xff\xfe\x00garbage')
+    cv2.imwrite(str(tmp_path / 'a.png'), np.zeros((4, 4, 3), np.uint8))
+    assert upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--opt', str(binary)]) == 2
+    assert f'{binary} is not a text file in UTF-8' in capsys.readouterr().err
+    assert export_main(['--opt', str(binary), '-o', str(tmp_path / 'x.onnx'), '--random-weights']) == 2
+    assert f'{binary} is not a text file in UTF-8' in capsys.readouterr().err
 
 
 def test_safe_loader_keeps_basicsr_types_and_refuses_python_tags(tmp_path):

@@ -371,12 +371,39 @@ def test_config_rejects_bad_values_naming_the_setting(monkeypatch):
                     'ADASR_SAMPLED_LIMIT': 'sampled_limit', 'ADASR_ATTN_BLOCK_KB': 'tile_kb'}[env]
             with pytest.raises(ValueError, match=env):
                 config.get_option(name)
+            with pytest.raises(ValueError, match=env):
+                config.check_environment()  # what the CLIs call before any work
     with pytest.raises(ValueError, match='memory_mb'):
         config.set_option('memory_mb', -3)
     with pytest.raises(KeyError, match='not an adasr.ops option'):
         config.get_option('speed')
     monkeypatch.setenv('ADASR_TORCH_TOPK', '1')
     assert config.get_option('torch_topk') is True
+    config.check_environment()
+
+
+def test_clis_refuse_a_bad_setting_before_any_work(monkeypatch, tmp_path, capsys):
+    """adasr-upscale and adasr-export: a usage error (exit 2) before the output folder or the model exists;
+    adasr-train / adasr-test: an error before the option file is read."""
+    import cv2
+    import numpy as np
+
+    from adasr.cli.entry import run
+    from adasr.cli.export import main as export_main
+    from adasr.cli.upscale import main as upscale_main
+
+    monkeypatch.setenv('ADASR_PFT_KERNEL', 'bogus')
+    cv2.imwrite(str(tmp_path / 'a.png'), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(SystemExit) as stop:
+        upscale_main(['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic', '-s', '2'])
+    assert stop.value.code == 2 and "ADASR_PFT_KERNEL='bogus'" in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()
+    with pytest.raises(SystemExit) as stop:
+        export_main(['--arch', 'Bicubic', '-s', '2', '-o', str(tmp_path / 'b.onnx')])
+    assert stop.value.code == 2 and "ADASR_PFT_KERNEL='bogus'" in capsys.readouterr().err
+    for kind in ('train', 'test'):
+        with pytest.raises(SystemExit, match="error: ADASR_PFT_KERNEL='bogus'"):
+            run(kind, ['-opt', str(tmp_path / 'missing.yml')])
 
 
 def test_sparse_qk_bias_is_read_at_the_index():

@@ -2,8 +2,10 @@
 and the model sources (--arch, --opt, --weights)."""
 import os
 import os.path as osp
+import struct
 import subprocess
 import sys
+import zlib
 
 import cv2
 import numpy as np
@@ -40,7 +42,8 @@ def bicubic_u8(img_u8, scale):
 @pytest.fixture
 def odd_folder(tmp_path):
     """A folder with a gray PNG, an RGBA PNG, a 16-bit PNG, a tiny odd-size JPEG-free PNG, a palette GIF, a
-    broken PNG, an empty file, and a text file (not an image, ignored)."""
+    broken PNG, a BMP with a damaged header, a PNG whose header claims 100000 x 100000, an empty file, and a text
+    file (not an image, ignored)."""
     d = tmp_path / 'in'
     d.mkdir()
     rgb = photo(20, 24)
@@ -53,6 +56,16 @@ def odd_folder(tmp_path):
 
     Image.fromarray(rgb[..., ::-1]).convert('P').save(d / 'palette.gif')
     (d / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 4)
+    bmp = bytearray(cv2.imencode('.bmp', rgb)[1].tobytes())
+    bmp[22:26] = b'\xff\xff\xff\x7f'  # the height field: OpenCV asserts (cv2.error) instead of returning None
+    (d / 'bad_header.bmp').write_bytes(bytes(bmp))
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    (d / 'huge_header.png').write_bytes(  # 100000 x 100000 claimed: past OpenCV's and Pillow's limits
+        b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 100000, 100000, 8, 2, 0, 0, 0))
+        + chunk(b'IDAT', zlib.compress(b'\0' * 1000)) + chunk(b'IEND', b''))
     (d / 'empty.jpg').write_bytes(b'')
     (d / 'notes.txt').write_text('not an image')
     return d
@@ -71,7 +84,8 @@ def test_folder_of_odd_images(odd_folder, tmp_path, capsys):
     broken_line = next(line for line in captured.err.splitlines() if line.startswith('failed:') and 'broken' in line)
     assert broken_line.count('broken.png') == 1  # the path is named once
     assert 'notes.txt' not in captured.err + captured.out
-    assert 'done: 5 written, 0 skipped (output exists), 2 failed' in captured.out
+    assert 'bad_header.bmp' in captured.err and 'huge_header.png' in captured.err  # named, and the run went on
+    assert 'done: 5 written, 0 skipped (output exists), 4 failed' in captured.out
 
     gray = cv2.imread(str(out / 'gray_out.png'), cv2.IMREAD_UNCHANGED)
     src_gray = cv2.imread(str(odd_folder / 'gray.png'), cv2.IMREAD_UNCHANGED)
@@ -221,6 +235,54 @@ def registered_test_net():
     ARCH_REGISTRY._do_register('AdaSRTestNet', AdaSRTestNet)
     yield AdaSRTestNet
     del ARCH_REGISTRY._obj_map['AdaSRTestNet']
+
+
+def test_any_error_of_one_image_fails_that_image_only(registered_test_net, tmp_path, capsys):
+    """A network that raises an unexpected error type (IndexError here; spandrel models raise AssertionError or
+    TypeError on sizes they refuse) fails that image, named, and the run goes on; an output path that is a folder
+    fails its image; an empty file at an output path (not one of ours: writes are atomic) is redone."""
+    class Picky(registered_test_net):
+        def forward(self, x):
+            if x.shape[-1] == 13:
+                raise IndexError('index 4702111233380188253 is out of bounds')
+            return super().forward(x)
+
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    ARCH_REGISTRY._obj_map['AdaSRTestNet'] = Picky
+    src, out = tmp_path / 'in', tmp_path / 'o'
+    src.mkdir()
+    out.mkdir()
+    for name, w in (('a.png', 13), ('b.png', 12), ('c.png', 12), ('d.png', 12)):
+        cv2.imwrite(str(src / name), photo(9, w))
+    (out / 'c_out.png').mkdir()
+    (out / 'd_out.png').write_bytes(b'')
+    assert main(['-i', str(src), '-o', str(out), '--arch', 'AdaSRTestNet', '--scale', '4', '--random-weights',
+                 '-q']) == 1
+    err = capsys.readouterr().err
+    assert 'FAILED a.png: IndexError: index 4702111233380188253 is out of bounds' in err
+    assert f'FAILED c.png: the output path {out / "c_out.png"} is a folder' in err
+    assert cv2.imread(str(out / 'b_out.png')).shape == (36, 48, 3)
+    assert cv2.imread(str(out / 'd_out.png')).shape == (36, 48, 3)
+    assert not (out / 'a_out.png').exists()
+
+
+def test_an_output_too_large_for_its_format_fails_before_the_model_runs(tmp_path, capsys, monkeypatch):
+    """A 4200-pixel-wide WebP at x4 (WebP holds 16383 pixels a side): named with the fix before any upscaling;
+    --ext png writes it."""
+    from adasr.cli import upscale
+
+    cv2.imwrite(str(tmp_path / 'wide.webp'), np.full((2, 4200, 3), 128, np.uint8))
+    runs = []
+    real = upscale.upscale_image
+    monkeypatch.setattr(upscale, 'upscale_image', lambda *a, **k: runs.append(1) or real(*a, **k))
+    argv = ['-i', str(tmp_path / 'wide.webp'), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic', '-s', '4', '-q']
+    assert main(argv) == 1
+    assert ('the x4 output would be 16800 pixels on its long side; .webp holds at most 16383 (choose another '
+            'format: --ext png)') in capsys.readouterr().err
+    assert runs == [] and os.listdir(tmp_path / 'o') == []
+    assert main([*argv, '--ext', 'png']) == 0 and runs == [1]
+    assert cv2.imread(str(tmp_path / 'o' / 'wide_out.png')).shape == (8, 16800, 3)
 
 
 def test_arch_with_default_hyperparameters_and_weights(registered_test_net, tmp_path):

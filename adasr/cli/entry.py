@@ -104,6 +104,11 @@ class ResumeError(RuntimeError):
 
 
 def _read_state(path: str, device: torch.device) -> dict:
+    from adasr.utils.checkpoint import damaged_record
+
+    damaged = damaged_record(path)
+    if damaged:
+        raise ValueError(f'damaged: {damaged}')
     with torch.serialization.safe_globals([Counter]):  # MultiStepRestartLR keeps its milestones in a Counter
         state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or not isinstance(state.get('iter'), int):
@@ -279,6 +284,12 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from adasr.utils.distributed import barrier, destroy
 
     argv, force_yml, sets = _split_adasr_args(argv, kind)
+    from adasr.ops.config import check_environment
+
+    try:  # every ADASR_* setting, before the option file is read
+        check_environment()
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
     if kind == 'test':  # freed feature maps kept for the next image (no page faults each forward): adasr.utils.malloc
         from adasr.utils import malloc
 

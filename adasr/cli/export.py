@@ -104,6 +104,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, pair in (('--size', args.size), ('--check-size', args.check_size)):
         if pair is not None and min(pair) < 1:
             parser.error(f'{name} must be positive, got {pair}')
+    if args.opset is not None and args.opset < 18:  # the exporter writes nothing older (docs/onnx.md)
+        parser.error(f'--opset {args.opset}: the exporter writes opset 18 or later')
+    if args.threads < 0:
+        parser.error(f'--threads must be 0 (onnxruntime\'s default) or more, got {args.threads}')
     if not (0 < args.tolerance < float('inf')):
         parser.error(f'--tolerance must be a positive number, got {args.tolerance}')
     if args.size and args.check_size and tuple(args.size) != tuple(args.check_size):
@@ -112,6 +116,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     problem = _output_problem(args)
     if problem:
         parser.error(problem)
+    from adasr.ops.config import check_environment
+
+    try:  # every ADASR_* setting, before the model is built
+        check_environment()
+    except ValueError as e:
+        parser.error(str(e))
+    from adasr.utils.files import remove_orphan_temporaries
+
+    for path in remove_orphan_temporaries(osp.dirname(osp.abspath(args.output))):
+        print(f'removed {path}, left by an interrupted export')
 
     import adasr  # noqa: F401  (shim + registration)
     from adasr.cli.upscale import UsageError, build_model

@@ -615,14 +615,21 @@ def load_yaml(path: str, overrides: Sequence[Override] = ()) -> dict:
     """Read an option file with :class:`OptionLoader` (then apply ``overrides``); errors name the file and line.
 
     Raises:
-        OptionsError: the file is missing, is not YAML, holds a Python tag or a key twice in one mapping, or is not
-            a mapping.
+        OptionsError: the file is missing or unreadable, is not UTF-8 text or not YAML, holds a Python tag or a key
+            twice in one mapping, or is not a mapping.
     """
+    if osp.isdir(path):
+        raise OptionsError(f'option file {path} is a folder')
     if not osp.isfile(path):
         raise OptionsError(f'option file not found: {path}')
     try:
         with open(path, encoding='utf-8') as f:
             opt = yaml.load(f, Loader=OptionLoader)
+    except UnicodeDecodeError as e:
+        raise OptionsError(f'{path} is not a text file in UTF-8 (byte {e.start}: {e.reason}); option files are YAML '
+                           'text') from None
+    except OSError as e:
+        raise OptionsError(f'option file {path} cannot be read: {e.strerror or e}') from None
     except yaml.constructor.ConstructorError as e:
         line = f', line {e.problem_mark.line + 1}' if e.problem_mark else ''
         why = '' if isinstance(e, DuplicateKeyError) else ('; option files are plain data and tags that build '

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from adasr.ops.config import CONV3X3_METHODS, set_option
+from adasr.ops.config import CONV3X3_METHODS, check_environment, set_option
 
 HALF_DTYPES = ('fp16', 'bf16')
 DIST_TIMEOUT = datetime.timedelta(days=7)  # under torchrun: how long the summary waits for the slowest share
@@ -491,7 +491,7 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
     from tqdm import tqdm
 
     from adasr.inference.halting import HaltingCollector, save_halting_pictures
-    from adasr.utils.image_io import WRITABLE, ImageReadError, read_image, to_stored, write_image
+    from adasr.utils.image_io import MAX_SIDE, WRITABLE, ImageReadError, read_image, to_stored, write_image
 
     report = Report()
     bar = tqdm(paths, desc='images', unit='img', disable=args.quiet or len(paths) < 2, dynamic_ncols=True)
@@ -502,7 +502,12 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
         halting_dir = osp.join(args.output, 'halting', osp.splitext(name)[0])
         # a re-run resumes: an image is done when its output is there, and its halting pictures where asked for
         # (halting.json is written last: a run stopped between the image and its pictures redoes the image)
-        if osp.exists(dst) and not args.overwrite and (
+        if osp.isdir(dst):
+            report.failed.append((path, f'the output path {dst} is a folder'))
+            log(f'FAILED {name}: the output path {dst} is a folder', error=True)
+            continue
+        # (outputs are written atomically: an empty file there is not one of ours, and is redone)
+        if osp.isfile(dst) and osp.getsize(dst) > 0 and not args.overwrite and (
                 not args.save_halting or osp.exists(osp.join(halting_dir, 'halting.json'))):
             report.skipped.append(dst)
             log(f'skip {name}: {dst} exists')
@@ -510,6 +515,10 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
         start = time.perf_counter()
         try:
             img = read_image(path)
+            limit, side = MAX_SIDE.get(ext), max(img.size) * up.scale
+            if limit is not None and side > limit:  # found before the model runs, not when the result is encoded
+                raise ImageReadError(f'{path}: the x{up.scale} output would be {side} pixels on its long side; '
+                                     f'.{ext} holds at most {limit} (choose another format: --ext png)')
             collector = HaltingCollector(up.net, *img.size) if args.save_halting else None
             out, tile, why = upscale_image(up, img, args, name, on_tile=collector)
             dtype = out.dtype
@@ -527,7 +536,7 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
             report.failed.append((path, reason))
             log(f'FAILED {name}: {reason}', error=True)
             continue
-        except (RuntimeError, ValueError, OSError) as e:  # model or write failure for this image only
+        except Exception as e:  # noqa: BLE001 - a model or write failure fails this image only (Ctrl-C still stops)
             report.failed.append((path, f'{type(e).__name__}: {e}'))
             log(f'FAILED {name}: {type(e).__name__}: {e}', error=True)
             continue
@@ -558,6 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:  # freed feature maps kept for the next image and tile (no page faults each forward): docs/upscale.md
         malloc.tune()
+        check_environment()  # every ADASR_* setting, before the model is built
     except ValueError as e:
         parser.error(str(e))
     if args.conv3x3 is not None:
@@ -587,7 +597,7 @@ def _upscale(args, rank: int, world_size: int) -> int:
 
             tqdm.write(msg, file=sys.stderr if error else sys.stdout)
 
-    from adasr.utils.files import OutputFolderError, prepare_output_folder
+    from adasr.utils.files import OutputFolderError, prepare_output_folder, remove_orphan_temporaries
 
     try:
         paths = list_inputs(args.input)
@@ -603,6 +613,8 @@ def _upscale(args, rank: int, world_size: int) -> int:
             orphans = prepare_output_folder(args.output)
         except OutputFolderError as e:
             raise UsageError(str(e)) from None
+        for folder, _, _ in os.walk(osp.join(args.output, 'halting')):  # the pictures of --save-halting runs
+            orphans += remove_orphan_temporaries(folder)
         if orphans:
             log(f'removed {len(orphans)} temporary file(s) left by an interrupted run in {args.output}')
         import adasr  # noqa: F401  (shim + registration)

@@ -142,6 +142,19 @@ def get_option(name: str) -> Any:
     return opt.parse(opt.env, raw)
 
 
+def check_environment() -> None:
+    """Read every option's environment variable now, so that a bad value stops a command before any work (the ops
+    read them only when first used, which may be after a model is built or an image is done).
+
+    Raises:
+        ValueError: naming the variable, its value and what it takes.
+    """
+    for opt in _OPTIONS.values():
+        raw = os.environ.get(opt.env) if opt.env else None
+        if raw:
+            opt.parse(opt.env, raw)
+
+
 def set_option(name: str, value: Any) -> None:
     """Set an option for this process (validated); ``None`` returns it to its environment variable / default."""
     opt = _option(name)

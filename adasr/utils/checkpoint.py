@@ -1,6 +1,10 @@
 """Checkpoints: read with ``weights_only=True``, written atomically, refused when they hold non-finite numbers;
 errors name the file and the offending keys."""
 import os
+import pickle
+import re
+import zipfile
+import zlib
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -26,9 +30,14 @@ def load_checkpoint(path: str, param_key: Optional[str] = 'params') -> Dict[str,
     removed.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, has none of the expected entries, or holds NaN/inf.
+        CheckpointError: the file is missing, unreadable or damaged, has none of the expected entries, holds an entry
+            that is not a tensor, or holds NaN/inf.
     """
     state = pick_entry(read_checkpoint(path), param_key, path)
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f'checkpoint {path}: entries that are not tensors ({len(not_tensors)}): '
+                              f'{_summarise(map(str, not_tensors))} (a state dict maps names to tensors)')
     check_finite_state(state, f'checkpoint {path}')
     out = OrderedDict()
     for k, v in state.items():
@@ -40,21 +49,62 @@ def read_checkpoint(path: str) -> Mapping:
     """The mapping stored in ``path``, read with ``torch.load(weights_only=True)`` on the CPU, as it is.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or does not hold a mapping.
+        CheckpointError: the file is missing, unreadable, damaged (a zip record whose CRC-32 does not match), holds
+            Python objects that are not plain data (never built), or does not hold a mapping.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted download or copy?')
+    damaged = damaged_record(path)
+    if damaged:
+        raise CheckpointError(f'checkpoint {path} is damaged: {damaged} (a corrupted download, copy or disk?)')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:
+            raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True (UnpicklingError: '
+                                  f'{_first_line(e)}); the file may be truncated or not a PyTorch checkpoint') from e
+        raise CheckpointError(f'checkpoint {path} is not plain data: it asks to build {refused.group(1)}; '
+                              'checkpoints are read as data only (weights_only=True) and code in them is never run'
+                              ) from None
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        detail = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
+        detail = f'{type(e).__name__}: {_first_line(e)}' if str(e) else type(e).__name__
         raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True ({detail}); the file may be '
                               'truncated or not a PyTorch checkpoint') from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, not a state dict')
     return obj
+
+
+#: the object a weights-only load refused, in PyTorch's message (whose advice to load with weights_only=False, which
+#: would run the file's code, is not passed on)
+_REFUSED_GLOBAL = re.compile(r'(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([\w.]+)')
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), '')
+
+
+def damaged_record(path: str) -> Optional[str]:
+    """Which record of a zip-format checkpoint (``torch.save``'s format) fails its CRC-32, or None. PyTorch does not
+    check the CRCs it writes, so a file damaged in the middle (a flipped byte) would load and give wrong pixels or an
+    arbitrary error. Records stored without a CRC (``torch.serialization.set_crc32_options(False)``: 0) are not
+    checked; a file that is not a zip (the legacy format) is left to ``torch.load``."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC == 0:
+                    continue
+                with z.open(info) as f:  # zipfile compares the CRC when the record is read to its end
+                    while f.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def nonfinite_keys(state: Mapping[str, Any]) -> List[str]:

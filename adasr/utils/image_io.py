@@ -27,6 +27,8 @@ WRITABLE = {'png': {'alpha': True, 'uint16': True}, 'tif': {'alpha': True, 'uint
             'jpg': {'alpha': False, 'uint16': False}, 'jpeg': {'alpha': False, 'uint16': False},
             'bmp': {'alpha': True, 'uint16': False}, 'ppm': {'alpha': False, 'uint16': True},
             'pgm': {'alpha': False, 'uint16': True}}
+#: the longest side each format can hold (the encoders refuse larger images); formats not listed have no limit here
+MAX_SIDE = {'webp': 16383, 'jpg': 65500, 'jpeg': 65500}
 
 
 class ImageReadError(ValueError):
@@ -160,7 +162,10 @@ def decode_image(path: str) -> np.ndarray:
         raise ImageReadError(f'{path}: cannot read file ({e.strerror or e})') from e
     if data.size == 0:
         raise ImageReadError(f'{path}: empty file')
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # a damaged header OpenCV asserts on (a size past its limits): Pillow decides, or refuses
+        arr = None
     if arr is None:
         arr = _pillow_decode(path)
     if arr.ndim == 3 and arr.shape[2] == 1:
