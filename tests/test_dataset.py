@@ -56,8 +56,28 @@ def test_unreadable_image_is_named(tiny_pairs):
         f.write(b'not a png at all')
     ds = PairedSRDataset(_opt(hr, lr))
     ds[_by_name(ds, 'astronaut')]  # the other pair is fine
-    with pytest.raises(DatasetError, match=f'cannot read image {bad}'):
+    with pytest.raises(DatasetError, match=f'cannot read LR image {bad}$'):
         ds[_by_name(ds, 'coffee')]
+
+
+def test_folders_of_different_counts_name_the_unpaired_files_and_an_lmdb_given_as_disk_is_named(tiny_pairs,
+                                                                                                tmp_path):
+    import shutil
+
+    hr, lr = tiny_pairs
+    gt = tmp_path / 'gt'
+    shutil.copytree(hr, gt)
+    (gt / 'README.txt').write_text('a stray file')  # BasicSR lists every file of the folder
+    with pytest.raises(DatasetError, match=r'different number of images.*GT files without a partner in .*gt: '
+                                           r'README.txt\)'):
+        PairedSRDataset(_opt(str(gt), lr))
+    lmdb_like = tmp_path / 'x.lmdb'
+    lmdb_like.mkdir()
+    (lmdb_like / 'data.mdb').write_bytes(b'')
+    (lmdb_like / 'meta_info.txt').write_text('')
+    with pytest.raises(DatasetError, match=r'is a BasicSR LMDB .* but io_backend is disk: set io_backend: '
+                                           r'\{type: lmdb\}'):
+        PairedSRDataset(_opt(hr, str(lmdb_like)))
 
 
 def test_grayscale_alpha_and_16bit_inputs_become_rgb(tiny_pairs):

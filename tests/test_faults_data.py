@@ -384,7 +384,7 @@ def test_yaml_test_on_an_image_too_small_for_ssim_names_it(tmp_path):
            'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedSRDataset', 'dataroot_gt': hr, 'dataroot_lq': lr,
                                    'io_backend': {'type': 'disk'}}},
            'network_g': {'type': 'Bicubic', 'upscale': 4}, 'path': {'pretrain_network_g': None},
-           'val': {'save_img': True, 'metrics': {'ssim': {'type': 'calculate_ssim', 'crop_border': 4}}}}
+           'val': {'save_img': True, 'suffix': None, 'metrics': {'ssim': {'type': 'calculate_ssim', 'crop_border': 4}}}}
     proc = _run_entry('test.py', opt, tmp_path)
     # before: exit 0 with 'ssim: nan' in the log
     assert proc.returncode == 1, proc

@@ -249,6 +249,41 @@ def test_bad_numbers_name_the_key(base_train_opt, mutate, words):
         assert w in str(err.value), str(err.value)
 
 
+REQUIRED_OR_TYPED = [  # what BasicSR reads with opt[...] or tests with a plain if: refused before any work
+    (lambda o: o['val'].pop('save_img'), ['val: missing save_img (BasicSR reads it']),
+    (lambda o: o['val'].pop('val_freq'), ['val: missing val_freq']),
+    (lambda o: o['logger'].pop('use_tb_logger'), ['logger: missing use_tb_logger']),
+    (lambda o: o['logger'].pop('print_freq'), ['logger: missing print_freq']),
+    (lambda o: o.update(path=None), ['the "path" section must be a mapping']),
+    (lambda o: o['val']['metrics'].update(psnr=None), ['val.metrics.psnr must be a mapping']),
+    (lambda o: o['val']['metrics']['psnr'].update(crop_border=-3), ['crop_border must be a non-negative integer']),
+    (lambda o: o['val']['metrics']['psnr'].update(crop_border=2.5), ['crop_border must be a non-negative integer']),
+    (lambda o: o['val']['metrics']['psnr'].update(test_y_channel='maybe'), ['test_y_channel must be true or false']),
+    (lambda o: o['datasets']['train'].update(use_hflip='maybe'), ['datasets.train.use_hflip must be true or false']),
+    (lambda o: o['path'].update(strict_load_g='false'), ["path.strict_load_g must be true or false, got 'false'"]),
+    (lambda o: o['datasets']['train'].update(prefetch_mode='gpu'), ["prefetch_mode: 'gpu' is not one of BasicSR"]),
+]
+
+
+@pytest.mark.parametrize('mutate, words', REQUIRED_OR_TYPED)
+def test_keys_basicsr_requires_and_their_types(base_train_opt, mutate, words):
+    mutate(base_train_opt)
+    with pytest.raises(OptionsError) as err:
+        check_options(base_train_opt, is_train=True)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_a_test_that_saves_images_needs_a_suffix_and_prefetch_keys_pass(base_test_opt, base_train_opt):
+    base_test_opt['val']['save_img'] = True
+    with pytest.raises(OptionsError, match='val: missing suffix'):
+        check_options(base_test_opt, is_train=False)
+    base_test_opt['val']['suffix'] = None
+    check_options(base_test_opt, is_train=False)
+    base_train_opt['datasets']['train'].update(prefetch_mode='cpu', num_prefetch_queue=2)
+    check_options(base_train_opt, is_train=True)
+
+
 def test_unreadable_or_missing_yaml(tmp_path):
     with pytest.raises(OptionsError, match='option file not found'):
         load_yaml(str(tmp_path / 'missing.yml'))

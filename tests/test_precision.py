@@ -229,7 +229,8 @@ def test_val_precision_option_is_checked():
     opt = {'name': 'x', 'model_type': 'AdaFormerModel', 'scale': 4, 'num_gpu': 0,
            'datasets': {'test_1': {'name': 't', 'type': 'PairedSRDataset', 'dataroot_gt': 'a', 'dataroot_lq': 'b',
                                    'io_backend': {'type': 'disk'}}},
-           'network_g': dict(TINY['AdaFormer']), 'val': {'precision': 'fp32', 'eps_h': 0.1}}
+           'network_g': dict(TINY['AdaFormer']), 'path': {'pretrain_network_g': None},
+           'val': {'save_img': False, 'precision': 'fp32', 'eps_h': 0.1}}
     check_options(opt, is_train=False, check_paths=False)
     opt['val']['precision'] = 'half'
     with pytest.raises(OptionsError, match="val.precision: precision must be one of fp32, bf16, fp16, got 'half'"):

@@ -254,7 +254,8 @@ def test_val_tile_keys_pass_the_option_checker(model_type, net):
     opt = {'name': 'x', 'model_type': model_type, 'scale': 4, 'num_gpu': 0,
            'datasets': {'test_1': {'name': 't', 'type': 'PairedSRDataset', 'dataroot_gt': 'a', 'dataroot_lq': 'b',
                                    'io_backend': {'type': 'disk'}}},
-           'network_g': net, 'val': {'save_img': False, 'tile': 128, 'tile_pad': 16}}
+           'network_g': net, 'path': {'pretrain_network_g': None},
+           'val': {'save_img': False, 'tile': 128, 'tile_pad': 16}}
     check_options(opt, is_train=False, check_paths=False)
     opt['val']['tiles'] = 3
     with pytest.raises(OptionsError, match="unknown key 'tiles' in val.*did you mean 'tile'"):

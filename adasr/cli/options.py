@@ -45,7 +45,8 @@ METRIC_KEYS = {'type', 'crop_border', 'test_y_channel', 'better', 'input_order',
 PAIRED_DATASET_KEYS = {
     'name', 'type', 'dataroot_gt', 'dataroot_lq', 'meta_info_file', 'io_backend', 'filename_tmpl', 'gt_size',
     'use_hflip', 'use_rot', 'use_shuffle', 'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio',
-    'prefetch_mode', 'pin_memory', 'persistent_workers', 'color', 'mean', 'std', 'phase', 'scale',
+    'prefetch_mode', 'num_prefetch_queue', 'pin_memory', 'persistent_workers', 'color', 'mean', 'std', 'phase',
+    'scale',
 }
 TRAIN_KEYS = {'ema_decay', 'optim_g', 'optim_d', 'scheduler', 'total_iter', 'warmup_iter', 'net_d_iters',
               'net_d_init_iters'}
@@ -273,6 +274,14 @@ def ensure_perceptual_weights(train: Mapping) -> None:
                                'again) or copy a good one there')
 
 
+def check_booleans(section: str, given: Mapping, keys: Iterable[str]) -> None:
+    """Each of ``keys`` present in ``given`` must be true or false (YAML ``maybe`` or ``'false'`` in quotes would read
+    as true in BasicSR's ``if``)."""
+    for key in keys:
+        if key in given and given[key] is not None and not isinstance(given[key], bool):
+            raise OptionsError(f'{section}.{key} must be true or false, got {given[key]!r}')
+
+
 def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None:
     section = f'datasets.{phase}'
     if not isinstance(ds, Mapping):
@@ -300,6 +309,13 @@ def check_dataset_opt(phase: str, ds: Mapping, check_paths: bool = True) -> None
         for key in ('gt_size', 'batch_size_per_gpu', 'num_worker_per_gpu'):
             if key not in ds:
                 raise OptionsError(f'{section}: missing {key}')
+    check_booleans(section, ds, ('use_hflip', 'use_rot', 'use_shuffle', 'pin_memory', 'persistent_workers'))
+    mode = ds.get('prefetch_mode')
+    if mode not in (None, 'cpu', 'cuda'):
+        raise OptionsError(f"{section}.prefetch_mode: {mode!r} is not one of BasicSR's: leave it out (or ~), cpu or "
+                           'cuda')
+    if mode == 'cuda' and check_paths and not torch.cuda.is_available():
+        raise OptionsError(f'{section}.prefetch_mode: cuda, but no CUDA GPU is available here')
 
 
 def check_precision_opt(value, num_gpu='auto', check_device: bool = True) -> None:
@@ -369,8 +385,12 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
             raise OptionsError('a "val" section but no validation dataset (datasets.val): validation would never '
                                'run (add one, or remove the val section)')
 
-    path = opt.get('path') or {}
+    path = opt.get('path')
+    if not isinstance(path, Mapping):  # BasicSR's parse_options walks path's items
+        raise OptionsError('the "path" section must be a mapping (e.g. path: {pretrain_network_g: ~, '
+                           f'strict_load_g: true}}), got {path!r}')
     check_keys('path', path, PATH_KEYS)
+    check_booleans('path', path, ('strict_load_g', 'strict_load_d'))
     for key in ('pretrain_network_g', 'pretrain_network_d', 'resume_state'):
         if check_paths and path.get(key) and not osp.isfile(osp.expanduser(path[key])):
             raise OptionsError(f'path.{key} does not exist: {path[key]}')
@@ -389,13 +409,41 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
                 raise OptionsError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
         if 'precision' in val:
             check_precision_opt(val['precision'], num_gpu, check_device=check_paths)
-        for name, m in (val.get('metrics') or {}).items():
+        # BasicSR reads these with val[...]: missing, its run stops with a KeyError at the first validation
+        required = ['save_img'] + (['val_freq'] if is_train else []) + (['suffix'] if not is_train and
+                                                                      val.get('save_img') else [])
+        for key in required:
+            if key not in val:
+                example = {'save_img': 'save_img: false', 'val_freq': 'val_freq: !!float 5e3',
+                           'suffix': 'suffix: ~'}[key]
+                raise OptionsError(f'val: missing {key} (BasicSR reads it; e.g. {example})')
+        check_booleans('val', val, ('save_img', 'pbar'))
+        metrics = val.get('metrics') or {}
+        if not isinstance(metrics, Mapping):
+            raise OptionsError(f'val.metrics must be a mapping of metric names to settings, got {metrics!r}')
+        for name, m in metrics.items():
+            if not isinstance(m, Mapping):
+                raise OptionsError(f'val.metrics.{name} must be a mapping (e.g. {{type: calculate_psnr, crop_border: '
+                                   f'4, test_y_channel: true}}), got {m!r}')
             _registered(METRIC_REGISTRY, m.get('type'), f'val.metrics.{name}')
             check_keys(f'val.metrics.{name}', m, METRIC_KEYS)
+            crop = m.get('crop_border', 0)
+            if not isinstance(crop, int) or isinstance(crop, bool) or crop < 0:
+                raise OptionsError(f'val.metrics.{name}.crop_border must be a non-negative integer (pixels), got '
+                                   f'{crop!r}')
+            check_booleans(f'val.metrics.{name}', m, ('test_y_channel',))
 
     logger = opt.get('logger')
     if logger is not None:
+        if not isinstance(logger, Mapping):
+            raise OptionsError(f'logger must be a mapping, got {logger!r}')
         check_keys('logger', logger, LOGGER_KEYS)
+        check_booleans('logger', logger, ('use_tb_logger',))
+        if is_train:  # BasicSR reads these with logger[...]
+            for key, example in (('print_freq', 100), ('save_checkpoint_freq', '!!float 5e3'),
+                                 ('use_tb_logger', 'true')):
+                if key not in logger:
+                    raise OptionsError(f'logger: missing {key} (BasicSR reads it; e.g. {key}: {example})')
 
     if is_train:
         train = opt.get('train')

@@ -24,6 +24,9 @@ def check_data_root(path: str, io_backend: str, what: str) -> None:
         raise DatasetError(f'{what} is not set')
     if not osp.isdir(path):
         raise DatasetError(f'{what} does not exist: {path}')
+    if io_backend == 'disk' and osp.isfile(osp.join(path, 'data.mdb')) and osp.isfile(osp.join(path, 'meta_info.txt')):
+        raise DatasetError(f'{what} is a BasicSR LMDB ({path} holds data.mdb and meta_info.txt) but io_backend is '
+                           'disk: set io_backend: {type: lmdb}')
     if io_backend == 'lmdb':
         for name in ('data.mdb', 'meta_info.txt'):
             if not osp.isfile(osp.join(path, name)):
@@ -140,6 +143,22 @@ def _pair_by_stem(lq_folder: str, gt_folder: str, tmpl: str, name: str) -> List[
     return paths
 
 
+def _unpaired(lq_folder: str, gt_folder: str, tmpl: str, limit: int = 5) -> str:
+    """The files of two folders of different counts that have no partner (names matched without extensions, as
+    :func:`_pair_by_stem`), in words; every file BasicSR lists counts (a README.txt too)."""
+    from basicsr.utils import scandir
+
+    lq = {osp.splitext(f)[0]: f for f in scandir(lq_folder)}
+    gt = {tmpl.format(osp.splitext(f)[0]): f for f in scandir(gt_folder)}
+    parts = []
+    for label, own, other, folder in (('GT', gt, lq, gt_folder), ('LR', lq, gt, lq_folder)):
+        alone = sorted(own[k] for k in own if k not in other)
+        if alone:
+            more = f' and {len(alone) - limit} more' if len(alone) > limit else ''
+            parts.append(f'{label} files without a partner in {folder}: {", ".join(alone[:limit])}{more}')
+    return '(' + '; '.join(parts) + ')' if parts else ''
+
+
 @DATASET_REGISTRY.register()
 class PairedSRDataset(PairedImageDataset):
     """Paired LR/HR images from folders, a meta-info file or LMDBs: exactly BasicSR's ``PairedImageDataset``
@@ -162,7 +181,7 @@ class PairedSRDataset(PairedImageDataset):
     """
 
     def __init__(self, opt):
-        backend = opt['io_backend']['type']
+        backend = self._backend = opt['io_backend']['type']
         name = f"dataset {opt.get('name')!r}"
         check_data_root(opt.get('dataroot_gt'), backend, f'{name}: dataroot_gt')
         check_data_root(opt.get('dataroot_lq'), backend, f'{name}: dataroot_lq')
@@ -176,6 +195,9 @@ class PairedSRDataset(PairedImageDataset):
         try:
             super().__init__(opt)
         except AssertionError as e:
+            if backend == 'disk' and not opt.get('meta_info_file') and 'different number' in str(e):
+                unpaired = _unpaired(opt['dataroot_lq'], opt['dataroot_gt'], self.filename_tmpl)
+                raise DatasetError(f'{name}: {e} {unpaired}') from e
             if backend != 'disk' or opt.get('meta_info_file') or 'is not in' not in str(e):
                 raise DatasetError(f'{name}: {e}') from e
             self.paths = _pair_by_stem(opt['dataroot_lq'], opt['dataroot_gt'], self.filename_tmpl, name)
@@ -206,7 +228,9 @@ class PairedSRDataset(PairedImageDataset):
         except Exception as e:  # noqa: BLE001 - re-raised with the file that caused it
             bad = self._unreadable(index)
             if bad is not None:
-                raise DatasetError(f'cannot read image {bad}') from e
+                key, path = bad
+                where = f" in the LMDB {self.opt[f'dataroot_{key}']}" if self._backend == 'lmdb' else ''
+                raise DatasetError(f'cannot read {"GT" if key == "gt" else "LR"} image {path}{where}') from e
             if isinstance(e, ValueError):  # BasicSR's crop: an LR of another scale, or smaller than gt_size / scale
                 where = self.paths[index]
                 raise DatasetError(f"training pair {where['gt_path']} / {where['lq_path']} (dataroot_gt "
@@ -222,7 +246,8 @@ class PairedSRDataset(PairedImageDataset):
         return sample
 
     def _unreadable(self, index):
-        """Return the first of the pair's paths that does not decode, or None."""
+        """The first of the pair's images that does not decode, as (``'lq'`` or ``'gt'``, its path or LMDB key), or
+        None."""
         client = self.file_client
         if client is None:  # the failure happened before the file client existed
             return None
@@ -231,5 +256,5 @@ class PairedSRDataset(PairedImageDataset):
             try:
                 imfrombytes(client.get(path, key), float32=True)
             except Exception:  # noqa: BLE001
-                return path
+                return key, path
         return None
