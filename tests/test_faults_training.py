@@ -247,6 +247,57 @@ def test_option_files_cannot_run_code(tmp_path, monkeypatch, capsys):
     assert not marker.exists()
 
 
+def test_a_launcher_without_its_environment_stops_with_what_is_missing(tmp_path, monkeypatch):
+    """``--launcher pytorch`` without torchrun (BasicSR: ValueError about RANK), ``--launcher slurm`` outside srun
+    (BasicSR: KeyError 'SLURM_PROCID'): a message saying how to start it, before the option file is read."""
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID'):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match=r'--launcher pytorch needs the variables its launcher sets \(RANK, '
+                                         r'WORLD_SIZE, .*start it as torchrun'):
+        entry_run('train', ['-opt', str(tmp_path / 'missing.yml'), '--launcher', 'pytorch'])
+    with pytest.raises(SystemExit, match=r'--launcher slurm needs .*SLURM_PROCID'):
+        entry_run('test', ['-opt', str(tmp_path / 'missing.yml'), '--launcher', 'slurm'])
+
+
+def test_validation_images_are_written_atomically_and_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    """BasicSR's validation writes with cv2.imwrite (a truncated file on a full disk, "Failed in writing images."
+    without a name); inside AdaSRModel.validation the writes go through adasr's atomic writer."""
+    import errno
+
+    from basicsr.models import sr_model
+
+    from adasr.models import adasr_model
+    from adasr.utils import image_io
+    from adasr.utils.files import WriteError
+
+    img = (np.random.default_rng(0).random((6, 7, 3)) * 255).astype(np.uint8)
+    image_io.basicsr_imwrite(img, str(tmp_path / 'sub' / 'a.png'))
+    assert np.array_equal(cv2.imread(str(tmp_path / 'sub' / 'a.png')), img)
+    with pytest.raises(WriteError, match=r'cannot save .*b.xyz: OpenCV cannot encode'):
+        image_io.basicsr_imwrite(img, str(tmp_path / 'b.xyz'))
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(image_io, 'atomic_write_bytes', full_disk)
+    original = sr_model.imwrite
+    with adasr_model._atomic_image_writes():
+        assert sr_model.imwrite is image_io.basicsr_imwrite
+        with pytest.raises(WriteError, match=r'cannot save .*c.png: No space left on device'):
+            sr_model.imwrite(img, str(tmp_path / 'c.png'))
+    assert sr_model.imwrite is original and not (tmp_path / 'c.png').exists()
+
+
+def test_an_experiments_folder_that_cannot_be_made_is_named(tiny_pairs, tmp_path):
+    """BasicSR makes experiments/<name> itself (a read-only or full disk, a file in the way): a message naming the
+    path, not an OSError traceback."""
+    opt_path = write_yaml(tmp_path / 'train.yml', train_opt(*tiny_pairs, total_iter=1))
+    (tmp_path / 'experiments').write_text('a file where the folder goes')
+    proc = run(TRAIN, opt_path, tmp_path, check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert f'error: cannot write {tmp_path / "experiments"}' in proc.stderr
+
+
 def test_force_yml_cannot_run_code(tiny_pairs, tmp_path, monkeypatch):
     """BasicSR builds ``opt["k"]=value`` from --force_yml and execs it; adasr parses the entry as YAML data."""
     monkeypatch.chdir(tmp_path)

@@ -109,6 +109,9 @@ def test_train_lmdb_and_disk_save_auto_resume_then_test(tiny_pairs, tmp_path):
     log = out.stdout + out.stderr + ''.join(open(p).read() for p in glob.glob(str(exp / 'train_*.log')))
     assert 'Resuming training from epoch' in log and 'iter: 2.' in log
     assert (exp / 'models' / 'net_g_4.pth').is_file()
+    record = (exp / 'train_lmdb.yml').read_text()  # the run's record: the command as typed, the options that ran
+    assert '--auto_resume --force_yml train:total_iter=4' in record and 'total_iter: 4' in record
+    assert yaml.safe_load(record)['train']['total_iter'] == 4
     logs = ''.join(open(p).read() for p in glob.glob(str(exp / 'train_*.log')))  # both runs' log files
     assert logs.count('Validation tiny_val') == 2 and '@ 4 iter' in logs and '@ 5 iter' not in logs
     assert not any(p.endswith('_archived') for p in os.listdir(tmp_path / 'experiments'))

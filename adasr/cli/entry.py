@@ -6,6 +6,7 @@ and ``--force_yml`` values are parsed as YAML data instead of BasicSR's ``exec``
 training state that can be read, together with its network file.
 """
 import argparse
+import functools
 import os
 import os.path as osp
 import sys
@@ -39,6 +40,56 @@ def worker_message(e: BaseException) -> str:
         if last.startswith(p):
             return last[len(p):]
     return last
+
+
+#: what each --launcher needs from its environment (BasicSR reads them and fails with a bare KeyError / ValueError)
+_LAUNCHER_ENV = {'pytorch': ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'),
+                 'slurm': ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST')}
+
+
+def _check_launcher(argv: List[str]) -> None:
+    """``--launcher pytorch`` outside torchrun (or ``slurm`` outside srun): stop with what is missing."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--launcher', default='none')
+    launcher = parser.parse_known_args(argv)[0].launcher
+    missing = [name for name in _LAUNCHER_ENV.get(launcher, ()) if name not in os.environ]
+    if launcher == 'slurm' and 'SLURM_PROCID' in os.environ:
+        missing = []  # BasicSR derives the rest from SLURM's own variables
+    if missing:
+        how = 'torchrun --nproc-per-node N adasr/train.py ...' if launcher == 'pytorch' else 'srun ...'
+        raise SystemExit(f'error: --launcher {launcher} needs the variables its launcher sets ({", ".join(missing)} '
+                         f'missing): start it as {how}, or use --launcher none')
+
+
+def _copy_opt_file(opt_file: str, experiments_root: str, command: str, overrides: Sequence) -> None:
+    """BasicSR's record of a run, ``experiments/<name>/<file>.yml``: the command as typed (``--force_yml``
+    included; BasicSR's own shows the arguments it parsed) and the options that ran: with overrides, the file as
+    read with them applied (comments not kept), so that training from the copy repeats the run. Written atomically.
+    """
+    import time
+
+    import yaml
+
+    from adasr.cli.options import load_yaml
+    from adasr.utils.files import atomic_write_bytes
+
+    header = f'# GENERATE TIME: {time.asctime()}\n# CMD:\n# {command}\n\n'
+    if overrides:
+        text = ('# the options of this run: the file given, with the --force_yml values of the command applied\n'
+                + yaml.safe_dump(_plain(load_yaml(opt_file, overrides)), sort_keys=False, allow_unicode=True))
+    else:
+        with open(opt_file, encoding='utf-8') as f:
+            text = f.read()
+    atomic_write_bytes(osp.join(experiments_root, osp.basename(opt_file)), (header + text).encode('utf-8'))
+
+
+def _plain(value):
+    """Mappings (BasicSR's OrderedDicts) as dicts, recursively, for ``yaml.safe_dump``."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _split_adasr_args(argv: List[str], kind: str):
@@ -282,8 +333,11 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from adasr.utils.checkpoint import CheckpointError
     from adasr.utils.checks import NonFiniteError
     from adasr.utils.distributed import barrier, destroy
+    from adasr.utils.files import WriteError
 
+    command = ' '.join([sys.argv[0] if sys.argv else 'adasr'] + argv)  # as typed, --force_yml included
     argv, force_yml, sets = _split_adasr_args(argv, kind)
+    _check_launcher(argv)
     from adasr.ops.config import check_environment
 
     try:  # every ADASR_* setting, before the option file is read
@@ -310,12 +364,18 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
         with _argv(argv), _safe_basicsr_yaml(overrides):
             if kind == 'train':
                 basicsr_train.load_resume_state = _agreed_resume_state
+                basicsr_train.copy_opt_file = functools.partial(_copy_opt_file, command=command,
+                                                                overrides=overrides)
                 basicsr_train.train_pipeline(root)
             else:
                 basicsr_test.test_pipeline(root)
     except (CheckpointError, DatasetError, NonFiniteError, ResumeError, ResumeMismatchError,
-            TrainingDivergedError) as e:  # names the cause
+            TrainingDivergedError, WriteError) as e:  # names the cause
         raise SystemExit(f'error: {worker_message(e)}') from None
+    except OSError as e:  # a folder BasicSR makes or renames (experiments/<name>, results/): read-only, full disk
+        if not e.filename:
+            raise
+        raise SystemExit(f'error: cannot write {e.filename}: {e.strerror or e}') from None
     # under torchrun: leave together (process 0 may still be saving or validating when another one finishes; a
     # process that exits with its group open can abort the others' gloo connections)
     barrier()

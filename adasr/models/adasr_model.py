@@ -1,4 +1,5 @@
 """The SR model class every adasr option file uses: BasicSR's SRModel with the few things it lacks."""
+import contextlib
 import os.path as osp
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,12 +20,29 @@ from adasr.inference.tile import padded_forward, tiled_forward
 from adasr.utils.checkpoint import check_finite_state, load_weights, save_checkpoint
 from adasr.utils.checks import check_finite
 from adasr.utils.distributed import barrier, gather_to_all, rank_and_world, shard
+from adasr.utils.image_io import basicsr_imwrite
 
 MAX_NONFINITE_STEPS = 10  # default of train.max_nonfinite_steps
 
 #: smallest image side each BasicSR metric can measure once ``crop_border`` pixels are cut from every side
 #: (SSIM filters with an 11x11 Gaussian window and keeps only the valid part)
 METRIC_MIN_SIDE = {'calculate_psnr': 1, 'calculate_ssim': 11}
+
+
+@contextlib.contextmanager
+def _atomic_image_writes():
+    """BasicSR's validation saves its images with ``basicsr.models.sr_model.imwrite`` (``cv2.imwrite``: a truncated
+    file on a full disk, and "Failed in writing images." without the name); for the call, the module's name points
+    at :func:`adasr.utils.image_io.basicsr_imwrite` (the same encoding, written atomically, errors naming the
+    file)."""
+    from basicsr.models import sr_model
+
+    saved = sr_model.imwrite
+    sr_model.imwrite = basicsr_imwrite
+    try:
+        yield
+    finally:
+        sr_model.imwrite = saved
 
 
 def _first(value):
@@ -320,7 +338,8 @@ class AdaSRModel(SRModel):
                                        'already (the same weights): the final validation is not repeated')
                 return
             self._validated[id(dataloader)] = current_iter
-        super().validation(dataloader, current_iter, tb_logger, save_img)
+        with _atomic_image_writes():
+            super().validation(dataloader, current_iter, tb_logger, save_img)
 
     # -- validation shared between processes -------------------------------------------------------------------------
 

@@ -28,6 +28,11 @@ class OutputFolderError(OSError):
     """An output folder cannot be created or written to."""
 
 
+class WriteError(OSError):
+    """A file that could not be written (full disk, no permission, an encoder that refused it); the message names
+    it."""
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where the kernel reports it (Linux: ``/proc/self/status``);
     elsewhere set and restored at once (``os.umask`` has no read-only form)."""

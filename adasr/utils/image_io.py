@@ -10,6 +10,7 @@ Float images with NaN or infinite samples are refused. Writes are atomic: the en
 interrupted run never leaves a truncated image behind (:mod:`adasr.utils.files`, which also cleans up after
 interrupted runs).
 """
+import os
 import os.path as osp
 from dataclasses import dataclass
 from typing import Optional
@@ -257,6 +258,31 @@ def encode(arr: np.ndarray, ext: str, jpeg_quality: int = 95, compress_level: Op
     if not ok:
         raise OSError(f'OpenCV cannot encode a {arr.shape} {arr.dtype} image as .{ext}')
     return buf.tobytes()
+
+
+def basicsr_imwrite(img: np.ndarray, file_path: str, params=None, auto_mkdir: bool = True) -> None:
+    """BasicSR's ``imwrite`` (same arguments, OpenCV's encoding), written atomically; a failure raises a
+    :class:`~adasr.utils.files.WriteError` naming the file (BasicSR's says "Failed in writing images." and leaves a
+    truncated file)."""
+    from adasr.utils.files import WriteError
+
+    if auto_mkdir:
+        os.makedirs(osp.abspath(osp.dirname(file_path)), exist_ok=True)
+    try:
+        ok, buf = cv2.imencode(osp.splitext(file_path)[1], img, params or [])
+    except cv2.error as e:
+        raise WriteError(f'cannot save {file_path}: OpenCV cannot encode it ({_first_line(e)})') from None
+    if not ok:
+        raise WriteError(f'cannot save {file_path}: OpenCV cannot encode a {img.shape} {img.dtype} image as '
+                         f'{osp.splitext(file_path)[1]}')
+    try:
+        atomic_write_bytes(file_path, buf.tobytes())
+    except OSError as e:
+        raise WriteError(f'cannot save {file_path}: {e.strerror or e}') from None
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def write_image(path: str, arr: np.ndarray, jpeg_quality: int = 95, compress_level: Optional[int] = None) -> None:
