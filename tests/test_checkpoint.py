@@ -82,6 +82,8 @@ def test_an_entry_that_is_not_a_tensor_is_named(tmp_path):
 def test_missing_file_and_wrong_entries(tmp_path):
     with pytest.raises(CheckpointError, match='not found'):
         load_checkpoint(str(tmp_path / 'nope.pth'))
+    with pytest.raises(CheckpointError, match='is a folder, not a file'):
+        load_checkpoint(str(tmp_path))
     torch.save({'optimizer': {'lr': 1.0}, 'epoch': 3}, tmp_path / 'state.pth')
     with pytest.raises(CheckpointError, match="top-level keys are \\['epoch', 'optimizer'\\]"):
         load_checkpoint(str(tmp_path / 'state.pth'))

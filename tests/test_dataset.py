@@ -142,8 +142,12 @@ def test_training_pair_of_another_scale_is_named(tiny_pairs):
     img = cv2.imread(osp.join(hr, 'coffee.png'))
     cv2.imwrite(osp.join(lr, 'coffee.png'), cv2.resize(img, (24, 24), interpolation=cv2.INTER_AREA))  # an x2 LR
     ds = PairedSRDataset(dict(_opt(hr, lr, phase='train'), batch_size_per_gpu=1))
-    with pytest.raises(DatasetError, match=r'training pair .*coffee.png / .*coffee.png .*Scale mismatches'):
-        ds[_by_name(ds, 'coffee')]
+    with pytest.raises(DatasetError, match=r'training pair .*coffee.png / .*coffee.png .*: Scale mismatches. GT '
+                                           r'\(48, 48\) is not 4x multiplication of LQ \(24, 24\).$'):
+        ds[_by_name(ds, 'coffee')]  # BasicSR's two-part message as one sentence, not a tuple
+    small = PairedSRDataset(dict(_opt(hr, lr, phase='train'), batch_size_per_gpu=1, gt_size=400))
+    with pytest.raises(DatasetError, match=r'smaller than patch size .*\(or lower datasets.\*.gt_size\)'):
+        small[_by_name(small, 'astronaut')]
 
 
 def test_lmdb_training_pairs_that_cannot_be_cropped_are_named_at_construction(tiny_pairs, tmp_path):

@@ -298,6 +298,30 @@ def test_an_experiments_folder_that_cannot_be_made_is_named(tiny_pairs, tmp_path
     assert f'error: cannot write {tmp_path / "experiments"}' in proc.stderr
 
 
+def test_a_damaged_or_mismatched_validation_image_stops_the_run_before_training(tiny_pairs, tmp_path):
+    """BasicSR reads the validation set first at val_freq (thousands of iterations in); adasr reads it before the
+    first step: a truncated GT, then an LR of another scale, each named, no experiment folder made."""
+    import shutil
+
+    hr, lr = tiny_pairs
+    val_hr = tmp_path / 'val_hr'
+    shutil.copytree(hr, val_hr)
+    victim = sorted(val_hr.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    opt = train_opt(hr, lr)
+    opt['datasets']['val'] = {'name': 'v', 'type': 'PairedSRDataset', 'dataroot_gt': str(val_hr), 'dataroot_lq': lr,
+                              'io_backend': {'type': 'disk'}}
+    opt['val'] = {'val_freq': 1000, 'save_img': False, 'metrics': {'psnr': {'type': 'calculate_psnr',
+                                                                             'crop_border': 4}}}
+    proc = run(TRAIN, write_yaml(tmp_path / 'train.yml', opt), tmp_path, check=False)
+    assert proc.returncode == 1 and f'error: datasets.val: cannot read GT image {victim}' in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / 'experiments').exists()
+    opt['datasets']['val']['dataroot_gt'] = lr  # the LR as its own GT: not x4
+    proc = run(TRAIN, write_yaml(tmp_path / 'train.yml', opt), tmp_path, check=False)
+    assert proc.returncode == 1 and 'error: datasets.val: ' in proc.stderr and 'at x4 the GT must be' in proc.stderr
+
+
 def test_force_yml_cannot_run_code(tiny_pairs, tmp_path, monkeypatch):
     """BasicSR builds ``opt["k"]=value`` from --force_yml and execs it; adasr parses the entry as YAML data."""
     monkeypatch.chdir(tmp_path)

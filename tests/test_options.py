@@ -284,6 +284,13 @@ def test_a_test_that_saves_images_needs_a_suffix_and_prefetch_keys_pass(base_tes
     check_options(base_train_opt, is_train=True)
 
 
+def test_force_yml_setting_a_key_twice_is_refused():
+    from adasr.cli.options import parse_overrides
+
+    with pytest.raises(OptionsError, match=r"--force_yml sets name twice \('name=a' and 'name=b'\)"):
+        parse_overrides(['name=a', 'train:total_iter=3', 'name=b'])
+
+
 def test_unreadable_or_missing_yaml(tmp_path):
     with pytest.raises(OptionsError, match='option file not found'):
         load_yaml(str(tmp_path / 'missing.yml'))

@@ -126,6 +126,34 @@ def _preflight(argv: List[str], is_train: bool, overrides: Sequence) -> None:
             ensure_perceptual_weights(opt['train'])
     except OptionsError as e:
         raise SystemExit(f'error: {known.opt}: {e}') from None
+    if is_train:
+        _read_validation_sets(opt)
+
+
+def _read_validation_sets(opt: dict) -> None:
+    """Before training: read every pair of the validation sets once, as validation will (decoding, the GT size
+    against the LR's x scale), so that a damaged or mismatched validation image stops the run now rather than at
+    the first validation, ``val_freq`` iterations in. Validation sets are small (Set5 to DIV2K's 100 images: a few
+    seconds). BasicSR's logger is not touched (it is set up by the pipeline later)."""
+    import copy
+
+    from basicsr.utils.registry import DATASET_REGISTRY
+
+    from adasr.data.paired_dataset import DatasetError
+
+    for key, ds_opt in (opt.get('datasets') or {}).items():
+        phase = key.split('_')[0]
+        if phase == 'train':
+            continue
+        ds_opt = dict(copy.deepcopy(ds_opt), phase=phase, scale=opt['scale'])
+        try:
+            dataset = DATASET_REGISTRY.get(ds_opt['type'])(ds_opt)
+            for index in range(len(dataset)):
+                dataset[index]
+        except DatasetError as e:
+            raise SystemExit(f'error: datasets.{key}: {e}') from None
+        except Exception as e:  # noqa: BLE001 - another dataset type's own error, named by its set
+            raise SystemExit(f'error: datasets.{key}: {type(e).__name__}: {e}') from None
 
 
 @contextmanager
@@ -228,7 +256,8 @@ def load_resume_state(opt: dict) -> Optional[dict]:
         try:
             state = _read_state(opt['path']['resume_state'], device)
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ResumeError(f"path.resume_state {opt['path']['resume_state']} cannot be read: {e}") from e
+            raise ResumeError(f"path.resume_state {opt['path']['resume_state']} cannot be read: "
+                              f'{type(e).__name__}: {e}') from e
         # BasicSR resumes the network of the experiment the option file names, into its folder
         net = osp.join(opt['path']['models'], f"net_g_{state['iter']}.pth")
         if not osp.isfile(net):

@@ -471,7 +471,7 @@ def _number(check, name: str, value, *args) -> None:
     try:
         check(name, value, *args)
     except ValueError as e:
-        hint = (' (YAML reads 2e-4 as text: write 2.0e-4 or !!float 2e-4)'
+        hint = (' (YAML reads 2e-4 and 1.0e30 as text: write 2.0e-4, 1.0e+30 or !!float 2e-4)'
                 if isinstance(value, str) and check is check_positive else '')
         raise OptionsError(f'{e}{hint}') from None
 
@@ -584,14 +584,17 @@ def parse_overrides(entries: Sequence[str]) -> List[Override]:
     entry and ``exec``s it); ``none`` is ``None`` as in BasicSR.
 
     Raises:
-        OptionsError: an entry without ``=`` or a key, or a value that is not plain YAML.
+        OptionsError: an entry without ``=`` or a key, a key set twice, or a value that is not plain YAML.
     """
-    overrides = []
+    overrides, seen = [], {}
     for entry in entries:
         keys, sep, text = entry.partition('=')
         keys = [k.strip() for k in keys.split(':')]
         if not sep or not all(keys):
             raise OptionsError(f'--force_yml {entry!r}: expected section:key=value (e.g. train:total_iter=4)')
+        if tuple(keys) in seen:  # as a key given twice in one mapping of a file
+            raise OptionsError(f'--force_yml sets {":".join(keys)} twice ({seen[tuple(keys)]!r} and {entry!r})')
+        seen[tuple(keys)] = entry
         text = text.strip()
         try:
             value = None if text.lower() == 'none' else yaml.load(text, Loader=OptionLoader)

@@ -233,8 +233,11 @@ class PairedSRDataset(PairedImageDataset):
                 raise DatasetError(f'cannot read {"GT" if key == "gt" else "LR"} image {path}{where}') from e
             if isinstance(e, ValueError):  # BasicSR's crop: an LR of another scale, or smaller than gt_size / scale
                 where = self.paths[index]
+                text = ''.join(e.args) if e.args and all(isinstance(a, str) for a in e.args) else str(e)
+                if 'smaller than patch size' in text:  # BasicSR says "Please remove <file>": a smaller crop works too
+                    text += ' (or lower datasets.*.gt_size)'
                 raise DatasetError(f"training pair {where['gt_path']} / {where['lq_path']} (dataroot_gt "
-                                   f"{self.opt['dataroot_gt']}): {e}") from e
+                                   f"{self.opt['dataroot_gt']}): {text}") from e
             raise
         if self.opt['phase'] != 'train':  # BasicSR crops GT to LQ x scale; a GT smaller than that fails in a metric
             scale = self.opt['scale']

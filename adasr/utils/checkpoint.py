@@ -52,6 +52,8 @@ def read_checkpoint(path: str) -> Mapping:
         CheckpointError: the file is missing, unreadable, damaged (a zip record whose CRC-32 does not match), holds
             Python objects that are not plain data (never built), or does not hold a mapping.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f'checkpoint {path} is a folder, not a file')
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     if os.path.getsize(path) == 0:
