@@ -239,16 +239,6 @@ BAD_NUMBERS = [
      ["unknown key 'pixl_opt' in train (the losses AdaSRModel reads)", "did you mean 'pixel_opt'"]),
 ]
 
-
-@pytest.mark.parametrize('mutate, words', BAD_NUMBERS)
-def test_bad_numbers_name_the_key(base_train_opt, mutate, words):
-    mutate(base_train_opt)
-    with pytest.raises(OptionsError) as err:
-        check_options(base_train_opt, is_train=True)
-    for w in words:
-        assert w in str(err.value), str(err.value)
-
-
 REQUIRED_OR_TYPED = [  # what BasicSR reads with opt[...] or tests with a plain if: refused before any work
     (lambda o: o['val'].pop('save_img'), ['val: missing save_img (BasicSR reads it']),
     (lambda o: o['val'].pop('val_freq'), ['val: missing val_freq']),
@@ -265,8 +255,8 @@ REQUIRED_OR_TYPED = [  # what BasicSR reads with opt[...] or tests with a plain 
 ]
 
 
-@pytest.mark.parametrize('mutate, words', REQUIRED_OR_TYPED)
-def test_keys_basicsr_requires_and_their_types(base_train_opt, mutate, words):
+@pytest.mark.parametrize('mutate, words', BAD_NUMBERS + REQUIRED_OR_TYPED)
+def test_bad_numbers_and_missing_keys_name_the_key(base_train_opt, mutate, words):
     mutate(base_train_opt)
     with pytest.raises(OptionsError) as err:
         check_options(base_train_opt, is_train=True)

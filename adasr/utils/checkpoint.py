@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
+from adasr.utils.checks import first_line
 from adasr.utils.files import atomic_write
 
 PARAM_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -67,12 +68,12 @@ def read_checkpoint(path: str) -> Mapping:
         refused = _REFUSED_GLOBAL.search(str(e))
         if refused is None:
             raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True (UnpicklingError: '
-                                  f'{_first_line(e)}); the file may be truncated or not a PyTorch checkpoint') from e
+                                  f'{first_line(e)}); the file may be truncated or not a PyTorch checkpoint') from e
         raise CheckpointError(f'checkpoint {path} is not plain data: it asks to build {refused.group(1)}; '
                               'checkpoints are read as data only (weights_only=True) and code in them is never run'
                               ) from None
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        detail = f'{type(e).__name__}: {_first_line(e)}' if str(e) else type(e).__name__
+        detail = f'{type(e).__name__}: {first_line(e)}' if str(e) else type(e).__name__
         raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True ({detail}); the file may be '
                               'truncated or not a PyTorch checkpoint') from e
     if not isinstance(obj, Mapping):
@@ -83,10 +84,6 @@ def read_checkpoint(path: str) -> Mapping:
 #: the object a weights-only load refused, in PyTorch's message (whose advice to load with weights_only=False, which
 #: would run the file's code, is not passed on)
 _REFUSED_GLOBAL = re.compile(r'(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([\w.]+)')
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), '')
 
 
 def damaged_record(path: str) -> Optional[str]:

@@ -51,3 +51,9 @@ def check_finite(what: str, values) -> None:
     bad, total = count_nonfinite(values)
     if bad:
         raise NonFiniteError(f'{what}: {bad} of {total} values are NaN or infinite')
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (PyTorch's and OpenCV's run to many lines), or its type's
+    name."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -18,7 +18,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from adasr.utils.checks import count_nonfinite
+from adasr.utils.checks import count_nonfinite, first_line
 from adasr.utils.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm', '.pnm')
@@ -271,7 +271,7 @@ def basicsr_imwrite(img: np.ndarray, file_path: str, params=None, auto_mkdir: bo
     try:
         ok, buf = cv2.imencode(osp.splitext(file_path)[1], img, params or [])
     except cv2.error as e:
-        raise WriteError(f'cannot save {file_path}: OpenCV cannot encode it ({_first_line(e)})') from None
+        raise WriteError(f'cannot save {file_path}: OpenCV cannot encode it ({first_line(e)})') from None
     if not ok:
         raise WriteError(f'cannot save {file_path}: OpenCV cannot encode a {img.shape} {img.dtype} image as '
                          f'{osp.splitext(file_path)[1]}')
@@ -279,10 +279,6 @@ def basicsr_imwrite(img: np.ndarray, file_path: str, params=None, auto_mkdir: bo
         atomic_write_bytes(file_path, buf.tobytes())
     except OSError as e:
         raise WriteError(f'cannot save {file_path}: {e.strerror or e}') from None
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def write_image(path: str, arr: np.ndarray, jpeg_quality: int = 95, compress_level: Optional[int] = None) -> None:
