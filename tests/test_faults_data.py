@@ -250,6 +250,20 @@ def test_orphan_temporary_files_are_removed_but_live_ones_kept(tmp_path, capsys)
 # ----------------------------------------------------------------------------------------------- finite numbers
 
 
+def test_float_samples_outside_0_1_are_clipped_with_a_note(tmp_path, capsys):
+    x = _photo(8, 8).astype(np.float32) / 255
+    x[0, :3] = 4.0  # HDR highlights
+    x[1, 0, 0] = -0.5
+    cv2.imwrite(str(tmp_path / 'hdr.tif'), x)
+    assert upscale_main(['-i', str(tmp_path / 'hdr.tif'), '-o', str(tmp_path / 'o'), '--arch', 'Bicubic',
+                         '--scale', '2']) == 0
+    assert 'hdr.tif: 10 float sample(s) outside 0..1 clipped' in capsys.readouterr().out
+    assert upscale_main(['-i', str(tmp_path / 'hdr.tif'), '-o', str(tmp_path / 'result.png'), '--arch', 'Bicubic',
+                         '--scale', '2']) == 0  # -o is always a folder: said when its name looks like an image
+    assert f'note: -o {tmp_path / "result.png"} is the output folder' in capsys.readouterr().out
+    assert (tmp_path / 'result.png' / 'hdr_out.tif').is_file()
+
+
 def test_nan_tiff_is_refused_and_the_run_continues(tmp_path, capsys):
     src = tmp_path / 'in'
     src.mkdir()

@@ -306,6 +306,8 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, registered_test_n
         (['--arch', 'Bicubc', '--scale', '4'], "did you mean 'Bicubic'"),
         (['--arch', 'Bicubic'], '--arch needs --scale'),
         (['--arch', 'Bicubic', '--scale', '4', '--opt', 'x.yml'], 'exactly one of --opt'),
+        (['--arch', 'AdaSRTestNet', '--scale', '2', '--weights', 'w.pth', '--random-weights'],
+         '--random-weights and --weights contradict each other'),
         (['--arch', 'SwinIR', '--scale', '2'], 'cannot build SwinIR'),  # its defaults do not build; use --opt
         (['--arch', 'AdaSRTestNet', '--scale', '2'], 'give --weights'),
         (['--arch', 'Bicubic', '--scale', '4', '--ext', 'xyz'], '--ext xyz is not supported'),

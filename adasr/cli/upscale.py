@@ -158,6 +158,8 @@ def build_model(args) -> Upscaler:
 
     if args.opt and args.arch:
         raise UsageError('give exactly one of --opt (an option file) or --arch (an arch name), or only --weights')
+    if args.weights and args.random_weights:
+        raise UsageError('--random-weights and --weights contradict each other: give one')
     weights, param_key = args.weights, args.param_key
     if not args.opt and not args.arch:
         if not weights:
@@ -515,6 +517,9 @@ def process(paths: Sequence[str], up: Upscaler, args, log) -> Report:
         start = time.perf_counter()
         try:
             img = read_image(path)
+            if img.clipped:
+                report.notes.append(f'{name}: {img.clipped} float sample(s) outside 0..1 clipped (values above 1 '
+                                    'are lost: adasr upscales images of 0..1)')
             limit, side = MAX_SIDE.get(ext), max(img.size) * up.scale
             if limit is not None and side > limit:  # found before the model runs, not when the result is encoded
                 raise ImageReadError(f'{path}: the x{up.scale} output would be {side} pixels on its long side; '
@@ -598,6 +603,7 @@ def _upscale(args, rank: int, world_size: int) -> int:
             tqdm.write(msg, file=sys.stderr if error else sys.stdout)
 
     from adasr.utils.files import OutputFolderError, prepare_output_folder, remove_orphan_temporaries
+    from adasr.utils.image_io import is_image_file
 
     try:
         paths = list_inputs(args.input)
@@ -609,6 +615,8 @@ def _upscale(args, rank: int, world_size: int) -> int:
                 'the input folder) and are not upscaled again')
         paths = kept
         check_output_names(paths, args)
+        if is_image_file(args.output) and not osp.isdir(args.output):
+            log(f'note: -o {args.output} is the output folder (it is made as a folder, and the images go into it)')
         try:  # before the model is built: a folder that cannot hold the outputs stops the run at once
             orphans = prepare_output_folder(args.output)
         except OutputFolderError as e:

@@ -44,11 +44,13 @@ class LoadedImage:
         color: (H, W, 3) RGB or (H, W) grayscale.
         alpha: (H, W) or None.
         dtype: the stored sample type, ``'uint8'`` or ``'uint16'`` (float inputs count as 16-bit).
+        clipped: how many samples of a float image lay outside [0, 1] and were clipped (HDR values are lost).
     """
 
     color: np.ndarray
     alpha: Optional[np.ndarray]
     dtype: str
+    clipped: int = 0
 
     @property
     def is_gray(self) -> bool:
@@ -181,7 +183,8 @@ def decode_image(path: str) -> np.ndarray:
 
 
 def read_image(path: str) -> LoadedImage:
-    """Decode ``path`` into a :class:`LoadedImage` (:func:`decode_image`, then float [0, 1]).
+    """Decode ``path`` into a :class:`LoadedImage` (:func:`decode_image`, then float [0, 1]; float samples outside
+    it are clipped and counted in ``clipped``).
 
     Grayscale (also gray + alpha) stays grayscale; palette images become RGB(A); 16-bit stays 16-bit.
 
@@ -189,17 +192,17 @@ def read_image(path: str) -> LoadedImage:
         ImageReadError: see :func:`decode_image`.
     """
     arr = decode_image(path)
-    if arr.ndim == 2:
-        color, dtype = _to_float(arr, path)
-        return LoadedImage(color, None, dtype)
+    clipped = int(np.count_nonzero((arr < 0) | (arr > 1))) if arr.dtype.kind == 'f' else 0
     f, dtype = _to_float(arr, path)
+    if arr.ndim == 2:
+        return LoadedImage(f, None, dtype, clipped)
     if f.shape[2] == 2:  # gray + alpha
-        return LoadedImage(np.ascontiguousarray(f[..., 0]), np.ascontiguousarray(f[..., 1]), dtype)
+        return LoadedImage(np.ascontiguousarray(f[..., 0]), np.ascontiguousarray(f[..., 1]), dtype, clipped)
     alpha = np.ascontiguousarray(f[..., 3]) if f.shape[2] == 4 else None
     bgr = f[..., :3]
     if alpha is not None and _pillow_mode(path) == 'LA':  # OpenCV expands gray + alpha to BGRA
-        return LoadedImage(np.ascontiguousarray(bgr[..., 0]), alpha, dtype)
-    return LoadedImage(np.ascontiguousarray(bgr[..., ::-1]), alpha, dtype)
+        return LoadedImage(np.ascontiguousarray(bgr[..., 0]), alpha, dtype, clipped)
+    return LoadedImage(np.ascontiguousarray(bgr[..., ::-1]), alpha, dtype, clipped)
 
 
 def read_rgb(path: str) -> np.ndarray:
