@@ -71,6 +71,21 @@ def test_a_checkpoint_damaged_in_the_middle_is_refused_by_its_crc(tmp_path):
     assert torch.equal(load_checkpoint(str(tmp_path / 'nocrc.pth'))['weight'], sd['weight'])
 
 
+def test_legacy_files_are_left_to_torch_load_and_its_errors_keep_only_the_cause(tmp_path):
+    """A legacy-format file (not a zip) whose last bytes look like a zip's end record still loads (zip-ness is
+    decided by the first bytes, as torch.load does); a damaged one is refused with PyTorch's cause, without its advice
+    to load with weights_only=False."""
+    tail = torch.tensor(list(b'PK\x05\x06' + bytes(18)), dtype=torch.uint8)
+    torch.save({'params': {'w': tail}}, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(str(tmp_path / 'legacy.pth'))['w'], tail)
+    data = bytearray((tmp_path / 'legacy.pth').read_bytes())
+    data[0] ^= 0xFF
+    (tmp_path / 'bad.pth').write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r'cannot read checkpoint .*bad.pth with weights_only=True') as err:
+        load_checkpoint(str(tmp_path / 'bad.pth'))
+    assert 'False' not in str(err.value) and 'Re-running' not in str(err.value)
+
+
 def test_an_entry_that_is_not_a_tensor_is_named(tmp_path):
     sd = dict(_net().state_dict())
     sd['1.bias'] = 'hello'

@@ -295,7 +295,7 @@ def test_an_experiments_folder_that_cannot_be_made_is_named(tiny_pairs, tmp_path
     (tmp_path / 'experiments').write_text('a file where the folder goes')
     proc = run(TRAIN, opt_path, tmp_path, check=False)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    assert f'error: cannot write {tmp_path / "experiments"}' in proc.stderr
+    assert f'error: cannot use {tmp_path / "experiments"}' in proc.stderr
 
 
 def test_a_damaged_or_mismatched_validation_image_stops_the_run_before_training(tiny_pairs, tmp_path):

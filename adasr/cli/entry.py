@@ -9,6 +9,7 @@ import argparse
 import functools
 import os
 import os.path as osp
+import shlex
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -69,10 +70,13 @@ def _copy_opt_file(opt_file: str, experiments_root: str, command: str, overrides
     import time
 
     import yaml
+    from basicsr.utils.dist_util import get_dist_info
 
     from adasr.cli.options import load_yaml
     from adasr.utils.files import atomic_write_bytes
 
+    if get_dist_info()[0] != 0:  # process 0 alone, as BasicSR's (@master_only): it made the folder
+        return
     header = f'# GENERATE TIME: {time.asctime()}\n# CMD:\n# {command}\n\n'
     if overrides:
         text = ('# the options of this run: the file given, with the --force_yml values of the command applied\n'
@@ -364,7 +368,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     from adasr.utils.distributed import barrier, destroy
     from adasr.utils.files import WriteError
 
-    command = ' '.join([sys.argv[0] if sys.argv else 'adasr'] + argv)  # as typed, --force_yml included
+    command = shlex.join([sys.argv[0] if sys.argv else 'adasr'] + argv)  # as typed (quoted), --force_yml included
     argv, force_yml, sets = _split_adasr_args(argv, kind)
     _check_launcher(argv)
     from adasr.ops.config import check_environment
@@ -404,7 +408,7 @@ def run(kind: str, argv: Optional[List[str]] = None) -> None:
     except OSError as e:  # a folder BasicSR makes or renames (experiments/<name>, results/): read-only, full disk
         if not e.filename:
             raise
-        raise SystemExit(f'error: cannot write {e.filename}: {e.strerror or e}') from None
+        raise SystemExit(f'error: cannot use {e.filename}: {e.strerror or e}') from None
     # under torchrun: leave together (process 0 may still be saving or validating when another one finishes; a
     # process that exits with its group open can abort the others' gloo connections)
     barrier()

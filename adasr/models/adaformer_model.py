@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from basicsr.losses import build_loss
-from basicsr.utils import get_root_logger, imwrite
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from adasr.archs.interface import (
@@ -20,6 +20,7 @@ from adasr.archs.interface import (
 )
 from adasr.models.adasr_model import AdaSRModel
 from adasr.utils.checks import is_real
+from adasr.utils.image_io import basicsr_imwrite
 
 
 @MODEL_REGISTRY.register()
@@ -148,9 +149,9 @@ class AdaFormerModel(AdaSRModel):
         conf = halting.crop(halting.confidence)
         rows = [halting.crop(halting.global_keep), halting.crop(halting.local_keep)]
         depth = halting.crop([halting.attention_depth('global') / len(halting.global_keep)])[0]
-        imwrite(_strip([conf]), f'{base}_confidence.png')
-        imwrite(_strip(rows), f'{base}_halting.png')
-        imwrite(_to_uint8(depth[0, 0]), f'{base}_depth.png')
+        basicsr_imwrite(_strip([conf]), f'{base}_confidence.png')  # atomic, errors naming the file
+        basicsr_imwrite(_strip(rows), f'{base}_halting.png')
+        basicsr_imwrite(_to_uint8(depth[0, 0]), f'{base}_depth.png')
 
 
 def _to_uint8(t: torch.Tensor) -> np.ndarray:

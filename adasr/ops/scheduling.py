@@ -65,8 +65,8 @@ def parallel_for(fn: Callable[[T], None], items: Sequence[T]) -> None:
     :func:`adasr.ops.config.worker_threads` threads, each running single-threaded torch / numpy operations with
     denormals flushed to zero.
 
-    While the tiles run, the calling thread's PyTorch intra-op thread count is 1 (restored afterwards; PyTorch keeps
-    it per thread, so calls from several threads at once do not disturb each other's). Without
+    While the tiles run, PyTorch's intra-op thread count is 1 (restored afterwards; OpenMP's count is the calling
+    thread's, MKL's process-wide, so calls from several threads at once may see each other's). Without
     autograd only. Nested calls run sequentially in the calling worker; option ``threads=0``
     (``ADASR_ATTN_THREADS=0``) runs everything sequentially in the calling thread (denormals as the caller has them).
     """
@@ -81,7 +81,7 @@ def parallel_for(fn: Callable[[T], None], items: Sequence[T]) -> None:
     per_task = max(1, len(items) // (4 * threads))  # a few tasks per thread: balance with little overhead
     tasks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
     inference = torch.is_inference_mode_enabled()
-    intra = torch.get_num_threads()  # this thread's (OpenMP's and MKL's counts are per thread in PyTorch)
+    intra = torch.get_num_threads()
     if intra > 1:
         torch.set_num_threads(1)
     try:

@@ -68,7 +68,8 @@ def read_checkpoint(path: str) -> Mapping:
         refused = _REFUSED_GLOBAL.search(str(e))
         if refused is None:
             raise CheckpointError(f'cannot read checkpoint {path} with weights_only=True (UnpicklingError: '
-                                  f'{first_line(e)}); the file may be truncated or not a PyTorch checkpoint') from e
+                                  f'{_unpickling_reason(e)}); the file may be damaged or not a PyTorch checkpoint'
+                                  ) from None
         raise CheckpointError(f'checkpoint {path} is not plain data: it asks to build {refused.group(1)}; '
                               'checkpoints are read as data only (weights_only=True) and code in them is never run'
                               ) from None
@@ -86,14 +87,27 @@ def read_checkpoint(path: str) -> Mapping:
 _REFUSED_GLOBAL = re.compile(r'(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([\w.]+)')
 
 
+def _unpickling_reason(e: BaseException) -> str:
+    """The cause in PyTorch's weights-only error (after ``WeightsUnpickler error:``), without its preamble that
+    advises loading with ``weights_only=False`` (which would run the file's code) or its terminal colour codes."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
+    cause = text.split('WeightsUnpickler error:', 1)
+    if len(cause) == 2 and cause[1].strip():
+        return cause[1].strip().splitlines()[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if 'weights_only' not in line and not line.startswith('Weights only load failed')]
+    return kept[0] if kept else 'not plain data'
+
+
 def damaged_record(path: str) -> Optional[str]:
     """Which record of a zip-format checkpoint (``torch.save``'s format) fails its CRC-32, or None. PyTorch does not
     check the CRCs it writes, so a file damaged in the middle (a flipped byte) would load and give wrong pixels or an
     arbitrary error. Records stored without a CRC (``torch.serialization.set_crc32_options(False)``: 0) are not
-    checked; a file that is not a zip (the legacy format) is left to ``torch.load``."""
+    checked; a file that does not start as a zip (the legacy format) is left to ``torch.load``."""
     try:
-        if not zipfile.is_zipfile(path):
-            return None
+        with open(path, 'rb') as f:  # as torch.load decides: a zip starts with a local file header
+            if f.read(4) != b'PK\x03\x04':
+                return None
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 if info.CRC == 0:
