@@ -123,8 +123,11 @@ def dataset_name(path: str) -> str:
 
 
 def match_pairs(hr_dir: str, lr_dir: str, scale: int) -> List[Tuple[str, str]]:
-    """(LR, HR) paths matched by stem; LR stems may carry DIV2K's ``x{scale}`` suffix."""
+    """(LR, HR) paths matched by stem; LR stems may carry DIV2K's ``x{scale}`` suffix. Each HR must be the LR's
+    x``scale`` (up to ``scale - 1`` pixels more a side: cropped as BasicSR does), checked from the file headers."""
     from adasr.data.prepare import list_images
+    from adasr.utils.checks import scale_mismatch
+    from adasr.utils.image_io import ImageReadError, image_size
 
     hr = {osp.splitext(n)[0]: osp.join(hr_dir, n) for n in list_images(hr_dir)}
     pairs = []
@@ -136,6 +139,13 @@ def match_pairs(hr_dir: str, lr_dir: str, scale: int) -> List[Tuple[str, str]]:
         pairs.append((osp.join(lr_dir, n), hr[key]))
     if not pairs:
         raise BenchmarkError(f'no images in {lr_dir}')
+    for lr_path, hr_path in pairs:  # from the headers, before any row runs: an LR of another scale is named
+        try:
+            why = scale_mismatch(image_size(lr_path), image_size(hr_path), scale)
+        except ImageReadError as e:
+            raise BenchmarkError(str(e)) from None
+        if why:
+            raise BenchmarkError(f'{hr_path} / {lr_path}: {why}')
     return pairs
 
 

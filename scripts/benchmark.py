@@ -70,6 +70,12 @@ def main(argv=None) -> None:
     parser.add_argument('--no-malloc-env', action='store_true', help="keep glibc's default malloc settings")
     parser.add_argument('--timeout', type=float, default=None, help='seconds per row before it is abandoned')
     args = parser.parse_args(argv)
+    for name, value, low in (('--repeats', args.repeats, 1), ('--warmup', args.warmup, 0),
+                             ('--max-images', args.max_images, 1), ('--threads', args.threads, 1)):
+        if value is not None and value < low:
+            parser.error(f'{name} must be at least {low}, got {value}')
+    if args.timeout is not None and not 0 < args.timeout < float('inf'):
+        parser.error(f'--timeout must be a positive number of seconds, got {args.timeout}')
 
     import torch
 
@@ -148,9 +154,12 @@ def main(argv=None) -> None:
                                               size=(h, w), repeats=args.repeats, warmup=args.warmup,
                                               device=args.device, threads=args.threads, max_images=args.max_images)
         except RuntimeError as e:
-            first = str(e).splitlines()[0]
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            first = lines[0] if lines else type(e).__name__
             if 'exit code -9' in first:
                 first += ' - killed, most likely out of memory (try a smaller --size)'
+            elif len(lines) > 1:  # "... failed in its subprocess:" then the traceback: its last line is the reason
+                first = f'{first} {lines[-1]}'
             print(f'[{row.label}] failed: {e}', file=sys.stderr)
             results[row.label] = {'error': f'failed: {first}'}
     if args.threads:

@@ -71,6 +71,12 @@ def test_find_dataset_layouts(tmp_path):
     cv2.imwrite(str(tmp_path / 'L' / 'lonely.png'), np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(BenchmarkError, match='no HR image for .*lonely.png'):
         match_pairs(str(tmp_path / 'H'), str(tmp_path / 'L'), 4)
+    # an LR of another scale: named from the headers before any row runs (it gave 13.30 dB against the HR's corner)
+    cv2.imwrite(str(tmp_path / 'H' / 'lonely.png'), np.zeros((16, 19, 3), np.uint8))
+    assert len(match_pairs(str(tmp_path / 'H'), str(tmp_path / 'L'), 8)) == 1  # up to scale - 1 more: cropped
+    with pytest.raises(BenchmarkError, match=r'lonely.png: the GT is 19x16 but its LR is 2x2: at x4 the GT height '
+                                             r'must be 8 to 11 \(is this the LR of another scale\?\)'):
+        match_pairs(str(tmp_path / 'H'), str(tmp_path / 'L'), 4)
 
 
 def test_parse_size():
@@ -236,6 +242,10 @@ def test_script_rejects_bad_arguments(tmp_path, capsys):
         mod.main(['--data', str(tmp_path), '--rows', 'Bicubic'])
     with pytest.raises(SystemExit, match="--weights for 'HAT-S', which is not a row"):
         mod.main(['--data', DEMO_VAL, '--rows', 'Bicubic', '--weights', 'HAT-S=x.pth'])
+    for flag, value in (('--max-images', '0'), ('--repeats', '0'), ('--warmup', '-1'), ('--timeout', 'nan')):
+        with pytest.raises(SystemExit) as stop:
+            mod.main(['--data', DEMO_VAL, '--rows', 'Bicubic', flag, value])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_outputs_and_eps_h(tmp_path):

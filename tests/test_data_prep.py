@@ -339,6 +339,14 @@ def test_outputs_never_go_into_an_input_folder(tmp_path):
     with pytest.raises(ValueError, match='dot.png is 1x1: too small for an x2 LR image'):
         generate_bicubic_lr(str(hr), {2: str(tmp_path / 'lr')}, progress=False)
     assert sorted(os.listdir(hr)) == ['a.png', 'dot.png']
+    lr4 = tmp_path / 'lr4'
+    lr4.mkdir()
+    cv2.imwrite(str(lr4 / 'a.png'), np.full((4, 4, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match='are one folder'):  # LR crops would replace the HR crops of one name
+        extract_subimages(str(hr), str(tmp_path / 'same'), lr={4: (str(lr4), str(tmp_path / 'same'))},
+                          crop_size=8, step=8)
+    with pytest.raises(ValueError, match='dot.png is 1x1: too small for an x2 LR image'):
+        prepare_benchmark_set({2: str(hr)}, str(tmp_path / 'bench'), progress=False)
 
 
 def test_subimages_of_images_smaller_than_a_crop_are_an_error(tmp_path):
@@ -394,6 +402,19 @@ def test_scripts_report_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit, match='Test8K needs DIV8K images 1401-1500'):
         load_script('prepare_test2k4k8k').main(['--div8k', str(tmp_path), '--sets', 'Test8K', '--out',
                                                 str(tmp_path)])
+    with pytest.raises(SystemExit, match='Test8K needs DIV8K images 1401-1500'):  # gaps allowed, not an empty set
+        load_script('prepare_test2k4k8k').main(['--div8k', str(tmp_path), '--sets', 'Test8K', '--out',
+                                                str(tmp_path), '--allow-missing'])
+    with pytest.raises(SystemExit, match='error: the DIV8K folder .*nowhere does not exist'):
+        load_script('prepare_test2k4k8k').main(['--div8k', str(tmp_path / 'nowhere'), '--allow-missing', '--out',
+                                                str(tmp_path)])
+    hr = tmp_path / 'hr'
+    hr.mkdir()
+    cv2.imwrite(str(hr / 'a.png'), np.full((16, 16, 3), 90, np.uint8))
+    (tmp_path / 'afile').write_text('a file where the output folder goes')
+    with pytest.raises(SystemExit, match=r'^error: cannot use .*afile'):
+        load_script('generate_bicubic_lr').main(['--input', str(hr), '--output', str(tmp_path / 'afile' / 'X2'),
+                                                 '--scales', '2'])
 
 
 def test_benchmark_script_with_scale_placeholder(tmp_path, capsys):

@@ -152,6 +152,13 @@ def test_test_pair_whose_lr_is_of_another_scale_is_named(tiny_pairs, tmp_path):
     with pytest.raises(DatasetError, match=r'is 48x48 but its LR .* is 20x20: at x4 the GT must be at least 80x80'):
         PairedSRDataset(opt(str(big_lr)))[0]
     assert tuple(PairedSRDataset(opt(lr))[0]['gt'].shape) == (3, 48, 48)
+    small_lr = tmp_path / 'lr8'  # the LR of x8: BasicSR crops the GT to its top-left quarter and measures that
+    small_lr.mkdir()
+    for name in os.listdir(lr):
+        cv2.imwrite(str(small_lr / name), cv2.resize(cv2.imread(osp.join(lr, name)), (6, 6)))
+    with pytest.raises(DatasetError, match=r'the GT is 48x48 but its LR is 6x6: at x4 the GT height must be 24 to '
+                                           r'27'):
+        PairedSRDataset(opt(str(small_lr)))[0]
 
 
 @pytest.mark.parametrize('fmt', ['JPEG', 'PNG', 'WEBP', 'TIFF'])

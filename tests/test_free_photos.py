@@ -3,6 +3,7 @@ Test2K with a manifest, on a fake unpacked package tree (no download in the test
 import csv
 import os
 import os.path as osp
+import shutil
 
 import cv2
 import numpy as np
@@ -78,3 +79,10 @@ def test_assemble_train_tests_and_manifest(tmp_path):
     from benchmarks.harness import find_dataset
 
     assert len(find_dataset(str(tmp_path / 'out' / 'Test2K'), 4).pairs) == 1
+    # the packages gone (removed after a run): an error, and the licence record is kept, not emptied
+    manifest = (tmp_path / 'out' / 'manifest.csv').read_bytes()
+    shutil.rmtree(pkgs)
+    with pytest.raises(RuntimeError, match='none of the catalogued photos is in the unpacked packages .*manifest.csv '
+                                           'is unchanged'):
+        assemble(str(pkgs), str(tmp_path / 'out'), cat, crop=(48, 32), log=logs.append)
+    assert (tmp_path / 'out' / 'manifest.csv').read_bytes() == manifest

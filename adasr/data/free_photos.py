@@ -15,6 +15,7 @@ CC-BY-SA, CC0, public domain, BSD): see the manifest, and do not redistribute th
 """
 import csv
 import hashlib
+import io
 import os
 import os.path as osp
 import shutil
@@ -212,11 +213,16 @@ def assemble(pkg_dir: str, out_dir: str, catalogue: Sequence[Photo] = CATALOGUE,
     if missing:
         log(f'not found in the unpacked packages ({len(missing)}): {", ".join(missing[:5])}'
             + (' ...' if len(missing) > 5 else ''))
+    if not rows:  # nothing unpacked (e.g. --no-download after the packages were removed): keep what is there
+        raise RuntimeError(f'none of the catalogued photos is in the unpacked packages under {pkg_dir}; nothing was '
+                           f'written and {osp.join(out_dir, "manifest.csv")} is unchanged (download the packages '
+                           'again: run without --no-download)')
     os.makedirs(out_dir, exist_ok=True)
-    with open(osp.join(out_dir, 'manifest.csv'), 'w', newline='') as f:
-        wr = csv.writer(f)
-        wr.writerow(['set', 'file', 'package', 'version', 'source_path', 'width', 'height', 'licence', 'sha256'])
-        wr.writerows(rows)
+    text = io.StringIO(newline='')
+    wr = csv.writer(text)
+    wr.writerow(['set', 'file', 'package', 'version', 'source_path', 'width', 'height', 'licence', 'sha256'])
+    wr.writerows(rows)
+    atomic_write_bytes(osp.join(out_dir, 'manifest.csv'), text.getvalue().encode('utf-8'))
     return counts
 
 

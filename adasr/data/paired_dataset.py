@@ -9,6 +9,9 @@ from basicsr.utils import imfrombytes
 from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import DATASET_REGISTRY
 
+from adasr.utils.checks import scale_mismatch
+from adasr.utils.image_io import image_size
+
 #: how an LMDB is made, in errors: the repository's script, or the same function from an installed package
 _MAKE_LMDB = ("scripts/data_preparation/create_lmdb.py (adasr's repository) or "
               'adasr.data.prepare.folder_to_lmdb(folder, lmdb_path)')
@@ -246,6 +249,10 @@ class PairedSRDataset(PairedImageDataset):
                 raise DatasetError(f"{sample['gt_path']} is {gt[0]}x{gt[1]} but its LR {sample['lq_path']} is "
                                    f'{lq[0]}x{lq[1]}: at x{scale} the GT must be at least {lq[0] * scale}x'
                                    f'{lq[1] * scale} (is this the LR of another scale?)')
+            if self._backend == 'disk':  # larger by a whole LR pixel or more: BasicSR's crop would hide it
+                why = scale_mismatch(lq, image_size(sample['gt_path']), scale)
+                if why:
+                    raise DatasetError(f"{sample['gt_path']} / {sample['lq_path']}: {why}")
         return sample
 
     def _unreadable(self, index):

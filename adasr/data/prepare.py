@@ -124,12 +124,18 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
 
 
 def _check_separate(inputs: Sequence[str], outputs: Sequence[str]) -> None:
-    """No output folder is an input folder (its files would be mixed with the user's images)."""
+    """No output folder is an input folder (its files would be mixed with the user's images), and no two outputs
+    are one folder (the files of one would replace the other's under the same names)."""
     ins = {osp.realpath(p): p for p in inputs}
+    outs: Dict[str, str] = {}
     for out in outputs:
         if osp.realpath(out) in ins:
             raise ValueError(f'the output folder {out} is the input folder {ins[osp.realpath(out)]}: write into '
                              'another folder')
+        if osp.realpath(out) in outs:
+            raise ValueError(f'the output folders {outs[osp.realpath(out)]} and {out} are one folder: the files of '
+                             'one would replace the other\'s; give each its own folder')
+        outs[osp.realpath(out)] = out
 
 
 def _undecodable(folder: str, paths: Sequence[str]) -> Optional[str]:
@@ -417,6 +423,8 @@ def _benchmark_job(job) -> int:
         return -1
     hr = read_uint8(src)
     for s, gt_path, lq_path in todo:
+        if min(hr.shape[:2]) < s:
+            raise ValueError(f'{src} is {hr.shape[1]}x{hr.shape[0]}: too small for an x{s} LR image')
         gt = mod_crop(hr, s)
         if lr_src and lr_src.get(s):
             lq = read_uint8(_find_lr(lr_src[s], stem, s, osp.splitext(osp.basename(src))[0]))
@@ -479,7 +487,10 @@ def _div8k_job(job) -> int:
     src, hr_path, lr_path, factor, scale = job
     if osp.isfile(hr_path) and osp.isfile(lr_path):
         return -1
-    hr, lr = div8k_test_pair(read_uint8(src), factor, scale)
+    img = read_uint8(src)
+    if min(img.shape[:2]) * factor < scale:
+        raise ValueError(f'{src} is {img.shape[1]}x{img.shape[0]}: too small for an x{scale} pair at HR x{factor}')
+    hr, lr = div8k_test_pair(img, factor, scale)
     write_image(hr_path, hr, compress_level=3)
     write_image(lr_path, lr, compress_level=3)
     return 2
@@ -502,6 +513,8 @@ def build_div8k_test_sets(div8k_folder: str, out_root: str, sets: Sequence[str] 
     ``div8k_folder`` holds DIV8K's ``1201.png`` ... ``1500.png`` (other images are ignored). A missing image is an
     error naming it unless ``allow_missing``. Finished pairs are skipped on a re-run (resumable).
     """
+    if not osp.isdir(div8k_folder):
+        raise FileNotFoundError(f'the DIV8K folder {div8k_folder} does not exist')
     out = {}
     for name in sets:
         if name not in DIV8K_TEST_SETS:
@@ -515,7 +528,7 @@ def build_div8k_test_sets(div8k_folder: str, out_root: str, sets: Sequence[str] 
                 continue
             jobs.append((src, osp.join(out_root, name, 'HR', f'X{scale}', f'{idx:04d}.png'),
                          osp.join(out_root, name, 'LR', f'X{scale}', f'{idx:04d}.png'), factor, scale))
-        if missing and not allow_missing:
+        if missing and (not allow_missing or not jobs):  # --allow-missing allows gaps, not an empty set
             raise FileNotFoundError(f'{name} needs DIV8K images {first:04d}-{last:04d} in {div8k_folder}; missing '
                                     f'{len(missing)}: {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
         report = _run_jobs(_div8k_job, jobs, n_workers, name, progress)

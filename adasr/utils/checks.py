@@ -1,6 +1,6 @@
 """Argument checks shared by every layer: each raises a ValueError that names the option (or the data)."""
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 
 def is_real(value) -> bool:
@@ -57,3 +57,15 @@ def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message (PyTorch's and OpenCV's run to many lines), or its type's
     name."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def scale_mismatch(lq_hw: Tuple[int, int], gt_hw: Tuple[int, int], scale: int) -> Optional[str]:
+    """Why a GT of size ``gt_hw`` (height, width) is not the x``scale`` of an LR of ``lq_hw``, or None. A GT may be
+    up to ``scale - 1`` pixels larger on a side (BasicSR crops it to the LR x scale, as a benchmark set's GT is
+    mod-cropped); smaller, or larger than that (the LR of another scale), is a mismatch."""
+    for side, lq, gt in (('height', lq_hw[0], gt_hw[0]), ('width', lq_hw[1], gt_hw[1])):
+        if not lq * scale <= gt < (lq + 1) * scale:
+            return (f'the GT is {gt_hw[1]}x{gt_hw[0]} but its LR is {lq_hw[1]}x{lq_hw[0]}: at x{scale} the GT '
+                    f'{side} must be {lq * scale}' + (f' to {lq * scale + scale - 1}' if scale > 1 else '')
+                    + ' (is this the LR of another scale?)')
+    return None

@@ -33,6 +33,14 @@ class WriteError(OSError):
     it."""
 
 
+def error_text(e: BaseException) -> str:
+    """A command-line message for ``e``: an OSError with a file (read-only disk, a file where a folder goes) as
+    ``cannot use <file>: <reason>``, anything else as its own message."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f'cannot use {e.filename}: {e.strerror}'
+    return str(e) or type(e).__name__
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where the kernel reports it (Linux: ``/proc/self/status``);
     elsewhere set and restored at once (``os.umask`` has no read-only form)."""

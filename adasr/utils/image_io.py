@@ -13,7 +13,7 @@ interrupted runs).
 import os
 import os.path as osp
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -180,6 +180,30 @@ def decode_image(path: str) -> np.ndarray:
         raise ImageReadError(f'{path}: {bad} sample(s) are NaN or infinite')
     orientation = exif_orientation(path) if _orientable(data[:12].tobytes()) else 1
     return np.ascontiguousarray(_ORIENT[orientation](arr)) if orientation != 1 else arr
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(height, width) of an image file from its header (Pillow; the whole file is decoded only where Pillow cannot
+    read the header).
+
+    Raises:
+        ImageReadError: the file cannot be read as an image (the message names it).
+    """
+    import warnings
+
+    from PIL import Image as PILImage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', PILImage.DecompressionBombWarning)
+            with PILImage.open(path) as im:
+                w, h = im.size
+    except Exception:  # noqa: BLE001 - a format Pillow lacks: decode it
+        arr = decode_image(path)
+        return arr.shape[0], arr.shape[1]
+    if exif_orientation(path) in (5, 6, 7, 8):  # shown rotated by 90 degrees, as decode_image returns it
+        h, w = w, h
+    return h, w
 
 
 def read_image(path: str) -> LoadedImage:

@@ -32,6 +32,7 @@ def main(argv=None) -> None:
         parser.error('give one --output per --input')
 
     from adasr.data.prepare import folder_to_lmdb
+    from adasr.utils.files import error_text
 
     for src, dst in zip(args.input, args.output):
         if args.skip_existing and osp.exists(dst):  # an existing LMDB is a complete one (built, then renamed)
@@ -40,8 +41,8 @@ def main(argv=None) -> None:
         try:
             n, _ = folder_to_lmdb(src, dst, strip_suffix=args.strip_suffix, overwrite=args.overwrite,
                                   compress_level=args.compress_level)
-        except (FileNotFoundError, FileExistsError, ValueError) as e:
-            raise SystemExit(f'error: {e}') from None
+        except (OSError, ValueError) as e:  # a file named: missing input, read-only or full output, ...
+            raise SystemExit(f'error: {error_text(e)}') from None
         print(f'{dst}: {n} images')
 
 

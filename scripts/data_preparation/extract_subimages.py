@@ -37,13 +37,14 @@ def main(argv=None) -> None:
         parser.error('--lr SCALE must be an integer')
 
     from adasr.data.prepare import extract_subimages
+    from adasr.utils.files import error_text
 
     try:
         report = extract_subimages(args.hr, args.hr_out, lr, crop_size=args.crop_size, step=args.step,
                                    thresh_size=args.thresh_size, strip_suffix=args.strip_suffix,
                                    compress_level=args.compress_level, n_workers=args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'error: {e}') from None
+    except (OSError, ValueError) as e:  # a file named: missing input, read-only or full output, ...
+        raise SystemExit(f'error: {error_text(e)}') from None
     print(f'sub-images: {report}')
     if report.processed and not report.written:  # every image smaller than one crop: nothing to train on
         raise SystemExit(f'error: no sub-image was written: every image in {args.hr} is smaller than --crop-size '

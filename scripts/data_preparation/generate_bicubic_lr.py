@@ -33,12 +33,13 @@ def main(argv=None) -> None:
         parser.error("with several --scales, --output must contain '{scale}'")
 
     from adasr.data.prepare import generate_bicubic_lr
+    from adasr.utils.files import error_text
 
     try:
         report = generate_bicubic_lr(args.input, {s: args.output.format(scale=s) for s in args.scales},
                                      suffix_template=args.suffix, n_workers=args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'error: {e}') from None
+    except (OSError, ValueError) as e:  # a file named: missing input, read-only or full output, ...
+        raise SystemExit(f'error: {error_text(e)}') from None
     print(f'bicubic LR: {report}')
 
 

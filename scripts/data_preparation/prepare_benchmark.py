@@ -33,14 +33,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from adasr.data.prepare import prepare_benchmark_set
+    from adasr.utils.files import error_text
 
     hr = {s: args.hr.format(scale=s) for s in args.scales}
     lr = {s: args.lr.format(scale=s) for s in args.scales} if args.lr else None
     try:
         report = prepare_benchmark_set(hr, osp.join(args.out, args.name), lr, strip_suffix=args.strip_suffix,
                                        n_workers=args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'error: {e}') from None
+    except (OSError, ValueError) as e:  # a file named: missing input, read-only or full output, ...
+        raise SystemExit(f'error: {error_text(e)}') from None
     print(f'{args.name}: {report} -> {osp.join(args.out, args.name)}')
 
 

@@ -39,13 +39,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from adasr.data.prepare import prepare_training_set
+    from adasr.utils.files import error_text
 
     try:
         prepare_training_set(args.dataset, args.root, args.scales, crop_size=args.crop_size, step=args.step,
                              thresh_size=args.thresh_size, make_lmdb=not args.no_lmdb, remove_sub=args.remove_sub,
                              n_workers=args.workers)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f'error: {e}') from None
+    except (OSError, ValueError) as e:  # a file named: missing input, read-only or full output, ...
+        raise SystemExit(f'error: {error_text(e)}') from None
 
 
 if __name__ == '__main__':

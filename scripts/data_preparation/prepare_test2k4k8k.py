@@ -32,12 +32,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from adasr.data.prepare import build_div8k_test_sets
+    from adasr.utils.files import error_text
 
     try:
         reports = build_div8k_test_sets(args.div8k, args.out, args.sets, allow_missing=args.allow_missing,
                                         n_workers=args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'error: {e}') from None
+    except (OSError, ValueError) as e:  # a file named: missing input, read-only or full output, ...
+        raise SystemExit(f'error: {error_text(e)}') from None
     for name, report in reports.items():
         print(f'{name}: {report} -> {osp.join(args.out, name)}')
 
