@@ -194,6 +194,16 @@ def test_benchmark_set_layout_mod_crop_and_grayscale(tmp_path):
                           'scale': 4})
     sample = ds[1]
     assert sample['gt'].shape == (3, 44, 28) and sample['lq'].shape == (3, 11, 7)
+    # a re-run from the same files skips; from another folder (Urban100 prepared from its half-size x2/HR first,
+    # then from x4/HR) the outputs of the old files are made again, not kept as "already done"
+    again = prepare_benchmark_set({4: str(tmp_path / 'HR')}, str(out), progress=False)
+    assert (again.processed, again.skipped) == (0, 2)
+    os.makedirs(tmp_path / 'HR2')
+    cv2.imwrite(str(tmp_path / 'HR2' / 'color.png'), photo(100, 74))
+    cv2.imwrite(str(tmp_path / 'HR2' / 'gray.png'), photo(45, 30, gray=True))
+    redone = prepare_benchmark_set({4: str(tmp_path / 'HR2')}, str(out), progress=False)
+    assert (redone.processed, redone.skipped) == (2, 0)
+    assert read_uint8(str(out / 'GTmod4' / 'color.png')).shape == (100, 72, 3)
 
 
 def test_benchmark_set_copies_given_lr_after_checking_its_size(tmp_path):
@@ -369,7 +379,8 @@ def test_div2k_pipeline_makes_matching_lmdbs_and_resumes(tmp_path):
     assert out['hr_lmdb'] == str(root / 'DIV2K' / 'DIV2K_train_HR_sub.lmdb')
     assert out['lr_lmdb'] == {s: str(root / 'DIV2K' / f'DIV2K_train_LR_bicubic_X{s}_sub.lmdb') for s in (2, 4)}
     # LR made in DIV2K's layout and names because the download had none
-    assert sorted(os.listdir(root / 'DIV2K' / 'DIV2K_train_LR_bicubic' / 'X4')) == ['0001x4.png', '0002x4.png']
+    assert sorted(os.listdir(root / 'DIV2K' / 'DIV2K_train_LR_bicubic' / 'X4')) == ['.sources', '0001x4.png',
+                                                                                  '0002x4.png']
     # 0001: 72x96 -> 2x3 crops; 0002: 60x48 -> 2x1 crops
     meta = {s: open(osp.join(p, 'meta_info.txt')).read().split('\n') for s, p in out['lr_lmdb'].items()}
     hr_meta = open(osp.join(out['hr_lmdb'], 'meta_info.txt')).read().split('\n')

@@ -223,16 +223,49 @@ def lr_name(name: str, scale: int, suffix_template: str = '') -> str:
     return stem + suffix_template.format(scale=scale) + '.png'
 
 
+SOURCES = '.sources'  #: per output folder: ``<output file>.json``, the source file it was made from
+
+
+def _source_id(src: str) -> Dict:
+    st = os.stat(src)
+    return {'path': osp.realpath(src), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
+def _is_made_from(out: str, src: str) -> bool:
+    """Whether ``out`` exists and was made from ``src`` as it is now (its record in ``<folder>/.sources/``). An
+    output without a record (written by an older adasr) counts as made; one whose record names another file, or the
+    same file changed since, is made again: a re-run from a corrected input (another folder, a re-downloaded set)
+    does not keep outputs of the old one."""
+    if not osp.isfile(out):
+        return False
+    record = osp.join(osp.dirname(out), SOURCES, osp.basename(out) + '.json')
+    if not osp.isfile(record):
+        return True
+    try:
+        with open(record) as f:
+            return json.load(f) == _source_id(src)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_from(out: str, img: np.ndarray, src: str) -> None:
+    """Write ``out`` (atomically) and then its source record."""
+    write_image(out, img, compress_level=3)
+    record = osp.join(osp.dirname(out), SOURCES, osp.basename(out) + '.json')
+    os.makedirs(osp.dirname(record), exist_ok=True)
+    atomic_write_bytes(record, json.dumps(_source_id(src)).encode())
+
+
 def _lr_job(job) -> int:
     src, outputs = job
-    todo = [(s, p) for s, p in outputs if not osp.isfile(p)]
+    todo = [(s, p) for s, p in outputs if not _is_made_from(p, src)]
     if not todo:
         return -1
     hr = read_uint8(src)
     for s, p in todo:
         if min(hr.shape[:2]) < s:
             raise ValueError(f'{src} is {hr.shape[0]}x{hr.shape[1]}: too small for an x{s} LR image')
-        write_image(p, bicubic_lr(hr, s), compress_level=3)
+        _write_from(p, bicubic_lr(hr, s), src)
     return len(todo)
 
 
@@ -240,8 +273,9 @@ def generate_bicubic_lr(hr_folder: str, out_folders: Mapping[int, str], suffix_t
                         n_workers: int = 1, progress: bool = True) -> StepReport:
     """MATLAB-bicubic LR images of every image in ``hr_folder`` for each ``scale -> output folder``.
 
-    HR images whose sides are not multiples of the scale are mod-cropped first. Existing outputs are kept, so an
-    interrupted run resumes where it stopped.
+    HR images whose sides are not multiples of the scale are mod-cropped first. Existing outputs made from the same
+    source file are kept, so an interrupted run resumes where it stopped; one made from another file (or from this
+    one before it changed) is made again (:func:`_is_made_from`).
     """
     _check_separate([hr_folder], list(out_folders.values()))
     names = list_images(hr_folder)
@@ -418,7 +452,10 @@ def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tup
 
 def _benchmark_job(job) -> int:
     src, stem, outputs, lr_src = job
-    todo = [(s, gt, lq) for s, gt, lq in outputs if not (osp.isfile(gt) and osp.isfile(lq))]
+    given = {s: _find_lr(lr_src[s], stem, s, osp.splitext(osp.basename(src))[0])
+             for s, _, _ in outputs if lr_src and lr_src.get(s)}
+    todo = [(s, gt, lq) for s, gt, lq in outputs
+            if not (_is_made_from(gt, src) and _is_made_from(lq, given.get(s, src)))]
     if not todo:
         return -1
     hr = read_uint8(src)
@@ -426,15 +463,15 @@ def _benchmark_job(job) -> int:
         if min(hr.shape[:2]) < s:
             raise ValueError(f'{src} is {hr.shape[1]}x{hr.shape[0]}: too small for an x{s} LR image')
         gt = mod_crop(hr, s)
-        if lr_src and lr_src.get(s):
-            lq = read_uint8(_find_lr(lr_src[s], stem, s, osp.splitext(osp.basename(src))[0]))
+        if s in given:
+            lq = read_uint8(given[s])
             if lq.shape[:2] != (gt.shape[0] // s, gt.shape[1] // s):
                 raise ValueError(f'the given LR of {src} at x{s} is {lq.shape[1]}x{lq.shape[0]}, expected '
                                  f'{gt.shape[1] // s}x{gt.shape[0] // s} (the HR mod-cropped to {s}, divided by {s})')
         else:
             lq = bicubic_resize(gt, 1 / s)
-        write_image(gt_path, gt, compress_level=3)
-        write_image(lq_path, lq, compress_level=3)
+        _write_from(gt_path, gt, src)
+        _write_from(lq_path, lq, given.get(s, src))
     return 2 * len(todo)
 
 
@@ -485,14 +522,14 @@ def div8k_test_pair(img: np.ndarray, hr_factor: float, scale: int = 4) -> Tuple[
 
 def _div8k_job(job) -> int:
     src, hr_path, lr_path, factor, scale = job
-    if osp.isfile(hr_path) and osp.isfile(lr_path):
+    if _is_made_from(hr_path, src) and _is_made_from(lr_path, src):
         return -1
     img = read_uint8(src)
     if min(img.shape[:2]) * factor < scale:
         raise ValueError(f'{src} is {img.shape[1]}x{img.shape[0]}: too small for an x{scale} pair at HR x{factor}')
     hr, lr = div8k_test_pair(img, factor, scale)
-    write_image(hr_path, hr, compress_level=3)
-    write_image(lr_path, lr, compress_level=3)
+    _write_from(hr_path, hr, src)
+    _write_from(lr_path, lr, src)
     return 2
 
 
