@@ -183,8 +183,8 @@ def decode_image(path: str) -> np.ndarray:
 
 
 def image_size(path: str) -> Tuple[int, int]:
-    """(height, width) of an image file from its header (Pillow; the whole file is decoded only where Pillow cannot
-    read the header).
+    """(height, width) of an image file as :func:`decode_image` returns it (EXIF orientation applied), from its
+    header (Pillow); TIFFs and files Pillow cannot read are decoded.
 
     Raises:
         ImageReadError: the file cannot be read as an image (the message names it).
@@ -194,6 +194,14 @@ def image_size(path: str) -> Tuple[int, int]:
     from PIL import Image as PILImage
 
     try:
+        with open(path, 'rb') as f:
+            head = f.read(12)
+    except OSError as e:
+        raise ImageReadError(f'{path}: cannot read file ({e.strerror or e})') from e
+    if head[:4] in (b'II*\x00', b'MM\x00*'):  # TIFF: libtiff applies its orientation tag while decoding
+        arr = decode_image(path)
+        return arr.shape[0], arr.shape[1]
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', PILImage.DecompressionBombWarning)
             with PILImage.open(path) as im:
@@ -201,7 +209,7 @@ def image_size(path: str) -> Tuple[int, int]:
     except Exception:  # noqa: BLE001 - a format Pillow lacks: decode it
         arr = decode_image(path)
         return arr.shape[0], arr.shape[1]
-    if exif_orientation(path) in (5, 6, 7, 8):  # shown rotated by 90 degrees, as decode_image returns it
+    if _orientable(head) and exif_orientation(path) in (5, 6, 7, 8):  # turned by 90 degrees, as decode_image does
         h, w = w, h
     return h, w
 
