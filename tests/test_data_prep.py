@@ -153,8 +153,14 @@ def test_generate_bicubic_lr_equals_imresize_uint8_and_resumes(tmp_path):
         cropped = hr[:50 - 50 % s, :37 - 37 % s]
         np.testing.assert_array_equal(lr, imresize_uint8(cropped, 1 / s))
         assert lr.shape[:2] == (50 // s, 37 // s)
+    old = 1_000_000_000.0
+    orphans = [tmp_path / 'X2' / '.0001x2.png.k1ll3d.adasr-tmp', tmp_path / 'X2' / '.sources' / '.r.json.x.adasr-tmp']
+    for p in orphans:  # what a kill -9 during a write leaves
+        p.write_bytes(b'half')
+        os.utime(p, (old, old))
     again = generate_bicubic_lr(str(tmp_path / 'HR'), outs, suffix_template='x{scale}', progress=False)
     assert (again.processed, again.skipped, again.written) == (0, 1, 0)
+    assert not any(p.exists() for p in orphans)
 
 
 def test_bicubic_resize_large_image_path_equals_imresize_uint8(monkeypatch):

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from adasr.utils.files import atomic_write_bytes
+from adasr.utils.files import atomic_write_bytes, remove_orphan_temporaries
 from adasr.utils.image_io import IMAGE_EXTENSIONS, read_uint8, write_image
 from adasr.utils.matlab_resize import imresize_uint8
 
@@ -121,6 +121,15 @@ def folder_to_lmdb(folder: str, lmdb_path: str, strip_suffix: Optional[str] = No
         shutil.rmtree(lmdb_path)
     os.replace(partial, lmdb_path)
     return len(paths), lmdb_path
+
+
+def _remove_orphans(folders: Sequence[str]) -> None:
+    """Delete the temporary files that killed runs left under ``folders`` (their images, ``.done`` and ``.sources``
+    records): only adasr's own, only once no writer holds them (:func:`adasr.utils.files.remove_orphan_temporaries`).
+    """
+    for folder in folders:
+        for sub_folder, _, _ in os.walk(folder):
+            remove_orphan_temporaries(sub_folder)
 
 
 def _check_separate(inputs: Sequence[str], outputs: Sequence[str]) -> None:
@@ -278,6 +287,7 @@ def generate_bicubic_lr(hr_folder: str, out_folders: Mapping[int, str], suffix_t
     one before it changed) is made again (:func:`_is_made_from`).
     """
     _check_separate([hr_folder], list(out_folders.values()))
+    _remove_orphans(list(out_folders.values()))
     names = list_images(hr_folder)
     if not names:
         raise ValueError(f'no images in {hr_folder}')
@@ -433,6 +443,7 @@ def extract_subimages(hr_folder: str, hr_out: str, lr: Optional[Mapping[int, Tup
     """
     lr = dict(lr or {})
     _check_separate([hr_folder] + [f for f, _ in lr.values()], [hr_out] + [o for _, o in lr.values()])
+    _remove_orphans([hr_out] + [o for _, o in lr.values()])
     for s in lr:
         if not isinstance(s, int) or s < 1 or crop_size % s or step % s:
             raise ValueError(f'crop_size {crop_size} and step {step} must be multiples of every scale, got x{s}')
@@ -497,6 +508,7 @@ def prepare_benchmark_set(hr_folders: Mapping[int, str], out_root: str, lr_folde
             job = jobs.setdefault(key, (key[0], stem, [], dict(lr_folders or {})))
             job[2].append((s, osp.join(out_root, f'GTmod{s}', stem + '.png'),
                            osp.join(out_root, f'LRbicx{s}', stem + '.png')))
+    _remove_orphans([out_root])
     return _run_jobs(_benchmark_job, list(jobs.values()), n_workers, osp.basename(out_root), progress)
 
 
@@ -568,6 +580,7 @@ def build_div8k_test_sets(div8k_folder: str, out_root: str, sets: Sequence[str] 
         if missing and (not allow_missing or not jobs):  # --allow-missing allows gaps, not an empty set
             raise FileNotFoundError(f'{name} needs DIV8K images {first:04d}-{last:04d} in {div8k_folder}; missing '
                                     f'{len(missing)}: {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
+        _remove_orphans([osp.join(out_root, name)])
         report = _run_jobs(_div8k_job, jobs, n_workers, name, progress)
         out[name] = report
     return out
