@@ -241,9 +241,7 @@ BAD_NUMBERS = [
 
 REQUIRED_OR_TYPED = [  # what BasicSR reads with opt[...] or tests with a plain if: refused before any work
     (lambda o: o['val'].pop('save_img'), ['val: missing save_img (BasicSR reads it']),
-    (lambda o: o['val'].pop('val_freq'), ['val: missing val_freq']),
     (lambda o: o['logger'].pop('use_tb_logger'), ['logger: missing use_tb_logger']),
-    (lambda o: o['logger'].pop('print_freq'), ['logger: missing print_freq']),
     (lambda o: o.update(path=None), ['the "path" section must be a mapping']),
     (lambda o: o['val']['metrics'].update(psnr=None), ['val.metrics.psnr must be a mapping']),
     (lambda o: o['val']['metrics']['psnr'].update(crop_border=-3), ['crop_border must be a non-negative integer']),

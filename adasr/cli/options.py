@@ -274,6 +274,17 @@ def ensure_perceptual_weights(train: Mapping) -> None:
                                'again) or copy a good one there')
 
 
+#: keys BasicSR reads with ``opt[...]`` (a KeyError mid-run when absent), with an example value for the message
+_REQUIRED_EXAMPLES = {'save_img': 'false', 'val_freq': '!!float 5e3', 'suffix': '~', 'print_freq': '100',
+                      'save_checkpoint_freq': '!!float 5e3', 'use_tb_logger': 'true'}
+
+
+def _require(section: str, given: Mapping, keys: Iterable[str]) -> None:
+    for key in keys:
+        if key not in given:
+            raise OptionsError(f'{section}: missing {key} (BasicSR reads it; e.g. {key}: {_REQUIRED_EXAMPLES[key]})')
+
+
 def check_booleans(section: str, given: Mapping, keys: Iterable[str]) -> None:
     """Each of ``keys`` present in ``given`` must be true or false (YAML ``maybe`` or ``'false'`` in quotes would read
     as true in BasicSR's ``if``)."""
@@ -409,14 +420,9 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
                 raise OptionsError(f'val.{key} must be a non-negative integer (LR pixels), got {value!r}')
         if 'precision' in val:
             check_precision_opt(val['precision'], num_gpu, check_device=check_paths)
-        # BasicSR reads these with val[...]: missing, its run stops with a KeyError at the first validation
-        required = ['save_img'] + (['val_freq'] if is_train else []) + (['suffix'] if not is_train and
-                                                                      val.get('save_img') else [])
-        for key in required:
-            if key not in val:
-                example = {'save_img': 'save_img: false', 'val_freq': 'val_freq: !!float 5e3',
-                           'suffix': 'suffix: ~'}[key]
-                raise OptionsError(f'val: missing {key} (BasicSR reads it; e.g. {example})')
+        # missing, BasicSR's run stops with a KeyError at the first validation
+        _require('val', val, ['save_img'] + (['val_freq'] if is_train else [])
+                 + (['suffix'] if not is_train and val.get('save_img') else []))
         check_booleans('val', val, ('save_img', 'pbar'))
         metrics = val.get('metrics') or {}
         if not isinstance(metrics, Mapping):
@@ -439,11 +445,8 @@ def check_options(opt: Mapping, is_train: bool, check_paths: bool = True) -> Non
             raise OptionsError(f'logger must be a mapping, got {logger!r}')
         check_keys('logger', logger, LOGGER_KEYS)
         check_booleans('logger', logger, ('use_tb_logger',))
-        if is_train:  # BasicSR reads these with logger[...]
-            for key, example in (('print_freq', 100), ('save_checkpoint_freq', '!!float 5e3'),
-                                 ('use_tb_logger', 'true')):
-                if key not in logger:
-                    raise OptionsError(f'logger: missing {key} (BasicSR reads it; e.g. {key}: {example})')
+        if is_train:
+            _require('logger', logger, ('print_freq', 'save_checkpoint_freq', 'use_tb_logger'))
 
     if is_train:
         train = opt.get('train')
@@ -514,13 +517,9 @@ def check_numbers(opt: Mapping, is_train: bool) -> None:
     for key, minimum in (('warmup_iter', -1), ('max_nonfinite_steps', 1)):
         if train.get(key) is not None:
             _count(f'train.{key}', train[key], minimum)
-    for key in ('print_freq', 'save_checkpoint_freq'):
-        if key not in logger:
-            raise OptionsError(f'logger: missing {key}')
+    for key in ('print_freq', 'save_checkpoint_freq'):  # (present: check_options required them)
         _count(f'logger.{key}', logger[key])
     if val is not None:
-        if 'val_freq' not in val:
-            raise OptionsError('val: missing val_freq (or remove the val section)')
         _count('val.val_freq', val['val_freq'])
     ema = train.get('ema_decay', 0)
     if not is_real(ema) or not 0 <= ema < 1:

@@ -621,8 +621,7 @@ def _upscale(args, rank: int, world_size: int) -> int:
             orphans = prepare_output_folder(args.output)
         except OutputFolderError as e:
             raise UsageError(str(e)) from None
-        for folder, _, _ in os.walk(osp.join(args.output, 'halting')):  # the pictures of --save-halting runs
-            orphans += remove_orphan_temporaries(folder)
+        orphans += remove_orphan_temporaries(osp.join(args.output, 'halting'), recursive=True)  # --save-halting
         if orphans:
             log(f'removed {len(orphans)} temporary file(s) left by an interrupted run in {args.output}')
         import adasr  # noqa: F401  (shim + registration)

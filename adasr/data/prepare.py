@@ -128,8 +128,7 @@ def _remove_orphans(folders: Sequence[str]) -> None:
     records): only adasr's own, only once no writer holds them (:func:`adasr.utils.files.remove_orphan_temporaries`).
     """
     for folder in folders:
-        for sub_folder, _, _ in os.walk(folder):
-            remove_orphan_temporaries(sub_folder)
+        remove_orphan_temporaries(folder, recursive=True)
 
 
 def _check_separate(inputs: Sequence[str], outputs: Sequence[str]) -> None:
@@ -235,6 +234,10 @@ def lr_name(name: str, scale: int, suffix_template: str = '') -> str:
 SOURCES = '.sources'  #: per output folder: ``<output file>.json``, the source file it was made from
 
 
+def _source_record(out: str) -> str:
+    return osp.join(osp.dirname(out), SOURCES, osp.basename(out) + '.json')
+
+
 def _source_id(src: str) -> Dict:
     st = os.stat(src)
     return {'path': osp.realpath(src), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
@@ -247,7 +250,7 @@ def _is_made_from(out: str, src: str) -> bool:
     does not keep outputs of the old one."""
     if not osp.isfile(out):
         return False
-    record = osp.join(osp.dirname(out), SOURCES, osp.basename(out) + '.json')
+    record = _source_record(out)
     if not osp.isfile(record):
         return True
     try:
@@ -260,7 +263,7 @@ def _is_made_from(out: str, src: str) -> bool:
 def _write_from(out: str, img: np.ndarray, src: str) -> None:
     """Write ``out`` (atomically) and then its source record."""
     write_image(out, img, compress_level=3)
-    record = osp.join(osp.dirname(out), SOURCES, osp.basename(out) + '.json')
+    record = _source_record(out)
     os.makedirs(osp.dirname(record), exist_ok=True)
     atomic_write_bytes(record, json.dumps(_source_id(src)).encode())
 

@@ -109,10 +109,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def remove_orphan_temporaries(folder: str, min_age: float = 60.0) -> List[str]:
+def remove_orphan_temporaries(folder: str, min_age: float = 60.0, recursive: bool = False) -> List[str]:
     """Delete the temporary files (``.<name>.*.adasr-tmp``) that interrupted :func:`atomic_write` calls left in
-    ``folder``; returns the paths removed (a missing folder is not an error). Other programs' files, ``.tmp`` ones
-    included, are never touched.
+    ``folder`` (and in its sub-folders, hidden ones included, with ``recursive``); returns the paths removed (a
+    missing folder is not an error). Other programs' files, ``.tmp`` ones included, are never touched.
 
     A file is removed only when no process holds its lock (its writer is gone) and it was last modified more than
     ``min_age`` seconds ago (which covers the instants before the lock is taken and between closing and renaming).
@@ -120,7 +120,8 @@ def remove_orphan_temporaries(folder: str, min_age: float = 60.0) -> List[str]:
     """
     removed = []
     now = time.time()
-    for tmp in sorted(glob.glob(osp.join(glob.escape(folder), '.*' + TEMP_SUFFIX))):
+    folders = [sub for sub, _, _ in os.walk(folder)] if recursive else [folder]
+    for tmp in sorted(t for f in folders for t in glob.glob(osp.join(glob.escape(f), '.*' + TEMP_SUFFIX))):
         try:
             if now - os.stat(tmp).st_mtime < min_age:
                 continue

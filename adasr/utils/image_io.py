@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from adasr.utils.checks import count_nonfinite, first_line
-from adasr.utils.files import atomic_write_bytes
+from adasr.utils.files import WriteError, atomic_write_bytes
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm', '.pnm')
 # what each writable format can hold
@@ -280,16 +280,26 @@ def to_stored(img: LoadedImage, dtype: str) -> np.ndarray:
     return quantize(np.ascontiguousarray(color), dtype)
 
 
-def encode(arr: np.ndarray, ext: str, jpeg_quality: int = 95, compress_level: Optional[int] = None) -> bytes:
-    """Encode ``arr`` as ``ext``; ``compress_level`` is the PNG compression (OpenCV's default when None)."""
-    params = []
-    if ext in ('jpg', 'jpeg'):
-        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
-    elif ext == 'webp':
-        params = [cv2.IMWRITE_WEBP_QUALITY, 100]
-    elif ext == 'png' and compress_level is not None:
-        params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level]
-    ok, buf = cv2.imencode('.' + ext, arr, params)
+def encode(arr: np.ndarray, ext: str, jpeg_quality: int = 95, compress_level: Optional[int] = None,
+           params: Optional[list] = None) -> bytes:
+    """Encode ``arr`` as ``ext``; ``compress_level`` is the PNG compression (OpenCV's default when None); ``params``
+    (OpenCV's ``imwrite`` flags) replace the ones made from ``jpeg_quality`` and ``compress_level``.
+
+    Raises:
+        OSError: OpenCV cannot encode the array as ``ext`` (it returned no data, or raised).
+    """
+    if params is None:
+        params = []
+        if ext in ('jpg', 'jpeg'):
+            params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+        elif ext == 'webp':
+            params = [cv2.IMWRITE_WEBP_QUALITY, 100]
+        elif ext == 'png' and compress_level is not None:
+            params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level]
+    try:
+        ok, buf = cv2.imencode('.' + ext, arr, params)
+    except cv2.error as e:
+        raise OSError(f'OpenCV cannot encode it ({first_line(e)})') from None
     if not ok:
         raise OSError(f'OpenCV cannot encode a {arr.shape} {arr.dtype} image as .{ext}')
     return buf.tobytes()
@@ -299,19 +309,10 @@ def basicsr_imwrite(img: np.ndarray, file_path: str, params=None, auto_mkdir: bo
     """BasicSR's ``imwrite`` (same arguments, OpenCV's encoding), written atomically; a failure raises a
     :class:`~adasr.utils.files.WriteError` naming the file (BasicSR's says "Failed in writing images." and leaves a
     truncated file)."""
-    from adasr.utils.files import WriteError
-
     if auto_mkdir:
         os.makedirs(osp.abspath(osp.dirname(file_path)), exist_ok=True)
     try:
-        ok, buf = cv2.imencode(osp.splitext(file_path)[1], img, params or [])
-    except cv2.error as e:
-        raise WriteError(f'cannot save {file_path}: OpenCV cannot encode it ({first_line(e)})') from None
-    if not ok:
-        raise WriteError(f'cannot save {file_path}: OpenCV cannot encode a {img.shape} {img.dtype} image as '
-                         f'{osp.splitext(file_path)[1]}')
-    try:
-        atomic_write_bytes(file_path, buf.tobytes())
+        atomic_write_bytes(file_path, encode(img, osp.splitext(file_path)[1].lstrip('.'), params=params or []))
     except OSError as e:
         raise WriteError(f'cannot save {file_path}: {e.strerror or e}') from None
 
