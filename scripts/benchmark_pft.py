@@ -19,7 +19,8 @@
    median of the per-pair time ratios.
 4. ``--profile``: where PFT-light's time goes, stage by stage (exclusive wall time of each stage, in one process,
    ``--threads`` intra-op threads with the attention tiles run in the calling thread so that stages never overlap).
-5. ``--layers``: time per row of each kind of PFT-light attention layer, compiled kernels against the PyTorch path;
+5. ``--layers``: time per row of each kind of PFT-light attention layer (``--config classical``: the classical
+   PFT's; ``--profile`` takes it too), compiled kernels against the PyTorch path;
    ``--aggregate``: the sparse layers' aggregation, ``embedding_bag`` against ``pft_kernels.aggregate``, ns per key
    (``--windows 8 --repeats 5`` is enough for both).
 
@@ -51,6 +52,11 @@ LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, embed_dim=52, depths=[2, 4, 
                 num_topk=[1024] * 2 + [256] * 4 + [128] * 6 + [64] * 6 + [32] * 6, window_size=32,
                 convffn_kernel_size=7, img_range=1., mlp_ratio=1, upsampler='pixelshuffledirect',
                 resi_connection='1conv')
+#: the classical PFT x4 (options/test/test_PFT_x4.yml's network_g)
+CLASSICAL_X4 = dict(upscale=4, in_chans=3, img_size=64, embed_dim=240, depths=[4, 4, 4, 6, 6, 6], num_heads=6,
+                    num_topk=[1024] * 4 + [256] * 4 + [128] * 4 + [64] * 6 + [32] * 6 + [16] * 6, window_size=32,
+                    convffn_kernel_size=7, img_range=1., mlp_ratio=2, upsampler='pixelshuffle',
+                    resi_connection='1conv')
 SWINIR_LIGHT_X4 = dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6],
                        embed_dim=60, num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect',
                        resi_connection='1conv')
@@ -207,16 +213,21 @@ KERNEL_STAGES = {
 #: compiled functions timed by --profile (module-level names of adasr.ops.pft_kernels)
 KERNEL_FUNCTIONS = {
     'aggregate': 'sparse products (scores, aggregation)',
+    'topk_softmax': 'first top-k layers, score head dims above 32 (compiled: top-k, softmax; BLAS products)',
 }
 
 
-def profile_case(size: int, threads: int, repeats: int) -> Dict[str, Dict[str, float]]:
-    """Stage times (median over ``repeats`` runs after a warm-up) of PFT-light x4 on a size x size input."""
+def profile_case(size: int, threads: int, repeats: int, config_name: str = 'light') -> Dict[str, Dict[str, float]]:
+    """Stage times (median over ``repeats`` runs after a warm-up) of PFT-light x4 (or the classical PFT x4) on a
+    size x size input."""
     from adasr.archs import pft_engine
+    from adasr.archs.pft_arch import PFT
     from adasr.ops import config
 
     torch.set_num_threads(threads)
-    pft, _, x = _networks(size)
+    torch.manual_seed(0)
+    pft = PFT(**(LIGHT_X4 if config_name == 'light' else CLASSICAL_X4)).eval()
+    x = torch.rand(1, 3, size, size)
     timer = StageTimer()
     for name, stage in ENGINE_STAGES.items():
         if hasattr(pft_engine, name):
@@ -275,10 +286,11 @@ def interleaved_table(args) -> None:
 
 def profile_table(args) -> None:
     for threads in args.threads:
-        res = run_isolated(profile_case, size=args.size, threads=threads, repeats=args.net_repeats)
+        res = run_isolated(profile_case, size=args.size, threads=threads, repeats=args.net_repeats,
+                           config_name=args.config)
         total = res.pop('total')['median_s']
-        print(f'\n#### PFT-light x4, {args.size}x{args.size}, {threads} thread(s), attention tiles in the calling '
-              f'thread: {total:.2f} s (median of {args.net_repeats})\n')
+        print(f'\n#### {LAYER_CONFIGS[args.config][4]} x4, {args.size}x{args.size}, {threads} thread(s), attention '
+              f'tiles in the calling thread: {total:.2f} s (median of {args.net_repeats})\n')
         print('| stage | s | share |')
         print('|---|---:|---:|')
         for stage, sec in sorted(res.items(), key=lambda kv: -kv[1]['median_s']):
@@ -290,30 +302,41 @@ LIGHT_PARITY = [(1024, 'dense (0-1)'), (256, 'first top-k 1024 -> 256 (2-3)'), (
                 (128, '256 -> 128 (6-7)'), (128, '128 (8-9)'), (128, '128 (10-11)'), (64, '128 -> 64 (12-13)'),
                 (64, '64 (14-15)'), (64, '64 (16-17)'), (32, '64 -> 32 (18-19)'), (32, '32 (20-21)'),
                 (32, '32 (22-23)')]
+#: one parity of the classical PFT's layers (num_topk 1024 x4, 256 x4, 128 x4, 64 x6, 32 x6, 16 x6)
+CLASSICAL_PARITY = [(1024, 'dense (0-1)'), (1024, 'dense, by the maps of 0-1 (2-3)'),
+                    (256, 'first top-k 1024 -> 256 (4-5)'), (256, '256 (6-7)'), (128, '256 -> 128 (8-9)'),
+                    (128, '128 (10-11)'), (64, '128 -> 64 (12-13)'), (64, '64 (14-15)'), (64, '64 (16-17)'),
+                    (32, '64 -> 32 (18-19)'), (32, '32 (20-21)'), (32, '32 (22-23)'), (16, '32 -> 16 (24-25)'),
+                    (16, '16 (26-27)'), (16, '16 (28-29)')]
+#: --config: (parity, heads, head dim, heads of the relative-position table, name)
+LAYER_CONFIGS = {'light': (LIGHT_PARITY, 4, 13, 1, 'PFT-light'), 'classical': (CLASSICAL_PARITY, 6, 40, 6, 'PFT')}
 
 
-def layers_case(windows: int, heads: int, head_dim: int, repeats: int) -> Dict[str, Dict[str, List[float]]]:
-    """One parity of PFT-light's attention layers through ``pft_engine.attend`` (no autograd, eval focusing): random
-    q, k, v per layer, each layer fed the state of the one before, the bias as the network gives it (a random table
-    shared by the heads, Swin's index: :class:`pft_engine.RelativeBias`); the compiled kernels and the PyTorch path
-    (option ``pft_kernel``) alternately, ``repeats`` chains each after a warm-up. Returns CPU seconds per layer."""
+def layers_case(windows: int, heads: int, head_dim: int, repeats: int,
+                config_name: str = 'light') -> Dict[str, Dict[str, List[float]]]:
+    """One parity of PFT-light's (or the classical PFT's) attention layers through ``pft_engine.attend`` (no
+    autograd, eval focusing): random q, k, v per layer, each layer fed the state of the one before, the bias as the
+    network gives it (a random table, shared by the heads in PFT-light, one per head in PFT, Swin's index:
+    :class:`pft_engine.RelativeBias`); the compiled kernels and the PyTorch path (option ``pft_kernel``)
+    alternately, ``repeats`` chains each after a warm-up. Returns CPU seconds per layer."""
     from adasr.archs import pft_engine
     from adasr.archs.layers import relative_position_index
     from adasr.ops import config
 
+    parity, _, _, table_heads, _ = LAYER_CONFIGS[config_name]
     g = torch.Generator().manual_seed(0)
     n = 1024
     shape = (windows, heads, n, head_dim)
     qkv = [[torch.randn(shape, generator=g) * (head_dim ** -0.5 if i == 0 else 1) for i in range(3)]
-           for _ in LIGHT_PARITY]
-    table, index = torch.randn(1, 63 * 63, generator=g), relative_position_index(32)
+           for _ in parity]
+    table, index = torch.randn(table_heads, 63 * 63, generator=g), relative_position_index(32)
     times: Dict[str, Dict[str, List[float]]] = {p: defaultdict(list) for p in ('compiled', 'torch')}
     with torch.no_grad():
         for rep in range(repeats + 1):
             for path in (('compiled', 'torch') if rep % 2 else ('torch', 'compiled')):
                 with config.options(pft_kernel='numba' if path == 'compiled' else 'torch'):
                     state = None
-                    for (k, label), (q, kk, v) in zip(LIGHT_PARITY, qkv):
+                    for (k, label), (q, kk, v) in zip(parity, qkv):
                         bias = pft_engine.RelativeBias(table, index)  # (a layer's own, its index checked once)
                         t = time.process_time()
                         _, state = pft_engine.attend(q, kk, v, bias, None, state, k, False)
@@ -323,22 +346,25 @@ def layers_case(windows: int, heads: int, head_dim: int, repeats: int) -> Dict[s
 
 
 def layers_table(args) -> None:
-    res = run_isolated(layers_case, windows=args.windows, heads=args.heads, head_dim=args.head_dim,
-                       repeats=args.repeats)
-    rows = args.windows * args.heads * 1024
+    parity, heads, head_dim, _, name = LAYER_CONFIGS[args.config]
+    heads = args.heads if args.heads is not None else heads
+    head_dim = args.head_dim if args.head_dim is not None else head_dim
+    res = run_isolated(layers_case, windows=args.windows, heads=heads, head_dim=head_dim,
+                       repeats=args.repeats, config_name=args.config)
+    rows = args.windows * heads * 1024
     med = {p: {label: statistics.median(v) / rows * 1e6 for label, v in t.items()} for p, t in res.items()}
     dense = {p: med[p]['dense (0-1)'] for p in med}
-    print(f'\n### PFT-light attention layers, {args.windows} windows x {args.heads} heads x 1024 tokens, head dim '
-          f'{args.head_dim}, CPU time per (window, head, query) row, median of {args.repeats} (paths alternately)\n')
-    print('| layer (PFT-light) | compiled, us per row | / compiled dense | PyTorch path, us per row | / PyTorch dense '
+    print(f'\n### {name} attention layers, {args.windows} windows x {heads} heads x 1024 tokens, head dim '
+          f'{head_dim}, CPU time per (window, head, query) row, median of {args.repeats} (paths alternately)\n')
+    print(f'| layer ({name}) | compiled, us per row | / compiled dense | PyTorch path, us per row | / PyTorch dense '
           '| compiled speed-up |')
     print('|---|---:|---:|---:|---:|---:|')
-    for _, label in LIGHT_PARITY:
+    for _, label in parity:
         c, t = med['compiled'][label], med['torch'][label]
         print(f'| {label} | {c:.2f} | {c / dense["compiled"]:.2f} | {t:.2f} | {t / dense["torch"]:.2f} | '
               f'{t / c:.2f}x |', flush=True)
     total = {p: sum(med[p].values()) for p in med}
-    print(f'| all 12 layers of a parity | {total["compiled"]:.2f} | - | {total["torch"]:.2f} | - | '
+    print(f'| all {len(parity)} layers of a parity | {total["compiled"]:.2f} | - | {total["torch"]:.2f} | - | '
           f'{total["torch"] / total["compiled"]:.2f}x |')
 
 
@@ -416,8 +442,8 @@ def main():
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--size', type=int, default=256, help='LR side of the full-network case')
     parser.add_argument('--windows', type=int, default=64)
-    parser.add_argument('--heads', type=int, default=4)
-    parser.add_argument('--head-dim', type=int, default=13)
+    parser.add_argument('--heads', type=int, default=None, help="default: 4, or the --config's")
+    parser.add_argument('--head-dim', type=int, default=None, help="default: 13, or the --config's")
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     parser.add_argument('--skip-network', action='store_true')
     parser.add_argument('--skip-attention', action='store_true')
@@ -428,6 +454,9 @@ def main():
     parser.add_argument('--profile', action='store_true', help='only: stage-by-stage profile of PFT-light')
     parser.add_argument('--layers', action='store_true',
                         help='only: time per row of each kind of PFT-light attention layer, compiled against PyTorch')
+    parser.add_argument('--config', choices=sorted(LAYER_CONFIGS), default='light',
+                        help='the released config that --layers (one parity of its layers; classical: 6 heads, head '
+                             'dim 40, a bias table per head) and --profile time')
     parser.add_argument('--aggregate', action='store_true',
                         help='only: the aggregation, embedding_bag against pft_kernels.aggregate (first --threads)')
     parser.add_argument('--threads', type=int, nargs='+', default=[1, 2],
@@ -439,12 +468,15 @@ def main():
         devices.remove('cuda')
     print('Environment:', environment_summary())
     print(f'load average before the run: {os.getloadavg()}')
+    if not args.layers:
+        args.heads = 4 if args.heads is None else args.heads
+        args.head_dim = 13 if args.head_dim is None else args.head_dim
     if args.aggregate:
         aggregate_table(args)
         print(f'\nload average after the run: {os.getloadavg()}')
         return
     if args.layers:
-        layers_table(args)
+        layers_table(args)  # heads and head dim of --config where not given
         print(f'\nload average after the run: {os.getloadavg()}')
         return
     if args.interleaved or args.profile:

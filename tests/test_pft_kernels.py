@@ -185,10 +185,11 @@ def test_sparse_rows_read_a_relative_bias_table_with_the_bias_rows_numbers(d, sh
         pft_kernels.SparseRows(q, k, None, prev, index, table=torch.randn(h + 1, 15 * 15))
 
 
-@pytest.mark.parametrize('d,kk', [(13, 20), (16, 33), (3, 9), (17, 20)])
+@pytest.mark.parametrize('d,kk', [(13, 20), (16, 33), (3, 9), (17, 20), (40, 20), (48, 9), (49, 20)])
 def test_sparse_rows_products_with_every_key_or_at_the_keys_agree(d, kk):
     """Both forms of a sparse layer's scores (with every key; at the gathered keys: by the vectorised 16-key steps
-    for head dims up to 16, by scalar code above) give the layer's focused weights and selection."""
+    for head dims up to 48, in one to three chunks of 16 dims, by scalar code above) give the layer's focused
+    weights and selection."""
     torch.manual_seed(2)
     nb, h, n = 2, 3, 64
     q, k = torch.randn(nb, h, n, d) * 0.4, torch.randn(nb, h, n, d)
@@ -219,6 +220,25 @@ def test_sparse_rows_products_with_every_key_or_at_the_keys_agree(d, kk):
                                                           at.flatten(0, 1)).view(nb, h, n, 7))
 
 
+@pytest.mark.parametrize('d', [16, 32, 40, 48])
+def test_gathered_steps_give_the_full_pass_numbers_where_the_tree_is_the_padded_one(d):
+    """Where the balanced tree over the head dims has no term left over at any level but in whole blocks of 8
+    (16, 24, 32, 40, 48 dims), the gathered steps sum exactly as the full pass (the same fused multiply-adds, the
+    chunk sums in the tree's order): PFT's sparse layers (head dim 40) give the same bits whichever form runs, so
+    the K' = 256 layers, which ran the full pass before the three-chunk steps, kept their numbers."""
+    torch.manual_seed(3)
+    nb, h, n, kk = 2, 3, 64, 20
+    q, k = torch.randn(nb, h, n, d) * 0.4, torch.randn(nb, h, n, d)
+    bias = torch.randn(h, n, n)
+    index = torch.stack([torch.randperm(n)[:kk] for _ in range(nb * h * n)]).view(nb, h, n, kk).to(torch.int16)
+    prev = torch.rand(nb, h, n, kk)
+    vals = []
+    for full in (True, False):
+        vals.append(torch.empty(nb, h, n, kk))
+        pft_kernels.SparseRows(q, k, bias, prev, index, full=full).run(0, nb, kk, False, vals[-1], index)
+    assert torch.equal(vals[0], vals[1])
+
+
 def test_layer_kernels_reject_mismatched_operands():
     q = torch.randn(2, 2, 16, 5)
     with pytest.raises(ValueError, match='do not fit'):
@@ -240,7 +260,14 @@ def test_layer_source_is_specialised_to_the_head_dims():
     assert pft_kernels._module_digest() in src.splitlines()[0]
     src = pft_kernels.layer_source(26, 13)
     assert 'k25 = ktw[25, j]' in src and 'vtw[12]' in src and 'vtw[13]' not in src
-    assert '_scores16(' not in src and 'a25 * kw[j, 25]' in src  # above 16: scalar gathered products
+    # 17-32 dims: gathered key rows of two chunks of 16 floats; PFT's 40: three
+    assert '_scores32(kp, q16, brow, boff, prow, t0, kk, x)' in src and 'kp = _aligned_rows(n, 32)' in src
+    compile(src, 'layer_source', 'exec')
+    src = pft_kernels.layer_source(40, 40)
+    assert '_scores48(kp, q16, brow, boff, prow, t0, kk, x)' in src and 'q16[39] = q[w, hh, i, 39]' in src
+    src = pft_kernels.layer_source(49, 49)
+    sparse = src.split('def sparse_rows')[1]
+    assert '_scores' not in sparse and 'a48 * kw[j, 48]' in sparse  # above 48: scalar gathered products
     compile(src, 'layer_source', 'exec')
 
 
@@ -514,21 +541,27 @@ def test_network_aggregation_is_embedding_bags_bit_for_bit(monkeypatch):
 
 
 def _scores_in_order(kp, q16, brow, pos):
-    """_scores16's documented sums emulated with NumPy: per key, fma(k_2c, q_2c, k_2c+1 q_2c+1) for the eight dim
-    pairs (the product of float32 numbers is exact in float64), then neighbouring sums in float32, then the bias."""
+    """_scores16's documented sums emulated with NumPy: per key and chunk of 16 dims, fma(k_2c, q_2c, k_2c+1 q_2c+1)
+    for the eight dim pairs (the product of float32 numbers is exact in float64), then neighbouring sums in float32;
+    the chunk sums added in order (c0 + c1) + c2 (the top of the balanced tree over the dims), then the bias."""
     rows = kp[pos]
-    odd = rows[:, 1::2] * q16[1::2]  # float32 products
-    level = (rows[:, 0::2].astype(np.float64) * q16[0::2] + odd).astype(np.float32)
-    while level.shape[1] > 1:
-        level = level[:, 0::2] + level[:, 1::2]
-    return brow[pos] + level[:, 0]
+    total = None
+    for c0 in range(0, kp.shape[1], 16):
+        chunk, q = rows[:, c0:c0 + 16], q16[c0:c0 + 16]
+        odd = chunk[:, 1::2] * q[1::2]  # float32 products
+        level = (chunk[:, 0::2].astype(np.float64) * q[0::2] + odd).astype(np.float32)
+        while level.shape[1] > 1:
+            level = level[:, 0::2] + level[:, 1::2]
+        total = level[:, 0] if total is None else total + level[:, 0]
+    return brow[pos] + total
 
 
 def _scores_case(n, d, kk, dtype, seed=0):
     rng = np.random.default_rng(seed)
-    kp = np.zeros((n, 16), np.float32)
+    width = 16 * pft_kernels.key_chunks(d)
+    kp = np.zeros((n, width), np.float32)
     kp[:, :d] = rng.standard_normal((n, d))
-    q16 = np.zeros(16, np.float32)
+    q16 = np.zeros(width, np.float32)
     q16[:d] = rng.standard_normal(d)
     brow = rng.standard_normal(n).astype(np.float32)
     pos = rng.integers(0, n, kk).astype(dtype)
@@ -557,11 +590,13 @@ def _scores_row(kp, q16, brow, pos, fill=np.nan, form='_scores16', boff=None):
     return x
 
 
-@pytest.mark.parametrize('form', ['_scores16_wide', '_scores16_halves'])
+@pytest.mark.parametrize('form', ['wide', 'halves'])
 @pytest.mark.parametrize('n,d,kk,dtype', [
     (1024, 13, 256, np.int16), (1024, 13, 128, np.int16), (1024, 13, 32, np.int16),  # PFT-light's sparse layers
     (64, 16, 17, np.int32), (64, 3, 40, np.int64), (9, 1, 5, np.int16), (50, 13, 1, np.int64),
-    (1024, 13, 7, np.int16), (64, 13, 24, np.int32)])
+    (1024, 13, 7, np.int16), (64, 13, 24, np.int32),
+    (1024, 40, 256, np.int16), (1024, 40, 16, np.int16), (1024, 40, 7, np.int16),  # PFT's sparse layers
+    (64, 17, 24, np.int32), (64, 32, 33, np.int64), (64, 33, 5, np.int32), (64, 48, 40, np.int16)])
 def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype, form):
     """The vectorised score step in both its forms (16-lane registers, the AVX-512 one; two transposed groups of
     eight, the AVX2 one): bias plus q . k at 16 gathered keys per step, summed in the documented order (the same
@@ -570,7 +605,7 @@ def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype, form):
     first and the second group of eight)."""
     kp, q16, brow, pos = _scores_case(n, d, kk, dtype)
     kp[::7, 0] = -0.0
-    x = _scores_row(kp, q16, brow, pos, form=form)
+    x = _scores_row(kp, q16, brow, pos, form=f'_scores{kp.shape[1]}_{form}')
     want = _scores_in_order(kp, q16, brow, pos.astype(np.int64))
     assert np.array_equal(x[:kk].view(np.int32), want.view(np.int32))
     exact = brow[pos].astype(np.float64) + kp[pos].astype(np.float64) @ q16.astype(np.float64)
@@ -641,9 +676,10 @@ for g, n, m, d, kk in ((2, 13, 64, 13, 256), (1, 6, 9, 20, 3)):
     idx = torch.randint(0, m, (g, n, kk), dtype=torch.int16)
     assert torch.equal(pft_kernels.aggregate(a, v, idx), embedding_bag_av(a, v, idx)), (g, n, m, d, kk)
 from tests.test_pft_kernels import _scores_case, _scores_in_order, _scores_row
-for n, d, kk in ((1024, 13, 128), (64, 16, 21)):
+for n, d, kk in ((1024, 13, 128), (64, 16, 21), (1024, 40, 100), (64, 27, 9)):
     kp, q16, brow, pos = _scores_case(n, d, kk, np.int16)
-    assert np.array_equal(_scores_row(kp, q16, brow, pos)[:kk], _scores_in_order(kp, q16, brow, pos.astype(int)))
+    x = _scores_row(kp, q16, brow, pos, form=f'_scores{kp.shape[1]}')
+    assert np.array_equal(x[:kk], _scores_in_order(kp, q16, brow, pos.astype(int))), (n, d, kk)
 from tests.test_pft_kernels import _max_row
 for m in (1, 17, 256, 1030):
     x = np.random.default_rng(m).standard_normal(m).astype(np.float32)

@@ -6,10 +6,11 @@ with the row in L1 cache.
   every key are one vectorised pass over the transposed keys per pair of query rows; no n x n map is written.
 * :class:`SparseRows`: layers with sparse input (K' inherited keys per row): the products at the K' keys (16 gathered
   key rows per vectorised step, :func:`_scores_intrinsic` where numba targets AVX-512, else two transposed groups of
-  eight, :func:`_scores_halves_intrinsic`: the same numbers, for head dims up to 16; or with every key, read at the
-  keys, when K' is a large share of the window), the bias at the keys (from the (n, n) bias rows, or from the
-  layer's relative-position table, 16 KB in cache instead of 4 MB of rows: :func:`_bias_layout`), softmax,
-  progressive focusing by the inherited weights and top-k when k < K', written into the layer's state.
+  eight, :func:`_scores_halves_intrinsic`: the same numbers, for head dims up to 48 in chunks of 16 (PFT-light's
+  13, PFT's 40); or with every key, read at the keys, when K' is a large share of the window), the bias at the
+  keys (from the (n, n) bias rows, or from the layer's relative-position table, 16 KB in cache instead of 4 MB of
+  rows: :func:`_bias_layout`), softmax, progressive focusing by the inherited weights and top-k when k < K',
+  written into the layer's state.
 * :func:`aggregate`: the aggregation of both, sum_t w_t v[idx_t] per query row, vectorised across the head dim by
   an LLVM-IR intrinsic (:func:`_bag_intrinsic`: a masked 16-lane load of each gathered value row and one fused
   multiply-add per key, four query rows per pass; numba alone cannot vectorise it: it vectorises innermost loops
@@ -643,9 +644,25 @@ def _bits_intrinsic():
     return _f32_bits
 
 
-_KEY_LANES = 16  # the padded width of the key rows of the gathered score products (one 16-lane load per key)
-#: head dims up to this use the vectorised gathered score products (:func:`_scores_intrinsic`); larger ones the scalar
-GATHERED_SCORES_MAX_DIM = _KEY_LANES
+_KEY_LANES = 16  # one chunk of a key row in the gathered score products (one 16-lane load per key and chunk)
+_MAX_KEY_CHUNKS = 3
+#: head dims up to this use the vectorised gathered score products (:func:`_scores_intrinsic`: up to three chunks of
+#: 16 dims, PFT's 40 included); larger ones the scalar code
+GATHERED_SCORES_MAX_DIM = _KEY_LANES * _MAX_KEY_CHUNKS
+
+
+def key_chunks(d: int) -> int:
+    """The 16-dim chunks of a key row of head dim ``d`` in the gathered score products."""
+    return -(-d // _KEY_LANES)
+
+
+def _combine_chunks(builder, sums):
+    """The chunk sums of a key (dims 0-15, 16-31, 32-47) combined as the balanced tree over the head dims combines
+    them (:func:`_tree`: its top split is at 16 for d <= 32, at 32 above): c0, c0 + c1, (c0 + c1) + c2."""
+    total = sums[0]
+    for extra in sums[1:]:
+        total = builder.fadd(total, extra)
+    return total
 
 
 def _scores_step_intrinsic(emit):
@@ -700,47 +717,55 @@ def _scores_step_intrinsic(emit):
     return _scores16
 
 
-def _scores_intrinsic():
+def _scores_intrinsic(chunks: int = 1):
     """``_scores16(kp, q16, brow, boff, prow, t0, kk, x)``: the scores of one query row at 16 of its inherited keys,
     ``x[t0 + l] = brow[boff[j]] + sum_c q16[c] kp[j, c]`` with ``j = prow[t0 + l]``, for ``l < min(16, kk - t0)``
-    (the other entries of x are not written). kp: (n, 16) float32 key rows zero-padded to 16 floats (unit stride
-    along the row); q16: the query zero-padded to 16 floats (contiguous); brow, boff: the bias row and the int32
-    offsets (n) of the keys' biases in it (``arange(n)`` for a row of the (n, n) bias; a relative-position table's
-    layout, :func:`_bias_layout`; the caller keeps them inside brow); prow: the key positions (any integer type;
-    outside ``[0, n)`` clamped to the last row: never a read out of bounds); x: contiguous.
+    (the other entries of x are not written). kp: (n, 16 ``chunks``) float32 key rows zero-padded to 16 ``chunks``
+    floats (unit stride along the row); q16: the query zero-padded to as many floats (contiguous); brow, boff: the
+    bias row and the int32 offsets (n) of the keys' biases in it (``arange(n)`` for a row of the (n, n) bias; a
+    relative-position table's layout, :func:`_bias_layout`; the caller keeps them inside brow); prow: the key
+    positions (any integer type; outside ``[0, n)`` clamped to the last row: never a read out of bounds); x:
+    contiguous.
 
-    The 16 key rows are loaded as 16-lane vectors and reduced together by a shuffle network: the first level pairs
-    the dims (2c, 2c + 1) by one fused multiply-add (``fma(k_2c, q_2c, k_2c+1 q_2c+1)``) for two keys per register,
-    the next levels add neighbouring partial sums (dims 0-3, 0-7, 0-15), four registers' worth of keys into one, so
-    that the sixteen sums come out in one register, to which the bias at the keys is added and which is stored
-    (masked for the last group). Per key that is the balanced tree over the head dims that the vectorised full pass
-    (:func:`_key_pass`) sums, with the fused multiply-adds at its first level. Generic LLVM vector IR (AVX-512
-    registers where there are some, AVX2 halves elsewhere); numba alone cannot vectorise it (per key it is a
-    reduction over a gathered row)."""
+    Per chunk of 16 dims, the 16 key rows are loaded as 16-lane vectors and reduced together by a shuffle network:
+    the first level pairs the dims (2c, 2c + 1) by one fused multiply-add (``fma(k_2c, q_2c, k_2c+1 q_2c+1)``) for
+    two keys per register, the next levels add neighbouring partial sums (dims 0-3, 0-7, 0-15), four registers'
+    worth of keys into one, so that the sixteen chunk sums come out in one register; the chunk sums are added as
+    :func:`_combine_chunks` says, then the bias at the keys, and the register is stored (masked for the last
+    group). Per key that is the balanced tree over the head dims that the vectorised full pass (:func:`_key_pass`)
+    sums, with the fused multiply-adds at its first level. Generic LLVM vector IR (AVX-512 registers where there are
+    some, AVX2 halves elsewhere); numba alone cannot vectorise it (per key it is a reduction over a gathered row)."""
     from llvmlite import ir
 
     def emit(builder, qp, xp, t0v, kkv, gather):
-        i32 = ir.IntType(32)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
         v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
         v16b = ir.VectorType(ir.IntType(1), 16)
 
         def shuffle(a, b, lanes):
             return builder.shuffle_vector(a, b, ir.Constant(v16i, lanes))
 
+        def load16(ptr, offset):
+            return builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(i64, offset)]), v16f.as_pointer()),
+                                align=4)
+
         even, odd = list(range(0, 32, 2)), list(range(1, 32, 2))
-        q = builder.load(builder.bitcast(qp, v16f.as_pointer()), align=4)
-        q_even, q_odd = shuffle(q, q, even[:8] * 2), shuffle(q, q, odd[:8] * 2)
         ptrs, bias = gather(t0v, 16)
-        rows = [builder.load(builder.bitcast(r, v16f.as_pointer()), align=4) for r in ptrs]
         fma = _declare(builder, 'llvm.fma.v16f32', v16f, [v16f, v16f, v16f])
-        # level 1: keys 2p and 2p + 1 in one register, 8 lanes each: dims (2c, 2c + 1) by one FMA
-        level = [builder.call(fma, [shuffle(rows[2 * p], rows[2 * p + 1], even), q_even,
-                                    builder.fmul(shuffle(rows[2 * p], rows[2 * p + 1], odd), q_odd)])
-                 for p in range(8)]
-        while len(level) > 1:  # neighbouring partial sums added: 4, 8, 16 keys per register
-            level = [builder.fadd(shuffle(level[2 * p], level[2 * p + 1], even),
-                                  shuffle(level[2 * p], level[2 * p + 1], odd)) for p in range(len(level) // 2)]
-        scores = builder.fadd(bias, level[0])
+        sums = []
+        for chunk in range(chunks):
+            q = load16(qp, 16 * chunk)
+            q_even, q_odd = shuffle(q, q, even[:8] * 2), shuffle(q, q, odd[:8] * 2)
+            rows = [load16(r, 16 * chunk) for r in ptrs]
+            # level 1: keys 2p and 2p + 1 in one register, 8 lanes each: dims (2c, 2c + 1) by one FMA
+            level = [builder.call(fma, [shuffle(rows[2 * p], rows[2 * p + 1], even), q_even,
+                                        builder.fmul(shuffle(rows[2 * p], rows[2 * p + 1], odd), q_odd)])
+                     for p in range(8)]
+            while len(level) > 1:  # neighbouring partial sums added: 4, 8, 16 keys per register
+                level = [builder.fadd(shuffle(level[2 * p], level[2 * p + 1], even),
+                                      shuffle(level[2 * p], level[2 * p + 1], odd)) for p in range(len(level) // 2)]
+            sums.append(level[0])
+        scores = builder.fadd(bias, _combine_chunks(builder, sums))
         count = _splat(builder, builder.trunc(builder.sub(kkv, t0v), i32), v16i)
         mask = builder.icmp_signed('<', ir.Constant(v16i, list(range(16))), count)
         store = _declare(builder, 'llvm.masked.store.v16f32.p0', ir.VoidType(),
@@ -751,7 +776,7 @@ def _scores_intrinsic():
     return _scores_step_intrinsic(emit)
 
 
-def _scores_halves_intrinsic():
+def _scores_halves_intrinsic(chunks: int = 1):
     """``_scores16`` (same signature, the same numbers bit for bit) for CPUs without AVX-512: the 16 keys as two groups
     of eight, each group's key rows transposed in 8-lane registers (two 8 x 8 transposes by unpack, shuffle and
     128-bit lane permutes: register d then holds dim d of the eight keys), so that each key's sum is computed in its
@@ -759,8 +784,9 @@ def _scores_halves_intrinsic():
     eight dim pairs, then ``(p_0 + p_1) + (p_2 + p_3)`` and ``(p_4 + p_5) + (p_6 + p_7)``, their sum, the bias
     added. On AVX2 each 16-lane register of the other form is split in two, its shuffle network and lane inserts with
     it; this form takes 48 shuffles per eight keys (unpacks, in-lane shuffles, 128-bit lane permutes) and measured
-    1.27-1.34x faster on an AVX2 core (docs/pft.md). The stores are plain where the eight keys all lie before
-    ``kk``, masked for the last group."""
+    1.27-1.34x faster on an AVX2 core (docs/pft.md). Per further chunk of 16 dims the same, the chunk sums added
+    as :func:`_combine_chunks` says. The stores are plain where the eight keys all lie before ``kk``, masked for
+    the last group."""
     from llvmlite import ir
 
     def emit(builder, qp, xp, t0v, kkv, gather):
@@ -768,7 +794,7 @@ def _scores_halves_intrinsic():
         v8f, v8i, v8b = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.IntType(1), 8)
         fma = _declare(builder, 'llvm.fma.v8f32', v8f, [v8f, v8f, v8f])
         store = _declare(builder, 'llvm.masked.store.v8f32.p0', ir.VoidType(), [v8f, v8f.as_pointer(), i32, v8b])
-        qd = [_splat(builder, builder.load(builder.gep(qp, [ir.Constant(i64, d)])), v8f) for d in range(16)]
+        qd = [_splat(builder, builder.load(builder.gep(qp, [ir.Constant(i64, d)])), v8f) for d in range(16 * chunks)]
 
         def shuffle(a, b, lanes):
             return builder.shuffle_vector(a, b, ir.Constant(v8i, lanes))
@@ -789,13 +815,17 @@ def _scores_halves_intrinsic():
         for group in (0, 8):
             g0 = builder.add(t0v, ir.Constant(i64, group))
             ptrs, bias = gather(g0, 8)
-            dims = (transpose([load8(r) for r in ptrs])
-                    + transpose([load8(builder.gep(r, [ir.Constant(i64, 8)])) for r in ptrs]))
-            p = [builder.call(fma, [dims[2 * c], qd[2 * c], builder.fmul(dims[2 * c + 1], qd[2 * c + 1])])
-                 for c in range(8)]
-            while len(p) > 1:
-                p = [builder.fadd(p[2 * c], p[2 * c + 1]) for c in range(len(p) // 2)]
-            scores = builder.fadd(bias, p[0])
+            sums = []
+            for chunk in range(chunks):
+                base = 16 * chunk
+                dims = (transpose([load8(builder.gep(r, [ir.Constant(i64, base)])) for r in ptrs])
+                        + transpose([load8(builder.gep(r, [ir.Constant(i64, base + 8)])) for r in ptrs]))
+                p = [builder.call(fma, [dims[2 * c], qd[base + 2 * c],
+                                        builder.fmul(dims[2 * c + 1], qd[base + 2 * c + 1])]) for c in range(8)]
+                while len(p) > 1:
+                    p = [builder.fadd(p[2 * c], p[2 * c + 1]) for c in range(len(p) // 2)]
+                sums.append(p[0])
+            scores = builder.fadd(bias, _combine_chunks(builder, sums))
             dst = builder.bitcast(builder.gep(xp, [g0]), v8f.as_pointer())
             count = builder.sub(kkv, g0)
             with builder.if_else(builder.icmp_signed('>=', count, ir.Constant(i64, 8))) as (whole, part):
@@ -826,6 +856,10 @@ if numba is not None:
     _scores16_wide = _scores_intrinsic()
     _scores16_halves = _scores_halves_intrinsic()
     _scores16 = _scores16_wide if _avx512_target() else _scores16_halves  # the same numbers; each where it is faster
+    _scores32_wide, _scores48_wide = _scores_intrinsic(2), _scores_intrinsic(3)  # key rows of 2 and 3 chunks
+    _scores32_halves, _scores48_halves = _scores_halves_intrinsic(2), _scores_halves_intrinsic(3)
+    _scores32 = _scores32_wide if _avx512_target() else _scores32_halves
+    _scores48 = _scores48_wide if _avx512_target() else _scores48_halves
     _bag_rows = _bag_intrinsic(_BAG_ROWS)
     _bag_row = _bag_intrinsic(1)
 
@@ -1119,17 +1153,20 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
       ``aout``) after each head's rows, while its kept weights and positions are in cache.
     * ``sparse_rows``: layers with sparse input (K' inherited keys per row): the products at the K' keys (gathered
       key rows: 16 per vectorised step, :func:`_scores_intrinsic`, for d up to :data:`GATHERED_SCORES_MAX_DIM`,
-      over key rows padded to 16 floats; scalar code above) or, where K' is a large share of the window, with every
-      key (vectorised, ``rows`` query rows per pass over the keys, read at the keys); bias at the keys, softmax,
-      focusing, and top-k when k < K'; the aggregation (``agg``) after each head's rows, as in ``dense_rows``.
+      over key rows padded to a multiple of 16 floats; scalar code above) or, where K' is a large share of the
+      window, with every key (vectorised, ``rows`` query rows per pass over the keys, read at the keys); bias at the
+      keys, softmax, focusing, and top-k when k < K'; the aggregation (``agg``) after each head's rows, as in
+      ``dense_rows``.
     """
     r_ = range(rows)
+    width = _KEY_LANES * key_chunks(d)  # of the gathered score products' key rows
     # the generated kernels call (and numba inlines) this module's functions: the digest of its source in theirs
     # names a new cached file whenever this module changes (numba's cache would keep the old machine code)
     src = [f'# generated by adasr.ops.pft_kernels.layer_source from module source {_module_digest()}',
            'import numpy as np', 'import numba', '',
            'from adasr.ops.pft_kernels import (_ORDERED, _SLACK, _aggregate, _aligned_rows, _dots16, _exp_shifted,',
-           '                                  _max16, _scores16, _select, _select_positive, _softmax_focus,',
+           '                                  _max16, _scores16, _scores32, _scores48, _select, _select_positive,',
+           '                                  _softmax_focus,',
            '                                  _topk_softmax_row)', '',
            'F32 = np.float32', '', '',
            '@numba.njit(nogil=True, cache=True, fastmath=_ORDERED)',
@@ -1189,8 +1226,8 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
             '    cand = np.empty(kk + _SLACK, np.int32)',
             '    code = np.empty(kk, np.uint8)',
             '    y = np.empty(kk, np.float64)',
-            f'    q16 = np.zeros({_KEY_LANES}, np.float32)',
-            f'    kp = _aligned_rows(n, {_KEY_LANES})  # the key rows zero-padded to 16 floats',
+            f'    q16 = np.zeros({width}, np.float32)',
+            f'    kp = _aligned_rows(n, {width})  # the key rows zero-padded to a multiple of 16 floats',
             '    passes = 0',
             '    for w in range(w0, w1):',
             '        for hh in range(heads):',
@@ -1214,14 +1251,14 @@ def layer_source(d: int, dv: int, rows: int = _ROWS) -> str:
         src += _sparse_row_tail(f'i + {r}', '                    ')
     if d <= GATHERED_SCORES_MAX_DIM:
         src += ['            else:  # products at the inherited keys only: 16 gathered key rows (copied zero-padded',
-                '                # to 16 floats, in cache) per vectorised step',
+                f'                # to {width} floats, in cache) per vectorised step',
                 f'                kp[:, :{d}] = kw',
                 '                for i in range(n):']
         src += [f'                    q16[{c}] = q[w, hh, i, {c}]' for c in range(d)]
         src += ['                    brow = bh[rstart[i]:]',
                 '                    prow = pidx[w, hh, i]',
                 f'                    for t0 in range(0, kk, {_KEY_LANES}):',
-                '                        _scores16(kp, q16, brow, boff, prow, t0, kk, x)']
+                f'                        _scores{width}(kp, q16, brow, boff, prow, t0, kk, x)']
     else:
         src += ['            else:  # products at the inherited keys only (gathered key rows)',
                 '                for i in range(n):']
@@ -1340,7 +1377,9 @@ class DenseRows(_Layer):
 
 # a sparse layer's products with every key (one vectorised pass over the transposed keys) cost about as much as
 # those at n / 4 gathered key rows by scalar code (head dim 13, 1024-token windows; docs/pft.md), and as those at
-# n / 2 gathered key rows by the vectorised steps (_scores16, head dims up to 16)
+# n / 2 gathered key rows by the vectorised steps (_scores16; for PFT's head dim 40, whose full pass spills its
+# query values, a 256-key layer's rows took 0.67x the time with the steps, 0.80x with AVX2 code: docs/pft.md,
+# *Tenth round*)
 _FULL_PRODUCTS_FROM = 0.25
 _FULL_PRODUCTS_FROM_VECTOR = 0.5
 
