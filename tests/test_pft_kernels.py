@@ -613,6 +613,31 @@ def test_gathered_scores_are_the_documented_sums(n, d, kk, dtype, form):
     assert np.isnan(x[kk:]).all()
 
 
+@pytest.mark.parametrize('form', ['wide', 'halves'])
+@pytest.mark.parametrize('d', [13, 40])
+def test_gathered_scores_of_strided_operands_are_the_packed_ones(d, form):
+    """The score step reads key rows of the documented width (16 floats a chunk) and contiguous positions, offsets and
+    bias without a multiplication per key; key rows further apart (a view into wider rows) and strided positions,
+    offsets and bias rows take the general path: the same numbers bit for bit."""
+    kp, q16, brow, pos = _scores_case(256, d, 37, np.int16, seed=5)
+    width = kp.shape[1]
+    step = f'_scores{width}_{form}'
+    boff = np.arange(256, dtype=np.int32)
+    want = _scores_row(kp, q16, brow, pos, form=step, boff=boff)
+    wide = np.zeros((256, width + 16), np.float32)
+    wide[:, :width] = kp
+
+    def strided(a):  # every other entry of a twice as long array: the same values, layout 'A'
+        twice = np.zeros(2 * a.shape[0], a.dtype)
+        twice[::2] = a
+        return twice[::2]
+
+    x = _scores_row(wide[:, :width], q16, strided(brow), strided(pos), form=step, boff=strided(boff))
+    assert np.array_equal(x[:37].view(np.int32), want[:37].view(np.int32))
+    x = _scores_row(wide[:, :width], q16, brow, pos, form=step, boff=boff)
+    assert np.array_equal(x[:37].view(np.int32), want[:37].view(np.int32))
+
+
 @functools.cache
 def _max_kernel():
 
